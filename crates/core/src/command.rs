@@ -1,0 +1,206 @@
+//! What goes into the log ([`Request`]) and what comes out of `apply` ([`Response`]).
+
+use serde::{Deserialize, Serialize};
+
+use crate::rejection::Rejection;
+use crate::types::{Allocation, Lease, Pool, PortRange, Reservation, Strategy};
+
+/// The application payload of one Raft log entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Request {
+    /// Wall-clock milliseconds since the Unix epoch, stamped by the leader when it proposed the
+    /// entry. The only clock `apply` ever sees: every replica computes cool-downs from it alike.
+    pub time_ms: u64,
+    pub command: Command,
+}
+
+/// Everything `apply` needs besides the command: the entry's stamped time and its log index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ApplyCtx {
+    pub now_ms: u64,
+    /// The log index of the entry; seeds the generator behind the `random` strategy.
+    pub index: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// Allocate one or more ports, all or nothing.
+    Allocate(AllocateBatch),
+    /// Release live allocations of a team.
+    Release {
+        team: String,
+        selector: ReleaseSelector,
+    },
+    /// Keep a port out of automatic selection.
+    Reserve {
+        port: u16,
+        reason: String,
+    },
+    Unreserve {
+        port: u16,
+    },
+    AddPool {
+        team: String,
+        name: String,
+        ranges: Vec<PortRange>,
+    },
+    RemovePool {
+        team: String,
+        name: String,
+    },
+    GrantLease {
+        team: String,
+        ttl_ms: u64,
+    },
+    /// Revoke a lease of `team`, releasing everything attached.
+    RevokeLease {
+        team: String,
+        id: u64,
+    },
+    /// Leader-only: the remaining TTL of each lease as the leader's countdown sees it.
+    CheckpointLeases {
+        remaining: Vec<(u64, u64)>,
+    },
+    /// Leader-only: these leases ran out. Ids no longer present are ignored (exactly once).
+    ExpireLeases {
+        ids: Vec<u64>,
+    },
+    SetCooldown {
+        ms: u64,
+    },
+}
+
+/// One atomic allocation request: every item gets a port or none does.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AllocateBatch {
+    pub team: String,
+    /// Host the ports are for (its node ran the probe).
+    pub host: String,
+    pub lease: LeaseSpec,
+    pub items: Vec<AllocItem>,
+    /// What the host's bind probe saw, if one ran. With a probe, only probed ports that were
+    /// found free may be handed out.
+    pub probe: Option<HostProbe>,
+}
+
+/// Which lease, if any, the allocations of a batch attach to.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LeaseSpec {
+    #[default]
+    None,
+    Existing(u64),
+    /// Grant a new lease with this TTL in the same command.
+    New {
+        ttl_ms: u64,
+    },
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AllocItem {
+    /// Pool to draw from; when absent, the pool holding `port`, else `default`.
+    pub pool: Option<String>,
+    pub service: String,
+    pub instance: Option<String>,
+    pub env: Option<String>,
+    pub key: Option<String>,
+    /// The wanted port.
+    pub port: Option<u16>,
+    pub strategy: Strategy,
+}
+
+/// The result of probing candidate ports on a host: which were checked and which were busy.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostProbe {
+    /// Sorted, deduplicated.
+    pub checked: Vec<u16>,
+    /// Sorted, deduplicated subset of `checked`.
+    pub busy: Vec<u16>,
+}
+
+impl HostProbe {
+    pub fn new(mut checked: Vec<u16>, mut busy: Vec<u16>) -> Self {
+        checked.sort_unstable();
+        checked.dedup();
+        busy.sort_unstable();
+        busy.dedup();
+        Self { checked, busy }
+    }
+
+    pub fn is_checked(&self, port: u16) -> bool {
+        self.checked.binary_search(&port).is_ok()
+    }
+
+    pub fn is_busy(&self, port: u16) -> bool {
+        self.busy.binary_search(&port).is_ok()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ReleaseSelector {
+    Ports(Vec<u16>),
+    Key(String),
+}
+
+/// One port handed out by an allocation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Grant {
+    pub allocation: Allocation,
+    /// True when a live allocation of the same sticky key was returned (idempotent retry).
+    pub existing: bool,
+}
+
+/// The outcome of applying one entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Response {
+    /// Entries that carry no command (blank, membership).
+    Noop,
+    Allocated {
+        grants: Vec<Grant>,
+        lease: Option<Lease>,
+        revision: u64,
+    },
+    Released {
+        allocations: Vec<Allocation>,
+        revision: u64,
+    },
+    Reserved(Reservation),
+    Unreserved {
+        port: u16,
+        revision: u64,
+    },
+    PoolAdded(Pool),
+    PoolRemoved {
+        team: String,
+        name: String,
+        revision: u64,
+    },
+    LeaseGranted(Lease),
+    LeaseRevoked {
+        id: u64,
+        released: Vec<Allocation>,
+        revision: u64,
+    },
+    Checkpointed {
+        leases: usize,
+    },
+    Expired {
+        ids: Vec<u64>,
+        released: Vec<Allocation>,
+        revision: u64,
+    },
+    CooldownSet {
+        ms: u64,
+        revision: u64,
+    },
+    Rejected(Rejection),
+}
+
+impl Response {
+    /// The rejection, if the command was refused.
+    pub fn rejection(&self) -> Option<&Rejection> {
+        match self {
+            Response::Rejected(r) => Some(r),
+            _ => None,
+        }
+    }
+}

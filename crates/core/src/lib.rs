@@ -1,0 +1,58 @@
+//! The portmesh allocator: a pure, deterministic state machine.
+//!
+//! This crate owns the domain (teams, pools, allocations, reservations, leases, sticky keys,
+//! cool-downs, revisions, events) and the single function that changes it, [`State::apply`].
+//!
+//! It does **not** own storage, networking, clocks or randomness from the environment:
+//! - time enters only as [`ApplyCtx::now_ms`], stamped by the Raft leader into the log entry;
+//! - randomness comes from a generator seeded by the log index ([`ApplyCtx::index`]), so every
+//!   replica picks the same "random" port;
+//! - what the host's bind probe saw travels inside the command ([`HostProbe`]), gathered by the
+//!   node before proposing.
+//!
+//! Invariants kept by `apply` (each has tests in `state/tests.rs`):
+//! - no two live allocations share a port;
+//! - a reserved port is never handed out;
+//! - every allocated port lies in a pool range of its team, within 1024–65535;
+//! - pools never overlap, across all teams;
+//! - a batch allocation is all-or-nothing;
+//! - expiring or revoking a lease releases everything attached exactly once, with events.
+//!
+//! Business rejections ("pool exhausted", "port reserved") are values ([`Rejection`]) inside the
+//! [`Response`], never errors: in openraft an error from `apply` stops the node.
+
+mod command;
+mod rejection;
+mod rng;
+mod select;
+mod state;
+mod types;
+
+pub use command::{
+    AllocItem, AllocateBatch, ApplyCtx, Command, Grant, HostProbe, LeaseSpec, ReleaseSelector, Request,
+    Response,
+};
+pub use rejection::{Rejection, Unavailable};
+pub use state::{Key, Meta, PoolUsage, Record, State};
+pub use types::{
+    Allocation, Conflict, Cooldown, Event, EventKind, Lease, Pool, PortRange, RangeError, ReleaseCause,
+    Reservation, Strategy, default_pools,
+};
+
+/// Lowest port portmesh will ever hand out or accept: ports below need privileges.
+pub const MIN_PORT: u16 = 1024;
+/// The team used when a request names none.
+pub const DEFAULT_TEAM: &str = "default";
+/// The pool used when a request names none and no port pins one.
+pub const DEFAULT_POOL: &str = "default";
+/// Default cool-down before a released port goes to a different owner: long enough for an old
+/// process's sockets to leave `TIME_WAIT` (60 s on Linux).
+pub const DEFAULT_COOLDOWN_MS: u64 = 60_000;
+/// How many events the state machine keeps for watchers and the audit log.
+pub const EVENT_RETENTION: usize = 10_000;
+/// Shortest and longest lease TTL accepted.
+pub const MIN_TTL_MS: u64 = 1_000;
+/// Longest lease TTL accepted (30 days).
+pub const MAX_TTL_MS: u64 = 30 * 24 * 3600 * 1000;
+/// Most items one allocation batch may carry.
+pub const MAX_BATCH: usize = 1024;

@@ -1,0 +1,269 @@
+//! Port selection: which port an item gets, given the state, the batch so far and the probe.
+//!
+//! One candidate order per strategy is used both by `apply` (to pick) and by [`State::plan`] (to
+//! tell the node which ports to probe before proposing), so the two can never disagree about
+//! which ports matter.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::command::{AllocItem, HostProbe};
+use crate::rejection::{Rejection, Unavailable};
+use crate::rng::SplitMix64;
+use crate::state::State;
+use crate::types::{Pool, Strategy};
+use crate::{DEFAULT_POOL, MIN_PORT};
+
+/// A port chosen for one item, and the busy ports skipped on the way.
+#[derive(Debug)]
+pub(crate) struct Pick {
+    pub port: u16,
+    pub pool: String,
+    pub conflicts: Vec<u16>,
+}
+
+/// Everything selection looks at, for one batch.
+pub(crate) struct Selector<'a> {
+    pub state: &'a State,
+    pub team: &'a str,
+    pub host: &'a str,
+    pub now_ms: u64,
+    pub probe: Option<&'a HostProbe>,
+    /// Ports taken by earlier items of the same batch.
+    pub taken: BTreeSet<u16>,
+}
+
+impl Selector<'_> {
+    /// Why `port` cannot go to an item with sticky `key`, ignoring the host probe.
+    pub fn state_unavailable(&self, port: u16, key: Option<&str>) -> Option<Unavailable> {
+        let st = self.state;
+        if self.taken.contains(&port) {
+            return Some(Unavailable::TakenInBatch);
+        }
+        if let Some(a) = st.allocation(port) {
+            return Some(Unavailable::Allocated { team: a.team.clone(), service: a.service.clone() });
+        }
+        if let Some(r) = st.reservation(port) {
+            return Some(Unavailable::Reserved { reason: r.reason.clone() });
+        }
+        if let Some(c) = st.cooldown(port)
+            && c.until_ms > self.now_ms
+        {
+            let own = key.is_some() && c.key.as_deref() == key && c.team == self.team;
+            if !own {
+                return Some(Unavailable::CoolingDown { until_ms: c.until_ms });
+            }
+        }
+        None
+    }
+
+    /// The pool an item draws from.
+    pub fn resolve_pool(&self, item: &AllocItem) -> Result<&Pool, Rejection> {
+        let st = self.state;
+        let team_pools: Vec<&Pool> = st.team_pools(self.team).collect();
+        if team_pools.is_empty() {
+            return Err(Rejection::UnknownTeam { team: self.team.to_string() });
+        }
+        if let Some(port) = item.port
+            && port < MIN_PORT
+        {
+            return Err(Rejection::PortOutOfRange { port: u32::from(port) });
+        }
+        let pool = match (&item.pool, item.port) {
+            (Some(name), _) => st.pool(self.team, name).ok_or_else(|| Rejection::UnknownPool {
+                team: self.team.to_string(),
+                pool: name.clone(),
+                known: team_pools.iter().map(|p| p.name.as_str()).collect::<Vec<_>>().join(", "),
+            })?,
+            (None, Some(port)) => team_pools.iter().copied().find(|p| p.contains(port)).ok_or_else(|| {
+                Rejection::PortOutsidePools {
+                    port,
+                    team: self.team.to_string(),
+                    pools: describe_pools(&team_pools),
+                }
+            })?,
+            (None, None) => st.pool(self.team, DEFAULT_POOL).ok_or_else(|| Rejection::UnknownPool {
+                team: self.team.to_string(),
+                pool: DEFAULT_POOL.to_string(),
+                known: team_pools.iter().map(|p| p.name.as_str()).collect::<Vec<_>>().join(", "),
+            })?,
+        };
+        if let Some(port) = item.port
+            && !pool.contains(port)
+        {
+            return Err(Rejection::PortNotInPool {
+                port,
+                team: self.team.to_string(),
+                pool: pool.name.clone(),
+                ranges: pool.ranges_text(),
+            });
+        }
+        Ok(pool)
+    }
+
+    /// The key's last port, if it still lies in `pool`.
+    fn sticky_port(&self, item: &AllocItem, pool: &Pool) -> Option<u16> {
+        let key = item.key.as_deref()?;
+        self.state.sticky_port(self.team, key).filter(|p| pool.contains(*p))
+    }
+
+    /// Ports in the order a deterministic strategy tries them (may repeat; callers skip repeats).
+    fn ordered_candidates<'p>(&self, item: &AllocItem, pool: &'p Pool) -> Box<dyn Iterator<Item = u16> + 'p> {
+        let sticky = self.sticky_port(item, pool);
+        let wanted = item.port.or(sticky);
+        match (item.strategy, wanted) {
+            (Strategy::Fail, Some(w)) => Box::new(std::iter::once(w)),
+            (Strategy::Next, Some(w)) => {
+                Box::new(pool.ports().filter(move |p| *p >= w).chain(pool.ports().filter(move |p| *p < w)))
+            }
+            (Strategy::Sticky, Some(w)) => {
+                Box::new(std::iter::once(w).chain(sticky.filter(|s| *s != w)).chain(pool.ports()))
+            }
+            (Strategy::Random, Some(w)) => Box::new(std::iter::once(w)),
+            (Strategy::Random, None) => Box::new(std::iter::empty()),
+            (_, None) => Box::new(pool.ports()),
+        }
+    }
+
+    /// Chooses a port for one item (whose key has no live allocation).
+    pub fn pick(&self, item: &AllocItem, rng: &mut SplitMix64) -> Result<Pick, Rejection> {
+        let pool = self.resolve_pool(item)?;
+        let key = item.key.as_deref();
+        let wanted = item.port.or_else(|| self.sticky_port(item, pool));
+        let mut conflicts = Vec::new();
+        let mut seen = BTreeSet::new();
+        for port in self.ordered_candidates(item, pool) {
+            if !seen.insert(port) {
+                continue;
+            }
+            let why = match self.state_unavailable(port, key) {
+                Some(why) => Some(why),
+                None => match self.probe {
+                    Some(pr) if pr.is_busy(port) => {
+                        conflicts.push(port);
+                        Some(Unavailable::BusyOnHost { host: self.host.to_string() })
+                    }
+                    Some(pr) if !pr.is_checked(port) => return Err(Rejection::NeedProbe { port }),
+                    _ => None,
+                },
+            };
+            match why {
+                None => return Ok(Pick { port, pool: pool.name.clone(), conflicts }),
+                Some(why) if item.strategy == Strategy::Fail && Some(port) == wanted => {
+                    return Err(Rejection::PortUnavailable { port, why });
+                }
+                Some(_) => {}
+            }
+        }
+        if item.strategy == Strategy::Random {
+            return self.pick_random(item, pool, conflicts, rng);
+        }
+        Err(self.exhausted(pool, key))
+    }
+
+    fn pick_random(
+        &self,
+        item: &AllocItem,
+        pool: &Pool,
+        conflicts: Vec<u16>,
+        rng: &mut SplitMix64,
+    ) -> Result<Pick, Rejection> {
+        let key = item.key.as_deref();
+        let mut unprobed = None;
+        let eligible: Vec<u16> = pool
+            .ports()
+            .filter(|p| self.state_unavailable(*p, key).is_none())
+            .filter(|p| match self.probe {
+                Some(pr) if !pr.is_checked(*p) => {
+                    unprobed.get_or_insert(*p);
+                    false
+                }
+                Some(pr) => !pr.is_busy(*p),
+                None => true,
+            })
+            .collect();
+        if eligible.is_empty() {
+            return Err(match unprobed {
+                Some(port) => Rejection::NeedProbe { port },
+                None => self.exhausted(pool, key),
+            });
+        }
+        let port = eligible[rng.below(eligible.len())];
+        Ok(Pick { port, pool: pool.name.clone(), conflicts })
+    }
+
+    /// The "pool exhausted" rejection, with a breakdown of what holds the pool.
+    fn exhausted(&self, pool: &Pool, key: Option<&str>) -> Rejection {
+        let mut holders: BTreeMap<String, u32> = BTreeMap::new();
+        let (mut reserved, mut cooling, mut busy, mut batch) = (0u32, 0u32, 0u32, 0u32);
+        for port in pool.ports() {
+            match self.state_unavailable(port, key) {
+                Some(Unavailable::Allocated { service, .. }) => *holders.entry(service).or_default() += 1,
+                Some(Unavailable::Reserved { .. }) => reserved += 1,
+                Some(Unavailable::CoolingDown { .. }) => cooling += 1,
+                Some(Unavailable::TakenInBatch) => batch += 1,
+                Some(Unavailable::BusyOnHost { .. }) => busy += 1,
+                None if self.probe.is_some_and(|p| p.is_busy(port)) => busy += 1,
+                None => {}
+            }
+        }
+        let held: u32 = holders.values().sum();
+        let mut top: Vec<(String, u32)> = holders.into_iter().collect();
+        top.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        let mut parts = Vec::new();
+        if held > 0 {
+            let names: Vec<String> = top.iter().take(5).map(|(s, n)| format!("{s}: {n}")).collect();
+            let more = if top.len() > 5 { ", …" } else { "" };
+            parts.push(format!("held {held}: {}{more}", names.join(", ")));
+        }
+        for (n, what) in [
+            (reserved, "reserved"),
+            (cooling, "cooling down"),
+            (busy, "busy on host"),
+            (batch, "taken in this batch"),
+        ] {
+            if n > 0 {
+                parts.push(format!("{what} {n}"));
+            }
+        }
+        Rejection::PoolExhausted {
+            team: self.team.to_string(),
+            pool: pool.name.clone(),
+            size: pool.size(),
+            unavailable: held + reserved + cooling + busy + batch,
+            detail: parts.join("; "),
+        }
+    }
+
+    /// Up to `n` candidate ports for `item` that the state considers free, in the order `pick`
+    /// would try them (random: a sample drawn from `rng`).
+    pub fn candidates(&self, item: &AllocItem, n: usize, rng: &mut SplitMix64) -> Vec<u16> {
+        let Ok(pool) = self.resolve_pool(item) else { return Vec::new() };
+        let key = item.key.as_deref();
+        let mut out: Vec<u16> = Vec::with_capacity(n + 1);
+        // The wanted port is always probed, so a busy wanted port is seen and recorded.
+        if let Some(w) = item.port.or_else(|| self.sticky_port(item, pool)) {
+            out.push(w);
+        }
+        if item.strategy == Strategy::Random {
+            let free: Vec<u16> = pool.ports().filter(|p| self.state_unavailable(*p, key).is_none()).collect();
+            if free.len() <= n {
+                out.extend(free);
+            } else {
+                for _ in 0..n {
+                    out.push(free[rng.below(free.len())]);
+                }
+            }
+        } else {
+            out.extend(
+                self.ordered_candidates(item, pool)
+                    .filter(|p| self.state_unavailable(*p, key).is_none())
+                    .take(n),
+            );
+        }
+        out
+    }
+}
+
+fn describe_pools(pools: &[&Pool]) -> String {
+    pools.iter().map(|p| format!("{} {}", p.name, p.ranges_text())).collect::<Vec<_>>().join(", ")
+}

@@ -1,0 +1,354 @@
+//! Domain types. Everything here is plain data: serialisable, comparable, no behaviour that
+//! needs the outside world.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::MIN_PORT;
+
+/// An inclusive range of ports, `start..=end`, always within 1024–65535 and never inverted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct PortRange {
+    start: u16,
+    end: u16,
+}
+
+/// Why a text or a pair of numbers is not a [`PortRange`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RangeError {
+    #[error("port {0} is out of range: ports must lie in 1024-65535")]
+    OutOfRange(u32),
+    #[error("range {start}-{end} is inverted: the first port must not exceed the last")]
+    Inverted { start: u32, end: u32 },
+    #[error("cannot read {0:?} as a port range: write START-END (e.g. 20000-20999) or a single port")]
+    Syntax(String),
+}
+
+impl PortRange {
+    /// Builds a range, checking both ends lie in 1024–65535 and `start <= end`.
+    pub fn new(start: u32, end: u32) -> Result<Self, RangeError> {
+        for p in [start, end] {
+            if p < u32::from(MIN_PORT) || p > u32::from(u16::MAX) {
+                return Err(RangeError::OutOfRange(p));
+            }
+        }
+        if start > end {
+            return Err(RangeError::Inverted { start, end });
+        }
+        Ok(Self { start: start as u16, end: end as u16 })
+    }
+
+    pub fn start(&self) -> u16 {
+        self.start
+    }
+
+    pub fn end(&self) -> u16 {
+        self.end
+    }
+
+    /// Number of ports in the range.
+    pub fn len(&self) -> u32 {
+        u32::from(self.end) - u32::from(self.start) + 1
+    }
+
+    /// A range always holds at least one port.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    pub fn contains(&self, port: u16) -> bool {
+        self.start <= port && port <= self.end
+    }
+
+    pub fn overlaps(&self, other: &PortRange) -> bool {
+        self.start <= other.end && other.start <= self.end
+    }
+
+    pub fn ports(&self) -> impl DoubleEndedIterator<Item = u16> + use<> {
+        self.start..=self.end
+    }
+
+    /// Parses a comma-separated list of ranges (`"8000-8099,9000"`).
+    pub fn parse_list(text: &str) -> Result<Vec<PortRange>, RangeError> {
+        text.split(',').map(|s| s.trim().parse()).collect()
+    }
+}
+
+impl FromStr for PortRange {
+    type Err = RangeError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let num = |t: &str| t.trim().parse::<u32>().map_err(|_| RangeError::Syntax(s.to_string()));
+        match s.split_once('-') {
+            Some((a, b)) => PortRange::new(num(a)?, num(b)?),
+            None => {
+                let p = num(s)?;
+                PortRange::new(p, p)
+            }
+        }
+    }
+}
+
+impl fmt::Display for PortRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.start == self.end {
+            write!(f, "{}", self.start)
+        } else {
+            write!(f, "{}-{}", self.start, self.end)
+        }
+    }
+}
+
+/// Formats a list of ranges the way [`PortRange::parse_list`] reads them.
+pub(crate) fn ranges_text(ranges: &[PortRange]) -> String {
+    ranges.iter().map(ToString::to_string).collect::<Vec<_>>().join(",")
+}
+
+/// A named set of port ranges of one team, for one kind of service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pool {
+    pub team: String,
+    pub name: String,
+    /// Sorted, non-overlapping ranges.
+    pub ranges: Vec<PortRange>,
+    pub revision: u64,
+}
+
+impl Pool {
+    /// Number of ports in the pool.
+    pub fn size(&self) -> u32 {
+        self.ranges.iter().map(PortRange::len).sum()
+    }
+
+    pub fn contains(&self, port: u16) -> bool {
+        self.ranges.iter().any(|r| r.contains(port))
+    }
+
+    /// Every port of the pool in ascending order.
+    pub fn ports(&self) -> impl DoubleEndedIterator<Item = u16> + '_ {
+        self.ranges.iter().flat_map(PortRange::ports)
+    }
+
+    pub fn ranges_text(&self) -> String {
+        ranges_text(&self.ranges)
+    }
+}
+
+/// The pools every fresh cluster starts with, for team `default`.
+///
+/// All lie below 32768 (under Linux's ephemeral range 32768–60999 and macOS/Windows'
+/// 49152–65535), none overlap, each holds 1,000 ports, and none contains 5000 or 7000 (taken by
+/// macOS AirPlay). `web` keeps the familiar 8000–8999 so apps land where people look for them.
+pub fn default_pools() -> Vec<(&'static str, PortRange)> {
+    let r = |a, b| PortRange { start: a, end: b };
+    vec![
+        ("web", r(8000, 8999)),
+        ("default", r(10000, 10999)),
+        ("db", r(11000, 11999)),
+        ("cache", r(12000, 12999)),
+        ("queue", r(13000, 13999)),
+    ]
+}
+
+/// What to do when the wanted port is not free.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Strategy {
+    /// The wanted port, else the key's last port, else the lowest free port of the pool.
+    #[default]
+    Sticky,
+    /// The wanted port, else the next free port after it (wrapping within the pool).
+    Next,
+    /// The wanted port, else a random free port of the pool.
+    Random,
+    /// Exactly the wanted port, or a rejection saying why it is not free.
+    Fail,
+}
+
+impl FromStr for Strategy {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "sticky" => Ok(Self::Sticky),
+            "next" => Ok(Self::Next),
+            "random" => Ok(Self::Random),
+            "fail" => Ok(Self::Fail),
+            other => Err(format!("unknown strategy {other:?}: use sticky, next, random or fail")),
+        }
+    }
+}
+
+impl fmt::Display for Strategy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Sticky => "sticky",
+            Self::Next => "next",
+            Self::Random => "random",
+            Self::Fail => "fail",
+        })
+    }
+}
+
+/// One port held by one owner.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Allocation {
+    pub port: u16,
+    pub team: String,
+    pub pool: String,
+    pub service: String,
+    pub instance: Option<String>,
+    pub env: Option<String>,
+    /// The host the port was probed on and handed to.
+    pub host: String,
+    pub key: Option<String>,
+    pub lease_id: Option<u64>,
+    pub created_ms: u64,
+    /// The revision that granted it: the fencing token.
+    pub revision: u64,
+}
+
+/// A port never handed out by automatic selection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reservation {
+    pub port: u16,
+    pub reason: String,
+    pub created_ms: u64,
+    pub revision: u64,
+}
+
+/// A lease. Its countdown runs on the leader; the state machine keeps the remaining TTL as of the
+/// last checkpoint so a new leader resumes rather than restarts it (see `docs/architecture.md`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    pub id: u64,
+    pub team: String,
+    pub ttl_ms: u64,
+    /// Remaining TTL at the last checkpoint (or the TTL at grant).
+    pub remaining_ms: u64,
+    pub granted_ms: u64,
+    pub revision: u64,
+}
+
+/// A recently released port that only its previous sticky key may take until `until_ms`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cooldown {
+    pub until_ms: u64,
+    pub team: String,
+    pub key: Option<String>,
+}
+
+/// A port the host's bind probe found busy when it would otherwise have been handed out.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Conflict {
+    pub port: u16,
+    pub team: String,
+    pub pool: String,
+    pub service: String,
+    pub host: String,
+}
+
+/// Why an allocation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ReleaseCause {
+    Released,
+    LeaseRevoked,
+    LeaseExpired,
+}
+
+impl fmt::Display for ReleaseCause {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Released => "released",
+            Self::LeaseRevoked => "lease revoked",
+            Self::LeaseExpired => "lease expired",
+        })
+    }
+}
+
+/// One change to the state, as watchers and the audit log see it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    pub revision: u64,
+    /// Position among the events of the same revision.
+    pub seq: u32,
+    pub at_ms: u64,
+    pub kind: EventKind,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EventKind {
+    Allocated(Allocation),
+    Released { allocation: Allocation, cause: ReleaseCause },
+    Reserved(Reservation),
+    Unreserved { port: u16 },
+    PoolAdded(Pool),
+    PoolRemoved { team: String, name: String },
+    LeaseGranted { id: u64, team: String, ttl_ms: u64 },
+    LeaseRevoked { id: u64, team: String },
+    LeaseExpired { id: u64, team: String },
+    Conflict(Conflict),
+    CooldownChanged { ms: u64 },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn range_parsing_table() {
+        let ok = [("8000-8999", 8000, 8999), ("1024", 1024, 1024), (" 20000 - 20010 ", 20000, 20010)];
+        for (text, a, b) in ok {
+            let r: PortRange = text.parse().unwrap();
+            assert_eq!((r.start(), r.end()), (a, b), "{text}");
+        }
+        let bad = [
+            ("80-90", "port 80 is out of range"),
+            ("9000-8000", "range 9000-8000 is inverted"),
+            ("60000-70000", "port 70000 is out of range"),
+            ("web", "cannot read \"web\""),
+            ("1-", "cannot read"),
+        ];
+        for (text, msg) in bad {
+            let e = text.parse::<PortRange>().unwrap_err().to_string();
+            assert!(e.contains(msg), "{text}: {e}");
+        }
+    }
+
+    #[test]
+    fn range_overlap_and_len() {
+        let a = PortRange::new(1024, 2000).unwrap();
+        let b = PortRange::new(2000, 3000).unwrap();
+        let c = PortRange::new(2001, 3000).unwrap();
+        assert!(a.overlaps(&b) && b.overlaps(&a));
+        assert!(!a.overlaps(&c));
+        assert_eq!(a.len(), 977);
+        assert_eq!(PortRange::parse_list("1024-1030, 2000").unwrap().len(), 2);
+    }
+
+    #[test]
+    fn default_pools_are_sane() {
+        let pools = default_pools();
+        for (i, (name, r)) in pools.iter().enumerate() {
+            assert!(r.end() < 32768, "{name} reaches the ephemeral range");
+            assert!(r.len() >= 1000, "{name} is small");
+            assert!(!r.contains(5000) && !r.contains(7000), "{name} holds an AirPlay port");
+            for (other, o) in &pools[i + 1..] {
+                assert!(!r.overlaps(o), "{name} overlaps {other}");
+            }
+        }
+        let names: Vec<_> = pools.iter().map(|p| p.0).collect();
+        for n in ["default", "web", "db", "cache", "queue"] {
+            assert!(names.contains(&n));
+        }
+    }
+
+    #[test]
+    fn strategy_round_trip() {
+        for s in [Strategy::Sticky, Strategy::Next, Strategy::Random, Strategy::Fail] {
+            assert_eq!(s.to_string().parse::<Strategy>().unwrap(), s);
+        }
+        assert!("nearest".parse::<Strategy>().unwrap_err().contains("sticky, next, random or fail"));
+    }
+}
