@@ -1,1 +1,18 @@
-//! placeholder
+//! The gRPC API: code generated from `proto/portmesh/v1` and the conversions between its messages
+//! and the domain types of `portmesh-core`.
+//!
+//! Owns: the wire types and boundary validation (`TryFrom<pb::X>` for core types), so `core` never
+//! sees a prost type. Does not own: services, transport setup or error-to-status mapping
+//! (that is `portmesh-api`).
+
+#[allow(clippy::all, clippy::pedantic, missing_debug_implementations, rust_2018_idioms)]
+pub mod v1 {
+    tonic::include_proto!("portmesh.v1");
+}
+
+/// Encoded file descriptor set of the public API, for gRPC server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/portmesh_descriptor.bin"));
+
+mod convert;
+
+pub use convert::{BadRequest, required_port, strategy_from_pb, strategy_to_pb};

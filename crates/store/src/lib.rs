@@ -1,1 +1,222 @@
-//! placeholder
+//! Storage: the only crate that touches sled.
+//!
+//! Owns the on-disk layout (see `docs/architecture.md`, "Store"), the openraft type configuration,
+//! the Raft log ([`LogStore`], a [`openraft::storage::RaftLogStorage`]) and the state machine
+//! store ([`StateMachineStore`], a [`openraft::storage::RaftStateMachine`]) with its snapshots.
+//! Does not own: what commands mean (that is `portmesh-core`), networking or timers.
+//!
+//! Durability rules:
+//! - log entries and votes are flushed (fsync) before openraft is told they are written;
+//! - the state machine's changed records and its applied log id go in one atomic sled batch, so
+//!   a crash never leaves data and `applied` disagreeing;
+//! - a data-version header guards every directory; unknown versions are refused.
+//!
+//! Error tree:
+//! ```text
+//! StoreError            opening a directory (version, lock, corruption), before Raft runs
+//! openraft::StorageError  any I/O failure once Raft runs: fatal for the node, by design
+//! ```
+
+mod keys;
+mod log_store;
+mod sm_store;
+
+use std::io::Cursor;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+pub use log_store::LogStore;
+pub use sm_store::{SmState, StateMachineStore, StateReader};
+
+openraft::declare_raft_types!(
+    /// The openraft type configuration of portmesh.
+    pub TypeConfig:
+        D = portmesh_core::Request,
+        R = portmesh_core::Response,
+        NodeId = u64,
+        Node = openraft::BasicNode,
+        SnapshotData = Cursor<Vec<u8>>,
+);
+
+/// The data version this build reads and writes.
+pub const DATA_VERSION: u32 = 1;
+
+/// Errors opening a data directory.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(
+        "data directory {dir} holds portmesh data version {found}, this build reads version {supported}: \
+         run a portmesh release that knows version {found}, or move the directory away to start afresh"
+    )]
+    UnsupportedVersion { dir: PathBuf, found: String, supported: u32 },
+    #[error(
+        "cannot open data directory {dir}: {source} (is another portmesh node using it? only one process may \
+         open a data directory at a time)"
+    )]
+    Open { dir: PathBuf, source: sled::Error },
+    #[error("data directory {dir} is damaged: {what}")]
+    Corrupt { dir: PathBuf, what: String },
+    #[error("I/O error on data directory {dir}: {source}")]
+    Io { dir: PathBuf, source: sled::Error },
+}
+
+/// Tunables of the store.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// sled's page cache in bytes. sled defaults to 1 GiB and the RSS grows toward it: cap it.
+    pub cache_bytes: u64,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        Self { cache_bytes: 16 * 1024 * 1024 }
+    }
+}
+
+/// Counters of durable writes, for metrics and benchmarks.
+#[derive(Debug, Default)]
+pub struct StoreStats {
+    /// Flushes (each an fsync) made for log appends and votes.
+    pub flushes: AtomicU64,
+    /// Log entries made durable by those flushes.
+    pub entries_flushed: AtomicU64,
+}
+
+impl StoreStats {
+    /// Mean log entries per flush so far.
+    pub fn entries_per_flush(&self) -> f64 {
+        let f = self.flushes.load(Ordering::Relaxed);
+        if f == 0 { 0.0 } else { self.entries_flushed.load(Ordering::Relaxed) as f64 / f as f64 }
+    }
+}
+
+/// One open data directory: the shared handle behind the log and state-machine stores.
+#[derive(Debug, Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+pub(crate) struct Inner {
+    pub(crate) dir: PathBuf,
+    pub(crate) db: sled::Db,
+    /// Node identity, data version, vote, committed and purged log ids.
+    pub(crate) meta: sled::Tree,
+    /// Raft log: big-endian index -> entry.
+    pub(crate) log: sled::Tree,
+    /// State machine records plus `!applied` and `!membership`.
+    pub(crate) sm: sled::Tree,
+    /// The current snapshot: `meta` and `data`.
+    pub(crate) snap: sled::Tree,
+    pub(crate) stats: StoreStats,
+}
+
+const META_VERSION: &[u8] = b"data_version";
+const META_NODE_ID: &[u8] = b"node_id";
+
+impl Store {
+    /// Opens (creating if needed) the data directory `dir`.
+    pub fn open(dir: &Path, opts: &StoreOptions) -> Result<Store, StoreError> {
+        let db = sled::Config::new()
+            .path(dir.join("sled"))
+            .cache_capacity(opts.cache_bytes)
+            // Durability is explicit: the log store flushes before acknowledging.
+            .flush_every_ms(None)
+            .mode(sled::Mode::LowSpace)
+            .open()
+            .map_err(|source| StoreError::Open { dir: dir.to_path_buf(), source })?;
+        let io = |source| StoreError::Io { dir: dir.to_path_buf(), source };
+        let tree = |name: &str| db.open_tree(name).map_err(io);
+        let inner = Inner {
+            dir: dir.to_path_buf(),
+            meta: tree("meta")?,
+            log: tree("log")?,
+            sm: tree("sm")?,
+            snap: tree("snap")?,
+            db,
+            stats: StoreStats::default(),
+        };
+        match inner.meta.get(META_VERSION).map_err(io)? {
+            Some(v) if v.as_ref() == DATA_VERSION.to_be_bytes() => {}
+            Some(v) => {
+                let found = match <[u8; 4]>::try_from(v.as_ref()) {
+                    Ok(b) => u32::from_be_bytes(b).to_string(),
+                    Err(_) => format!("{:?} (unreadable)", v.as_ref()),
+                };
+                return Err(StoreError::UnsupportedVersion {
+                    dir: dir.to_path_buf(),
+                    found,
+                    supported: DATA_VERSION,
+                });
+            }
+            None => {
+                let empty = inner.log.is_empty() && inner.sm.is_empty() && inner.meta.is_empty();
+                if !empty {
+                    return Err(StoreError::UnsupportedVersion {
+                        dir: dir.to_path_buf(),
+                        found: "none (no version header)".into(),
+                        supported: DATA_VERSION,
+                    });
+                }
+                inner.meta.insert(META_VERSION, &DATA_VERSION.to_be_bytes()).map_err(io)?;
+                inner.db.flush().map_err(io)?;
+            }
+        }
+        Ok(Store { inner: Arc::new(inner) })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
+    /// The node id recorded in this directory, if any.
+    pub fn node_id(&self) -> Result<Option<u64>, StoreError> {
+        let v = self.inner.meta.get(META_NODE_ID).map_err(|source| self.io(source))?;
+        match v {
+            None => Ok(None),
+            Some(b) => match <[u8; 8]>::try_from(b.as_ref()) {
+                Ok(b) => Ok(Some(u64::from_be_bytes(b))),
+                Err(_) => Err(StoreError::Corrupt { dir: self.inner.dir.clone(), what: "node id".into() }),
+            },
+        }
+    }
+
+    /// Records this directory's node id, durably.
+    pub fn set_node_id(&self, id: u64) -> Result<(), StoreError> {
+        self.inner.meta.insert(META_NODE_ID, &id.to_be_bytes()).map_err(|source| self.io(source))?;
+        self.inner.db.flush().map_err(|source| self.io(source))?;
+        Ok(())
+    }
+
+    fn io(&self, source: sled::Error) -> StoreError {
+        StoreError::Io { dir: self.inner.dir.clone(), source }
+    }
+
+    /// The Raft log half.
+    pub fn log_store(&self) -> LogStore {
+        LogStore::new(self.inner.clone())
+    }
+
+    /// The state-machine half, loaded from disk.
+    pub fn state_machine(&self) -> Result<StateMachineStore, StoreError> {
+        StateMachineStore::load(self.inner.clone())
+    }
+
+    pub fn stats(&self) -> &StoreStats {
+        &self.inner.stats
+    }
+
+    /// Bytes sled occupies on disk.
+    pub fn size_on_disk(&self) -> u64 {
+        self.inner.db.size_on_disk().unwrap_or(0)
+    }
+
+    /// Flushes everything to disk (used at shutdown).
+    pub fn flush(&self) -> Result<(), StoreError> {
+        self.inner.db.flush().map(|_| ()).map_err(|source| self.io(source))
+    }
+}
+
+#[cfg(test)]
+mod tests;

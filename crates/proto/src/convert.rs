@@ -1,0 +1,225 @@
+//! Conversions between wire messages and core types. Validation of client input happens here.
+
+use portmesh_core as core;
+
+use crate::v1 as pb;
+
+/// A request that cannot be turned into a command: which field and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct BadRequest(pub String);
+
+fn opt(s: &str) -> Option<String> {
+    (!s.is_empty()).then(|| s.to_string())
+}
+
+fn port(p: u32, field: &str) -> Result<Option<u16>, BadRequest> {
+    match p {
+        0 => Ok(None),
+        1024..=65535 => Ok(Some(p as u16)),
+        _ => Err(BadRequest(format!("{field}: port {p} is out of range: ports must lie in 1024-65535"))),
+    }
+}
+
+pub fn strategy_from_pb(s: i32) -> Result<core::Strategy, BadRequest> {
+    match pb::Strategy::try_from(s) {
+        Ok(pb::Strategy::Unspecified | pb::Strategy::Sticky) => Ok(core::Strategy::Sticky),
+        Ok(pb::Strategy::Next) => Ok(core::Strategy::Next),
+        Ok(pb::Strategy::Random) => Ok(core::Strategy::Random),
+        Ok(pb::Strategy::Fail) => Ok(core::Strategy::Fail),
+        Err(_) => Err(BadRequest(format!("unknown strategy {s}"))),
+    }
+}
+
+pub fn strategy_to_pb(s: core::Strategy) -> pb::Strategy {
+    match s {
+        core::Strategy::Sticky => pb::Strategy::Sticky,
+        core::Strategy::Next => pb::Strategy::Next,
+        core::Strategy::Random => pb::Strategy::Random,
+        core::Strategy::Fail => pb::Strategy::Fail,
+    }
+}
+
+impl TryFrom<&pb::AllocItem> for core::AllocItem {
+    type Error = BadRequest;
+
+    fn try_from(i: &pb::AllocItem) -> Result<Self, Self::Error> {
+        Ok(core::AllocItem {
+            pool: opt(&i.pool),
+            service: i.service.clone(),
+            instance: opt(&i.instance),
+            env: opt(&i.env),
+            key: opt(&i.key),
+            port: port(i.port, "items.port")?,
+            strategy: strategy_from_pb(i.strategy)?,
+        })
+    }
+}
+
+impl pb::AllocateRequest {
+    /// The lease part of the request.
+    pub fn lease_spec(&self) -> Result<core::LeaseSpec, BadRequest> {
+        match (self.lease_id, self.ttl_ms) {
+            (0, 0) => Ok(core::LeaseSpec::None),
+            (id, 0) => Ok(core::LeaseSpec::Existing(id)),
+            (0, ttl_ms) => Ok(core::LeaseSpec::New { ttl_ms }),
+            _ => Err(BadRequest("set either lease_id (attach) or ttl_ms (new lease), not both".into())),
+        }
+    }
+
+    pub fn core_items(&self) -> Result<Vec<core::AllocItem>, BadRequest> {
+        self.items.iter().map(core::AllocItem::try_from).collect()
+    }
+}
+
+impl pb::ReleaseRequest {
+    pub fn selector(&self) -> Result<core::ReleaseSelector, BadRequest> {
+        match (self.ports.is_empty(), self.key.is_empty()) {
+            (false, true) => {
+                let ports = self
+                    .ports
+                    .iter()
+                    .map(|p| {
+                        port(*p, "ports").and_then(|p| p.ok_or_else(|| BadRequest("ports: port 0".into())))
+                    })
+                    .collect::<Result<_, _>>()?;
+                Ok(core::ReleaseSelector::Ports(ports))
+            }
+            (true, false) => Ok(core::ReleaseSelector::Key(self.key.clone())),
+            _ => Err(BadRequest("name the ports to release or a key, not both and not neither".into())),
+        }
+    }
+}
+
+/// Parses a port that must be set.
+pub fn required_port(p: u32, field: &str) -> Result<u16, BadRequest> {
+    port(p, field)?.ok_or_else(|| BadRequest(format!("{field}: a port is required")))
+}
+
+impl TryFrom<&pb::PortRange> for core::PortRange {
+    type Error = BadRequest;
+
+    fn try_from(r: &pb::PortRange) -> Result<Self, Self::Error> {
+        core::PortRange::new(r.start, r.end).map_err(|e| BadRequest(e.to_string()))
+    }
+}
+
+impl From<core::PortRange> for pb::PortRange {
+    fn from(r: core::PortRange) -> Self {
+        pb::PortRange { start: r.start().into(), end: r.end().into() }
+    }
+}
+
+impl From<&core::Allocation> for pb::Allocation {
+    fn from(a: &core::Allocation) -> Self {
+        pb::Allocation {
+            port: a.port.into(),
+            team: a.team.clone(),
+            pool: a.pool.clone(),
+            service: a.service.clone(),
+            instance: a.instance.clone().unwrap_or_default(),
+            env: a.env.clone().unwrap_or_default(),
+            host: a.host.clone(),
+            key: a.key.clone().unwrap_or_default(),
+            lease_id: a.lease_id.unwrap_or(0),
+            created_ms: a.created_ms,
+            revision: a.revision,
+        }
+    }
+}
+
+impl From<&core::Reservation> for pb::Reservation {
+    fn from(r: &core::Reservation) -> Self {
+        pb::Reservation {
+            port: r.port.into(),
+            reason: r.reason.clone(),
+            created_ms: r.created_ms,
+            revision: r.revision,
+        }
+    }
+}
+
+impl pb::Pool {
+    pub fn from_core(p: &core::Pool, usage: &core::PoolUsage) -> Self {
+        pb::Pool {
+            team: p.team.clone(),
+            name: p.name.clone(),
+            ranges: p.ranges.iter().copied().map(Into::into).collect(),
+            size: usage.size,
+            allocated: usage.allocated,
+            reserved: usage.reserved,
+            cooling: usage.cooling,
+        }
+    }
+}
+
+impl pb::Lease {
+    pub fn from_core(l: &core::Lease, ports: impl IntoIterator<Item = u16>) -> Self {
+        pb::Lease {
+            id: l.id,
+            team: l.team.clone(),
+            ttl_ms: l.ttl_ms,
+            remaining_ms: l.remaining_ms,
+            revision: l.revision,
+            ports: ports.into_iter().map(u32::from).collect(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn items_are_validated_at_the_boundary() {
+        let bad = pb::AllocItem { service: "x".into(), port: 80, ..Default::default() };
+        let e = core::AllocItem::try_from(&bad).unwrap_err();
+        assert!(e.0.contains("port 80 is out of range"), "{e}");
+        let bad = pb::AllocItem { service: "x".into(), port: 70000, ..Default::default() };
+        assert!(core::AllocItem::try_from(&bad).is_err());
+        let bad = pb::AllocItem { service: "x".into(), strategy: 42, ..Default::default() };
+        assert!(core::AllocItem::try_from(&bad).unwrap_err().0.contains("unknown strategy 42"));
+        let ok = pb::AllocItem {
+            service: "x".into(),
+            port: 8080,
+            strategy: pb::Strategy::Fail as i32,
+            key: "k".into(),
+            ..Default::default()
+        };
+        let i = core::AllocItem::try_from(&ok).unwrap();
+        assert_eq!(
+            (i.port, i.strategy, i.key.as_deref(), i.pool),
+            (Some(8080), core::Strategy::Fail, Some("k"), None)
+        );
+    }
+
+    #[test]
+    fn lease_spec_and_selector() {
+        let mut r = pb::AllocateRequest::default();
+        assert_eq!(r.lease_spec().unwrap(), core::LeaseSpec::None);
+        r.ttl_ms = 5000;
+        assert_eq!(r.lease_spec().unwrap(), core::LeaseSpec::New { ttl_ms: 5000 });
+        r.lease_id = 3;
+        assert!(r.lease_spec().is_err());
+        r.ttl_ms = 0;
+        assert_eq!(r.lease_spec().unwrap(), core::LeaseSpec::Existing(3));
+
+        let rel = pb::ReleaseRequest { ports: vec![8000], key: "k".into(), ..Default::default() };
+        assert!(rel.selector().is_err());
+        let rel = pb::ReleaseRequest::default();
+        assert!(rel.selector().is_err());
+        let rel = pb::ReleaseRequest { ports: vec![99], ..Default::default() };
+        assert!(rel.selector().unwrap_err().0.contains("out of range"));
+        let rel = pb::ReleaseRequest { key: "k".into(), ..Default::default() };
+        assert_eq!(rel.selector().unwrap(), core::ReleaseSelector::Key("k".into()));
+        assert_eq!(required_port(0, "port").unwrap_err().0, "port: a port is required");
+    }
+
+    #[test]
+    fn strategies_round_trip() {
+        for s in [core::Strategy::Sticky, core::Strategy::Next, core::Strategy::Random, core::Strategy::Fail]
+        {
+            assert_eq!(strategy_from_pb(strategy_to_pb(s) as i32).unwrap(), s);
+        }
+    }
+}

@@ -1,0 +1,172 @@
+//! The Raft log over sled: entries in the `log` tree, vote and purge/commit marks in `meta`.
+
+use std::fmt::Debug;
+use std::ops::{Bound, RangeBounds};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use openraft::storage::{LogFlushed, RaftLogStorage};
+use openraft::{Entry, LogId, LogState, OptionalSend, RaftLogReader, StorageError, StorageIOError, Vote};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::{Inner, TypeConfig};
+
+const VOTE: &[u8] = b"vote";
+const PURGED: &[u8] = b"last_purged";
+const COMMITTED: &[u8] = b"committed";
+
+type SResult<T> = Result<T, StorageError<u64>>;
+
+/// The Raft log. Cheap to clone; clones share the directory.
+#[derive(Debug, Clone)]
+pub struct LogStore {
+    inner: Arc<Inner>,
+}
+
+pub(crate) fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, postcard::Error> {
+    postcard::to_allocvec(v)
+}
+
+pub(crate) fn decode<T: DeserializeOwned>(b: &[u8]) -> Result<T, postcard::Error> {
+    postcard::from_bytes(b)
+}
+
+impl LogStore {
+    pub(crate) fn new(inner: Arc<Inner>) -> Self {
+        Self { inner }
+    }
+
+    fn get_meta<T: DeserializeOwned>(&self, key: &[u8]) -> SResult<Option<T>> {
+        let v = self.inner.meta.get(key).map_err(|e| StorageIOError::read(&e))?;
+        v.map(|b| decode(&b).map_err(|e| StorageIOError::read(&e).into())).transpose()
+    }
+
+    fn put_meta<T: Serialize>(&self, key: &[u8], v: &T) -> SResult<()> {
+        let b = encode(v).map_err(|e| StorageIOError::write(&e))?;
+        self.inner.meta.insert(key, b).map_err(|e| StorageIOError::write(&e))?;
+        Ok(())
+    }
+
+    /// Makes everything written so far durable (one fsync), counting `entries` for the stats.
+    async fn flush(&self, entries: u64) -> Result<(), sled::Error> {
+        self.inner.db.flush_async().await?;
+        self.inner.stats.flushes.fetch_add(1, Ordering::Relaxed);
+        self.inner.stats.entries_flushed.fetch_add(entries, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn last_entry_id(&self) -> SResult<Option<LogId<u64>>> {
+        match self.inner.log.last().map_err(|e| StorageIOError::read_logs(&e))? {
+            None => Ok(None),
+            Some((_, v)) => {
+                let e: Entry<TypeConfig> = decode(&v).map_err(|e| StorageIOError::read_logs(&e))?;
+                Ok(Some(e.log_id))
+            }
+        }
+    }
+}
+
+fn bound_key(b: Bound<&u64>) -> Bound<[u8; 8]> {
+    match b {
+        Bound::Included(i) => Bound::Included(i.to_be_bytes()),
+        Bound::Excluded(i) => Bound::Excluded(i.to_be_bytes()),
+        Bound::Unbounded => Bound::Unbounded,
+    }
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> SResult<Vec<Entry<TypeConfig>>> {
+        let r = (bound_key(range.start_bound()), bound_key(range.end_bound()));
+        self.inner
+            .log
+            .range::<[u8; 8], _>(r)
+            .map(|kv| {
+                let (_, v) = kv.map_err(|e| StorageIOError::read_logs(&e))?;
+                decode(&v).map_err(|e| StorageIOError::read_logs(&e).into())
+            })
+            .collect()
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = LogStore;
+
+    async fn get_log_state(&mut self) -> SResult<LogState<TypeConfig>> {
+        let last_purged_log_id: Option<LogId<u64>> = self.get_meta(PURGED)?;
+        let last_log_id = self.last_entry_id()?.or(last_purged_log_id);
+        Ok(LogState { last_purged_log_id, last_log_id })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<u64>) -> SResult<()> {
+        self.put_meta(VOTE, vote).map_err(|_| StorageIOError::write_vote(&sled_err("encode vote")))?;
+        self.flush(0).await.map_err(|e| StorageIOError::write_vote(&e))?;
+        Ok(())
+    }
+
+    async fn read_vote(&mut self) -> SResult<Option<Vote<u64>>> {
+        self.get_meta(VOTE)
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId<u64>>) -> SResult<()> {
+        // Not flushed: losing it only means re-applying from the state machine's applied id.
+        self.put_meta(COMMITTED, &committed)
+    }
+
+    async fn read_committed(&mut self) -> SResult<Option<LogId<u64>>> {
+        Ok(self.get_meta::<Option<LogId<u64>>>(COMMITTED)?.flatten())
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> SResult<()>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut batch = sled::Batch::default();
+        let mut n = 0u64;
+        for e in entries {
+            let b = encode(&e).map_err(|err| StorageIOError::write_log_entry(e.log_id, &err))?;
+            batch.insert(&e.log_id.index.to_be_bytes(), b);
+            n += 1;
+        }
+        self.inner.log.apply_batch(batch).map_err(|e| StorageIOError::write_logs(&e))?;
+        // Durable before acknowledging: openraft counts this node's vote for commit on it.
+        let res = self.flush(n).await.map_err(std::io::Error::other);
+        callback.log_io_completed(res);
+        Ok(())
+    }
+
+    async fn truncate(&mut self, log_id: LogId<u64>) -> SResult<()> {
+        let mut batch = sled::Batch::default();
+        for kv in self.inner.log.range(log_id.index.to_be_bytes()..) {
+            let (k, _) = kv.map_err(|e| StorageIOError::write_logs(&e))?;
+            batch.remove(k);
+        }
+        self.inner.log.apply_batch(batch).map_err(|e| StorageIOError::write_logs(&e))?;
+        self.flush(0).await.map_err(|e| StorageIOError::write_logs(&e))?;
+        Ok(())
+    }
+
+    async fn purge(&mut self, log_id: LogId<u64>) -> SResult<()> {
+        // Record the purge point first: a crash midway leaves extra entries, never a gap.
+        self.put_meta(PURGED, &log_id)?;
+        let mut batch = sled::Batch::default();
+        for kv in self.inner.log.range(..=log_id.index.to_be_bytes()) {
+            let (k, _) = kv.map_err(|e| StorageIOError::write_logs(&e))?;
+            batch.remove(k);
+        }
+        self.inner.log.apply_batch(batch).map_err(|e| StorageIOError::write_logs(&e))?;
+        Ok(())
+    }
+}
+
+fn sled_err(what: &str) -> sled::Error {
+    sled::Error::Unsupported(what.to_string())
+}

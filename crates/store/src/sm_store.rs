@@ -1,0 +1,258 @@
+//! The state machine over sled: `portmesh_core::State` in memory, its records in the `sm` tree,
+//! the current snapshot in the `snap` tree.
+
+use std::io::Cursor;
+use std::sync::{Arc, RwLock, RwLockReadGuard};
+
+use openraft::storage::RaftStateMachine;
+use openraft::{
+    BasicNode, Entry, EntryPayload, LogId, OptionalSend, RaftSnapshotBuilder, Snapshot, SnapshotMeta,
+    StorageError, StorageIOError, StoredMembership,
+};
+use portmesh_core::{ApplyCtx, Record, Response, State};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::log_store::{decode, encode};
+use crate::{Inner, StoreError, TypeConfig, keys};
+
+type SResult<T> = Result<T, StorageError<u64>>;
+type Membership = StoredMembership<u64, BasicNode>;
+
+/// The applied state: the domain state plus what Raft needs to know about it.
+#[derive(Debug)]
+pub struct SmState {
+    pub state: State,
+    pub last_applied: Option<LogId<u64>>,
+    pub membership: Membership,
+}
+
+/// A shared, read-only view of the applied state, for the API and the lease keeper.
+#[derive(Debug, Clone)]
+pub struct StateReader {
+    sm: Arc<RwLock<SmState>>,
+    applied: watch::Receiver<u64>,
+}
+
+impl StateReader {
+    /// Reads the state under a short-lived lock. Do not hold the guard across an `.await`.
+    pub fn read(&self) -> RwLockReadGuard<'_, SmState> {
+        // A poisoned lock means a panic while applying: the process is going down anyway, and
+        // the data under it is the last consistent state, so keep serving reads from it.
+        self.sm.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A receiver of the applied log index, to wait for an index to be applied.
+    pub fn applied_index(&self) -> watch::Receiver<u64> {
+        self.applied.clone()
+    }
+}
+
+/// The snapshot format: every record of the state plus Raft's view.
+#[derive(Debug, Serialize, Deserialize)]
+struct SnapshotPayload {
+    data_version: u32,
+    records: Vec<Record>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct StoredSnapshot {
+    meta: SnapshotMeta<u64, BasicNode>,
+    data: Vec<u8>,
+}
+
+const SNAP_CURRENT: &[u8] = b"current";
+
+fn err<E: std::error::Error + 'static>(e: &E) -> StorageError<u64> {
+    StorageIOError::write_state_machine(e).into()
+}
+
+/// The state-machine half of the store.
+#[derive(Debug, Clone)]
+pub struct StateMachineStore {
+    inner: Arc<Inner>,
+    sm: Arc<RwLock<SmState>>,
+    applied_tx: Arc<watch::Sender<u64>>,
+}
+
+impl StateMachineStore {
+    pub(crate) fn load(inner: Arc<Inner>) -> Result<Self, StoreError> {
+        let corrupt = |what: String| StoreError::Corrupt { dir: inner.dir.clone(), what };
+        let mut records = Vec::new();
+        let mut last_applied = None;
+        let mut membership = Membership::default();
+        for kv in inner.sm.iter() {
+            let (k, v) = kv.map_err(|source| StoreError::Io { dir: inner.dir.clone(), source })?;
+            if keys::is_record(&k) {
+                records.push(decode::<Record>(&v).map_err(|e| corrupt(format!("state record {k:?}: {e}")))?);
+            } else if k.as_ref() == keys::APPLIED {
+                last_applied = decode(&v).map_err(|e| corrupt(format!("applied log id: {e}")))?;
+            } else if k.as_ref() == keys::MEMBERSHIP {
+                membership = decode(&v).map_err(|e| corrupt(format!("membership: {e}")))?;
+            }
+        }
+        let state = State::from_records(records);
+        let index = last_applied.map_or(0, |l: LogId<u64>| l.index);
+        let sm = SmState { state, last_applied, membership };
+        let (tx, _) = watch::channel(index);
+        Ok(Self { inner, sm: Arc::new(RwLock::new(sm)), applied_tx: Arc::new(tx) })
+    }
+
+    pub fn reader(&self) -> StateReader {
+        StateReader { sm: self.sm.clone(), applied: self.applied_tx.subscribe() }
+    }
+
+    fn write_lock(&self) -> std::sync::RwLockWriteGuard<'_, SmState> {
+        self.sm.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Persists the changed records plus applied id and membership in one atomic batch.
+    fn persist(&self, sm: &mut SmState, replace_all: bool) -> SResult<()> {
+        let mut batch = sled::Batch::default();
+        if replace_all {
+            for k in self.inner.sm.iter().keys() {
+                batch.remove(k.map_err(|e| err(&e))?);
+            }
+            sm.state.take_dirty();
+            for r in sm.state.records() {
+                batch.insert(keys::encode(&r.key()), encode(&r).map_err(|e| err(&e))?);
+            }
+        } else {
+            for key in sm.state.take_dirty() {
+                let k = keys::encode(&key);
+                match sm.state.record(&key) {
+                    Some(r) => batch.insert(k, encode(&r).map_err(|e| err(&e))?),
+                    None => batch.remove(k),
+                }
+            }
+        }
+        batch.insert(keys::APPLIED, encode(&sm.last_applied).map_err(|e| err(&e))?);
+        batch.insert(keys::MEMBERSHIP, encode(&sm.membership).map_err(|e| err(&e))?);
+        self.inner.sm.apply_batch(batch).map_err(|e| err(&e))?;
+        Ok(())
+    }
+
+    fn build(&self) -> SResult<Snapshot<TypeConfig>> {
+        let (payload, last_log_id, last_membership) = {
+            let sm = self.sm.read().unwrap_or_else(|p| p.into_inner());
+            let payload =
+                SnapshotPayload { data_version: crate::DATA_VERSION, records: sm.state.records().collect() };
+            (payload, sm.last_applied, sm.membership.clone())
+        };
+        let data = encode(&payload).map_err(|e| StorageIOError::write_snapshot(None, &e))?;
+        let snapshot_id = match last_log_id {
+            Some(l) => format!("{}-{}-{}", l.leader_id, l.index, data.len()),
+            None => format!("empty-{}", data.len()),
+        };
+        let meta = SnapshotMeta { last_log_id, last_membership, snapshot_id };
+        self.save_snapshot(&meta, &data)?;
+        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
+    }
+
+    fn save_snapshot(&self, meta: &SnapshotMeta<u64, BasicNode>, data: &[u8]) -> SResult<()> {
+        let sig = Some(meta.signature());
+        let stored = StoredSnapshot { meta: meta.clone(), data: data.to_vec() };
+        let b = encode(&stored).map_err(|e| StorageIOError::write_snapshot(sig.clone(), &e))?;
+        self.inner
+            .snap
+            .insert(SNAP_CURRENT, b)
+            .map_err(|e| StorageIOError::write_snapshot(sig.clone(), &e))?;
+        // Durable before the log may be purged up to it.
+        self.inner.db.flush().map_err(|e| StorageIOError::write_snapshot(sig, &e))?;
+        Ok(())
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
+    async fn build_snapshot(&mut self) -> SResult<Snapshot<TypeConfig>> {
+        self.build()
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachineStore {
+    type SnapshotBuilder = StateMachineStore;
+
+    async fn applied_state(&mut self) -> SResult<(Option<LogId<u64>>, Membership)> {
+        let sm = self.sm.read().unwrap_or_else(|p| p.into_inner());
+        Ok((sm.last_applied, sm.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> SResult<Vec<Response>>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let index = {
+            let mut guard = self.write_lock();
+            let sm = &mut *guard;
+            let mut out = Vec::new();
+            for e in entries {
+                sm.last_applied = Some(e.log_id);
+                let r = match e.payload {
+                    EntryPayload::Blank => Response::Noop,
+                    EntryPayload::Normal(req) => {
+                        sm.state.apply(ApplyCtx { now_ms: req.time_ms, index: e.log_id.index }, &req.command)
+                    }
+                    EntryPayload::Membership(m) => {
+                        sm.membership = StoredMembership::new(Some(e.log_id), m);
+                        Response::Noop
+                    }
+                };
+                out.push(r);
+            }
+            self.persist(sm, false)?;
+            (sm.last_applied.map_or(0, |l| l.index), out)
+        };
+        self.applied_tx.send_replace(index.0);
+        Ok(index.1)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> SResult<Box<Cursor<Vec<u8>>>> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<u64, BasicNode>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> SResult<()> {
+        let sig = Some(meta.signature());
+        let data = snapshot.into_inner();
+        let payload: SnapshotPayload =
+            decode(&data).map_err(|e| StorageIOError::read_snapshot(sig.clone(), &e))?;
+        if payload.data_version != crate::DATA_VERSION {
+            let e = std::io::Error::other(format!(
+                "snapshot has data version {}, this build reads {}",
+                payload.data_version,
+                crate::DATA_VERSION
+            ));
+            return Err(StorageIOError::read_snapshot(sig, &e).into());
+        }
+        let index = {
+            let mut guard = self.write_lock();
+            let sm = &mut *guard;
+            sm.state = State::from_records(payload.records);
+            sm.last_applied = meta.last_log_id;
+            sm.membership = meta.last_membership.clone();
+            self.persist(sm, true)?;
+            sm.last_applied.map_or(0, |l| l.index)
+        };
+        self.save_snapshot(meta, &data)?;
+        self.applied_tx.send_replace(index);
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> SResult<Option<Snapshot<TypeConfig>>> {
+        let Some(b) =
+            self.inner.snap.get(SNAP_CURRENT).map_err(|e| StorageIOError::read_snapshot(None, &e))?
+        else {
+            return Ok(None);
+        };
+        let s: StoredSnapshot = decode(&b).map_err(|e| StorageIOError::read_snapshot(None, &e))?;
+        Ok(Some(Snapshot { meta: s.meta, snapshot: Box::new(Cursor::new(s.data)) }))
+    }
+}
