@@ -1,1 +1,263 @@
-//! placeholder
+//! Assembles and runs one portmesh node.
+//!
+//! Owns: the boring, explicit assembly — config → store → Raft → services → gRPC and HTTP
+//! servers — in [`start`], the node's home files (where the CLI finds a local node), health
+//! reporting, and the one shutdown path ([`RunningNode::wait`]): stop serving, stop Raft, flush
+//! storage, remove the address file. Does not own: what the services do (`portmesh-api`) or
+//! command-line parsing (`portmesh` CLI).
+
+mod home;
+mod http;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use portmesh_api::Api;
+use portmesh_raft::{RaftNode, RaftOptions, StartError};
+use portmesh_store::{Store, StoreError, StoreOptions};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+
+pub use home::{NodeInfo, read_info, write_info};
+
+/// Everything needed to start a node.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// Data directory (sled files live in `DATA/sled`).
+    pub data_dir: PathBuf,
+    /// gRPC listen address. Port 0 picks a free port.
+    pub listen: SocketAddr,
+    /// HTTP listen address (health, readiness, status). `None`: no HTTP.
+    pub http: Option<SocketAddr>,
+    /// Address peers and clients should use, if not the bound one.
+    pub advertise: Option<String>,
+    /// Start a new single-node cluster if this directory holds none.
+    pub bootstrap: bool,
+    /// Directory where the node records its addresses (`node.json`) for local CLIs.
+    pub home: Option<PathBuf>,
+    pub raft: RaftOptions,
+    pub store: StoreOptions,
+    /// How long to wait for this node to see a leader after bootstrap.
+    pub leader_timeout: Duration,
+}
+
+impl NodeConfig {
+    /// A config with defaults for everything but the data directory and listen address.
+    pub fn new(data_dir: PathBuf, listen: SocketAddr) -> Self {
+        Self {
+            data_dir,
+            listen,
+            http: None,
+            advertise: None,
+            bootstrap: false,
+            home: None,
+            raft: RaftOptions::default(),
+            store: StoreOptions::default(),
+            leader_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Errors starting a node, each naming what it was doing and where.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Raft(#[from] StartError),
+    #[error(
+        "cannot listen for {what} on {addr}: {source} (is another process using it? pick another with --{flag})"
+    )]
+    Bind { what: &'static str, addr: SocketAddr, flag: &'static str, source: std::io::Error },
+    #[error("no leader after {0:?}: the node cannot serve writes")]
+    NoLeader(Duration),
+    #[error("cannot write the node's address file in {dir}: {source}")]
+    Home { dir: PathBuf, source: std::io::Error },
+}
+
+/// A started node. Drive it with [`RunningNode::wait`].
+#[derive(Debug)]
+pub struct RunningNode {
+    pub grpc_addr: SocketAddr,
+    pub http_addr: Option<SocketAddr>,
+    pub api: Api,
+    shutdown: watch::Sender<bool>,
+    grpc_task: JoinHandle<Result<(), tonic::transport::Error>>,
+    http_task: Option<JoinHandle<()>>,
+    health_task: JoinHandle<()>,
+    home: Option<PathBuf>,
+}
+
+/// Starts a node: opens storage, starts Raft, binds and serves gRPC and HTTP.
+pub async fn start(cfg: NodeConfig) -> Result<RunningNode, NodeError> {
+    std::fs::create_dir_all(&cfg.data_dir)
+        .map_err(|source| NodeError::Home { dir: cfg.data_dir.clone(), source })?;
+    let store = Store::open(&cfg.data_dir, &cfg.store)?;
+
+    let grpc_listener = TcpListener::bind(cfg.listen).await.map_err(|source| NodeError::Bind {
+        what: "gRPC",
+        addr: cfg.listen,
+        flag: "listen",
+        source,
+    })?;
+    let grpc_addr = grpc_listener.local_addr().map_err(|source| NodeError::Bind {
+        what: "gRPC",
+        addr: cfg.listen,
+        flag: "listen",
+        source,
+    })?;
+    let http_listener = match cfg.http {
+        Some(addr) => Some(TcpListener::bind(addr).await.map_err(|source| NodeError::Bind {
+            what: "HTTP",
+            addr,
+            flag: "http",
+            source,
+        })?),
+        None => None,
+    };
+    let http_addr = http_listener.as_ref().and_then(|l| l.local_addr().ok());
+    let advertise = cfg.advertise.clone().unwrap_or_else(|| grpc_addr.to_string());
+
+    let node = RaftNode::start(store, advertise.clone(), cfg.raft.clone()).await?;
+    if cfg.bootstrap {
+        node.bootstrap().await?;
+    }
+    if node.is_initialized().await {
+        node.raft
+            .wait(Some(cfg.leader_timeout))
+            .metrics(|m| m.current_leader.is_some(), "a leader is known")
+            .await
+            .map_err(|_| NodeError::NoLeader(cfg.leader_timeout))?;
+    } else {
+        tracing::warn!(
+            data_dir = %cfg.data_dir.display(),
+            "this node belongs to no cluster yet; start it with --bootstrap to create a single-node cluster"
+        );
+    }
+
+    let (shutdown, _) = watch::channel(false);
+    let api = Api::new(
+        node.clone(),
+        portmesh_probe::hostname(),
+        cfg.data_dir.display().to_string(),
+        http_addr.map(|a| a.to_string()).unwrap_or_default(),
+        shutdown.clone(),
+    );
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    let health_task = tokio::spawn(report_health(node.clone(), health));
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(portmesh_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| NodeError::Raft(StartError::Config(format!("reflection: {e}"))))?;
+
+    let mut stop = shutdown.subscribe();
+    let grpc = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(api.allocator())
+        .add_service(api.leases())
+        .add_service(api.pools())
+        .add_service(api.cluster())
+        .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), async move {
+            let _ = stop.wait_for(|s| *s).await;
+        });
+    let grpc_task = tokio::spawn(grpc);
+    let http_task = http_listener.map(|l| tokio::spawn(http::serve(l, api.clone(), shutdown.subscribe())));
+
+    tracing::info!(
+        node_id = node.id,
+        grpc = %grpc_addr,
+        http = ?http_addr,
+        advertise = %advertise,
+        data_dir = %cfg.data_dir.display(),
+        "portmesh node listening"
+    );
+    if let Some(home) = &cfg.home {
+        let info = NodeInfo {
+            grpc: grpc_addr.to_string(),
+            http: http_addr.map(|a| a.to_string()),
+            pid: std::process::id(),
+            node_id: node.id,
+        };
+        write_info(home, &info).map_err(|source| NodeError::Home { dir: home.clone(), source })?;
+    }
+    Ok(RunningNode { grpc_addr, http_addr, api, shutdown, grpc_task, http_task, health_task, home: cfg.home })
+}
+
+/// Keeps the gRPC health status in line with whether this node knows a leader.
+async fn report_health(node: RaftNode, reporter: tonic_health::server::HealthReporter) {
+    let mut metrics = node.raft.metrics();
+    loop {
+        let serving = metrics.borrow_and_update().current_leader.is_some();
+        let status = if serving {
+            tonic_health::ServingStatus::Serving
+        } else {
+            tonic_health::ServingStatus::NotServing
+        };
+        reporter.set_service_status("", status).await;
+        if metrics.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+impl RunningNode {
+    /// A handle that shuts the node down when set to `true`.
+    pub fn shutdown_handle(&self) -> watch::Sender<bool> {
+        self.shutdown.clone()
+    }
+
+    /// Runs until shutdown is requested (SIGTERM, SIGINT, the `Cluster.Shutdown` RPC or the
+    /// handle), then shuts down gracefully: stop serving, stop Raft, flush storage, remove the
+    /// address file.
+    pub async fn wait(self) {
+        let mut stop = self.shutdown.subscribe();
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => {}
+            _ = termination() => tracing::info!("termination signal received"),
+        }
+        self.shutdown.send_replace(true);
+        if let Ok(Err(e)) = self.grpc_task.await {
+            tracing::warn!(error = %e, "gRPC server ended with an error");
+        }
+        if let Some(t) = self.http_task {
+            let _ = t.await;
+        }
+        self.health_task.abort();
+        let node = self.api.node().clone();
+        node.shutdown().await;
+        if let Err(e) = node.store.flush() {
+            tracing::error!(error = %e, "flushing storage at shutdown failed");
+        }
+        if let Some(home) = &self.home {
+            home::remove_info_if_ours(home);
+        }
+        tracing::info!(node_id = node.id, "portmesh node stopped");
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT (Ctrl-C).
+async fn termination() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+            }
+            _ => std::future::pending::<()>().await,
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

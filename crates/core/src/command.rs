@@ -97,7 +97,8 @@ pub enum LeaseSpec {
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AllocItem {
-    /// Pool to draw from; when absent, the pool holding `port`, else `default`.
+    /// Pool to draw from; when absent, the pool holding `port`, else the pool named like the
+    /// service, else `default`.
     pub pool: Option<String>,
     pub service: String,
     pub instance: Option<String>,

@@ -81,11 +81,15 @@ impl Selector<'_> {
                     pools: describe_pools(&team_pools),
                 }
             })?,
-            (None, None) => st.pool(self.team, DEFAULT_POOL).ok_or_else(|| Rejection::UnknownPool {
-                team: self.team.to_string(),
-                pool: DEFAULT_POOL.to_string(),
-                known: team_pools.iter().map(|p| p.name.as_str()).collect::<Vec<_>>().join(", "),
-            })?,
+            // A pool named like the service (`alloc web`), else the team's default pool.
+            (None, None) => st
+                .pool(self.team, &item.service)
+                .or_else(|| st.pool(self.team, DEFAULT_POOL))
+                .ok_or_else(|| Rejection::UnknownPool {
+                    team: self.team.to_string(),
+                    pool: DEFAULT_POOL.to_string(),
+                    known: team_pools.iter().map(|p| p.name.as_str()).collect::<Vec<_>>().join(", "),
+                })?,
         };
         if let Some(port) = item.port
             && !pool.contains(port)

@@ -295,7 +295,7 @@ impl State {
     }
 
     /// Events with revision `>= from`, oldest first.
-    pub fn events_since(&self, from: u64) -> impl Iterator<Item = &Event> {
+    pub fn events_since(&self, from: u64) -> impl DoubleEndedIterator<Item = &Event> {
         let start = self.events.partition_point(|e| e.revision < from);
         self.events.range(start..)
     }

@@ -133,7 +133,9 @@ pub fn hostname() -> String {
             }
         }
     }
-    std::env::var("HOSTNAME").or_else(|_| std::env::var("COMPUTERNAME")).unwrap_or_else(|_| "localhost".into())
+    std::env::var("HOSTNAME")
+        .or_else(|_| std::env::var("COMPUTERNAME"))
+        .unwrap_or_else(|_| "localhost".into())
 }
 
 #[cfg(test)]

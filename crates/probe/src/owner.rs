@@ -45,11 +45,18 @@ pub fn owners(port: u16) -> Vec<Owner> {
             for fd in fds.flatten() {
                 let Ok(link) = std::fs::read_link(fd.path()) else { continue };
                 let link = link.to_string_lossy();
-                let Some(inode) = link.strip_prefix("socket:[").and_then(|s| s.strip_suffix(']')) else { continue };
+                let Some(inode) = link.strip_prefix("socket:[").and_then(|s| s.strip_suffix(']')) else {
+                    continue;
+                };
                 if let Some((_, addr, uid)) = sockets.iter().find(|(i, ..)| i == inode)
                     && !found.iter().any(|o| o.pid == Some(pid) && &o.addr == addr)
                 {
-                    found.push(Owner { addr: addr.clone(), uid: *uid, pid: Some(pid), command: command_of(pid) });
+                    found.push(Owner {
+                        addr: addr.clone(),
+                        uid: *uid,
+                        pid: Some(pid),
+                        command: command_of(pid),
+                    });
                 }
             }
         }
@@ -72,8 +79,11 @@ pub fn owners(_port: u16) -> Vec<Owner> {
 #[cfg(target_os = "linux")]
 fn command_of(pid: u32) -> Option<String> {
     let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-    let parts: Vec<String> =
-        raw.split(|b| *b == 0).filter(|s| !s.is_empty()).map(|s| String::from_utf8_lossy(s).into_owned()).collect();
+    let parts: Vec<String> = raw
+        .split(|b| *b == 0)
+        .filter(|s| !s.is_empty())
+        .map(|s| String::from_utf8_lossy(s).into_owned())
+        .collect();
     if parts.is_empty() {
         std::fs::read_to_string(format!("/proc/{pid}/comm")).ok().map(|s| format!("[{}]", s.trim()))
     } else {

@@ -1,1 +1,253 @@
-//! placeholder
+//! Raft wiring: one [`RaftNode`] per process, its leader duties and its lease keeper.
+//!
+//! Owns: the openraft configuration, node identity, bootstrap, the one way to propose a command
+//! ([`RaftNode::propose`], which stamps the leader's wall-clock time into the entry), the one way to
+//! make a read linearizable ([`RaftNode::read_barrier`]), and the leader-only lease countdown
+//! ([`keeper`]). Does not own: storage (`portmesh-store`), gRPC services (`portmesh-api`).
+//!
+//! Peer networking: this release runs single-node clusters; [`network::NoPeers`] reports every
+//! peer unreachable. The gRPC node-to-node transport replaces it when clusters arrive.
+
+pub mod keeper;
+pub mod network;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use openraft::error::{CheckIsLeaderError, ClientWriteError, InitializeError, RaftError};
+use openraft::{BasicNode, Config, Raft, RaftMetrics, ServerState, SnapshotPolicy};
+use portmesh_core::{Command, Request, Response};
+use portmesh_store::{StateReader, Store, StoreError, TypeConfig};
+use tokio::sync::watch;
+
+pub use keeper::LeaseKeeper;
+
+/// Timing and sizing of the Raft node. Defaults suit a LAN or one machine under load.
+#[derive(Debug, Clone)]
+pub struct RaftOptions {
+    pub heartbeat: Duration,
+    pub election_min: Duration,
+    pub election_max: Duration,
+    /// Build a snapshot (and purge the log behind it) after this many entries.
+    pub snapshot_every: u64,
+    /// How often the leader writes the remaining TTL of every lease into the log.
+    pub lease_checkpoint: Duration,
+    /// How often the leader looks for expired leases.
+    pub lease_tick: Duration,
+    /// Most leases expired by one log entry (a storm is spread over several entries).
+    pub expiry_batch: usize,
+}
+
+impl Default for RaftOptions {
+    fn default() -> Self {
+        Self {
+            heartbeat: Duration::from_millis(100),
+            election_min: Duration::from_millis(500),
+            election_max: Duration::from_millis(1000),
+            snapshot_every: 10_000,
+            lease_checkpoint: Duration::from_secs(5),
+            lease_tick: Duration::from_millis(100),
+            expiry_batch: 1_000,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("invalid Raft configuration: {0}")]
+    Config(String),
+    #[error("Raft failed to start: {0}")]
+    Raft(String),
+}
+
+/// Why a proposal or read did not go through.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ProposeError {
+    #[error("this node is not the leader{}", leader_hint(.leader_id, .leader_addr))]
+    NotLeader { leader_id: Option<u64>, leader_addr: Option<String> },
+    #[error("the Raft node is unavailable: {0}")]
+    Unavailable(String),
+}
+
+fn leader_hint(id: &Option<u64>, addr: &Option<String>) -> String {
+    match (id, addr) {
+        (Some(id), Some(addr)) => format!("; the leader is node {id} at {addr}"),
+        (Some(id), None) => format!("; the leader is node {id}"),
+        _ => "; no leader is known yet (an election may be under way): retry shortly".into(),
+    }
+}
+
+/// Wall-clock milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A running Raft node with its state machine.
+#[derive(Clone)]
+pub struct RaftNode {
+    pub id: u64,
+    pub addr: String,
+    pub raft: Raft<TypeConfig>,
+    pub store: Store,
+    state: StateReader,
+    keeper: Arc<LeaseKeeper>,
+    stop: watch::Sender<bool>,
+}
+
+impl std::fmt::Debug for RaftNode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RaftNode").field("id", &self.id).field("addr", &self.addr).finish_non_exhaustive()
+    }
+}
+
+/// A fresh node id: time and pid mixed, never 0. Persisted in the data directory on first start.
+fn fresh_node_id() -> u64 {
+    let t = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+    let mut z = t ^ (u64::from(std::process::id()) << 32);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    // Keep ids readable (and JSON-safe): 1..2^53.
+    ((z ^ (z >> 31)) & ((1 << 53) - 1)).max(1)
+}
+
+impl RaftNode {
+    /// Starts Raft over `store`. `addr` is this node's advertised gRPC address.
+    pub async fn start(store: Store, addr: String, opts: RaftOptions) -> Result<RaftNode, StartError> {
+        let id = match store.node_id()? {
+            Some(id) => id,
+            None => {
+                let id = fresh_node_id();
+                store.set_node_id(id)?;
+                id
+            }
+        };
+        let config = Config {
+            cluster_name: "portmesh".into(),
+            heartbeat_interval: opts.heartbeat.as_millis() as u64,
+            election_timeout_min: opts.election_min.as_millis() as u64,
+            election_timeout_max: opts.election_max.as_millis() as u64,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(opts.snapshot_every),
+            max_in_snapshot_log_to_keep: 1_000,
+            ..Default::default()
+        }
+        .validate()
+        .map_err(|e| StartError::Config(e.to_string()))?;
+        let sm = store.state_machine()?;
+        let state = sm.reader();
+        let raft = Raft::new(id, Arc::new(config), network::NoPeers, store.log_store(), sm)
+            .await
+            .map_err(|e| StartError::Raft(e.to_string()))?;
+        let keeper = Arc::new(LeaseKeeper::new(opts.clone()));
+        let (stop, _) = watch::channel(false);
+        let node = RaftNode { id, addr, raft, store, state, keeper, stop };
+        tokio::spawn(keeper::run(node.clone(), node.stop.subscribe()));
+        Ok(node)
+    }
+
+    /// Makes this node the single voter of a new cluster. Harmless on a node that is already
+    /// initialised (a restart, or a second `--bootstrap`).
+    pub async fn bootstrap(&self) -> Result<(), StartError> {
+        let members = BTreeMap::from([(self.id, BasicNode { addr: self.addr.clone() })]);
+        match self.raft.initialize(members).await {
+            Ok(()) => Ok(()),
+            Err(RaftError::APIError(InitializeError::NotAllowed(_))) => Ok(()),
+            Err(e) => Err(StartError::Raft(e.to_string())),
+        }
+    }
+
+    /// Whether this node's log or state holds anything (i.e. it belongs to a cluster).
+    pub async fn is_initialized(&self) -> bool {
+        self.raft.is_initialized().await.unwrap_or(false)
+    }
+
+    /// Proposes a command through Raft and returns the applied response. The leader's wall
+    /// clock is stamped into the entry here, the only place time enters the state machine.
+    pub async fn propose(&self, command: Command) -> Result<Response, ProposeError> {
+        let req = Request { time_ms: now_ms(), command };
+        match self.raft.client_write(req).await {
+            Ok(resp) => Ok(resp.data),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => Err(ProposeError::NotLeader {
+                leader_id: f.leader_id,
+                leader_addr: f.leader_node.map(|n| n.addr),
+            }),
+            Err(e) => Err(ProposeError::Unavailable(e.to_string())),
+        }
+    }
+
+    /// Waits until this node's state reflects every write acknowledged before the call: the
+    /// leader confirms its leadership with a quorum and waits for its state machine to catch up.
+    /// With `stale`, returns at once and the caller reads whatever this node has applied.
+    pub async fn read_barrier(&self, stale: bool) -> Result<(), ProposeError> {
+        if stale {
+            return Ok(());
+        }
+        match self.raft.ensure_linearizable().await {
+            Ok(_) => Ok(()),
+            Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => {
+                Err(ProposeError::NotLeader {
+                    leader_id: f.leader_id,
+                    leader_addr: f.leader_node.map(|n| n.addr),
+                })
+            }
+            Err(e) => Err(ProposeError::Unavailable(e.to_string())),
+        }
+    }
+
+    /// The applied state (read it, don't hold the guard across `.await`).
+    pub fn state(&self) -> &StateReader {
+        &self.state
+    }
+
+    pub fn metrics(&self) -> RaftMetrics<u64, BasicNode> {
+        self.raft.metrics().borrow().clone()
+    }
+
+    /// Whether this node currently believes it is the leader.
+    pub fn is_leader(&self) -> bool {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        m.state == ServerState::Leader && m.current_leader == Some(self.id)
+    }
+
+    /// The leader as this node knows it: id and address.
+    pub fn leader(&self) -> Option<(u64, String)> {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        let id = m.current_leader?;
+        let addr = m.membership_config.membership().get_node(&id).map(|n| n.addr.clone()).unwrap_or_default();
+        Some((id, addr))
+    }
+
+    /// Renews a lease on the leader. `Ok(Some(ttl))` when renewed, `Ok(None)` when the lease is
+    /// gone (expired, revoked, never existed, or another team's).
+    pub fn keep_alive(&self, team: &str, id: u64) -> Result<Option<u64>, ProposeError> {
+        if !self.is_leader() {
+            let (leader_id, leader_addr) = self.leader().map_or((None, None), |(i, a)| (Some(i), Some(a)));
+            return Err(ProposeError::NotLeader { leader_id, leader_addr });
+        }
+        let ttl = {
+            let sm = self.state.read();
+            match sm.state.lease(id) {
+                Some(l) if l.team == team => l.ttl_ms,
+                _ => return Ok(None),
+            }
+        };
+        Ok(self.keeper.renew(id, ttl))
+    }
+
+    /// Remaining milliseconds of a lease as the leader's countdown sees it.
+    pub fn lease_remaining(&self, id: u64) -> Option<u64> {
+        self.keeper.remaining(id)
+    }
+
+    /// Stops the leader duties and Raft. Storage is flushed by the caller.
+    pub async fn shutdown(&self) {
+        self.stop.send_replace(true);
+        if let Err(e) = self.raft.shutdown().await {
+            tracing::warn!(error = %e, "raft shutdown");
+        }
+    }
+}

@@ -158,6 +158,9 @@ fn lowest_free_port_by_default() {
     assert_eq!(h.one(item("a")), 10000);
     assert_eq!(h.one(in_pool("w", "web")), 8000);
     assert_eq!(h.one(in_pool("w2", "web")), 8001);
+    // Without a pool, a pool named like the service is used.
+    assert_eq!(h.one(item("web")), 8002);
+    assert_eq!(h.one(item("db")), 11000);
 }
 
 #[test]

@@ -1,0 +1,153 @@
+//! Command-line arguments. Parsing only; `commands.rs` runs them.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Hands out TCP ports so that nothing collides: local apps, a team's machines, CI shards.
+///
+/// With no --node and no PORTMESH_NODE, commands talk to this machine's local node and start it
+/// in the background if none runs (data under PORTMESH_HOME, else the user data directory).
+#[derive(Debug, Parser)]
+#[command(name = "portmesh", version, about, max_term_width = 100)]
+pub struct Cli {
+    /// Address of the node to talk to (host:port).
+    #[arg(long, global = true, env = "PORTMESH_NODE")]
+    pub node: Option<String>,
+    /// Team whose pools and leases to use.
+    #[arg(long, global = true, env = "PORTMESH_TEAM", default_value = "default")]
+    pub team: String,
+    /// Print machine-readable JSON.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Allocate port(s); prints one port per line.
+    Alloc(AllocArgs),
+    /// Release ports, a sticky key's port, or everything attached to a lease.
+    Release(ReleaseArgs),
+    /// Renew a lease once.
+    Renew {
+        /// Lease id.
+        #[arg(long)]
+        lease: u64,
+    },
+    /// List live allocations and reservations.
+    Ls {
+        /// Only this pool.
+        #[arg(long)]
+        pool: Option<String>,
+        /// Show allocations of every team.
+        #[arg(long)]
+        all_teams: bool,
+        /// Read this node's state without confirming with the leader.
+        #[arg(long)]
+        stale: bool,
+    },
+    /// Keep a port out of automatic selection.
+    Reserve {
+        port: u16,
+        /// Why (shown in listings).
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// End a reservation.
+    Unreserve { port: u16 },
+    /// Probe ports on this host: free or busy, and who holds them. Exits 1 if any is busy.
+    Check {
+        #[arg(required = true)]
+        ports: Vec<u16>,
+    },
+    /// List, add or remove pools.
+    #[command(subcommand)]
+    Pools(PoolsCommand),
+    /// Show the node: id, leader, term, members with roles, commit and applied index.
+    Status,
+    /// Run a node in the foreground.
+    Serve(ServeArgs),
+    /// Shut the local node (or the one at --node) down gracefully.
+    Stop,
+}
+
+#[derive(Debug, Args)]
+pub struct AllocArgs {
+    /// Service name. Without --pool, a pool named like the service is used if there is one.
+    pub service: Option<String>,
+    /// Pool to draw from.
+    #[arg(long)]
+    pub pool: Option<String>,
+    /// Wanted port.
+    #[arg(long)]
+    pub port: Option<u16>,
+    /// What to do if the wanted port is not free: sticky, next, random or fail.
+    #[arg(long, default_value = "sticky")]
+    pub strategy: portmesh_core::Strategy,
+    /// How many ports (one atomic batch).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub count: u32,
+    /// Attach to a new lease with this TTL (e.g. 30s, 5m): the ports come back if it is not renewed.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub ttl: Option<Duration>,
+    /// Attach to an existing lease.
+    #[arg(long, conflicts_with = "ttl")]
+    pub lease: Option<u64>,
+    /// Sticky key: the same key gets the same port back (with --count, suffixed /0, /1, …).
+    #[arg(long)]
+    pub key: Option<String>,
+    /// Instance name.
+    #[arg(long)]
+    pub instance: Option<String>,
+    /// Environment name.
+    #[arg(long)]
+    pub env: Option<String>,
+}
+
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("what").required(true).args(["ports", "key", "lease"])))]
+pub struct ReleaseArgs {
+    pub ports: Vec<u16>,
+    /// Release the live allocation of this sticky key.
+    #[arg(long)]
+    pub key: Option<String>,
+    /// Revoke this lease, releasing everything attached.
+    #[arg(long)]
+    pub lease: Option<u64>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PoolsCommand {
+    /// List pools with their usage.
+    Ls,
+    /// Add a pool: RANGE is START-END, or several joined by commas.
+    Add { name: String, range: String },
+    /// Remove an empty pool.
+    Rm { name: String },
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Data directory.
+    #[arg(long, env = "PORTMESH_DATA", default_value = "./portmesh-data")]
+    pub data: PathBuf,
+    /// gRPC listen address (loopback unless told otherwise).
+    #[arg(long, env = "PORTMESH_LISTEN", default_value = "127.0.0.1:7400")]
+    pub listen: SocketAddr,
+    /// HTTP listen address for /healthz, /readyz and /api/v1/status.
+    #[arg(long, env = "PORTMESH_HTTP")]
+    pub http: Option<SocketAddr>,
+    /// Address to advertise to clients and peers (default: the bound gRPC address).
+    #[arg(long, env = "PORTMESH_ADVERTISE")]
+    pub advertise: Option<String>,
+    /// Start a new single-node cluster if the data directory holds none.
+    #[arg(long)]
+    pub bootstrap: bool,
+    /// Record this node's addresses in DIR/node.json so local CLIs find it.
+    #[arg(long)]
+    pub home: Option<PathBuf>,
+}

@@ -1,0 +1,378 @@
+//! Runs each command. Output: plain text for people, `--json` for programs; errors go to the
+//! caller (`main` prints them to stderr and exits non-zero).
+
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use portmesh_client::{Client, pb};
+use serde_json::json;
+
+use crate::args::{AllocArgs, Cli, Command, PoolsCommand, ReleaseArgs, ServeArgs};
+use crate::local;
+
+/// What a command wants the process to exit with, when it succeeded but has news.
+pub type ExitCode = i32;
+
+pub async fn run(cli: Cli) -> Result<ExitCode> {
+    match &cli.command {
+        Command::Serve(args) => serve(args).await.map(|_| 0),
+        Command::Check { ports } => check(ports, cli.json),
+        Command::Stop => stop(&cli).await.map(|_| 0),
+        _ => {
+            let client = connect(&cli).await?;
+            client_command(&cli, &client).await.map(|_| 0)
+        }
+    }
+}
+
+async fn connect(cli: &Cli) -> Result<Client> {
+    match &cli.node {
+        Some(addr) => Ok(Client::connect(addr).await?),
+        None => local::connect_or_start().await,
+    }
+}
+
+async fn client_command(cli: &Cli, c: &Client) -> Result<()> {
+    let team = cli.team.as_str();
+    match &cli.command {
+        Command::Alloc(a) => alloc(c, team, a, cli.json).await,
+        Command::Release(r) => release(c, team, r, cli.json).await,
+        Command::Renew { lease } => match c.keep_alive_once(team, *lease).await? {
+            Some(ttl) => {
+                print_or_json(
+                    cli.json,
+                    &format!("lease {lease} renewed: ttl {}", fmt_dur(ttl)),
+                    || json!({"lease_id": lease, "ttl_ms": ttl.as_millis() as u64}),
+                );
+                Ok(())
+            }
+            None => bail!("lease {lease} no longer exists in team {team:?} (it expired or was revoked)"),
+        },
+        Command::Ls { pool, all_teams, stale } => {
+            let req = pb::ListRequest {
+                team: if *all_teams { String::new() } else { team.to_string() },
+                pool: pool.clone().unwrap_or_default(),
+                stale: *stale,
+            };
+            ls(&c.list(req).await?, cli.json);
+            Ok(())
+        }
+        Command::Reserve { port, reason } => {
+            let r = c.reserve(*port, reason).await?;
+            print_or_json(
+                cli.json,
+                &format!("reserved {}", r.port),
+                || json!({"port": r.port, "reason": r.reason, "revision": r.revision}),
+            );
+            Ok(())
+        }
+        Command::Unreserve { port } => {
+            let r = c.unreserve(*port).await?;
+            print_or_json(
+                cli.json,
+                &format!("unreserved {port}"),
+                || json!({"port": port, "revision": r.revision}),
+            );
+            Ok(())
+        }
+        Command::Pools(p) => pools(c, team, p, cli.json).await,
+        Command::Status => {
+            status(&c.status().await?, cli.json);
+            Ok(())
+        }
+        Command::Serve(_) | Command::Check { .. } | Command::Stop => unreachable_command(),
+    }
+}
+
+fn unreachable_command() -> Result<()> {
+    bail!("internal error: command dispatched to the wrong handler")
+}
+
+fn print_or_json(json: bool, text: &str, value: impl FnOnce() -> serde_json::Value) {
+    if json {
+        println!("{}", value());
+    } else {
+        println!("{text}");
+    }
+}
+
+fn fmt_dur(d: Duration) -> String {
+    humantime::format_duration(Duration::from_millis(d.as_millis() as u64)).to_string()
+}
+
+fn alloc_json(a: &pb::Allocation) -> serde_json::Value {
+    json!({
+        "port": a.port, "team": a.team, "pool": a.pool, "service": a.service,
+        "key": (!a.key.is_empty()).then_some(&a.key),
+        "lease_id": (a.lease_id != 0).then_some(a.lease_id),
+        "host": a.host, "revision": a.revision,
+    })
+}
+
+async fn alloc(c: &Client, team: &str, a: &AllocArgs, json: bool) -> Result<()> {
+    let service = a.service.clone().or_else(|| a.pool.clone()).unwrap_or_else(|| "default".into());
+    let items = (0..a.count)
+        .map(|i| pb::AllocItem {
+            service: service.clone(),
+            pool: a.pool.clone().unwrap_or_default(),
+            port: if i == 0 { a.port.map_or(0, u32::from) } else { 0 },
+            strategy: portmesh_client::strategy_to_pb(a.strategy) as i32,
+            key: match (&a.key, a.count) {
+                (Some(k), 1) => k.clone(),
+                (Some(k), _) => format!("{k}/{i}"),
+                (None, _) => String::new(),
+            },
+            instance: a.instance.clone().unwrap_or_default(),
+            env: a.env.clone().unwrap_or_default(),
+        })
+        .collect();
+    let req = pb::AllocateRequest {
+        team: team.to_string(),
+        items,
+        lease_id: a.lease.unwrap_or(0),
+        ttl_ms: a.ttl.map_or(0, |t| t.as_millis() as u64),
+    };
+    let r = c.allocate(req).await?;
+    if json {
+        let list: Vec<_> = r.allocations.iter().map(alloc_json).collect();
+        println!(
+            "{}",
+            json!({"allocations": list, "lease_id": (r.lease_id != 0).then_some(r.lease_id), "revision": r.revision})
+        );
+    } else {
+        for al in &r.allocations {
+            println!("{}", al.port);
+        }
+        if let Some(ttl) = a.ttl {
+            eprintln!(
+                "lease {} (ttl {}): keep it alive with `portmesh renew --lease {}`, or the port(s) come back",
+                r.lease_id,
+                fmt_dur(ttl),
+                r.lease_id
+            );
+        }
+    }
+    Ok(())
+}
+
+async fn release(c: &Client, team: &str, r: &ReleaseArgs, json: bool) -> Result<()> {
+    let released = if let Some(id) = r.lease {
+        c.revoke_lease(team, id).await?.released
+    } else {
+        let req = pb::ReleaseRequest {
+            team: team.to_string(),
+            ports: r.ports.iter().map(|p| u32::from(*p)).collect(),
+            key: r.key.clone().unwrap_or_default(),
+        };
+        c.release(req).await?.released
+    };
+    if json {
+        let list: Vec<_> = released.iter().map(alloc_json).collect();
+        println!("{}", json!({"released": list}));
+    } else {
+        for a in &released {
+            println!("{}", a.port);
+        }
+    }
+    Ok(())
+}
+
+fn ls(r: &pb::ListResponse, json: bool) {
+    if json {
+        let allocs: Vec<_> = r.allocations.iter().map(alloc_json).collect();
+        let res: Vec<_> = r
+            .reservations
+            .iter()
+            .map(|x| json!({"port": x.port, "reason": x.reason, "revision": x.revision}))
+            .collect();
+        println!("{}", json!({"allocations": allocs, "reservations": res, "revision": r.revision}));
+        return;
+    }
+    if r.allocations.is_empty() {
+        println!("no live allocations");
+    } else {
+        println!(
+            "{:<6} {:<10} {:<8} {:<16} {:<16} {:<24} {:>6} {:>6}",
+            "PORT", "TEAM", "POOL", "SERVICE", "HOST", "KEY", "LEASE", "REV"
+        );
+        for a in &r.allocations {
+            let lease = if a.lease_id == 0 { "-".to_string() } else { a.lease_id.to_string() };
+            let key = if a.key.is_empty() { "-" } else { &a.key };
+            println!(
+                "{:<6} {:<10} {:<8} {:<16} {:<16} {:<24} {:>6} {:>6}",
+                a.port, a.team, a.pool, a.service, a.host, key, lease, a.revision
+            );
+        }
+    }
+    for x in &r.reservations {
+        let reason = if x.reason.is_empty() { String::new() } else { format!(" ({})", x.reason) };
+        println!("reserved {}{reason}", x.port);
+    }
+}
+
+async fn pools(c: &Client, team: &str, p: &PoolsCommand, json: bool) -> Result<()> {
+    match p {
+        PoolsCommand::Ls => {
+            let r = c.list_pools("").await?;
+            if json {
+                let list: Vec<_> = r
+                    .pools
+                    .iter()
+                    .map(|p| json!({"team": p.team, "name": p.name, "ranges": ranges_text(&p.ranges), "size": p.size,
+                                    "allocated": p.allocated, "reserved": p.reserved, "cooling": p.cooling}))
+                    .collect();
+                println!("{}", json!({"pools": list}));
+            } else {
+                println!(
+                    "{:<10} {:<10} {:<24} {:>6} {:>6} {:>8} {:>8}",
+                    "TEAM", "POOL", "RANGES", "SIZE", "USED", "RESERVED", "COOLING"
+                );
+                for p in &r.pools {
+                    println!(
+                        "{:<10} {:<10} {:<24} {:>6} {:>6} {:>8} {:>8}",
+                        p.team,
+                        p.name,
+                        ranges_text(&p.ranges),
+                        p.size,
+                        p.allocated,
+                        p.reserved,
+                        p.cooling
+                    );
+                }
+            }
+            Ok(())
+        }
+        PoolsCommand::Add { name, range } => {
+            let ranges = portmesh_core::PortRange::parse_list(range)
+                .with_context(|| format!("pool {name:?}: bad range {range:?}"))?;
+            let p = c.add_pool(team, name, ranges.into_iter().map(Into::into).collect()).await?;
+            print_or_json(
+                json,
+                &format!("added pool {} ({}) to team {}", p.name, ranges_text(&p.ranges), p.team),
+                || json!({"team": p.team, "name": p.name, "ranges": ranges_text(&p.ranges), "size": p.size}),
+            );
+            warn_ephemeral(&p);
+            Ok(())
+        }
+        PoolsCommand::Rm { name } => {
+            c.remove_pool(team, name).await?;
+            print_or_json(
+                json,
+                &format!("removed pool {name} from team {team}"),
+                || json!({"team": team, "name": name}),
+            );
+            Ok(())
+        }
+    }
+}
+
+fn ranges_text(r: &[pb::PortRange]) -> String {
+    r.iter()
+        .map(|r| if r.start == r.end { r.start.to_string() } else { format!("{}-{}", r.start, r.end) })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn warn_ephemeral(p: &pb::Pool) {
+    let (lo, hi) = portmesh_probe::ephemeral_range();
+    for r in &p.ranges {
+        if r.start <= u32::from(hi) && u32::from(lo) <= r.end {
+            eprintln!(
+                "warning: pool {} range {}-{} overlaps this host's ephemeral range {lo}-{hi}: outgoing connections may take its ports at any time",
+                p.name, r.start, r.end
+            );
+        }
+    }
+}
+
+fn status(s: &pb::StatusResponse, json: bool) {
+    if json {
+        let members: Vec<_> =
+            s.members.iter().map(|m| json!({"id": m.id, "addr": m.addr, "role": m.role})).collect();
+        println!(
+            "{}",
+            json!({
+                "node_id": s.node_id, "leader_id": (s.leader_id != 0).then_some(s.leader_id), "term": s.term,
+                "members": members, "commit_index": s.commit_index, "applied_index": s.applied_index,
+                "pid": s.pid, "version": s.version, "revision": s.revision, "addr": s.addr,
+                "http_addr": (!s.http_addr.is_empty()).then_some(&s.http_addr), "data_dir": s.data_dir,
+            })
+        );
+        return;
+    }
+    let leader = if s.leader_id == 0 { "none".to_string() } else { s.leader_id.to_string() };
+    println!("node      {} at {} (pid {}, portmesh {})", s.node_id, s.addr, s.pid, s.version);
+    println!("leader    {leader}   term {}", s.term);
+    println!("index     commit {}  applied {}  revision {}", s.commit_index, s.applied_index, s.revision);
+    println!("data      {}", s.data_dir);
+    if !s.http_addr.is_empty() {
+        println!("http      http://{}/", s.http_addr);
+    }
+    println!("members");
+    for m in &s.members {
+        println!("  {:<20} {:<24} {}", m.id, m.addr, m.role);
+    }
+}
+
+fn check(ports: &[u16], json: bool) -> Result<ExitCode> {
+    let mut busy = false;
+    let mut out = Vec::new();
+    for &p in ports {
+        let c = portmesh_probe::check(p).with_context(|| format!("probing port {p}"))?;
+        busy |= !c.free;
+        if json {
+            out.push(serde_json::to_value(&c)?);
+            continue;
+        }
+        if c.free {
+            println!("{p} free");
+        } else if c.owners.is_empty() {
+            println!("{p} busy (owner not visible)");
+        } else {
+            for o in &c.owners {
+                let pid = o.pid.map_or("pid ?".to_string(), |p| format!("pid {p}"));
+                let cmd = o.command.clone().unwrap_or_else(|| "?".into());
+                println!("{p} busy {pid} {cmd} ({})", o.addr);
+            }
+        }
+    }
+    if json {
+        println!("{}", json!({"ports": out}));
+    }
+    Ok(if busy { 1 } else { 0 })
+}
+
+async fn stop(cli: &Cli) -> Result<()> {
+    if let Some(addr) = &cli.node {
+        let c = Client::connect(addr).await?;
+        let pid = c.status().await?.pid;
+        c.shutdown().await?;
+        println!("asked node at {addr} (pid {pid}) to stop");
+        return Ok(());
+    }
+    match local::stop_local().await? {
+        Some(pid) => println!("stopped the local node (pid {pid})"),
+        None => println!("no local node is running"),
+    }
+    Ok(())
+}
+
+async fn serve(a: &ServeArgs) -> Result<()> {
+    let mut cfg = portmesh_node::NodeConfig::new(a.data.clone(), a.listen);
+    cfg.http = a.http;
+    cfg.advertise = a.advertise.clone();
+    cfg.bootstrap = a.bootstrap;
+    cfg.home = a.home.clone();
+    let node = portmesh_node::start(cfg).await.context("starting the node")?;
+    let (lo, hi) = portmesh_probe::ephemeral_range();
+    for p in node.api.node().state().read().state.pools() {
+        for r in &p.ranges {
+            if r.start() <= hi && lo <= r.end() {
+                tracing::warn!(pool = %p.name, team = %p.team, range = %r, ephemeral = %format!("{lo}-{hi}"),
+                    "pool overlaps this host's ephemeral port range: outgoing connections may take its ports");
+            }
+        }
+    }
+    node.wait().await;
+    Ok(())
+}

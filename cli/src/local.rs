@@ -1,0 +1,150 @@
+//! The embedded default: find this machine's local node, or start one in the background.
+//!
+//! The node records its address in `HOME/node.json` (HOME is `PORTMESH_HOME`, else the user data
+//! directory), so different homes never clash. Starting is serialised by an exclusive `flock` on
+//! `HOME/start.lock`: of many CLIs racing on a fresh home, one starts the node and the others
+//! find it when they get the lock. The node's own exclusive lock on its data directory backs
+//! this up.
+
+use std::fs::File;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use portmesh_client::Client;
+use portmesh_node::read_info;
+
+/// How long a freshly started node may take to serve.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// Interval between looks at a starting node.
+const POLL: Duration = Duration::from_millis(20);
+
+/// The local node's home directory.
+pub fn home() -> Result<PathBuf> {
+    if let Some(h) = std::env::var_os("PORTMESH_HOME").filter(|h| !h.is_empty()) {
+        return Ok(PathBuf::from(h));
+    }
+    let base = dirs::data_dir().context("cannot find the user data directory: set PORTMESH_HOME")?;
+    Ok(base.join("portmesh"))
+}
+
+/// A client of the recorded local node, if one answers as healthy.
+async fn try_recorded(home: &Path) -> Option<Client> {
+    let info = read_info(home)?;
+    let client = Client::connect(&info.grpc).await.ok()?;
+    client.is_serving().await.ok()?.then_some(client)
+}
+
+/// Connects to the local node, starting it if none answers.
+pub async fn connect_or_start() -> Result<Client> {
+    let home = home()?;
+    if let Some(c) = try_recorded(&home).await {
+        return Ok(c);
+    }
+    std::fs::create_dir_all(&home)
+        .with_context(|| format!("cannot create portmesh home {}", home.display()))?;
+    let lock_path = home.join("start.lock");
+    let lock = File::create(&lock_path).with_context(|| format!("cannot create {}", lock_path.display()))?;
+    let lock = tokio::task::spawn_blocking(move || {
+        nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive).map_err(|(_, e)| e)
+    })
+    .await?
+    .with_context(|| format!("cannot lock {}", lock_path.display()))?;
+    // Another CLI may have started it while we waited for the lock.
+    if let Some(c) = try_recorded(&home).await {
+        return Ok(c);
+    }
+    let client = start(&home).await;
+    drop(lock);
+    client
+}
+
+/// Starts `portmesh serve` detached, waits until it records its address and serves.
+async fn start(home: &Path) -> Result<Client> {
+    let exe = std::env::current_exe().context("cannot find the portmesh executable")?;
+    let log_path = home.join("node.log");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("cannot open {}", log_path.display()))?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.arg("serve")
+        .arg("--data")
+        .arg(home.join("data"))
+        .args(["--listen", "127.0.0.1:0", "--http", "127.0.0.1:0", "--bootstrap", "--home"])
+        .arg(home)
+        .env_remove("PORTMESH_NODE")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    // A session of its own: the node outlives this CLI and its terminal's Ctrl-C.
+    // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| nix::unistd::setsid().map(|_| ()).map_err(std::io::Error::from));
+    }
+    let mut child = cmd.spawn().context("cannot start the local portmesh node")?;
+    let pid = child.id();
+    let deadline = Instant::now() + START_TIMEOUT;
+    loop {
+        if let Some(info) = read_info(home).filter(|i| i.pid == pid)
+            && let Ok(c) = Client::connect(&info.grpc).await
+            && c.is_serving().await.unwrap_or(false)
+        {
+            // Reap the child in the background if it ever exits while we still run.
+            std::thread::spawn(move || child.wait());
+            return Ok(c);
+        }
+        if let Some(status) = child.try_wait()? {
+            bail!(
+                "the local portmesh node exited at start ({status}); its log {} ends with:\n{}",
+                log_path.display(),
+                tail(&log_path)
+            );
+        }
+        if Instant::now() > deadline {
+            return Err(anyhow!(
+                "the local portmesh node (pid {pid}) did not serve within {START_TIMEOUT:?}; see {}",
+                log_path.display()
+            ));
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+fn tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(10)..].join("\n")
+}
+
+/// Stops the recorded local node and waits for its process to end.
+pub async fn stop_local() -> Result<Option<u32>> {
+    let home = home()?;
+    let Some(info) = read_info(&home) else { return Ok(None) };
+    match Client::connect(&info.grpc).await {
+        Ok(c) => c.shutdown().await?,
+        Err(_) => {
+            // Recorded but not answering: a stale record of a node that died.
+            let _ = std::fs::remove_file(home.join("node.json"));
+            return Ok(None);
+        }
+    }
+    wait_exit(info.pid, Duration::from_secs(30)).await?;
+    Ok(Some(info.pid))
+}
+
+/// Waits until process `pid` is gone.
+pub async fn wait_exit(pid: u32, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    let pid = nix::unistd::Pid::from_raw(pid as i32);
+    while nix::sys::signal::kill(pid, None).is_ok() {
+        if Instant::now() > deadline {
+            bail!("node process {pid} still runs after {timeout:?}");
+        }
+        tokio::time::sleep(POLL).await;
+    }
+    Ok(())
+}

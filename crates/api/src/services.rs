@@ -1,0 +1,393 @@
+//! Implementations of the `portmesh.v1` services over one [`RaftNode`].
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use futures::Stream;
+use portmesh_core::{AllocateBatch, Command, DEFAULT_TEAM, HostProbe, Rejection, Response};
+use portmesh_proto::v1 as pb;
+use portmesh_proto::{BadRequest, required_port};
+use portmesh_raft::{RaftNode, now_ms};
+use tokio::sync::watch;
+use tokio_stream::StreamExt;
+use tonic::{Request, Status, Streaming};
+
+use crate::ApiError;
+
+type Result<T> = std::result::Result<tonic::Response<T>, Status>;
+
+/// Lets a client ask the node to shut down (the `Cluster.Shutdown` RPC).
+pub type ShutdownHandle = watch::Sender<bool>;
+
+/// Shared state of all services of one node.
+#[derive(Debug, Clone)]
+pub struct Api {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    node: RaftNode,
+    /// This host's name, recorded in allocations the node probes for.
+    host: String,
+    data_dir: String,
+    http_addr: String,
+    shutdown: ShutdownHandle,
+    /// Allocation items proposed but not yet applied: each one may take a port ahead of the next
+    /// request, so the next plan must probe that many more candidates.
+    in_flight: AtomicUsize,
+}
+
+/// Candidate ports probed per item beyond the ones in flight.
+const BASE_CANDIDATES: usize = 4;
+/// Rounds of plan-probe-propose before giving up (the last ones probe whole pools).
+const MAX_ROUNDS: usize = 6;
+
+fn team(t: &str) -> String {
+    if t.is_empty() { DEFAULT_TEAM.to_string() } else { t.to_string() }
+}
+
+fn unexpected(r: Response) -> ApiError {
+    ApiError::Internal(format!("unexpected state machine response {r:?}"))
+}
+
+/// Turns a rejection into an error, any other response into itself.
+fn accepted(r: Response) -> std::result::Result<Response, ApiError> {
+    match r {
+        Response::Rejected(rej) => Err(rej.into()),
+        other => Ok(other),
+    }
+}
+
+struct InFlight<'a>(&'a AtomicUsize, usize);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(self.1, Ordering::Relaxed);
+    }
+}
+
+impl Api {
+    pub fn new(
+        node: RaftNode,
+        host: String,
+        data_dir: String,
+        http_addr: String,
+        shutdown: ShutdownHandle,
+    ) -> Self {
+        Api {
+            inner: Arc::new(Inner {
+                node,
+                host,
+                data_dir,
+                http_addr,
+                shutdown,
+                in_flight: AtomicUsize::new(0),
+            }),
+        }
+    }
+
+    pub fn node(&self) -> &RaftNode {
+        &self.inner.node
+    }
+
+    async fn propose(&self, cmd: Command) -> std::result::Result<Response, ApiError> {
+        accepted(self.inner.node.propose(cmd).await?)
+    }
+
+    /// Probes candidates on this host and proposes, re-planning when the state moved under the
+    /// plan (`NeedProbe`). Every port handed out was probed free just before the proposal.
+    async fn allocate_batch(&self, mut batch: AllocateBatch) -> std::result::Result<Response, ApiError> {
+        let inner = &self.inner;
+        let items = batch.items.len();
+        inner.in_flight.fetch_add(items, Ordering::Relaxed);
+        let _guard = InFlight(&inner.in_flight, items);
+        let mut extra = BASE_CANDIDATES + inner.in_flight.load(Ordering::Relaxed);
+        for round in 0..MAX_ROUNDS {
+            let seed = now_ms() ^ (round as u64) << 48;
+            let candidates = {
+                let sm = inner.node.state().read();
+                sm.state.plan(&batch, now_ms(), extra, seed)
+            };
+            let busy = portmesh_probe::busy_ports(&candidates);
+            if !busy.is_empty() {
+                tracing::info!(host = %inner.host, ?busy, "ports busy on this host will be skipped");
+            }
+            batch.probe = Some(HostProbe::new(candidates, busy));
+            match inner.node.propose(Command::Allocate(batch.clone())).await? {
+                Response::Rejected(Rejection::NeedProbe { port }) => {
+                    tracing::debug!(port, round, "state moved under the plan; probing again");
+                    extra = extra.saturating_mul(4);
+                }
+                other => return accepted(other),
+            }
+        }
+        Err(ApiError::Internal(format!(
+            "could not settle an allocation after {MAX_ROUNDS} probe rounds; the cluster is under heavy churn: retry"
+        )))
+    }
+
+    pub fn allocator(&self) -> pb::allocator_server::AllocatorServer<Self> {
+        pb::allocator_server::AllocatorServer::new(self.clone())
+    }
+
+    pub fn leases(&self) -> pb::leases_server::LeasesServer<Self> {
+        pb::leases_server::LeasesServer::new(self.clone())
+    }
+
+    pub fn pools(&self) -> pb::pools_server::PoolsServer<Self> {
+        pb::pools_server::PoolsServer::new(self.clone())
+    }
+
+    pub fn cluster(&self) -> pb::cluster_server::ClusterServer<Self> {
+        pb::cluster_server::ClusterServer::new(self.clone())
+    }
+
+    /// The node's status, as `Cluster.Status` and the HTTP status page report it.
+    pub fn status(&self) -> pb::StatusResponse {
+        let node = &self.inner.node;
+        let m = node.metrics();
+        let leader = m.current_leader;
+        let membership = m.membership_config.membership();
+        let voters: std::collections::BTreeSet<u64> = membership.voter_ids().collect();
+        let members = membership
+            .nodes()
+            .map(|(id, n)| {
+                let role = if Some(*id) == leader {
+                    "leader"
+                } else if !voters.contains(id) {
+                    "learner"
+                } else if *id == node.id && m.state == openraft::ServerState::Candidate {
+                    "candidate"
+                } else {
+                    "follower"
+                };
+                pb::Member { id: *id, addr: n.addr.clone(), role: role.into() }
+            })
+            .collect();
+        let revision = node.state().read().state.revision();
+        pb::StatusResponse {
+            node_id: node.id,
+            leader_id: leader.unwrap_or(0),
+            term: m.current_term,
+            members,
+            // openraft 0.9's metrics do not expose the commit index; every applied entry is
+            // committed, so the applied index is the highest index this node knows committed.
+            commit_index: m.last_applied.map_or(0, |l| l.index),
+            applied_index: m.last_applied.map_or(0, |l| l.index),
+            pid: std::process::id(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            revision,
+            data_dir: self.inner.data_dir.clone(),
+            http_addr: self.inner.http_addr.clone(),
+            addr: node.addr.clone(),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl pb::allocator_server::Allocator for Api {
+    async fn allocate(&self, req: Request<pb::AllocateRequest>) -> Result<pb::AllocateResponse> {
+        let req = req.into_inner();
+        let batch = AllocateBatch {
+            team: team(&req.team),
+            host: self.inner.host.clone(),
+            lease: req.lease_spec().map_err(ApiError::from)?,
+            items: req.core_items().map_err(ApiError::from)?,
+            probe: None,
+        };
+        match self.allocate_batch(batch).await? {
+            Response::Allocated { grants, lease, revision } => {
+                let lease_id = lease.map_or(req.lease_id, |l| l.id);
+                for g in grants.iter().filter(|g| !g.existing) {
+                    let a = &g.allocation;
+                    tracing::info!(port = a.port, team = %a.team, pool = %a.pool, service = %a.service, revision, "allocated");
+                }
+                Ok(tonic::Response::new(pb::AllocateResponse {
+                    existing: grants.iter().map(|g| g.existing).collect(),
+                    allocations: grants.iter().map(|g| (&g.allocation).into()).collect(),
+                    lease_id,
+                    revision,
+                }))
+            }
+            other => Err(unexpected(other).into()),
+        }
+    }
+
+    async fn release(&self, req: Request<pb::ReleaseRequest>) -> Result<pb::ReleaseResponse> {
+        let req = req.into_inner();
+        let cmd =
+            Command::Release { team: team(&req.team), selector: req.selector().map_err(ApiError::from)? };
+        match self.propose(cmd).await? {
+            Response::Released { allocations, revision } => Ok(tonic::Response::new(pb::ReleaseResponse {
+                released: allocations.iter().map(Into::into).collect(),
+                revision,
+            })),
+            other => Err(unexpected(other).into()),
+        }
+    }
+
+    async fn reserve(&self, req: Request<pb::ReserveRequest>) -> Result<pb::ReserveResponse> {
+        let req = req.into_inner();
+        let port = required_port(req.port, "port").map_err(ApiError::from)?;
+        match self.propose(Command::Reserve { port, reason: req.reason }).await? {
+            Response::Reserved(r) => {
+                Ok(tonic::Response::new(pb::ReserveResponse { reservation: Some((&r).into()) }))
+            }
+            other => Err(unexpected(other).into()),
+        }
+    }
+
+    async fn unreserve(&self, req: Request<pb::UnreserveRequest>) -> Result<pb::UnreserveResponse> {
+        let port = required_port(req.into_inner().port, "port").map_err(ApiError::from)?;
+        match self.propose(Command::Unreserve { port }).await? {
+            Response::Unreserved { revision, .. } => {
+                Ok(tonic::Response::new(pb::UnreserveResponse { revision }))
+            }
+            other => Err(unexpected(other).into()),
+        }
+    }
+
+    async fn list(&self, req: Request<pb::ListRequest>) -> Result<pb::ListResponse> {
+        let req = req.into_inner();
+        self.inner.node.read_barrier(req.stale).await.map_err(ApiError::from)?;
+        let sm = self.inner.node.state().read();
+        let allocations = sm
+            .state
+            .allocations()
+            .filter(|a| req.team.is_empty() || a.team == req.team)
+            .filter(|a| req.pool.is_empty() || a.pool == req.pool)
+            .map(Into::into)
+            .collect();
+        let reservations = sm.state.reservations().map(Into::into).collect();
+        Ok(tonic::Response::new(pb::ListResponse {
+            allocations,
+            reservations,
+            revision: sm.state.revision(),
+        }))
+    }
+}
+
+type KeepAliveStream =
+    Pin<Box<dyn Stream<Item = std::result::Result<pb::LeaseKeepAliveResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::leases_server::Leases for Api {
+    async fn grant(&self, req: Request<pb::LeaseGrantRequest>) -> Result<pb::LeaseGrantResponse> {
+        let req = req.into_inner();
+        match self.propose(Command::GrantLease { team: team(&req.team), ttl_ms: req.ttl_ms }).await? {
+            Response::LeaseGranted(l) => {
+                Ok(tonic::Response::new(pb::LeaseGrantResponse { lease: Some(pb::Lease::from_core(&l, [])) }))
+            }
+            other => Err(unexpected(other).into()),
+        }
+    }
+
+    type KeepAliveStream = KeepAliveStream;
+
+    async fn keep_alive(
+        &self,
+        req: Request<Streaming<pb::LeaseKeepAliveRequest>>,
+    ) -> Result<Self::KeepAliveStream> {
+        let mut incoming = req.into_inner();
+        let node = self.inner.node.clone();
+        let out = async_stream(move |tx| async move {
+            while let Some(msg) = incoming.next().await {
+                let reply = msg.and_then(|m| {
+                    let ttl = node.keep_alive(&team(&m.team), m.lease_id).map_err(ApiError::from)?;
+                    Ok(pb::LeaseKeepAliveResponse { lease_id: m.lease_id, ttl_ms: ttl.unwrap_or(0) })
+                });
+                let stop = reply.is_err();
+                if tx.send(reply).await.is_err() || stop {
+                    break;
+                }
+            }
+        });
+        Ok(tonic::Response::new(out))
+    }
+
+    async fn revoke(&self, req: Request<pb::LeaseRevokeRequest>) -> Result<pb::LeaseRevokeResponse> {
+        let req = req.into_inner();
+        match self.propose(Command::RevokeLease { team: team(&req.team), id: req.lease_id }).await? {
+            Response::LeaseRevoked { released, revision, .. } => {
+                Ok(tonic::Response::new(pb::LeaseRevokeResponse {
+                    released: released.iter().map(Into::into).collect(),
+                    revision,
+                }))
+            }
+            other => Err(unexpected(other).into()),
+        }
+    }
+}
+
+/// A response stream fed by a task through a bounded channel.
+fn async_stream<F, Fut>(f: F) -> KeepAliveStream
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<std::result::Result<pb::LeaseKeepAliveResponse, Status>>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(f(tx));
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+}
+
+#[tonic::async_trait]
+impl pb::pools_server::Pools for Api {
+    async fn list(&self, req: Request<pb::ListPoolsRequest>) -> Result<pb::ListPoolsResponse> {
+        let req = req.into_inner();
+        self.inner.node.read_barrier(req.stale).await.map_err(ApiError::from)?;
+        let now = now_ms();
+        let sm = self.inner.node.state().read();
+        let pools = sm
+            .state
+            .pools()
+            .filter(|p| req.team.is_empty() || p.team == req.team)
+            .map(|p| pb::Pool::from_core(p, &sm.state.pool_usage(p, now)))
+            .collect();
+        Ok(tonic::Response::new(pb::ListPoolsResponse { pools, revision: sm.state.revision() }))
+    }
+
+    async fn add(&self, req: Request<pb::AddPoolRequest>) -> Result<pb::AddPoolResponse> {
+        let req = req.into_inner();
+        if req.ranges.is_empty() {
+            return Err(ApiError::from(BadRequest("ranges: give at least one range".into())).into());
+        }
+        let ranges = req.ranges.iter().map(TryInto::try_into).collect::<std::result::Result<Vec<_>, _>>();
+        let cmd = Command::AddPool {
+            team: team(&req.team),
+            name: req.name,
+            ranges: ranges.map_err(ApiError::from)?,
+        };
+        match self.propose(cmd).await? {
+            Response::PoolAdded(p) => {
+                let usage = self.inner.node.state().read().state.pool_usage(&p, now_ms());
+                Ok(tonic::Response::new(pb::AddPoolResponse { pool: Some(pb::Pool::from_core(&p, &usage)) }))
+            }
+            other => Err(unexpected(other).into()),
+        }
+    }
+
+    async fn remove(&self, req: Request<pb::RemovePoolRequest>) -> Result<pb::RemovePoolResponse> {
+        let req = req.into_inner();
+        match self.propose(Command::RemovePool { team: team(&req.team), name: req.name }).await? {
+            Response::PoolRemoved { revision, .. } => {
+                Ok(tonic::Response::new(pb::RemovePoolResponse { revision }))
+            }
+            other => Err(unexpected(other).into()),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl pb::cluster_server::Cluster for Api {
+    async fn status(&self, _req: Request<pb::StatusRequest>) -> Result<pb::StatusResponse> {
+        Ok(tonic::Response::new(Api::status(self)))
+    }
+
+    async fn shutdown(&self, _req: Request<pb::ShutdownRequest>) -> Result<pb::ShutdownResponse> {
+        tracing::info!("shutdown requested over gRPC");
+        self.inner.shutdown.send_replace(true);
+        Ok(tonic::Response::new(pb::ShutdownResponse {}))
+    }
+}

@@ -1,0 +1,83 @@
+//! The node's HTTP endpoint: `/healthz`, `/readyz` and `/api/v1/status`.
+
+use axum::Json;
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use portmesh_api::Api;
+use portmesh_raft::now_ms;
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+pub(crate) async fn serve(listener: TcpListener, api: Api, mut stop: watch::Receiver<bool>) {
+    let app = Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/api/v1/status", get(status))
+        .with_state(api);
+    let res = axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            let _ = stop.wait_for(|s| *s).await;
+        })
+        .await;
+    if let Err(e) = res {
+        tracing::warn!(error = %e, "HTTP server ended with an error");
+    }
+}
+
+/// Ready when this node knows a leader.
+async fn readyz(State(api): State<Api>) -> (StatusCode, &'static str) {
+    if api.node().leader().is_some() {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "no leader known\n")
+    }
+}
+
+async fn status(State(api): State<Api>) -> Json<Value> {
+    let s = api.status();
+    let now = now_ms();
+    let sm = api.node().state().read();
+    let st = &sm.state;
+    let pools: Vec<Value> = st
+        .pools()
+        .map(|p| {
+            let u = st.pool_usage(p, now);
+            json!({
+                "team": p.team, "name": p.name, "ranges": p.ranges_text(), "size": u.size,
+                "allocated": u.allocated, "reserved": u.reserved, "cooling": u.cooling,
+                "utilization": if u.size == 0 { 0.0 } else { f64::from(u.allocated) / f64::from(u.size) },
+            })
+        })
+        .collect();
+    let allocations: Vec<Value> = st
+        .allocations()
+        .map(|a| {
+            json!({
+                "port": a.port, "team": a.team, "pool": a.pool, "service": a.service, "host": a.host,
+                "key": a.key, "lease_id": a.lease_id, "revision": a.revision, "created_ms": a.created_ms,
+            })
+        })
+        .collect();
+    let conflicts: Vec<Value> = st
+        .events_since(0)
+        .rev()
+        .filter_map(|e| match &e.kind {
+            portmesh_core::EventKind::Conflict(c) => Some(json!({
+                "port": c.port, "team": c.team, "pool": c.pool, "service": c.service, "host": c.host,
+                "at_ms": e.at_ms, "revision": e.revision,
+            })),
+            _ => None,
+        })
+        .take(50)
+        .collect();
+    let members: Vec<Value> =
+        s.members.iter().map(|m| json!({"id": m.id, "addr": m.addr, "role": m.role})).collect();
+    Json(json!({
+        "node_id": s.node_id, "leader_id": s.leader_id, "term": s.term, "members": members,
+        "commit_index": s.commit_index, "applied_index": s.applied_index, "revision": s.revision,
+        "pools": pools, "allocations": allocations, "recent_conflicts": conflicts,
+    }))
+}
