@@ -1,1 +1,10 @@
+//! End-to-end tests of the `portmesh` binary Cargo already built: real processes, real sockets,
+//! real sled files. Each test gets its own `PORTMESH_HOME`, so tests never share a node.
 
+mod support;
+
+mod bad_input;
+mod embedded;
+mod leases;
+mod probe;
+mod serve;

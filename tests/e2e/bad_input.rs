@@ -1,0 +1,92 @@
+//! SPEC §6: every bad input gets a specific error and changes nothing.
+
+use crate::support::*;
+
+/// Everything a bad input must leave untouched.
+fn snapshot(h: &Home) -> (serde_json::Value, serde_json::Value) {
+    let mut ls = h.pm(&["ls", "--all-teams", "--json"]).ok().json();
+    ls.as_object_mut().unwrap().remove("revision");
+    let pools = h.pm(&["pools", "ls", "--json"]).ok().json();
+    (ls, pools)
+}
+
+#[test]
+fn bad_inputs_are_refused_with_specific_messages_and_change_nothing() {
+    let h = Home::new();
+    h.pm(&["pools", "add", "tiny", "20000-20001"]).ok();
+    h.pm(&["alloc", "a", "--pool", "tiny", "--count", "2"]).ok();
+    h.pm(&["alloc", "held", "--pool", "web", "--port", "8100"]).ok();
+    let before = snapshot(&h);
+    let rev_before = h.pm(&["status", "--json"]).ok().json()["revision"].clone();
+
+    let cases: &[(&[&str], &str)] = &[
+        (&["alloc", "x", "--port", "80"], "port 80 is out of range: ports must lie in 1024-65535"),
+        (&["alloc", "x", "--port", "30000"], "port 30000 is outside the pools of team \"default\""),
+        (&["alloc", "x", "--pool", "nosuch"], "unknown pool \"nosuch\" in team \"default\""),
+        (&["alloc", "x", "--team", "ghosts"], "unknown team \"ghosts\""),
+        (
+            &["alloc", "x", "--pool", "tiny"],
+            "pool \"tiny\" of team \"default\" exhausted: 2 ports, 2 unavailable (held 2: a: 2)",
+        ),
+        (
+            &["alloc", "x", "--port", "8100", "--strategy", "fail"],
+            "port 8100 is not available: allocated to \"held\"",
+        ),
+        (&["alloc", "x", "--ttl", "10ms"], "lease TTL 10 ms is out of bounds"),
+        (&["alloc", "x", "--lease", "999"], "unknown lease 999 in team \"default\""),
+        (&["pools", "add", "inv", "9000-8000"], "range 9000-8000 is inverted"),
+        (&["pools", "add", "low", "80-90"], "port 80 is out of range"),
+        (&["pools", "add", "ovl", "8500-8600"], "overlaps pool \"web\" of team \"default\" (8000-8999)"),
+        (&["pools", "add", "web", "30000-30010"], "pool \"web\" already exists in team \"default\""),
+        (&["pools", "add", "x", "abc"], "cannot read \"abc\" as a port range"),
+        (&["pools", "rm", "nosuch"], "unknown pool \"nosuch\""),
+        (&["pools", "rm", "tiny"], "still has 2 live allocation(s)"),
+        (&["release", "12345"], "port 12345 is not allocated in team \"default\""),
+        (&["release", "8100", "12345"], "port 12345 is not allocated"),
+        (&["release", "--key", "nope"], "no live allocation has key \"nope\""),
+        (&["release", "--lease", "999"], "unknown lease 999"),
+        (&["renew", "--lease", "999"], "lease 999 no longer exists"),
+        (&["unreserve", "9999"], "port 9999 is not reserved"),
+        (&["reserve", "8100"], "port 8100 is allocated to \"held\""),
+        (&["reserve", "100"], "port 100 is out of range"),
+        (&["release", "8100", "--team", "other"], "port 8100 is not allocated in team \"other\""),
+    ];
+    for (args, msg) in cases {
+        let r = h.pm(args);
+        assert_ne!(r.code, 0, "{args:?} should fail: {r:?}");
+        assert!(r.stderr.contains(msg), "{args:?}: stderr lacks {msg:?}: {}", r.stderr);
+        assert!(r.stderr.starts_with("portmesh: error: "), "{args:?}: {}", r.stderr);
+        assert!(r.stdout.is_empty(), "{args:?} printed to stdout: {r:?}");
+        assert_eq!(snapshot(&h), before, "{args:?} changed the state");
+    }
+    assert_eq!(h.pm(&["status", "--json"]).ok().json()["revision"], rev_before, "no revision was spent");
+}
+
+#[test]
+fn malformed_arguments_are_usage_errors() {
+    let h = Home::new();
+    for args in [
+        &["alloc", "--port", "70000"][..],
+        &["alloc", "--strategy", "nearest"],
+        &["alloc", "--count", "0"],
+        &["release"],
+    ] {
+        let r = h.pm(args);
+        assert_eq!(r.code, 2, "{args:?}: {r:?}");
+    }
+    let r = h.pm(&["alloc", "--strategy", "nearest"]);
+    assert!(r.stderr.contains("use sticky, next, random or fail"), "{r:?}");
+    assert!(h.info().is_none(), "usage errors start no node");
+}
+
+#[test]
+fn an_unreachable_node_is_named_with_what_was_tried() {
+    let h = Home::new();
+    let addr = format!("127.0.0.1:{}", closed_port());
+    for args in [&["--node", &addr, "ls"][..], &["--node", &addr, "alloc", "x"], &["--node", &addr, "stop"]] {
+        h.pm(args).fails_with(&format!("cannot reach a portmesh node at {addr} (tried a gRPC connection"));
+    }
+    let r = h.cmd(&["alloc", "x"]).env("PORTMESH_NODE", &addr).output().unwrap();
+    assert!(String::from_utf8_lossy(&r.stderr).contains(&addr));
+    assert!(h.info().is_none(), "--node never starts a local node");
+}

@@ -1,0 +1,38 @@
+//! The host probe: busy ports are skipped and recorded; `check` names the holder.
+
+use std::net::TcpListener;
+
+use crate::support::*;
+
+#[test]
+fn ports_held_by_other_processes_are_skipped_and_recorded_as_conflicts() {
+    let h = Home::new();
+    h.pm(&["pools", "add", "probe", "21000-21009"]).ok();
+    // Someone else listens on the first two: one on IPv4 loopback, one on the IPv6 wildcard.
+    let _a = TcpListener::bind("127.0.0.1:21000").expect("bind 21000");
+    let _b = TcpListener::bind("[::]:21001").expect("bind [::]:21001");
+    assert_eq!(h.pm(&["alloc", "app", "--pool", "probe"]).ok().ports(), [21002]);
+    h.pm(&["alloc", "app", "--port", "21000", "--strategy", "fail"])
+        .fails_with("port 21000 is not available: in use on host");
+    assert_eq!(h.pm(&["alloc", "app", "--port", "21001", "--strategy", "next"]).ok().ports(), [21003]);
+    let (_, body) = http_get(&h.http(), "/api/v1/status");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let conflicts: Vec<u64> =
+        v["recent_conflicts"].as_array().unwrap().iter().map(|c| c["port"].as_u64().unwrap()).collect();
+    assert!(conflicts.contains(&21000) && conflicts.contains(&21001), "{conflicts:?}");
+}
+
+#[test]
+fn check_reports_free_and_busy_with_the_owning_process() {
+    let h = Home::new();
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let busy = l.local_addr().unwrap().port();
+    let free = closed_port();
+    let r = h.pm(&["check", &busy.to_string(), &free.to_string()]);
+    assert_eq!(r.code, 1, "a busy port makes check exit 1: {r:?}");
+    assert!(r.stdout.contains(&format!("{busy} busy pid {}", std::process::id())), "{r:?}");
+    assert!(r.stdout.contains(&format!("{free} free")), "{r:?}");
+    let v = h.pm(&["check", &free.to_string(), "--json"]).ok().json();
+    assert_eq!(v["ports"][0]["free"], true);
+    assert!(h.info().is_none(), "check is local: it starts no node");
+}

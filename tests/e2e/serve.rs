@@ -1,0 +1,103 @@
+//! `portmesh serve` in the foreground: startup logs, SIGTERM, restart on the same data.
+
+use std::io::{BufRead, BufReader};
+use std::process::Stdio;
+use std::time::Duration;
+
+use crate::support::*;
+
+struct Served {
+    child: std::process::Child,
+    grpc: String,
+    log: Vec<String>,
+}
+
+fn serve(h: &Home, data: &std::path::Path) -> Served {
+    let mut child = h
+        .cmd(&["serve", "--listen", "127.0.0.1:0", "--http", "127.0.0.1:0", "--bootstrap", "--data"])
+        .arg(data)
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = BufReader::new(stderr).lines();
+    let mut log = Vec::new();
+    let grpc = loop {
+        let line = lines.next().expect("node exited before listening").unwrap();
+        log.push(line.clone());
+        if line.contains("portmesh node listening") {
+            let grpc = line.split("grpc=").nth(1).unwrap().split_whitespace().next().unwrap().to_string();
+            break grpc;
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    Served { child, grpc, log }
+}
+
+#[test]
+fn sigterm_stops_cleanly_and_a_restart_keeps_the_data() {
+    let h = Home::new();
+    let data = h.path().join("fg-data");
+    let mut s = serve(&h, &data);
+    let line = s.log.last().unwrap().clone();
+    assert!(
+        line.contains("http=Some(127.0.0.1:") && line.contains("advertise="),
+        "startup names addresses: {line}"
+    );
+    let p = h.cmd(&["--node", &s.grpc, "alloc", "keep", "--key", "keep"]).output().unwrap();
+    assert!(p.status.success());
+    let port = String::from_utf8_lossy(&p.stdout).trim().to_string();
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(s.child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = s.child.wait().unwrap();
+    assert!(status.success(), "clean exit on SIGTERM: {status}");
+
+    // Same data, bootstrapped again: harmless, and the allocation is there.
+    let mut s2 = serve(&h, &data);
+    let out = h.cmd(&["--node", &s2.grpc, "ls", "--json"]).output().unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["allocations"][0]["port"].to_string(), port);
+    let stop = h.cmd(&["--node", &s2.grpc, "stop"]).output().unwrap();
+    assert!(stop.status.success());
+    wait_until("the node to exit after stop", Duration::from_secs(20), || {
+        s2.child.try_wait().unwrap().is_some()
+    });
+}
+
+#[test]
+fn a_second_node_on_the_same_data_directory_is_refused() {
+    let h = Home::new();
+    let data = h.path().join("shared-data");
+    let mut s = serve(&h, &data);
+    let out =
+        h.cmd(&["serve", "--listen", "127.0.0.1:0", "--bootstrap", "--data"]).arg(&data).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&data.display().to_string())
+            && err.contains("only one process may open a data directory"),
+        "{err}"
+    );
+    let _ = s.child.kill();
+    let _ = s.child.wait();
+}
+
+#[test]
+fn listening_on_a_taken_address_names_it() {
+    let h = Home::new();
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let out = h
+        .cmd(&["serve", "--bootstrap", "--listen", &addr, "--data"])
+        .arg(h.path().join("d"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&format!("cannot listen for gRPC on {addr}")) && err.contains("--listen"), "{err}");
+}

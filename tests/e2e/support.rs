@@ -1,0 +1,163 @@
+//! Test support: a private home with its own local node, and condition waits.
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_portmesh");
+
+/// A `PORTMESH_HOME` of its own. Dropping it stops its node.
+pub struct Home {
+    pub dir: tempfile::TempDir,
+}
+
+/// What a command printed and how it ended.
+#[derive(Debug)]
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    fn from(o: Output) -> Run {
+        Run {
+            code: o.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+        }
+    }
+
+    #[track_caller]
+    pub fn ok(self) -> Run {
+        assert_eq!(self.code, 0, "command failed: {self:?}");
+        self
+    }
+
+    #[track_caller]
+    pub fn fails_with(self, fragment: &str) -> Run {
+        assert_ne!(self.code, 0, "command should have failed: {self:?}");
+        assert!(self.stderr.contains(fragment), "stderr lacks {fragment:?}: {self:?}");
+        assert!(self.stdout.is_empty(), "a failing command printed to stdout: {self:?}");
+        self
+    }
+
+    #[track_caller]
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {self:?}"))
+    }
+
+    pub fn ports(&self) -> Vec<u16> {
+        self.stdout
+            .lines()
+            .map(|l| l.trim().parse().unwrap_or_else(|_| panic!("not a port: {l:?} in {self:?}")))
+            .collect()
+    }
+}
+
+impl Home {
+    pub fn new() -> Home {
+        Home { dir: tempfile::tempdir().expect("tempdir") }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(BIN);
+        c.args(args)
+            .env("PORTMESH_HOME", self.path())
+            .env_remove("PORTMESH_NODE")
+            .env_remove("PORTMESH_TEAM")
+            .env_remove("PORTMESH_LOG")
+            .stdin(Stdio::null());
+        c
+    }
+
+    pub fn pm(&self, args: &[&str]) -> Run {
+        Run::from(self.cmd(args).output().expect("run portmesh"))
+    }
+
+    /// The node's record in this home.
+    pub fn info(&self) -> Option<Value> {
+        let b = std::fs::read(self.path().join("node.json")).ok()?;
+        serde_json::from_slice(&b).ok()
+    }
+
+    pub fn node_pid(&self) -> Option<i32> {
+        self.info().and_then(|i| i["pid"].as_i64()).map(|p| p as i32)
+    }
+
+    pub fn http(&self) -> String {
+        self.info().and_then(|i| i["http"].as_str().map(str::to_string)).expect("node has an HTTP address")
+    }
+
+    /// Ports of the live allocations of team default.
+    pub fn live_ports(&self) -> Vec<u16> {
+        let v = self.pm(&["ls", "--json"]).ok().json();
+        v["allocations"].as_array().unwrap().iter().map(|a| a["port"].as_u64().unwrap() as u16).collect()
+    }
+
+    /// Every `serve` process whose data lives in this home.
+    pub fn node_processes(&self) -> Vec<i32> {
+        let needle = self.path().join("data").display().to_string();
+        let mut pids = Vec::new();
+        for e in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+            let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else { continue };
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            if cmd.contains(" serve ") && cmd.contains(&needle) && !is_zombie(pid) {
+                pids.push(pid);
+            }
+        }
+        pids
+    }
+}
+
+fn is_zombie(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| s.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')))
+        .unwrap_or(true)
+}
+
+impl Drop for Home {
+    fn drop(&mut self) {
+        if self.info().is_some() {
+            let _ = self.cmd(&["stop"]).output();
+        }
+        for pid in self.node_processes() {
+            let _ =
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+}
+
+/// Waits until `cond` holds, checking every 50 ms; panics naming `what` after `timeout`.
+#[track_caller]
+pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A minimal HTTP/1.1 GET: status code and body.
+pub fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect http");
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).unwrap();
+    let code = buf.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = buf.split_once("\r\n\r\n").map(|x| x.1.to_string()).unwrap_or_default();
+    (code, body)
+}
+
+/// A port nothing listens on right now.
+pub fn closed_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
