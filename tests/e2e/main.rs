@@ -1,3 +1,5 @@
+#![allow(clippy::unwrap_used)]
+
 //! End-to-end tests of the `portmesh` binary Cargo already built: real processes, real sockets,
 //! real sled files. Each test gets its own `PORTMESH_HOME`, so tests never share a node.
 

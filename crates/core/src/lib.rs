@@ -32,7 +32,7 @@ pub use command::{
     AllocItem, AllocateBatch, ApplyCtx, Command, Grant, HostProbe, LeaseSpec, ReleaseSelector, Request,
     Response,
 };
-pub use rejection::{Rejection, Unavailable};
+pub use rejection::{Overlap, Rejection, Unavailable};
 pub use state::{Key, Meta, PoolUsage, Record, State};
 pub use types::{
     Allocation, Conflict, Cooldown, Event, EventKind, Lease, Pool, PortRange, RangeError, ReleaseCause,

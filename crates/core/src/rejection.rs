@@ -31,6 +31,27 @@ impl fmt::Display for Unavailable {
     }
 }
 
+/// A new pool range that overlaps an existing pool (pools never overlap, across all teams).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Overlap {
+    pub team: String,
+    pub pool: String,
+    pub range: String,
+    pub other_team: String,
+    pub other_pool: String,
+    pub other_range: String,
+}
+
+impl fmt::Display for Overlap {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "range {} of pool {:?} (team {:?}) overlaps pool {:?} of team {:?} ({}); pools never overlap: pick another range",
+            self.range, self.pool, self.team, self.other_pool, self.other_team, self.other_range
+        )
+    }
+}
+
 /// A refused command. `Display` gives the message a person reads: what, where, what to do.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 pub enum Rejection {
@@ -38,18 +59,8 @@ pub enum Rejection {
     PortOutOfRange { port: u32 },
     #[error("{0}")]
     InvalidRange(String),
-    #[error(
-        "range {range} of pool {pool:?} (team {team:?}) overlaps pool {other_pool:?} of team {other_team:?} \
-         ({other_range}); pools never overlap: pick another range"
-    )]
-    RangeOverlap {
-        team: String,
-        pool: String,
-        range: String,
-        other_team: String,
-        other_pool: String,
-        other_range: String,
-    },
+    #[error("{0}")]
+    RangeOverlap(Box<Overlap>),
     #[error("pool {pool:?} already exists in team {team:?} ({ranges})")]
     PoolExists { team: String, pool: String, ranges: String },
     #[error(
@@ -106,7 +117,7 @@ impl Rejection {
             | Self::NotAllocated { .. }
             | Self::UnknownKey { .. }
             | Self::NotReserved { .. } => "not_found",
-            Self::RangeOverlap { .. } | Self::PoolExists { .. } | Self::AlreadyReserved { .. } => {
+            Self::RangeOverlap(_) | Self::PoolExists { .. } | Self::AlreadyReserved { .. } => {
                 "already_exists"
             }
             Self::PoolExhausted { .. } => "exhausted",

@@ -6,7 +6,7 @@ pub(crate) struct SplitMix64(u64);
 
 impl SplitMix64 {
     pub(crate) fn new(seed: u64) -> Self {
-        Self(seed ^ 0x5eed_0f_b0a7_u64)
+        Self(seed ^ 0x5eed_0fb0_a7a7_u64)
     }
 
     pub(crate) fn next_u64(&mut self) -> u64 {

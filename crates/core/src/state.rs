@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use crate::command::{
     AllocItem, AllocateBatch, ApplyCtx, Command, Grant, LeaseSpec, ReleaseSelector, Response,
 };
-use crate::rejection::Rejection;
+use crate::rejection::{Overlap, Rejection};
 use crate::rng::SplitMix64;
 use crate::select::{Pick, Selector};
 use crate::types::{
@@ -659,14 +659,14 @@ impl State {
         for r in &sorted {
             for p in self.pools.values() {
                 if let Some(o) = p.ranges.iter().find(|o| o.overlaps(r)) {
-                    return Err(Rejection::RangeOverlap {
+                    return Err(Rejection::RangeOverlap(Box::new(Overlap {
                         team: team.into(),
                         pool: name.into(),
                         range: r.to_string(),
                         other_team: p.team.clone(),
                         other_pool: p.name.clone(),
                         other_range: o.to_string(),
-                    });
+                    })));
                 }
             }
         }

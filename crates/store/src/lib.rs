@@ -1,3 +1,7 @@
+// openraft's `StorageError` is large, and its trait signatures require it: boxing it here would
+// only move the cost.
+#![allow(clippy::result_large_err)]
+
 //! Storage: the only crate that touches sled.
 //!
 //! Owns the on-disk layout (see `docs/architecture.md`, "Store"), the openraft type configuration,

@@ -166,7 +166,8 @@ fn lowest_free_port_by_default() {
 #[test]
 fn strategies_table() {
     // (strategy, wanted, pre-allocated, expected port or error fragment)
-    let cases: &[(Strategy, u16, &[u16], Result<u16, &str>)] = &[
+    type Case<'a> = (Strategy, u16, &'a [u16], Result<u16, &'a str>);
+    let cases: &[Case<'_>] = &[
         (Strategy::Sticky, 8100, &[], Ok(8100)),
         (Strategy::Sticky, 8100, &[8100], Ok(8000)),
         (Strategy::Next, 8100, &[8100, 8101], Ok(8102)),
