@@ -1,0 +1,245 @@
+//! In-process node tests: a real node (Raft over sled in a temp dir, gRPC on 127.0.0.1:0) driven
+//! through the real client.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use portmesh_client::{Client, pb};
+use portmesh_core::{EventKind, ReleaseCause};
+use portmesh_node::{NodeConfig, RunningNode, start};
+use tokio_stream::StreamExt;
+
+async fn node_in(dir: &std::path::Path, tweak: impl FnOnce(&mut NodeConfig)) -> (RunningNode, Client) {
+    let mut cfg = NodeConfig::new(dir.to_path_buf(), "127.0.0.1:0".parse().unwrap());
+    cfg.bootstrap = true;
+    tweak(&mut cfg);
+    let node = start(cfg).await.unwrap();
+    let client = Client::connect(&node.grpc_addr.to_string()).await.unwrap();
+    (node, client)
+}
+
+/// Waits for `cond` on the node's applied state, re-checking each time an entry is applied.
+async fn applied_until(
+    node: &RunningNode,
+    what: &str,
+    timeout: Duration,
+    cond: impl Fn(&portmesh_core::State) -> bool,
+) {
+    let reader = node.api.node().state().clone();
+    let mut applied = reader.applied_index();
+    let wait = async {
+        loop {
+            if cond(&reader.read().state) {
+                return;
+            }
+            if applied.changed().await.is_err() {
+                panic!("node stopped while waiting for {what}");
+            }
+        }
+    };
+    tokio::time::timeout(timeout, wait).await.unwrap_or_else(|_| panic!("timed out waiting for {what}"));
+}
+
+fn item(service: &str, pool: &str) -> pb::AllocItem {
+    pb::AllocItem { service: service.into(), pool: pool.into(), ..Default::default() }
+}
+
+#[tokio::test]
+async fn health_serving_and_reflection_lists_every_service() {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+    let dir = tempfile::tempdir().unwrap();
+    let (node, client) = node_in(dir.path(), |_| {}).await;
+    assert!(client.is_serving().await.unwrap());
+
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", node.grpc_addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut refl = ServerReflectionClient::new(channel);
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut resp = refl.server_reflection_info(tokio_stream::iter([req])).await.unwrap().into_inner();
+    let msg = resp.next().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = msg.message_response else { panic!("{msg:?}") };
+    let names: BTreeSet<String> = list.service.into_iter().map(|s| s.name).collect();
+    for s in [
+        "portmesh.v1.Allocator",
+        "portmesh.v1.Leases",
+        "portmesh.v1.Pools",
+        "portmesh.v1.Cluster",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(names.contains(s), "{s} missing from {names:?}");
+    }
+}
+
+/// SPEC §3 invariant 1 under concurrency: 64 clients, 2,048 allocations with releases mixed in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixty_four_concurrent_clients_never_share_a_port() {
+    let dir = tempfile::tempdir().unwrap();
+    let (node, client) = node_in(dir.path(), |_| {}).await;
+    let mut tasks = Vec::new();
+    for c in 0..64u32 {
+        let client = client.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut held = Vec::new();
+            for i in 0..32u32 {
+                let pool = ["web", "db", "cache", "queue"][(c % 4) as usize];
+                let r = client
+                    .allocate(pb::AllocateRequest {
+                        items: vec![item(&format!("c{c}"), pool)],
+                        ..Default::default()
+                    })
+                    .await
+                    .unwrap();
+                held.push(r.allocations[0].port);
+                if i % 4 == 3 {
+                    let port = held.remove(0);
+                    client
+                        .release(pb::ReleaseRequest { ports: vec![port], ..Default::default() })
+                        .await
+                        .unwrap();
+                }
+            }
+            held
+        }));
+    }
+    let mut mine = BTreeSet::new();
+    for t in tasks {
+        for p in t.await.unwrap() {
+            assert!(mine.insert(p), "port {p} held by two clients");
+        }
+    }
+    let listed: BTreeSet<u16> =
+        client.list(Default::default()).await.unwrap().allocations.iter().map(|a| a.port as u16).collect();
+    assert_eq!(
+        listed,
+        mine.iter().map(|p| *p as u16).collect::<BTreeSet<u16>>(),
+        "every acknowledged, unreleased allocation is live and nothing else"
+    );
+    let st = node.api.node().state().read();
+    assert_eq!(st.state.allocations().count(), 64 * 24);
+}
+
+#[tokio::test]
+async fn keep_alive_stream_renews_many_leases_and_reports_lost_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_node, client) = node_in(dir.path(), |_| {}).await;
+    let a = client.grant_lease("default", Duration::from_secs(10)).await.unwrap();
+    let b = client.grant_lease("default", Duration::from_secs(20)).await.unwrap();
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", client.addr()))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut leases = pb::leases_client::LeasesClient::new(channel);
+    let reqs = [(a.id, "default"), (b.id, "default"), (999, "default"), (a.id, "other-team")]
+        .map(|(id, team)| pb::LeaseKeepAliveRequest { team: team.into(), lease_id: id });
+    let mut stream = leases.keep_alive(tokio_stream::iter(reqs)).await.unwrap().into_inner();
+    let mut got = Vec::new();
+    while let Some(r) = stream.message().await.unwrap() {
+        got.push((r.lease_id, r.ttl_ms));
+    }
+    assert_eq!(got, [(a.id, 10_000), (b.id, 20_000), (999, 0), (a.id, 0)]);
+    assert_eq!(client.keep_alive_once("default", a.id).await.unwrap(), Some(Duration::from_secs(10)));
+}
+
+/// SPEC §3 invariant 5: expiry releases everything attached, exactly once, with events.
+#[tokio::test]
+async fn an_abandoned_lease_is_expired_once_releasing_everything_with_events() {
+    let dir = tempfile::tempdir().unwrap();
+    let (node, client) = node_in(dir.path(), |_| {}).await;
+    let r = client
+        .allocate(pb::AllocateRequest {
+            items: vec![item("a", "web"), item("b", "db"), item("c", "cache")],
+            ttl_ms: 1_000,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let lease = r.lease_id;
+    let stay = client
+        .allocate(pb::AllocateRequest { items: vec![item("stay", "web")], ..Default::default() })
+        .await
+        .unwrap();
+    applied_until(&node, "the lease to expire", Duration::from_secs(15), |s| s.lease(lease).is_none()).await;
+    let st = node.api.node().state().read();
+    let expired = st
+        .state
+        .events_since(0)
+        .filter(|e| matches!(&e.kind, EventKind::LeaseExpired { id, .. } if *id == lease))
+        .count();
+    let released: Vec<u16> = st
+        .state
+        .events_since(0)
+        .filter_map(|e| match &e.kind {
+            EventKind::Released { allocation, cause: ReleaseCause::LeaseExpired } => Some(allocation.port),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(expired, 1);
+    let mut want: Vec<u16> = r.allocations.iter().map(|a| a.port as u16).collect();
+    want.sort();
+    let mut released_sorted = released.clone();
+    released_sorted.sort();
+    assert_eq!(released_sorted, want, "each attached port released exactly once");
+    assert_eq!(st.state.allocations().map(|a| a.port).collect::<Vec<_>>(), [stay.allocations[0].port as u16]);
+}
+
+/// A restarted leader resumes each countdown from the last checkpoint instead of the full TTL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lease_countdowns_resume_from_the_checkpoint_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let fast = |c: &mut NodeConfig| c.raft.lease_checkpoint = Duration::from_millis(200);
+    let (node, client) = node_in(dir.path(), fast).await;
+    let lease = client.grant_lease("default", Duration::from_secs(60)).await.unwrap();
+    applied_until(&node, "a checkpoint below the TTL", Duration::from_secs(10), |s| {
+        s.lease(lease.id).is_some_and(|l| l.remaining_ms < 59_500)
+    })
+    .await;
+    drop(client);
+    node.shutdown_handle().send_replace(true);
+    node.wait().await;
+
+    // Reopen the same directory (waiting for the old handles to let go of sled's lock).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let (node2, _client2) = loop {
+        let mut cfg = NodeConfig::new(dir.path().to_path_buf(), "127.0.0.1:0".parse().unwrap());
+        cfg.bootstrap = true;
+        fast(&mut cfg);
+        match start(cfg).await {
+            Ok(n) => {
+                let c = Client::connect(&n.grpc_addr.to_string()).await.unwrap();
+                break (n, c);
+            }
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                eprintln!("retrying open: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
+    let checkpointed = node2.api.node().state().read().state.lease(lease.id).map(|l| l.remaining_ms).unwrap();
+    assert!(checkpointed < 59_500, "the checkpoint was persisted: {checkpointed}");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let remaining = loop {
+        if let Some(r) = node2.api.node().lease_remaining(lease.id) {
+            break r;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the new leader never took up the lease");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(
+        remaining <= checkpointed,
+        "resumed from the checkpoint ({checkpointed} ms), not reset: {remaining} ms"
+    );
+    assert!(remaining > 0);
+}
