@@ -296,6 +296,7 @@ fn status(s: &pb::StatusResponse, json: bool) {
                 "members": members, "commit_index": s.commit_index, "applied_index": s.applied_index,
                 "pid": s.pid, "version": s.version, "revision": s.revision, "addr": s.addr,
                 "http_addr": (!s.http_addr.is_empty()).then_some(&s.http_addr), "data_dir": s.data_dir,
+                "fsyncs": s.fsyncs, "entries_flushed": s.entries_flushed, "data_size_bytes": s.data_size_bytes,
             })
         );
         return;
@@ -304,7 +305,7 @@ fn status(s: &pb::StatusResponse, json: bool) {
     println!("node      {} at {} (pid {}, portmesh {})", s.node_id, s.addr, s.pid, s.version);
     println!("leader    {leader}   term {}", s.term);
     println!("index     commit {}  applied {}  revision {}", s.commit_index, s.applied_index, s.revision);
-    println!("data      {}", s.data_dir);
+    println!("data      {} ({} bytes)", s.data_dir, s.data_size_bytes);
     if !s.http_addr.is_empty() {
         println!("http      http://{}/", s.http_addr);
     }

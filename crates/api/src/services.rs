@@ -182,6 +182,9 @@ impl Api {
             data_dir: self.inner.data_dir.clone(),
             http_addr: self.inner.http_addr.clone(),
             addr: node.addr.clone(),
+            fsyncs: node.store.stats().flushes.load(Ordering::Relaxed),
+            entries_flushed: node.store.stats().entries_flushed.load(Ordering::Relaxed),
+            data_size_bytes: node.store.size_on_disk(),
         }
     }
 }
