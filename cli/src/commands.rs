@@ -297,6 +297,7 @@ fn status(s: &pb::StatusResponse, json: bool) {
                 "pid": s.pid, "version": s.version, "revision": s.revision, "addr": s.addr,
                 "http_addr": (!s.http_addr.is_empty()).then_some(&s.http_addr), "data_dir": s.data_dir,
                 "fsyncs": s.fsyncs, "entries_flushed": s.entries_flushed, "data_size_bytes": s.data_size_bytes,
+                "commands_applied": s.commands_applied,
             })
         );
         return;

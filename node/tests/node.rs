@@ -243,3 +243,32 @@ async fn lease_countdowns_resume_from_the_checkpoint_after_a_restart() {
     );
     assert!(remaining > 0);
 }
+
+/// Concurrent proposals share log entries (group commit) and each gets its own response back.
+#[tokio::test]
+async fn concurrent_proposals_share_entries_and_get_their_own_responses() {
+    use portmesh_core::{Command, Response};
+    use std::sync::atomic::Ordering;
+    let dir = tempfile::tempdir().unwrap();
+    let (node, _client) = node_in(dir.path(), |_| {}).await;
+    let raft = node.api.node().clone();
+    let stats = raft.store.stats();
+    let (entries0, cmds0) =
+        (stats.entries_flushed.load(Ordering::Relaxed), stats.commands_applied.load(Ordering::Relaxed));
+    let ports: Vec<u16> = (20_000..20_050).collect();
+    // Polled together on this one thread: all 50 are queued before the batcher runs.
+    let results = futures::future::join_all(
+        ports.iter().map(|p| raft.propose(Command::Reserve { port: *p, reason: "t".into() })),
+    )
+    .await;
+    for (p, r) in ports.iter().zip(results) {
+        match r.unwrap() {
+            Response::Reserved(res) => assert_eq!(res.port, *p, "responses matched to their commands"),
+            other => panic!("{other:?}"),
+        }
+    }
+    let entries = stats.entries_flushed.load(Ordering::Relaxed) - entries0;
+    let cmds = stats.commands_applied.load(Ordering::Relaxed) - cmds0;
+    assert_eq!(cmds, 50);
+    assert!(entries < 10, "50 concurrent commands took {entries} entries");
+}

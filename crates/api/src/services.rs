@@ -185,6 +185,7 @@ impl Api {
             fsyncs: node.store.stats().flushes.load(Ordering::Relaxed),
             entries_flushed: node.store.stats().entries_flushed.load(Ordering::Relaxed),
             data_size_bytes: node.store.size_on_disk(),
+            commands_applied: node.store.stats().commands_applied.load(Ordering::Relaxed),
         }
     }
 }

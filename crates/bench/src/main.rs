@@ -291,6 +291,7 @@ struct Results {
     loaded_rss_kb: Vec<u64>,
     etcd_rss_kb: Vec<u64>,
     entries_per_fsync: Vec<f64>,
+    commands_per_fsync: Vec<f64>,
     data_bytes: Vec<u64>,
 }
 
@@ -351,8 +352,13 @@ async fn main() -> Result<()> {
                     let f = a.fsyncs.saturating_sub(b.fsyncs);
                     if c == *args.clients.iter().max().unwrap_or(&c) && f > 0 {
                         let e = a.entries_flushed.saturating_sub(b.entries_flushed) as f64 / f as f64;
-                        println!("round {} portmesh clients {c:>3}: {e:.1} log entries per fsync", round + 1);
+                        let k = a.commands_applied.saturating_sub(b.commands_applied) as f64 / f as f64;
+                        println!(
+                            "round {} portmesh clients {c:>3}: {e:.1} log entries and {k:.1} commands per fsync",
+                            round + 1
+                        );
                         res.entries_per_fsync.push(e);
+                        res.commands_per_fsync.push(k);
                     }
                     res.data_bytes.push(a.data_size_bytes);
                 }
@@ -400,9 +406,10 @@ async fn main() -> Result<()> {
         println!("etcd RSS after load: {:.1} MB", mb(&res.etcd_rss_kb));
     }
     println!(
-        "portmesh log entries per fsync at {} clients: {:.1}",
+        "portmesh at {} clients: {:.1} log entries per fsync, {:.1} commands per fsync",
         args.clients.iter().max().unwrap_or(&0),
-        median(res.entries_per_fsync.clone())
+        median(res.entries_per_fsync.clone()),
+        median(res.commands_per_fsync.clone())
     );
     println!(
         "portmesh data dir after a round: {:.1} MB",

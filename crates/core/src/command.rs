@@ -5,21 +5,32 @@ use serde::{Deserialize, Serialize};
 use crate::rejection::Rejection;
 use crate::types::{Allocation, Lease, Pool, PortRange, Reservation, Strategy};
 
-/// The application payload of one Raft log entry.
+/// The application payload of one Raft log entry: the commands proposed together (group
+/// commit: concurrent proposals share one entry and one fsync), applied in order, each on its own.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Request {
     /// Wall-clock milliseconds since the Unix epoch, stamped by the leader when it proposed the
     /// entry. The only clock `apply` ever sees: every replica computes cool-downs from it alike.
     pub time_ms: u64,
-    pub command: Command,
+    pub commands: Vec<Command>,
 }
 
-/// Everything `apply` needs besides the command: the entry's stamped time and its log index.
+/// Everything `apply` needs besides the command: the entry's stamped time, its log index and the
+/// command's position in the entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ApplyCtx {
     pub now_ms: u64,
-    /// The log index of the entry; seeds the generator behind the `random` strategy.
+    /// The log index of the entry.
     pub index: u64,
+    /// Position of the command within the entry.
+    pub seq: u32,
+}
+
+impl ApplyCtx {
+    /// The seed of the generator behind the `random` strategy: the same on every replica.
+    pub fn seed(&self) -> u64 {
+        self.index.wrapping_mul(1 << 20) ^ u64::from(self.seq)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -244,9 +244,15 @@ impl Selector<'_> {
         let Ok(pool) = self.resolve_pool(item) else { return Vec::new() };
         let key = item.key.as_deref();
         let mut out: Vec<u16> = Vec::with_capacity(n + 1);
-        // The wanted port is always probed, so a busy wanted port is seen and recorded.
+        // The wanted port is always probed, so a busy wanted port is seen and recorded. When the
+        // state holds it free, `apply` will very likely take it: two spares are enough, and a
+        // concurrent taker costs one more round, not a wide probe on every request.
+        let mut n = n;
         if let Some(w) = item.port.or_else(|| self.sticky_port(item, pool)) {
             out.push(w);
+            if self.state_unavailable(w, key).is_none() {
+                n = n.min(2);
+            }
         }
         if item.strategy == Strategy::Random {
             let free: Vec<u16> = pool.ports().filter(|p| self.state_unavailable(*p, key).is_none()).collect();

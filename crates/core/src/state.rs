@@ -443,7 +443,7 @@ impl State {
             Existing(u16),
             New(&'i AllocItem, Pick),
         }
-        let mut rng = SplitMix64::new(ctx.index);
+        let mut rng = SplitMix64::new(ctx.seed());
         let mut sel = self.selector(batch, ctx.now_ms);
         let mut plans = Vec::with_capacity(batch.items.len());
         for item in &batch.items {

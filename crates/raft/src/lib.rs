@@ -8,6 +8,7 @@
 //! Peer networking: this release runs single-node clusters; [`network::NoPeers`] reports every
 //! peer unreachable. The gRPC node-to-node transport replaces it when clusters arrive.
 
+mod batcher;
 pub mod keeper;
 pub mod network;
 
@@ -15,9 +16,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use openraft::error::{CheckIsLeaderError, ClientWriteError, InitializeError, RaftError};
+use openraft::error::{CheckIsLeaderError, InitializeError, RaftError};
 use openraft::{BasicNode, Config, Raft, RaftMetrics, ServerState, SnapshotPolicy};
-use portmesh_core::{Command, Request, Response};
+use portmesh_core::{Command, Response};
 use portmesh_store::{StateReader, Store, StoreError, TypeConfig};
 use tokio::sync::watch;
 
@@ -94,6 +95,7 @@ pub struct RaftNode {
     pub store: Store,
     state: StateReader,
     keeper: Arc<LeaseKeeper>,
+    batcher: batcher::Batcher,
     stop: watch::Sender<bool>,
 }
 
@@ -142,7 +144,8 @@ impl RaftNode {
             .map_err(|e| StartError::Raft(e.to_string()))?;
         let keeper = Arc::new(LeaseKeeper::new(opts.clone()));
         let (stop, _) = watch::channel(false);
-        let node = RaftNode { id, addr, raft, store, state, keeper, stop };
+        let batcher = batcher::Batcher::start(raft.clone());
+        let node = RaftNode { id, addr, raft, store, state, keeper, batcher, stop };
         tokio::spawn(keeper::run(node.clone(), node.stop.subscribe()));
         Ok(node)
     }
@@ -163,18 +166,11 @@ impl RaftNode {
         self.raft.is_initialized().await.unwrap_or(false)
     }
 
-    /// Proposes a command through Raft and returns the applied response. The leader's wall
-    /// clock is stamped into the entry here, the only place time enters the state machine.
+    /// Proposes a command through Raft and returns the applied response. Concurrent proposals
+    /// share a log entry (see [`batcher`]); the leader's wall clock is stamped into each entry
+    /// there, the only place time enters the state machine.
     pub async fn propose(&self, command: Command) -> Result<Response, ProposeError> {
-        let req = Request { time_ms: now_ms(), command };
-        match self.raft.client_write(req).await {
-            Ok(resp) => Ok(resp.data),
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => Err(ProposeError::NotLeader {
-                leader_id: f.leader_id,
-                leader_addr: f.leader_node.map(|n| n.addr),
-            }),
-            Err(e) => Err(ProposeError::Unavailable(e.to_string())),
-        }
+        self.batcher.propose(command).await
     }
 
     /// Waits until this node's state reflects every write acknowledged before the call: the

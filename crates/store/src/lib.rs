@@ -21,6 +21,7 @@
 //! openraft::StorageError  any I/O failure once Raft runs: fatal for the node, by design
 //! ```
 
+mod flusher;
 mod keys;
 mod log_store;
 mod sm_store;
@@ -37,7 +38,7 @@ openraft::declare_raft_types!(
     /// The openraft type configuration of portmesh.
     pub TypeConfig:
         D = portmesh_core::Request,
-        R = portmesh_core::Response,
+        R = Vec<portmesh_core::Response>,
         NodeId = u64,
         Node = openraft::BasicNode,
         SnapshotData = Cursor<Vec<u8>>,
@@ -63,6 +64,8 @@ pub enum StoreError {
     Corrupt { dir: PathBuf, what: String },
     #[error("I/O error on data directory {dir}: {source}")]
     Io { dir: PathBuf, source: sled::Error },
+    #[error("cannot start the log flusher thread for {dir}: {source}")]
+    Thread { dir: PathBuf, source: std::io::Error },
 }
 
 /// Tunables of the store.
@@ -85,6 +88,8 @@ pub struct StoreStats {
     pub flushes: AtomicU64,
     /// Log entries made durable by those flushes.
     pub entries_flushed: AtomicU64,
+    /// Commands applied to the state machine (an entry carries one or more).
+    pub commands_applied: AtomicU64,
 }
 
 impl StoreStats {
@@ -113,7 +118,8 @@ pub(crate) struct Inner {
     pub(crate) sm: sled::Tree,
     /// The current snapshot: `meta` and `data`.
     pub(crate) snap: sled::Tree,
-    pub(crate) stats: StoreStats,
+    pub(crate) stats: Arc<StoreStats>,
+    pub(crate) flusher: flusher::Flusher,
 }
 
 const META_VERSION: &[u8] = b"data_version";
@@ -132,14 +138,17 @@ impl Store {
             .map_err(|source| StoreError::Open { dir: dir.to_path_buf(), source })?;
         let io = |source| StoreError::Io { dir: dir.to_path_buf(), source };
         let tree = |name: &str| db.open_tree(name).map_err(io);
+        let stats = Arc::new(StoreStats::default());
         let inner = Inner {
+            flusher: flusher::Flusher::start(db.clone(), stats.clone())
+                .map_err(|source| StoreError::Thread { dir: dir.to_path_buf(), source })?,
             dir: dir.to_path_buf(),
             meta: tree("meta")?,
             log: tree("log")?,
             sm: tree("sm")?,
             snap: tree("snap")?,
             db,
-            stats: StoreStats::default(),
+            stats,
         };
         match inner.meta.get(META_VERSION).map_err(io)? {
             Some(v) if v.as_ref() == DATA_VERSION.to_be_bytes() => {}

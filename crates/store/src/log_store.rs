@@ -137,9 +137,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             n += 1;
         }
         self.inner.log.apply_batch(batch).map_err(|e| StorageIOError::write_logs(&e))?;
-        // Durable before acknowledging: openraft counts this node's vote for commit on it.
-        let res = self.flush(n).await.map_err(std::io::Error::other);
-        callback.log_io_completed(res);
+        // Durable before acknowledging: the flusher completes the callback only after an fsync
+        // that started after these entries were written (group commit, see `flusher`).
+        self.inner.flusher.submit(callback, n);
         Ok(())
     }
 

@@ -2,6 +2,7 @@
 //! the current snapshot in the `snap` tree.
 
 use std::io::Cursor;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock, RwLockReadGuard};
 
 use openraft::storage::RaftStateMachine;
@@ -177,7 +178,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         Ok((sm.last_applied, sm.membership.clone()))
     }
 
-    async fn apply<I>(&mut self, entries: I) -> SResult<Vec<Response>>
+    async fn apply<I>(&mut self, entries: I) -> SResult<Vec<Vec<Response>>>
     where
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
@@ -189,13 +190,20 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             for e in entries {
                 sm.last_applied = Some(e.log_id);
                 let r = match e.payload {
-                    EntryPayload::Blank => Response::Noop,
+                    EntryPayload::Blank => Vec::new(),
                     EntryPayload::Normal(req) => {
-                        sm.state.apply(ApplyCtx { now_ms: req.time_ms, index: e.log_id.index }, &req.command)
+                        let index = e.log_id.index;
+                        let mut rs = Vec::with_capacity(req.commands.len());
+                        for (seq, cmd) in req.commands.iter().enumerate() {
+                            let ctx = ApplyCtx { now_ms: req.time_ms, index, seq: seq as u32 };
+                            rs.push(sm.state.apply(ctx, cmd));
+                        }
+                        self.inner.stats.commands_applied.fetch_add(rs.len() as u64, Ordering::Relaxed);
+                        rs
                     }
                     EntryPayload::Membership(m) => {
                         sm.membership = StoredMembership::new(Some(e.log_id), m);
-                        Response::Noop
+                        Vec::new()
                     }
                 };
                 out.push(r);

@@ -43,7 +43,7 @@ fn alloc_entry(index: u64) -> openraft::Entry<TypeConfig> {
         log_id: openraft::LogId::new(openraft::CommittedLeaderId::new(1, 0), index),
         payload: openraft::EntryPayload::Normal(Request {
             time_ms: 1_000 + index,
-            command: Command::Allocate(batch),
+            commands: vec![Command::Allocate(batch)],
         }),
     }
 }

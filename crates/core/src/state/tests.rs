@@ -25,7 +25,7 @@ impl Harness {
         self.index += 1;
         self.now += 10;
         let before = self.st.clone();
-        let r = self.st.apply(ApplyCtx { now_ms: self.now, index: self.index }, &cmd);
+        let r = self.st.apply(ApplyCtx { now_ms: self.now, index: self.index, seq: 0 }, &cmd);
         if r.rejection().is_some() {
             let mut b = before;
             let mut a = self.st.clone();
@@ -479,7 +479,7 @@ fn plan_covers_what_apply_picks() {
         let mut with_probe = batch.clone();
         with_probe.probe = Some(HostProbe::new(checked, vec![]));
         let mut st = h.st.clone();
-        let r = st.apply(ApplyCtx { now_ms: h.now, index: 1 }, &Command::Allocate(with_probe));
+        let r = st.apply(ApplyCtx { now_ms: h.now, index: 1, seq: 0 }, &Command::Allocate(with_probe));
         assert!(matches!(r, Response::Allocated { .. }), "{strategy}: {r:?}");
     }
 }
@@ -638,7 +638,7 @@ fn release_errors_change_nothing() {
 fn events_are_ordered_and_bounded() {
     // Applied directly: the harness's per-step round trip would make this quadratic.
     let mut st = State::new();
-    let ctx = |i: u64| ApplyCtx { now_ms: 1_000 + i, index: i };
+    let ctx = |i: u64| ApplyCtx { now_ms: 1_000 + i, index: i, seq: 0 };
     st.apply(ctx(0), &Command::SetCooldown { ms: 0 });
     for i in 0..(crate::EVENT_RETENTION / 2 + 10) as u64 {
         let batch = AllocateBatch {
