@@ -283,10 +283,13 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// One phase's figures: allocations per second, then p50, p90 and p99 latency in ms.
+type Row = (f64, f64, f64, f64);
+
 #[derive(Default)]
 struct Results {
-    /// (system, clients) -> per-round (rate, p50, p90, p99)
-    rows: std::collections::BTreeMap<(&'static str, usize), Vec<(f64, f64, f64, f64)>>,
+    /// (system, clients) -> one row per round
+    rows: std::collections::BTreeMap<(&'static str, usize), Vec<Row>>,
     idle_rss_kb: Vec<u64>,
     loaded_rss_kb: Vec<u64>,
     etcd_rss_kb: Vec<u64>,
@@ -378,9 +381,7 @@ async fn main() -> Result<()> {
     for &c in &args.clients {
         let pm = res.rows.get(&("portmesh", c)).cloned().unwrap_or_default();
         let et = res.rows.get(&("etcd", c)).cloned().unwrap_or_default();
-        let col = |v: &[(f64, f64, f64, f64)], f: fn(&(f64, f64, f64, f64)) -> f64| {
-            median(v.iter().map(f).collect())
-        };
+        let col = |v: &[Row], f: fn(&Row) -> f64| median(v.iter().map(f).collect());
         // Ratio of medians over per-round ratios: same-round pairs cancel the machine's noise.
         let ratios: Vec<f64> = pm.iter().zip(&et).map(|(a, b)| a.0 / b.0).collect();
         println!(
