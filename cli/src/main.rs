@@ -10,11 +10,14 @@ fn main() {
     let cli = args::Cli::parse();
     let serving = matches!(cli.command, args::Command::Serve(_));
     init_tracing(serving);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(if serving { 2 } else { 1 })
-        .enable_all()
-        .build()
-    {
+    // A node gets a multi-threaded runtime; a one-shot client command a single thread, which
+    // starts faster.
+    let runtime = if serving {
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()
+    } else {
+        tokio::runtime::Builder::new_current_thread().enable_all().build()
+    };
+    let runtime = match runtime {
         Ok(r) => r,
         Err(e) => {
             eprintln!("portmesh: error: cannot start the async runtime: {e}");
@@ -32,12 +35,18 @@ fn main() {
     std::process::exit(code);
 }
 
-/// Logs go to stderr. A node logs at `info` by default; client commands stay quiet unless
-/// `PORTMESH_LOG` (an `EnvFilter` directive such as `debug` or `portmesh_api=trace`) says otherwise.
+/// Logs go to stderr. A node logs at `info` by default; client commands log nothing unless
+/// `PORTMESH_LOG` (an `EnvFilter` directive such as `debug` or `portmesh_api=trace`) asks, which
+/// also keeps a one-shot command from paying for building a filter.
 fn init_tracing(serving: bool) {
-    let default = if serving { "info" } else { "warn" };
-    let filter = tracing_subscriber::EnvFilter::try_from_env("PORTMESH_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{default},openraft=warn,sled=warn")));
+    let from_env = std::env::var("PORTMESH_LOG").ok().filter(|v| !v.is_empty());
+    let directive = match (from_env, serving) {
+        (Some(d), _) => d,
+        (None, true) => "info,openraft=warn,sled=warn".to_string(),
+        (None, false) => return,
+    };
+    let filter = tracing_subscriber::EnvFilter::try_new(&directive)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

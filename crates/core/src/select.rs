@@ -245,13 +245,14 @@ impl Selector<'_> {
         let key = item.key.as_deref();
         let mut out: Vec<u16> = Vec::with_capacity(n + 1);
         // The wanted port is always probed, so a busy wanted port is seen and recorded. When the
-        // state holds it free, `apply` will very likely take it: two spares are enough, and a
-        // concurrent taker costs one more round, not a wide probe on every request.
+        // state holds it free, `apply` will very likely take it: one spare is enough, and a
+        // concurrent taker or a busy wanted port costs one more round, not a wide probe on every
+        // request.
         let mut n = n;
         if let Some(w) = item.port.or_else(|| self.sticky_port(item, pool)) {
             out.push(w);
             if self.state_unavailable(w, key).is_none() {
-                n = n.min(2);
+                n = n.min(1);
             }
         }
         if item.strategy == Strategy::Random {
