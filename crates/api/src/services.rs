@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use futures::Stream;
-use portmesh_core::{AllocateBatch, Command, DEFAULT_TEAM, HostProbe, Rejection, Response};
+use portmesh_core::{AllocateBatch, Command, DEFAULT_TEAM, HostProbe, PlanWidth, Rejection, Response};
 use portmesh_proto::v1 as pb;
 use portmesh_proto::{BadRequest, required_port};
 use portmesh_raft::{RaftNode, now_ms};
@@ -103,12 +103,17 @@ impl Api {
         let items = batch.items.len();
         inner.in_flight.fetch_add(items, Ordering::Relaxed);
         let _guard = InFlight(&inner.in_flight, items);
-        let mut extra = BASE_CANDIDATES + inner.in_flight.load(Ordering::Relaxed);
+        // First round: narrow for a free wanted port, and as wide as the allocations in flight
+        // otherwise. Every further round widens both fourfold (the last ones cover whole pools).
+        let mut width = PlanWidth {
+            wanted_free: 1,
+            otherwise: BASE_CANDIDATES + inner.in_flight.load(Ordering::Relaxed),
+        };
         for round in 0..MAX_ROUNDS {
-            let seed = now_ms() ^ (round as u64) << 48;
+            let seed = now_ms() ^ ((round as u64) << 48);
             let candidates = {
                 let sm = inner.node.state().read();
-                sm.state.plan(&batch, now_ms(), extra, seed)
+                sm.state.plan(&batch, now_ms(), width, seed)
             };
             let busy = portmesh_probe::busy_ports(&candidates);
             if !busy.is_empty() {
@@ -118,14 +123,16 @@ impl Api {
             match inner.node.propose(Command::Allocate(batch.clone())).await? {
                 Response::Rejected(Rejection::NeedProbe { port }) => {
                     tracing::debug!(port, round, "state moved under the plan; probing again");
-                    extra = extra.saturating_mul(4);
+                    let wider = width.otherwise.max(width.wanted_free).saturating_mul(4);
+                    width = PlanWidth::uniform(wider);
                 }
                 other => return accepted(other),
             }
         }
-        Err(ApiError::Internal(format!(
-            "could not settle an allocation after {MAX_ROUNDS} probe rounds; the cluster is under heavy churn: retry"
-        )))
+        Err(ApiError::Raft(portmesh_raft::ProposeError::Unavailable(format!(
+            "could not settle an allocation after {MAX_ROUNDS} probe rounds (the pool changes faster than this node \
+             can probe it): retry"
+        ))))
     }
 
     pub fn allocator(&self) -> pb::allocator_server::AllocatorServer<Self> {

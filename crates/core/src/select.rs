@@ -238,25 +238,26 @@ impl Selector<'_> {
         }
     }
 
-    /// Up to `n` candidate ports for `item` that the state considers free, in the order `pick`
-    /// would try them (random: a sample drawn from `rng`).
-    pub fn candidates(&self, item: &AllocItem, n: usize, rng: &mut SplitMix64) -> Vec<u16> {
+    /// Candidate ports for `item` that the state considers free, in the order `pick` would try
+    /// them (random: a sample drawn from `rng`): the wanted port, if any, plus up to
+    /// `width.wanted_free` others when the state holds the wanted port free, else up to
+    /// `width.otherwise`.
+    pub fn candidates(&self, item: &AllocItem, width: PlanWidth, rng: &mut SplitMix64) -> Vec<u16> {
         let Ok(pool) = self.resolve_pool(item) else { return Vec::new() };
         let key = item.key.as_deref();
-        let mut out: Vec<u16> = Vec::with_capacity(n + 1);
-        // The wanted port is always probed, so a busy wanted port is seen and recorded. When the
-        // state holds it free, `apply` will very likely take it: one spare is enough, and a
-        // concurrent taker or a busy wanted port costs one more round, not a wide probe on every
-        // request.
-        let mut n = n;
-        if let Some(w) = item.port.or_else(|| self.sticky_port(item, pool)) {
-            out.push(w);
-            if self.state_unavailable(w, key).is_none() {
-                n = n.min(1);
+        let wanted = item.port.or_else(|| self.sticky_port(item, pool));
+        let mut out: Vec<u16> = Vec::new();
+        // The wanted port is always probed, so a busy wanted port is seen and recorded.
+        let n = match wanted {
+            Some(w) => {
+                out.push(w);
+                if self.state_unavailable(w, key).is_none() { width.wanted_free } else { width.otherwise }
             }
-        }
+            None => width.otherwise,
+        };
+        let others = |p: &u16| Some(*p) != wanted && self.state_unavailable(*p, key).is_none();
         if item.strategy == Strategy::Random {
-            let free: Vec<u16> = pool.ports().filter(|p| self.state_unavailable(*p, key).is_none()).collect();
+            let free: Vec<u16> = pool.ports().filter(others).collect();
             if free.len() <= n {
                 out.extend(free);
             } else {
@@ -265,13 +266,29 @@ impl Selector<'_> {
                 }
             }
         } else {
+            let mut seen = BTreeSet::new();
             out.extend(
-                self.ordered_candidates(item, pool)
-                    .filter(|p| self.state_unavailable(*p, key).is_none())
-                    .take(n),
+                self.ordered_candidates(item, pool).filter(others).filter(|p| seen.insert(*p)).take(n),
             );
         }
         out
+    }
+}
+
+/// How many candidate ports to probe per item besides the wanted one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PlanWidth {
+    /// When the state holds the wanted port free, `apply` will very likely take it: a narrow
+    /// plan (one spare) keeps the common sticky case cheap.
+    pub wanted_free: usize,
+    /// Otherwise (no wanted port, or it is taken).
+    pub otherwise: usize,
+}
+
+impl PlanWidth {
+    /// The same width in both cases.
+    pub fn uniform(n: usize) -> Self {
+        Self { wanted_free: n, otherwise: n }
     }
 }
 

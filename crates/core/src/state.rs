@@ -9,7 +9,7 @@ use crate::command::{
 };
 use crate::rejection::{Overlap, Rejection};
 use crate::rng::SplitMix64;
-use crate::select::{Pick, Selector};
+use crate::select::{Pick, PlanWidth, Selector};
 use crate::types::{
     Allocation, Conflict, Cooldown, Event, EventKind, Lease, Pool, PortRange, ReleaseCause, Reservation,
     default_pools,
@@ -318,17 +318,19 @@ impl State {
     }
 
     /// Ports worth probing on the host before proposing `batch`: for each item, the wanted port
-    /// and up to `per_item` more the state considers free, in the order `apply` will try them.
-    pub fn plan(&self, batch: &AllocateBatch, now_ms: u64, per_item: usize, seed: u64) -> Vec<u16> {
+    /// and the ports `apply` would try next, in its order (see [`PlanWidth`]). Candidates for later
+    /// items grow by the number of items, since earlier items of the batch take ports first.
+    pub fn plan(&self, batch: &AllocateBatch, now_ms: u64, width: PlanWidth, seed: u64) -> Vec<u16> {
         let sel = self.selector(batch, now_ms);
         let mut rng = SplitMix64::new(seed);
         let mut out = BTreeSet::new();
-        let n = per_item + batch.items.len();
+        let k = batch.items.len();
+        let width = PlanWidth { wanted_free: width.wanted_free, otherwise: width.otherwise + k };
         for item in &batch.items {
-            if item.key.as_deref().is_some_and(|k| self.live_key(&batch.team, k).is_some()) {
+            if item.key.as_deref().is_some_and(|key| self.live_key(&batch.team, key).is_some()) {
                 continue;
             }
-            out.extend(sel.candidates(item, n, &mut rng));
+            out.extend(sel.candidates(item, width, &mut rng));
         }
         out.into_iter().collect()
     }

@@ -474,13 +474,43 @@ fn plan_covers_what_apply_picks() {
             ],
             probe: None,
         };
-        let checked = h.st.plan(&batch, h.now, 4, 99);
+        let checked = h.st.plan(&batch, h.now, crate::PlanWidth::uniform(4), 99);
         assert!(!checked.contains(&8000) && !checked.contains(&8001), "{strategy}: {checked:?}");
         let mut with_probe = batch.clone();
         with_probe.probe = Some(HostProbe::new(checked, vec![]));
         let mut st = h.st.clone();
         let r = st.apply(ApplyCtx { now_ms: h.now, index: 1, seq: 0 }, &Command::Allocate(with_probe));
         assert!(matches!(r, Response::Allocated { .. }), "{strategy}: {r:?}");
+    }
+}
+
+/// Regression: with a narrow plan, the one spare of a free wanted port was the wanted port itself,
+/// so a wanted port busy on the host asked for another probe forever instead of falling back.
+#[test]
+fn a_busy_wanted_port_falls_back_after_one_wider_probe() {
+    let h = Harness::new();
+    for strategy in [Strategy::Sticky, Strategy::Next, Strategy::Random] {
+        let batch = AllocateBatch {
+            team: "default".into(),
+            host: "h1".into(),
+            lease: LeaseSpec::None,
+            items: vec![AllocItem { strategy, ..at("w", 8100, strategy) }],
+            probe: None,
+        };
+        let narrow = crate::PlanWidth { wanted_free: 1, otherwise: 4 };
+        let checked = h.st.plan(&batch, h.now, narrow, 7);
+        assert!(
+            checked.contains(&8100) && checked.len() >= 2,
+            "{strategy}: the spare is another port: {checked:?}"
+        );
+        // The host says the wanted port is busy: the spare (probed free) is taken.
+        let mut b = batch.clone();
+        b.probe = Some(HostProbe::new(checked, vec![8100]));
+        let r = h.st.clone().apply(ApplyCtx { now_ms: h.now, index: 1, seq: 0 }, &Command::Allocate(b));
+        assert!(
+            matches!(&r, Response::Allocated { grants, .. } if grants[0].allocation.port != 8100),
+            "{strategy}: {r:?}"
+        );
     }
 }
 
@@ -737,7 +767,12 @@ fn run_ops(ops: &[Op]) -> Harness {
                     probe: None,
                 };
                 if !busy.is_empty() {
-                    let checked = h.st.plan(&batch, h.now + 10, 8, h.index);
+                    let checked = h.st.plan(
+                        &batch,
+                        h.now + 10,
+                        crate::PlanWidth { wanted_free: 1, otherwise: 8 },
+                        h.index,
+                    );
                     batch.probe = Some(HostProbe::new(checked, busy.clone()));
                 }
                 Command::Allocate(batch)
