@@ -145,9 +145,26 @@ pub struct ServeArgs {
     #[arg(long, env = "PORTMESH_ADVERTISE")]
     pub advertise: Option<String>,
     /// Start a new single-node cluster if the data directory holds none.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "join")]
     pub bootstrap: bool,
+    /// Join the cluster of the member at ADDR if the data directory holds none (a restarted
+    /// member rejoins by itself; the flag is then ignored).
+    #[arg(long, env = "PORTMESH_JOIN")]
+    pub join: Option<String>,
+    /// Joining nodes become voters while the cluster has fewer voters than this; the rest stay
+    /// learners.
+    #[arg(long, default_value_t = 3, value_parser = parse_voters)]
+    pub voters: usize,
     /// Record this node's addresses in DIR/node.json so local CLIs find it.
     #[arg(long)]
     pub home: Option<PathBuf>,
+}
+
+/// `--voters`: Raft clusters of 3 or 5 voters tolerate 1 or 2 failures.
+fn parse_voters(s: &str) -> Result<usize, String> {
+    match s {
+        "3" => Ok(3),
+        "5" => Ok(5),
+        _ => Err(format!("{s:?}: a cluster has 3 or 5 voters")),
+    }
 }

@@ -364,6 +364,8 @@ async fn serve(a: &ServeArgs) -> Result<()> {
     cfg.http = a.http;
     cfg.advertise = a.advertise.clone();
     cfg.bootstrap = a.bootstrap;
+    cfg.join = a.join.clone();
+    cfg.raft.voters = a.voters;
     cfg.home = a.home.clone();
     let node = portmesh_node::start(cfg).await.context("starting the node")?;
     let (lo, hi) = portmesh_probe::ephemeral_range();

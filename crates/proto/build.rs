@@ -4,12 +4,17 @@ use std::path::PathBuf;
 
 use prost::Message;
 
+const PUBLIC: &str = "portmesh/v1/portmesh.proto";
+const INTERNAL: &str = "portmesh/raft/v1/raft.proto";
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("../../proto");
     println!("cargo:rerun-if-changed={}", root.display());
-    let fds = protox::compile(["portmesh/v1/portmesh.proto"], [&root])?;
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
-    std::fs::write(out.join("portmesh_descriptor.bin"), fds.encode_to_vec())?;
-    tonic_prost_build::configure().build_server(true).build_client(true).compile_fds(fds)?;
+    // Reflection describes the public API only; the node-to-node service stays internal.
+    let public = protox::compile([PUBLIC], [&root])?;
+    std::fs::write(out.join("portmesh_descriptor.bin"), public.encode_to_vec())?;
+    let all = protox::compile([PUBLIC, INTERNAL], [&root])?;
+    tonic_prost_build::configure().build_server(true).build_client(true).compile_fds(all)?;
     Ok(())
 }

@@ -36,6 +36,8 @@ pub struct NodeConfig {
     pub advertise: Option<String>,
     /// Start a new single-node cluster if this directory holds none.
     pub bootstrap: bool,
+    /// Join the cluster that a member at this address belongs to, if this directory holds none.
+    pub join: Option<String>,
     /// Directory where the node records its addresses (`node.json`) for local CLIs.
     pub home: Option<PathBuf>,
     pub raft: RaftOptions,
@@ -53,6 +55,7 @@ impl NodeConfig {
             http: None,
             advertise: None,
             bootstrap: false,
+            join: None,
             home: None,
             raft: RaftOptions::default(),
             store: StoreOptions::default(),
@@ -76,6 +79,8 @@ pub enum NodeError {
     NoLeader(Duration),
     #[error("cannot write the node's address file in {dir}: {source}")]
     Home { dir: PathBuf, source: std::io::Error },
+    #[error("cannot join the cluster at {addr}: {reason} (tried: {tried})")]
+    Join { addr: String, reason: String, tried: String },
 }
 
 /// A started node. Drive it with [`RunningNode::wait`].
@@ -122,19 +127,14 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode, NodeError> {
     let advertise = cfg.advertise.clone().unwrap_or_else(|| grpc_addr.to_string());
 
     let node = RaftNode::start(store, advertise.clone(), cfg.raft.clone()).await?;
-    if cfg.bootstrap {
+    if cfg.bootstrap && cfg.join.is_none() {
         node.bootstrap().await?;
     }
-    if node.is_initialized().await {
-        node.raft
-            .wait(Some(cfg.leader_timeout))
-            .metrics(|m| m.current_leader.is_some(), "a leader is known")
-            .await
-            .map_err(|_| NodeError::NoLeader(cfg.leader_timeout))?;
-    } else {
+    let initialized = node.is_initialized().await;
+    if !initialized && cfg.join.is_none() {
         tracing::warn!(
             data_dir = %cfg.data_dir.display(),
-            "this node belongs to no cluster yet; start it with --bootstrap to create a single-node cluster"
+            "this node belongs to no cluster yet; start it with --bootstrap to create one or --join ADDR to join one"
         );
     }
 
@@ -163,6 +163,7 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode, NodeError> {
         .add_service(api.leases())
         .add_service(api.pools())
         .add_service(api.cluster())
+        .add_service(portmesh_raft::RaftService::new(node.raft.clone()).server())
         // Small request/response messages: without TCP_NODELAY, Nagle's algorithm and delayed
         // ACKs stall each exchange by up to 40 ms.
         .serve_with_incoming_shutdown(
@@ -174,6 +175,18 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode, NodeError> {
     let grpc_task = tokio::spawn(grpc);
     let http_task = http_listener.map(|l| tokio::spawn(http::serve(l, api.clone(), shutdown.subscribe())));
 
+    match (&cfg.join, initialized) {
+        (Some(cluster), false) => join(cluster, node.id, &advertise, cfg.leader_timeout).await?,
+        (Some(_), true) => tracing::info!("already a member of a cluster; --join ignored"),
+        _ => {}
+    }
+    if initialized || cfg.join.is_some() {
+        node.raft
+            .wait(Some(cfg.leader_timeout))
+            .metrics(|m| m.current_leader.is_some(), "a leader is known")
+            .await
+            .map_err(|_| NodeError::NoLeader(cfg.leader_timeout))?;
+    }
     tracing::info!(
         node_id = node.id,
         grpc = %grpc_addr,
@@ -192,6 +205,54 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode, NodeError> {
         write_info(home, &info).map_err(|source| NodeError::Home { dir: home.clone(), source })?;
     }
     Ok(RunningNode { grpc_addr, http_addr, api, shutdown, grpc_task, http_task, health_task, home: cfg.home })
+}
+
+/// Asks the cluster at `addr` to add this node, following redirects to the leader and retrying
+/// while an election runs, for at most `timeout`.
+async fn join(addr: &str, id: u64, advertise: &str, timeout: Duration) -> Result<(), NodeError> {
+    use portmesh_proto::v1::{JoinRequest, cluster_client::ClusterClient};
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut target = addr.to_string();
+    let mut tried: Vec<String> = Vec::new();
+    loop {
+        if !tried.contains(&target) {
+            tried.push(target.clone());
+        }
+        let uri = if target.contains("://") { target.clone() } else { format!("http://{target}") };
+        let outcome: Result<(), String> = match tonic::transport::Endpoint::from_shared(uri) {
+            Err(e) => Err(format!("invalid address: {e}")),
+            Ok(ep) => match ep.connect_timeout(Duration::from_secs(2)).connect().await {
+                Err(e) => Err(format!("cannot connect to {target}: {e}")),
+                Ok(ch) => {
+                    let req = JoinRequest { node_id: id, addr: advertise.to_string() };
+                    match ClusterClient::new(ch).join(req).await {
+                        Ok(r) => {
+                            let r = r.into_inner();
+                            tracing::info!(leader = r.leader_id, voter = r.voter, "joined the cluster");
+                            return Ok(());
+                        }
+                        Err(s) => {
+                            let answer = format!("{target} answered: {}", s.message());
+                            // A follower names the leader: ask it next.
+                            if let Some(leader) =
+                                s.metadata().get(portmesh_api::LEADER_METADATA).and_then(|v| v.to_str().ok())
+                            {
+                                target = leader.to_string();
+                            }
+                            Err(answer)
+                        }
+                    }
+                }
+            },
+        };
+        if let Err(reason) = outcome {
+            if tokio::time::Instant::now() > deadline {
+                return Err(NodeError::Join { addr: addr.to_string(), reason, tried: tried.join(", ") });
+            }
+            tracing::debug!(%reason, "join attempt failed; retrying");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
 }
 
 /// Keeps the gRPC health status in line with whether this node knows a leader.

@@ -10,6 +10,16 @@ use portmesh_core::{EventKind, ReleaseCause};
 use portmesh_node::{NodeConfig, RunningNode, start};
 use tokio_stream::StreamExt;
 
+/// Logs to the test output when `PORTMESH_TEST_LOG` holds a filter (e.g. `info,openraft=debug`).
+fn logs() {
+    if let Ok(f) = std::env::var("PORTMESH_TEST_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(f))
+            .with_test_writer()
+            .try_init();
+    }
+}
+
 async fn node_in(dir: &std::path::Path, tweak: impl FnOnce(&mut NodeConfig)) -> (RunningNode, Client) {
     let mut cfg = NodeConfig::new(dir.to_path_buf(), "127.0.0.1:0".parse().unwrap());
     cfg.bootstrap = true;
@@ -271,4 +281,158 @@ async fn concurrent_proposals_share_entries_and_get_their_own_responses() {
     let cmds = stats.commands_applied.load(Ordering::Relaxed) - cmds0;
     assert_eq!(cmds, 50);
     assert!(entries < 10, "50 concurrent commands took {entries} entries");
+}
+
+// ----- clusters -------------------------------------------------------------------------------
+
+/// Raft timings for tests on a busy two-core machine: quick, but not twitchy.
+fn fast_raft(c: &mut NodeConfig) {
+    c.raft.heartbeat = Duration::from_millis(50);
+    c.raft.election_min = Duration::from_millis(400);
+    c.raft.election_max = Duration::from_millis(800);
+    c.leader_timeout = Duration::from_secs(20);
+}
+
+struct Cluster {
+    _dirs: Vec<tempfile::TempDir>,
+    nodes: Vec<Option<RunningNode>>,
+    addrs: Vec<String>,
+}
+
+impl Cluster {
+    async fn start(n: usize) -> Cluster {
+        logs();
+        let mut dirs = Vec::new();
+        let mut nodes = Vec::new();
+        let mut addrs: Vec<String> = Vec::new();
+        for i in 0..n {
+            let dir = tempfile::tempdir().unwrap();
+            let mut cfg = NodeConfig::new(dir.path().to_path_buf(), "127.0.0.1:0".parse().unwrap());
+            fast_raft(&mut cfg);
+            if i == 0 {
+                cfg.bootstrap = true;
+            } else {
+                cfg.join = Some(addrs[0].clone());
+            }
+            let node = start(cfg).await.unwrap();
+            addrs.push(node.grpc_addr.to_string());
+            nodes.push(Some(node));
+            dirs.push(dir);
+        }
+        Cluster { _dirs: dirs, nodes, addrs }
+    }
+
+    fn live(&self) -> impl Iterator<Item = &RunningNode> {
+        self.nodes.iter().flatten()
+    }
+
+    async fn client(&self) -> Client {
+        let addrs: Vec<&str> = self.addrs.iter().map(String::as_str).collect();
+        Client::connect_any(&addrs).await.unwrap()
+    }
+
+    /// Waits until every live node has applied the same index and holds the same allocations.
+    async fn converged(&self) -> BTreeSet<u16> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let views: Vec<(u64, BTreeSet<u16>)> = self
+                .live()
+                .map(|n| {
+                    let sm = n.api.node().state().read();
+                    (sm.last_applied.map_or(0, |l| l.index), sm.state.allocations().map(|a| a.port).collect())
+                })
+                .collect();
+            if views.windows(2).all(|w| w[0] == w[1]) {
+                return views[0].1.clone();
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "nodes did not converge: {:?}",
+                views.iter().map(|v| v.0).collect::<Vec<_>>()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_join_replicate_and_agree_on_the_leader() {
+    let c = Cluster::start(3).await;
+    let leader = c.nodes[0].as_ref().unwrap();
+    let voters: BTreeSet<u64> =
+        leader.api.node().metrics().membership_config.membership().voter_ids().collect();
+    assert_eq!(voters.len(), 3, "both joiners became voters");
+
+    // A client connected to a follower is redirected to the leader.
+    let follower = Client::connect(&c.addrs[2]).await.unwrap();
+    let mut acked = BTreeSet::new();
+    for i in 0..50 {
+        let r = follower
+            .allocate(pb::AllocateRequest {
+                items: vec![item(&format!("s{i}"), "web")],
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert!(acked.insert(r.allocations[0].port as u16));
+    }
+    assert_eq!(c.converged().await, acked, "every node holds exactly the acknowledged allocations");
+    let statuses: Vec<_> = c.live().map(|n| n.api.status()).collect();
+    assert!(statuses.iter().all(|s| s.leader_id == statuses[0].leader_id && s.leader_id != 0));
+    assert!(statuses.iter().all(|s| s.members.len() == 3));
+    assert_eq!(
+        statuses.iter().filter(|s| s.members.iter().any(|m| m.id == s.node_id && m.role == "leader")).count(),
+        1
+    );
+}
+
+/// SPEC §3 invariants 1 and 4 across a leader failure: acknowledged allocations survive and no
+/// port is acknowledged to two holders. A write whose outcome the client could not learn counts as
+/// unknown: it may or may not exist afterwards, but never twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_the_leader_loses_no_acknowledged_allocation_and_duplicates_none() {
+    let mut c = Cluster::start(3).await;
+    let client = c.client().await;
+    let run = |client: Client, tag: &'static str, n: usize| async move {
+        let mut acked = Vec::new();
+        let mut unknown = 0;
+        for i in 0..n {
+            let req = pb::AllocateRequest {
+                items: vec![item(&format!("{tag}{i}"), "default")],
+                ..Default::default()
+            };
+            match client.allocate(req).await {
+                Ok(r) => acked.push(r.allocations[0].port as u16),
+                Err(_) => unknown += 1,
+            }
+        }
+        (acked, unknown)
+    };
+    let first = tokio::spawn(run(client.clone(), "a", 300));
+    // Stop the leader while allocations are flowing.
+    let leader_idx =
+        c.nodes.iter().position(|n| n.as_ref().is_some_and(|n| n.api.node().is_leader())).unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await; // let some writes land first
+    let old = c.nodes[leader_idx].take().unwrap();
+    let old_id = old.api.node().id;
+    old.shutdown_handle().send_replace(true);
+    old.wait().await;
+    let (mut acked, unknown1) = first.await.unwrap();
+    let (more, unknown2) = run(client.clone(), "b", 300).await;
+    acked.extend(more);
+
+    let mut seen = BTreeSet::new();
+    for p in &acked {
+        assert!(seen.insert(*p), "port {p} acknowledged twice");
+    }
+    let live = c.converged().await;
+    assert!(
+        seen.is_subset(&live),
+        "acknowledged allocations lost: {:?}",
+        seen.difference(&live).collect::<Vec<_>>()
+    );
+    assert!(live.len() <= seen.len() + unknown1 + unknown2, "more allocations than writes");
+    assert!(acked.len() >= 300, "the cluster kept serving after the leader left: {} acked", acked.len());
+    let new_leader = c.live().find(|n| n.api.node().is_leader()).expect("a new leader");
+    assert_ne!(new_leader.api.node().id, old_id);
 }

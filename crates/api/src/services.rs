@@ -396,6 +396,17 @@ impl pb::cluster_server::Cluster for Api {
         Ok(tonic::Response::new(Api::status(self)))
     }
 
+    async fn join(&self, req: Request<pb::JoinRequest>) -> Result<pb::JoinResponse> {
+        let req = req.into_inner();
+        if req.node_id == 0 || req.addr.is_empty() {
+            return Err(ApiError::from(BadRequest("join needs the node's id and address".into())).into());
+        }
+        tracing::info!(node_id = req.node_id, addr = %req.addr, "adding a member");
+        let voter = self.inner.node.add_member(req.node_id, req.addr).await.map_err(ApiError::from)?;
+        let s = Api::status(self);
+        Ok(tonic::Response::new(pb::JoinResponse { leader_id: s.leader_id, voter, members: s.members }))
+    }
+
     async fn shutdown(&self, _req: Request<pb::ShutdownRequest>) -> Result<pb::ShutdownResponse> {
         tracing::info!("shutdown requested over gRPC");
         self.inner.shutdown.send_replace(true);

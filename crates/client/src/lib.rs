@@ -68,12 +68,21 @@ impl From<tonic::Status> for ClientError {
 
 type Result<T> = std::result::Result<T, ClientError>;
 
-/// A connection to one node. Cheap to clone (clones share the HTTP/2 connection).
+/// A connection to a cluster. Cheap to clone (clones share the connection).
+///
+/// Leader following: a write (or linearizable read) sent to a follower comes back as UNAVAILABLE
+/// naming the leader; the client reconnects there and retries, which is always safe because the
+/// follower applied nothing. With several endpoints ([`Client::connect_any`]), a node that cannot
+/// be reached is replaced by the next one for reads and idempotent calls; a write whose
+/// connection failed midway is reported as an error, since it may or may not have been applied.
 #[derive(Debug, Clone)]
 pub struct Client {
-    channel: Channel,
-    addr: String,
+    conn: std::sync::Arc<std::sync::Mutex<(String, Channel)>>,
+    endpoints: std::sync::Arc<Vec<String>>,
 }
+
+/// How many times a call follows the leader or moves to another endpoint before giving up.
+const MAX_HOPS: usize = 6;
 
 fn uri(addr: &str) -> String {
     if addr.starts_with("http://") || addr.starts_with("https://") {
@@ -83,93 +92,234 @@ fn uri(addr: &str) -> String {
     }
 }
 
+async fn open(addr: &str) -> Result<Channel> {
+    let endpoint = Endpoint::from_shared(uri(addr))
+        .map_err(|e| ClientError::BadAddress { addr: addr.to_string(), reason: e.to_string() })?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .tcp_nodelay(true);
+    endpoint.connect().await.map_err(|e| ClientError::Unreachable {
+        addr: addr.to_string(),
+        timeout: CONNECT_TIMEOUT,
+        reason: error_chain(&e),
+    })
+}
+
+/// Whether a call may be repeated on another node after a transport failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Retry {
+    Safe,
+    OnlyOnRedirect,
+}
+
 impl Client {
     /// Connects to the node at `addr` (`host:port` or a URL).
     pub async fn connect(addr: &str) -> Result<Client> {
-        let endpoint = Endpoint::from_shared(uri(addr))
-            .map_err(|e| ClientError::BadAddress { addr: addr.to_string(), reason: e.to_string() })?
-            .connect_timeout(CONNECT_TIMEOUT)
-            .tcp_nodelay(true);
-        let channel = endpoint.connect().await.map_err(|e| ClientError::Unreachable {
-            addr: addr.to_string(),
-            timeout: CONNECT_TIMEOUT,
-            reason: error_chain(&e),
-        })?;
-        Ok(Client { channel, addr: addr.to_string() })
+        Client::connect_any(&[addr]).await
     }
 
-    pub fn addr(&self) -> &str {
-        &self.addr
+    /// Connects to the first reachable of several nodes of one cluster.
+    pub async fn connect_any(addrs: &[&str]) -> Result<Client> {
+        let mut last = None;
+        for a in addrs {
+            match open(a).await {
+                Ok(channel) => {
+                    return Ok(Client {
+                        conn: std::sync::Arc::new(std::sync::Mutex::new((a.to_string(), channel))),
+                        endpoints: std::sync::Arc::new(addrs.iter().map(|s| s.to_string()).collect()),
+                    });
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| ClientError::BadAddress {
+            addr: String::new(),
+            reason: "no address given".into(),
+        }))
     }
 
-    fn allocator(&self) -> pb::allocator_client::AllocatorClient<Channel> {
-        pb::allocator_client::AllocatorClient::new(self.channel.clone())
+    /// The address of the node this client currently talks to.
+    pub fn addr(&self) -> String {
+        self.conn.lock().unwrap_or_else(|p| p.into_inner()).0.clone()
     }
 
-    fn leases(&self) -> pb::leases_client::LeasesClient<Channel> {
-        pb::leases_client::LeasesClient::new(self.channel.clone())
+    fn channel(&self) -> Channel {
+        self.conn.lock().unwrap_or_else(|p| p.into_inner()).1.clone()
     }
 
-    fn pools(&self) -> pb::pools_client::PoolsClient<Channel> {
-        pb::pools_client::PoolsClient::new(self.channel.clone())
+    async fn switch_to(&self, addr: &str) -> Result<()> {
+        let channel = open(addr).await?;
+        *self.conn.lock().unwrap_or_else(|p| p.into_inner()) = (addr.to_string(), channel);
+        Ok(())
     }
 
-    fn cluster(&self) -> pb::cluster_client::ClusterClient<Channel> {
-        pb::cluster_client::ClusterClient::new(self.channel.clone())
+    /// Runs one RPC, following the leader and (when `retry` allows) moving past dead endpoints.
+    async fn call<T, F, Fut>(&self, retry: Retry, f: F) -> Result<T>
+    where
+        F: Fn(Channel) -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let mut last: Option<ClientError> = None;
+        for hop in 0..MAX_HOPS {
+            let status = match f(self.channel()).await {
+                Ok(r) => return Ok(r.into_inner()),
+                Err(s) => s,
+            };
+            let leader =
+                status.metadata().get("portmesh-leader").and_then(|v| v.to_str().ok()).map(str::to_string);
+            let category =
+                status.metadata().get("portmesh-error").and_then(|v| v.to_str().ok()).map(str::to_string);
+            let transport = status.code() == tonic::Code::Unavailable && category.is_none();
+            let err = ClientError::from(status);
+            match (leader, category.as_deref()) {
+                (Some(leader), _) if leader != self.addr() => {
+                    if self.switch_to(&leader).await.is_err() {
+                        self.next_endpoint(hop).await;
+                    }
+                }
+                // No leader known yet (an election): give it a moment, then ask again.
+                (_, Some("not_leader")) => {
+                    tokio::time::sleep(Duration::from_millis(100 * (hop as u64 + 1))).await;
+                    self.next_endpoint(hop).await;
+                }
+                _ if transport && self.endpoints.len() > 1 => {
+                    // The node is gone: later calls go elsewhere. This call is repeated only if
+                    // that is safe; otherwise its outcome is unknown and the caller must know.
+                    self.next_endpoint(hop).await;
+                    if retry != Retry::Safe {
+                        return Err(err);
+                    }
+                }
+                _ => return Err(err),
+            }
+            last = Some(err);
+        }
+        Err(last.unwrap_or_else(|| missing("answer")))
+    }
+
+    /// Moves to another endpoint (best effort; stays put when none answers).
+    async fn next_endpoint(&self, hop: usize) {
+        let n = self.endpoints.len();
+        let current = self.addr();
+        for i in 0..n {
+            let a = &self.endpoints[(hop + 1 + i) % n];
+            if *a != current && self.switch_to(a).await.is_ok() {
+                return;
+            }
+        }
     }
 
     pub async fn allocate(&self, req: pb::AllocateRequest) -> Result<pb::AllocateResponse> {
-        Ok(self.allocator().allocate(req).await?.into_inner())
+        // Keyed allocations are idempotent (the same key returns the same live allocation).
+        let retry =
+            if req.items.iter().all(|i| !i.key.is_empty()) { Retry::Safe } else { Retry::OnlyOnRedirect };
+        self.call(retry, |ch| {
+            let req = req.clone();
+            async move { pb::allocator_client::AllocatorClient::new(ch).allocate(req).await }
+        })
+        .await
     }
 
     pub async fn release(&self, req: pb::ReleaseRequest) -> Result<pb::ReleaseResponse> {
-        Ok(self.allocator().release(req).await?.into_inner())
+        self.call(Retry::OnlyOnRedirect, |ch| {
+            let req = req.clone();
+            async move { pb::allocator_client::AllocatorClient::new(ch).release(req).await }
+        })
+        .await
     }
 
     pub async fn reserve(&self, port: u16, reason: &str) -> Result<pb::Reservation> {
         let req = pb::ReserveRequest { port: port.into(), reason: reason.to_string() };
-        let r = self.allocator().reserve(req).await?.into_inner();
+        let r = self
+            .call(Retry::OnlyOnRedirect, |ch| {
+                let req = req.clone();
+                async move { pb::allocator_client::AllocatorClient::new(ch).reserve(req).await }
+            })
+            .await?;
         r.reservation.ok_or_else(|| missing("reservation"))
     }
 
     pub async fn unreserve(&self, port: u16) -> Result<pb::UnreserveResponse> {
-        Ok(self.allocator().unreserve(pb::UnreserveRequest { port: port.into() }).await?.into_inner())
+        let req = pb::UnreserveRequest { port: port.into() };
+        self.call(Retry::OnlyOnRedirect, |ch| async move {
+            pb::allocator_client::AllocatorClient::new(ch).unreserve(req).await
+        })
+        .await
     }
 
     pub async fn list(&self, req: pb::ListRequest) -> Result<pb::ListResponse> {
-        Ok(self.allocator().list(req).await?.into_inner())
+        self.call(Retry::Safe, |ch| {
+            let req = req.clone();
+            async move { pb::allocator_client::AllocatorClient::new(ch).list(req).await }
+        })
+        .await
     }
 
     pub async fn list_pools(&self, team: &str) -> Result<pb::ListPoolsResponse> {
         let req = pb::ListPoolsRequest { team: team.to_string(), stale: false };
-        Ok(self.pools().list(req).await?.into_inner())
+        self.call(Retry::Safe, |ch| {
+            let req = req.clone();
+            async move { pb::pools_client::PoolsClient::new(ch).list(req).await }
+        })
+        .await
     }
 
     pub async fn add_pool(&self, team: &str, name: &str, ranges: Vec<pb::PortRange>) -> Result<pb::Pool> {
         let req = pb::AddPoolRequest { team: team.to_string(), name: name.to_string(), ranges };
-        self.pools().add(req).await?.into_inner().pool.ok_or_else(|| missing("pool"))
+        let r = self
+            .call(Retry::OnlyOnRedirect, |ch| {
+                let req = req.clone();
+                async move { pb::pools_client::PoolsClient::new(ch).add(req).await }
+            })
+            .await?;
+        r.pool.ok_or_else(|| missing("pool"))
     }
 
     pub async fn remove_pool(&self, team: &str, name: &str) -> Result<pb::RemovePoolResponse> {
         let req = pb::RemovePoolRequest { team: team.to_string(), name: name.to_string() };
-        Ok(self.pools().remove(req).await?.into_inner())
+        self.call(Retry::OnlyOnRedirect, |ch| {
+            let req = req.clone();
+            async move { pb::pools_client::PoolsClient::new(ch).remove(req).await }
+        })
+        .await
     }
 
     pub async fn grant_lease(&self, team: &str, ttl: Duration) -> Result<pb::Lease> {
         let req = pb::LeaseGrantRequest { team: team.to_string(), ttl_ms: ttl.as_millis() as u64 };
-        self.leases().grant(req).await?.into_inner().lease.ok_or_else(|| missing("lease"))
+        let r = self
+            .call(Retry::OnlyOnRedirect, |ch| {
+                let req = req.clone();
+                async move { pb::leases_client::LeasesClient::new(ch).grant(req).await }
+            })
+            .await?;
+        r.lease.ok_or_else(|| missing("lease"))
     }
 
     pub async fn revoke_lease(&self, team: &str, id: u64) -> Result<pb::LeaseRevokeResponse> {
         let req = pb::LeaseRevokeRequest { team: team.to_string(), lease_id: id };
-        Ok(self.leases().revoke(req).await?.into_inner())
+        self.call(Retry::OnlyOnRedirect, |ch| {
+            let req = req.clone();
+            async move { pb::leases_client::LeasesClient::new(ch).revoke(req).await }
+        })
+        .await
     }
 
     /// Renews a lease once. Returns the new TTL; `None` when the lease no longer exists.
     pub async fn keep_alive_once(&self, team: &str, id: u64) -> Result<Option<Duration>> {
         let req = pb::LeaseKeepAliveRequest { team: team.to_string(), lease_id: id };
-        let mut stream = self.leases().keep_alive(tokio_stream::iter([req])).await?.into_inner();
-        match stream.message().await? {
+        let first = self
+            .call(Retry::Safe, |ch| {
+                let req = req.clone();
+                async move {
+                    let mut stream = pb::leases_client::LeasesClient::new(ch)
+                        .keep_alive(tokio_stream::iter([req]))
+                        .await?
+                        .into_inner();
+                    let reply = stream.message().await?;
+                    Ok(tonic::Response::new(reply))
+                }
+            })
+            .await?;
+        match first {
             Some(r) if r.ttl_ms > 0 => Ok(Some(Duration::from_millis(r.ttl_ms))),
             Some(_) => Ok(None),
             None => Err(missing("keep-alive reply")),
@@ -177,17 +327,18 @@ impl Client {
     }
 
     pub async fn status(&self) -> Result<pb::StatusResponse> {
-        Ok(self.cluster().status(pb::StatusRequest {}).await?.into_inner())
+        let channel = self.channel();
+        Ok(pb::cluster_client::ClusterClient::new(channel).status(pb::StatusRequest {}).await?.into_inner())
     }
 
     pub async fn shutdown(&self) -> Result<()> {
-        self.cluster().shutdown(pb::ShutdownRequest {}).await?;
+        pb::cluster_client::ClusterClient::new(self.channel()).shutdown(pb::ShutdownRequest {}).await?;
         Ok(())
     }
 
     /// Whether the node reports SERVING on the standard gRPC health service.
     pub async fn is_serving(&self) -> Result<bool> {
-        let mut h = HealthClient::new(self.channel.clone());
+        let mut h = HealthClient::new(self.channel());
         let r = h.check(HealthCheckRequest { service: String::new() }).await?.into_inner();
         Ok(r.status == ServingStatus::Serving as i32)
     }

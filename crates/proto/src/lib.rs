@@ -10,6 +10,14 @@ pub mod v1 {
     tonic::include_proto!("portmesh.v1");
 }
 
+/// The node-to-node Raft transport (internal; not part of the public API).
+pub mod raft {
+    #[allow(clippy::all, clippy::pedantic, missing_debug_implementations, rust_2018_idioms)]
+    pub mod v1 {
+        tonic::include_proto!("portmesh.raft.v1");
+    }
+}
+
 /// Encoded file descriptor set of the public API, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/portmesh_descriptor.bin"));
 

@@ -10,7 +10,6 @@
 //! Each command is still applied on its own (its own revision, its own rejection), in order.
 
 use openraft::Raft;
-use openraft::error::{ClientWriteError, RaftError};
 use portmesh_core::{Command, Request, Response};
 use portmesh_store::TypeConfig;
 use tokio::sync::{mpsc, oneshot};
@@ -73,13 +72,7 @@ async fn run(raft: Raft<TypeConfig>, mut rx: mpsc::Receiver<(Command, Reply)>) {
                 }
             }
             Err(e) => {
-                let err = match e {
-                    RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => ProposeError::NotLeader {
-                        leader_id: f.leader_id,
-                        leader_addr: f.leader_node.map(|n| n.addr),
-                    },
-                    other => ProposeError::Unavailable(other.to_string()),
-                };
+                let err = crate::write_error(e);
                 for reply in replies.drain(..) {
                     let _ = reply.send(Err(err.clone()));
                 }

@@ -5,18 +5,21 @@
 //! make a read linearizable ([`RaftNode::read_barrier`]), and the leader-only lease countdown
 //! ([`keeper`]). Does not own: storage (`portmesh-store`), gRPC services (`portmesh-api`).
 //!
-//! Peer networking: this release runs single-node clusters; [`network::NoPeers`] reports every
-//! peer unreachable. The gRPC node-to-node transport replaces it when clusters arrive.
+//! Peers talk over the internal gRPC service `portmesh.raft.v1.Raft` ([`network`] is the client
+//! side, [`RaftService`] the server side), kept apart from the public API.
 
 mod batcher;
 pub mod keeper;
 pub mod network;
+mod service;
+
+pub use service::RaftService;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use openraft::error::{CheckIsLeaderError, InitializeError, RaftError};
+use openraft::error::{CheckIsLeaderError, ClientWriteError, InitializeError, RaftError};
 use openraft::{BasicNode, Config, Raft, RaftMetrics, ServerState, SnapshotPolicy};
 use portmesh_core::{Command, Response};
 use portmesh_store::{StateReader, Store, StoreError, TypeConfig};
@@ -38,6 +41,9 @@ pub struct RaftOptions {
     pub lease_tick: Duration,
     /// Most leases expired by one log entry (a storm is spread over several entries).
     pub expiry_batch: usize,
+    /// Joining nodes become voters while the cluster has fewer voters than this (3 or 5);
+    /// the others stay learners.
+    pub voters: usize,
 }
 
 impl Default for RaftOptions {
@@ -50,6 +56,7 @@ impl Default for RaftOptions {
             lease_checkpoint: Duration::from_secs(5),
             lease_tick: Duration::from_millis(100),
             expiry_batch: 1_000,
+            voters: 3,
         }
     }
 }
@@ -81,6 +88,16 @@ fn leader_hint(id: &Option<u64>, addr: &Option<String>) -> String {
     }
 }
 
+/// Maps a failed Raft write (client write or membership change) to a [`ProposeError`].
+pub(crate) fn write_error(e: RaftError<u64, ClientWriteError<u64, BasicNode>>) -> ProposeError {
+    match e {
+        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => {
+            ProposeError::NotLeader { leader_id: f.leader_id, leader_addr: f.leader_node.map(|n| n.addr) }
+        }
+        other => ProposeError::Unavailable(other.to_string()),
+    }
+}
+
 /// Wall-clock milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
@@ -96,6 +113,7 @@ pub struct RaftNode {
     state: StateReader,
     keeper: Arc<LeaseKeeper>,
     batcher: batcher::Batcher,
+    max_voters: usize,
     stop: watch::Sender<bool>,
 }
 
@@ -139,13 +157,14 @@ impl RaftNode {
         .map_err(|e| StartError::Config(e.to_string()))?;
         let sm = store.state_machine()?;
         let state = sm.reader();
-        let raft = Raft::new(id, Arc::new(config), network::NoPeers, store.log_store(), sm)
+        let raft = Raft::new(id, Arc::new(config), network::GrpcNetwork::new(id), store.log_store(), sm)
             .await
             .map_err(|e| StartError::Raft(e.to_string()))?;
         let keeper = Arc::new(LeaseKeeper::new(opts.clone()));
         let (stop, _) = watch::channel(false);
         let batcher = batcher::Batcher::start(raft.clone());
-        let node = RaftNode { id, addr, raft, store, state, keeper, batcher, stop };
+        let max_voters = opts.voters;
+        let node = RaftNode { id, addr, raft, store, state, keeper, batcher, max_voters, stop };
         tokio::spawn(keeper::run(node.clone(), node.stop.subscribe()));
         Ok(node)
     }
@@ -215,6 +234,29 @@ impl RaftNode {
         let id = m.current_leader?;
         let addr = m.membership_config.membership().get_node(&id).map(|n| n.addr.clone()).unwrap_or_default();
         Some((id, addr))
+    }
+
+    /// Adds a node: as a learner (blocking until it caught up), then as a voter while the
+    /// cluster has fewer voters than [`RaftOptions::voters`]. Leader only. Returns whether the
+    /// node is a voter.
+    pub async fn add_member(&self, id: u64, addr: String) -> Result<bool, ProposeError> {
+        if !self.is_leader() {
+            let (leader_id, leader_addr) = self.leader().map_or((None, None), |(i, a)| (Some(i), Some(a)));
+            return Err(ProposeError::NotLeader { leader_id, leader_addr });
+        }
+        self.raft.add_learner(id, BasicNode { addr }, true).await.map_err(write_error)?;
+        let voters: std::collections::BTreeSet<u64> =
+            self.metrics().membership_config.membership().voter_ids().collect();
+        if voters.contains(&id) {
+            return Ok(true);
+        }
+        if voters.len() >= self.max_voters {
+            return Ok(false);
+        }
+        let mut next = voters;
+        next.insert(id);
+        self.raft.change_membership(next, false).await.map_err(write_error)?;
+        Ok(true)
     }
 
     /// Renews a lease on the leader. `Ok(Some(ttl))` when renewed, `Ok(None)` when the lease is

@@ -1,67 +1,187 @@
-//! Node-to-node transport. Single-node clusters never send a Raft RPC; [`NoPeers`] answers every
-//! attempt with `Unreachable` so a misconfigured membership fails loudly instead of hanging.
+//! Node-to-node Raft transport over gRPC (`proto/portmesh/raft/v1`).
+//!
+//! - One HTTP/2 channel per peer address, created lazily and shared by every Raft client of that
+//!   peer; tonic reconnects it by itself after the peer restarts.
+//! - Each RPC carries an openraft message encoded with postcard and the sender's data version.
+//!   The answer is the `Result` openraft produced on the peer, so a peer's Raft error arrives as
+//!   `RPCError::RemoteError` and a transport failure as `Unreachable`/`Network`/`Timeout`.
+//! - Snapshots travel as openraft's own chunks (`snapshot_max_chunk_size`), one RPC per chunk.
 
-use openraft::error::{InstallSnapshotError, RPCError, RaftError, Unreachable};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use openraft::error::{InstallSnapshotError, RPCError, RaftError, RemoteError, Timeout, Unreachable};
 use openraft::network::RPCOption;
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
 };
-use openraft::{BasicNode, RaftNetwork, RaftNetworkFactory};
-use portmesh_store::TypeConfig;
+use openraft::{BasicNode, RPCTypes, RaftNetwork, RaftNetworkFactory};
+use portmesh_proto::raft::v1 as rpb;
+use portmesh_store::{DATA_VERSION, TypeConfig};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tonic::transport::{Channel, Endpoint};
 
-/// The network of a single-node cluster: there are no peers to reach.
-#[derive(Debug, Clone, Copy)]
-pub struct NoPeers;
+/// How long to wait for a TCP connection to a peer.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// A client for a peer that cannot be reached.
+/// Encodes a message for the wire.
+pub(crate) fn encode<T: Serialize>(v: &T) -> Result<rpb::RaftMessage, postcard::Error> {
+    Ok(rpb::RaftMessage { data_version: DATA_VERSION, payload: postcard::to_allocvec(v)? })
+}
+
+/// Decodes a message from the wire, refusing another data version.
+pub(crate) fn decode<T: DeserializeOwned>(m: &rpb::RaftMessage) -> Result<T, String> {
+    if m.data_version != DATA_VERSION {
+        return Err(format!(
+            "peer speaks portmesh data version {}, this node version {DATA_VERSION}: run the same release on every node",
+            m.data_version
+        ));
+    }
+    postcard::from_bytes(&m.payload).map_err(|e| format!("undecodable Raft message: {e}"))
+}
+
+/// The factory of Raft clients: one per peer, sharing channels by address.
+#[derive(Debug, Clone)]
+pub struct GrpcNetwork {
+    id: u64,
+    channels: Arc<Mutex<HashMap<String, Channel>>>,
+}
+
+impl GrpcNetwork {
+    pub fn new(id: u64) -> Self {
+        Self { id, channels: Arc::default() }
+    }
+
+    fn channel(&self, addr: &str) -> Result<Channel, String> {
+        let mut map = self.channels.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = map.get(addr) {
+            return Ok(c.clone());
+        }
+        let uri = if addr.contains("://") { addr.to_string() } else { format!("http://{addr}") };
+        let channel = Endpoint::from_shared(uri)
+            .map_err(|e| format!("invalid peer address {addr:?}: {e}"))?
+            .connect_timeout(CONNECT_TIMEOUT)
+            .tcp_nodelay(true)
+            .connect_lazy();
+        map.insert(addr.to_string(), channel.clone());
+        Ok(channel)
+    }
+}
+
+/// A Raft client of one peer.
 #[derive(Debug)]
-pub struct NoPeer {
+pub struct GrpcPeer {
+    id: u64,
     target: u64,
     addr: String,
+    client: Result<rpb::raft_client::RaftClient<Channel>, String>,
 }
 
-impl NoPeer {
-    fn err<E: std::error::Error>(&self) -> RPCError<u64, BasicNode, E> {
-        let e = std::io::Error::other(format!(
-            "node {} at {} cannot be reached: this release runs single-node clusters only",
-            self.target, self.addr
-        ));
-        RPCError::Unreachable(Unreachable::new(&e))
-    }
-}
-
-impl RaftNetworkFactory<TypeConfig> for NoPeers {
-    type Network = NoPeer;
+impl RaftNetworkFactory<TypeConfig> for GrpcNetwork {
+    type Network = GrpcPeer;
 
     async fn new_client(&mut self, target: u64, node: &BasicNode) -> Self::Network {
-        NoPeer { target, addr: node.addr.clone() }
+        let client = self.channel(&node.addr).map(rpb::raft_client::RaftClient::new);
+        GrpcPeer { id: self.id, target, addr: node.addr.clone(), client }
     }
 }
 
-impl RaftNetwork<TypeConfig> for NoPeer {
+#[derive(Debug, Clone, Copy)]
+enum Rpc {
+    Append,
+    Vote,
+    Snapshot,
+}
+
+impl GrpcPeer {
+    async fn call<Req, Resp, E>(
+        &mut self,
+        rpc: Rpc,
+        req: &Req,
+        option: &RPCOption,
+    ) -> Result<Resp, RPCError<u64, BasicNode, E>>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
+        let unreachable = |why: String| RPCError::Unreachable(Unreachable::new(&std::io::Error::other(why)));
+        let client = match &mut self.client {
+            Ok(c) => c,
+            Err(e) => return Err(unreachable(e.clone())),
+        };
+        let msg = encode(req).map_err(|e| unreachable(format!("encoding a Raft message: {e}")))?;
+        let ttl = option.hard_ttl();
+        let fut = async {
+            match rpc {
+                Rpc::Append => client.append_entries(msg).await,
+                Rpc::Vote => client.vote(msg).await,
+                Rpc::Snapshot => client.install_snapshot(msg).await,
+            }
+        };
+        let reply = match tokio::time::timeout(ttl, fut).await {
+            Err(_) => {
+                let action = match rpc {
+                    Rpc::Append => RPCTypes::AppendEntries,
+                    Rpc::Vote => RPCTypes::Vote,
+                    Rpc::Snapshot => RPCTypes::InstallSnapshot,
+                };
+                return Err(RPCError::Timeout(Timeout {
+                    action,
+                    id: self.id,
+                    target: self.target,
+                    timeout: ttl,
+                }));
+            }
+            // Every failure short of a timeout is reported as `Unreachable`: openraft retries
+            // `NetworkError` at once, in a tight loop, but backs off after `Unreachable`.
+            Ok(Err(status)) => {
+                return Err(unreachable(format!(
+                    "node {} at {}: {:?}: {}",
+                    self.target,
+                    self.addr,
+                    status.code(),
+                    status.message()
+                )));
+            }
+            Ok(Ok(r)) => r.into_inner(),
+        };
+        let result: Result<Resp, E> = decode(&reply).map_err(unreachable)?;
+        result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+    }
+}
+
+impl RaftNetwork<TypeConfig> for GrpcPeer {
     async fn append_entries(
         &mut self,
-        _rpc: AppendEntriesRequest<TypeConfig>,
-        _option: RPCOption,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
     ) -> Result<AppendEntriesResponse<u64>, RPCError<u64, BasicNode, RaftError<u64>>> {
-        Err(self.err())
+        self.call(Rpc::Append, &rpc, &option).await
     }
 
     async fn install_snapshot(
         &mut self,
-        _rpc: InstallSnapshotRequest<TypeConfig>,
-        _option: RPCOption,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
     ) -> Result<InstallSnapshotResponse<u64>, RPCError<u64, BasicNode, RaftError<u64, InstallSnapshotError>>>
     {
-        Err(self.err())
+        self.call(Rpc::Snapshot, &rpc, &option).await
     }
 
     async fn vote(
         &mut self,
-        _rpc: VoteRequest<u64>,
-        _option: RPCOption,
+        rpc: VoteRequest<u64>,
+        option: RPCOption,
     ) -> Result<VoteResponse<u64>, RPCError<u64, BasicNode, RaftError<u64>>> {
-        Err(self.err())
+        self.call(Rpc::Vote, &rpc, &option).await
+    }
+
+    /// After a failed RPC, wait this long before the next try to that peer.
+    fn backoff(&self) -> openraft::network::Backoff {
+        openraft::network::Backoff::new(std::iter::repeat(Duration::from_millis(200)))
     }
 }
