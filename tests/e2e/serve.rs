@@ -1,45 +1,14 @@
 //! `portmesh serve` in the foreground: startup logs, SIGTERM, restart on the same data.
 
-use std::io::{BufRead, BufReader};
-use std::process::Stdio;
 use std::time::Duration;
 
 use crate::support::*;
-
-struct Served {
-    child: std::process::Child,
-    grpc: String,
-    log: Vec<String>,
-}
-
-fn serve(h: &Home, data: &std::path::Path) -> Served {
-    let mut child = h
-        .cmd(&["serve", "--listen", "127.0.0.1:0", "--http", "127.0.0.1:0", "--bootstrap", "--data"])
-        .arg(data)
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let mut lines = BufReader::new(stderr).lines();
-    let mut log = Vec::new();
-    let grpc = loop {
-        let line = lines.next().expect("node exited before listening").unwrap();
-        log.push(line.clone());
-        if line.contains("portmesh node listening") {
-            let grpc = line.split("grpc=").nth(1).unwrap().split_whitespace().next().unwrap().to_string();
-            break grpc;
-        }
-    };
-    std::thread::spawn(move || for _ in lines {});
-    Served { child, grpc, log }
-}
 
 #[test]
 fn sigterm_stops_cleanly_and_a_restart_keeps_the_data() {
     let h = Home::new();
     let data = h.path().join("fg-data");
-    let mut s = serve(&h, &data);
+    let mut s = serve(&h, &data, &["--bootstrap"]);
     let line = s.log.last().unwrap().clone();
     assert!(
         line.contains("http=Some(127.0.0.1:") && line.contains("advertise="),
@@ -58,7 +27,7 @@ fn sigterm_stops_cleanly_and_a_restart_keeps_the_data() {
     assert!(status.success(), "clean exit on SIGTERM: {status}");
 
     // Same data, bootstrapped again: harmless, and the allocation is there.
-    let mut s2 = serve(&h, &data);
+    let mut s2 = serve(&h, &data, &["--bootstrap"]);
     let out = h.cmd(&["--node", &s2.grpc, "ls", "--json"]).output().unwrap();
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["allocations"][0]["port"].to_string(), port);
@@ -73,7 +42,7 @@ fn sigterm_stops_cleanly_and_a_restart_keeps_the_data() {
 fn a_second_node_on_the_same_data_directory_is_refused() {
     let h = Home::new();
     let data = h.path().join("shared-data");
-    let mut s = serve(&h, &data);
+    let mut s = serve(&h, &data, &["--bootstrap"]);
     let out =
         h.cmd(&["serve", "--listen", "127.0.0.1:0", "--bootstrap", "--data"]).arg(&data).output().unwrap();
     assert!(!out.status.success());

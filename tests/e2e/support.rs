@@ -161,3 +161,48 @@ pub fn http_get(addr: &str, path: &str) -> (u16, String) {
 pub fn closed_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
+
+/// A `portmesh serve` process in the foreground.
+pub struct Served {
+    pub child: std::process::Child,
+    pub grpc: String,
+    pub log: Vec<String>,
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `portmesh serve` on a free loopback port with `data` and `extra` flags; returns once it
+/// listens.
+pub fn serve(h: &Home, data: &Path, extra: &[&str]) -> Served {
+    serve_at(h, data, "127.0.0.1:0", extra)
+}
+
+/// Starts `portmesh serve` listening on `listen`.
+pub fn serve_at(h: &Home, data: &Path, listen: &str, extra: &[&str]) -> Served {
+    use std::io::{BufRead, BufReader};
+    let mut child = h
+        .cmd(&["serve", "--listen", listen, "--http", "127.0.0.1:0", "--data"])
+        .arg(data)
+        .args(extra)
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = BufReader::new(stderr).lines();
+    let mut log = Vec::new();
+    let grpc = loop {
+        let line = lines.next().unwrap_or_else(|| panic!("node exited before listening: {log:#?}")).unwrap();
+        log.push(line.clone());
+        if line.contains("portmesh node listening") {
+            break line.split("grpc=").nth(1).unwrap().split_whitespace().next().unwrap().to_string();
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    Served { child, grpc, log }
+}

@@ -81,8 +81,11 @@ pub struct Client {
     endpoints: std::sync::Arc<Vec<String>>,
 }
 
-/// How many times a call follows the leader or moves to another endpoint before giving up.
-const MAX_HOPS: usize = 6;
+/// How long a call keeps following the leader or moving past dead endpoints: longer than an
+/// election takes.
+const FOLLOW_BUDGET: Duration = Duration::from_secs(10);
+/// Pause before asking again while a cluster has no reachable leader.
+const PAUSE: Duration = Duration::from_millis(100);
 
 fn uri(addr: &str) -> String {
     if addr.starts_with("http://") || addr.starts_with("https://") {
@@ -152,14 +155,16 @@ impl Client {
         Ok(())
     }
 
-    /// Runs one RPC, following the leader and (when `retry` allows) moving past dead endpoints.
+    /// Runs one RPC, following the leader and (when `retry` allows) moving past dead endpoints,
+    /// for at most [`FOLLOW_BUDGET`] — long enough to ride out an election.
     async fn call<T, F, Fut>(&self, retry: Retry, f: F) -> Result<T>
     where
         F: Fn(Channel) -> Fut,
         Fut: std::future::Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
     {
-        let mut last: Option<ClientError> = None;
-        for hop in 0..MAX_HOPS {
+        let deadline = tokio::time::Instant::now() + FOLLOW_BUDGET;
+        let mut hop = 0usize;
+        loop {
             let status = match f(self.channel()).await {
                 Ok(r) => return Ok(r.into_inner()),
                 Err(s) => s,
@@ -170,15 +175,22 @@ impl Client {
                 status.metadata().get("portmesh-error").and_then(|v| v.to_str().ok()).map(str::to_string);
             let transport = status.code() == tonic::Code::Unavailable && category.is_none();
             let err = ClientError::from(status);
+            if tokio::time::Instant::now() >= deadline {
+                return Err(err);
+            }
+            hop += 1;
             match (leader, category.as_deref()) {
                 (Some(leader), _) if leader != self.addr() => {
+                    // The named leader may itself be gone (the others have not noticed yet):
+                    // pause, and ask another node.
                     if self.switch_to(&leader).await.is_err() {
+                        tokio::time::sleep(PAUSE).await;
                         self.next_endpoint(hop).await;
                     }
                 }
                 // No leader known yet (an election): give it a moment, then ask again.
                 (_, Some("not_leader")) => {
-                    tokio::time::sleep(Duration::from_millis(100 * (hop as u64 + 1))).await;
+                    tokio::time::sleep(PAUSE).await;
                     self.next_endpoint(hop).await;
                 }
                 _ if transport && self.endpoints.len() > 1 => {
@@ -191,9 +203,7 @@ impl Client {
                 }
                 _ => return Err(err),
             }
-            last = Some(err);
         }
-        Err(last.unwrap_or_else(|| missing("answer")))
     }
 
     /// Moves to another endpoint (best effort; stays put when none answers).
