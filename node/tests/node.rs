@@ -297,10 +297,15 @@ struct Cluster {
     _dirs: Vec<tempfile::TempDir>,
     nodes: Vec<Option<RunningNode>>,
     addrs: Vec<String>,
+    tweak: Box<dyn Fn(&mut NodeConfig) + Send + Sync>,
 }
 
 impl Cluster {
     async fn start(n: usize) -> Cluster {
+        Cluster::start_with(n, |_| {}).await
+    }
+
+    async fn start_with(n: usize, tweak: impl Fn(&mut NodeConfig) + Send + Sync + 'static) -> Cluster {
         logs();
         let mut dirs = Vec::new();
         let mut nodes = Vec::new();
@@ -309,6 +314,7 @@ impl Cluster {
             let dir = tempfile::tempdir().unwrap();
             let mut cfg = NodeConfig::new(dir.path().to_path_buf(), "127.0.0.1:0".parse().unwrap());
             fast_raft(&mut cfg);
+            tweak(&mut cfg);
             if i == 0 {
                 cfg.bootstrap = true;
             } else {
@@ -319,7 +325,54 @@ impl Cluster {
             nodes.push(Some(node));
             dirs.push(dir);
         }
-        Cluster { _dirs: dirs, nodes, addrs }
+        Cluster { _dirs: dirs, nodes, addrs, tweak: Box::new(tweak) }
+    }
+
+    fn leader_index(&self) -> usize {
+        self.nodes.iter().position(|n| n.as_ref().is_some_and(|n| n.api.node().is_leader())).unwrap()
+    }
+
+    async fn stop(&mut self, i: usize) {
+        let n = self.nodes[i].take().unwrap();
+        n.shutdown_handle().send_replace(true);
+        n.wait().await;
+    }
+
+    async fn wait_leader_other_than(&self, old: u64) -> usize {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(i) = self
+                .nodes
+                .iter()
+                .position(|n| n.as_ref().is_some_and(|n| n.api.node().is_leader() && n.api.node().id != old))
+            {
+                return i;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "no new leader");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Restarts node `i` on its directory and address (retrying while the old handles let go
+    /// of sled's lock).
+    async fn restart(&mut self, i: usize) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let mut cfg = NodeConfig::new(self._dirs[i].path().to_path_buf(), self.addrs[i].parse().unwrap());
+            fast_raft(&mut cfg);
+            (self.tweak)(&mut cfg);
+            match start(cfg).await {
+                Ok(n) => {
+                    self.nodes[i] = Some(n);
+                    return;
+                }
+                Err(e) if tokio::time::Instant::now() < deadline => {
+                    eprintln!("retrying restart: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
     }
 
     fn live(&self) -> impl Iterator<Item = &RunningNode> {
@@ -435,4 +488,104 @@ async fn losing_the_leader_loses_no_acknowledged_allocation_and_duplicates_none(
     assert!(acked.len() >= 300, "the cluster kept serving after the leader left: {} acked", acked.len());
     let new_leader = c.live().find(|n| n.api.node().is_leader()).expect("a new leader");
     assert_ne!(new_leader.api.node().id, old_id);
+}
+
+/// A follower that was down while the log moved past it (snapshots taken, log purged) catches up
+/// by snapshot over the Raft transport when it comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_that_missed_purged_entries_catches_up_by_snapshot() {
+    let mut c = Cluster::start_with(3, |cfg| {
+        cfg.raft.snapshot_every = 20;
+        cfg.raft.keep_after_snapshot = 5;
+    })
+    .await;
+    let follower = c.nodes.iter().position(|n| !n.as_ref().unwrap().api.node().is_leader()).unwrap();
+    c.stop(follower).await;
+    let client = c.client().await;
+    let mut acked = BTreeSet::new();
+    for i in 0..120 {
+        let req =
+            pb::AllocateRequest { items: vec![item(&format!("s{i}"), "default")], ..Default::default() };
+        acked.insert(client.allocate(req).await.unwrap().allocations[0].port as u16);
+    }
+    let leader = c.leader_index();
+    let purged = c.nodes[leader].as_ref().unwrap().api.node().metrics().purged.map_or(0, |l| l.index);
+    assert!(purged > 0, "the leader purged its log behind a snapshot");
+
+    c.restart(follower).await;
+    let back = c.nodes[follower].as_ref().unwrap();
+    applied_until(back, "the returning follower to catch up", Duration::from_secs(30), |s| {
+        acked.iter().all(|p| s.allocation(*p).is_some())
+    })
+    .await;
+    assert!(
+        back.api.node().metrics().snapshot.is_some_and(|l| l.index > 0),
+        "it caught up through a snapshot"
+    );
+}
+
+/// Leases across leader changes: a lease kept alive (renewed at about TTL/3, as a holder does)
+/// through three leader changes never expires, and each new leader resumes an abandoned lease's
+/// countdown from the last checkpoint, never from more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_lease_survives_three_leader_changes_and_countdowns_resume_from_checkpoints() {
+    let mut c = Cluster::start_with(3, |cfg| cfg.raft.lease_checkpoint = Duration::from_millis(500)).await;
+    let client = c.client().await;
+    let kept = client
+        .allocate(pb::AllocateRequest {
+            items: vec![item("kept", "web")],
+            ttl_ms: 6_000,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let abandoned = client.grant_lease("default", Duration::from_secs(60)).await.unwrap();
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let renewer = {
+        let client = client.clone();
+        let id = kept.lease_id;
+        tokio::spawn(async move {
+            let mut lost = 0;
+            loop {
+                match client.keep_alive_once("default", id).await {
+                    Ok(Some(_)) => {}
+                    Ok(None) => lost += 1,
+                    Err(e) => eprintln!("renewal failed (retrying): {e}"),
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(2_000)) => {}
+                    _ = stop_rx.changed() => return lost,
+                }
+            }
+        })
+    };
+    for round in 0..3 {
+        let old = c.leader_index();
+        let old_id = c.nodes[old].as_ref().unwrap().api.node().id;
+        c.stop(old).await;
+        let leader = c.wait_leader_other_than(old_id).await;
+        // The new leader counts the abandoned lease down from its checkpoint, not a fresh TTL.
+        let n = c.nodes[leader].as_ref().unwrap().api.node().clone();
+        let checkpointed = n.state().read().state.lease(abandoned.id).map(|l| l.remaining_ms).unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        let remaining = loop {
+            if let Some(r) = n.lease_remaining(abandoned.id) {
+                break r;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "round {round}: the new leader did not take up the lease"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert!(remaining <= checkpointed, "round {round}: {remaining} ms > checkpointed {checkpointed} ms");
+        c.restart(old).await;
+    }
+    stop_tx.send_replace(true);
+    assert_eq!(renewer.await.unwrap(), 0, "the kept lease was never reported lost");
+    let live = client.list(Default::default()).await.unwrap();
+    assert!(
+        live.allocations.iter().any(|a| a.lease_id == kept.lease_id),
+        "the kept lease's port is still held"
+    );
 }

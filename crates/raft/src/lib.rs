@@ -35,6 +35,9 @@ pub struct RaftOptions {
     pub election_max: Duration,
     /// Build a snapshot (and purge the log behind it) after this many entries.
     pub snapshot_every: u64,
+    /// Log entries kept behind a snapshot, so a follower that lags by fewer catches up from the
+    /// log rather than by snapshot.
+    pub keep_after_snapshot: u64,
     /// How often the leader writes the remaining TTL of every lease into the log.
     pub lease_checkpoint: Duration,
     /// How often the leader looks for expired leases.
@@ -53,6 +56,7 @@ impl Default for RaftOptions {
             election_min: Duration::from_millis(500),
             election_max: Duration::from_millis(1000),
             snapshot_every: 10_000,
+            keep_after_snapshot: 1_000,
             lease_checkpoint: Duration::from_secs(5),
             lease_tick: Duration::from_millis(100),
             expiry_batch: 1_000,
@@ -150,7 +154,9 @@ impl RaftNode {
             election_timeout_min: opts.election_min.as_millis() as u64,
             election_timeout_max: opts.election_max.as_millis() as u64,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(opts.snapshot_every),
-            max_in_snapshot_log_to_keep: 1_000,
+            max_in_snapshot_log_to_keep: opts.keep_after_snapshot,
+            // Purge in batches: every snapshot_every/4 entries at most, not entry by entry.
+            purge_batch_size: (opts.snapshot_every / 4).max(1),
             ..Default::default()
         }
         .validate()
