@@ -173,7 +173,13 @@ impl Client {
                 status.metadata().get("portmesh-leader").and_then(|v| v.to_str().ok()).map(str::to_string);
             let category =
                 status.metadata().get("portmesh-error").and_then(|v| v.to_str().ok()).map(str::to_string);
-            let transport = status.code() == tonic::Code::Unavailable && category.is_none();
+            // Without a portmesh category, the error came from the connection, not the node: a
+            // refused connect is UNAVAILABLE, a request cut off midway UNKNOWN or CANCELLED.
+            let transport = category.is_none()
+                && matches!(
+                    status.code(),
+                    tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
+                );
             let err = ClientError::from(status);
             if tokio::time::Instant::now() >= deadline {
                 return Err(err);
