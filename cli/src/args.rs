@@ -155,6 +155,9 @@ pub struct ServeArgs {
     /// learners.
     #[arg(long, default_value_t = 3, value_parser = parse_voters)]
     pub voters: usize,
+    /// Take a snapshot of the state (and purge the log behind it) every this many log entries.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(100..))]
+    pub snapshot_every: u64,
     /// Record this node's addresses in DIR/node.json so local CLIs find it.
     #[arg(long)]
     pub home: Option<PathBuf>,

@@ -213,7 +213,7 @@ fn ls(r: &pb::ListResponse, json: bool) {
 async fn pools(c: &Client, team: &str, p: &PoolsCommand, json: bool) -> Result<()> {
     match p {
         PoolsCommand::Ls => {
-            let r = c.list_pools("").await?;
+            let r = c.list_pools(pb::ListPoolsRequest::default()).await?;
             if json {
                 let list: Vec<_> = r
                     .pools
@@ -366,6 +366,8 @@ async fn serve(a: &ServeArgs) -> Result<()> {
     cfg.bootstrap = a.bootstrap;
     cfg.join = a.join.clone();
     cfg.raft.voters = a.voters;
+    cfg.raft.snapshot_every = a.snapshot_every;
+    cfg.raft.keep_after_snapshot = cfg.raft.keep_after_snapshot.min(a.snapshot_every / 10);
     cfg.home = a.home.clone();
     let node = portmesh_node::start(cfg).await.context("starting the node")?;
     let (lo, hi) = portmesh_probe::ephemeral_range();

@@ -2,11 +2,11 @@
 //! it, and check the SPEC §3 invariants against every node's state. A write whose outcome the
 //! client could not learn is *unknown*: it may exist afterwards or not, but never twice.
 
-use std::collections::BTreeSet;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use portmesh_client::{Client, pb};
+use portmesh_testkit as testkit;
 
 use crate::support::*;
 
@@ -14,30 +14,36 @@ struct ProcCluster {
     home: Home,
     nodes: Vec<Option<Served>>,
     addrs: Vec<String>,
+    extra: Vec<String>,
 }
 
 impl ProcCluster {
-    fn start(n: usize) -> ProcCluster {
+    /// `n` serve processes: the first bootstraps, the others join it; `extra` flags for all.
+    fn start(n: usize, extra: &[&str]) -> ProcCluster {
         let home = Home::new();
         let mut nodes = Vec::new();
         let mut addrs: Vec<String> = Vec::new();
         for i in 0..n {
             let data = home.path().join(format!("node{i}"));
-            let s = if i == 0 {
-                serve(&home, &data, &["--bootstrap"])
+            let mut flags: Vec<&str> = extra.to_vec();
+            if i == 0 {
+                flags.push("--bootstrap");
             } else {
-                serve(&home, &data, &["--join", &addrs[0]])
-            };
+                flags.extend(["--join", addrs[0].as_str()]);
+            }
+            let s = serve(&home, &data, &flags);
             addrs.push(s.grpc.clone());
             nodes.push(Some(s));
         }
-        ProcCluster { home, nodes, addrs }
+        let extra = extra.iter().map(|s| s.to_string()).collect();
+        ProcCluster { home, nodes, addrs, extra }
     }
 
     /// Restarts node `i` on its data and its address, with no cluster flags.
     fn restart(&mut self, i: usize) {
         let data = self.home.path().join(format!("node{i}"));
-        let s = serve_at(&self.home, &data, &self.addrs[i], &[]);
+        let extra: Vec<&str> = self.extra.iter().map(String::as_str).collect();
+        let s = serve_at(&self.home, &data, &self.addrs[i], &extra);
         self.nodes[i] = Some(s);
     }
 
@@ -73,29 +79,9 @@ impl ProcCluster {
         self.nodes.iter().zip(&self.addrs).filter(|(n, _)| n.is_some()).map(|(_, a)| a.clone()).collect()
     }
 
-    /// Each live node's own view (stale read), once all agree; panics if they never do.
-    async fn converged(&self) -> BTreeSet<u16> {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            let mut views = Vec::new();
-            for a in self.live_addrs() {
-                let c = Client::connect(&a).await.unwrap();
-                let r = c.list(pb::ListRequest { stale: true, ..Default::default() }).await.unwrap();
-                views.push((
-                    r.revision,
-                    r.allocations.iter().map(|a| a.port as u16).collect::<BTreeSet<u16>>(),
-                ));
-            }
-            if views.windows(2).all(|w| w[0] == w[1]) {
-                return views.swap_remove(0).1;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "nodes never converged: {:?}",
-                views.iter().map(|v| v.0).collect::<Vec<_>>()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+    /// Every live node's own view, once all agree; panics if they never do.
+    async fn converged(&self) -> Vec<testkit::View> {
+        testkit::converged(&self.live_addrs(), Duration::from_secs(30)).await
     }
 
     async fn leader_index(&self) -> usize {
@@ -115,86 +101,27 @@ impl ProcCluster {
     }
 }
 
-/// Acknowledged ports (each holder's) and the number of writes with an unknown outcome.
-async fn load(addrs: Vec<String>, clients: usize, batches: usize, tag: &str) -> (Vec<u16>, usize) {
-    let mut tasks = Vec::new();
-    for c in 0..clients {
-        let addrs = addrs.clone();
-        let tag = format!("{tag}{c}");
-        tasks.push(tokio::spawn(async move {
-            let refs: Vec<&str> = addrs.iter().map(String::as_str).collect();
-            let client = Client::connect_any(&refs).await.unwrap();
-            let (mut acked, mut unknown) = (Vec::new(), 0);
-            for _ in 0..batches {
-                let items = (0..10)
-                    .map(|_| pb::AllocItem {
-                        service: tag.clone(),
-                        pool: "default".into(),
-                        ..Default::default()
-                    })
-                    .collect();
-                match client.allocate(pb::AllocateRequest { items, ..Default::default() }).await {
-                    Ok(r) => acked.extend(r.allocations.iter().map(|a| a.port as u16)),
-                    Err(e) => {
-                        if std::env::var("PORTMESH_TEST_ERRORS").is_ok() {
-                            eprintln!("unknown outcome: {e}");
-                        }
-                        unknown += 10
-                    }
-                }
-            }
-            (acked, unknown)
-        }));
-    }
-    let (mut acked, mut unknown) = (Vec::new(), 0);
-    for t in tasks {
-        let (a, u) = t.await.unwrap();
-        acked.extend(a);
-        unknown += u;
-    }
-    (acked, unknown)
-}
-
-/// Invariant 1: no port acknowledged to two holders. Invariant 4: every acknowledged allocation
-/// is in every node's state. Unknown writes may add at most their own count.
-fn check(acked: &[u16], unknown: usize, state: &BTreeSet<u16>) {
-    let mut seen = BTreeSet::new();
-    for p in acked {
-        assert!(seen.insert(*p), "port {p} acknowledged twice");
-    }
-    let lost: Vec<_> = seen.difference(state).collect();
-    assert!(lost.is_empty(), "acknowledged allocations lost: {lost:?}");
-    assert!(
-        state.len() <= seen.len() + unknown,
-        "{} live allocations from {} acked + {unknown} unknown",
-        state.len(),
-        seen.len()
-    );
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_of_the_leader_under_load_loses_nothing_and_a_restart_rejoins() {
-    let mut c = ProcCluster::start(3);
-    let addrs = c.addrs.clone();
+    let mut c = ProcCluster::start(3, &[]);
     // 64 clients x 4 batches x 10 ports = 2,560 allocations.
     c.big_pool().await;
-    let load_task = tokio::spawn(load(addrs.clone(), 64, 4, "a"));
+    let addrs = c.addrs.clone();
+    let load_task = tokio::spawn(async move { testkit::load(&addrs, 64, 4, "k").await });
     let leader = c.leader_index().await;
     // Let the load get going, then kill the leader without warning.
     c.wait_for_load(300).await;
     c.signal(leader, Signal::SIGKILL);
     drop(c.nodes[leader].take());
-    let (acked, unknown) = load_task.await.unwrap();
-    eprintln!("kill -9 of the leader under 64-client load: {} acknowledged, {unknown} unknown", acked.len());
-    assert!(acked.len() + unknown >= 2_000);
-    assert!(acked.len() >= 1_000, "the cluster kept serving: {} acked, {unknown} unknown", acked.len());
-    let state = c.converged().await;
-    check(&acked, unknown, &state);
+    let oracle = load_task.await.unwrap();
+    eprintln!("kill -9 of the leader under 64-client load: {}", oracle.summary());
+    assert!(oracle.acked() + oracle.unknown() >= 2_000);
+    assert!(oracle.acked() >= 1_000, "the cluster kept serving: {}", oracle.summary());
+    testkit::check_all(&c.converged().await, &oracle);
 
-    // The killed node comes back on its data, with no flags, and catches up.
+    // The killed node comes back on its data and address, rejoins and catches up.
     c.restart(leader);
-    let state = c.converged().await;
-    check(&acked, unknown, &state);
+    testkit::check_all(&c.converged().await, &oracle);
     let s = Client::connect(&c.addrs[leader]).await.unwrap().status().await.unwrap();
     assert_eq!(s.members.len(), 3);
     assert_ne!(s.leader_id, 0);
@@ -202,30 +129,31 @@ async fn kill_9_of_the_leader_under_load_loses_nothing_and_a_restart_rejoins() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leader_paused_past_the_election_timeout_steps_down_and_nothing_is_lost() {
-    let mut c = ProcCluster::start(3);
+    let mut c = ProcCluster::start(3, &[]);
     c.big_pool().await;
-    let load_task = tokio::spawn(load(c.addrs.clone(), 32, 7, "p"));
+    let addrs = c.addrs.clone();
+    let load_task = tokio::spawn(async move { testkit::load(&addrs, 32, 7, "p").await });
     let leader = c.leader_index().await;
     c.wait_for_load(200).await;
     c.signal(leader, Signal::SIGSTOP);
-    // Others elect a new leader while it sleeps; the load carries on through them.
+    // The others elect a new leader while it sleeps; the load carries on through them.
     let paused = c.nodes[leader].take();
     let new_leader = c.leader_index().await;
     assert_ne!(new_leader, leader);
     c.nodes[leader] = paused;
     c.signal(leader, Signal::SIGCONT);
-    let (acked, unknown) = load_task.await.unwrap();
-    eprintln!("SIGSTOP of the leader under 32-client load: {} acknowledged, {unknown} unknown", acked.len());
-    assert!(acked.len() + unknown >= 2_000);
-    let state = c.converged().await;
-    check(&acked, unknown, &state);
+    let oracle = load_task.await.unwrap();
+    eprintln!("SIGSTOP of the leader under 32-client load: {}", oracle.summary());
+    assert!(oracle.acked() + oracle.unknown() >= 2_000);
+    testkit::check_all(&c.converged().await, &oracle);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_follower_stopped_with_sigterm_exits_cleanly_and_rejoins() {
-    let mut c = ProcCluster::start(3);
+    let mut c = ProcCluster::start(3, &[]);
     c.big_pool().await;
-    let load_task = tokio::spawn(load(c.addrs.clone(), 32, 7, "t"));
+    let addrs = c.addrs.clone();
+    let load_task = tokio::spawn(async move { testkit::load(&addrs, 32, 7, "t").await });
     let leader = c.leader_index().await;
     let follower = (leader + 1) % 3;
     c.wait_for_load(200).await;
@@ -233,20 +161,19 @@ async fn a_follower_stopped_with_sigterm_exits_cleanly_and_rejoins() {
     let mut stopped = c.nodes[follower].take().unwrap();
     let status = stopped.child.wait().unwrap();
     assert!(status.success(), "clean exit on SIGTERM: {status}");
-    let (acked, unknown) = load_task.await.unwrap();
-    eprintln!("SIGTERM of a follower under 32-client load: {} acknowledged, {unknown} unknown", acked.len());
-    assert!(acked.len() + unknown >= 2_000);
+    let oracle = load_task.await.unwrap();
+    eprintln!("SIGTERM of a follower under 32-client load: {}", oracle.summary());
+    assert!(oracle.acked() + oracle.unknown() >= 2_000);
     c.restart(follower);
-    let state = c.converged().await;
-    check(&acked, unknown, &state);
+    testkit::check_all(&c.converged().await, &oracle);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_and_restarting_the_whole_cluster_keeps_every_acknowledged_allocation() {
-    let mut c = ProcCluster::start(3);
+    let mut c = ProcCluster::start(3, &[]);
     c.big_pool().await;
-    let (acked, unknown) = load(c.addrs.clone(), 32, 7, "w").await;
-    assert_eq!(unknown, 0, "no fault yet: every write is acknowledged");
+    let oracle = testkit::load(&c.addrs, 32, 7, "w").await;
+    assert_eq!(oracle.unknown(), 0, "no fault yet: every write is acknowledged");
     for i in 0..3 {
         c.signal(i, Signal::SIGKILL);
         drop(c.nodes[i].take());
@@ -254,7 +181,47 @@ async fn killing_and_restarting_the_whole_cluster_keeps_every_acknowledged_alloc
     for i in 0..3 {
         c.restart(i);
     }
-    let state = c.converged().await;
-    check(&acked, unknown, &state);
-    assert_eq!(state.len(), acked.len());
+    let views = c.converged().await;
+    testkit::check_all(&views, &oracle);
+    assert_eq!(views[0].list.allocations.len(), oracle.acked());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_that_missed_thousands_of_entries_catches_up_by_snapshot() {
+    // Snapshot every 500 entries, so the leader purges what the follower missed.
+    let mut c = ProcCluster::start(3, &["--snapshot-every", "500"]);
+    c.big_pool().await;
+    let leader = c.leader_index().await;
+    let follower = (leader + 1) % 3;
+    c.signal(follower, Signal::SIGKILL);
+    drop(c.nodes[follower].take());
+    // One port per request from four sequential clients: thousands of log entries.
+    let live = c.live_addrs();
+    let mut tasks = Vec::new();
+    for k in 0..4 {
+        let live = live.clone();
+        tasks.push(tokio::spawn(async move {
+            let refs: Vec<&str> = live.iter().map(String::as_str).collect();
+            let client = Client::connect_any(&refs).await.unwrap();
+            let mut oracle = testkit::Oracle::default();
+            for i in 0..600 {
+                let service = format!("m-{k}-{i}");
+                let item =
+                    pb::AllocItem { service: service.clone(), pool: "default".into(), ..Default::default() };
+                let r =
+                    client.allocate(pb::AllocateRequest { items: vec![item], ..Default::default() }).await;
+                oracle.record(service, 1, r);
+            }
+            oracle
+        }));
+    }
+    let mut oracle = testkit::Oracle::default();
+    for t in tasks {
+        oracle.merge(t.await.unwrap());
+    }
+    assert_eq!(oracle.acked(), 2_400, "{}", oracle.summary());
+    let before = Client::connect(&live[0]).await.unwrap().status().await.unwrap();
+    assert!(before.applied_index >= 1_000, "thousands of entries: {}", before.applied_index);
+    c.restart(follower);
+    testkit::check_all(&c.converged().await, &oracle);
 }

@@ -41,6 +41,7 @@ impl From<ApiError> for Status {
             }
             ApiError::Raft(ProposeError::NotLeader { .. }) => (Code::Unavailable, "not_leader"),
             ApiError::Raft(ProposeError::Unavailable(_)) => (Code::Unavailable, "unavailable"),
+            ApiError::Raft(ProposeError::Timeout(_)) => (Code::DeadlineExceeded, "timeout"),
             ApiError::Internal(_) => (Code::Internal, "internal"),
         };
         let mut status = Status::new(code, e.to_string());
@@ -58,6 +59,8 @@ impl From<ApiError> for Status {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     #[test]
@@ -94,6 +97,7 @@ mod tests {
                 Code::Unavailable,
                 "not_leader",
             ),
+            (ProposeError::Timeout(Duration::from_secs(5)).into(), Code::DeadlineExceeded, "timeout"),
             (ApiError::Internal("x".into()), Code::Internal, "internal"),
         ];
         for (e, code, kind) in cases {

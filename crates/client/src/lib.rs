@@ -199,6 +199,14 @@ impl Client {
                     tokio::time::sleep(PAUSE).await;
                     self.next_endpoint(hop).await;
                 }
+                // No quorum answered this node in time: it may be cut off. Later calls go
+                // elsewhere; this one is repeated only if that is safe (its outcome is unknown).
+                (_, Some("timeout")) if self.endpoints.len() > 1 => {
+                    self.next_endpoint(hop).await;
+                    if retry != Retry::Safe {
+                        return Err(err);
+                    }
+                }
                 _ if transport && self.endpoints.len() > 1 => {
                     // The node is gone: later calls go elsewhere. This call is repeated only if
                     // that is safe; otherwise its outcome is unknown and the caller must know.
@@ -270,8 +278,8 @@ impl Client {
         .await
     }
 
-    pub async fn list_pools(&self, team: &str) -> Result<pb::ListPoolsResponse> {
-        let req = pb::ListPoolsRequest { team: team.to_string(), stale: false };
+    /// Pools of a team (every team when `req.team` is empty), linearizable unless `req.stale`.
+    pub async fn list_pools(&self, req: pb::ListPoolsRequest) -> Result<pb::ListPoolsResponse> {
         self.call(Retry::Safe, |ch| {
             let req = req.clone();
             async move { pb::pools_client::PoolsClient::new(ch).list(req).await }

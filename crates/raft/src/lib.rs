@@ -9,6 +9,7 @@
 //! side, [`RaftService`] the server side), kept apart from the public API.
 
 mod batcher;
+pub mod faults;
 pub mod keeper;
 pub mod network;
 mod service;
@@ -47,6 +48,11 @@ pub struct RaftOptions {
     /// Joining nodes become voters while the cluster has fewer voters than this (3 or 5);
     /// the others stay learners.
     pub voters: usize,
+    /// How long a write or a linearizable read may wait for a quorum before the caller gets a
+    /// timeout (a leader cut off from the others cannot commit; its callers must not hang).
+    pub write_timeout: Duration,
+    /// Test clusters only: the faults of the network between their nodes.
+    pub faults: Option<Arc<faults::LinkFaults>>,
 }
 
 impl Default for RaftOptions {
@@ -61,6 +67,8 @@ impl Default for RaftOptions {
             lease_tick: Duration::from_millis(100),
             expiry_batch: 1_000,
             voters: 3,
+            write_timeout: Duration::from_secs(5),
+            faults: None,
         }
     }
 }
@@ -82,6 +90,12 @@ pub enum ProposeError {
     NotLeader { leader_id: Option<u64>, leader_addr: Option<String> },
     #[error("the Raft node is unavailable: {0}")]
     Unavailable(String),
+    /// No quorum confirmed the write or read in time. A write may still be applied later.
+    #[error(
+        "no quorum confirmed this within {0:?} (this node may be cut off from the rest of the cluster); \
+         a write's outcome is unknown: check with `portmesh ls` before retrying it"
+    )]
+    Timeout(Duration),
 }
 
 fn leader_hint(id: &Option<u64>, addr: &Option<String>) -> String {
@@ -118,6 +132,7 @@ pub struct RaftNode {
     keeper: Arc<LeaseKeeper>,
     batcher: batcher::Batcher,
     max_voters: usize,
+    write_timeout: Duration,
     stop: watch::Sender<bool>,
 }
 
@@ -163,14 +178,22 @@ impl RaftNode {
         .map_err(|e| StartError::Config(e.to_string()))?;
         let sm = store.state_machine()?;
         let state = sm.reader();
-        let raft = Raft::new(id, Arc::new(config), network::GrpcNetwork::new(id), store.log_store(), sm)
-            .await
-            .map_err(|e| StartError::Raft(e.to_string()))?;
+        let raft = Raft::new(
+            id,
+            Arc::new(config),
+            network::GrpcNetwork::new(id, opts.faults.clone()),
+            store.log_store(),
+            sm,
+        )
+        .await
+        .map_err(|e| StartError::Raft(e.to_string()))?;
         let keeper = Arc::new(LeaseKeeper::new(opts.clone()));
         let (stop, _) = watch::channel(false);
         let batcher = batcher::Batcher::start(raft.clone());
         let max_voters = opts.voters;
-        let node = RaftNode { id, addr, raft, store, state, keeper, batcher, max_voters, stop };
+        let write_timeout = opts.write_timeout;
+        let node =
+            RaftNode { id, addr, raft, store, state, keeper, batcher, max_voters, write_timeout, stop };
         tokio::spawn(keeper::run(node.clone(), node.stop.subscribe()));
         Ok(node)
     }
@@ -194,8 +217,13 @@ impl RaftNode {
     /// Proposes a command through Raft and returns the applied response. Concurrent proposals
     /// share a log entry (see [`batcher`]); the leader's wall clock is stamped into each entry
     /// there, the only place time enters the state machine.
+    ///
+    /// Gives up after [`RaftOptions::write_timeout`] with [`ProposeError::Timeout`]: the command
+    /// may still be applied later, so its outcome is unknown to the caller.
     pub async fn propose(&self, command: Command) -> Result<Response, ProposeError> {
-        self.batcher.propose(command).await
+        tokio::time::timeout(self.write_timeout, self.batcher.propose(command))
+            .await
+            .map_err(|_| ProposeError::Timeout(self.write_timeout))?
     }
 
     /// Waits until this node's state reflects every write acknowledged before the call: the
@@ -205,7 +233,10 @@ impl RaftNode {
         if stale {
             return Ok(());
         }
-        match self.raft.ensure_linearizable().await {
+        let confirmed = tokio::time::timeout(self.write_timeout, self.raft.ensure_linearizable())
+            .await
+            .map_err(|_| ProposeError::Timeout(self.write_timeout))?;
+        match confirmed {
             Ok(_) => Ok(()),
             Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => {
                 Err(ProposeError::NotLeader {

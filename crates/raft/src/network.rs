@@ -24,6 +24,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tonic::transport::{Channel, Endpoint};
 
+use crate::faults::{LinkFaults, Verdict};
+
 /// How long to wait for a TCP connection to a peer.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -48,11 +50,13 @@ pub(crate) fn decode<T: DeserializeOwned>(m: &rpb::RaftMessage) -> Result<T, Str
 pub struct GrpcNetwork {
     id: u64,
     channels: Arc<Mutex<HashMap<String, Channel>>>,
+    faults: Option<Arc<LinkFaults>>,
 }
 
 impl GrpcNetwork {
-    pub fn new(id: u64) -> Self {
-        Self { id, channels: Arc::default() }
+    /// The network of node `id`; `faults` (tests only) cuts, drops or delays its messages.
+    pub fn new(id: u64, faults: Option<Arc<LinkFaults>>) -> Self {
+        Self { id, channels: Arc::default(), faults }
     }
 
     fn channel(&self, addr: &str) -> Result<Channel, String> {
@@ -78,6 +82,7 @@ pub struct GrpcPeer {
     target: u64,
     addr: String,
     client: Result<rpb::raft_client::RaftClient<Channel>, String>,
+    faults: Option<Arc<LinkFaults>>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for GrpcNetwork {
@@ -85,7 +90,7 @@ impl RaftNetworkFactory<TypeConfig> for GrpcNetwork {
 
     async fn new_client(&mut self, target: u64, node: &BasicNode) -> Self::Network {
         let client = self.channel(&node.addr).map(rpb::raft_client::RaftClient::new);
-        GrpcPeer { id: self.id, target, addr: node.addr.clone(), client }
+        GrpcPeer { id: self.id, target, addr: node.addr.clone(), client, faults: self.faults.clone() }
     }
 }
 
@@ -114,6 +119,19 @@ impl GrpcPeer {
             Err(e) => return Err(unreachable(e.clone())),
         };
         let msg = encode(req).map_err(|e| unreachable(format!("encoding a Raft message: {e}")))?;
+        let verdict = match &self.faults {
+            None => Verdict::Deliver,
+            Some(f) => {
+                let (verdict, delay) = f.verdict(self.id, self.target);
+                if !delay.is_zero() {
+                    tokio::time::sleep(delay).await;
+                }
+                verdict
+            }
+        };
+        if verdict == Verdict::DropRequest {
+            return Err(unreachable(format!("link {} -> {} is cut (test fault)", self.id, self.target)));
+        }
         let ttl = option.hard_ttl();
         let fut = async {
             match rpc {
@@ -149,6 +167,9 @@ impl GrpcPeer {
             }
             Ok(Ok(r)) => r.into_inner(),
         };
+        if verdict == Verdict::DropReply {
+            return Err(unreachable(format!("reply {} -> {} lost (test fault)", self.target, self.id)));
+        }
         let result: Result<Resp, E> = decode(&reply).map_err(unreachable)?;
         result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
     }
