@@ -73,6 +73,29 @@ pub enum Command {
     Serve(ServeArgs),
     /// Shut the local node (or the one at --node) down gracefully.
     Stop,
+    /// Make this machine's local node a member of the team cluster that the node at ADDR belongs
+    /// to. The local node's own data is moved aside (kept), since it belongs to another cluster.
+    Join {
+        /// Any member of the team cluster (`host:port` of its gRPC endpoint).
+        addr: String,
+        /// Where the local node listens for the other members and clients [default: this
+        /// machine's address towards ADDR, with a port picked once and then kept].
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
+        /// The address the other members use to reach this node, if not the listen address
+        /// (behind NAT, or when listening on 0.0.0.0).
+        #[arg(long)]
+        advertise: Option<String>,
+    },
+    /// Remove this machine's local node (or the node at --node) from its cluster cleanly: the
+    /// node is removed from the membership, stopped, and its data moved aside; the next command
+    /// starts a fresh single-node local node. With --id, remove that member instead (e.g. a
+    /// machine that is gone for good) and touch nothing local.
+    Leave {
+        /// The id of a member to remove (see `portmesh status`).
+        #[arg(long)]
+        id: Option<u64>,
+    },
 }
 
 #[derive(Debug, Args)]

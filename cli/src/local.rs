@@ -37,6 +37,63 @@ async fn try_recorded(home: &Path) -> Option<Client> {
     client.is_serving().await.ok()?.then_some(client)
 }
 
+/// File in the home that records how the local node listens once it joined a team cluster.
+const LAUNCH_FILE: &str = "launch.json";
+
+/// How the local node is started when it is a member of a team cluster (`portmesh join`):
+/// reachable by the other members on `listen`, announced to them as `advertise`. Without this
+/// file the local node is a single-node cluster on loopback.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Launch {
+    pub listen: String,
+    pub advertise: Option<String>,
+}
+
+pub fn read_launch(home: &Path) -> Result<Option<Launch>> {
+    let path = home.join(LAUNCH_FILE);
+    match std::fs::read(&path) {
+        Ok(b) => Ok(Some(serde_json::from_slice(&b).with_context(|| {
+            format!("{} is not a valid launch record: fix or remove it", path.display())
+        })?)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
+}
+
+pub fn write_launch(home: &Path, launch: Option<&Launch>) -> Result<()> {
+    let path = home.join(LAUNCH_FILE);
+    match launch {
+        Some(l) => std::fs::write(&path, serde_json::to_vec_pretty(l)?)
+            .with_context(|| format!("cannot write {}", path.display())),
+        None => match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(e).with_context(|| format!("cannot remove {}", path.display()))
+            }
+            _ => Ok(()),
+        },
+    }
+}
+
+/// Moves the local node's data directory aside (kept, not deleted) as `data.<why>-<unix time>`.
+/// Returns where it went, or `None` if there was none.
+pub fn move_data_aside(home: &Path, why: &str) -> Result<Option<PathBuf>> {
+    let data = home.join("data");
+    if !data.exists() {
+        return Ok(None);
+    }
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let to = home.join(format!("data.{why}-{secs}"));
+    std::fs::rename(&data, &to)
+        .with_context(|| format!("cannot move {} to {}", data.display(), to.display()))?;
+    Ok(Some(to))
+}
+
+/// Starts the local node as a new member of the cluster at `cluster` (its data directory must
+/// be empty) and waits until it serves.
+pub async fn start_joining(cluster: &str) -> Result<Client> {
+    start(&home()?, Some(cluster)).await
+}
+
 /// Connects to the local node, starting it if none answers.
 pub async fn connect_or_start() -> Result<Client> {
     let home = home()?;
@@ -56,13 +113,16 @@ pub async fn connect_or_start() -> Result<Client> {
     if let Some(c) = try_recorded(&home).await {
         return Ok(c);
     }
-    let client = start(&home).await;
+    let client = start(&home, None).await;
     drop(lock);
     client
 }
 
-/// Starts `portmesh serve` detached, waits until it records its address and serves.
-async fn start(home: &Path) -> Result<Client> {
+/// Starts `portmesh serve` detached, waits until it records its address and serves. With a
+/// launch record the node listens where it says (a member of a team cluster, joining `join` if
+/// given); without one it is a single-node cluster on loopback.
+async fn start(home: &Path, join: Option<&str>) -> Result<Client> {
+    let launch = read_launch(home)?;
     let exe = std::env::current_exe().context("cannot find the portmesh executable")?;
     let log_path = home.join("node.log");
     let log = std::fs::OpenOptions::new()
@@ -71,15 +131,22 @@ async fn start(home: &Path) -> Result<Client> {
         .open(&log_path)
         .with_context(|| format!("cannot open {}", log_path.display()))?;
     let mut cmd = std::process::Command::new(exe);
-    cmd.arg("serve")
-        .arg("--data")
-        .arg(home.join("data"))
-        .args(["--listen", "127.0.0.1:0", "--http", "127.0.0.1:0", "--bootstrap", "--home"])
-        .arg(home)
-        .env_remove("PORTMESH_NODE")
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log);
+    cmd.arg("serve").arg("--data").arg(home.join("data")).args(["--http", "127.0.0.1:0", "--home"]).arg(home);
+    match &launch {
+        Some(l) => {
+            cmd.args(["--listen", &l.listen]);
+            if let Some(a) = &l.advertise {
+                cmd.args(["--advertise", a]);
+            }
+            if let Some(j) = join {
+                cmd.args(["--join", j]);
+            }
+        }
+        None => {
+            cmd.args(["--listen", "127.0.0.1:0", "--bootstrap"]);
+        }
+    }
+    cmd.env_remove("PORTMESH_NODE").stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
     // A session of its own: the node outlives this CLI and its terminal's Ctrl-C.
     // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
     unsafe {

@@ -81,6 +81,16 @@ pub enum NodeError {
     Home { dir: PathBuf, source: std::io::Error },
     #[error("cannot join the cluster at {addr}: {reason} (tried: {tried})")]
     Join { addr: String, reason: String, tried: String },
+    #[error(
+        "data directory {dir} belongs to cluster {ours}, but the node at {addr} belongs to cluster {theirs}: \
+         start without --join to run with cluster {ours}, or move {dir} aside to join cluster {theirs}"
+    )]
+    ForeignCluster { dir: PathBuf, ours: String, addr: String, theirs: String },
+    #[error(
+        "node {id} is no longer a member of cluster {cluster} (the node at {addr} lists {members}): \
+         it was removed; move {dir} aside to join again as a new node"
+    )]
+    Removed { id: u64, cluster: String, addr: String, members: String, dir: PathBuf },
 }
 
 /// A started node. Drive it with [`RunningNode::wait`].
@@ -176,8 +186,8 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode, NodeError> {
     let http_task = http_listener.map(|l| tokio::spawn(http::serve(l, api.clone(), shutdown.subscribe())));
 
     match (&cfg.join, initialized) {
-        (Some(cluster), false) => join(cluster, node.id, &advertise, cfg.leader_timeout).await?,
-        (Some(_), true) => tracing::info!("already a member of a cluster; --join ignored"),
+        (Some(cluster), false) => join(cluster, &node, &advertise, cfg.leader_timeout).await?,
+        (Some(cluster), true) => same_cluster(cluster, &node).await?,
         _ => {}
     }
     if initialized || cfg.join.is_some() {
@@ -207,10 +217,52 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode, NodeError> {
     Ok(RunningNode { grpc_addr, http_addr, api, shutdown, grpc_task, http_task, health_task, home: cfg.home })
 }
 
+/// A restarted member given `--join` again: it already belongs to a cluster, which must be the
+/// one at `addr`. An unreachable `addr` is only logged: a member rejoins its cluster by itself.
+async fn same_cluster(addr: &str, node: &RaftNode) -> Result<(), NodeError> {
+    use portmesh_proto::v1::{StatusRequest, cluster_client::ClusterClient};
+    let uri = if addr.contains("://") { addr.to_string() } else { format!("http://{addr}") };
+    let status = match tonic::transport::Endpoint::from_shared(uri) {
+        Ok(ep) => match ep.connect_timeout(Duration::from_secs(2)).connect().await {
+            Ok(ch) => ClusterClient::new(ch).status(StatusRequest {}).await.map(|r| r.into_inner()).ok(),
+            Err(_) => None,
+        },
+        Err(_) => None,
+    };
+    let Some(status) = status else {
+        tracing::info!(%addr, "already a member of a cluster; --join ignored ({addr} did not answer)");
+        return Ok(());
+    };
+    let ours = node.cluster_id();
+    if ours.is_empty() && status.members.iter().any(|m| m.id == node.id) {
+        node.store.set_cluster_id(&status.cluster_id)?;
+    } else if !status.cluster_id.is_empty() && status.cluster_id != ours {
+        return Err(NodeError::ForeignCluster {
+            dir: node.store.dir().to_path_buf(),
+            ours: if ours.is_empty() { "(unknown)".into() } else { ours },
+            addr: addr.to_string(),
+            theirs: status.cluster_id,
+        });
+    }
+    if !status.members.iter().any(|m| m.id == node.id) {
+        return Err(NodeError::Removed {
+            id: node.id,
+            cluster: status.cluster_id,
+            addr: addr.to_string(),
+            members: status.members.iter().map(|m| m.id.to_string()).collect::<Vec<_>>().join(", "),
+            dir: node.store.dir().to_path_buf(),
+        });
+    }
+    tracing::info!(cluster_id = %node.cluster_id(), "already a member of this cluster; --join ignored");
+    Ok(())
+}
+
 /// Asks the cluster at `addr` to add this node, following redirects to the leader and retrying
-/// while an election runs, for at most `timeout`.
-async fn join(addr: &str, id: u64, advertise: &str, timeout: Duration) -> Result<(), NodeError> {
+/// while an election runs, for at most `timeout`. A refusal (another cluster's data, a bad
+/// request) ends the attempts at once.
+async fn join(addr: &str, node: &RaftNode, advertise: &str, timeout: Duration) -> Result<(), NodeError> {
     use portmesh_proto::v1::{JoinRequest, cluster_client::ClusterClient};
+    let id = node.id;
     let deadline = tokio::time::Instant::now() + timeout;
     let mut target = addr.to_string();
     let mut tried: Vec<String> = Vec::new();
@@ -224,15 +276,35 @@ async fn join(addr: &str, id: u64, advertise: &str, timeout: Duration) -> Result
             Ok(ep) => match ep.connect_timeout(Duration::from_secs(2)).connect().await {
                 Err(e) => Err(format!("cannot connect to {target}: {e}")),
                 Ok(ch) => {
-                    let req = JoinRequest { node_id: id, addr: advertise.to_string() };
+                    let req = JoinRequest {
+                        node_id: id,
+                        addr: advertise.to_string(),
+                        cluster_id: node.cluster_id(),
+                    };
                     match ClusterClient::new(ch).join(req).await {
                         Ok(r) => {
                             let r = r.into_inner();
-                            tracing::info!(leader = r.leader_id, voter = r.voter, "joined the cluster");
+                            node.store.set_cluster_id(&r.cluster_id)?;
+                            tracing::info!(
+                                leader = r.leader_id,
+                                voter = r.voter,
+                                cluster_id = %r.cluster_id,
+                                "joined the cluster"
+                            );
                             return Ok(());
                         }
                         Err(s) => {
                             let answer = format!("{target} answered: {}", s.message());
+                            if matches!(
+                                s.code(),
+                                tonic::Code::FailedPrecondition | tonic::Code::InvalidArgument
+                            ) {
+                                return Err(NodeError::Join {
+                                    addr: addr.to_string(),
+                                    reason: answer,
+                                    tried: tried.join(", "),
+                                });
+                            }
                             // A follower names the leader: ask it next.
                             if let Some(leader) =
                                 s.metadata().get(portmesh_api::LEADER_METADATA).and_then(|v| v.to_str().ok())

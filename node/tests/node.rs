@@ -486,6 +486,11 @@ async fn three_nodes_join_replicate_and_agree_on_the_leader() {
     let statuses: Vec<_> = c.live().map(|n| n.api.status()).collect();
     assert!(statuses.iter().all(|s| s.leader_id == statuses[0].leader_id && s.leader_id != 0));
     assert!(statuses.iter().all(|s| s.members.len() == 3));
+    assert!(
+        statuses.iter().all(|s| s.cluster_id == statuses[0].cluster_id && s.cluster_id.len() == 16),
+        "every member records the cluster's id: {:?}",
+        statuses.iter().map(|s| &s.cluster_id).collect::<Vec<_>>()
+    );
     assert_eq!(
         statuses.iter().filter(|s| s.members.iter().any(|m| m.id == s.node_id && m.role == "leader")).count(),
         1
@@ -804,4 +809,150 @@ async fn an_expiry_storm_of_ten_thousand_leases_goes_in_bounded_batches_while_al
         allocated.iter().any(|r| r > first && r < last),
         "no allocation was served between expiry batches {first}..{last}: {allocated:?}"
     );
+}
+
+// ----- membership -----------------------------------------------------------------------------
+
+/// Voters per node as each live node sees them, and whether they all agree.
+fn voters_seen(c: &Cluster) -> Vec<BTreeSet<u64>> {
+    c.live().map(|n| n.api.node().metrics().membership_config.membership().voter_ids().collect()).collect()
+}
+
+/// Waits until every live node but those in `except` sees `voters` as the voters and knows a leader.
+async fn wait_membership(c: &Cluster, voters: &BTreeSet<u64>, except: &[u64]) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let ok = c.live().filter(|n| !except.contains(&n.api.node().id)).all(|n| {
+            let m = n.api.node().metrics();
+            m.current_leader.is_some_and(|l| voters.contains(&l))
+                && m.membership_config.membership().voter_ids().collect::<BTreeSet<_>>() == *voters
+        });
+        if ok {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "membership did not settle on {voters:?}: {:?}",
+            voters_seen(c)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// 4 nodes with `--voters 3`: the fourth stays a learner. Removing a voter promotes the learner;
+/// removing the leader itself hands over to the rest; the last voter cannot be removed, nor can
+/// a node that is not a member; writes keep flowing after every change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_leave_voters_are_replaced_and_the_last_voter_stays() {
+    let mut c = Cluster::start(4).await;
+    let ids: Vec<u64> = (0..4).map(|i| c.id(i)).collect();
+    let client = c.client().await;
+    let write = |tag: String| {
+        let client = client.clone();
+        async move {
+            client
+                .allocate(pb::AllocateRequest { items: vec![item(&tag, "default")], ..Default::default() })
+                .await
+                .unwrap_or_else(|e| panic!("write {tag} after a membership change: {e}"))
+        }
+    };
+    let first: BTreeSet<u64> = ids[..3].iter().copied().collect();
+    wait_membership(&c, &first, &[]).await;
+    write("w0".into()).await;
+
+    // A follower voter leaves: the learner takes its place.
+    let leader = c.leader_index();
+    let f = (0..3).find(|i| *i != leader).unwrap();
+    let left = client.leave(ids[f]).await.unwrap();
+    assert_eq!(left.len(), 3, "{left:?}");
+    assert!(left.iter().all(|m| m.id != ids[f] && m.role != "learner"), "{left:?}");
+    let second: BTreeSet<u64> = ids.iter().copied().filter(|i| *i != ids[f]).collect();
+    c.stop(f).await;
+    wait_membership(&c, &second, &[]).await;
+    write("w1".into()).await;
+
+    // The leader removes itself: the other two carry on with a leader of their own.
+    let leader = c.leader_index();
+    let old = c.id(leader);
+    client.leave(old).await.unwrap();
+    let third: BTreeSet<u64> = second.iter().copied().filter(|i| *i != old).collect();
+    wait_membership(&c, &third, &[old]).await;
+    c.stop(leader).await;
+    write("w2".into()).await;
+
+    // Down to one voter, which cannot be removed.
+    let leader = c.leader_index();
+    let other = third.iter().copied().find(|i| *i != c.id(leader)).unwrap();
+    client.leave(other).await.unwrap();
+    let last = c.id(leader);
+    wait_membership(&c, &BTreeSet::from([last]), &[other]).await;
+    let err = client.leave(last).await.unwrap_err();
+    assert_eq!(err.kind(), Some("failed_precondition"), "{err}");
+    assert!(err.to_string().contains(&format!("node {last} is the last voter")), "{err}");
+    let err = client.leave(12_345).await.unwrap_err();
+    assert_eq!(err.kind(), Some("not_found"), "{err}");
+    assert!(
+        err.to_string().contains("12345 is not a member") && err.to_string().contains(&last.to_string()),
+        "{err}"
+    );
+    let ports = write("w3".into()).await;
+    assert!(ports.revision > 0);
+    let members = c.nodes[leader].as_ref().unwrap().api.status().members;
+    assert_eq!(members.iter().map(|m| m.id).collect::<Vec<_>>(), vec![last], "nothing changed: {members:?}");
+}
+
+/// A node whose data belongs to another cluster is refused, by the cluster (Join) and by the
+/// node itself at start (`--join` with foreign data), both naming the two cluster ids.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_holding_another_clusters_data_is_refused_naming_both_ids() {
+    let team = Cluster::start(1).await;
+    let team_id = team.nodes[0].as_ref().unwrap().api.status().cluster_id;
+    let other_dir = tempfile::tempdir().unwrap();
+    let (other, _) = node_in(other_dir.path(), fast_raft).await;
+    let other_status = other.api.status();
+    assert_ne!(other_status.cluster_id, team_id, "two bootstraps make two clusters");
+
+    // The cluster refuses a join request that carries another cluster's id.
+    let ch = tonic::transport::Endpoint::from_shared(format!("http://{}", team.addrs[0]))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let err = pb::cluster_client::ClusterClient::new(ch)
+        .join(pb::JoinRequest {
+            node_id: other_status.node_id,
+            addr: other_status.addr.clone(),
+            cluster_id: other_status.cluster_id.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains(&team_id) && err.message().contains(&other_status.cluster_id), "{err:?}");
+    assert_eq!(team.nodes[0].as_ref().unwrap().api.status().members.len(), 1, "nothing changed");
+
+    // The node with foreign data refuses to start with --join to the team.
+    other.shutdown_handle().send_replace(true);
+    other.wait().await;
+    let mut cfg = NodeConfig::new(other_dir.path().to_path_buf(), "127.0.0.1:0".parse().unwrap());
+    fast_raft(&mut cfg);
+    cfg.join = Some(team.addrs[0].clone());
+    let err = start(cfg).await.unwrap_err().to_string();
+    assert!(err.contains(&team_id) && err.contains(&other_status.cluster_id), "{err}");
+    assert!(err.contains(&other_dir.path().display().to_string()), "names the directory: {err}");
+    assert_eq!(team.nodes[0].as_ref().unwrap().api.status().members.len(), 1, "nothing changed");
+}
+
+/// Joining an address where nothing answers fails within the timeout, naming the address and
+/// every address tried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn joining_an_unreachable_address_names_it_and_what_was_tried() {
+    let dir = tempfile::tempdir().unwrap();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let mut cfg = NodeConfig::new(dir.path().to_path_buf(), "127.0.0.1:0".parse().unwrap());
+    cfg.join = Some(closed.to_string());
+    cfg.leader_timeout = Duration::from_secs(1);
+    let err = start(cfg).await.unwrap_err().to_string();
+    assert!(err.contains(&format!("cannot join the cluster at {closed}")), "{err}");
+    assert!(err.contains(&format!("tried: {closed}")), "{err}");
+    assert!(err.contains("cannot connect"), "{err}");
 }

@@ -9,5 +9,6 @@ mod bad_input;
 mod cluster;
 mod embedded;
 mod leases;
+mod membership;
 mod probe;
 mod serve;

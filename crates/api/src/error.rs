@@ -2,7 +2,7 @@
 
 use portmesh_core::Rejection;
 use portmesh_proto::BadRequest;
-use portmesh_raft::ProposeError;
+use portmesh_raft::{MemberError, ProposeError};
 use tonic::{Code, Status};
 
 use crate::{ERROR_METADATA, LEADER_METADATA};
@@ -19,9 +19,21 @@ pub enum ApiError {
     /// Raft could not take the write or confirm the read.
     #[error("{0}")]
     Raft(#[from] ProposeError),
+    /// A membership change was refused.
+    #[error("{0}")]
+    Member(MemberError),
     /// The state machine answered with something the handler did not expect: a bug.
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+impl From<MemberError> for ApiError {
+    fn from(e: MemberError) -> ApiError {
+        match e {
+            MemberError::Raft(e) => ApiError::Raft(e),
+            other => ApiError::Member(other),
+        }
+    }
 }
 
 impl From<ApiError> for Status {
@@ -39,9 +51,15 @@ impl From<ApiError> for Status {
                 };
                 (code, r.kind())
             }
-            ApiError::Raft(ProposeError::NotLeader { .. }) => (Code::Unavailable, "not_leader"),
-            ApiError::Raft(ProposeError::Unavailable(_)) => (Code::Unavailable, "unavailable"),
-            ApiError::Raft(ProposeError::Timeout(_)) => (Code::DeadlineExceeded, "timeout"),
+            ApiError::Raft(p) | ApiError::Member(MemberError::Raft(p)) => match p {
+                ProposeError::NotLeader { .. } => (Code::Unavailable, "not_leader"),
+                ProposeError::Unavailable(_) => (Code::Unavailable, "unavailable"),
+                ProposeError::Timeout(_) => (Code::DeadlineExceeded, "timeout"),
+            },
+            ApiError::Member(MemberError::NotMember { .. }) => (Code::NotFound, "not_found"),
+            ApiError::Member(MemberError::LastVoter { .. } | MemberError::ForeignCluster { .. }) => {
+                (Code::FailedPrecondition, "failed_precondition")
+            }
             ApiError::Internal(_) => (Code::Internal, "internal"),
         };
         let mut status = Status::new(code, e.to_string());
@@ -98,6 +116,13 @@ mod tests {
                 "not_leader",
             ),
             (ProposeError::Timeout(Duration::from_secs(5)).into(), Code::DeadlineExceeded, "timeout"),
+            (MemberError::LastVoter { id: 1 }.into(), Code::FailedPrecondition, "failed_precondition"),
+            (MemberError::NotMember { id: 9, members: "1, 2".into() }.into(), Code::NotFound, "not_found"),
+            (
+                MemberError::Raft(ProposeError::Unavailable("x".into())).into(),
+                Code::Unavailable,
+                "unavailable",
+            ),
             (ApiError::Internal("x".into()), Code::Internal, "internal"),
         ];
         for (e, code, kind) in cases {

@@ -193,6 +193,7 @@ impl Api {
             entries_flushed: node.store.stats().entries_flushed.load(Ordering::Relaxed),
             data_size_bytes: node.store.size_on_disk(),
             commands_applied: node.store.stats().commands_applied.load(Ordering::Relaxed),
+            cluster_id: node.cluster_id(),
         }
     }
 }
@@ -401,10 +402,29 @@ impl pb::cluster_server::Cluster for Api {
         if req.node_id == 0 || req.addr.is_empty() {
             return Err(ApiError::from(BadRequest("join needs the node's id and address".into())).into());
         }
+        let node = &self.inner.node;
+        node.admit(req.node_id, &req.addr, &req.cluster_id).map_err(ApiError::from)?;
         tracing::info!(node_id = req.node_id, addr = %req.addr, "adding a member");
-        let voter = self.inner.node.add_member(req.node_id, req.addr).await.map_err(ApiError::from)?;
+        let voter = node.add_member(req.node_id, req.addr).await.map_err(ApiError::from)?;
         let s = Api::status(self);
-        Ok(tonic::Response::new(pb::JoinResponse { leader_id: s.leader_id, voter, members: s.members }))
+        Ok(tonic::Response::new(pb::JoinResponse {
+            leader_id: s.leader_id,
+            voter,
+            members: s.members,
+            cluster_id: s.cluster_id,
+        }))
+    }
+
+    async fn leave(&self, req: Request<pb::LeaveRequest>) -> Result<pb::LeaveResponse> {
+        let id = req.into_inner().node_id;
+        if id == 0 {
+            return Err(
+                ApiError::from(BadRequest("leave needs the id of the member to remove".into())).into()
+            );
+        }
+        tracing::info!(node_id = id, "removing a member");
+        self.inner.node.remove_member(id).await.map_err(ApiError::from)?;
+        Ok(tonic::Response::new(pb::LeaveResponse { members: Api::status(self).members }))
     }
 
     async fn shutdown(&self, _req: Request<pb::ShutdownRequest>) -> Result<pb::ShutdownResponse> {

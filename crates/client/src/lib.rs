@@ -107,6 +107,21 @@ async fn open(addr: &str) -> Result<Channel> {
     })
 }
 
+/// Whether a failed call never reached a node: no connection could be made, so nothing was
+/// sent and repeating it elsewhere is safe.
+fn never_sent(status: &tonic::Status) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(status);
+    while let Some(e) = source {
+        if let Some(io) = e.downcast_ref::<std::io::Error>()
+            && io.kind() == std::io::ErrorKind::ConnectionRefused
+        {
+            return true;
+        }
+        source = e.source();
+    }
+    false
+}
+
 /// Whether a call may be repeated on another node after a transport failure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Retry {
@@ -180,6 +195,7 @@ impl Client {
                     status.code(),
                     tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
                 );
+            let unsent = transport && never_sent(&status);
             let err = ClientError::from(status);
             if tokio::time::Instant::now() >= deadline {
                 return Err(err);
@@ -209,9 +225,10 @@ impl Client {
                 }
                 _ if transport && self.endpoints.len() > 1 => {
                     // The node is gone: later calls go elsewhere. This call is repeated only if
-                    // that is safe; otherwise its outcome is unknown and the caller must know.
+                    // that is safe (idempotent, or it never left this process); otherwise its
+                    // outcome is unknown and the caller must know.
                     self.next_endpoint(hop).await;
-                    if retry != Retry::Safe {
+                    if retry != Retry::Safe && !unsent {
                         return Err(err);
                     }
                 }
@@ -353,6 +370,16 @@ impl Client {
     pub async fn status(&self) -> Result<pb::StatusResponse> {
         let channel = self.channel();
         Ok(pb::cluster_client::ClusterClient::new(channel).status(pb::StatusRequest {}).await?.into_inner())
+    }
+
+    /// Removes member `node_id` from the cluster (sent to the leader). Returns the members left.
+    pub async fn leave(&self, node_id: u64) -> Result<Vec<pb::Member>> {
+        let r = self
+            .call(Retry::OnlyOnRedirect, |ch| async move {
+                pb::cluster_client::ClusterClient::new(ch).leave(pb::LeaveRequest { node_id }).await
+            })
+            .await?;
+        Ok(r.members)
     }
 
     pub async fn shutdown(&self) -> Result<()> {

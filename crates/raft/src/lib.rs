@@ -16,12 +16,12 @@ mod service;
 
 pub use service::RaftService;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use openraft::error::{CheckIsLeaderError, ClientWriteError, InitializeError, RaftError};
-use openraft::{BasicNode, Config, Raft, RaftMetrics, ServerState, SnapshotPolicy};
+use openraft::{BasicNode, ChangeMembers, Config, Raft, RaftMetrics, ServerState, SnapshotPolicy};
 use portmesh_core::{Command, Response};
 use portmesh_store::{StateReader, Store, StoreError, TypeConfig};
 use tokio::sync::watch;
@@ -98,6 +98,25 @@ pub enum ProposeError {
     Timeout(Duration),
 }
 
+/// Why a membership change was refused.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum MemberError {
+    #[error("node {id} is not a member of this cluster (members: {members})")]
+    NotMember { id: u64, members: String },
+    #[error(
+        "node {id} is the last voter of this cluster: removing it would leave nobody to decide; \
+         add another node first, or stop this one instead"
+    )]
+    LastVoter { id: u64 },
+    #[error(
+        "node {id} at {addr} holds data of cluster {theirs}, but this is cluster {ours}: \
+         move that node's data directory aside to join this cluster with it"
+    )]
+    ForeignCluster { id: u64, addr: String, theirs: String, ours: String },
+    #[error(transparent)]
+    Raft(#[from] ProposeError),
+}
+
 fn leader_hint(id: &Option<u64>, addr: &Option<String>) -> String {
     match (id, addr) {
         (Some(id), Some(addr)) => format!("; the leader is node {id} at {addr}"),
@@ -142,14 +161,24 @@ impl std::fmt::Debug for RaftNode {
     }
 }
 
-/// A fresh node id: time and pid mixed, never 0. Persisted in the data directory on first start.
-fn fresh_node_id() -> u64 {
+/// 64 bits mixed from the clock and the pid (splitmix64): unique enough for ids made once.
+fn fresh_bits() -> u64 {
     let t = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
     let mut z = t ^ (u64::from(std::process::id()) << 32);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// A fresh node id, never 0. Persisted in the data directory on first start.
+fn fresh_node_id() -> u64 {
     // Keep ids readable (and JSON-safe): 1..2^53.
-    ((z ^ (z >> 31)) & ((1 << 53) - 1)).max(1)
+    (fresh_bits() & ((1 << 53) - 1)).max(1)
+}
+
+/// A fresh cluster id (16 hex digits), made once when a cluster is bootstrapped.
+fn fresh_cluster_id() -> String {
+    format!("{:016x}", fresh_bits().rotate_left(17) ^ fresh_node_id())
 }
 
 impl RaftNode {
@@ -200,13 +229,25 @@ impl RaftNode {
 
     /// Makes this node the single voter of a new cluster. Harmless on a node that is already
     /// initialised (a restart, or a second `--bootstrap`).
+    ///
+    /// A new cluster gets a fresh cluster id, recorded in the data directory; so does a cluster
+    /// bootstrapped by a release that had none.
     pub async fn bootstrap(&self) -> Result<(), StartError> {
         let members = BTreeMap::from([(self.id, BasicNode { addr: self.addr.clone() })]);
         match self.raft.initialize(members).await {
-            Ok(()) => Ok(()),
-            Err(RaftError::APIError(InitializeError::NotAllowed(_))) => Ok(()),
-            Err(e) => Err(StartError::Raft(e.to_string())),
+            Ok(()) => {}
+            Err(RaftError::APIError(InitializeError::NotAllowed(_))) => {}
+            Err(e) => return Err(StartError::Raft(e.to_string())),
         }
+        if self.store.cluster_id()?.is_none() {
+            self.store.set_cluster_id(&fresh_cluster_id())?;
+        }
+        Ok(())
+    }
+
+    /// The id of the cluster this node's data belongs to (empty before it joined one).
+    pub fn cluster_id(&self) -> String {
+        self.store.cluster_id().ok().flatten().unwrap_or_default()
     }
 
     /// Whether this node's log or state holds anything (i.e. it belongs to a cluster).
@@ -277,13 +318,9 @@ impl RaftNode {
     /// cluster has fewer voters than [`RaftOptions::voters`]. Leader only. Returns whether the
     /// node is a voter.
     pub async fn add_member(&self, id: u64, addr: String) -> Result<bool, ProposeError> {
-        if !self.is_leader() {
-            let (leader_id, leader_addr) = self.leader().map_or((None, None), |(i, a)| (Some(i), Some(a)));
-            return Err(ProposeError::NotLeader { leader_id, leader_addr });
-        }
+        self.ensure_leader()?;
         self.raft.add_learner(id, BasicNode { addr }, true).await.map_err(write_error)?;
-        let voters: std::collections::BTreeSet<u64> =
-            self.metrics().membership_config.membership().voter_ids().collect();
+        let voters: BTreeSet<u64> = self.metrics().membership_config.membership().voter_ids().collect();
         if voters.contains(&id) {
             return Ok(true);
         }
@@ -296,13 +333,62 @@ impl RaftNode {
         Ok(true)
     }
 
+    /// Removes a member. Leader only. A voter's place goes to a learner when there is one (the
+    /// most caught-up), so the voter count holds; the last voter cannot be removed. The removed
+    /// node is dropped from the membership entirely (it is not kept as a learner).
+    pub async fn remove_member(&self, id: u64) -> Result<(), MemberError> {
+        self.ensure_leader()?;
+        let m = self.metrics();
+        let membership = m.membership_config.membership().clone();
+        let voters: BTreeSet<u64> = membership.voter_ids().collect();
+        let learners: BTreeSet<u64> = membership.learner_ids().collect();
+        if learners.contains(&id) {
+            let change = ChangeMembers::RemoveNodes(BTreeSet::from([id]));
+            self.raft.change_membership(change, false).await.map_err(write_error)?;
+            return Ok(());
+        }
+        if !voters.contains(&id) {
+            let members = membership.nodes().map(|(id, _)| id.to_string()).collect::<Vec<_>>().join(", ");
+            return Err(MemberError::NotMember { id, members });
+        }
+        if voters.len() == 1 {
+            return Err(MemberError::LastVoter { id });
+        }
+        let matched = |l: &u64| {
+            m.replication.as_ref().and_then(|r| r.get(l).copied().flatten()).map_or(0, |log| log.index)
+        };
+        let mut next: BTreeSet<u64> = voters.iter().copied().filter(|v| *v != id).collect();
+        if let Some(successor) = learners.iter().max_by_key(|l| matched(l)) {
+            next.insert(*successor);
+        }
+        self.raft
+            .change_membership(ChangeMembers::ReplaceAllVoters(next), false)
+            .await
+            .map_err(write_error)?;
+        Ok(())
+    }
+
+    /// Checks that a node holding data of cluster `theirs` (empty: none) may join this one.
+    pub fn admit(&self, id: u64, addr: &str, theirs: &str) -> Result<(), MemberError> {
+        let ours = self.cluster_id();
+        if theirs.is_empty() || theirs == ours {
+            return Ok(());
+        }
+        Err(MemberError::ForeignCluster { id, addr: addr.into(), theirs: theirs.into(), ours })
+    }
+
+    fn ensure_leader(&self) -> Result<(), ProposeError> {
+        if self.is_leader() {
+            return Ok(());
+        }
+        let (leader_id, leader_addr) = self.leader().map_or((None, None), |(i, a)| (Some(i), Some(a)));
+        Err(ProposeError::NotLeader { leader_id, leader_addr })
+    }
+
     /// Renews a lease on the leader. `Ok(Some(ttl))` when renewed, `Ok(None)` when the lease is
     /// gone (expired, revoked, never existed, or another team's).
     pub fn keep_alive(&self, team: &str, id: u64) -> Result<Option<u64>, ProposeError> {
-        if !self.is_leader() {
-            let (leader_id, leader_addr) = self.leader().map_or((None, None), |(i, a)| (Some(i), Some(a)));
-            return Err(ProposeError::NotLeader { leader_id, leader_addr });
-        }
+        self.ensure_leader()?;
         let ttl = {
             let sm = self.state.read();
             match sm.state.lease(id) {

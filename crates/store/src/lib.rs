@@ -124,6 +124,7 @@ pub(crate) struct Inner {
 
 const META_VERSION: &[u8] = b"data_version";
 const META_NODE_ID: &[u8] = b"node_id";
+const META_CLUSTER_ID: &[u8] = b"cluster_id";
 
 impl Store {
     /// Opens (creating if needed) the data directory `dir`.
@@ -198,6 +199,24 @@ impl Store {
     /// Records this directory's node id, durably.
     pub fn set_node_id(&self, id: u64) -> Result<(), StoreError> {
         self.inner.meta.insert(META_NODE_ID, &id.to_be_bytes()).map_err(|source| self.io(source))?;
+        self.inner.db.flush().map_err(|source| self.io(source))?;
+        Ok(())
+    }
+
+    /// The id of the cluster this directory's data belongs to, if it belongs to one.
+    pub fn cluster_id(&self) -> Result<Option<String>, StoreError> {
+        let v = self.inner.meta.get(META_CLUSTER_ID).map_err(|source| self.io(source))?;
+        match v {
+            None => Ok(None),
+            Some(b) => String::from_utf8(b.to_vec())
+                .map(Some)
+                .map_err(|_| StoreError::Corrupt { dir: self.inner.dir.clone(), what: "cluster id".into() }),
+        }
+    }
+
+    /// Records the cluster this directory's data belongs to, durably.
+    pub fn set_cluster_id(&self, id: &str) -> Result<(), StoreError> {
+        self.inner.meta.insert(META_CLUSTER_ID, id.as_bytes()).map_err(|source| self.io(source))?;
         self.inner.db.flush().map_err(|source| self.io(source))?;
         Ok(())
     }

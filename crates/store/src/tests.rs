@@ -114,3 +114,17 @@ fn a_second_process_cannot_open_the_same_directory_twice() {
     _a.set_node_id(42).unwrap();
     assert_eq!(_a.node_id().unwrap(), Some(42));
 }
+
+#[test]
+fn node_and_cluster_ids_survive_a_reopen() {
+    let dir = TempDir::new().unwrap();
+    {
+        let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+        assert_eq!(store.cluster_id().unwrap(), None);
+        store.set_node_id(7).unwrap();
+        store.set_cluster_id("c0ffee").unwrap();
+    }
+    let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+    assert_eq!(store.node_id().unwrap(), Some(7));
+    assert_eq!(store.cluster_id().unwrap().as_deref(), Some("c0ffee"));
+}
