@@ -81,6 +81,10 @@ pub struct Client {
     endpoints: std::sync::Arc<Vec<String>>,
 }
 
+/// How long one attempt of a call may wait for the node's answer (the node itself gives up on a
+/// write after its write timeout, 5 s by default, so an answer normally comes first).
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(12);
+
 /// How long a call keeps following the leader or moving past dead endpoints: longer than an
 /// election takes.
 const FOLLOW_BUDGET: Duration = Duration::from_secs(10);
@@ -99,7 +103,11 @@ async fn open(addr: &str) -> Result<Channel> {
     let endpoint = Endpoint::from_shared(uri(addr))
         .map_err(|e| ClientError::BadAddress { addr: addr.to_string(), reason: e.to_string() })?
         .connect_timeout(CONNECT_TIMEOUT)
-        .tcp_nodelay(true);
+        .tcp_nodelay(true)
+        // Notice a node that vanished without closing the connection (cut off, paused).
+        .http2_keep_alive_interval(Duration::from_secs(5))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .keep_alive_while_idle(true);
     endpoint.connect().await.map_err(|e| ClientError::Unreachable {
         addr: addr.to_string(),
         timeout: CONNECT_TIMEOUT,
@@ -180,9 +188,15 @@ impl Client {
         let deadline = tokio::time::Instant::now() + FOLLOW_BUDGET;
         let mut hop = 0usize;
         loop {
-            let status = match f(self.channel()).await {
-                Ok(r) => return Ok(r.into_inner()),
-                Err(s) => s,
+            let status = match tokio::time::timeout(CALL_TIMEOUT, f(self.channel())).await {
+                Ok(Ok(r)) => return Ok(r.into_inner()),
+                Ok(Err(s)) => s,
+                // No answer at all: the node or the path to it is gone. Like a connection cut
+                // off midway, the outcome of a write is unknown.
+                Err(_) => tonic::Status::cancelled(format!(
+                    "no answer from the node at {} within {CALL_TIMEOUT:?}",
+                    self.addr()
+                )),
             };
             let leader =
                 status.metadata().get("portmesh-leader").and_then(|v| v.to_str().ok()).map(str::to_string);

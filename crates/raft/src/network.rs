@@ -69,6 +69,11 @@ impl GrpcNetwork {
             .map_err(|e| format!("invalid peer address {addr:?}: {e}"))?
             .connect_timeout(CONNECT_TIMEOUT)
             .tcp_nodelay(true)
+            // A peer that vanished without closing the connection (cut off, paused, its host
+            // gone) is noticed by HTTP/2 pings, and the next call opens a new connection.
+            .http2_keep_alive_interval(Duration::from_secs(2))
+            .keep_alive_timeout(Duration::from_secs(2))
+            .keep_alive_while_idle(true)
             .connect_lazy();
         map.insert(addr.to_string(), channel.clone());
         Ok(channel)
