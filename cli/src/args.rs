@@ -184,6 +184,10 @@ pub struct ServeArgs {
     /// Record this node's addresses in DIR/node.json so local CLIs find it.
     #[arg(long)]
     pub home: Option<PathBuf>,
+    /// The name of this node's host as clients name it when they allocate (the node probes ports
+    /// for allocations on this host) [default: the OS host name].
+    #[arg(long, env = "PORTMESH_HOST_NAME")]
+    pub host_name: Option<String>,
 }
 
 /// `--voters`: Raft clusters of 3 or 5 voters tolerate 1 or 2 failures.

@@ -139,8 +139,9 @@ async fn alloc(c: &Client, team: &str, a: &AllocArgs, json: bool) -> Result<()> 
         items,
         lease_id: a.lease.unwrap_or(0),
         ttl_ms: a.ttl.map_or(0, |t| t.as_millis() as u64),
+        ..Default::default()
     };
-    let r = c.allocate(req).await?;
+    let r = c.allocate_here(req).await?;
     if json {
         let list: Vec<_> = r.allocations.iter().map(alloc_json).collect();
         println!(
@@ -520,6 +521,7 @@ async fn serve(a: &ServeArgs) -> Result<()> {
     cfg.raft.snapshot_every = a.snapshot_every;
     cfg.raft.keep_after_snapshot = cfg.raft.keep_after_snapshot.min(a.snapshot_every / 10);
     cfg.home = a.home.clone();
+    cfg.host = a.host_name.clone();
     let node = portmesh_node::start(cfg).await.context("starting the node")?;
     let (lo, hi) = portmesh_probe::ephemeral_range();
     for p in node.api.node().state().read().state.pools() {

@@ -44,6 +44,8 @@ pub struct NodeConfig {
     pub store: StoreOptions,
     /// How long to wait for this node to see a leader after bootstrap.
     pub leader_timeout: Duration,
+    /// The name of this node's host, as allocations record it [default: the OS host name].
+    pub host: Option<String>,
 }
 
 impl NodeConfig {
@@ -60,6 +62,7 @@ impl NodeConfig {
             raft: RaftOptions::default(),
             store: StoreOptions::default(),
             leader_timeout: Duration::from_secs(30),
+            host: None,
         }
     }
 }
@@ -151,7 +154,7 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode, NodeError> {
     let (shutdown, _) = watch::channel(false);
     let api = Api::new(
         node.clone(),
-        portmesh_probe::hostname(),
+        cfg.host.clone().unwrap_or_else(portmesh_probe::hostname),
         cfg.data_dir.display().to_string(),
         http_addr.map(|a| a.to_string()).unwrap_or_default(),
         shutdown.clone(),

@@ -956,3 +956,77 @@ async fn joining_an_unreachable_address_names_it_and_what_was_tried() {
     assert!(err.contains(&format!("tried: {closed}")), "{err}");
     assert!(err.contains("cannot connect"), "{err}");
 }
+
+// ----- probes where the client is -------------------------------------------------------------
+
+/// An allocation for another member's host is probed by that member (the leader asks it); one
+/// for a host no member runs on is granted unprobed, and `allocate_here` then probes locally,
+/// gives busy ports back and asks again with them reported busy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ports_are_probed_on_the_host_they_are_for() {
+    let hosts = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let c = Cluster::start_with(3, move |cfg| {
+        cfg.host = Some(format!("h{}", hosts.fetch_add(1, std::sync::atomic::Ordering::SeqCst)));
+    })
+    .await;
+    let client = c.client().await;
+    // A small pool whose first port is held by a process on this machine (all three "hosts").
+    let held = std::net::TcpListener::bind("0.0.0.0:23100").ok();
+    assert!(!portmesh_probe::is_free(23100).unwrap(), "port 23100 is held ({held:?})");
+    client.add_pool("default", "probe", vec![pb::PortRange { start: 23100, end: 23109 }]).await.unwrap();
+    let want = |host: &str| pb::AllocateRequest {
+        items: vec![pb::AllocItem {
+            service: format!("for-{host}"),
+            pool: "probe".into(),
+            port: 23100,
+            strategy: pb::Strategy::Next as i32,
+            ..Default::default()
+        }],
+        host: host.into(),
+        ..Default::default()
+    };
+    let leader = c.leader_index();
+    let other = (leader + 1) % 3;
+    let other_host = c.nodes[other].as_ref().unwrap().api.status().host;
+    let before = c.nodes[other].as_ref().unwrap().api.probes_served();
+    let r = client.allocate(want(&other_host)).await.unwrap();
+    assert!(r.host_probed);
+    let a = &r.allocations[0];
+    assert_eq!((a.port, a.host.as_str()), (23101, other_host.as_str()), "23100 is busy there: {a:?}");
+    assert!(
+        c.nodes[other].as_ref().unwrap().api.probes_served() > before,
+        "the member on {other_host} probed"
+    );
+    let conflict = |host: &str| {
+        let sm = c.nodes[leader].as_ref().unwrap().api.node().state().read();
+        sm.state
+            .events_since(0)
+            .any(|e| matches!(&e.kind, EventKind::Conflict(x) if x.port == 23100 && x.host == host))
+    };
+    assert!(conflict(&other_host), "the conflict is recorded with the host");
+
+    // No member runs on "laptop": granted unprobed, then corrected by the client.
+    let unprobed = client.allocate(want("laptop")).await.unwrap();
+    assert!(!unprobed.host_probed);
+    assert_eq!(unprobed.allocations[0].port, 23100, "nobody probed the laptop");
+    client.release(pb::ReleaseRequest { ports: vec![23100], ..Default::default() }).await.unwrap();
+    let fixed = client.allocate_here(want("laptop")).await.unwrap();
+    assert_eq!(fixed.allocations[0].port, 23102, "23100 found busy locally and skipped: {fixed:?}");
+    let live: BTreeSet<u16> = c.converged().await;
+    assert_eq!(live, BTreeSet::from([23101, 23102]), "the busy port was given back");
+    // A port the client reports busy is skipped and recorded as a conflict on its host.
+    let mut req = want("laptop");
+    req.items[0].port = 23103;
+    req.busy_ports = vec![23103];
+    let r = client.allocate(req).await.unwrap();
+    assert_eq!(r.allocations[0].port, 23104);
+    let sm = c.nodes[leader].as_ref().unwrap().api.node().state().read();
+    assert!(
+        sm.state
+            .events_since(0)
+            .any(|e| matches!(&e.kind, EventKind::Conflict(x) if x.port == 23103 && x.host == "laptop")),
+        "the reported port is recorded as a conflict on the laptop"
+    );
+    drop(sm);
+    drop(held);
+}

@@ -7,6 +7,7 @@
 //! shutdown choreography (that is `portmesh-node`).
 
 mod error;
+mod hosts;
 mod services;
 
 pub use error::ApiError;

@@ -37,6 +37,10 @@ struct Inner {
     /// Allocation items proposed but not yet applied: each one may take a port ahead of the next
     /// request, so the next plan must probe that many more candidates.
     in_flight: AtomicUsize,
+    /// Which member runs on which host, for probing where an allocation is for.
+    hosts: crate::hosts::HostMap,
+    /// `Cluster.Probe` requests served (probes this node ran for other members).
+    probes_served: std::sync::atomic::AtomicU64,
 }
 
 /// Candidate ports probed per item beyond the ones in flight.
@@ -84,6 +88,8 @@ impl Api {
                 http_addr,
                 shutdown,
                 in_flight: AtomicUsize::new(0),
+                hosts: crate::hosts::HostMap::default(),
+                probes_served: std::sync::atomic::AtomicU64::new(0),
             }),
         }
     }
@@ -92,13 +98,37 @@ impl Api {
         &self.inner.node
     }
 
+    /// How many probes this node ran for other members (`Cluster.Probe`).
+    pub fn probes_served(&self) -> u64 {
+        self.inner.probes_served.load(Ordering::Relaxed)
+    }
+
     async fn propose(&self, cmd: Command) -> std::result::Result<Response, ApiError> {
         accepted(self.inner.node.propose(cmd).await?)
     }
 
-    /// Probes candidates on this host and proposes, re-planning when the state moved under the
-    /// plan (`NeedProbe`). Every port handed out was probed free just before the proposal.
-    async fn allocate_batch(&self, mut batch: AllocateBatch) -> std::result::Result<Response, ApiError> {
+    /// Probes `candidates` on `host`: here if it is this node's host, else through the member
+    /// node running there. Returns the busy ports and whether anyone probed.
+    async fn probe_host(&self, host: &str, candidates: &[u16]) -> (Vec<u16>, bool) {
+        let inner = &self.inner;
+        if host == inner.host {
+            return (portmesh_probe::busy_ports(candidates), true);
+        }
+        match inner.hosts.probe(&inner.node, host, candidates).await {
+            Some(busy) => (busy, true),
+            None => (Vec::new(), false),
+        }
+    }
+
+    /// Plans, probes on the batch's host and proposes, re-planning when the state moved under
+    /// the plan (`NeedProbe`). Every port handed out was probed free just before the proposal,
+    /// unless no node runs on the batch's host (then `false` comes back with the response and
+    /// only the ports the client `reported` busy are skipped).
+    async fn allocate_batch(
+        &self,
+        mut batch: AllocateBatch,
+        reported: &[u16],
+    ) -> std::result::Result<(Response, bool), ApiError> {
         let inner = &self.inner;
         let items = batch.items.len();
         inner.in_flight.fetch_add(items, Ordering::Relaxed);
@@ -115,18 +145,21 @@ impl Api {
                 let sm = inner.node.state().read();
                 sm.state.plan(&batch, now_ms(), width, seed)
             };
-            let busy = portmesh_probe::busy_ports(&candidates);
+            let (mut busy, probed) = self.probe_host(&batch.host, &candidates).await;
+            busy.extend_from_slice(reported);
             if !busy.is_empty() {
-                tracing::info!(host = %inner.host, ?busy, "ports busy on this host will be skipped");
+                tracing::info!(host = %batch.host, ?busy, "ports busy on the host will be skipped");
             }
-            batch.probe = Some(HostProbe::new(candidates, busy));
+            let mut checked = candidates;
+            checked.extend_from_slice(reported);
+            batch.probe = Some(HostProbe::new(checked, busy));
             match inner.node.propose(Command::Allocate(batch.clone())).await? {
                 Response::Rejected(Rejection::NeedProbe { port }) => {
                     tracing::debug!(port, round, "state moved under the plan; probing again");
                     let wider = width.otherwise.max(width.wanted_free).saturating_mul(4);
                     width = PlanWidth::uniform(wider);
                 }
-                other => return accepted(other),
+                other => return accepted(other).map(|r| (r, probed)),
             }
         }
         Err(ApiError::Raft(portmesh_raft::ProposeError::Unavailable(format!(
@@ -194,6 +227,7 @@ impl Api {
             data_size_bytes: node.store.size_on_disk(),
             commands_applied: node.store.stats().commands_applied.load(Ordering::Relaxed),
             cluster_id: node.cluster_id(),
+            host: self.inner.host.clone(),
         }
     }
 }
@@ -202,15 +236,16 @@ impl Api {
 impl pb::allocator_server::Allocator for Api {
     async fn allocate(&self, req: Request<pb::AllocateRequest>) -> Result<pb::AllocateResponse> {
         let req = req.into_inner();
+        let reported = req.reported_busy().map_err(ApiError::from)?;
         let batch = AllocateBatch {
             team: team(&req.team),
-            host: self.inner.host.clone(),
+            host: if req.host.is_empty() { self.inner.host.clone() } else { req.host.clone() },
             lease: req.lease_spec().map_err(ApiError::from)?,
             items: req.core_items().map_err(ApiError::from)?,
             probe: None,
         };
-        match self.allocate_batch(batch).await? {
-            Response::Allocated { grants, lease, revision } => {
+        match self.allocate_batch(batch, &reported).await? {
+            (Response::Allocated { grants, lease, revision }, host_probed) => {
                 let lease_id = lease.map_or(req.lease_id, |l| l.id);
                 for g in grants.iter().filter(|g| !g.existing) {
                     let a = &g.allocation;
@@ -221,9 +256,10 @@ impl pb::allocator_server::Allocator for Api {
                     allocations: grants.iter().map(|g| (&g.allocation).into()).collect(),
                     lease_id,
                     revision,
+                    host_probed,
                 }))
             }
-            other => Err(unexpected(other).into()),
+            (other, _) => Err(unexpected(other).into()),
         }
     }
 
@@ -425,6 +461,31 @@ impl pb::cluster_server::Cluster for Api {
         tracing::info!(node_id = id, "removing a member");
         self.inner.node.remove_member(id).await.map_err(ApiError::from)?;
         Ok(tonic::Response::new(pb::LeaveResponse { members: Api::status(self).members }))
+    }
+
+    async fn probe(&self, req: Request<pb::ProbeRequest>) -> Result<pb::ProbeResponse> {
+        let req = req.into_inner();
+        if req.ports.len() > 65_536 {
+            return Err(ApiError::from(BadRequest(format!(
+                "probe: {} ports, at most 65536",
+                req.ports.len()
+            )))
+            .into());
+        }
+        let ports: Vec<u16> = req
+            .ports
+            .iter()
+            .map(|p| required_port(*p, "ports"))
+            .collect::<std::result::Result<_, _>>()
+            .map_err(ApiError::from)?;
+        self.inner.probes_served.fetch_add(1, Ordering::Relaxed);
+        let busy = tokio::task::spawn_blocking(move || portmesh_probe::busy_ports(&ports))
+            .await
+            .map_err(|e| ApiError::Internal(format!("probe task: {e}")))?;
+        Ok(tonic::Response::new(pb::ProbeResponse {
+            host: self.inner.host.clone(),
+            busy: busy.into_iter().map(u32::from).collect(),
+        }))
     }
 
     async fn shutdown(&self, _req: Request<pb::ShutdownRequest>) -> Result<pb::ShutdownResponse> {

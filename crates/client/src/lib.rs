@@ -81,6 +81,9 @@ pub struct Client {
     endpoints: std::sync::Arc<Vec<String>>,
 }
 
+/// How often [`Client::allocate_here`] asks again after finding granted ports busy here.
+pub const HERE_ROUNDS: usize = 3;
+
 /// How long one attempt of a call may wait for the node's answer (the node itself gives up on a
 /// write after its write timeout, 5 s by default, so an answer normally comes first).
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(12);
@@ -272,6 +275,40 @@ impl Client {
             async move { pb::allocator_client::AllocatorClient::new(ch).allocate(req).await }
         })
         .await
+    }
+
+    /// Allocates ports for this host: names it in the request, so the member node running here
+    /// probes the candidates; if none runs here (the cluster is elsewhere), probes the new ports
+    /// itself and, if any is busy, releases them and asks again with them reported busy, up to
+    /// [`HERE_ROUNDS`] times. Ports of live sticky keys (`existing`) are left alone: the process
+    /// holding them is usually their owner.
+    pub async fn allocate_here(&self, mut req: pb::AllocateRequest) -> Result<pb::AllocateResponse> {
+        if req.host.is_empty() {
+            req.host = portmesh_probe::hostname();
+        }
+        let mut round = 0;
+        loop {
+            let r = self.allocate(req.clone()).await?;
+            let fresh: Vec<u16> = r
+                .allocations
+                .iter()
+                .zip(r.existing.iter().chain(std::iter::repeat(&false)))
+                .filter(|(_, existing)| !**existing)
+                .filter_map(|(a, _)| u16::try_from(a.port).ok())
+                .collect();
+            round += 1;
+            if r.host_probed || round > HERE_ROUNDS {
+                return Ok(r);
+            }
+            let busy = portmesh_probe::busy_ports(&fresh);
+            if busy.is_empty() {
+                return Ok(r);
+            }
+            // Give back the whole batch (it was granted atomically) and ask again.
+            let ports = fresh.iter().map(|p| u32::from(*p)).collect();
+            self.release(pb::ReleaseRequest { team: req.team.clone(), ports, ..Default::default() }).await?;
+            req.busy_ports.extend(busy.iter().map(|p| u32::from(*p)));
+        }
     }
 
     pub async fn release(&self, req: pb::ReleaseRequest) -> Result<pb::ReleaseResponse> {

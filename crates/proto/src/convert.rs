@@ -70,6 +70,14 @@ impl pb::AllocateRequest {
     pub fn core_items(&self) -> Result<Vec<core::AllocItem>, BadRequest> {
         self.items.iter().map(core::AllocItem::try_from).collect()
     }
+
+    /// The ports the client reported busy on its host.
+    pub fn reported_busy(&self) -> Result<Vec<u16>, BadRequest> {
+        if self.busy_ports.len() > 1024 {
+            return Err(BadRequest(format!("busy_ports: {} ports, at most 1024", self.busy_ports.len())));
+        }
+        self.busy_ports.iter().map(|p| required_port(*p, "busy_ports")).collect()
+    }
 }
 
 impl pb::ReleaseRequest {
@@ -191,6 +199,18 @@ mod tests {
             (i.port, i.strategy, i.key.as_deref(), i.pool),
             (Some(8080), core::Strategy::Fail, Some("k"), None)
         );
+    }
+
+    #[test]
+    fn reported_busy_ports_are_bounded_and_valid() {
+        let mut r = pb::AllocateRequest { busy_ports: vec![8000, 8001], ..Default::default() };
+        assert_eq!(r.reported_busy().unwrap(), vec![8000, 8001]);
+        r.busy_ports = vec![0];
+        assert!(r.reported_busy().unwrap_err().0.contains("busy_ports"));
+        r.busy_ports = vec![70_000];
+        assert!(r.reported_busy().unwrap_err().0.contains("busy_ports"));
+        r.busy_ports = vec![8000; 1025];
+        assert!(r.reported_busy().unwrap_err().0.contains("at most 1024"));
     }
 
     #[test]
