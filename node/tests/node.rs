@@ -870,6 +870,12 @@ async fn members_leave_voters_are_replaced_and_the_last_voter_stays() {
     c.stop(f).await;
     wait_membership(&c, &second, &[]).await;
     write("w1".into()).await;
+    // The removed node, started again with --join, is told it was removed.
+    let mut cfg = NodeConfig::new(c._dirs[f].path().to_path_buf(), "127.0.0.1:0".parse().unwrap());
+    fast_raft(&mut cfg);
+    cfg.join = Some(c.addrs[c.leader_index()].clone());
+    let err = start(cfg).await.unwrap_err().to_string();
+    assert!(err.contains(&format!("node {} is no longer a member", ids[f])), "{err}");
 
     // The leader removes itself: the other two carry on with a leader of their own.
     let leader = c.leader_index();

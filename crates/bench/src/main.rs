@@ -1,14 +1,22 @@
-//! `portmesh-bench`: measures a single portmesh node against etcd (Debian's `etcd-server`) doing
-//! the same work, in alternating rounds of one run, and prints figures and median ratios.
+//! `portmesh-bench`: measures portmesh (one node, or a 3-node cluster) against etcd (Debian's
+//! `etcd-server`, as many members) doing the same work, in alternating rounds of one run, and
+//! prints figures and median ratios.
 //!
-//! The work, per client, in a loop until the phase ends: take a port under a fresh lease, then
-//! give it back by revoking the lease.
-//! - portmesh: `Allocate` (sticky key per client, new lease in the same request), `Revoke`.
-//! - etcd: `LeaseGrant`, `Txn` put-if-absent of `ports/<n>` attached to the lease (trying the next
-//!   number if taken), `LeaseRevoke`.
+//! Workloads, per client, in a loop until the phase ends:
+//! - `fresh`: take a port under a fresh lease, then give it back by revoking the lease.
+//!   portmesh: `Allocate` (sticky key per client, new lease in the same request), `Revoke`.
+//!   etcd: `LeaseGrant`, `Txn` put-if-absent of `ports/<n>` attached to the lease (trying the
+//!   next number if taken), `LeaseRevoke`.
+//! - `reused`: each client holds one lease for the whole phase; take a port attached to it, then
+//!   release it. portmesh: `Allocate` with `lease_id`, `Release`. etcd: the `Txn` above with the
+//!   client's lease, `DeleteRange`.
+//! - etcd `put` (1 client): a plain `Put`, the cheapest durable write etcd has: the floor any
+//!   allocation is compared with.
 //!
-//! Latency is the time to hold a port (portmesh: one RPC; etcd: grant + txn). Throughput counts
-//! completed allocations per second. Nothing here asserts a speed: it reports.
+//! Latency is the time to hold a port (portmesh: one RPC; etcd fresh: grant + txn). Throughput
+//! counts completed allocations per second. With `--failover N` (3 nodes), the leader of a
+//! loaded portmesh cluster is killed N times and the time to the first acknowledged write after
+//! the kill is reported. Nothing here asserts a speed: it reports.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -32,15 +40,25 @@ struct Args {
     /// The etcd binary for the baseline; `off` to skip it.
     #[arg(long, default_value = "etcd")]
     etcd: String,
+    /// Nodes per cluster (portmesh nodes and etcd members): 1 or 3.
+    #[arg(long, default_value_t = 1)]
+    nodes: usize,
     /// Rounds; each runs both systems, in alternating order.
     #[arg(long, default_value_t = 3)]
     rounds: usize,
-    /// Seconds per phase (one concurrency level of one system).
+    /// Seconds per phase (one workload at one concurrency level of one system).
     #[arg(long, default_value_t = 5.0)]
     secs: f64,
     /// Concurrency levels.
     #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
     clients: Vec<usize>,
+    /// Workloads: `fresh` (a new lease per allocation), `reused` (one lease per client).
+    #[arg(long, value_delimiter = ',', default_value = "fresh")]
+    workloads: Vec<String>,
+    /// Kill the leader of a loaded 3-node portmesh cluster this many times and report the time
+    /// to the first acknowledged write after each kill.
+    #[arg(long, default_value_t = 0)]
+    failover: usize,
     /// Also compare a one-shot `portmesh alloc` with an empty Rust binary using `hyperfine -N`.
     #[arg(long)]
     startup: bool,
@@ -61,17 +79,63 @@ impl System {
     }
 }
 
-/// A server process with its own fresh data directory.
-struct Server {
-    child: Child,
-    addr: String,
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Workload {
+    Fresh,
+    Reused,
+    Put,
+}
+
+impl Workload {
+    fn name(self) -> &'static str {
+        match self {
+            Workload::Fresh => "fresh",
+            Workload::Reused => "reused",
+            Workload::Put => "put",
+        }
+    }
+
+    fn parse(s: &str) -> Result<Workload> {
+        match s {
+            "fresh" => Ok(Workload::Fresh),
+            "reused" => Ok(Workload::Reused),
+            other => bail!("unknown workload {other:?}: fresh or reused"),
+        }
+    }
+}
+
+/// A cluster of server processes, each with its own fresh data directory.
+struct Deployment {
+    children: Vec<Option<Child>>,
+    /// Client addresses of the members, in start order.
+    addrs: Vec<String>,
+    /// The member clients send to (the leader).
+    leader: usize,
     _dir: tempfile::TempDir,
 }
 
-impl Drop for Server {
+impl Deployment {
+    fn leader_addr(&self) -> &str {
+        &self.addrs[self.leader]
+    }
+
+    fn pid(&self, i: usize) -> u32 {
+        self.children[i].as_ref().map_or(0, Child::id)
+    }
+
+    fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.children[i].take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Deployment {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        for i in 0..self.children.len() {
+            self.kill(i);
+        }
     }
 }
 
@@ -107,64 +171,108 @@ where
     }
 }
 
-async fn start_portmesh(bin: &Path) -> Result<Server> {
+/// `nodes` portmesh processes on loopback: the first bootstraps, the others join it.
+async fn start_portmesh(bin: &Path, nodes: usize) -> Result<Deployment> {
     let dir = tempfile::tempdir()?;
-    let log = std::fs::File::create(dir.path().join("node.log"))?;
-    let child = Command::new(bin)
-        .args(["serve", "--listen", "127.0.0.1:0", "--bootstrap", "--data"])
-        .arg(dir.path().join("data"))
-        .arg("--home")
-        .arg(dir.path())
-        .env("PORTMESH_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .with_context(|| format!("starting {}", bin.display()))?;
-    let home = dir.path().to_path_buf();
-    let addr = wait_for("portmesh to record its address", || {
-        let home = home.clone();
-        async move {
-            let v: serde_json::Value =
-                serde_json::from_slice(&std::fs::read(home.join("node.json")).ok()?).ok()?;
-            v["grpc"].as_str().map(str::to_string)
-        }
-    })
-    .await?;
-    let c = Client::connect(&addr).await?;
+    let mut children = Vec::new();
+    let mut addrs: Vec<String> = Vec::new();
+    for i in 0..nodes {
+        let home = dir.path().join(format!("node{i}"));
+        std::fs::create_dir_all(&home)?;
+        let log = std::fs::File::create(home.join("node.log"))?;
+        let mut cmd = Command::new(bin);
+        cmd.args(["serve", "--listen", "127.0.0.1:0", "--data"])
+            .arg(home.join("data"))
+            .arg("--home")
+            .arg(&home);
+        match addrs.first() {
+            None => cmd.arg("--bootstrap"),
+            Some(first) => cmd.args(["--join", first]),
+        };
+        let child = cmd
+            .env("PORTMESH_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        children.push(Some(child));
+        let addr = wait_for("portmesh to record its address", || {
+            let home = home.clone();
+            async move {
+                let v: serde_json::Value =
+                    serde_json::from_slice(&std::fs::read(home.join("node.json")).ok()?).ok()?;
+                v["grpc"].as_str().map(str::to_string)
+            }
+        })
+        .await?;
+        addrs.push(addr);
+    }
+    let c = Client::connect(&addrs[0]).await?;
     c.add_pool("default", "bench", vec![pb::PortRange { start: 20000, end: 29999 }]).await?;
-    Ok(Server { child, addr, _dir: dir })
+    let s = c.status().await?;
+    let leader_addr =
+        s.members.iter().find(|m| m.id == s.leader_id).map(|m| m.addr.clone()).unwrap_or_default();
+    let leader = addrs.iter().position(|a| *a == leader_addr).unwrap_or(0);
+    Ok(Deployment { children: children.into_iter().collect(), addrs, leader, _dir: dir })
 }
 
-async fn start_etcd(bin: &str, round: usize) -> Result<Server> {
+/// `nodes` etcd members on loopback, started together as one cluster.
+async fn start_etcd(bin: &str, round: usize, nodes: usize) -> Result<Deployment> {
     let dir = tempfile::tempdir()?;
-    let (cport, pport) = (free_port()?, free_port()?);
-    let client_url = format!("http://127.0.0.1:{cport}");
-    let peer_url = format!("http://127.0.0.1:{pport}");
-    let log = std::fs::File::create(dir.path().join("etcd.log"))?;
-    let child = Command::new(bin)
-        .args(["--name", "bench", "--data-dir"])
-        .arg(dir.path().join("data"))
-        .args(["--listen-client-urls", &client_url, "--advertise-client-urls", &client_url])
-        .args(["--listen-peer-urls", &peer_url, "--initial-advertise-peer-urls", &peer_url])
-        .args(["--initial-cluster", &format!("bench={peer_url}")])
-        .args(["--initial-cluster-token", &format!("portmesh-bench-{round}")])
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .with_context(|| format!("starting {bin} (install Debian's etcd-server, or pass --etcd off)"))?;
-    let addr = format!("127.0.0.1:{cport}");
-    let a = addr.clone();
-    wait_for("etcd to answer", || {
-        let a = a.clone();
+    let mut ports = Vec::new();
+    for _ in 0..nodes {
+        ports.push((free_port()?, free_port()?));
+    }
+    let initial: Vec<String> =
+        ports.iter().enumerate().map(|(i, (_, p))| format!("m{i}=http://127.0.0.1:{p}")).collect();
+    let mut children = Vec::new();
+    let mut addrs = Vec::new();
+    for (i, (cport, pport)) in ports.iter().enumerate() {
+        let client_url = format!("http://127.0.0.1:{cport}");
+        let peer_url = format!("http://127.0.0.1:{pport}");
+        let log = std::fs::File::create(dir.path().join(format!("etcd{i}.log")))?;
+        let child = Command::new(bin)
+            .args(["--name", &format!("m{i}"), "--data-dir"])
+            .arg(dir.path().join(format!("data{i}")))
+            .args(["--listen-client-urls", &client_url, "--advertise-client-urls", &client_url])
+            .args(["--listen-peer-urls", &peer_url, "--initial-advertise-peer-urls", &peer_url])
+            .args(["--initial-cluster", &initial.join(",")])
+            .args(["--initial-cluster-token", &format!("portmesh-bench-{round}")])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {bin} (install Debian's etcd-server, or pass --etcd off)"))?;
+        children.push(Some(child));
+        addrs.push(format!("127.0.0.1:{cport}"));
+    }
+    // The member whose id is the leader's, as every member's status reports it.
+    let leader = wait_for("etcd to elect a leader", || {
+        let addrs = addrs.clone();
         async move {
-            let ch =
-                tonic::transport::Endpoint::from_shared(format!("http://{a}")).ok()?.connect().await.ok()?;
-            let mut l = etcdpb::lease_client::LeaseClient::new(ch);
-            l.lease_grant(etcdpb::LeaseGrantRequest { ttl: 5, id: 0 }).await.ok().map(|_| ())
+            let mut leader_id = None;
+            let mut ids = Vec::new();
+            for a in &addrs {
+                let ch = tonic::transport::Endpoint::from_shared(format!("http://{a}"))
+                    .ok()?
+                    .connect()
+                    .await
+                    .ok()?;
+                let s = etcdpb::maintenance_client::MaintenanceClient::new(ch)
+                    .status(etcdpb::StatusRequest {})
+                    .await
+                    .ok()?
+                    .into_inner();
+                if s.leader == 0 {
+                    return None;
+                }
+                leader_id = Some(s.leader);
+                ids.push(s.header?.member_id);
+            }
+            ids.iter().position(|id| Some(*id) == leader_id)
         }
     })
     .await?;
-    Ok(Server { child, addr, _dir: dir })
+    Ok(Deployment { children, addrs, leader, _dir: dir })
 }
 
 /// Latencies and count of one phase.
@@ -188,7 +296,13 @@ impl Phase {
     }
 }
 
-async fn run_phase(system: System, addr: &str, clients: usize, dur: Duration) -> Result<Phase> {
+async fn run_phase(
+    system: System,
+    work: Workload,
+    addr: &str,
+    clients: usize,
+    dur: Duration,
+) -> Result<Phase> {
     let deadline = Instant::now() + dur;
     let start = Instant::now();
     let mut tasks = Vec::new();
@@ -196,8 +310,8 @@ async fn run_phase(system: System, addr: &str, clients: usize, dur: Duration) ->
         let addr = addr.to_string();
         tasks.push(tokio::spawn(async move {
             match system {
-                System::Portmesh => portmesh_client_loop(&addr, c, deadline).await,
-                System::Etcd => etcd_client_loop(&addr, c, deadline).await,
+                System::Portmesh => portmesh_client_loop(&addr, work, c, deadline).await,
+                System::Etcd => etcd_client_loop(&addr, work, c, deadline).await,
             }
         }));
     }
@@ -210,8 +324,17 @@ async fn run_phase(system: System, addr: &str, clients: usize, dur: Duration) ->
     Ok(Phase { ops: lat.len(), elapsed, lat })
 }
 
-async fn portmesh_client_loop(addr: &str, c: usize, deadline: Instant) -> Result<Vec<Duration>> {
+async fn portmesh_client_loop(
+    addr: &str,
+    work: Workload,
+    c: usize,
+    deadline: Instant,
+) -> Result<Vec<Duration>> {
     let client = Client::connect(addr).await?;
+    let held = match work {
+        Workload::Reused => client.grant_lease("default", Duration::from_secs(600)).await?.id,
+        _ => 0,
+    };
     let mut lat = Vec::new();
     while Instant::now() < deadline {
         let t0 = Instant::now();
@@ -223,26 +346,49 @@ async fn portmesh_client_loop(addr: &str, c: usize, deadline: Instant) -> Result
                     key: format!("bench/{c}"),
                     ..Default::default()
                 }],
-                ttl_ms: 60_000,
+                lease_id: held,
+                ttl_ms: if held == 0 { 60_000 } else { 0 },
                 ..Default::default()
             })
             .await?;
         lat.push(t0.elapsed());
-        client.revoke_lease("default", r.lease_id).await?;
+        if held == 0 {
+            client.revoke_lease("default", r.lease_id).await?;
+        } else {
+            let req = pb::ReleaseRequest { key: format!("bench/{c}"), ..Default::default() };
+            client.release(req).await?;
+        }
     }
     Ok(lat)
 }
 
-async fn etcd_client_loop(addr: &str, c: usize, deadline: Instant) -> Result<Vec<Duration>> {
+async fn etcd_client_loop(addr: &str, work: Workload, c: usize, deadline: Instant) -> Result<Vec<Duration>> {
     let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?.connect().await?;
     let mut kv = etcdpb::kv_client::KvClient::new(ch.clone());
     let mut leases = etcdpb::lease_client::LeaseClient::new(ch);
+    let held = match work {
+        Workload::Reused => {
+            leases.lease_grant(etcdpb::LeaseGrantRequest { ttl: 600, id: 0 }).await?.into_inner().id
+        }
+        _ => 0,
+    };
     let mut lat = Vec::new();
     while Instant::now() < deadline {
         let t0 = Instant::now();
-        let lease = leases.lease_grant(etcdpb::LeaseGrantRequest { ttl: 60, id: 0 }).await?.into_inner().id;
+        if work == Workload::Put {
+            let put =
+                etcdpb::PutRequest { key: format!("bench/{c}").into_bytes(), value: b"x".to_vec(), lease: 0 };
+            kv.put(put).await?;
+            lat.push(t0.elapsed());
+            continue;
+        }
+        let lease = if held != 0 {
+            held
+        } else {
+            leases.lease_grant(etcdpb::LeaseGrantRequest { ttl: 60, id: 0 }).await?.into_inner().id
+        };
         let mut port = 20_000 + c as u32;
-        loop {
+        let key = loop {
             let key = format!("ports/{port}").into_bytes();
             let txn = etcdpb::TxnRequest {
                 compare: vec![etcdpb::Compare {
@@ -253,7 +399,7 @@ async fn etcd_client_loop(addr: &str, c: usize, deadline: Instant) -> Result<Vec
                 }],
                 success: vec![etcdpb::RequestOp {
                     request: Some(etcdpb::request_op::Request::RequestPut(etcdpb::PutRequest {
-                        key,
+                        key: key.clone(),
                         value: format!("bench-{c}").into_bytes(),
                         lease,
                     })),
@@ -261,14 +407,57 @@ async fn etcd_client_loop(addr: &str, c: usize, deadline: Instant) -> Result<Vec
                 failure: vec![],
             };
             if kv.txn(txn).await?.into_inner().succeeded {
-                break;
+                break key;
             }
             port = 20_000 + (port - 20_000 + 64) % 10_000;
-        }
+        };
         lat.push(t0.elapsed());
-        leases.lease_revoke(etcdpb::LeaseRevokeRequest { id: lease }).await?;
+        if held == 0 {
+            leases.lease_revoke(etcdpb::LeaseRevokeRequest { id: lease }).await?;
+        } else {
+            kv.delete_range(etcdpb::DeleteRangeRequest { key, range_end: vec![] }).await?;
+        }
     }
     Ok(lat)
+}
+
+/// Kills the leader of a 3-node portmesh cluster under a steady writer and measures the time
+/// from the kill to the first write acknowledged after it.
+async fn failover_once(bin: &Path, nodes: usize) -> Result<Duration> {
+    let mut d = start_portmesh(bin, nodes).await?;
+    let addrs = d.addrs.clone();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Instant>();
+    let writer = tokio::spawn(async move {
+        let refs: Vec<&str> = addrs.iter().map(String::as_str).collect();
+        let Ok(client) = Client::connect_any(&refs).await else { return };
+        for i in 0.. {
+            let req = pb::AllocateRequest {
+                items: vec![pb::AllocItem {
+                    service: "failover".into(),
+                    pool: "bench".into(),
+                    key: format!("failover/{i}"),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            };
+            if client.allocate(req).await.is_ok() && tx.send(Instant::now()).is_err() {
+                return;
+            }
+        }
+    });
+    // Let the writer get going, then kill the leader.
+    rx.recv().await.context("the writer never wrote")?;
+    let killed = Instant::now();
+    let leader = d.leader;
+    d.kill(leader);
+    let first = loop {
+        let t = rx.recv().await.context("the writer stopped")?;
+        if t > killed {
+            break t;
+        }
+    };
+    writer.abort();
+    Ok(first - killed)
 }
 
 fn ms(d: Duration) -> String {
@@ -288,8 +477,8 @@ type Row = (f64, f64, f64, f64);
 
 #[derive(Default)]
 struct Results {
-    /// (system, clients) -> one row per round
-    rows: std::collections::BTreeMap<(&'static str, usize), Vec<Row>>,
+    /// (system, workload, clients) -> one row per round
+    rows: std::collections::BTreeMap<(&'static str, Workload, usize), Vec<Row>>,
     idle_rss_kb: Vec<u64>,
     loaded_rss_kb: Vec<u64>,
     etcd_rss_kb: Vec<u64>,
@@ -303,10 +492,13 @@ async fn main() -> Result<()> {
     let args = Args::parse();
     let dur = Duration::from_secs_f64(args.secs);
     let with_etcd = args.etcd != "off";
+    let workloads: Vec<Workload> =
+        args.workloads.iter().map(|w| Workload::parse(w)).collect::<Result<_>>()?;
+    let max_clients = args.clients.iter().copied().max().unwrap_or(1);
     let mut res = Results::default();
     println!(
-        "# portmesh-bench: {} round(s), {}s per phase, clients {:?}",
-        args.rounds, args.secs, args.clients
+        "# portmesh-bench: {} node(s) each, {} round(s), {}s per phase, clients {:?}, workloads {:?}",
+        args.nodes, args.rounds, args.secs, args.clients, args.workloads
     );
     for round in 0..args.rounds {
         let mut order = vec![System::Portmesh];
@@ -317,26 +509,31 @@ async fn main() -> Result<()> {
             order.reverse();
         }
         for system in order {
-            let server = match system {
-                System::Portmesh => start_portmesh(&args.portmesh).await?,
-                System::Etcd => start_etcd(&args.etcd, round).await?,
+            let d = match system {
+                System::Portmesh => start_portmesh(&args.portmesh, args.nodes).await?,
+                System::Etcd => start_etcd(&args.etcd, round, args.nodes).await?,
             };
-            let pid = server.child.id();
+            let pid = d.pid(d.leader);
             if system == System::Portmesh {
-                tokio::time::sleep(Duration::from_secs(1)).await; // let start-up allocations settle
+                tokio::time::sleep(Duration::from_secs(1)).await; // let start-up settle
                 res.idle_rss_kb.push(rss_kb(pid));
             }
-            for &c in &args.clients {
-                let before = if system == System::Portmesh {
-                    Some(Client::connect(&server.addr).await?.status().await?)
-                } else {
-                    None
+            let mut phases: Vec<(Workload, usize)> =
+                workloads.iter().flat_map(|w| args.clients.iter().map(move |c| (*w, *c))).collect();
+            if system == System::Etcd {
+                phases.push((Workload::Put, 1));
+            }
+            for (work, c) in phases {
+                let before = match system {
+                    System::Portmesh => Some(Client::connect(d.leader_addr()).await?.status().await?),
+                    System::Etcd => None,
                 };
-                let p = run_phase(system, &server.addr, c, dur).await?;
+                let p = run_phase(system, work, d.leader_addr(), c, dur).await?;
                 println!(
-                    "round {} {:<8} clients {:>3}: {:>8.0} alloc/s  p50 {} ms  p90 {} ms  p99 {} ms  ({} allocations)",
+                    "round {} {:<8} {:<6} clients {:>3}: {:>8.0} op/s  p50 {} ms  p90 {} ms  p99 {} ms  ({} ops)",
                     round + 1,
                     system.name(),
+                    work.name(),
                     c,
                     p.rate(),
                     ms(p.pct(0.5)),
@@ -344,20 +541,20 @@ async fn main() -> Result<()> {
                     ms(p.pct(0.99)),
                     p.ops
                 );
-                res.rows.entry((system.name(), c)).or_default().push((
+                res.rows.entry((system.name(), work, c)).or_default().push((
                     p.rate(),
                     p.pct(0.5).as_secs_f64() * 1e3,
                     p.pct(0.9).as_secs_f64() * 1e3,
                     p.pct(0.99).as_secs_f64() * 1e3,
                 ));
                 if let Some(b) = before {
-                    let a = Client::connect(&server.addr).await?.status().await?;
+                    let a = Client::connect(d.leader_addr()).await?.status().await?;
                     let f = a.fsyncs.saturating_sub(b.fsyncs);
-                    if c == *args.clients.iter().max().unwrap_or(&c) && f > 0 {
+                    if c == max_clients && work == workloads[0] && f > 0 {
                         let e = a.entries_flushed.saturating_sub(b.entries_flushed) as f64 / f as f64;
                         let k = a.commands_applied.saturating_sub(b.commands_applied) as f64 / f as f64;
                         println!(
-                            "round {} portmesh clients {c:>3}: {e:.1} log entries and {k:.1} commands per fsync",
+                            "round {} portmesh clients {c:>3}: {e:.1} log entries and {k:.1} commands per fsync (leader)",
                             round + 1
                         );
                         res.entries_per_fsync.push(e);
@@ -373,49 +570,74 @@ async fn main() -> Result<()> {
         }
     }
 
-    println!("\n# medians over {} round(s)", args.rounds);
+    println!("\n# medians over {} round(s), {} node(s) each", args.rounds, args.nodes);
     println!(
-        "| clients | portmesh alloc/s | etcd alloc/s | ratio | portmesh p50/p90/p99 ms | etcd p50/p90/p99 ms |"
+        "| workload | clients | portmesh alloc/s | etcd alloc/s | ratio | portmesh p50/p90/p99 ms | etcd p50/p90/p99 ms |"
     );
-    println!("|---:|---:|---:|---:|---:|---:|");
-    for &c in &args.clients {
-        let pm = res.rows.get(&("portmesh", c)).cloned().unwrap_or_default();
-        let et = res.rows.get(&("etcd", c)).cloned().unwrap_or_default();
-        let col = |v: &[Row], f: fn(&Row) -> f64| median(v.iter().map(f).collect());
-        // Ratio of medians over per-round ratios: same-round pairs cancel the machine's noise.
-        let ratios: Vec<f64> = pm.iter().zip(&et).map(|(a, b)| a.0 / b.0).collect();
+    println!("|---|---:|---:|---:|---:|---:|---:|");
+    let col = |v: &[Row], f: fn(&Row) -> f64| median(v.iter().map(f).collect());
+    for w in &workloads {
+        for &c in &args.clients {
+            let pm = res.rows.get(&("portmesh", *w, c)).cloned().unwrap_or_default();
+            let et = res.rows.get(&("etcd", *w, c)).cloned().unwrap_or_default();
+            // Ratio of medians over per-round ratios: same-round pairs cancel the machine's noise.
+            let ratios: Vec<f64> = pm.iter().zip(&et).map(|(a, b)| a.0 / b.0).collect();
+            println!(
+                "| {} | {c} | {:.0} | {:.0} | {:.2}× | {:.2} / {:.2} / {:.2} | {:.2} / {:.2} / {:.2} |",
+                w.name(),
+                col(&pm, |r| r.0),
+                col(&et, |r| r.0),
+                median(ratios),
+                col(&pm, |r| r.1),
+                col(&pm, |r| r.2),
+                col(&pm, |r| r.3),
+                col(&et, |r| r.1),
+                col(&et, |r| r.2),
+                col(&et, |r| r.3),
+            );
+        }
+    }
+    if let (Some(pm), Some(put)) =
+        (res.rows.get(&("portmesh", Workload::Fresh, 1)), res.rows.get(&("etcd", Workload::Put, 1)))
+    {
+        let ratios: Vec<f64> = pm.iter().zip(put).map(|(a, b)| a.1 / b.1).collect();
         println!(
-            "| {c} | {:.0} | {:.0} | {:.2}× | {:.2} / {:.2} / {:.2} | {:.2} / {:.2} / {:.2} |",
-            col(&pm, |r| r.0),
-            col(&et, |r| r.0),
-            median(ratios),
-            col(&pm, |r| r.1),
-            col(&pm, |r| r.2),
-            col(&pm, |r| r.3),
-            col(&et, |r| r.1),
-            col(&et, |r| r.2),
-            col(&et, |r| r.3),
+            "\n1 client: portmesh allocation p50 {:.2} ms vs etcd put p50 {:.2} ms: {:.2}× (median of per-round ratios)",
+            col(pm, |r| r.1),
+            col(put, |r| r.1),
+            median(ratios)
         );
     }
     let mb = |v: &[u64]| median(v.iter().map(|k| *k as f64 / 1024.0).collect());
     println!(
-        "\nportmesh idle RSS: {:.1} MB; after load: {:.1} MB",
+        "\nportmesh leader idle RSS: {:.1} MB; after load: {:.1} MB",
         mb(&res.idle_rss_kb),
         mb(&res.loaded_rss_kb)
     );
     if with_etcd {
-        println!("etcd RSS after load: {:.1} MB", mb(&res.etcd_rss_kb));
+        println!("etcd leader RSS after load: {:.1} MB", mb(&res.etcd_rss_kb));
     }
     println!(
-        "portmesh at {} clients: {:.1} log entries per fsync, {:.1} commands per fsync",
-        args.clients.iter().max().unwrap_or(&0),
+        "portmesh at {max_clients} clients: {:.1} log entries per fsync, {:.1} commands per fsync",
         median(res.entries_per_fsync.clone()),
         median(res.commands_per_fsync.clone())
     );
     println!(
-        "portmesh data dir after a round: {:.1} MB",
+        "portmesh leader data dir after a round: {:.1} MB",
         median(res.data_bytes.iter().map(|b| *b as f64 / 1e6).collect())
     );
+    if args.failover > 0 {
+        if args.nodes < 3 {
+            bail!("--failover needs --nodes 3");
+        }
+        let mut times = Vec::new();
+        for i in 0..args.failover {
+            let t = failover_once(&args.portmesh, args.nodes).await?;
+            println!("failover {}: first acknowledged write {} ms after the leader was killed", i + 1, ms(t));
+            times.push(t.as_secs_f64() * 1e3);
+        }
+        println!("failover: median {:.0} ms over {} kills", median(times), args.failover);
+    }
     if args.startup {
         startup(&args.portmesh).await?;
     }
@@ -432,9 +654,9 @@ async fn startup(bin: &Path) -> Result<()> {
     if !ok {
         bail!("rustc could not build the empty binary");
     }
-    let server = start_portmesh(bin).await?;
+    let server = start_portmesh(bin, 1).await?;
     let json = dir.path().join("hyperfine.json");
-    let alloc = format!("{} --node {} alloc bench --key hyperfine", bin.display(), server.addr);
+    let alloc = format!("{} --node {} alloc bench --key hyperfine", bin.display(), server.leader_addr());
     let status = Command::new("hyperfine")
         .args(["-N", "--warmup", "20", "--runs", "300", "--export-json"])
         .arg(&json)
