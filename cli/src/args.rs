@@ -73,6 +73,22 @@ pub enum Command {
     Serve(ServeArgs),
     /// Shut the local node (or the one at --node) down gracefully.
     Stop,
+    /// Follow every change (allocations, releases, expiries, reservations, pools, leases,
+    /// conflicts) as it happens, one line each, until interrupted.
+    Watch {
+        /// Start from this revision (history first). Default: only changes from now on.
+        #[arg(long)]
+        from: Option<u64>,
+        /// Only this pool.
+        #[arg(long)]
+        pool: Option<String>,
+        /// Only this service.
+        #[arg(long)]
+        service: Option<String>,
+        /// Changes of every team, not only --team.
+        #[arg(long)]
+        all_teams: bool,
+    },
     /// Make this machine's local node a member of the team cluster that the node at ADDR belongs
     /// to. The local node's own data is moved aside (kept), since it belongs to another cluster.
     Join {

@@ -84,6 +84,16 @@ async fn client_command(cli: &Cli, c: &Client) -> Result<()> {
             status(&c.status().await?, cli.json);
             Ok(())
         }
+        Command::Watch { from, pool, service, all_teams } => {
+            let req = pb::WatchRequest {
+                from_revision: from.unwrap_or(0),
+                team: if *all_teams { String::new() } else { team.to_string() },
+                pool: pool.clone().unwrap_or_default(),
+                service: service.clone().unwrap_or_default(),
+                progress_interval_ms: 0,
+            };
+            watch(c, req, cli.json).await
+        }
         Command::Serve(_)
         | Command::Check { .. }
         | Command::Stop
@@ -509,6 +519,102 @@ async fn leave(cli: &Cli, id: Option<u64>) -> Result<()> {
         moved.map(|m| format!("; its data is kept in {}", m.display())).unwrap_or_default()
     );
     Ok(())
+}
+
+async fn watch(c: &Client, req: pb::WatchRequest, json: bool) -> Result<()> {
+    use std::io::Write;
+    let mut stream = c.watch(req).await?;
+    let mut out = std::io::stdout().lock();
+    while let Some(msg) = stream.message().await? {
+        for e in &msg.events {
+            if json {
+                writeln!(out, "{}", event_json(e))?;
+            } else {
+                writeln!(out, "{}", event_text(e))?;
+            }
+        }
+        out.flush()?;
+    }
+    bail!("the node ended the watch stream; resume with --from (the last revision shown + 1)")
+}
+
+fn event_type(e: &pb::Event) -> &'static str {
+    match e.r#type() {
+        pb::EventType::Allocated => "allocated",
+        pb::EventType::Released => "released",
+        pb::EventType::Expired => "expired",
+        pb::EventType::Reserved => "reserved",
+        pb::EventType::Unreserved => "unreserved",
+        pb::EventType::PoolAdded => "pool_added",
+        pb::EventType::PoolRemoved => "pool_removed",
+        pb::EventType::LeaseGranted => "lease_granted",
+        pb::EventType::LeaseRevoked => "lease_revoked",
+        pb::EventType::LeaseExpired => "lease_expired",
+        pb::EventType::ConflictObserved => "conflict",
+        pb::EventType::CooldownChanged => "cooldown_changed",
+        pb::EventType::Unspecified => "unknown",
+    }
+}
+
+fn event_json(e: &pb::Event) -> serde_json::Value {
+    let mut v = json!({"revision": e.revision, "seq": e.seq, "at_ms": e.at_ms, "type": event_type(e)});
+    if let Some(a) = &e.allocation {
+        v["allocation"] = alloc_json(a);
+    }
+    if !e.cause.is_empty() {
+        v["cause"] = json!(e.cause);
+    }
+    if let Some(r) = &e.reservation {
+        v["reservation"] = json!({"port": r.port, "reason": r.reason});
+    }
+    if e.port != 0 {
+        v["port"] = json!(e.port);
+    }
+    if !e.team.is_empty() {
+        v["team"] = json!(e.team);
+    }
+    if !e.pool_name.is_empty() {
+        v["pool"] = json!(e.pool_name);
+    }
+    if e.lease_id != 0 {
+        v["lease_id"] = json!(e.lease_id);
+    }
+    if e.ttl_ms != 0 {
+        v["ttl_ms"] = json!(e.ttl_ms);
+    }
+    if let Some(c) = &e.conflict {
+        v["conflict"] =
+            json!({"port": c.port, "team": c.team, "pool": c.pool, "service": c.service, "host": c.host});
+    }
+    v
+}
+
+fn event_text(e: &pb::Event) -> String {
+    let what = match (e.r#type(), &e.allocation, &e.conflict) {
+        (pb::EventType::Allocated, Some(a), _) => {
+            format!("{} {}/{} host {} (team {})", a.port, a.pool, a.service, a.host, a.team)
+        }
+        (pb::EventType::Released | pb::EventType::Expired, Some(a), _) => {
+            format!("{} {}/{} ({})", a.port, a.pool, a.service, e.cause)
+        }
+        (pb::EventType::ConflictObserved, _, Some(c)) => {
+            format!("{} busy on host {} (wanted for {}/{})", c.port, c.host, c.pool, c.service)
+        }
+        (pb::EventType::Reserved, ..) => {
+            e.reservation.as_ref().map(|r| format!("{} ({})", r.port, r.reason)).unwrap_or_default()
+        }
+        (pb::EventType::Unreserved, ..) => e.port.to_string(),
+        (pb::EventType::PoolAdded | pb::EventType::PoolRemoved, ..) => format!("{}/{}", e.team, e.pool_name),
+        (pb::EventType::LeaseGranted, ..) => {
+            format!("{} (ttl {}, team {})", e.lease_id, fmt_dur(Duration::from_millis(e.ttl_ms)), e.team)
+        }
+        (pb::EventType::LeaseRevoked | pb::EventType::LeaseExpired, ..) => {
+            format!("{} (team {})", e.lease_id, e.team)
+        }
+        (pb::EventType::CooldownChanged, ..) => fmt_dur(Duration::from_millis(e.ttl_ms)),
+        _ => String::new(),
+    };
+    format!("{:>8}  {:<16} {what}", e.revision, event_type(e))
 }
 
 async fn serve(a: &ServeArgs) -> Result<()> {

@@ -176,6 +176,7 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode, NodeError> {
         .add_service(api.leases())
         .add_service(api.pools())
         .add_service(api.cluster())
+        .add_service(api.watch())
         .add_service(portmesh_raft::RaftService::new(node.raft.clone()).server())
         // Small request/response messages: without TCP_NODELAY, Nagle's algorithm and delayed
         // ACKs stall each exchange by up to 40 ms.

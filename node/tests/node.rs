@@ -1031,3 +1031,256 @@ async fn ports_are_probed_on_the_host_they_are_for() {
     drop(sm);
     drop(held);
 }
+
+// ----- watch ----------------------------------------------------------------------------------
+
+/// Collects a watch stream's events in the background until it has seen `until` (a revision)
+/// or `stop` fires; returns the events and the last revision delivered.
+fn collect_watch(
+    mut stream: tonic::Streaming<pb::WatchResponse>,
+) -> (
+    tokio::sync::watch::Receiver<u64>,
+    tokio::task::JoinHandle<Vec<pb::Event>>,
+    tokio::sync::oneshot::Sender<()>,
+) {
+    let (seen_tx, seen_rx) = tokio::sync::watch::channel(0u64);
+    let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        let mut events = Vec::new();
+        loop {
+            tokio::select! {
+                m = stream.message() => match m {
+                    Ok(Some(m)) => {
+                        events.extend(m.events);
+                        seen_tx.send_replace(m.revision);
+                    }
+                    other => panic!("watch stream ended: {other:?}"),
+                },
+                _ = &mut stop_rx => return events,
+            }
+        }
+    });
+    (seen_rx, task, stop_tx)
+}
+
+async fn wait_seen(seen: &mut tokio::sync::watch::Receiver<u64>, rev: u64) {
+    let reached = tokio::time::timeout(Duration::from_secs(20), seen.wait_for(|r| *r >= rev)).await.is_ok();
+    assert!(reached, "the watcher never reached revision {rev} (at {})", *seen.borrow());
+}
+
+fn in_order(events: &[pb::Event]) {
+    for w in events.windows(2) {
+        assert!(
+            (w[0].revision, w[0].seq) < (w[1].revision, w[1].seq),
+            "out of order: {:?} then {:?}",
+            w[0],
+            w[1]
+        );
+    }
+}
+
+/// Every event kind the API can cause reaches a watcher on a follower, in order, across a
+/// leader change; a second watcher reading the whole history afterwards sees the same list.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_event_kind_reaches_a_watcher_in_order_across_a_leader_change() {
+    let mut c = Cluster::start(3).await;
+    let leader = c.leader_index();
+    let f = (leader + 1) % 3;
+    let watcher = Client::connect(&c.addrs[f]).await.unwrap();
+    let stream = watcher.watch(pb::WatchRequest { from_revision: 1, ..Default::default() }).await.unwrap();
+    let (mut seen, task, stop) = collect_watch(stream);
+    let client = c.client().await;
+    let one =
+        |service: &str| pb::AllocateRequest { items: vec![item(service, "default")], ..Default::default() };
+    let a = client.allocate(one("a")).await.unwrap().allocations[0].port;
+    client.release(pb::ReleaseRequest { ports: vec![a], ..Default::default() }).await.unwrap();
+    client.reserve(22_222, "watch test").await.unwrap();
+    client.unreserve(22_222).await.unwrap();
+    client.add_pool("default", "extra", vec![pb::PortRange { start: 23_200, end: 23_209 }]).await.unwrap();
+    client.remove_pool("default", "extra").await.unwrap();
+    let lease = client.grant_lease("default", Duration::from_secs(60)).await.unwrap();
+    let mut req = one("leased");
+    req.lease_id = lease.id;
+    client.allocate(req).await.unwrap();
+    client.revoke_lease("default", lease.id).await.unwrap();
+    let mut req = one("expiring");
+    req.ttl_ms = 1_000;
+    client.allocate(req).await.unwrap();
+    let held = std::net::TcpListener::bind("0.0.0.0:10990").ok();
+    let mut req = one("conflicted");
+    req.items[0].port = 10_990;
+    req.items[0].strategy = pb::Strategy::Next as i32;
+    client.allocate(req).await.unwrap();
+    drop(held);
+    // The leader changes; the stream on the follower goes on.
+    c.stop(leader).await;
+    let after = client.allocate(one("after")).await.unwrap();
+    // The 1 s lease expires under the new leader.
+    let status = loop {
+        let s = client.status().await.unwrap();
+        let sm = c.live().next().unwrap().api.node().state().read().state.leases().count();
+        if sm == 0 {
+            break s;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let last = status.revision.max(after.revision);
+    wait_seen(&mut seen, last).await;
+    stop.send(()).unwrap();
+    let events = task.await.unwrap();
+    in_order(&events);
+    let kinds: BTreeSet<i32> = events.iter().map(|e| e.r#type).collect();
+    use pb::EventType as T;
+    for k in [
+        T::Allocated,
+        T::Released,
+        T::Expired,
+        T::Reserved,
+        T::Unreserved,
+        T::PoolAdded,
+        T::PoolRemoved,
+        T::LeaseGranted,
+        T::LeaseRevoked,
+        T::LeaseExpired,
+        T::ConflictObserved,
+    ] {
+        assert!(kinds.contains(&(k as i32)), "no {k:?} event among {} events", events.len());
+    }
+    let conflict = events.iter().find_map(|e| e.conflict.as_ref()).unwrap();
+    assert_eq!(conflict.port, 10_990);
+    // The whole history, read afterwards from another node, is the same list.
+    let other = c.live().map(|n| n.grpc_addr.to_string()).find(|a| *a != c.addrs[f]).unwrap();
+    let stream = Client::connect(&other)
+        .await
+        .unwrap()
+        .watch(pb::WatchRequest { from_revision: 1, ..Default::default() })
+        .await
+        .unwrap();
+    let (mut seen2, task2, stop2) = collect_watch(stream);
+    wait_seen(&mut seen2, last).await;
+    stop2.send(()).unwrap();
+    let history: Vec<pb::Event> = task2.await.unwrap().into_iter().filter(|e| e.revision <= last).collect();
+    let live: Vec<pb::Event> = events.into_iter().filter(|e| e.revision <= last).collect();
+    assert_eq!(history, live);
+}
+
+/// A watcher that stops midway and resumes on another node with its last revision + 1 misses
+/// nothing and sees nothing twice, while a load runs; filters keep only what was asked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watcher_resuming_on_another_node_misses_nothing_and_sees_nothing_twice() {
+    let c = Cluster::start(3).await;
+    big_pool(&c.client().await).await;
+    let start = c.client().await.status().await.unwrap().revision + 1;
+    let addrs = c.addrs.clone();
+    let load = tokio::spawn(async move { testkit::load(&addrs, 8, 25, "w").await });
+    // First watcher on node 0: read until past the first few hundred events, then hang up.
+    let mut first = Client::connect(&c.addrs[0])
+        .await
+        .unwrap()
+        .watch(pb::WatchRequest { from_revision: start, ..Default::default() })
+        .await
+        .unwrap();
+    let mut got: Vec<pb::Event> = Vec::new();
+    let mut upto = start - 1;
+    while got.len() < 300 {
+        let m = first.message().await.unwrap().unwrap();
+        got.extend(m.events);
+        upto = m.revision;
+    }
+    drop(first);
+    // Resume on node 1.
+    let stream = Client::connect(&c.addrs[1])
+        .await
+        .unwrap()
+        .watch(pb::WatchRequest { from_revision: upto + 1, ..Default::default() })
+        .await
+        .unwrap();
+    let (mut seen, task, stop) = collect_watch(stream);
+    let oracle = load.await.unwrap();
+    let end = c.client().await.status().await.unwrap().revision;
+    wait_seen(&mut seen, end).await;
+    stop.send(()).unwrap();
+    got.extend(task.await.unwrap());
+    in_order(&got);
+    // The full history from node 2 is exactly the concatenation.
+    let stream = Client::connect(&c.addrs[2])
+        .await
+        .unwrap()
+        .watch(pb::WatchRequest { from_revision: start, ..Default::default() })
+        .await
+        .unwrap();
+    let (mut seen, task, stop) = collect_watch(stream);
+    wait_seen(&mut seen, end).await;
+    stop.send(()).unwrap();
+    let full: Vec<pb::Event> = task.await.unwrap().into_iter().filter(|e| e.revision <= end).collect();
+    let got: Vec<pb::Event> = got.into_iter().filter(|e| e.revision <= end).collect();
+    assert_eq!(got.len(), full.len());
+    assert!(got == full, "the resumed watch differs from the full history");
+    let allocated = full.iter().filter(|e| e.r#type == pb::EventType::Allocated as i32).count();
+    assert_eq!(allocated, oracle.acked(), "one event per acknowledged allocation");
+    // A filter by service keeps only that service's events.
+    let service = "w-3-7";
+    let stream = Client::connect(&c.addrs[0])
+        .await
+        .unwrap()
+        .watch(pb::WatchRequest { from_revision: start, service: service.into(), ..Default::default() })
+        .await
+        .unwrap();
+    let (mut seen, task, stop) = collect_watch(stream);
+    wait_seen(&mut seen, end).await;
+    stop.send(()).unwrap();
+    let only = task.await.unwrap();
+    assert_eq!(only.len(), 10, "one batch of 10 ports: {only:?}");
+    assert!(only.iter().all(|e| e.allocation.as_ref().is_some_and(|a| a.service == service)));
+}
+
+/// History is kept for the latest 10,000 events: a watch from before that fails with
+/// `compacted`, naming the oldest revision still available; from there it works, and an idle
+/// watcher gets progress notifications with the current revision.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_from_a_compacted_revision_names_the_oldest_available() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_node, client) = node_in(dir.path(), |_| {}).await;
+    big_pool(&client).await;
+    for round in 0..6 {
+        // The same sticky keys every round: a key gets its port back at once (no cool-down).
+        let items = (0..1024)
+            .map(|i| pb::AllocItem { key: format!("k{i}"), ..item(&format!("c{round}-{i}"), "default") })
+            .collect();
+        let r = client.allocate(pb::AllocateRequest { items, ..Default::default() }).await.unwrap();
+        let ports = r.allocations.iter().map(|a| a.port).collect();
+        client.release(pb::ReleaseRequest { ports, ..Default::default() }).await.unwrap();
+    }
+    let err = client.watch(pb::WatchRequest { from_revision: 1, ..Default::default() }).await.unwrap_err();
+    assert_eq!(err.kind(), Some("compacted"), "{err}");
+    let msg = err.to_string();
+    let oldest: u64 = msg
+        .split("from revision ")
+        .nth(1)
+        .unwrap()
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(oldest > 1, "{msg}");
+    let mut s = client.watch(pb::WatchRequest { from_revision: oldest, ..Default::default() }).await.unwrap();
+    let m = s.message().await.unwrap().unwrap();
+    assert_eq!(m.events[0].revision, oldest);
+    // Idle: progress notifications carry the current revision.
+    let current = client.status().await.unwrap().revision;
+    let mut s = client
+        .watch(pb::WatchRequest {
+            from_revision: current + 1,
+            progress_interval_ms: 100,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let m = tokio::time::timeout(Duration::from_secs(5), s.message()).await.unwrap().unwrap().unwrap();
+    assert!(m.progress && m.events.is_empty(), "{m:?}");
+    assert_eq!(m.revision, current);
+    let err =
+        client.watch(pb::WatchRequest { progress_interval_ms: 10, ..Default::default() }).await.unwrap_err();
+    assert_eq!(err.kind(), Some("invalid_argument"), "{err}");
+}

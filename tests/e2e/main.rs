@@ -13,3 +13,4 @@ mod leases;
 mod membership;
 mod probe;
 mod serve;
+mod watch;

@@ -5,7 +5,7 @@ use portmesh_proto::BadRequest;
 use portmesh_raft::{MemberError, ProposeError};
 use tonic::{Code, Status};
 
-use crate::{ERROR_METADATA, LEADER_METADATA};
+use crate::{ERROR_METADATA, LEADER_METADATA, OLDEST_REVISION_METADATA};
 
 /// Everything a request can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -22,6 +22,12 @@ pub enum ApiError {
     /// A membership change was refused.
     #[error("{0}")]
     Member(MemberError),
+    /// A watch asked for events older than this node keeps.
+    #[error(
+        "revision {from} is compacted: this node keeps events from revision {oldest} on; \
+         re-read the state (List) and watch from revision {oldest}"
+    )]
+    Compacted { from: u64, oldest: u64 },
     /// The state machine answered with something the handler did not expect: a bug.
     #[error("internal error: {0}")]
     Internal(String),
@@ -60,6 +66,7 @@ impl From<ApiError> for Status {
             ApiError::Member(MemberError::LastVoter { .. } | MemberError::ForeignCluster { .. }) => {
                 (Code::FailedPrecondition, "failed_precondition")
             }
+            ApiError::Compacted { .. } => (Code::OutOfRange, "compacted"),
             ApiError::Internal(_) => (Code::Internal, "internal"),
         };
         let mut status = Status::new(code, e.to_string());
@@ -70,6 +77,11 @@ impl From<ApiError> for Status {
             && let Ok(v) = addr.parse()
         {
             status.metadata_mut().insert(LEADER_METADATA, v);
+        }
+        if let ApiError::Compacted { oldest, .. } = &e
+            && let Ok(v) = oldest.to_string().parse()
+        {
+            status.metadata_mut().insert(OLDEST_REVISION_METADATA, v);
         }
         status
     }
@@ -123,6 +135,7 @@ mod tests {
                 Code::Unavailable,
                 "unavailable",
             ),
+            (ApiError::Compacted { from: 3, oldest: 9 }, Code::OutOfRange, "compacted"),
             (ApiError::Internal("x".into()), Code::Internal, "internal"),
         ];
         for (e, code, kind) in cases {

@@ -9,6 +9,7 @@
 mod error;
 mod hosts;
 mod services;
+mod watch;
 
 pub use error::ApiError;
 pub use services::{Api, ShutdownHandle};
@@ -17,3 +18,5 @@ pub use services::{Api, ShutdownHandle};
 pub const LEADER_METADATA: &str = "portmesh-leader";
 /// Metadata key carrying the stable error category.
 pub const ERROR_METADATA: &str = "portmesh-error";
+/// Metadata key carrying the oldest revision still available on a `compacted` watch error.
+pub const OLDEST_REVISION_METADATA: &str = "portmesh-oldest-revision";

@@ -433,6 +433,16 @@ impl Client {
         Ok(r.members)
     }
 
+    /// Follows the state's changes from `req.from_revision` (see the `Watch` service). To resume
+    /// after the stream ends, watch again from the last `revision` + 1, on any node.
+    pub async fn watch(&self, req: pb::WatchRequest) -> Result<tonic::Streaming<pb::WatchResponse>> {
+        self.call(Retry::Safe, |ch| {
+            let req = req.clone();
+            async move { pb::watch_client::WatchClient::new(ch).watch(req).await }
+        })
+        .await
+    }
+
     pub async fn shutdown(&self) -> Result<()> {
         pb::cluster_client::ClusterClient::new(self.channel()).shutdown(pb::ShutdownRequest {}).await?;
         Ok(())

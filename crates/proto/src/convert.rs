@@ -161,6 +161,90 @@ impl pb::Pool {
     }
 }
 
+impl From<&core::Event> for pb::Event {
+    fn from(e: &core::Event) -> Self {
+        use core::EventKind as K;
+        let mut out = pb::Event { revision: e.revision, seq: e.seq, at_ms: e.at_ms, ..Default::default() };
+        let kind = match &e.kind {
+            K::Allocated(a) => {
+                out.allocation = Some(a.into());
+                pb::EventType::Allocated
+            }
+            K::Released { allocation, cause } => {
+                out.allocation = Some(allocation.into());
+                out.cause = cause.to_string();
+                match cause {
+                    core::ReleaseCause::LeaseExpired => pb::EventType::Expired,
+                    _ => pb::EventType::Released,
+                }
+            }
+            K::Reserved(r) => {
+                out.reservation = Some(r.into());
+                pb::EventType::Reserved
+            }
+            K::Unreserved { port } => {
+                out.port = (*port).into();
+                pb::EventType::Unreserved
+            }
+            K::PoolAdded(p) => {
+                let usage = core::PoolUsage { size: p.size(), allocated: 0, reserved: 0, cooling: 0 };
+                out.pool = Some(pb::Pool::from_core(p, &usage));
+                out.team = p.team.clone();
+                out.pool_name = p.name.clone();
+                pb::EventType::PoolAdded
+            }
+            K::PoolRemoved { team, name } => {
+                out.team = team.clone();
+                out.pool_name = name.clone();
+                pb::EventType::PoolRemoved
+            }
+            K::LeaseGranted { id, team, ttl_ms } => {
+                (out.lease_id, out.team, out.ttl_ms) = (*id, team.clone(), *ttl_ms);
+                pb::EventType::LeaseGranted
+            }
+            K::LeaseRevoked { id, team } => {
+                (out.lease_id, out.team) = (*id, team.clone());
+                pb::EventType::LeaseRevoked
+            }
+            K::LeaseExpired { id, team } => {
+                (out.lease_id, out.team) = (*id, team.clone());
+                pb::EventType::LeaseExpired
+            }
+            K::Conflict(c) => {
+                out.conflict = Some(pb::Conflict {
+                    port: c.port.into(),
+                    team: c.team.clone(),
+                    pool: c.pool.clone(),
+                    service: c.service.clone(),
+                    host: c.host.clone(),
+                });
+                pb::EventType::ConflictObserved
+            }
+            K::CooldownChanged { ms } => {
+                out.ttl_ms = *ms;
+                pb::EventType::CooldownChanged
+            }
+        };
+        out.set_type(kind);
+        out
+    }
+}
+
+impl pb::Event {
+    /// The team, pool and service the event belongs to, where it has them.
+    pub fn scope(&self) -> (Option<&str>, Option<&str>, Option<&str>) {
+        if let Some(a) = &self.allocation {
+            return (Some(&a.team), Some(&a.pool), Some(&a.service));
+        }
+        if let Some(c) = &self.conflict {
+            return (Some(&c.team), Some(&c.pool), Some(&c.service));
+        }
+        let team = (!self.team.is_empty()).then_some(self.team.as_str());
+        let pool = (!self.pool_name.is_empty()).then_some(self.pool_name.as_str());
+        (team, pool, None)
+    }
+}
+
 impl pb::Lease {
     pub fn from_core(l: &core::Lease, ports: impl IntoIterator<Item = u16>) -> Self {
         pb::Lease {

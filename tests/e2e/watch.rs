@@ -1,0 +1,67 @@
+//! `portmesh watch`: history from a revision, then live changes, one line (or JSON object) each.
+
+use std::io::{BufRead, BufReader};
+use std::process::Stdio;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use crate::support::*;
+
+/// Lines of a child's stdout, read on a thread.
+fn lines_of(child: &mut std::process::Child) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    let out = BufReader::new(child.stdout.take().unwrap());
+    std::thread::spawn(move || {
+        for line in out.lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+/// Reads lines until one satisfies `want`; panics after 20 s naming what was read.
+fn read_until(rx: &mpsc::Receiver<String>, what: &str, want: impl Fn(&str) -> bool) -> String {
+    let mut read = Vec::new();
+    loop {
+        match rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(l) if want(&l) => return l,
+            Ok(l) => read.push(l),
+            Err(e) => panic!("no line with {what} ({e}); read: {read:#?}"),
+        }
+    }
+}
+
+#[test]
+fn watch_replays_history_from_a_revision_then_follows_live_changes() {
+    let h = Home::new();
+    let first = h.pm(&["alloc", "api"]).ok().ports()[0];
+    let mut child = h.cmd(&["watch", "--json", "--from", "1"]).stdout(Stdio::piped()).spawn().unwrap();
+    let rx = lines_of(&mut child);
+    let line = read_until(&rx, "the earlier allocation", |l| {
+        l.contains("\"allocated\"") && l.contains(&format!("\"port\":{first}"))
+    });
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(v["allocation"]["service"], "api");
+    let rev = v["revision"].as_u64().unwrap();
+    let second = h.pm(&["alloc", "web-2", "--pool", "web"]).ok().ports()[0];
+    let line = read_until(&rx, "the live allocation", |l| l.contains(&format!("\"port\":{second}")));
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert!(v["revision"].as_u64().unwrap() > rev);
+    h.pm(&["release", &second.to_string()]).ok();
+    read_until(&rx, "the release", |l| {
+        l.contains("\"released\"") && l.contains(&format!("\"port\":{second}"))
+    });
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    // Text, filtered by pool: only the web pool's changes.
+    let mut child = h.cmd(&["watch", "--from", "1", "--pool", "web"]).stdout(Stdio::piped()).spawn().unwrap();
+    let rx = lines_of(&mut child);
+    let line = read_until(&rx, "the web allocation", |l| l.contains("allocated"));
+    assert!(line.contains(&format!("{second} web/web-2")), "{line}");
+    assert!(!line.contains(&first.to_string()) || first == second);
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
