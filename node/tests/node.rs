@@ -1284,3 +1284,44 @@ async fn a_watch_from_a_compacted_revision_names_the_oldest_available() {
         client.watch(pb::WatchRequest { progress_interval_ms: 10, ..Default::default() }).await.unwrap_err();
     assert_eq!(err.kind(), Some("invalid_argument"), "{err}");
 }
+
+/// `TimeToLive` shows the leader's countdown and what is attached; a follower redirects to the
+/// leader; `keep_lease` keeps a short lease alive for several TTLs and reports its loss once it
+/// is revoked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn time_to_live_and_a_kept_lease_that_is_lost() {
+    let c = Cluster::start(3).await;
+    let leader = c.leader_index();
+    let follower = Client::connect(&c.addrs[(leader + 1) % 3]).await.unwrap();
+    let ttl = Duration::from_millis(1_500);
+    let lease = follower.grant_lease("default", ttl).await.unwrap();
+    let mut req = pb::AllocateRequest {
+        items: vec![item("kept", "default"), item("kept2", "default")],
+        ..Default::default()
+    };
+    req.lease_id = lease.id;
+    let granted = follower.allocate(req).await.unwrap();
+    let kept = follower.keep_lease("default", lease.id, ttl);
+    // Four TTLs pass: the renewals keep it (waiting out time is what this checks).
+    let until = tokio::time::Instant::now() + ttl * 4;
+    while tokio::time::Instant::now() < until {
+        let t = follower.time_to_live("default", lease.id).await.unwrap();
+        let l = t.lease.unwrap();
+        assert!(l.remaining_ms <= 1_500 && l.remaining_ms > 0, "{l:?}");
+        let mut ports: Vec<u32> = t.allocations.iter().map(|a| a.port).collect();
+        ports.sort_unstable();
+        let mut want: Vec<u32> = granted.allocations.iter().map(|a| a.port).collect();
+        want.sort_unstable();
+        assert_eq!(ports, want);
+        assert!(kept.lost_now().is_none());
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let mut kept = kept;
+    follower.revoke_lease("default", lease.id).await.unwrap();
+    let lost = tokio::time::timeout(Duration::from_secs(5), kept.lost()).await.unwrap();
+    assert_eq!(lost, portmesh_client::LeaseLost::Gone { id: lease.id });
+    let err = follower.time_to_live("default", lease.id).await.unwrap_err();
+    assert_eq!(err.kind(), Some("not_found"), "{err}");
+    let err = follower.time_to_live("other-team", 1).await.unwrap_err();
+    assert_eq!(err.kind(), Some("not_found"), "{err}");
+}

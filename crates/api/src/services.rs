@@ -355,6 +355,28 @@ impl pb::leases_server::Leases for Api {
         Ok(tonic::Response::new(out))
     }
 
+    async fn time_to_live(
+        &self,
+        req: Request<pb::LeaseTimeToLiveRequest>,
+    ) -> Result<pb::LeaseTimeToLiveResponse> {
+        let req = req.into_inner();
+        let node = &self.inner.node;
+        // Leader only: the countdown lives there. The barrier also makes the read linearizable.
+        node.read_barrier(false).await.map_err(ApiError::from)?;
+        let team = team(&req.team);
+        let sm = node.state().read();
+        let Some(lease) = sm.state.lease(req.lease_id).filter(|l| l.team == team) else {
+            return Err(ApiError::from(Rejection::UnknownLease { team, id: req.lease_id }).into());
+        };
+        let ports: Vec<u16> = sm.state.lease_ports(lease.id).collect();
+        let mut out = pb::Lease::from_core(lease, ports.iter().copied());
+        if let Some(left) = node.lease_remaining(lease.id) {
+            out.remaining_ms = left;
+        }
+        let allocations = ports.iter().filter_map(|p| sm.state.allocation(*p)).map(Into::into).collect();
+        Ok(tonic::Response::new(pb::LeaseTimeToLiveResponse { lease: Some(out), allocations }))
+    }
+
     async fn revoke(&self, req: Request<pb::LeaseRevokeRequest>) -> Result<pb::LeaseRevokeResponse> {
         let req = req.into_inner();
         match self.propose(Command::RevokeLease { team: team(&req.team), id: req.lease_id }).await? {
