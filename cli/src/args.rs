@@ -73,6 +73,16 @@ pub enum Command {
     Serve(ServeArgs),
     /// Shut the local node (or the one at --node) down gracefully.
     Stop,
+    /// The audit log: every assignment, release, expiry and conflict still in the history
+    /// (the latest 10,000 events), oldest first, with the port's holder and host.
+    Log {
+        /// Keep following new entries until interrupted.
+        #[arg(long)]
+        follow: bool,
+        /// Entries of every team, not only --team.
+        #[arg(long)]
+        all_teams: bool,
+    },
     /// Follow every change (allocations, releases, expiries, reservations, pools, leases,
     /// conflicts) as it happens, one line each, until interrupted.
     Watch {

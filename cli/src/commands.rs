@@ -84,6 +84,9 @@ async fn client_command(cli: &Cli, c: &Client) -> Result<()> {
             status(&c.status().await?, cli.json);
             Ok(())
         }
+        Command::Log { follow, all_teams } => {
+            log(c, if *all_teams { "" } else { team }, *follow, cli.json).await
+        }
         Command::Watch { from, pool, service, all_teams } => {
             let req = pb::WatchRequest {
                 from_revision: from.unwrap_or(0),
@@ -536,6 +539,52 @@ async fn watch(c: &Client, req: pb::WatchRequest, json: bool) -> Result<()> {
         out.flush()?;
     }
     bail!("the node ended the watch stream; resume with --from (the last revision shown + 1)")
+}
+
+/// The audit log: the history's port events, from the oldest kept, up to now (or on, with
+/// `follow`).
+async fn log(c: &Client, team: &str, follow: bool, json: bool) -> Result<()> {
+    use std::io::Write;
+    let end = c.status().await?.revision;
+    let req = |from| pb::WatchRequest {
+        from_revision: from,
+        team: team.to_string(),
+        progress_interval_ms: 200,
+        ..Default::default()
+    };
+    let mut stream = match c.watch(req(1)).await {
+        Err(e) if e.kind() == Some("compacted") => {
+            let oldest = e.oldest_revision().context("the compacted error names no revision")?;
+            c.watch(req(oldest)).await?
+        }
+        other => other?,
+    };
+    let mut out = std::io::stdout().lock();
+    while let Some(msg) = stream.message().await? {
+        for e in &msg.events {
+            let audited = matches!(
+                e.r#type(),
+                pb::EventType::Allocated
+                    | pb::EventType::Released
+                    | pb::EventType::Expired
+                    | pb::EventType::ConflictObserved
+            );
+            if !audited {
+                continue;
+            }
+            if json {
+                writeln!(out, "{}", event_json(e))?;
+            } else {
+                let at = std::time::UNIX_EPOCH + Duration::from_millis(e.at_ms);
+                writeln!(out, "{}  {}", humantime::format_rfc3339_seconds(at), event_text(e))?;
+            }
+        }
+        out.flush()?;
+        if !follow && msg.revision >= end {
+            return Ok(());
+        }
+    }
+    bail!("the node ended the stream before the log was complete; run `portmesh log` again")
 }
 
 fn event_type(e: &pb::Event) -> &'static str {

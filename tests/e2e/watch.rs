@@ -65,3 +65,32 @@ fn watch_replays_history_from_a_revision_then_follows_live_changes() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+#[test]
+fn log_lists_assignments_releases_and_expiries_in_order_with_the_host() {
+    let h = Home::new();
+    let p = h.pm(&["alloc", "api"]).ok().ports()[0];
+    h.pm(&["release", &p.to_string()]).ok();
+    let q = h.pm(&["alloc", "worker", "--ttl", "1s"]).ok().ports()[0];
+    wait_until("the 1 s lease to expire", Duration::from_secs(20), || h.live_ports().is_empty());
+    let out = h.pm(&["log"]).ok();
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    let at = |what: &str, port: u16| {
+        lines
+            .iter()
+            .position(|l| l.contains(what) && l.contains(&format!(" {port} ")))
+            .unwrap_or_else(|| panic!("no {what} of {port} in {lines:#?}"))
+    };
+    assert!(at("allocated", p) < at("released", p));
+    assert!(at("released", p) < at("allocated", q));
+    assert!(at("allocated", q) < at("expired", q));
+    assert!(lines[at("allocated", p)].contains("api") && lines[at("allocated", p)].contains("host "));
+    assert!(!out.stdout.contains("pool_added"), "only port events: {lines:#?}");
+    let json = h.pm(&["log", "--json"]).ok();
+    let types: Vec<String> = json
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["type"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(types, ["allocated", "released", "allocated", "expired"], "{json:?}");
+}

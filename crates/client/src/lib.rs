@@ -42,12 +42,22 @@ pub enum ClientError {
         message: String,
         /// The server's stable error category (`portmesh-error` metadata), if any.
         kind: Option<String>,
+        /// On a `compacted` watch error: the oldest revision the node still has.
+        oldest_revision: Option<u64>,
     },
     #[error("invalid node address {addr:?}: {reason}")]
     BadAddress { addr: String, reason: String },
 }
 
 impl ClientError {
+    /// On a `compacted` watch error: the oldest revision still available.
+    pub fn oldest_revision(&self) -> Option<u64> {
+        match self {
+            ClientError::Status { oldest_revision, .. } => *oldest_revision,
+            _ => None,
+        }
+    }
+
     /// The server's error category, e.g. `exhausted` or `not_found`.
     pub fn kind(&self) -> Option<&str> {
         match self {
@@ -62,7 +72,12 @@ impl From<tonic::Status> for ClientError {
         let kind = s.metadata().get("portmesh-error").and_then(|v| v.to_str().ok()).map(str::to_string);
         let message =
             if s.message().is_empty() { format!("{:?}", s.code()) } else { s.message().to_string() };
-        ClientError::Status { code: s.code(), message, kind }
+        let oldest_revision = s
+            .metadata()
+            .get("portmesh-oldest-revision")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
+        ClientError::Status { code: s.code(), message, kind, oldest_revision }
     }
 }
 
@@ -558,6 +573,7 @@ fn missing(what: &str) -> ClientError {
         code: tonic::Code::Internal,
         message: format!("the node's reply lacks the {what}"),
         kind: Some("internal".into()),
+        oldest_revision: None,
     }
 }
 
