@@ -12,5 +12,6 @@ mod embedded;
 mod leases;
 mod membership;
 mod probe;
+mod python;
 mod serve;
 mod watch;

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Prepares the Python client: a venv with grpcio and grpcio-tools from PyPI (pinned), and stubs
+# generated from the portmesh protos. Idempotent and quick when already prepared.
+#
+#   examples/python-client/setup.sh [VENV]      (default: target/python-client-venv)
+#
+# Prints the venv's python on the last line.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(cd "$here/../.." && pwd)
+venv=${1:-$root/target/python-client-venv}
+stamp=$venv/.portmesh-ready
+proto=$root/proto/portmesh/v1/portmesh.proto
+if [ ! -f "$stamp" ] || [ "$proto" -nt "$stamp" ] || [ "$here/requirements.txt" -nt "$stamp" ]; then
+    python3 -m venv "$venv" >&2
+    "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$here/requirements.txt" >&2
+    rm -rf "$venv/portmesh-stubs"
+    mkdir -p "$venv/portmesh-stubs"
+    "$venv/bin/python" -m grpc_tools.protoc -I "$root/proto" \
+        --python_out="$venv/portmesh-stubs" --grpc_python_out="$venv/portmesh-stubs" "$proto" >&2
+    touch "$stamp"
+fi
+echo "$venv/bin/python"
