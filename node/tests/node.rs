@@ -1325,3 +1325,33 @@ async fn time_to_live_and_a_kept_lease_that_is_lost() {
     let err = follower.time_to_live("other-team", 1).await.unwrap_err();
     assert_eq!(err.kind(), Some("not_found"), "{err}");
 }
+
+/// `keep_lease` keeps renewing through two leader changes: the lease and its port survive, and
+/// the new leaders count it down from their own renewals, never letting it lapse.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_lease_survives_leader_changes_through_the_client_helper() {
+    let mut c = Cluster::start_with(3, |cfg| cfg.raft.lease_checkpoint = Duration::from_millis(500)).await;
+    let client = c.client().await;
+    let ttl = Duration::from_secs(3);
+    let lease = client.grant_lease("default", ttl).await.unwrap();
+    let mut req = pb::AllocateRequest { items: vec![item("held", "default")], ..Default::default() };
+    req.lease_id = lease.id;
+    let port = client.allocate(req).await.unwrap().allocations[0].port;
+    let kept = client.keep_lease("default", lease.id, ttl);
+    for round in 0..2 {
+        let old = c.leader_index();
+        let old_id = c.id(old);
+        c.stop(old).await;
+        c.wait_leader_other_than(old_id).await;
+        // Two TTLs under the new leader: only renewals through it keep the lease.
+        let until = tokio::time::Instant::now() + ttl * 2;
+        while tokio::time::Instant::now() < until {
+            assert!(kept.lost_now().is_none(), "round {round}: {:?}", kept.lost_now());
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let t = client.time_to_live("default", lease.id).await.unwrap();
+        assert_eq!(t.allocations.iter().map(|a| a.port).collect::<Vec<_>>(), vec![port], "round {round}");
+        c.restart(old).await;
+    }
+    assert!(kept.lost_now().is_none());
+}
