@@ -52,7 +52,9 @@ struct Args {
     /// Concurrency levels.
     #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
     clients: Vec<usize>,
-    /// Workloads: `fresh` (a new lease per allocation), `reused` (one lease per client).
+    /// Workloads: `fresh` (a new lease per allocation), `reused` (one lease per client),
+    /// `keepalive` (lease renewals: each client renews 100 leases on one stream, 32 in flight;
+    /// an op is one renewal).
     #[arg(long, value_delimiter = ',', default_value = "fresh")]
     workloads: Vec<String>,
     /// Kill the leader of a loaded 3-node portmesh cluster this many times and report the time
@@ -84,6 +86,7 @@ enum Workload {
     Fresh,
     Reused,
     Put,
+    KeepAlive,
 }
 
 impl Workload {
@@ -92,6 +95,7 @@ impl Workload {
             Workload::Fresh => "fresh",
             Workload::Reused => "reused",
             Workload::Put => "put",
+            Workload::KeepAlive => "keepalive",
         }
     }
 
@@ -99,7 +103,8 @@ impl Workload {
         match s {
             "fresh" => Ok(Workload::Fresh),
             "reused" => Ok(Workload::Reused),
-            other => bail!("unknown workload {other:?}: fresh or reused"),
+            "keepalive" => Ok(Workload::KeepAlive),
+            other => bail!("unknown workload {other:?}: fresh, reused or keepalive"),
         }
     }
 }
@@ -324,12 +329,115 @@ async fn run_phase(
     Ok(Phase { ops: lat.len(), elapsed, lat })
 }
 
+/// Leases each keep-alive client renews, and renewals it keeps in flight on its stream.
+const KEEPALIVE_LEASES: usize = 100;
+const KEEPALIVE_WINDOW: usize = 32;
+
+/// A request stream fed by a channel (what tonic's streaming calls take).
+struct ChannelStream<T>(tokio::sync::mpsc::Receiver<T>);
+
+impl<T> futures::Stream for ChannelStream<T> {
+    type Item = T;
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<T>> {
+        self.0.poll_recv(cx)
+    }
+}
+
+/// Renews `ids` round-robin on the stream `replies` answers, feeding requests into `tx` with
+/// `KEEPALIVE_WINDOW` in flight, until `deadline`; returns each renewal's round-trip time.
+/// Fills the window before the call is opened: a gRPC server may send the response headers only
+/// with its first reply (etcd does), so the call would not return before a request went out.
+fn prefill<Req>(
+    tx: &tokio::sync::mpsc::Sender<Req>,
+    ids: &[i64],
+    req: fn(i64) -> Req,
+) -> Result<Vec<Instant>> {
+    let mut sent = Vec::new();
+    for id in ids.iter().cycle().take(KEEPALIVE_WINDOW) {
+        tx.try_send(req(*id)).map_err(|_| anyhow::anyhow!("the keep-alive window is full"))?;
+        sent.push(Instant::now());
+    }
+    Ok(sent)
+}
+
+/// Renews `ids` round-robin on the stream `replies` answers, feeding requests into `tx` with
+/// `KEEPALIVE_WINDOW` in flight (the first window already sent at `sent`), until `deadline`;
+/// returns each renewal's round-trip time.
+async fn keepalive_loop<Req, Resp>(
+    ids: Vec<i64>,
+    req: fn(i64) -> Req,
+    tx: tokio::sync::mpsc::Sender<Req>,
+    mut replies: tonic::Streaming<Resp>,
+    sent: Vec<Instant>,
+    alive: fn(&Resp) -> bool,
+    deadline: Instant,
+) -> Result<Vec<Duration>> {
+    let mut sent: std::collections::VecDeque<Instant> = sent.into();
+    let mut lat = Vec::new();
+    let mut next = sent.len();
+    while Instant::now() < deadline {
+        while sent.len() < KEEPALIVE_WINDOW {
+            tx.send(req(ids[next % ids.len()]))
+                .await
+                .map_err(|_| anyhow::anyhow!("the keep-alive stream closed"))?;
+            sent.push_back(Instant::now());
+            next += 1;
+        }
+        match replies.message().await? {
+            Some(r) => {
+                if !alive(&r) {
+                    bail!("a renewal answered that its lease is gone: the figures would count failures");
+                }
+                if let Some(t) = sent.pop_front() {
+                    lat.push(t.elapsed());
+                }
+            }
+            None => bail!("the keep-alive stream ended"),
+        }
+    }
+    Ok(lat)
+}
+
+async fn portmesh_keepalive(addr: &str, deadline: Instant) -> Result<Vec<Duration>> {
+    let client = Client::connect(addr).await?;
+    let mut ids = Vec::new();
+    for _ in 0..KEEPALIVE_LEASES {
+        ids.push(client.grant_lease("default", Duration::from_secs(600)).await?.id as i64);
+    }
+    let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?.connect().await?;
+    let (tx, rx) = tokio::sync::mpsc::channel(KEEPALIVE_WINDOW);
+    let req = |id: i64| pb::LeaseKeepAliveRequest { team: "default".into(), lease_id: id as u64 };
+    let sent = prefill(&tx, &ids, req)?;
+    let replies = pb::leases_client::LeasesClient::new(ch).keep_alive(ChannelStream(rx)).await?.into_inner();
+    keepalive_loop(ids, req, tx, replies, sent, |r| r.ttl_ms > 0, deadline).await
+}
+
+async fn etcd_keepalive(addr: &str, deadline: Instant) -> Result<Vec<Duration>> {
+    let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?.connect().await?;
+    let mut leases = etcdpb::lease_client::LeaseClient::new(ch);
+    let mut ids = Vec::new();
+    for _ in 0..KEEPALIVE_LEASES {
+        ids.push(leases.lease_grant(etcdpb::LeaseGrantRequest { ttl: 600, id: 0 }).await?.into_inner().id);
+    }
+    let (tx, rx) = tokio::sync::mpsc::channel(KEEPALIVE_WINDOW);
+    let req = |id: i64| etcdpb::LeaseKeepAliveRequest { id };
+    let sent = prefill(&tx, &ids, req)?;
+    let replies = leases.lease_keep_alive(ChannelStream(rx)).await?.into_inner();
+    keepalive_loop(ids, req, tx, replies, sent, |r| r.ttl > 0, deadline).await
+}
+
 async fn portmesh_client_loop(
     addr: &str,
     work: Workload,
     c: usize,
     deadline: Instant,
 ) -> Result<Vec<Duration>> {
+    if work == Workload::KeepAlive {
+        return portmesh_keepalive(addr, deadline).await;
+    }
     let client = Client::connect(addr).await?;
     let held = match work {
         Workload::Reused => client.grant_lease("default", Duration::from_secs(600)).await?.id,
@@ -363,6 +471,9 @@ async fn portmesh_client_loop(
 }
 
 async fn etcd_client_loop(addr: &str, work: Workload, c: usize, deadline: Instant) -> Result<Vec<Duration>> {
+    if work == Workload::KeepAlive {
+        return etcd_keepalive(addr, deadline).await;
+    }
     let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?.connect().await?;
     let mut kv = etcdpb::kv_client::KvClient::new(ch.clone());
     let mut leases = etcdpb::lease_client::LeaseClient::new(ch);
