@@ -14,9 +14,4 @@ mod watch;
 pub use error::ApiError;
 pub use services::{Api, ShutdownHandle};
 
-/// Metadata key carrying the leader's address on an UNAVAILABLE "not the leader" error.
-pub const LEADER_METADATA: &str = "portmesh-leader";
-/// Metadata key carrying the stable error category.
-pub const ERROR_METADATA: &str = "portmesh-error";
-/// Metadata key carrying the oldest revision still available on a `compacted` watch error.
-pub const OLDEST_REVISION_METADATA: &str = "portmesh-oldest-revision";
+pub use portmesh_proto::{ERROR_METADATA, LEADER_METADATA, OLDEST_REVISION_METADATA};

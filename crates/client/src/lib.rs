@@ -21,6 +21,7 @@
 use std::time::Duration;
 
 pub use portmesh_proto::v1 as pb;
+use portmesh_proto::{ERROR_METADATA, LEADER_METADATA, OLDEST_REVISION_METADATA};
 pub use portmesh_proto::{strategy_from_pb, strategy_to_pb};
 use tonic::transport::{Channel, Endpoint};
 use tonic_health::pb::health_client::HealthClient;
@@ -69,12 +70,12 @@ impl ClientError {
 
 impl From<tonic::Status> for ClientError {
     fn from(s: tonic::Status) -> Self {
-        let kind = s.metadata().get("portmesh-error").and_then(|v| v.to_str().ok()).map(str::to_string);
+        let kind = s.metadata().get(ERROR_METADATA).and_then(|v| v.to_str().ok()).map(str::to_string);
         let message =
             if s.message().is_empty() { format!("{:?}", s.code()) } else { s.message().to_string() };
         let oldest_revision = s
             .metadata()
-            .get("portmesh-oldest-revision")
+            .get(OLDEST_REVISION_METADATA)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse().ok());
         ClientError::Status { code: s.code(), message, kind, oldest_revision }
@@ -262,9 +263,9 @@ impl Client {
                 )),
             };
             let leader =
-                status.metadata().get("portmesh-leader").and_then(|v| v.to_str().ok()).map(str::to_string);
+                status.metadata().get(LEADER_METADATA).and_then(|v| v.to_str().ok()).map(str::to_string);
             let category =
-                status.metadata().get("portmesh-error").and_then(|v| v.to_str().ok()).map(str::to_string);
+                status.metadata().get(ERROR_METADATA).and_then(|v| v.to_str().ok()).map(str::to_string);
             // Without a portmesh category, the error came from the connection, not the node: a
             // refused connect is UNAVAILABLE, a request cut off midway UNKNOWN or CANCELLED.
             let transport = category.is_none()
@@ -364,7 +365,8 @@ impl Client {
             if busy.is_empty() {
                 return Ok(r);
             }
-            // Give back the whole batch (it was granted atomically) and ask again.
+            // Give back every new port of the batch (it was granted atomically) and ask again;
+            // live sticky keys keep theirs.
             let ports = fresh.iter().map(|p| u32::from(*p)).collect();
             self.release(pb::ReleaseRequest { team: req.team.clone(), ports, ..Default::default() }).await?;
             req.busy_ports.extend(busy.iter().map(|p| u32::from(*p)));
@@ -610,7 +612,7 @@ mod tests {
     #[test]
     fn status_keeps_message_and_category() {
         let mut s = tonic::Status::not_found("unknown lease 4");
-        s.metadata_mut().insert("portmesh-error", "not_found".parse().unwrap());
+        s.metadata_mut().insert(ERROR_METADATA, "not_found".parse().unwrap());
         let e = ClientError::from(s);
         assert_eq!(e.to_string(), "unknown lease 4");
         assert_eq!(e.kind(), Some("not_found"));

@@ -33,6 +33,7 @@ pub use command::{
     Response,
 };
 pub use rejection::{Overlap, Rejection, Unavailable};
+pub use rng::SplitMix64;
 pub use select::PlanWidth;
 pub use state::{Key, Meta, PoolUsage, Record, State};
 pub use types::{

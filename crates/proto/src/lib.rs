@@ -23,4 +23,11 @@ pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "
 
 mod convert;
 
+/// Metadata key carrying the leader's address on an UNAVAILABLE "not the leader" error.
+pub const LEADER_METADATA: &str = "portmesh-leader";
+/// Metadata key carrying the stable error category.
+pub const ERROR_METADATA: &str = "portmesh-error";
+/// Metadata key carrying the oldest revision still available on a `compacted` watch error.
+pub const OLDEST_REVISION_METADATA: &str = "portmesh-oldest-revision";
+
 pub use convert::{BadRequest, required_port, strategy_from_pb, strategy_to_pb};

@@ -9,6 +9,8 @@ use std::collections::BTreeSet;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use portmesh_core::SplitMix64;
+
 /// What happens to one message from `from` to `to`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
@@ -27,8 +29,8 @@ struct Inner {
     drop_per_mille: u64,
     /// Added before every message.
     delay: Duration,
-    /// State of the generator that decides which messages drop.
-    rng: u64,
+    /// The generator that decides which messages drop.
+    rng: Option<SplitMix64>,
 }
 
 /// The faults of one test network. Cheap to consult: one uncontended lock per message.
@@ -69,7 +71,7 @@ impl LinkFaults {
     pub fn set_drop(&self, per_mille: u64, seed: u64) {
         self.with(|i| {
             i.drop_per_mille = per_mille.min(1000);
-            i.rng = seed;
+            i.rng = Some(SplitMix64::new(seed));
         });
     }
 
@@ -93,16 +95,10 @@ impl LinkFaults {
             if i.cut.contains(&(from, to)) {
                 return (Verdict::DropRequest, i.delay);
             }
-            if i.drop_per_mille == 0 {
+            let Some(rng) = i.rng.as_mut().filter(|_| i.drop_per_mille > 0) else {
                 return (Verdict::Deliver, i.delay);
-            }
-            // SplitMix64 step.
-            i.rng = i.rng.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = i.rng;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^= z >> 31;
-            let roll = z % 2000;
+            };
+            let roll = rng.next_u64() % 2000;
             let verdict = if roll < i.drop_per_mille {
                 Verdict::DropRequest
             } else if roll < 2 * i.drop_per_mille {

@@ -161,13 +161,10 @@ impl std::fmt::Debug for RaftNode {
     }
 }
 
-/// 64 bits mixed from the clock and the pid (splitmix64): unique enough for ids made once.
+/// 64 bits mixed from the clock and the pid: unique enough for ids made once.
 fn fresh_bits() -> u64 {
     let t = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
-    let mut z = t ^ (u64::from(std::process::id()) << 32);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
+    portmesh_core::SplitMix64::new(t ^ (u64::from(std::process::id()) << 32)).next_u64()
 }
 
 /// A fresh node id, never 0. Persisted in the data directory on first start.
