@@ -99,6 +99,37 @@ pub enum Command {
         #[arg(long)]
         all_teams: bool,
     },
+    /// Register a service: where it listens and how to check it. Prints its id.
+    Register(RegisterArgs),
+    /// Remove a service registration.
+    Deregister {
+        /// The registration's id (as `register` printed it, or from `discover --all`).
+        id: String,
+    },
+    /// Find services: one line per service with its host, ports and health. Only healthy ones
+    /// (passing or warning) unless --all.
+    Discover {
+        /// Service name (default: every service).
+        name: Option<String>,
+        /// Only this project.
+        #[arg(long)]
+        project: Option<String>,
+        /// Only this environment.
+        #[arg(long)]
+        env: Option<String>,
+        /// Only services carrying this tag (repeat for several: all must match).
+        #[arg(long = "tag")]
+        tags: Vec<String>,
+        /// Also list services that are critical or not checked yet.
+        #[arg(long)]
+        all: bool,
+        /// Services of every team, not only --team.
+        #[arg(long)]
+        all_teams: bool,
+        /// Read this node's state without confirming with the leader.
+        #[arg(long)]
+        stale: bool,
+    },
     /// Make this machine's local node a member of the team cluster that the node at ADDR belongs
     /// to. The local node's own data is moved aside (kept), since it belongs to another cluster.
     Join {
@@ -155,6 +186,82 @@ pub struct AllocArgs {
     /// Environment name.
     #[arg(long)]
     pub env: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct RegisterArgs {
+    /// Service name.
+    pub name: String,
+    /// A port: PORT, NAME=PORT or NAME=PORT/PROTOCOL (repeat for several; the first is the main
+    /// one) [default name: main].
+    #[arg(long = "port", required = true, value_parser = parse_service_port)]
+    pub ports: Vec<(String, u16, String)>,
+    /// Registration id [default: NAME@HOST:PORT].
+    #[arg(long)]
+    pub id: Option<String>,
+    #[arg(long)]
+    pub project: Option<String>,
+    #[arg(long)]
+    pub env: Option<String>,
+    #[arg(long)]
+    pub instance: Option<String>,
+    /// A tag (repeat for several).
+    #[arg(long = "tag")]
+    pub tags: Vec<String>,
+    /// Health check, run by the node on the service's host: tcp, http:/PATH, grpc[:SERVICE] or
+    /// cmd:COMMAND (run with sh -c, PORT set; exit status 0 passes).
+    #[arg(long, value_parser = parse_check)]
+    pub check: Option<CheckSpec>,
+    /// Which named port the check targets [default: the first].
+    #[arg(long)]
+    pub check_port: Option<String>,
+    /// Time between checks.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+    pub interval: Duration,
+    /// Time one check may take [default: 2s, or the interval if shorter].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub timeout: Option<Duration>,
+    /// Consecutive failures before the service is critical.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub failures: u32,
+    /// Attach to this lease: the registration goes when the lease ends.
+    #[arg(long)]
+    pub lease: Option<u64>,
+    /// The host it runs on [default: the host of the node the CLI talks to].
+    #[arg(long)]
+    pub host: Option<String>,
+    /// Services it depends on (informational; repeat for several).
+    #[arg(long = "depends-on")]
+    pub depends_on: Vec<String>,
+}
+
+/// A parsed `--check`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CheckSpec {
+    Tcp,
+    Http(String),
+    Grpc(String),
+    Command(String),
+}
+
+fn parse_check(s: &str) -> Result<CheckSpec, String> {
+    match s.split_once(':') {
+        None if s == "tcp" => Ok(CheckSpec::Tcp),
+        None if s == "grpc" => Ok(CheckSpec::Grpc(String::new())),
+        None if s == "http" => Ok(CheckSpec::Http("/".into())),
+        Some(("http", path)) if path.starts_with('/') => Ok(CheckSpec::Http(path.into())),
+        Some(("grpc", svc)) => Ok(CheckSpec::Grpc(svc.into())),
+        Some(("cmd", cmd)) if !cmd.trim().is_empty() => Ok(CheckSpec::Command(cmd.into())),
+        _ => Err(format!("{s:?}: write tcp, http:/PATH, grpc[:SERVICE] or cmd:COMMAND")),
+    }
+}
+
+fn parse_service_port(s: &str) -> Result<(String, u16, String), String> {
+    let (name, rest) = s.split_once('=').unwrap_or(("main", s));
+    let (port, proto) = rest.split_once('/').unwrap_or((rest, ""));
+    let port: u16 =
+        port.parse().map_err(|_| format!("{s:?}: write PORT, NAME=PORT or NAME=PORT/PROTOCOL"))?;
+    Ok((name.to_string(), port, proto.to_string()))
 }
 
 #[derive(Debug, Args)]

@@ -97,6 +97,20 @@ async fn client_command(cli: &Cli, c: &Client) -> Result<()> {
             };
             watch(c, req, cli.json).await
         }
+        Command::Register(r) => crate::registry::register(c, team, r, cli.json).await,
+        Command::Deregister { id } => crate::registry::deregister(c, team, id, cli.json).await,
+        Command::Discover { name, project, env, tags, all, all_teams, stale } => {
+            let req = pb::DiscoverRequest {
+                team: if *all_teams { String::new() } else { team.to_string() },
+                name: name.clone().unwrap_or_default(),
+                project: project.clone().unwrap_or_default(),
+                env: env.clone().unwrap_or_default(),
+                tags: tags.clone(),
+                include_unhealthy: *all,
+                stale: *stale,
+            };
+            crate::registry::discover(c, req, cli.json).await
+        }
         Command::Serve(_)
         | Command::Check { .. }
         | Command::Stop
@@ -601,6 +615,9 @@ fn event_type(e: &pb::Event) -> &'static str {
         pb::EventType::LeaseExpired => "lease_expired",
         pb::EventType::ConflictObserved => "conflict",
         pb::EventType::CooldownChanged => "cooldown_changed",
+        pb::EventType::ServiceRegistered => "service_registered",
+        pb::EventType::ServiceDeregistered => "service_deregistered",
+        pb::EventType::HealthChanged => "health_changed",
         pb::EventType::Unspecified => "unknown",
     }
 }
@@ -635,6 +652,17 @@ fn event_json(e: &pb::Event) -> serde_json::Value {
         v["conflict"] =
             json!({"port": c.port, "team": c.team, "pool": c.pool, "service": c.service, "host": c.host});
     }
+    if let Some(svc) = &e.service {
+        v["service"] = crate::registry::service_json(svc);
+    }
+    if e.r#type() == pb::EventType::HealthChanged {
+        v["service_id"] = json!(e.service_id);
+        v["service_name"] = json!(e.service_name);
+        v["host"] = json!(e.host);
+        v["previous"] = json!(crate::registry::health(e.previous()));
+        v["status"] = json!(crate::registry::health(e.status()));
+        v["output"] = json!(e.output);
+    }
     v
 }
 
@@ -661,6 +689,23 @@ fn event_text(e: &pb::Event) -> String {
             format!("{} (team {})", e.lease_id, e.team)
         }
         (pb::EventType::CooldownChanged, ..) => fmt_dur(Duration::from_millis(e.ttl_ms)),
+        (pb::EventType::ServiceRegistered, ..) => {
+            e.service.as_ref().map(crate::registry::service_line).unwrap_or_default()
+        }
+        (pb::EventType::ServiceDeregistered, ..) => e
+            .service
+            .as_ref()
+            .map(|s| format!("{} ({})", crate::registry::service_line(s), e.cause))
+            .unwrap_or_default(),
+        (pb::EventType::HealthChanged, ..) => format!(
+            "{} {} on {}: {} -> {} ({})",
+            e.service_name,
+            e.service_id,
+            e.host,
+            crate::registry::health(e.previous()),
+            crate::registry::health(e.status()),
+            e.output
+        ),
         _ => String::new(),
     };
     format!("{:>8}  {:<16} {what}", e.revision, event_type(e))

@@ -106,6 +106,8 @@ pub struct RunningNode {
     grpc_task: JoinHandle<Result<(), tonic::transport::Error>>,
     http_task: Option<JoinHandle<()>>,
     health_task: JoinHandle<()>,
+    /// Runs the health checks of this host's registered services.
+    checks_task: JoinHandle<()>,
     home: Option<PathBuf>,
 }
 
@@ -177,6 +179,7 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode, NodeError> {
         .add_service(api.pools())
         .add_service(api.cluster())
         .add_service(api.watch())
+        .add_service(api.registry())
         .add_service(portmesh_raft::RaftService::new(node.raft.clone()).server())
         // Small request/response messages: without TCP_NODELAY, Nagle's algorithm and delayed
         // ACKs stall each exchange by up to 40 ms.
@@ -187,6 +190,7 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode, NodeError> {
             },
         );
     let grpc_task = tokio::spawn(grpc);
+    let checks_task = tokio::spawn(portmesh_api::run_health_checks(api.clone(), shutdown.subscribe()));
     let http_task = http_listener.map(|l| tokio::spawn(http::serve(l, api.clone(), shutdown.subscribe())));
 
     match (&cfg.join, initialized) {
@@ -218,7 +222,17 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode, NodeError> {
         };
         write_info(home, &info).map_err(|source| NodeError::Home { dir: home.clone(), source })?;
     }
-    Ok(RunningNode { grpc_addr, http_addr, api, shutdown, grpc_task, http_task, health_task, home: cfg.home })
+    Ok(RunningNode {
+        grpc_addr,
+        http_addr,
+        api,
+        shutdown,
+        grpc_task,
+        http_task,
+        health_task,
+        checks_task,
+        home: cfg.home,
+    })
 }
 
 /// A restarted member given `--join` again: it already belongs to a cluster, which must be the
@@ -371,6 +385,7 @@ impl RunningNode {
             let _ = t.await;
         }
         self.health_task.abort();
+        self.checks_task.abort();
         let node = self.api.node().clone();
         node.shutdown().await;
         if let Err(e) = node.store.flush() {

@@ -1068,6 +1068,21 @@ async fn wait_seen(seen: &mut tokio::sync::watch::Receiver<u64>, rev: u64) {
     assert!(reached, "the watcher never reached revision {rev} (at {})", *seen.borrow());
 }
 
+/// Waits until the registration `id` has `status`.
+async fn wait_health(client: &Client, id: &str, status: pb::HealthStatus) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let req = pb::DiscoverRequest { include_unhealthy: true, ..Default::default() };
+        let found = client.discover(req).await.unwrap();
+        let now = found.services.iter().find(|s| s.id == id).map(|s| s.status());
+        if now == Some(status) {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{id} never became {status:?} (is {now:?})");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 fn in_order(events: &[pb::Event]) {
     for w in events.windows(2) {
         assert!(
@@ -1105,7 +1120,35 @@ async fn every_event_kind_reaches_a_watcher_in_order_across_a_leader_change() {
     client.revoke_lease("default", lease.id).await.unwrap();
     let mut req = one("expiring");
     req.ttl_ms = 1_000;
-    client.allocate(req).await.unwrap();
+    let expiring = client.allocate(req).await.unwrap();
+    // A registration on the 1 s lease, and one with a health check on a real listener.
+    client
+        .register(pb::Service {
+            name: "leased-svc".into(),
+            ports: vec![pb::ServicePort { port: expiring.allocations[0].port, ..Default::default() }],
+            lease_id: expiring.lease_id,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let checked = client
+        .register(pb::Service {
+            name: "checked".into(),
+            ports: vec![pb::ServicePort {
+                port: u32::from(listener.local_addr().unwrap().port()),
+                ..Default::default()
+            }],
+            check: Some(pb::HealthCheck {
+                r#type: pb::CheckType::CheckTcp as i32,
+                interval_ms: 100,
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    wait_health(&client, &checked.id, pb::HealthStatus::Passing).await;
     let held = std::net::TcpListener::bind("0.0.0.0:10990").ok();
     let mut req = one("conflicted");
     req.items[0].port = 10_990;
@@ -1115,6 +1158,10 @@ async fn every_event_kind_reaches_a_watcher_in_order_across_a_leader_change() {
     // The leader changes; the stream on the follower goes on.
     c.stop(leader).await;
     let after = client.allocate(one("after")).await.unwrap();
+    // Health reports reach the new leader.
+    drop(listener);
+    wait_health(&client, &checked.id, pb::HealthStatus::Critical).await;
+    client.deregister("default", &checked.id).await.unwrap();
     // The 1 s lease expires under the new leader.
     let status = loop {
         let s = client.status().await.unwrap();
@@ -1143,11 +1190,32 @@ async fn every_event_kind_reaches_a_watcher_in_order_across_a_leader_change() {
         T::LeaseRevoked,
         T::LeaseExpired,
         T::ConflictObserved,
+        T::ServiceRegistered,
+        T::ServiceDeregistered,
+        T::HealthChanged,
     ] {
         assert!(kinds.contains(&(k as i32)), "no {k:?} event among {} events", events.len());
     }
     let conflict = events.iter().find_map(|e| e.conflict.as_ref()).unwrap();
     assert_eq!(conflict.port, 10_990);
+    let health: Vec<(i32, i32)> = events
+        .iter()
+        .filter(|e| e.r#type == T::HealthChanged as i32 && e.service_id == checked.id)
+        .map(|e| (e.previous, e.status))
+        .collect();
+    use pb::HealthStatus as H;
+    assert_eq!(
+        health,
+        [(H::Unknown as i32, H::Passing as i32), (H::Passing as i32, H::Critical as i32)],
+        "each transition once, though three nodes on this host check it"
+    );
+    let mut gone: Vec<(&str, &str)> = events
+        .iter()
+        .filter(|e| e.r#type == T::ServiceDeregistered as i32)
+        .map(|e| (e.service.as_ref().unwrap().name.as_str(), e.cause.as_str()))
+        .collect();
+    gone.sort();
+    assert_eq!(gone, [("checked", "released"), ("leased-svc", "lease expired")], "each once");
     // The whole history, read afterwards from another node, is the same list.
     let other = c.live().map(|n| n.grpc_addr.to_string()).find(|a| *a != c.addrs[f]).unwrap();
     let stream = Client::connect(&other)

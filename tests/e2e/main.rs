@@ -13,5 +13,6 @@ mod leases;
 mod membership;
 mod probe;
 mod python;
+mod registry;
 mod serve;
 mod watch;

@@ -6,11 +6,14 @@
 //! with a message that says what, where and what to do. Does not own: transport setup, HTTP,
 //! shutdown choreography (that is `portmesh-node`).
 
+mod checks;
 mod error;
 mod hosts;
+mod registry;
 mod services;
 mod watch;
 
+pub use checks::run_health_checks;
 pub use error::ApiError;
 pub use services::{Api, ShutdownHandle};
 

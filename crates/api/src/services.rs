@@ -48,11 +48,11 @@ const BASE_CANDIDATES: usize = 4;
 /// Rounds of plan-probe-propose before giving up (the last ones probe whole pools).
 const MAX_ROUNDS: usize = 6;
 
-fn team(t: &str) -> String {
+pub(crate) fn team(t: &str) -> String {
     if t.is_empty() { DEFAULT_TEAM.to_string() } else { t.to_string() }
 }
 
-fn unexpected(r: Response) -> ApiError {
+pub(crate) fn unexpected(r: Response) -> ApiError {
     ApiError::Internal(format!("unexpected state machine response {r:?}"))
 }
 
@@ -98,12 +98,17 @@ impl Api {
         &self.inner.node
     }
 
+    /// The host this node runs on (and answers probes and runs health checks for).
+    pub fn host(&self) -> &str {
+        &self.inner.host
+    }
+
     /// How many probes this node ran for other members (`Cluster.Probe`).
     pub fn probes_served(&self) -> u64 {
         self.inner.probes_served.load(Ordering::Relaxed)
     }
 
-    async fn propose(&self, cmd: Command) -> std::result::Result<Response, ApiError> {
+    pub(crate) async fn propose(&self, cmd: Command) -> std::result::Result<Response, ApiError> {
         accepted(self.inner.node.propose(cmd).await?)
     }
 

@@ -532,6 +532,73 @@ impl Client {
         LeaseKeeper { id, lost: rx, task }
     }
 
+    /// Registers a service (or replaces the registration with the same id); see
+    /// `pb::RegisterRequest` for the defaults of empty fields.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), portmesh_client::ClientError> {
+    /// use portmesh_client::{Client, pb};
+    /// let client = Client::connect("127.0.0.1:7400").await?;
+    /// let api = client
+    ///     .register(pb::Service {
+    ///         name: "api".into(),
+    ///         project: "shop".into(),
+    ///         ports: vec![pb::ServicePort { name: "http".into(), port: 8001, protocol: "http".into() }],
+    ///         check: Some(pb::HealthCheck {
+    ///             r#type: pb::CheckType::CheckHttp as i32,
+    ///             path: "/health".into(),
+    ///             interval_ms: 1_000,
+    ///             ..Default::default()
+    ///         }),
+    ///         ..Default::default()
+    ///     })
+    ///     .await?;
+    /// println!("registered {}", api.id);
+    /// # Ok(()) }
+    /// ```
+    pub async fn register(&self, service: pb::Service) -> Result<pb::Service> {
+        let req = pb::RegisterRequest { service: Some(service) };
+        let r = self
+            .call(Retry::Safe, |ch| {
+                let req = req.clone();
+                async move { pb::registry_client::RegistryClient::new(ch).register(req).await }
+            })
+            .await?;
+        r.service.ok_or_else(|| missing("service"))
+    }
+
+    /// Removes a registration; returns what was removed.
+    pub async fn deregister(&self, team: &str, id: &str) -> Result<pb::Service> {
+        let req = pb::DeregisterRequest { team: team.to_string(), id: id.to_string() };
+        let r = self
+            .call(Retry::OnlyOnRedirect, |ch| {
+                let req = req.clone();
+                async move { pb::registry_client::RegistryClient::new(ch).deregister(req).await }
+            })
+            .await?;
+        r.service.ok_or_else(|| missing("service"))
+    }
+
+    /// Finds services; only healthy ones unless `req.include_unhealthy`.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), portmesh_client::ClientError> {
+    /// use portmesh_client::{Client, pb};
+    /// let client = Client::connect("127.0.0.1:7400").await?;
+    /// let found = client.discover(pb::DiscoverRequest { name: "api".into(), ..Default::default() }).await?;
+    /// for s in &found.services {
+    ///     println!("{} on {}:{}", s.name, s.host, s.ports[0].port);
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn discover(&self, req: pb::DiscoverRequest) -> Result<pb::DiscoverResponse> {
+        self.call(Retry::Safe, |ch| {
+            let req = req.clone();
+            async move { pb::registry_client::RegistryClient::new(ch).discover(req).await }
+        })
+        .await
+    }
+
     pub async fn status(&self) -> Result<pb::StatusResponse> {
         let channel = self.channel();
         Ok(pb::cluster_client::ClusterClient::new(channel).status(pb::StatusRequest {}).await?.into_inner())

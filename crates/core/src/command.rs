@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::rejection::Rejection;
-use crate::types::{Allocation, Lease, Pool, PortRange, Reservation, Strategy};
+use crate::types::{Allocation, HealthUpdate, Lease, Pool, PortRange, Reservation, Service, Strategy};
 
 /// The application payload of one Raft log entry: the commands proposed together (group
 /// commit: concurrent proposals share one entry and one fsync), applied in order, each on its own.
@@ -78,6 +78,19 @@ pub enum Command {
     },
     SetCooldown {
         ms: u64,
+    },
+    // Appended, never reordered: log entries are persisted by variant index.
+    /// Register (or replace, same team and id) a service. Status, revision and times are set by
+    /// `apply`; what the request put there is ignored.
+    Register(Box<Service>),
+    Deregister {
+        team: String,
+        id: String,
+    },
+    /// Health transitions seen by a host's node. Unknown ids (deregistered meanwhile) and
+    /// updates that change nothing are ignored.
+    SetHealth {
+        updates: Vec<HealthUpdate>,
     },
 }
 
@@ -205,6 +218,21 @@ pub enum Response {
         revision: u64,
     },
     Rejected(Rejection),
+    Registered {
+        service: Box<Service>,
+        /// True when an entry with the same id was replaced.
+        replaced: bool,
+        revision: u64,
+    },
+    Deregistered {
+        service: Box<Service>,
+        revision: u64,
+    },
+    HealthSet {
+        /// How many updates changed a status.
+        changed: usize,
+        revision: u64,
+    },
 }
 
 impl Response {

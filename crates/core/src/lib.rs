@@ -37,8 +37,9 @@ pub use rng::SplitMix64;
 pub use select::PlanWidth;
 pub use state::{Key, Meta, PoolUsage, Record, State};
 pub use types::{
-    Allocation, Conflict, Cooldown, Event, EventKind, Lease, Pool, PortRange, RangeError, ReleaseCause,
-    Reservation, Strategy, default_pools,
+    Allocation, CheckKind, Conflict, Cooldown, Event, EventKind, HealthCheck, HealthStatus, HealthUpdate,
+    Lease, Pool, PortRange, RangeError, ReleaseCause, Reservation, Service, ServicePort, Strategy,
+    default_pools,
 };
 
 /// Lowest port portmesh will ever hand out or accept: ports below need privileges.
@@ -58,3 +59,9 @@ pub const MIN_TTL_MS: u64 = 1_000;
 pub const MAX_TTL_MS: u64 = 30 * 24 * 3600 * 1000;
 /// Most items one allocation batch may carry.
 pub const MAX_BATCH: usize = 1024;
+/// Most named ports (and most tags) one service registration may carry.
+pub const MAX_SERVICE_PORTS: usize = 64;
+/// Shortest health check interval accepted.
+pub const MIN_CHECK_INTERVAL_MS: u64 = 100;
+/// Longest check output kept in the state (longer output is cut).
+pub const MAX_CHECK_OUTPUT: usize = 512;

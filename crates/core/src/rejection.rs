@@ -102,6 +102,8 @@ pub enum Rejection {
     /// planned. The node probes again and re-proposes; users never see this.
     #[error("the host probe did not cover port {port}; probe again")]
     NeedProbe { port: u16 },
+    #[error("no service {id:?} is registered in team {team:?}; `portmesh discover --all` lists them")]
+    UnknownService { team: String, id: String },
 }
 
 impl Rejection {
@@ -116,7 +118,8 @@ impl Rejection {
             | Self::UnknownLease { .. }
             | Self::NotAllocated { .. }
             | Self::UnknownKey { .. }
-            | Self::NotReserved { .. } => "not_found",
+            | Self::NotReserved { .. }
+            | Self::UnknownService { .. } => "not_found",
             Self::RangeOverlap(_) | Self::PoolExists { .. } | Self::AlreadyReserved { .. } => {
                 "already_exists"
             }

@@ -11,10 +11,13 @@ use crate::rejection::{Overlap, Rejection};
 use crate::rng::SplitMix64;
 use crate::select::{Pick, PlanWidth, Selector};
 use crate::types::{
-    Allocation, Conflict, Cooldown, Event, EventKind, Lease, Pool, PortRange, ReleaseCause, Reservation,
-    default_pools,
+    Allocation, CheckKind, Conflict, Cooldown, Event, EventKind, HealthStatus, HealthUpdate, Lease, Pool,
+    PortRange, ReleaseCause, Reservation, Service, default_pools,
 };
-use crate::{DEFAULT_COOLDOWN_MS, DEFAULT_TEAM, EVENT_RETENTION, MAX_BATCH, MAX_TTL_MS, MIN_TTL_MS};
+use crate::{
+    DEFAULT_COOLDOWN_MS, DEFAULT_TEAM, EVENT_RETENTION, MAX_BATCH, MAX_CHECK_OUTPUT, MAX_SERVICE_PORTS,
+    MAX_TTL_MS, MIN_CHECK_INTERVAL_MS, MIN_TTL_MS,
+};
 
 /// Cluster-wide scalars.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -37,6 +40,8 @@ pub enum Key {
     Sticky(String, String),
     Cooldown(u16),
     Event(u64, u32),
+    /// A registered service: team, id.
+    Service(String, String),
 }
 
 /// One persisted record, owned. A state is exactly the set of its records.
@@ -50,6 +55,8 @@ pub enum Record {
     Sticky { team: String, key: String, port: u16 },
     Cooldown { port: u16, cooldown: Cooldown },
     Event(Event),
+    // Appended, never reordered: records are persisted by variant index.
+    Service(Box<Service>),
 }
 
 impl Record {
@@ -63,6 +70,7 @@ impl Record {
             Record::Sticky { team, key, .. } => Key::Sticky(team.clone(), key.clone()),
             Record::Cooldown { port, .. } => Key::Cooldown(*port),
             Record::Event(e) => Key::Event(e.revision, e.seq),
+            Record::Service(svc) => Key::Service(svc.team.clone(), svc.id.clone()),
         }
     }
 }
@@ -92,10 +100,13 @@ pub struct State {
     sticky: BTreeMap<(String, String), u16>,
     cooldowns: BTreeMap<u16, Cooldown>,
     events: VecDeque<Event>,
+    services: BTreeMap<(String, String), Service>,
     // Derived indexes, rebuilt on load.
     live_keys: BTreeMap<(String, String), u16>,
     lease_ports: BTreeMap<u64, BTreeSet<u16>>,
     cooldown_order: BTreeSet<(u64, u16)>,
+    /// Services attached to each lease: team, id.
+    lease_services: BTreeMap<u64, BTreeSet<(String, String)>>,
     /// Records changed since the last [`State::take_dirty`].
     dirty: BTreeSet<Key>,
 }
@@ -131,9 +142,11 @@ impl State {
             sticky: BTreeMap::new(),
             cooldowns: BTreeMap::new(),
             events: VecDeque::new(),
+            services: BTreeMap::new(),
             live_keys: BTreeMap::new(),
             lease_ports: BTreeMap::new(),
             cooldown_order: BTreeSet::new(),
+            lease_services: BTreeMap::new(),
             dirty: BTreeSet::new(),
         }
     }
@@ -175,6 +188,7 @@ impl State {
                     s.cooldowns.insert(port, cooldown);
                 }
                 Record::Event(e) => s.events.push_back(e),
+                Record::Service(svc) => s.insert_service_unmarked(*svc),
             }
         }
         if !has_meta {
@@ -198,6 +212,7 @@ impl State {
             }))
             .chain(self.cooldowns.iter().map(|(p, c)| Record::Cooldown { port: *p, cooldown: c.clone() }))
             .chain(self.events.iter().cloned().map(Record::Event))
+            .chain(self.services.values().map(|svc| Record::Service(Box::new(svc.clone()))))
     }
 
     /// The current value of one record, `None` if it no longer exists.
@@ -221,6 +236,9 @@ impl State {
                 .binary_search_by_key(&(*rev, *seq), |e| (e.revision, e.seq))
                 .ok()
                 .map(|i| Record::Event(self.events[i].clone())),
+            Key::Service(t, id) => {
+                self.services.get(&(t.clone(), id.clone())).map(|svc| Record::Service(Box::new(svc.clone())))
+            }
         }
     }
 
@@ -292,6 +310,20 @@ impl State {
     /// The live allocation of a sticky key.
     pub fn live_key(&self, team: &str, key: &str) -> Option<&Allocation> {
         self.live_keys.get(&(team.to_string(), key.to_string())).and_then(|p| self.allocations.get(p))
+    }
+
+    pub fn service(&self, team: &str, id: &str) -> Option<&Service> {
+        self.services.get(&(team.to_string(), id.to_string()))
+    }
+
+    /// Every registered service, by team and id.
+    pub fn services(&self) -> impl Iterator<Item = &Service> {
+        self.services.values()
+    }
+
+    /// Services attached to a lease.
+    pub fn lease_services(&self, id: u64) -> impl Iterator<Item = &Service> + '_ {
+        self.lease_services.get(&id).into_iter().flatten().filter_map(|k| self.services.get(k))
     }
 
     /// Events with revision `>= from`, oldest first.
@@ -369,6 +401,9 @@ impl State {
                 self.emit(revision, ctx.now_ms, EventKind::CooldownChanged { ms: *ms });
                 Ok(Response::CooldownSet { ms: *ms, revision })
             }
+            Command::Register(svc) => self.register(ctx, svc),
+            Command::Deregister { team, id } => self.deregister(ctx, team, id),
+            Command::SetHealth { updates } => Ok(self.set_health(ctx, updates)),
         };
         result.unwrap_or_else(Response::Rejected)
     }
@@ -721,6 +756,11 @@ impl State {
         let ports: Vec<u16> = self.lease_ports(id).collect();
         let released =
             ports.into_iter().filter_map(|p| self.remove_allocation(p, cause, revision, now)).collect();
+        let services: Vec<(String, String)> =
+            self.lease_services.get(&id).into_iter().flatten().cloned().collect();
+        for key in services {
+            self.remove_service(&key, cause, revision, now);
+        }
         let kind = match cause {
             ReleaseCause::LeaseExpired => EventKind::LeaseExpired { id, team: lease.team },
             _ => EventKind::LeaseRevoked { id, team: lease.team },
@@ -763,6 +803,217 @@ impl State {
         }
         Response::Expired { ids: live, released, revision }
     }
+}
+
+impl State {
+    // ----- the registry ------------------------------------------------------------------
+
+    /// Inserts a service and indexes it, without marking it dirty (loading).
+    fn insert_service_unmarked(&mut self, svc: Service) {
+        let key = (svc.team.clone(), svc.id.clone());
+        if let Some(l) = svc.lease_id {
+            self.lease_services.entry(l).or_default().insert(key.clone());
+        }
+        self.services.insert(key, svc);
+    }
+
+    /// Removes a service and its index entry; marks it dirty.
+    fn take_service(&mut self, key: &(String, String)) -> Option<Service> {
+        let svc = self.services.remove(key)?;
+        self.dirty.insert(Key::Service(key.0.clone(), key.1.clone()));
+        if let Some(l) = svc.lease_id
+            && let Some(set) = self.lease_services.get_mut(&l)
+        {
+            set.remove(key);
+            if set.is_empty() {
+                self.lease_services.remove(&l);
+            }
+        }
+        Some(svc)
+    }
+
+    fn remove_service(&mut self, key: &(String, String), cause: ReleaseCause, revision: u64, now: u64) {
+        if let Some(svc) = self.take_service(key) {
+            self.emit(revision, now, EventKind::ServiceDeregistered { service: Box::new(svc), cause });
+        }
+    }
+
+    fn register(&mut self, ctx: ApplyCtx, svc: &Service) -> Result<Response, Rejection> {
+        check_service(svc)?;
+        if let Some(id) = svc.lease_id {
+            match self.leases.get(&id) {
+                Some(l) if l.team == svc.team => {}
+                _ => return Err(Rejection::UnknownLease { team: svc.team.clone(), id }),
+            }
+        }
+        let key = (svc.team.clone(), svc.id.clone());
+        let previous = self.take_service(&key);
+        let revision = self.bump();
+        let now = ctx.now_ms;
+        let mut new = svc.clone();
+        new.registered_ms = now;
+        new.revision = revision;
+        // Re-registering the same service with the same check keeps what its checks found.
+        match previous.as_ref().filter(|p| p.check == new.check && p.host == new.host && p.ports == new.ports)
+        {
+            Some(p) => {
+                new.status = p.status;
+                new.output = p.output.clone();
+                new.status_ms = p.status_ms;
+            }
+            None => {
+                new.status = if new.check.is_some() { HealthStatus::Unknown } else { HealthStatus::Passing };
+                new.output = String::new();
+                new.status_ms = now;
+            }
+        }
+        self.dirty.insert(Key::Service(key.0.clone(), key.1.clone()));
+        self.insert_service_unmarked(new.clone());
+        self.emit(revision, now, EventKind::ServiceRegistered(Box::new(new.clone())));
+        Ok(Response::Registered { service: Box::new(new), replaced: previous.is_some(), revision })
+    }
+
+    fn deregister(&mut self, ctx: ApplyCtx, team: &str, id: &str) -> Result<Response, Rejection> {
+        let key = (team.to_string(), id.to_string());
+        if !self.services.contains_key(&key) {
+            return Err(Rejection::UnknownService { team: team.into(), id: id.into() });
+        }
+        let revision = self.bump();
+        let Some(svc) = self.take_service(&key) else {
+            return Err(Rejection::UnknownService { team: team.into(), id: id.into() });
+        };
+        self.emit(
+            revision,
+            ctx.now_ms,
+            EventKind::ServiceDeregistered { service: Box::new(svc.clone()), cause: ReleaseCause::Released },
+        );
+        Ok(Response::Deregistered { service: Box::new(svc), revision })
+    }
+
+    fn set_health(&mut self, ctx: ApplyCtx, updates: &[HealthUpdate]) -> Response {
+        let changes: Vec<&HealthUpdate> = updates
+            .iter()
+            .filter(|u| {
+                self.services.get(&(u.team.clone(), u.id.clone())).is_some_and(|s| s.status != u.status)
+            })
+            .collect();
+        if changes.is_empty() {
+            return Response::HealthSet { changed: 0, revision: self.meta.revision };
+        }
+        let revision = self.bump();
+        let mut changed = 0;
+        for u in changes {
+            let key = (u.team.clone(), u.id.clone());
+            let Some(svc) = self.services.get_mut(&key) else { continue };
+            // The same service may appear twice in one batch: only real changes count.
+            if svc.status == u.status {
+                continue;
+            }
+            let previous = svc.status;
+            svc.status = u.status;
+            svc.output = cut(&u.output, MAX_CHECK_OUTPUT);
+            svc.status_ms = ctx.now_ms;
+            let kind = EventKind::HealthChanged {
+                team: svc.team.clone(),
+                id: svc.id.clone(),
+                name: svc.name.clone(),
+                host: svc.host.clone(),
+                previous,
+                status: u.status,
+                output: svc.output.clone(),
+            };
+            self.dirty.insert(Key::Service(key.0, key.1));
+            self.emit(revision, ctx.now_ms, kind);
+            changed += 1;
+        }
+        Response::HealthSet { changed, revision }
+    }
+}
+
+/// At most `max` bytes of `s`, cut at a character boundary.
+fn cut(s: &str, max: usize) -> String {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_string()
+}
+
+fn check_service(svc: &Service) -> Result<(), Rejection> {
+    check_name("team", &svc.team)?;
+    check_name("service", &svc.name)?;
+    if svc.id.is_empty() || svc.id.len() > 255 || svc.id.chars().any(char::is_control) {
+        return Err(Rejection::Invalid(format!(
+            "service id {:?} is not valid: use 1-255 printable characters",
+            svc.id
+        )));
+    }
+    for (what, v) in [("project", &svc.project), ("env", &svc.env), ("instance", &svc.instance)] {
+        if let Some(v) = v {
+            check_name(what, v)?;
+        }
+    }
+    if svc.host.is_empty() {
+        return Err(Rejection::Invalid(format!("service {:?} needs the host it runs on", svc.name)));
+    }
+    if svc.ports.is_empty() {
+        return Err(Rejection::Invalid(format!("service {:?} needs at least one port", svc.name)));
+    }
+    if svc.ports.len() > MAX_SERVICE_PORTS || svc.tags.len() > MAX_SERVICE_PORTS {
+        return Err(Rejection::Invalid(format!(
+            "service {:?}: at most {MAX_SERVICE_PORTS} ports and {MAX_SERVICE_PORTS} tags",
+            svc.name
+        )));
+    }
+    let mut names = BTreeSet::new();
+    for p in &svc.ports {
+        check_name("port", &p.name)?;
+        if p.port < crate::MIN_PORT {
+            return Err(Rejection::PortOutOfRange { port: u32::from(p.port) });
+        }
+        if !names.insert(p.name.as_str()) {
+            return Err(Rejection::Invalid(format!(
+                "service {:?} names port {:?} twice: port names must be unique",
+                svc.name, p.name
+            )));
+        }
+    }
+    if let Some(c) = &svc.check {
+        if c.interval_ms < MIN_CHECK_INTERVAL_MS {
+            return Err(Rejection::Invalid(format!(
+                "check interval {} ms is too short: use at least {MIN_CHECK_INTERVAL_MS} ms",
+                c.interval_ms
+            )));
+        }
+        if c.timeout_ms == 0 || c.timeout_ms > c.interval_ms.max(MIN_CHECK_INTERVAL_MS) * 10 {
+            return Err(Rejection::Invalid(format!(
+                "check timeout {} ms is not valid: use more than 0 and at most ten intervals",
+                c.timeout_ms
+            )));
+        }
+        if c.failures == 0 {
+            return Err(Rejection::Invalid("check failures must be at least 1".into()));
+        }
+        if let Some(name) = &c.port
+            && svc.port(name).is_none()
+        {
+            let known = svc.ports.iter().map(|p| p.name.as_str()).collect::<Vec<_>>().join(", ");
+            return Err(Rejection::Invalid(format!(
+                "the check names port {name:?}, but service {:?} has ports: {known}",
+                svc.name
+            )));
+        }
+        match &c.kind {
+            CheckKind::Http { path } if !path.starts_with('/') => {
+                return Err(Rejection::Invalid(format!("http check path {path:?} must start with '/'")));
+            }
+            CheckKind::Command { command } if command.trim().is_empty() => {
+                return Err(Rejection::Invalid("a command check needs a command".into()));
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 fn check_ttl(ttl_ms: u64) -> Result<(), Rejection> {

@@ -224,6 +224,23 @@ impl From<&core::Event> for pb::Event {
                 out.ttl_ms = *ms;
                 pb::EventType::CooldownChanged
             }
+            K::ServiceRegistered(svc) => {
+                out.service = Some(svc.as_ref().into());
+                pb::EventType::ServiceRegistered
+            }
+            K::ServiceDeregistered { service, cause } => {
+                out.service = Some(service.as_ref().into());
+                out.cause = cause.to_string();
+                pb::EventType::ServiceDeregistered
+            }
+            K::HealthChanged { team, id, name, host, previous, status, output } => {
+                (out.team, out.service_id, out.service_name, out.host) =
+                    (team.clone(), id.clone(), name.clone(), host.clone());
+                out.set_previous(health_to_pb(*previous));
+                out.set_status(health_to_pb(*status));
+                out.output = output.clone();
+                pb::EventType::HealthChanged
+            }
         };
         out.set_type(kind);
         out
@@ -238,6 +255,12 @@ impl pb::Event {
         }
         if let Some(c) = &self.conflict {
             return (Some(&c.team), Some(&c.pool), Some(&c.service));
+        }
+        if let Some(svc) = &self.service {
+            return (Some(&svc.team), None, Some(&svc.name));
+        }
+        if !self.service_name.is_empty() {
+            return (Some(&self.team), None, Some(&self.service_name));
         }
         let team = (!self.team.is_empty()).then_some(self.team.as_str());
         let pool = (!self.pool_name.is_empty()).then_some(self.pool_name.as_str());
@@ -258,9 +281,215 @@ impl pb::Lease {
     }
 }
 
+pub fn health_to_pb(h: core::HealthStatus) -> pb::HealthStatus {
+    match h {
+        core::HealthStatus::Unknown => pb::HealthStatus::Unknown,
+        core::HealthStatus::Passing => pb::HealthStatus::Passing,
+        core::HealthStatus::Warning => pb::HealthStatus::Warning,
+        core::HealthStatus::Critical => pb::HealthStatus::Critical,
+    }
+}
+
+pub fn health_from_pb(h: i32) -> Result<core::HealthStatus, BadRequest> {
+    match pb::HealthStatus::try_from(h) {
+        Ok(pb::HealthStatus::Unknown) => Ok(core::HealthStatus::Unknown),
+        Ok(pb::HealthStatus::Passing) => Ok(core::HealthStatus::Passing),
+        Ok(pb::HealthStatus::Warning) => Ok(core::HealthStatus::Warning),
+        Ok(pb::HealthStatus::Critical) => Ok(core::HealthStatus::Critical),
+        Err(_) => Err(BadRequest(format!("unknown health status {h}"))),
+    }
+}
+
+/// Default interval of a health check that names none.
+pub const DEFAULT_CHECK_INTERVAL_MS: u64 = 10_000;
+/// Default timeout of a health check that names none (at most its interval).
+pub const DEFAULT_CHECK_TIMEOUT_MS: u64 = 2_000;
+
+impl TryFrom<&pb::HealthCheck> for core::HealthCheck {
+    type Error = BadRequest;
+
+    fn try_from(c: &pb::HealthCheck) -> Result<Self, Self::Error> {
+        let kind = match pb::CheckType::try_from(c.r#type) {
+            Ok(pb::CheckType::CheckTcp) => core::CheckKind::Tcp,
+            Ok(pb::CheckType::CheckHttp) => {
+                core::CheckKind::Http { path: if c.path.is_empty() { "/".into() } else { c.path.clone() } }
+            }
+            Ok(pb::CheckType::CheckGrpc) => core::CheckKind::Grpc { service: c.grpc_service.clone() },
+            Ok(pb::CheckType::CheckCommand) => core::CheckKind::Command { command: c.command.clone() },
+            Ok(pb::CheckType::Unspecified) | Err(_) => {
+                return Err(BadRequest(format!(
+                    "check.type: {} is not a check type: use CHECK_TCP, CHECK_HTTP, CHECK_GRPC or CHECK_COMMAND",
+                    c.r#type
+                )));
+            }
+        };
+        let interval_ms = if c.interval_ms == 0 { DEFAULT_CHECK_INTERVAL_MS } else { c.interval_ms };
+        let timeout_ms =
+            if c.timeout_ms == 0 { DEFAULT_CHECK_TIMEOUT_MS.min(interval_ms) } else { c.timeout_ms };
+        Ok(core::HealthCheck {
+            kind,
+            port: opt(&c.port_name),
+            interval_ms,
+            timeout_ms,
+            failures: c.failures.max(1),
+        })
+    }
+}
+
+impl From<&core::HealthCheck> for pb::HealthCheck {
+    fn from(c: &core::HealthCheck) -> Self {
+        let mut out = pb::HealthCheck {
+            port_name: c.port.clone().unwrap_or_default(),
+            interval_ms: c.interval_ms,
+            timeout_ms: c.timeout_ms,
+            failures: c.failures,
+            ..Default::default()
+        };
+        let t = match &c.kind {
+            core::CheckKind::Tcp => pb::CheckType::CheckTcp,
+            core::CheckKind::Http { path } => {
+                out.path = path.clone();
+                pb::CheckType::CheckHttp
+            }
+            core::CheckKind::Grpc { service } => {
+                out.grpc_service = service.clone();
+                pb::CheckType::CheckGrpc
+            }
+            core::CheckKind::Command { command } => {
+                out.command = command.clone();
+                pb::CheckType::CheckCommand
+            }
+        };
+        out.set_type(t);
+        out
+    }
+}
+
+impl From<&core::Service> for pb::Service {
+    fn from(s: &core::Service) -> Self {
+        let mut out = pb::Service {
+            team: s.team.clone(),
+            id: s.id.clone(),
+            name: s.name.clone(),
+            project: s.project.clone().unwrap_or_default(),
+            env: s.env.clone().unwrap_or_default(),
+            instance: s.instance.clone().unwrap_or_default(),
+            host: s.host.clone(),
+            ports: s
+                .ports
+                .iter()
+                .map(|p| pb::ServicePort {
+                    name: p.name.clone(),
+                    port: p.port.into(),
+                    protocol: p.protocol.clone(),
+                })
+                .collect(),
+            tags: s.tags.clone(),
+            check: s.check.as_ref().map(Into::into),
+            depends_on: s.depends_on.clone(),
+            output: s.output.clone(),
+            lease_id: s.lease_id.unwrap_or(0),
+            pid: s.pid.unwrap_or(0),
+            command: s.command.clone().unwrap_or_default(),
+            registered_ms: s.registered_ms,
+            revision: s.revision,
+            status_ms: s.status_ms,
+            ..Default::default()
+        };
+        out.set_status(health_to_pb(s.status));
+        out
+    }
+}
+
+impl pb::Service {
+    /// The registration this message asks for. Empty team, host and id get their defaults
+    /// (`default_host` is the receiving node's host). Status and times are left for `apply`.
+    pub fn to_core(&self, default_host: &str) -> Result<core::Service, BadRequest> {
+        if self.name.is_empty() {
+            return Err(BadRequest("service.name: a service needs a name".into()));
+        }
+        let ports = self
+            .ports
+            .iter()
+            .map(|p| {
+                Ok(core::ServicePort {
+                    name: if p.name.is_empty() { "main".into() } else { p.name.clone() },
+                    port: required_port(p.port, "service.ports.port")?,
+                    protocol: p.protocol.clone(),
+                })
+            })
+            .collect::<Result<Vec<_>, BadRequest>>()?;
+        let host = if self.host.is_empty() { default_host.to_string() } else { self.host.clone() };
+        let id = match (self.id.is_empty(), ports.first()) {
+            (false, _) => self.id.clone(),
+            (true, Some(p)) => format!("{}@{host}:{}", self.name, p.port),
+            (true, None) => self.name.clone(),
+        };
+        Ok(core::Service {
+            team: if self.team.is_empty() { core::DEFAULT_TEAM.into() } else { self.team.clone() },
+            id,
+            name: self.name.clone(),
+            project: opt(&self.project),
+            env: opt(&self.env),
+            instance: opt(&self.instance),
+            host,
+            ports,
+            tags: self.tags.clone(),
+            check: self.check.as_ref().map(TryInto::try_into).transpose()?,
+            depends_on: self.depends_on.clone(),
+            status: core::HealthStatus::Unknown,
+            output: String::new(),
+            lease_id: (self.lease_id != 0).then_some(self.lease_id),
+            pid: (self.pid != 0).then_some(self.pid),
+            command: opt(&self.command),
+            registered_ms: 0,
+            revision: 0,
+            status_ms: 0,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn services_convert_with_defaults_and_round_trip() {
+        let req = pb::Service {
+            name: "api".into(),
+            ports: vec![pb::ServicePort { port: 8001, ..Default::default() }],
+            check: Some(pb::HealthCheck { r#type: pb::CheckType::CheckHttp as i32, ..Default::default() }),
+            ..Default::default()
+        };
+        let s = req.to_core("laptop").unwrap();
+        assert_eq!(
+            (s.team.as_str(), s.id.as_str(), s.host.as_str()),
+            ("default", "api@laptop:8001", "laptop")
+        );
+        assert_eq!(s.ports[0].name, "main");
+        let c = s.check.clone().unwrap();
+        assert_eq!(c.kind, core::CheckKind::Http { path: "/".into() });
+        assert_eq!((c.interval_ms, c.timeout_ms, c.failures), (10_000, 2_000, 1));
+        let back = pb::Service::from(&s);
+        assert_eq!(back.to_core("elsewhere").unwrap(), s);
+
+        let bad =
+            pb::Service { ports: vec![pb::ServicePort { port: 80, ..Default::default() }], ..req.clone() };
+        assert!(bad.to_core("h").unwrap_err().0.contains("port 80 is out of range"));
+        let bad = pb::Service { name: String::new(), ..req.clone() };
+        assert!(bad.to_core("h").unwrap_err().0.contains("needs a name"));
+        let bad = pb::Service { check: Some(pb::HealthCheck::default()), ..req };
+        assert!(bad.to_core("h").unwrap_err().0.contains("is not a check type"));
+        assert!(health_from_pb(9).is_err());
+        for h in [
+            core::HealthStatus::Unknown,
+            core::HealthStatus::Passing,
+            core::HealthStatus::Warning,
+            core::HealthStatus::Critical,
+        ] {
+            assert_eq!(health_from_pb(health_to_pb(h) as i32).unwrap(), h);
+        }
+    }
 
     #[test]
     fn items_are_validated_at_the_boundary() {

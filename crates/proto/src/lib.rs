@@ -30,4 +30,7 @@ pub const ERROR_METADATA: &str = "portmesh-error";
 /// Metadata key carrying the oldest revision still available on a `compacted` watch error.
 pub const OLDEST_REVISION_METADATA: &str = "portmesh-oldest-revision";
 
-pub use convert::{BadRequest, required_port, strategy_from_pb, strategy_to_pb};
+pub use convert::{
+    BadRequest, DEFAULT_CHECK_INTERVAL_MS, DEFAULT_CHECK_TIMEOUT_MS, health_from_pb, health_to_pb,
+    required_port, strategy_from_pb, strategy_to_pb,
+};

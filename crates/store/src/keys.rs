@@ -11,6 +11,7 @@
 //! | `s`    | sticky key: team `\0` key   |
 //! | `c`    | cool-down: port             |
 //! | `e`    | event: revision, seq (BE)   |
+//! | `v`    | service: team `\0` id       |
 //! | `!`    | Raft bookkeeping (`!applied`, `!membership`) |
 
 use portmesh_core::Key;
@@ -45,6 +46,7 @@ pub(crate) fn encode(key: &Key) -> Vec<u8> {
             v.extend_from_slice(&seq.to_be_bytes());
             v
         }
+        Key::Service(t, id) => two(b'v', t, id),
     }
 }
 

@@ -8,12 +8,15 @@
 //! 1. grants a lease and allocates N ports attached to it in one atomic batch;
 //! 2. starts the command N times with `PORT`, `SHARD` (0-based) and `SHARDS` set and `{port}`
 //!    replaced in its arguments;
-//! 3. keeps the lease alive (renewing at TTL/3) while they run;
-//! 4. revokes the lease when they are done, which releases the ports, and exits with the first
+//! 3. registers each shard as service `shard-I` of project `ci-shards` (with its pid and
+//!    command) attached to the same lease, so `portmesh discover --project ci-shards` shows
+//!    what runs where;
+//! 4. keeps the lease alive (renewing at TTL/3) while they run;
+//! 5. revokes the lease when they are done, which releases the ports and the registrations, and exits with the first
 //!    non-zero exit code of a shard (0 if all passed).
 //!
 //! If `ci-shards` itself is killed (`kill -9`, a cancelled CI job), nobody renews the lease: it
-//! runs out after its TTL and the ports come back by themselves.
+//! runs out after its TTL and the ports and registrations go by themselves.
 
 use std::time::Duration;
 
@@ -86,7 +89,18 @@ async fn run(a: Args) -> Result<i32> {
             .kill_on_drop(true)
             .spawn()
             .with_context(|| format!("starting shard {i}: {}", args.join(" ")))?;
+        let svc = pb::Service {
+            team: a.team.clone(),
+            name: format!("shard-{i}"),
+            project: "ci-shards".into(),
+            ports: vec![pb::ServicePort { name: "main".into(), port: *port, protocol: "tcp".into() }],
+            lease_id: lease.id,
+            pid: child.id().unwrap_or(0),
+            command: args.join(" "),
+            ..Default::default()
+        };
         children.push(child);
+        client.register(svc).await.with_context(|| format!("registering shard {i}"))?;
     }
     let all = async {
         let mut codes = Vec::new();

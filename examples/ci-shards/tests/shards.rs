@@ -41,6 +41,7 @@ async fn each_shard_gets_its_own_port_and_they_come_back_at_the_end() {
     }
     assert_eq!(ports.len(), 3, "three distinct ports: {stdout}");
     assert_eq!(live(&client).await, 0, "the lease was revoked at the end");
+    assert!(shards(&client).await.is_empty(), "and the registrations went with it");
 
     // The first failing shard's exit code is the program's.
     let out = tokio::process::Command::new(BIN)
@@ -65,10 +66,12 @@ async fn killed_with_sigkill_its_ports_come_back_when_the_lease_runs_out() {
         .spawn()
         .unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while live(&client).await < 2 {
+    while live(&client).await < 2 || shards(&client).await.len() < 2 {
         assert!(tokio::time::Instant::now() < deadline, "the shards never got their ports");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let registered = shards(&client).await;
+    assert!(registered.iter().all(|s| s.pid != 0 && s.command == "sleep 30"), "{registered:#?}");
     let pgid = nix::unistd::Pid::from_raw(child.id().unwrap() as i32);
     nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL).unwrap();
     child.wait().await.unwrap();
@@ -84,4 +87,29 @@ async fn killed_with_sigkill_its_ports_come_back_when_the_lease_runs_out() {
     let expired = first.events.iter().filter(|e| e.r#type == pb::EventType::Expired as i32).count();
     let released = first.events.iter().filter(|e| e.r#type == pb::EventType::Released as i32).count();
     assert_eq!((expired, released), (2, 0), "{:#?}", first.events);
+    // The registrations went with the lease, each once.
+    let gone: Vec<&pb::Service> = first
+        .events
+        .iter()
+        .filter(|e| e.r#type == pb::EventType::ServiceDeregistered as i32)
+        .filter_map(|e| e.service.as_ref())
+        .collect();
+    assert_eq!(gone.len(), 2, "{:#?}", first.events);
+    assert!(gone.iter().all(|s| s.project == "ci-shards"));
+    assert_ne!(gone[0].id, gone[1].id);
+    assert!(
+        first
+            .events
+            .iter()
+            .filter(|e| e.r#type == pb::EventType::ServiceDeregistered as i32)
+            .all(|e| e.cause == "lease expired")
+    );
+    assert!(shards(&client).await.is_empty());
+}
+
+/// The shards' registrations, healthy or not.
+async fn shards(client: &Client) -> Vec<pb::Service> {
+    let req =
+        pb::DiscoverRequest { project: "ci-shards".into(), include_unhealthy: true, ..Default::default() };
+    client.discover(req).await.unwrap().services
 }

@@ -3,7 +3,7 @@
 
 use super::*;
 use crate::command::HostProbe;
-use crate::types::Strategy;
+use crate::types::{HealthCheck, ServicePort, Strategy};
 use crate::{Rejection, Unavailable};
 use proptest::prelude::{ProptestConfig, any, prop_assert, prop_assert_eq, prop_oneof, proptest};
 #[allow(unused_imports)]
@@ -133,6 +133,11 @@ fn check_invariants(st: &State) {
         assert!(st.reservation(a.port).is_none(), "reserved port {} is allocated", a.port);
         if let Some(l) = a.lease_id {
             assert!(st.lease(l).is_some(), "allocation {} attached to missing lease {l}", a.port);
+        }
+    }
+    for svc in st.services() {
+        if let Some(l) = svc.lease_id {
+            assert!(st.lease(l).is_some(), "service {} attached to missing lease {l}", svc.id);
         }
     }
     // The persisted form rebuilds the exact same state, indexes included.
@@ -705,6 +710,194 @@ fn pool_usage_counts() {
     assert_eq!((u.size, u.allocated, u.reserved, u.cooling), (1000, 1, 1, 1));
 }
 
+// ----- the registry --------------------------------------------------------------------------
+
+fn service(id: &str, name: &str, port: u16) -> Service {
+    Service {
+        team: "default".into(),
+        id: id.into(),
+        name: name.into(),
+        project: Some("shop".into()),
+        env: Some("dev".into()),
+        instance: None,
+        host: "h1".into(),
+        ports: vec![ServicePort { name: "http".into(), port, protocol: "http".into() }],
+        tags: vec!["v1".into()],
+        check: None,
+        depends_on: Vec::new(),
+        status: HealthStatus::Critical,
+        output: "ignored".into(),
+        lease_id: None,
+        pid: Some(42),
+        command: Some("gunicorn app".into()),
+        registered_ms: 0,
+        revision: 0,
+        status_ms: 0,
+    }
+}
+
+fn tcp_check() -> HealthCheck {
+    HealthCheck { kind: CheckKind::Tcp, port: None, interval_ms: 1_000, timeout_ms: 500, failures: 2 }
+}
+
+fn health(id: &str, status: HealthStatus) -> HealthUpdate {
+    HealthUpdate { team: "default".into(), id: id.into(), status, output: format!("now {status}") }
+}
+
+#[test]
+fn register_replace_deregister() {
+    let mut h = Harness::new();
+    let Response::Registered { service: s, replaced: false, revision } =
+        h.apply(Command::Register(Box::new(service("api-1", "api", 8001))))
+    else {
+        panic!()
+    };
+    assert_eq!((s.status, s.output.as_str(), s.revision), (HealthStatus::Passing, "", revision));
+    let mut checked = service("api-1", "api", 8001);
+    checked.check = Some(tcp_check());
+    let Response::Registered { service: s, replaced: true, .. } =
+        h.apply(Command::Register(Box::new(checked.clone())))
+    else {
+        panic!()
+    };
+    assert_eq!(s.status, HealthStatus::Unknown, "a new check starts unknown");
+    h.apply(Command::SetHealth { updates: vec![health("api-1", HealthStatus::Critical)] });
+    // The same registration again (a restarted wrapper) keeps what the checks found.
+    let Response::Registered { service: s, .. } = h.apply(Command::Register(Box::new(checked))) else {
+        panic!()
+    };
+    assert_eq!((s.status, s.output.as_str()), (HealthStatus::Critical, "now critical"));
+    assert_eq!(h.st.services().count(), 1);
+    let Response::Deregistered { service: gone, revision } =
+        h.apply(Command::Deregister { team: "default".into(), id: "api-1".into() })
+    else {
+        panic!()
+    };
+    assert_eq!(gone.id, "api-1");
+    let kinds: Vec<_> = h.st.events_since(revision).map(|e| &e.kind).collect();
+    assert!(
+        matches!(kinds[..], [EventKind::ServiceDeregistered { cause: ReleaseCause::Released, .. }]),
+        "{kinds:?}"
+    );
+    let r = h.reject(Command::Deregister { team: "default".into(), id: "api-1".into() });
+    assert!(r.to_string().contains("no service \"api-1\" is registered"), "{r}");
+    assert_eq!(r.kind(), "not_found");
+}
+
+#[test]
+fn health_updates_record_only_transitions() {
+    let mut h = Harness::new();
+    let mut svc = service("db-1", "db", 11000);
+    svc.check = Some(tcp_check());
+    h.apply(Command::Register(Box::new(svc)));
+    let rev = h.st.revision();
+    let r = h.apply(Command::SetHealth {
+        updates: vec![health("db-1", HealthStatus::Passing), health("gone", HealthStatus::Critical)],
+    });
+    assert_eq!(r, Response::HealthSet { changed: 1, revision: rev + 1 });
+    // No change: no revision, no event.
+    let r = h.apply(Command::SetHealth { updates: vec![health("db-1", HealthStatus::Passing)] });
+    assert_eq!(r, Response::HealthSet { changed: 0, revision: rev + 1 });
+    h.apply(Command::SetHealth {
+        updates: vec![health("db-1", HealthStatus::Critical), health("db-1", HealthStatus::Critical)],
+    });
+    let changes: Vec<_> =
+        h.st.events_since(rev)
+            .filter_map(|e| match &e.kind {
+                EventKind::HealthChanged { previous, status, .. } => Some((*previous, *status)),
+                _ => None,
+            })
+            .collect();
+    assert_eq!(
+        changes,
+        [(HealthStatus::Unknown, HealthStatus::Passing), (HealthStatus::Passing, HealthStatus::Critical)]
+    );
+    let long = HealthUpdate { output: "é".repeat(600), ..health("db-1", HealthStatus::Warning) };
+    h.apply(Command::SetHealth { updates: vec![long] });
+    let out = &h.st.service("default", "db-1").unwrap().output;
+    assert!(out.len() <= crate::MAX_CHECK_OUTPUT && out.starts_with('é'), "cut at a char boundary");
+}
+
+#[test]
+fn lease_end_removes_registrations_exactly_once() {
+    let mut h = Harness::new();
+    let Response::Allocated { grants, lease: Some(lease), .. } =
+        h.alloc_with(vec![in_pool("api", "web")], LeaseSpec::New { ttl_ms: 10_000 }, None)
+    else {
+        panic!()
+    };
+    let mut svc = service("api-1", "api", grants[0].allocation.port);
+    svc.lease_id = Some(lease.id);
+    h.apply(Command::Register(Box::new(svc)));
+    h.apply(Command::Register(Box::new(service("other", "api", 8999))));
+    assert_eq!(h.st.lease_services(lease.id).count(), 1);
+    let Response::Expired { revision, .. } = h.apply(Command::ExpireLeases { ids: vec![lease.id] }) else {
+        panic!()
+    };
+    let gone: Vec<_> =
+        h.st.events_since(revision)
+            .filter_map(|e| match &e.kind {
+                EventKind::ServiceDeregistered { service, cause } => Some((service.id.clone(), *cause)),
+                _ => None,
+            })
+            .collect();
+    assert_eq!(gone, [("api-1".to_string(), ReleaseCause::LeaseExpired)]);
+    assert!(h.st.service("default", "api-1").is_none() && h.st.service("default", "other").is_some());
+    assert_eq!(h.st.lease_services(lease.id).count(), 0);
+    // Expiring again changes nothing.
+    let rev = h.st.revision();
+    h.apply(Command::ExpireLeases { ids: vec![lease.id] });
+    assert_eq!(h.st.revision(), rev);
+    // Registering on a dead lease or another team's lease is refused.
+    let mut late = service("late", "api", 8001);
+    late.lease_id = Some(lease.id);
+    assert!(h.reject(Command::Register(Box::new(late))).to_string().contains("unknown lease"));
+}
+
+#[test]
+fn bad_registrations_are_refused_and_change_nothing() {
+    let mut h = Harness::new();
+    let with = |f: &dyn Fn(&mut Service)| {
+        let mut s = service("x", "api", 8001);
+        f(&mut s);
+        s
+    };
+    let check = |f: &dyn Fn(&mut HealthCheck)| {
+        with(&|s| {
+            let mut c = tcp_check();
+            f(&mut c);
+            s.check = Some(c);
+        })
+    };
+    let table: Vec<(Service, &str)> = vec![
+        (with(&|s| s.name = "bad name".into()), "service name \"bad name\" is not valid"),
+        (with(&|s| s.id = String::new()), "service id \"\" is not valid"),
+        (with(&|s| s.ports.clear()), "needs at least one port"),
+        (with(&|s| s.ports[0].port = 80), "port 80 is out of range"),
+        (with(&|s| s.host = String::new()), "needs the host"),
+        (
+            with(&|s| s.ports.push(ServicePort { name: "http".into(), port: 8002, protocol: String::new() })),
+            "names port \"http\" twice",
+        ),
+        (with(&|s| s.project = Some("a/b".into())), "project name \"a/b\" is not valid"),
+        (check(&|c| c.interval_ms = 10), "check interval 10 ms is too short"),
+        (check(&|c| c.timeout_ms = 0), "check timeout 0 ms is not valid"),
+        (check(&|c| c.failures = 0), "failures must be at least 1"),
+        (
+            check(&|c| c.port = Some("admin".into())),
+            "the check names port \"admin\", but service \"api\" has ports: http",
+        ),
+        (check(&|c| c.kind = CheckKind::Http { path: "health".into() }), "must start with '/'"),
+        (check(&|c| c.kind = CheckKind::Command { command: " ".into() }), "needs a command"),
+        (with(&|s| s.lease_id = Some(77)), "unknown lease 77"),
+    ];
+    for (svc, msg) in table {
+        let r = h.reject(Command::Register(Box::new(svc)));
+        assert!(r.to_string().contains(msg), "want {msg:?}, got {r}");
+    }
+    assert_eq!(h.st.services().count(), 0);
+}
+
 // ----- property tests ------------------------------------------------------------------------
 
 #[derive(Debug, Clone)]
@@ -724,6 +917,12 @@ enum Op {
     Unreserve(u16),
     Expire(u64),
     Advance(u64),
+    Register {
+        id: u8,
+        lease: Option<u64>,
+    },
+    Deregister(u8),
+    Health(u8, u8),
 }
 
 fn op() -> impl proptest::strategy::Strategy<Value = Op> {
@@ -738,6 +937,9 @@ fn op() -> impl proptest::strategy::Strategy<Value = Op> {
         1 => port.prop_map(Op::Unreserve),
         1 => (1u64..6).prop_map(Op::Expire),
         1 => (0u64..120_000).prop_map(Op::Advance),
+        1 => (0u8..4, proptest::option::of(1u64..6)).prop_map(|(id, lease)| Op::Register { id, lease }),
+        1 => (0u8..4).prop_map(Op::Deregister),
+        1 => (0u8..4, 0u8..4).prop_map(|(id, s)| Op::Health(id, s)),
     ]
 }
 
@@ -789,6 +991,21 @@ fn run_ops(ops: &[Op]) -> Harness {
             Op::Advance(ms) => {
                 h.advance(*ms);
                 continue;
+            }
+            Op::Register { id, lease } => {
+                let mut svc = service(&format!("s{id}"), "svc", 8000 + u16::from(*id));
+                svc.lease_id = *lease;
+                Command::Register(Box::new(svc))
+            }
+            Op::Deregister(id) => Command::Deregister { team: "default".into(), id: format!("s{id}") },
+            Op::Health(id, s) => {
+                let status = [
+                    HealthStatus::Unknown,
+                    HealthStatus::Passing,
+                    HealthStatus::Warning,
+                    HealthStatus::Critical,
+                ][*s as usize];
+                Command::SetHealth { updates: vec![health(&format!("s{id}"), status)] }
             }
         };
         let r = h.apply(cmd.clone());

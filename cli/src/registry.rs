@@ -1,0 +1,143 @@
+//! `register`, `deregister` and `discover`.
+
+use std::io::Write;
+
+use anyhow::Result;
+use portmesh_client::{Client, pb};
+use serde_json::json;
+
+use crate::args::{CheckSpec, RegisterArgs};
+
+pub fn health(h: pb::HealthStatus) -> &'static str {
+    match h {
+        pb::HealthStatus::Unknown => "unknown",
+        pb::HealthStatus::Passing => "passing",
+        pb::HealthStatus::Warning => "warning",
+        pb::HealthStatus::Critical => "critical",
+    }
+}
+
+fn ports_text(s: &pb::Service) -> String {
+    s.ports.iter().map(|p| format!("{}={}", p.name, p.port)).collect::<Vec<_>>().join(",")
+}
+
+/// One line for a person: name, id, host, ports, status.
+pub fn service_line(s: &pb::Service) -> String {
+    format!("{} {} host {} ports {} ({})", s.name, s.id, s.host, ports_text(s), health(s.status()))
+}
+
+pub fn service_json(s: &pb::Service) -> serde_json::Value {
+    let opt = |v: &String| (!v.is_empty()).then(|| v.clone());
+    json!({
+        "team": s.team, "id": s.id, "name": s.name,
+        "project": opt(&s.project), "env": opt(&s.env), "instance": opt(&s.instance),
+        "host": s.host,
+        "ports": s.ports.iter().map(|p| json!({"name": p.name, "port": p.port, "protocol": opt(&p.protocol)})).collect::<Vec<_>>(),
+        "tags": s.tags,
+        "status": health(s.status()),
+        "output": s.output,
+        "lease_id": (s.lease_id != 0).then_some(s.lease_id),
+        "pid": (s.pid != 0).then_some(s.pid),
+        "command": opt(&s.command),
+        "depends_on": s.depends_on,
+        "revision": s.revision,
+        "registered_ms": s.registered_ms,
+        "status_ms": s.status_ms,
+    })
+}
+
+pub async fn register(c: &Client, team: &str, a: &RegisterArgs, json: bool) -> Result<()> {
+    let check = a.check.as_ref().map(|spec| {
+        let mut ch = pb::HealthCheck {
+            port_name: a.check_port.clone().unwrap_or_default(),
+            interval_ms: a.interval.as_millis() as u64,
+            timeout_ms: a.timeout.map_or(0, |t| t.as_millis() as u64),
+            failures: a.failures,
+            ..Default::default()
+        };
+        let t = match spec {
+            CheckSpec::Tcp => pb::CheckType::CheckTcp,
+            CheckSpec::Http(path) => {
+                ch.path = path.clone();
+                pb::CheckType::CheckHttp
+            }
+            CheckSpec::Grpc(svc) => {
+                ch.grpc_service = svc.clone();
+                pb::CheckType::CheckGrpc
+            }
+            CheckSpec::Command(cmd) => {
+                ch.command = cmd.clone();
+                pb::CheckType::CheckCommand
+            }
+        };
+        ch.set_type(t);
+        ch
+    });
+    let svc = pb::Service {
+        team: team.to_string(),
+        id: a.id.clone().unwrap_or_default(),
+        name: a.name.clone(),
+        project: a.project.clone().unwrap_or_default(),
+        env: a.env.clone().unwrap_or_default(),
+        instance: a.instance.clone().unwrap_or_default(),
+        host: a.host.clone().unwrap_or_default(),
+        ports: a
+            .ports
+            .iter()
+            .map(|(name, port, protocol)| pb::ServicePort {
+                name: name.clone(),
+                port: u32::from(*port),
+                protocol: protocol.clone(),
+            })
+            .collect(),
+        tags: a.tags.clone(),
+        check,
+        depends_on: a.depends_on.clone(),
+        lease_id: a.lease.unwrap_or(0),
+        ..Default::default()
+    };
+    let s = c.register(svc).await?;
+    if json {
+        println!("{}", service_json(&s));
+    } else {
+        println!("{}", s.id);
+    }
+    Ok(())
+}
+
+pub async fn deregister(c: &Client, team: &str, id: &str, json: bool) -> Result<()> {
+    let s = c.deregister(team, id).await?;
+    if json {
+        println!("{}", service_json(&s));
+    } else {
+        println!("deregistered {}", s.id);
+    }
+    Ok(())
+}
+
+pub async fn discover(c: &Client, req: pb::DiscoverRequest, json: bool) -> Result<()> {
+    let r = c.discover(req).await?;
+    let mut out = std::io::stdout().lock();
+    if json {
+        let services: Vec<_> = r.services.iter().map(service_json).collect();
+        writeln!(out, "{}", json!({"services": services, "revision": r.revision}))?;
+        return Ok(());
+    }
+    if r.services.is_empty() {
+        writeln!(out, "no service found (unhealthy ones are listed with --all)")?;
+        return Ok(());
+    }
+    writeln!(out, "{:<16} {:<9} {:<20} {:<24} ID", "NAME", "STATUS", "HOST", "PORTS")?;
+    for s in &r.services {
+        writeln!(
+            out,
+            "{:<16} {:<9} {:<20} {:<24} {}",
+            s.name,
+            health(s.status()),
+            s.host,
+            ports_text(s),
+            s.id
+        )?;
+    }
+    Ok(())
+}
