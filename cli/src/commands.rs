@@ -141,6 +141,8 @@ fn alloc_json(a: &pb::Allocation) -> serde_json::Value {
         "key": (!a.key.is_empty()).then_some(&a.key),
         "lease_id": (a.lease_id != 0).then_some(a.lease_id),
         "host": a.host, "revision": a.revision,
+        "pid": (a.pid != 0).then_some(a.pid),
+        "command": (!a.command.is_empty()).then_some(&a.command),
     })
 }
 
@@ -166,6 +168,10 @@ async fn alloc(c: &Client, team: &str, a: &AllocArgs, json: bool) -> Result<()> 
         items,
         lease_id: a.lease.unwrap_or(0),
         ttl_ms: a.ttl.map_or(0, |t| t.as_millis() as u64),
+        // The holder is whoever ran `portmesh alloc`: the script or shell that will start the
+        // server on the port.
+        pid: parent_pid(),
+        command: portmesh_probe::command_of(parent_pid()).unwrap_or_default(),
         ..Default::default()
     };
     let r = c.allocate_here(req).await?;
@@ -189,6 +195,16 @@ async fn alloc(c: &Client, team: &str, a: &AllocArgs, json: bool) -> Result<()> 
         }
     }
     Ok(())
+}
+
+#[cfg(unix)]
+fn parent_pid() -> u32 {
+    std::os::unix::process::parent_id()
+}
+
+#[cfg(not(unix))]
+fn parent_pid() -> u32 {
+    0
 }
 
 async fn release(c: &Client, team: &str, r: &ReleaseArgs, json: bool) -> Result<()> {
@@ -649,8 +665,10 @@ fn event_json(e: &pb::Event) -> serde_json::Value {
         v["ttl_ms"] = json!(e.ttl_ms);
     }
     if let Some(c) = &e.conflict {
-        v["conflict"] =
-            json!({"port": c.port, "team": c.team, "pool": c.pool, "service": c.service, "host": c.host});
+        v["conflict"] = json!({
+            "port": c.port, "team": c.team, "pool": c.pool, "service": c.service, "host": c.host,
+            "pid": (c.pid != 0).then_some(c.pid), "command": (!c.command.is_empty()).then_some(&c.command),
+        });
     }
     if let Some(svc) = &e.service {
         v["service"] = crate::registry::service_json(svc);
@@ -666,16 +684,48 @@ fn event_json(e: &pb::Event) -> serde_json::Value {
     v
 }
 
+/// ` pid N (command)`, or nothing when unknown.
+fn holder(pid: u32, command: &str) -> String {
+    match (pid, command) {
+        (0, _) => String::new(),
+        (p, "") => format!(" pid {p}"),
+        (p, c) => format!(" pid {p} ({c})"),
+    }
+}
+
 fn event_text(e: &pb::Event) -> String {
     let what = match (e.r#type(), &e.allocation, &e.conflict) {
         (pb::EventType::Allocated, Some(a), _) => {
-            format!("{} {}/{} host {} (team {})", a.port, a.pool, a.service, a.host, a.team)
+            format!(
+                "{} {}/{} host {}{} (team {})",
+                a.port,
+                a.pool,
+                a.service,
+                a.host,
+                holder(a.pid, &a.command),
+                a.team
+            )
         }
         (pb::EventType::Released | pb::EventType::Expired, Some(a), _) => {
-            format!("{} {}/{} ({})", a.port, a.pool, a.service, e.cause)
+            format!(
+                "{} {}/{} host {}{} ({})",
+                a.port,
+                a.pool,
+                a.service,
+                a.host,
+                holder(a.pid, &a.command),
+                e.cause
+            )
         }
         (pb::EventType::ConflictObserved, _, Some(c)) => {
-            format!("{} busy on host {} (wanted for {}/{})", c.port, c.host, c.pool, c.service)
+            format!(
+                "{} busy on host {}{} (wanted for {}/{})",
+                c.port,
+                c.host,
+                holder(c.pid, &c.command),
+                c.pool,
+                c.service
+            )
         }
         (pb::EventType::Reserved, ..) => {
             e.reservation.as_ref().map(|r| format!("{} ({})", r.port, r.reason)).unwrap_or_default()

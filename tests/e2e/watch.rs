@@ -96,3 +96,44 @@ fn log_lists_assignments_releases_and_expiries_in_order_with_the_host() {
         .collect();
     assert_eq!(types, ["allocated", "released", "allocated", "expired"], "{json:?}");
 }
+
+/// The audit log names who held each port: the process that ran `portmesh alloc` (its parent,
+/// the script), and for a conflict the process the probe found listening.
+#[test]
+fn log_names_the_holder_pid_and_command_of_assignments_and_conflicts() {
+    let h = Home::new();
+    h.pm(&["status"]).ok();
+    // A script that allocates: it is the holder.
+    let script = format!("{BIN} alloc shop-api --port 10500; echo script-pid $$");
+    let run = std::process::Command::new("sh")
+        .args(["-c", &script])
+        .env("PORTMESH_HOME", h.path())
+        .env_remove("PORTMESH_NODE")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(run.status.success(), "{run:?}");
+    let script_pid: u32 =
+        stdout.lines().find_map(|l| l.strip_prefix("script-pid ")).unwrap().parse().unwrap();
+    // Someone else listens on the wanted port: a conflict naming this test process.
+    let squatter = std::net::TcpListener::bind("127.0.0.1:10600").unwrap();
+    h.pm(&["alloc", "shop-web", "--port", "10600", "--strategy", "next"]).ok();
+    drop(squatter);
+    let lines: Vec<serde_json::Value> =
+        h.pm(&["log", "--json"]).ok().stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let alloc = lines.iter().find(|e| e["type"] == "allocated" && e["allocation"]["port"] == 10500).unwrap();
+    assert_eq!(alloc["allocation"]["pid"], script_pid, "{alloc}");
+    assert!(alloc["allocation"]["command"].as_str().unwrap().starts_with("sh -c"), "{alloc}");
+    let conflict = lines.iter().find(|e| e["type"] == "conflict").unwrap();
+    assert_eq!(conflict["conflict"]["port"], 10600);
+    assert_eq!(conflict["conflict"]["pid"], std::process::id(), "{conflict}");
+    let text = h.pm(&["log"]).ok().stdout;
+    assert!(
+        text.lines().any(|l| l.contains("conflict") && l.contains(&format!("pid {}", std::process::id()))),
+        "{text}"
+    );
+    assert!(
+        text.lines().any(|l| l.contains(" 10500 ") && l.contains(&format!("pid {script_pid} (sh -c"))),
+        "{text}"
+    );
+}

@@ -5,9 +5,12 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use portmesh_core::Holder;
 use portmesh_proto::v1 as pb;
 use portmesh_raft::RaftNode;
 use tonic::transport::{Channel, Endpoint};
+
+use crate::services::Busy;
 
 /// How often the members are asked for their hosts when a host is not known.
 const REFRESH_EVERY: Duration = Duration::from_secs(2);
@@ -31,13 +34,24 @@ struct Known {
 impl HostMap {
     /// Has the member on `host` probe `ports`. `None` when no member runs there or it did not
     /// answer in time.
-    pub(crate) async fn probe(&self, node: &RaftNode, host: &str, ports: &[u16]) -> Option<Vec<u16>> {
+    pub(crate) async fn probe(&self, node: &RaftNode, host: &str, ports: &[u16]) -> Option<Busy> {
         let (addr, channel) = self.member_on(node, host).await?;
         let req = pb::ProbeRequest { ports: ports.iter().map(|p| u32::from(*p)).collect() };
         let mut client = pb::cluster_client::ClusterClient::new(channel);
         match tokio::time::timeout(PROBE_TIMEOUT, client.probe(req)).await {
             Ok(Ok(r)) if r.get_ref().host == host => {
-                Some(r.into_inner().busy.into_iter().filter_map(|p| u16::try_from(p).ok()).collect())
+                let r = r.into_inner();
+                let holders = r
+                    .holders
+                    .into_iter()
+                    .filter_map(|h| {
+                        Some((u16::try_from(h.port).ok()?, Holder { pid: h.pid, command: h.command }))
+                    })
+                    .collect();
+                Some(Busy {
+                    ports: r.busy.into_iter().filter_map(|p| u16::try_from(p).ok()).collect(),
+                    holders,
+                })
             }
             outcome => {
                 let why = match outcome {

@@ -5,7 +5,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use futures::Stream;
-use portmesh_core::{AllocateBatch, Command, DEFAULT_TEAM, HostProbe, PlanWidth, Rejection, Response};
+use portmesh_core::{
+    AllocateBatch, Command, DEFAULT_TEAM, Holder, HostProbe, PlanWidth, Rejection, Response,
+};
 use portmesh_proto::v1 as pb;
 use portmesh_proto::{BadRequest, required_port};
 use portmesh_raft::{RaftNode, now_ms};
@@ -41,6 +43,26 @@ struct Inner {
     hosts: crate::hosts::HostMap,
     /// `Cluster.Probe` requests served (probes this node ran for other members).
     probes_served: std::sync::atomic::AtomicU64,
+}
+
+/// What a probe found busy on a host, and who holds those ports where the OS told.
+#[derive(Debug, Default)]
+pub(crate) struct Busy {
+    pub(crate) ports: Vec<u16>,
+    pub(crate) holders: Vec<(u16, Holder)>,
+}
+
+/// Probes `ports` on this host and looks up who holds the busy ones (rare: a conflict).
+fn probe_here(ports: &[u16]) -> Busy {
+    let busy = portmesh_probe::busy_ports(ports);
+    let holders = busy
+        .iter()
+        .filter_map(|&p| {
+            let o = portmesh_probe::owners(p).into_iter().find(|o| o.pid.is_some())?;
+            Some((p, Holder { pid: o.pid?, command: o.command.unwrap_or_default() }))
+        })
+        .collect();
+    Busy { ports: busy, holders }
 }
 
 /// Candidate ports probed per item beyond the ones in flight.
@@ -113,15 +135,16 @@ impl Api {
     }
 
     /// Probes `candidates` on `host`: here if it is this node's host, else through the member
-    /// node running there. Returns the busy ports and whether anyone probed.
-    async fn probe_host(&self, host: &str, candidates: &[u16]) -> (Vec<u16>, bool) {
+    /// node running there. Returns what was found busy (and who holds it) and whether anyone
+    /// probed.
+    async fn probe_host(&self, host: &str, candidates: &[u16]) -> (Busy, bool) {
         let inner = &self.inner;
         if host == inner.host {
-            return (portmesh_probe::busy_ports(candidates), true);
+            return (probe_here(candidates), true);
         }
         match inner.hosts.probe(&inner.node, host, candidates).await {
             Some(busy) => (busy, true),
-            None => (Vec::new(), false),
+            None => (Busy::default(), false),
         }
     }
 
@@ -150,14 +173,14 @@ impl Api {
                 let sm = inner.node.state().read();
                 sm.state.plan(&batch, now_ms(), width, seed)
             };
-            let (mut busy, probed) = self.probe_host(&batch.host, &candidates).await;
-            busy.extend_from_slice(reported);
-            if !busy.is_empty() {
-                tracing::info!(host = %batch.host, ?busy, "ports busy on the host will be skipped");
+            let (Busy { mut ports, holders }, probed) = self.probe_host(&batch.host, &candidates).await;
+            ports.extend_from_slice(reported);
+            if !ports.is_empty() {
+                tracing::info!(host = %batch.host, busy = ?ports, "ports busy on the host will be skipped");
             }
             let mut checked = candidates;
             checked.extend_from_slice(reported);
-            batch.probe = Some(HostProbe::new(checked, busy));
+            batch.probe = Some(HostProbe::new(checked, ports).with_owners(holders));
             match inner.node.propose(Command::Allocate(batch.clone())).await? {
                 Response::Rejected(Rejection::NeedProbe { port }) => {
                     tracing::debug!(port, round, "state moved under the plan; probing again");
@@ -248,13 +271,16 @@ impl pb::allocator_server::Allocator for Api {
             lease: req.lease_spec().map_err(ApiError::from)?,
             items: req.core_items().map_err(ApiError::from)?,
             probe: None,
+            holder: req.holder(),
         };
         match self.allocate_batch(batch, &reported).await? {
             (Response::Allocated { grants, lease, revision }, host_probed) => {
                 let lease_id = lease.map_or(req.lease_id, |l| l.id);
                 for g in grants.iter().filter(|g| !g.existing) {
                     let a = &g.allocation;
-                    tracing::info!(port = a.port, team = %a.team, pool = %a.pool, service = %a.service, revision, "allocated");
+                    let holder = a.holder.as_ref().map(ToString::to_string);
+                    tracing::info!(port = a.port, team = %a.team, pool = %a.pool, service = %a.service,
+                        host = %a.host, holder = holder.as_deref().unwrap_or("-"), revision, "allocated");
                 }
                 Ok(tonic::Response::new(pb::AllocateResponse {
                     existing: grants.iter().map(|g| g.existing).collect(),
@@ -506,12 +532,17 @@ impl pb::cluster_server::Cluster for Api {
             .collect::<std::result::Result<_, _>>()
             .map_err(ApiError::from)?;
         self.inner.probes_served.fetch_add(1, Ordering::Relaxed);
-        let busy = tokio::task::spawn_blocking(move || portmesh_probe::busy_ports(&ports))
+        let busy = tokio::task::spawn_blocking(move || probe_here(&ports))
             .await
             .map_err(|e| ApiError::Internal(format!("probe task: {e}")))?;
         Ok(tonic::Response::new(pb::ProbeResponse {
             host: self.inner.host.clone(),
-            busy: busy.into_iter().map(u32::from).collect(),
+            busy: busy.ports.into_iter().map(u32::from).collect(),
+            holders: busy
+                .holders
+                .into_iter()
+                .map(|(port, h)| pb::PortHolder { port: port.into(), pid: h.pid, command: h.command })
+                .collect(),
         }))
     }
 

@@ -3,7 +3,9 @@
 use serde::{Deserialize, Serialize};
 
 use crate::rejection::Rejection;
-use crate::types::{Allocation, HealthUpdate, Lease, Pool, PortRange, Reservation, Service, Strategy};
+use crate::types::{
+    Allocation, HealthUpdate, Holder, Lease, Pool, PortRange, Reservation, Service, Strategy,
+};
 
 /// The application payload of one Raft log entry: the commands proposed together (group
 /// commit: concurrent proposals share one entry and one fsync), applied in order, each on its own.
@@ -35,8 +37,8 @@ impl ApplyCtx {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
-    /// Allocate one or more ports, all or nothing.
-    Allocate(AllocateBatch),
+    /// An allocation as portmesh 0.1.0 logged it; applied like [`Command::Allocate`].
+    AllocateV1(crate::legacy::AllocateBatchV1),
     /// Release live allocations of a team.
     Release {
         team: String,
@@ -92,6 +94,8 @@ pub enum Command {
     SetHealth {
         updates: Vec<HealthUpdate>,
     },
+    /// Allocate one or more ports, all or nothing.
+    Allocate(AllocateBatch),
 }
 
 /// One atomic allocation request: every item gets a port or none does.
@@ -105,6 +109,8 @@ pub struct AllocateBatch {
     /// What the host's bind probe saw, if one ran. With a probe, only probed ports that were
     /// found free may be handed out.
     pub probe: Option<HostProbe>,
+    /// The process the ports are for, where the client said.
+    pub holder: Option<Holder>,
 }
 
 /// Which lease, if any, the allocations of a batch attach to.
@@ -140,6 +146,8 @@ pub struct HostProbe {
     pub checked: Vec<u16>,
     /// Sorted, deduplicated subset of `checked`.
     pub busy: Vec<u16>,
+    /// Who holds busy ports, where the OS told; sorted by port.
+    pub owners: Vec<(u16, Holder)>,
 }
 
 impl HostProbe {
@@ -148,7 +156,20 @@ impl HostProbe {
         checked.dedup();
         busy.sort_unstable();
         busy.dedup();
-        Self { checked, busy }
+        Self { checked, busy, owners: Vec::new() }
+    }
+
+    /// Records who holds busy ports.
+    pub fn with_owners(mut self, mut owners: Vec<(u16, Holder)>) -> Self {
+        owners.sort_by_key(|(p, _)| *p);
+        owners.dedup_by_key(|(p, _)| *p);
+        self.owners = owners;
+        self
+    }
+
+    /// Who holds `port`, if the probe found out.
+    pub fn owner(&self, port: u16) -> Option<&Holder> {
+        self.owners.binary_search_by_key(&port, |(p, _)| *p).ok().map(|i| &self.owners[i].1)
     }
 
     pub fn is_checked(&self, port: u16) -> bool {

@@ -22,6 +22,7 @@
 //! [`Response`], never errors: in openraft an error from `apply` stops the node.
 
 mod command;
+pub mod legacy;
 mod rejection;
 mod rng;
 mod select;
@@ -38,7 +39,7 @@ pub use select::PlanWidth;
 pub use state::{Key, Meta, PoolUsage, Record, State};
 pub use types::{
     Allocation, CheckKind, Conflict, Cooldown, Event, EventKind, HealthCheck, HealthStatus, HealthUpdate,
-    Lease, Pool, PortRange, RangeError, ReleaseCause, Reservation, Service, ServicePort, Strategy,
+    Holder, Lease, Pool, PortRange, RangeError, ReleaseCause, Reservation, Service, ServicePort, Strategy,
     default_pools,
 };
 

@@ -207,6 +207,27 @@ pub struct Allocation {
     pub created_ms: u64,
     /// The revision that granted it: the fencing token.
     pub revision: u64,
+    /// The process it was handed to, where the client said.
+    pub holder: Option<Holder>,
+}
+
+/// A process holding a port: the one an allocation was handed to, or the one a probe found
+/// listening on a busy port.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Holder {
+    pub pid: u32,
+    /// Its command line (may be empty when unknown).
+    pub command: String,
+}
+
+impl fmt::Display for Holder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.command.is_empty() {
+            write!(f, "pid {}", self.pid)
+        } else {
+            write!(f, "pid {} ({})", self.pid, self.command)
+        }
+    }
 }
 
 /// A port never handed out by automatic selection.
@@ -247,6 +268,8 @@ pub struct Conflict {
     pub pool: String,
     pub service: String,
     pub host: String,
+    /// The process the probe found holding it, where the OS told.
+    pub holder: Option<Holder>,
 }
 
 /// Why an allocation ended.

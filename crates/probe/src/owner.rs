@@ -76,8 +76,9 @@ pub fn owners(_port: u16) -> Vec<Owner> {
     Vec::new()
 }
 
+/// The command line of process `pid`, where the OS tells.
 #[cfg(target_os = "linux")]
-fn command_of(pid: u32) -> Option<String> {
+pub fn command_of(pid: u32) -> Option<String> {
     let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
     let parts: Vec<String> = raw
         .split(|b| *b == 0)
@@ -89,6 +90,12 @@ fn command_of(pid: u32) -> Option<String> {
     } else {
         Some(parts.join(" "))
     }
+}
+
+/// The command line of process `pid`, where the OS tells.
+#[cfg(not(target_os = "linux"))]
+pub fn command_of(_pid: u32) -> Option<String> {
+    None
 }
 
 /// Decodes the hex address of `/proc/net/tcp{,6}` (32-bit words in host byte order).

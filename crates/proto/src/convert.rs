@@ -71,6 +71,11 @@ impl pb::AllocateRequest {
         self.items.iter().map(core::AllocItem::try_from).collect()
     }
 
+    /// The process the ports are for, if the client said.
+    pub fn holder(&self) -> Option<core::Holder> {
+        (self.pid != 0).then(|| core::Holder { pid: self.pid, command: self.command.clone() })
+    }
+
     /// The ports the client reported busy on its host.
     pub fn reported_busy(&self) -> Result<Vec<u16>, BadRequest> {
         if self.busy_ports.len() > 1024 {
@@ -132,6 +137,8 @@ impl From<&core::Allocation> for pb::Allocation {
             lease_id: a.lease_id.unwrap_or(0),
             created_ms: a.created_ms,
             revision: a.revision,
+            pid: a.holder.as_ref().map_or(0, |h| h.pid),
+            command: a.holder.as_ref().map(|h| h.command.clone()).unwrap_or_default(),
         }
     }
 }
@@ -217,6 +224,8 @@ impl From<&core::Event> for pb::Event {
                     pool: c.pool.clone(),
                     service: c.service.clone(),
                     host: c.host.clone(),
+                    pid: c.holder.as_ref().map_or(0, |h| h.pid),
+                    command: c.holder.as_ref().map(|h| h.command.clone()).unwrap_or_default(),
                 });
                 pb::EventType::ConflictObserved
             }

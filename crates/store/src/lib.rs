@@ -44,14 +44,18 @@ openraft::declare_raft_types!(
         SnapshotData = Cursor<Vec<u8>>,
 );
 
-/// The data version this build reads and writes.
-pub const DATA_VERSION: u32 = 1;
+/// The data version this build writes. Version 2 (0.2.0) added holders to allocations,
+/// conflicts and allocation commands, and the service registry.
+pub const DATA_VERSION: u32 = 2;
+/// The oldest data version this build reads: directories of version 1 (0.1.0) are upgraded in
+/// place when opened (their records and log entries load through `portmesh_core::legacy`).
+pub const OLDEST_READABLE_VERSION: u32 = 1;
 
 /// Errors opening a data directory.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error(
-        "data directory {dir} holds portmesh data version {found}, this build reads version {supported}: \
+        "data directory {dir} holds portmesh data version {found}, this build reads versions {OLDEST_READABLE_VERSION} to {supported}: \
          run a portmesh release that knows version {found}, or move the directory away to start afresh"
     )]
     UnsupportedVersion { dir: PathBuf, found: String, supported: u32 },
@@ -151,8 +155,19 @@ impl Store {
             db,
             stats,
         };
+        let readable = |v: &[u8]| {
+            <[u8; 4]>::try_from(v)
+                .ok()
+                .map(u32::from_be_bytes)
+                .filter(|n| (OLDEST_READABLE_VERSION..=DATA_VERSION).contains(n))
+        };
         match inner.meta.get(META_VERSION).map_err(io)? {
             Some(v) if v.as_ref() == DATA_VERSION.to_be_bytes() => {}
+            Some(v) if let Some(old) = readable(v.as_ref()) => {
+                tracing::info!(dir = %dir.display(), from = old, to = DATA_VERSION, "upgrading the data directory");
+                inner.meta.insert(META_VERSION, &DATA_VERSION.to_be_bytes()).map_err(io)?;
+                inner.db.flush().map_err(io)?;
+            }
             Some(v) => {
                 let found = match <[u8; 4]>::try_from(v.as_ref()) {
                     Ok(b) => u32::from_be_bytes(b).to_string(),

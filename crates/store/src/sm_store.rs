@@ -232,10 +232,11 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let data = snapshot.into_inner();
         let payload: SnapshotPayload =
             decode(&data).map_err(|e| StorageIOError::read_snapshot(sig.clone(), &e))?;
-        if payload.data_version != crate::DATA_VERSION {
+        if !(crate::OLDEST_READABLE_VERSION..=crate::DATA_VERSION).contains(&payload.data_version) {
             let e = std::io::Error::other(format!(
-                "snapshot has data version {}, this build reads {}",
+                "snapshot has data version {}, this build reads versions {} to {}",
                 payload.data_version,
+                crate::OLDEST_READABLE_VERSION,
                 crate::DATA_VERSION
             ));
             return Err(StorageIOError::read_snapshot(sig, &e).into());

@@ -38,6 +38,7 @@ fn alloc_entry(index: u64) -> openraft::Entry<TypeConfig> {
             ..Default::default()
         }],
         probe: None,
+        holder: None,
     };
     openraft::Entry {
         log_id: openraft::LogId::new(openraft::CommittedLeaderId::new(1, 0), index),
@@ -101,7 +102,50 @@ fn unknown_data_version_is_refused_naming_the_directory() {
     }
     let err = Store::open(dir.path(), &StoreOptions::default()).unwrap_err().to_string();
     assert!(err.contains(&dir.path().display().to_string()), "{err}");
-    assert!(err.contains("version 7") && err.contains("reads version 1"), "{err}");
+    assert!(err.contains("version 7") && err.contains("reads versions 1 to 2"), "{err}");
+}
+
+/// A directory written by 0.1.0 (data version 1) opens, is marked version 2, and its records
+/// (in their old shapes) load.
+#[tokio::test]
+async fn a_version_1_directory_is_upgraded_and_its_records_load() {
+    use portmesh_core::legacy::AllocationV1;
+    let dir = TempDir::new().unwrap();
+    {
+        let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+        let meta = portmesh_core::State::new().meta().clone();
+        let sm = &store.inner.sm;
+        sm.insert(
+            keys::encode(&portmesh_core::Key::Meta),
+            crate::log_store::encode(&portmesh_core::Record::Meta(meta)).unwrap(),
+        )
+        .unwrap();
+        let old = AllocationV1 {
+            port: 8000,
+            team: "default".into(),
+            pool: "web".into(),
+            service: "api".into(),
+            instance: None,
+            env: None,
+            host: "h1".into(),
+            key: None,
+            lease_id: None,
+            created_ms: 1,
+            revision: 1,
+        };
+        // What 0.1.0 wrote: variant 2 of its record enum, then the allocation.
+        let mut bytes = vec![2u8];
+        bytes.extend(postcard::to_allocvec(&old).unwrap());
+        sm.insert(keys::encode(&portmesh_core::Key::Alloc(8000)), bytes).unwrap();
+        store.inner.meta.insert(b"data_version", &1u32.to_be_bytes()).unwrap();
+        store.flush().unwrap();
+    }
+    let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+    assert_eq!(store.inner.meta.get(b"data_version").unwrap().unwrap().as_ref(), DATA_VERSION.to_be_bytes());
+    let sm = store.state_machine().unwrap();
+    let r = sm.reader();
+    let a = r.read().state.allocation(8000).cloned().unwrap();
+    assert_eq!((a.service.as_str(), a.holder), ("api", None));
 }
 
 #[test]

@@ -3,7 +3,7 @@
 
 use super::*;
 use crate::command::HostProbe;
-use crate::types::{HealthCheck, ServicePort, Strategy};
+use crate::types::{HealthCheck, Holder, ServicePort, Strategy};
 use crate::{Rejection, Unavailable};
 use proptest::prelude::{ProptestConfig, any, prop_assert, prop_assert_eq, prop_oneof, proptest};
 #[allow(unused_imports)]
@@ -55,6 +55,7 @@ impl Harness {
             lease,
             items,
             probe,
+            holder: None,
         }))
     }
 
@@ -234,6 +235,7 @@ fn explicit_port_checks() {
             lease: LeaseSpec::None,
             items: vec![it.clone()],
             probe: None,
+            holder: None,
         }));
         assert!(r.to_string().contains(msg), "{it:?}: {r}");
     }
@@ -243,6 +245,7 @@ fn explicit_port_checks() {
         lease: LeaseSpec::None,
         items: vec![item("x")],
         probe: None,
+        holder: None,
     }));
     assert!(r.to_string().contains("unknown team \"ghosts\""), "{r}");
     assert_eq!(h.st.revision(), 0);
@@ -286,6 +289,7 @@ fn cooldown_keeps_released_port_from_others() {
         lease: LeaseSpec::None,
         items: vec![at("b", p, Strategy::Fail)],
         probe: None,
+        holder: None,
     }));
     assert!(matches!(r, Rejection::PortUnavailable { why: Unavailable::CoolingDown { .. }, .. }), "{r}");
     assert_ne!(h.one(in_pool("b", "web")), p, "automatic selection skips a cooling port");
@@ -318,6 +322,7 @@ fn reserved_ports_are_never_handed_out() {
         lease: LeaseSpec::None,
         items: vec![at("w", 8001, Strategy::Fail)],
         probe: None,
+        holder: None,
     }));
     assert_eq!(r.to_string(), "port 8001 is not available: reserved (nginx) (strategy fail)");
     assert_eq!(h.one(at("w", 8001, Strategy::Next)), 8006);
@@ -352,6 +357,7 @@ fn exhaustion_names_pool_size_and_holders() {
         lease: LeaseSpec::None,
         items: vec![in_pool("late", "tiny")],
         probe: None,
+        holder: None,
     }));
     assert_eq!(
         r.to_string(),
@@ -371,6 +377,7 @@ fn batch_is_all_or_nothing() {
         lease: LeaseSpec::New { ttl_ms: 5_000 },
         items: vec![in_pool("a", "web"), in_pool("b", "tiny"), in_pool("c", "tiny"), in_pool("d", "tiny")],
         probe: None,
+        holder: None,
     }));
     assert!(r.to_string().contains("taken in this batch 2"), "{r}");
     assert_eq!(h.st.revision(), rev);
@@ -389,6 +396,7 @@ fn batch_rejects_duplicate_keys_and_oversize() {
         lease: LeaseSpec::None,
         items: vec![keyed("a", "web", "k"), keyed("b", "web", "k")],
         probe: None,
+        holder: None,
     }));
     assert!(r.to_string().contains("key \"k\" appears twice"));
     let r = h.reject(Command::Allocate(AllocateBatch {
@@ -397,6 +405,7 @@ fn batch_rejects_duplicate_keys_and_oversize() {
         lease: LeaseSpec::None,
         items: vec![item("a"); crate::MAX_BATCH + 1],
         probe: None,
+        holder: None,
     }));
     assert!(r.to_string().contains("at most 1024 items"));
     let r = h.reject(Command::Allocate(AllocateBatch {
@@ -405,6 +414,7 @@ fn batch_rejects_duplicate_keys_and_oversize() {
         lease: LeaseSpec::None,
         items: vec![],
         probe: None,
+        holder: None,
     }));
     assert!(r.to_string().contains("at least one item"));
 }
@@ -478,6 +488,7 @@ fn plan_covers_what_apply_picks() {
                 keyed("c", "db", "k"),
             ],
             probe: None,
+            holder: None,
         };
         let checked = h.st.plan(&batch, h.now, crate::PlanWidth::uniform(4), 99);
         assert!(!checked.contains(&8000) && !checked.contains(&8001), "{strategy}: {checked:?}");
@@ -501,6 +512,7 @@ fn a_busy_wanted_port_falls_back_after_one_wider_probe() {
             lease: LeaseSpec::None,
             items: vec![AllocItem { strategy, ..at("w", 8100, strategy) }],
             probe: None,
+            holder: None,
         };
         let narrow = crate::PlanWidth { wanted_free: 1, otherwise: 4 };
         let checked = h.st.plan(&batch, h.now, narrow, 7);
@@ -626,6 +638,7 @@ fn pools_add_remove_and_bad_ranges() {
         lease: LeaseSpec::None,
         items: vec![in_pool("x", "web")],
         probe: None,
+        holder: None,
     })) else {
         panic!()
     };
@@ -682,6 +695,7 @@ fn events_are_ordered_and_bounded() {
             lease: LeaseSpec::None,
             items: vec![item("s")],
             probe: None,
+            holder: None,
         };
         let Response::Allocated { grants, .. } = st.apply(ctx(2 * i + 1), &Command::Allocate(batch)) else {
             panic!()
@@ -708,6 +722,120 @@ fn pool_usage_counts() {
     let web = h.st.pool("default", "web").cloned().unwrap();
     let u = h.st.pool_usage(&web, h.now);
     assert_eq!((u.size, u.allocated, u.reserved, u.cooling), (1000, 1, 1, 1));
+}
+
+// ----- holders and data written by 0.1.0 ------------------------------------------------------
+
+#[test]
+fn allocations_and_conflicts_name_their_holders() {
+    let mut h = Harness::new();
+    let me = Holder { pid: 4242, command: "gunicorn shop:app".into() };
+    let squatter = Holder { pid: 99, command: "python -m http.server 8000".into() };
+    let batch = AllocateBatch {
+        team: "default".into(),
+        host: "h1".into(),
+        lease: LeaseSpec::None,
+        items: vec![at("web", 8000, Strategy::Next)],
+        probe: Some(HostProbe::new(vec![8000, 8001], vec![8000]).with_owners(vec![(8000, squatter.clone())])),
+        holder: Some(me.clone()),
+    };
+    let Response::Allocated { grants, revision, .. } = h.apply(Command::Allocate(batch)) else { panic!() };
+    assert_eq!((grants[0].allocation.port, grants[0].allocation.holder.as_ref()), (8001, Some(&me)));
+    let conflict =
+        h.st.events_since(revision)
+            .find_map(|e| match &e.kind {
+                EventKind::Conflict(c) => Some(c.clone()),
+                _ => None,
+            })
+            .unwrap();
+    assert_eq!((conflict.port, conflict.holder), (8000, Some(squatter)));
+    assert_eq!(me.to_string(), "pid 4242 (gunicorn shop:app)");
+}
+
+/// Records and log entries of a 0.1.0 data directory (postcard bytes of the old shapes) load,
+/// and come out with no holder.
+#[test]
+fn data_written_by_0_1_0_still_loads() {
+    use crate::legacy::{AllocateBatchV1, AllocationV1, ConflictV1, EventKindV1, EventV1, HostProbeV1};
+    let old = AllocationV1 {
+        port: 8000,
+        team: "default".into(),
+        pool: "web".into(),
+        service: "api".into(),
+        instance: None,
+        env: Some("dev".into()),
+        host: "h1".into(),
+        key: Some("k".into()),
+        lease_id: None,
+        created_ms: 5,
+        revision: 3,
+    };
+    // The bytes 0.1.0 wrote: the record enum's variant index, then the payload.
+    #[derive(serde::Serialize)]
+    enum RecordV1 {
+        #[allow(dead_code)]
+        Meta(Meta),
+        #[allow(dead_code)]
+        Pool(Pool),
+        Alloc(AllocationV1),
+        #[allow(dead_code)]
+        Reservation(Reservation),
+        #[allow(dead_code)]
+        Lease(Lease),
+        #[allow(dead_code)]
+        Sticky {
+            team: String,
+            key: String,
+            port: u16,
+        },
+        #[allow(dead_code)]
+        Cooldown {
+            port: u16,
+            cooldown: Cooldown,
+        },
+        Event(EventV1),
+    }
+    let bytes = postcard::to_allocvec(&RecordV1::Alloc(old.clone())).unwrap();
+    let Record::AllocV1(read) = postcard::from_bytes::<Record>(&bytes).unwrap() else { panic!() };
+    let a: Allocation = read.into();
+    assert_eq!((a.port, a.key.as_deref(), a.revision, a.holder), (8000, Some("k"), 3, None));
+    let ev = EventV1 {
+        revision: 3,
+        seq: 1,
+        at_ms: 5,
+        kind: EventKindV1::Conflict(ConflictV1 {
+            port: 8001,
+            team: "default".into(),
+            pool: "web".into(),
+            service: "api".into(),
+            host: "h1".into(),
+        }),
+    };
+    let bytes = postcard::to_allocvec(&RecordV1::Event(ev)).unwrap();
+    let rec = postcard::from_bytes::<Record>(&bytes).unwrap();
+    assert_eq!(rec.key(), Key::Event(3, 1));
+    let st = State::from_records([Record::Meta(State::new().meta().clone()), rec]);
+    let e = st.events_since(0).next().unwrap();
+    assert!(matches!(&e.kind, EventKind::Conflict(c) if c.port == 8001 && c.holder.is_none()), "{e:?}");
+
+    // A 0.1.0 log entry: Command variant 0 with the old batch.
+    #[derive(serde::Serialize)]
+    enum CommandV1 {
+        Allocate(AllocateBatchV1),
+    }
+    let batch = AllocateBatchV1 {
+        team: "default".into(),
+        host: "h1".into(),
+        lease: LeaseSpec::None,
+        items: vec![in_pool("api", "web")],
+        probe: Some(HostProbeV1 { checked: vec![8000], busy: vec![] }),
+    };
+    let bytes = postcard::to_allocvec(&CommandV1::Allocate(batch)).unwrap();
+    let cmd: Command = postcard::from_bytes(&bytes).unwrap();
+    assert!(matches!(cmd, Command::AllocateV1(_)));
+    let mut h = Harness::new();
+    let Response::Allocated { grants, .. } = h.apply(cmd) else { panic!() };
+    assert_eq!((grants[0].allocation.port, &grants[0].allocation.holder), (8000, &None));
 }
 
 // ----- the registry --------------------------------------------------------------------------
@@ -967,6 +1095,7 @@ fn run_ops(ops: &[Op]) -> Harness {
                     lease: if *lease { LeaseSpec::New { ttl_ms: 5_000 } } else { LeaseSpec::None },
                     items,
                     probe: None,
+                    holder: None,
                 };
                 if !busy.is_empty() {
                     let checked = h.st.plan(

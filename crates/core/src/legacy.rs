@@ -1,0 +1,136 @@
+//! The persisted shapes of data version 1 (portmesh 0.1.0), kept so that its data directories
+//! and Raft logs still load. Postcard encodes enum variants by position and struct fields in
+//! order with no names, so a type that gains a field needs a new variant; the old variant keeps
+//! its old payload type, defined here, and is converted on load. Nothing here is ever written.
+
+use serde::{Deserialize, Serialize};
+
+use crate::command::{AllocItem, AllocateBatch, HostProbe, LeaseSpec};
+use crate::types::{Allocation, Conflict, Event, EventKind, Pool, ReleaseCause, Reservation};
+
+/// `Allocation` as 0.1.0 wrote it (no holder).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AllocationV1 {
+    pub port: u16,
+    pub team: String,
+    pub pool: String,
+    pub service: String,
+    pub instance: Option<String>,
+    pub env: Option<String>,
+    pub host: String,
+    pub key: Option<String>,
+    pub lease_id: Option<u64>,
+    pub created_ms: u64,
+    pub revision: u64,
+}
+
+impl From<AllocationV1> for Allocation {
+    fn from(a: AllocationV1) -> Self {
+        Allocation {
+            port: a.port,
+            team: a.team,
+            pool: a.pool,
+            service: a.service,
+            instance: a.instance,
+            env: a.env,
+            host: a.host,
+            key: a.key,
+            lease_id: a.lease_id,
+            created_ms: a.created_ms,
+            revision: a.revision,
+            holder: None,
+        }
+    }
+}
+
+/// `Conflict` as 0.1.0 wrote it (no holder).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConflictV1 {
+    pub port: u16,
+    pub team: String,
+    pub pool: String,
+    pub service: String,
+    pub host: String,
+}
+
+/// `EventKind` as 0.1.0 wrote it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EventKindV1 {
+    Allocated(AllocationV1),
+    Released { allocation: AllocationV1, cause: ReleaseCause },
+    Reserved(Reservation),
+    Unreserved { port: u16 },
+    PoolAdded(Pool),
+    PoolRemoved { team: String, name: String },
+    LeaseGranted { id: u64, team: String, ttl_ms: u64 },
+    LeaseRevoked { id: u64, team: String },
+    LeaseExpired { id: u64, team: String },
+    Conflict(ConflictV1),
+    CooldownChanged { ms: u64 },
+}
+
+/// `Event` as 0.1.0 wrote it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventV1 {
+    pub revision: u64,
+    pub seq: u32,
+    pub at_ms: u64,
+    pub kind: EventKindV1,
+}
+
+impl From<EventV1> for Event {
+    fn from(e: EventV1) -> Self {
+        use EventKindV1 as K;
+        let kind = match e.kind {
+            K::Allocated(a) => EventKind::Allocated(a.into()),
+            K::Released { allocation, cause } => EventKind::Released { allocation: allocation.into(), cause },
+            K::Reserved(r) => EventKind::Reserved(r),
+            K::Unreserved { port } => EventKind::Unreserved { port },
+            K::PoolAdded(p) => EventKind::PoolAdded(p),
+            K::PoolRemoved { team, name } => EventKind::PoolRemoved { team, name },
+            K::LeaseGranted { id, team, ttl_ms } => EventKind::LeaseGranted { id, team, ttl_ms },
+            K::LeaseRevoked { id, team } => EventKind::LeaseRevoked { id, team },
+            K::LeaseExpired { id, team } => EventKind::LeaseExpired { id, team },
+            K::Conflict(c) => EventKind::Conflict(Conflict {
+                port: c.port,
+                team: c.team,
+                pool: c.pool,
+                service: c.service,
+                host: c.host,
+                holder: None,
+            }),
+            K::CooldownChanged { ms } => EventKind::CooldownChanged { ms },
+        };
+        Event { revision: e.revision, seq: e.seq, at_ms: e.at_ms, kind }
+    }
+}
+
+/// `HostProbe` as 0.1.0 wrote it (no owners).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostProbeV1 {
+    pub checked: Vec<u16>,
+    pub busy: Vec<u16>,
+}
+
+/// `AllocateBatch` as 0.1.0 wrote it (no holder).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AllocateBatchV1 {
+    pub team: String,
+    pub host: String,
+    pub lease: LeaseSpec,
+    pub items: Vec<AllocItem>,
+    pub probe: Option<HostProbeV1>,
+}
+
+impl From<AllocateBatchV1> for AllocateBatch {
+    fn from(b: AllocateBatchV1) -> Self {
+        AllocateBatch {
+            team: b.team,
+            host: b.host,
+            lease: b.lease,
+            items: b.items,
+            probe: b.probe.map(|p| HostProbe { checked: p.checked, busy: p.busy, owners: Vec::new() }),
+            holder: None,
+        }
+    }
+}
