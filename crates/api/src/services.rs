@@ -52,16 +52,21 @@ pub(crate) struct Busy {
     pub(crate) holders: Vec<(u16, Holder)>,
 }
 
-/// Probes `ports` on this host and looks up who holds the busy ones (rare: a conflict).
+/// Probes `ports` on this host and looks up who listens on the busy ones (a conflict): one read
+/// of the socket table for all of them, and of the process table only if some has a listener.
 fn probe_here(ports: &[u16]) -> Busy {
     let busy = portmesh_probe::busy_ports(ports);
-    let holders = busy
-        .iter()
-        .filter_map(|&p| {
-            let o = portmesh_probe::owners(p).into_iter().find(|o| o.pid.is_some())?;
-            Some((p, Holder { pid: o.pid?, command: o.command.unwrap_or_default() }))
-        })
-        .collect();
+    if busy.is_empty() {
+        return Busy::default();
+    }
+    let mut holders: Vec<(u16, Holder)> = Vec::new();
+    for (port, o) in portmesh_probe::owners_of(&busy) {
+        if let Some(pid) = o.pid
+            && !holders.iter().any(|(p, _)| *p == port)
+        {
+            holders.push((port, Holder { pid, command: o.command.unwrap_or_default() }));
+        }
+    }
     Busy { ports: busy, holders }
 }
 
@@ -140,7 +145,15 @@ impl Api {
     async fn probe_host(&self, host: &str, candidates: &[u16]) -> (Busy, bool) {
         let inner = &self.inner;
         if host == inner.host {
-            return (probe_here(candidates), true);
+            // Binds and reads /proc: blocking work, off the async workers.
+            let ports = candidates.to_vec();
+            return match tokio::task::spawn_blocking(move || probe_here(&ports)).await {
+                Ok(busy) => (busy, true),
+                Err(e) => {
+                    tracing::warn!(error = %e, "the probe task failed; granting unprobed");
+                    (Busy::default(), false)
+                }
+            };
         }
         match inner.hosts.probe(&inner.node, host, candidates).await {
             Some(busy) => (busy, true),

@@ -26,6 +26,8 @@ use anyhow::{Context, Result, bail};
 use clap::Parser;
 use portmesh_client::{Client, pb};
 
+mod scale;
+
 #[allow(clippy::all, missing_debug_implementations, rust_2018_idioms)]
 mod etcdpb {
     tonic::include_proto!("etcdserverpb");
@@ -54,7 +56,7 @@ struct Args {
     clients: Vec<usize>,
     /// Workloads: `fresh` (a new lease per allocation), `reused` (one lease per client),
     /// `keepalive` (lease renewals: each client renews 100 leases on one stream, 32 in flight;
-    /// an op is one renewal).
+    /// an op is one renewal); `none` to run only the scale benchmarks below.
     #[arg(long, value_delimiter = ',', default_value = "fresh")]
     workloads: Vec<String>,
     /// Kill the leader of a loaded 3-node portmesh cluster this many times and report the time
@@ -64,6 +66,21 @@ struct Args {
     /// Also compare a one-shot `portmesh alloc` with an empty Rust binary using `hyperfine -N`.
     #[arg(long)]
     startup: bool,
+    /// Lease soak: grant this many leases and renew each every TTL/3 for --soak-secs, counting
+    /// renewals answered "gone" and expiry events (portmesh only).
+    #[arg(long, default_value_t = 0)]
+    soak: usize,
+    #[arg(long, default_value_t = 600.0)]
+    soak_secs: f64,
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    soak_ttl: Duration,
+    /// Memory: this many live allocations, each under its own lease, on both systems (at most
+    /// 64,512: one port each).
+    #[arg(long, default_value_t = 0)]
+    rss_allocations: usize,
+    /// Watch fan-out at these numbers of watchers (e.g. 100,1000), --rounds rounds of --secs.
+    #[arg(long, value_delimiter = ',')]
+    watchers: Vec<usize>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -141,6 +158,14 @@ impl Drop for Deployment {
         for i in 0..self.children.len() {
             self.kill(i);
         }
+        if std::env::var_os("PORTMESH_BENCH_KEEP").is_some() {
+            // Leave the logs for a look after the run (PORTMESH_BENCH_KEEP set).
+            let dir = std::mem::replace(
+                &mut self._dir,
+                tempfile::TempDir::new().unwrap_or_else(|_| std::process::abort()),
+            );
+            let _ = dir.keep();
+        }
     }
 }
 
@@ -179,6 +204,9 @@ where
 /// `nodes` portmesh processes on loopback: the first bootstraps, the others join it.
 async fn start_portmesh(bin: &Path, nodes: usize) -> Result<Deployment> {
     let dir = tempfile::tempdir()?;
+    if std::env::var_os("PORTMESH_BENCH_KEEP").is_some() {
+        println!("(node logs and data in {})", dir.path().display());
+    }
     let mut children = Vec::new();
     let mut addrs: Vec<String> = Vec::new();
     for i in 0..nodes {
@@ -604,7 +632,10 @@ async fn main() -> Result<()> {
     let dur = Duration::from_secs_f64(args.secs);
     let with_etcd = args.etcd != "off";
     let workloads: Vec<Workload> =
-        args.workloads.iter().map(|w| Workload::parse(w)).collect::<Result<_>>()?;
+        args.workloads.iter().filter(|w| *w != "none").map(|w| Workload::parse(w)).collect::<Result<_>>()?;
+    if workloads.is_empty() {
+        return scale_runs(&args, dur).await;
+    }
     let max_clients = args.clients.iter().copied().max().unwrap_or(1);
     let mut res = Results::default();
     println!(
@@ -751,6 +782,21 @@ async fn main() -> Result<()> {
     }
     if args.startup {
         startup(&args.portmesh).await?;
+    }
+    scale_runs(&args, dur).await
+}
+
+/// The lease and watch scale benchmarks asked for (see `scale.rs`).
+async fn scale_runs(args: &Args, dur: Duration) -> Result<()> {
+    let etcd = (args.etcd != "off").then_some(args.etcd.as_str());
+    if args.rss_allocations > 0 {
+        scale::rss_allocations(&args.portmesh, etcd, args.nodes, args.rss_allocations).await?;
+    }
+    if !args.watchers.is_empty() {
+        scale::watch_fanout(&args.portmesh, etcd, args.nodes, &args.watchers, args.rounds, dur).await?;
+    }
+    if args.soak > 0 {
+        scale::soak(&args.portmesh, args.nodes, args.soak, args.soak_ttl, args.soak_secs).await?;
     }
     Ok(())
 }

@@ -1,22 +1,56 @@
-//! A typed async client for a portmesh node.
+//! A typed async client for a portmesh cluster.
 //!
-//! ```no_run
-//! # async fn demo() -> Result<(), portmesh_client::ClientError> {
+//! A runnable example (it starts a node of its own; in real use, `addr` is any node of the
+//! cluster, e.g. `"127.0.0.1:7400"`):
+//!
+//! ```
+//! # #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # let dir = tempfile::tempdir()?;
+//! # let mut cfg = portmesh_node::NodeConfig::new(dir.path().to_path_buf(), "127.0.0.1:0".parse()?);
+//! # cfg.bootstrap = true;
+//! # let node = portmesh_node::start(cfg).await?;
+//! # let addr = node.grpc_addr.to_string();
+//! use std::time::Duration;
 //! use portmesh_client::{Client, pb};
-//! let client = Client::connect("127.0.0.1:7400").await?;
-//! let resp = client
+//!
+//! let client = Client::connect(&addr).await?;
+//! // Two ports for a stack, all or nothing, under a new lease of 30 s.
+//! let stack = client
 //!     .allocate(pb::AllocateRequest {
-//!         items: vec![pb::AllocItem { service: "api".into(), pool: "web".into(), ..Default::default() }],
+//!         items: vec![
+//!             pb::AllocItem { service: "api".into(), pool: "web".into(), ..Default::default() },
+//!             pb::AllocItem { service: "db".into(), pool: "db".into(), ..Default::default() },
+//!         ],
+//!         ttl_ms: 30_000,
 //!         ..Default::default()
 //!     })
 //!     .await?;
-//! println!("port {}", resp.allocations[0].port);
+//! let api = stack.allocations[0].port;
+//! // Renew the lease every 10 s while the ports are in use; `keeper.lost()` says if it ends.
+//! let keeper = client.keep_lease("default", stack.lease_id, Duration::from_secs(30));
+//! // Say what runs there, on the same lease: the registration goes when the lease does.
+//! client
+//!     .register(pb::Service {
+//!         name: "api".into(),
+//!         ports: vec![pb::ServicePort { name: "http".into(), port: api, protocol: "http".into() }],
+//!         lease_id: stack.lease_id,
+//!         ..Default::default()
+//!     })
+//!     .await?;
+//! let found = client.discover(pb::DiscoverRequest { name: "api".into(), ..Default::default() }).await?;
+//! assert_eq!(found.services[0].ports[0].port, api);
+//! // Done: stop renewing and revoke; the ports and the registration are given back at once.
+//! drop(keeper);
+//! client.revoke_lease("default", stack.lease_id).await?;
+//! assert!(client.discover(pb::DiscoverRequest::default()).await?.services.is_empty());
 //! # Ok(()) }
 //! ```
 //!
 //! Owns: connecting (with a bounded timeout and an error that names the address and what was
-//! tried), one method per RPC, and turning `tonic::Status` into [`ClientError`] with the server's
-//! message and category. Does not own: leader discovery across a cluster (a later release).
+//! tried), following the leader and moving past unreachable nodes, one method per RPC, the
+//! keep-alive helper ([`Client::keep_lease`]), and turning `tonic::Status` into [`ClientError`]
+//! with the server's message and category.
 
 use std::time::Duration;
 

@@ -111,20 +111,29 @@ impl Selector<'_> {
     }
 
     /// Ports in the order a deterministic strategy tries them (may repeat; callers skip repeats).
-    fn ordered_candidates<'p>(&self, item: &AllocItem, pool: &'p Pool) -> Box<dyn Iterator<Item = u16> + 'p> {
+    /// The wanted (and sticky) port come first whatever holds them, so a taken wanted port is
+    /// seen and explained; the rest of the pool comes without its allocated ports, which could
+    /// never be picked (skipping them in one walk keeps a nearly full pool cheap).
+    fn ordered_candidates<'p>(&self, item: &AllocItem, pool: &'p Pool) -> Box<dyn Iterator<Item = u16> + 'p>
+    where
+        Self: 'p,
+    {
         let sticky = self.sticky_port(item, pool);
         let wanted = item.port.or(sticky);
+        let st = self.state;
         match (item.strategy, wanted) {
             (Strategy::Fail, Some(w)) => Box::new(std::iter::once(w)),
-            (Strategy::Next, Some(w)) => {
-                Box::new(pool.ports().filter(move |p| *p >= w).chain(pool.ports().filter(move |p| *p < w)))
-            }
-            (Strategy::Sticky, Some(w)) => {
-                Box::new(std::iter::once(w).chain(sticky.filter(|s| *s != w)).chain(pool.ports()))
-            }
+            (Strategy::Next, Some(w)) => Box::new(
+                std::iter::once(w)
+                    .chain(st.unallocated_ports(pool).filter(move |p| *p > w))
+                    .chain(st.unallocated_ports(pool).filter(move |p| *p < w)),
+            ),
+            (Strategy::Sticky, Some(w)) => Box::new(
+                std::iter::once(w).chain(sticky.filter(|s| *s != w)).chain(st.unallocated_ports(pool)),
+            ),
             (Strategy::Random, Some(w)) => Box::new(std::iter::once(w)),
             (Strategy::Random, None) => Box::new(std::iter::empty()),
-            (_, None) => Box::new(pool.ports()),
+            (_, None) => Box::new(st.unallocated_ports(pool)),
         }
     }
 
@@ -173,8 +182,9 @@ impl Selector<'_> {
     ) -> Result<Pick, Rejection> {
         let key = item.key.as_deref();
         let mut unprobed = None;
-        let eligible: Vec<u16> = pool
-            .ports()
+        let eligible: Vec<u16> = self
+            .state
+            .unallocated_ports(pool)
             .filter(|p| self.state_unavailable(*p, key).is_none())
             .filter(|p| match self.probe {
                 Some(pr) if !pr.is_checked(*p) => {
@@ -257,7 +267,7 @@ impl Selector<'_> {
         };
         let others = |p: &u16| Some(*p) != wanted && self.state_unavailable(*p, key).is_none();
         if item.strategy == Strategy::Random {
-            let free: Vec<u16> = pool.ports().filter(others).collect();
+            let free: Vec<u16> = self.state.unallocated_ports(pool).filter(others).collect();
             if free.len() <= n {
                 out.extend(free);
             } else {

@@ -321,6 +321,18 @@ impl State {
         self.lease_ports.get(&id).into_iter().flatten().copied()
     }
 
+    /// The ports of `pool` that no allocation holds, ascending. Walks the allocations alongside
+    /// the pool's ranges: a run of allocated ports costs a comparison each, not a lookup.
+    pub fn unallocated_ports<'a>(&'a self, pool: &'a Pool) -> impl Iterator<Item = u16> + 'a {
+        pool.ranges.iter().flat_map(move |r| {
+            let mut held = self.allocations.range(r.start()..=r.end()).map(|(p, _)| *p).peekable();
+            r.ports().filter(move |p| {
+                while held.next_if(|h| h < p).is_some() {}
+                held.next_if_eq(p).is_none()
+            })
+        })
+    }
+
     /// The port a sticky key last held (live or not).
     pub fn sticky_port(&self, team: &str, key: &str) -> Option<u16> {
         self.sticky.get(&(team.to_string(), key.to_string())).copied()

@@ -19,7 +19,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 mod owner;
 
-pub use owner::{Owner, command_of, owners};
+pub use owner::{Owner, command_of, owners, owners_of};
 
 /// One probe address and whether it is IPv6-only.
 fn probe_addrs(port: u16) -> Vec<(SocketAddr, bool)> {

@@ -16,9 +16,16 @@ pub struct Owner {
 }
 
 /// Listeners on `port` and their processes.
-#[cfg(target_os = "linux")]
 pub fn owners(port: u16) -> Vec<Owner> {
-    let mut sockets = Vec::new(); // (inode, addr, uid)
+    owners_of(&[port]).into_iter().map(|(_, o)| o).collect()
+}
+
+/// Listeners on any of `ports` and their processes, by port. Reads the socket tables once,
+/// and the process table only when some port has a listener: cheap when the ports are busy for
+/// another reason (a connection's local port).
+#[cfg(target_os = "linux")]
+pub fn owners_of(ports: &[u16]) -> Vec<(u16, Owner)> {
+    let mut sockets = Vec::new(); // (inode, port, addr, uid)
     for (file, v6) in [("/proc/net/tcp", false), ("/proc/net/tcp6", true)] {
         let Ok(text) = std::fs::read_to_string(file) else { continue };
         for line in text.lines().skip(1) {
@@ -27,17 +34,17 @@ pub fn owners(port: u16) -> Vec<Owner> {
                 continue; // not LISTEN
             }
             let Some((ip_hex, port_hex)) = f[1].split_once(':') else { continue };
-            if u16::from_str_radix(port_hex, 16).ok() != Some(port) {
+            let Some(port) = u16::from_str_radix(port_hex, 16).ok().filter(|p| ports.contains(p)) else {
                 continue;
-            }
+            };
             let addr = format!("{}:{port}", decode_ip(ip_hex, v6));
-            sockets.push((f[9].to_string(), addr, f[7].parse::<u32>().ok()));
+            sockets.push((f[9].to_string(), port, addr, f[7].parse::<u32>().ok()));
         }
     }
     if sockets.is_empty() {
         return Vec::new();
     }
-    let mut found: Vec<Owner> = Vec::new();
+    let mut found: Vec<(u16, Owner)> = Vec::new();
     if let Ok(procs) = std::fs::read_dir("/proc") {
         for p in procs.flatten() {
             let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
@@ -48,30 +55,27 @@ pub fn owners(port: u16) -> Vec<Owner> {
                 let Some(inode) = link.strip_prefix("socket:[").and_then(|s| s.strip_suffix(']')) else {
                     continue;
                 };
-                if let Some((_, addr, uid)) = sockets.iter().find(|(i, ..)| i == inode)
-                    && !found.iter().any(|o| o.pid == Some(pid) && &o.addr == addr)
+                if let Some((_, port, addr, uid)) = sockets.iter().find(|(i, ..)| i == inode)
+                    && !found.iter().any(|(_, o)| o.pid == Some(pid) && &o.addr == addr)
                 {
-                    found.push(Owner {
-                        addr: addr.clone(),
-                        uid: *uid,
-                        pid: Some(pid),
-                        command: command_of(pid),
-                    });
+                    let owner =
+                        Owner { addr: addr.clone(), uid: *uid, pid: Some(pid), command: command_of(pid) };
+                    found.push((*port, owner));
                 }
             }
         }
     }
     // Sockets whose process we could not see (another user's, without privileges).
-    for (_, addr, uid) in &sockets {
-        if !found.iter().any(|o| &o.addr == addr) {
-            found.push(Owner { addr: addr.clone(), uid: *uid, pid: None, command: None });
+    for (_, port, addr, uid) in &sockets {
+        if !found.iter().any(|(_, o)| &o.addr == addr) {
+            found.push((*port, Owner { addr: addr.clone(), uid: *uid, pid: None, command: None }));
         }
     }
     found
 }
 
 #[cfg(not(target_os = "linux"))]
-pub fn owners(_port: u16) -> Vec<Owner> {
+pub fn owners_of(_ports: &[u16]) -> Vec<(u16, Owner)> {
     // macOS (libproc) and Windows (GetExtendedTcpTable) lookups are not implemented yet.
     Vec::new()
 }

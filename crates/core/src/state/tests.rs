@@ -1172,3 +1172,16 @@ proptest! {
         prop_assert_eq!(a.st, b.st);
     }
 }
+
+#[test]
+fn unallocated_ports_skip_exactly_the_allocated_ones() {
+    let mut h = Harness::new();
+    h.add_pool("default", "two", "20000-20003,20010-20012");
+    for p in [20000, 20001, 20003, 20011] {
+        h.one(AllocItem { port: Some(p), pool: Some("two".into()), ..item("x") });
+    }
+    let pool = h.st.pool("default", "two").cloned().unwrap();
+    assert_eq!(h.st.unallocated_ports(&pool).collect::<Vec<_>>(), [20002, 20010, 20012]);
+    // The lowest free port after a long allocated run comes next.
+    assert_eq!(h.one(in_pool("y", "two")), 20002);
+}
