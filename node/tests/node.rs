@@ -1369,6 +1369,13 @@ async fn time_to_live_and_a_kept_lease_that_is_lost() {
     };
     req.lease_id = lease.id;
     let granted = follower.allocate(req).await.unwrap();
+    let svc = pb::Service {
+        name: "kept".into(),
+        ports: vec![pb::ServicePort { port: granted.allocations[0].port, ..Default::default() }],
+        lease_id: lease.id,
+        ..Default::default()
+    };
+    let registered = follower.register(svc).await.unwrap();
     let kept = follower.keep_lease("default", lease.id, ttl);
     // Four TTLs pass: the renewals keep it (waiting out time is what this checks).
     let until = tokio::time::Instant::now() + ttl * 4;
@@ -1381,6 +1388,7 @@ async fn time_to_live_and_a_kept_lease_that_is_lost() {
         let mut want: Vec<u32> = granted.allocations.iter().map(|a| a.port).collect();
         want.sort_unstable();
         assert_eq!(ports, want);
+        assert_eq!(t.services.iter().map(|s| s.id.as_str()).collect::<Vec<_>>(), [registered.id.as_str()]);
         assert!(kept.lost_now().is_none());
         tokio::time::sleep(Duration::from_millis(250)).await;
     }

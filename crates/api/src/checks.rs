@@ -401,6 +401,24 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn grpc_checks_ask_the_standard_health_service() {
+        let (reporter, service) = tonic_health::server::health_reporter();
+        reporter.set_service_status("", tonic_health::ServingStatus::Serving).await;
+        reporter.set_service_status("shop.Api", tonic_health::ServingStatus::NotServing).await;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        tokio::spawn(tonic::transport::Server::builder().add_service(service).serve_with_incoming(incoming));
+        let grpc = |svc: &str| check(CheckKind::Grpc { service: svc.into() });
+        assert!(matches!(run_check(&grpc(""), port).await, Outcome::Passing(s) if s.contains("SERVING")));
+        assert!(
+            matches!(run_check(&grpc("shop.Api"), port).await, Outcome::Failing(s) if s.contains("NOT_SERVING"))
+        );
+        assert!(matches!(run_check(&grpc("unknown"), port).await, Outcome::Failing(_)));
+        assert!(matches!(run_check(&grpc(""), closed_port()).await, Outcome::Failing(_)));
+    }
+
+    #[tokio::test]
     async fn command_checks_map_exit_codes_and_see_port() {
         let c = |cmd: &str| check(CheckKind::Command { command: cmd.into() });
         assert_eq!(

@@ -418,7 +418,8 @@ impl pb::leases_server::Leases for Api {
             out.remaining_ms = left;
         }
         let allocations = ports.iter().filter_map(|p| sm.state.allocation(*p)).map(Into::into).collect();
-        Ok(tonic::Response::new(pb::LeaseTimeToLiveResponse { lease: Some(out), allocations }))
+        let services = sm.state.lease_services(lease.id).map(Into::into).collect();
+        Ok(tonic::Response::new(pb::LeaseTimeToLiveResponse { lease: Some(out), allocations, services }))
     }
 
     async fn revoke(&self, req: Request<pb::LeaseRevokeRequest>) -> Result<pb::LeaseRevokeResponse> {
