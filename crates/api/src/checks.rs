@@ -109,7 +109,9 @@ pub async fn run_health_checks(api: Api, mut shutdown: watch::Receiver<bool>) {
             let sm = api.node().state().read();
             sm.state.services().filter(|s| s.host == api.host() && s.check.is_some()).cloned().collect()
         };
-        trackers.retain(|id, _| mine.iter().any(|s| s.team == id.0 && s.id == id.1));
+        let present: std::collections::HashSet<(&str, &str)> =
+            mine.iter().map(|s| (s.team.as_str(), s.id.as_str())).collect();
+        trackers.retain(|id, _| present.contains(&(id.0.as_str(), id.1.as_str())));
         let mut updates = Vec::new();
         for svc in &mine {
             let (Some(check), Some(port)) = (svc.check.clone(), checked_port(svc)) else { continue };
