@@ -55,6 +55,15 @@ where
     Ok(())
 }
 
+/// `FILL_CLIENTS` connections to `addr`, one per filling task.
+async fn fill_clients(addr: &str) -> Result<Arc<Vec<Client>>> {
+    let mut v = Vec::new();
+    for _ in 0..FILL_CLIENTS {
+        v.push(Client::connect(addr).await?);
+    }
+    Ok(Arc::new(v))
+}
+
 fn member_rss(d: &Deployment) -> Vec<f64> {
     (0..d.addrs.len()).map(|i| rss_kb(d.pid(i)) as f64 / 1024.0).collect()
 }
@@ -113,13 +122,7 @@ pub async fn rss_allocations(
     let t = Instant::now();
     let pools = Arc::new(pools);
     let addr = d.leader_addr().to_string();
-    let clients: Arc<Vec<Client>> = Arc::new({
-        let mut v = Vec::new();
-        for _ in 0..FILL_CLIENTS {
-            v.push(Client::connect(&addr).await?);
-        }
-        v
-    });
+    let clients = fill_clients(&addr).await?;
     fan_out(n, move |c, i| {
         let (clients, pools) = (clients.clone(), pools.clone());
         async move {
@@ -287,13 +290,7 @@ pub async fn soak(bin: &std::path::Path, nodes: usize, n: usize, ttl: Duration, 
     }
     {
         let ids = ids.clone();
-        let clients: Arc<Vec<Client>> = Arc::new({
-            let mut v = Vec::new();
-            for _ in 0..FILL_CLIENTS {
-                v.push(Client::connect(&addr).await?);
-            }
-            v
-        });
+        let clients = fill_clients(&addr).await?;
         fan_out(n, move |c, _| {
             let (ids, clients) = (ids.clone(), clients.clone());
             async move {
