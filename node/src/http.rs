@@ -1,4 +1,4 @@
-//! The node's HTTP endpoint: `/healthz`, `/readyz` and `/api/v1/status`.
+//! The node's HTTP endpoint: `/healthz`, `/readyz`, `/metrics` and `/api/v1/status`.
 
 use axum::Json;
 use axum::Router;
@@ -16,6 +16,7 @@ pub(crate) async fn serve(listener: TcpListener, api: Api, mut stop: watch::Rece
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/api/v1/status", get(status))
+        .route("/metrics", get(metrics))
         .with_state(api);
     let res = axum::serve(listener, app)
         .with_graceful_shutdown(async move {
@@ -24,6 +25,18 @@ pub(crate) async fn serve(listener: TcpListener, api: Api, mut stop: watch::Rece
         .await;
     if let Err(e) = res {
         tracing::warn!(error = %e, "HTTP server ended with an error");
+    }
+}
+
+async fn metrics(State(api): State<Api>) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    match crate::metrics::render(&api) {
+        Ok(text) => {
+            ([(axum::http::header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response()
+        }
+        Err(e) => {
+            (StatusCode::INTERNAL_SERVER_ERROR, format!("encoding the metrics failed: {e}\n")).into_response()
+        }
     }
 }
 
@@ -58,6 +71,8 @@ async fn status(State(api): State<Api>) -> Json<Value> {
             json!({
                 "port": a.port, "team": a.team, "pool": a.pool, "service": a.service, "host": a.host,
                 "key": a.key, "lease_id": a.lease_id, "revision": a.revision, "created_ms": a.created_ms,
+                "pid": a.holder.as_ref().map(|h| h.pid),
+                "command": a.holder.as_ref().map(|h| h.command.as_str()),
             })
         })
         .collect();
@@ -67,17 +82,36 @@ async fn status(State(api): State<Api>) -> Json<Value> {
         .filter_map(|e| match &e.kind {
             portmesh_core::EventKind::Conflict(c) => Some(json!({
                 "port": c.port, "team": c.team, "pool": c.pool, "service": c.service, "host": c.host,
+                "pid": c.holder.as_ref().map(|h| h.pid),
+                "command": c.holder.as_ref().map(|h| h.command.as_str()),
                 "at_ms": e.at_ms, "revision": e.revision,
             })),
             _ => None,
         })
         .take(50)
         .collect();
+    let services: Vec<Value> = st
+        .services()
+        .map(|svc| {
+            let ports: Vec<Value> = svc
+                .ports
+                .iter()
+                .map(|p| json!({"name": p.name, "port": p.port, "protocol": p.protocol}))
+                .collect();
+            json!({
+                "team": svc.team, "id": svc.id, "name": svc.name, "project": svc.project, "env": svc.env,
+                "instance": svc.instance, "host": svc.host, "ports": ports, "tags": svc.tags,
+                "status": svc.status.to_string(), "output": svc.output, "lease_id": svc.lease_id,
+                "pid": svc.pid, "command": svc.command, "registered_ms": svc.registered_ms,
+                "status_ms": svc.status_ms,
+            })
+        })
+        .collect();
     let members: Vec<Value> =
         s.members.iter().map(|m| json!({"id": m.id, "addr": m.addr, "role": m.role})).collect();
     Json(json!({
         "node_id": s.node_id, "leader_id": s.leader_id, "term": s.term, "members": members,
         "commit_index": s.commit_index, "applied_index": s.applied_index, "revision": s.revision,
-        "pools": pools, "allocations": allocations, "recent_conflicts": conflicts,
+        "pools": pools, "allocations": allocations, "services": services, "recent_conflicts": conflicts,
     }))
 }

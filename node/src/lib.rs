@@ -8,6 +8,7 @@
 
 mod home;
 mod http;
+mod metrics;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -160,3 +160,60 @@ fn http_health_readiness_and_status() {
     assert_eq!(v["allocations"][0]["port"].as_u64(), Some(u64::from(p)));
     assert!(v["pools"].as_array().unwrap().iter().any(|p| p["name"] == "web" && p["allocated"] == 1));
 }
+
+#[test]
+fn http_metrics_in_the_openmetrics_format_and_services_in_the_status() {
+    let h = Home::new();
+    h.pm(&["alloc", "web"]).ok();
+    h.pm(&["register", "api", "--port", "18001", "--project", "shop"]).ok();
+    let http = h.http();
+    let head_and_body = {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(&http).unwrap();
+        write!(s, "GET /metrics HTTP/1.1\r\nHost: {http}\r\nConnection: close\r\n\r\n").unwrap();
+        let mut buf = String::new();
+        s.read_to_string(&mut buf).unwrap();
+        buf
+    };
+    let (head, body) = head_and_body.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(head.to_ascii_lowercase().contains("content-type: application/openmetrics-text"), "{head}");
+    for line in [
+        "portmesh_pool_allocated_ports{team=\"default\",pool=\"web\"} 1",
+        "portmesh_pool_size_ports{team=\"default\",pool=\"web\"} 1000",
+        "portmesh_pool_allocated_ports{team=\"default\",pool=\"db\"} 0",
+        "portmesh_services{status=\"passing\"} 1",
+        "portmesh_services{status=\"critical\"} 0",
+        "portmesh_raft_is_leader 1",
+        "portmesh_raft_members 1",
+    ] {
+        assert!(body.lines().any(|l| l == line), "no {line:?} in\n{body}");
+    }
+    for name in [
+        "portmesh_pool_utilization_ratio{team=\"default\",pool=\"web\"} 0.001",
+        "portmesh_fsyncs_total ",
+        "portmesh_log_entries_flushed_total ",
+        "portmesh_commands_applied_total ",
+        "portmesh_raft_term ",
+        "portmesh_raft_commit_index ",
+        "portmesh_raft_applied_index ",
+        "portmesh_revision ",
+        "portmesh_leases ",
+        "portmesh_data_size_bytes ",
+        "portmesh_process_resident_memory_bytes ",
+        "portmesh_recent_conflicts ",
+    ] {
+        assert!(body.lines().any(|l| l.starts_with(name)), "no {name:?} in\n{body}");
+    }
+    assert_eq!(body.trim_end().lines().last(), Some("# EOF"));
+    let (code, status) = http_get(&http, "/api/v1/status");
+    assert_eq!(code, 200);
+    let v: serde_json::Value = serde_json::from_str(&status).unwrap();
+    let svc = &v["services"][0];
+    assert_eq!(
+        (svc["name"].as_str(), svc["project"].as_str(), svc["status"].as_str()),
+        (Some("api"), Some("shop"), Some("passing"))
+    );
+    assert_eq!(svc["ports"][0]["port"], 18001);
+    assert!(v["allocations"][0]["pid"].as_u64().is_some(), "the holder is shown: {v}");
+}
