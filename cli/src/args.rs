@@ -215,9 +215,9 @@ pub struct RegisterArgs {
     /// Which named port the check targets [default: the first].
     #[arg(long)]
     pub check_port: Option<String>,
-    /// Time between checks.
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
-    pub interval: Duration,
+    /// Time between checks [default: 10s].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub interval: Option<Duration>,
     /// Time one check may take [default: 2s, or the interval if shorter].
     #[arg(long, value_parser = humantime::parse_duration)]
     pub timeout: Option<Duration>,

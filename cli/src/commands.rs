@@ -163,6 +163,7 @@ async fn alloc(c: &Client, team: &str, a: &AllocArgs, json: bool) -> Result<()> 
             env: a.env.clone().unwrap_or_default(),
         })
         .collect();
+    let holder = parent_pid();
     let req = pb::AllocateRequest {
         team: team.to_string(),
         items,
@@ -170,8 +171,8 @@ async fn alloc(c: &Client, team: &str, a: &AllocArgs, json: bool) -> Result<()> 
         ttl_ms: a.ttl.map_or(0, |t| t.as_millis() as u64),
         // The holder is whoever ran `portmesh alloc`: the script or shell that will start the
         // server on the port.
-        pid: parent_pid(),
-        command: portmesh_probe::command_of(parent_pid()).unwrap_or_default(),
+        pid: holder,
+        command: portmesh_probe::command_of(holder).unwrap_or_default(),
         ..Default::default()
     };
     let r = c.allocate_here(req).await?;

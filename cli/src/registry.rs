@@ -50,7 +50,7 @@ pub async fn register(c: &Client, team: &str, a: &RegisterArgs, json: bool) -> R
     let check = a.check.as_ref().map(|spec| {
         let mut ch = pb::HealthCheck {
             port_name: a.check_port.clone().unwrap_or_default(),
-            interval_ms: a.interval.as_millis() as u64,
+            interval_ms: a.interval.map_or(0, |i| i.as_millis() as u64),
             timeout_ms: a.timeout.map_or(0, |t| t.as_millis() as u64),
             failures: a.failures,
             ..Default::default()

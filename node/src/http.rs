@@ -102,7 +102,8 @@ async fn status(State(api): State<Api>) -> Json<Value> {
                 "team": svc.team, "id": svc.id, "name": svc.name, "project": svc.project, "env": svc.env,
                 "instance": svc.instance, "host": svc.host, "ports": ports, "tags": svc.tags,
                 "status": svc.status.to_string(), "output": svc.output, "lease_id": svc.lease_id,
-                "pid": svc.pid, "command": svc.command, "registered_ms": svc.registered_ms,
+                "pid": svc.holder.as_ref().map(|h| h.pid),
+                "command": svc.holder.as_ref().map(|h| h.command.as_str()), "registered_ms": svc.registered_ms,
                 "status_ms": svc.status_ms,
             })
         })

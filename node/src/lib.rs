@@ -240,8 +240,7 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode, NodeError> {
 /// one at `addr`. An unreachable `addr` is only logged: a member rejoins its cluster by itself.
 async fn same_cluster(addr: &str, node: &RaftNode) -> Result<(), NodeError> {
     use portmesh_proto::v1::{StatusRequest, cluster_client::ClusterClient};
-    let uri = if addr.contains("://") { addr.to_string() } else { format!("http://{addr}") };
-    let status = match tonic::transport::Endpoint::from_shared(uri) {
+    let status = match tonic::transport::Endpoint::from_shared(portmesh_proto::endpoint_uri(addr)) {
         Ok(ep) => match ep.connect_timeout(Duration::from_secs(2)).connect().await {
             Ok(ch) => ClusterClient::new(ch).status(StatusRequest {}).await.map(|r| r.into_inner()).ok(),
             Err(_) => None,
@@ -289,53 +288,55 @@ async fn join(addr: &str, node: &RaftNode, advertise: &str, timeout: Duration) -
         if !tried.contains(&target) {
             tried.push(target.clone());
         }
-        let uri = if target.contains("://") { target.clone() } else { format!("http://{target}") };
-        let outcome: Result<(), String> = match tonic::transport::Endpoint::from_shared(uri) {
-            Err(e) => Err(format!("invalid address: {e}")),
-            Ok(ep) => match ep.connect_timeout(Duration::from_secs(2)).connect().await {
-                Err(e) => Err(format!("cannot connect to {target}: {e}")),
-                Ok(ch) => {
-                    let req = JoinRequest {
-                        node_id: id,
-                        addr: advertise.to_string(),
-                        cluster_id: node.cluster_id(),
-                    };
-                    match ClusterClient::new(ch).join(req).await {
-                        Ok(r) => {
-                            let r = r.into_inner();
-                            node.store.set_cluster_id(&r.cluster_id)?;
-                            tracing::info!(
-                                leader = r.leader_id,
-                                voter = r.voter,
-                                cluster_id = %r.cluster_id,
-                                "joined the cluster"
-                            );
-                            return Ok(());
-                        }
-                        Err(s) => {
-                            let answer = format!("{target} answered: {}", s.message());
-                            if matches!(
-                                s.code(),
-                                tonic::Code::FailedPrecondition | tonic::Code::InvalidArgument
-                            ) {
-                                return Err(NodeError::Join {
-                                    addr: addr.to_string(),
-                                    reason: answer,
-                                    tried: tried.join(", "),
-                                });
+        let outcome: Result<(), String> =
+            match tonic::transport::Endpoint::from_shared(portmesh_proto::endpoint_uri(&target)) {
+                Err(e) => Err(format!("invalid address: {e}")),
+                Ok(ep) => match ep.connect_timeout(Duration::from_secs(2)).connect().await {
+                    Err(e) => Err(format!("cannot connect to {target}: {e}")),
+                    Ok(ch) => {
+                        let req = JoinRequest {
+                            node_id: id,
+                            addr: advertise.to_string(),
+                            cluster_id: node.cluster_id(),
+                        };
+                        match ClusterClient::new(ch).join(req).await {
+                            Ok(r) => {
+                                let r = r.into_inner();
+                                node.store.set_cluster_id(&r.cluster_id)?;
+                                tracing::info!(
+                                    leader = r.leader_id,
+                                    voter = r.voter,
+                                    cluster_id = %r.cluster_id,
+                                    "joined the cluster"
+                                );
+                                return Ok(());
                             }
-                            // A follower names the leader: ask it next.
-                            if let Some(leader) =
-                                s.metadata().get(portmesh_api::LEADER_METADATA).and_then(|v| v.to_str().ok())
-                            {
-                                target = leader.to_string();
+                            Err(s) => {
+                                let answer = format!("{target} answered: {}", s.message());
+                                if matches!(
+                                    s.code(),
+                                    tonic::Code::FailedPrecondition | tonic::Code::InvalidArgument
+                                ) {
+                                    return Err(NodeError::Join {
+                                        addr: addr.to_string(),
+                                        reason: answer,
+                                        tried: tried.join(", "),
+                                    });
+                                }
+                                // A follower names the leader: ask it next.
+                                if let Some(leader) = s
+                                    .metadata()
+                                    .get(portmesh_api::LEADER_METADATA)
+                                    .and_then(|v| v.to_str().ok())
+                                {
+                                    target = leader.to_string();
+                                }
+                                Err(answer)
                             }
-                            Err(answer)
                         }
                     }
-                }
-            },
-        };
+                },
+            };
         if let Err(reason) = outcome {
             if tokio::time::Instant::now() > deadline {
                 return Err(NodeError::Join { addr: addr.to_string(), reason, tried: tried.join(", ") });

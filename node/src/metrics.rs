@@ -65,10 +65,13 @@ pub(crate) fn render(api: &Api) -> Result<String, std::fmt::Error> {
         r.register("portmesh_pool_utilization_ratio", "Allocated ports over pool size", utilization);
         gauge(&mut r, "portmesh_leases", "Live leases", st.leases().count() as i64);
         let services = Family::<StatusLabels, Gauge>::default();
+        // Every status is shown, zero or not; one pass counts them.
         for h in [HealthStatus::Unknown, HealthStatus::Passing, HealthStatus::Warning, HealthStatus::Critical]
         {
-            let n = st.services().filter(|svc| svc.status == h).count();
-            services.get_or_create(&StatusLabels { status: h.to_string() }).set(n as i64);
+            services.get_or_create(&StatusLabels { status: h.to_string() }).set(0);
+        }
+        for svc in st.services() {
+            services.get_or_create(&StatusLabels { status: svc.status.to_string() }).inc();
         }
         r.register("portmesh_services", "Registered services by health", services);
         let conflicts = st.events_since(0).filter(|e| matches!(e.kind, EventKind::Conflict(_))).count();

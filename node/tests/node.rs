@@ -1431,3 +1431,56 @@ async fn a_kept_lease_survives_leader_changes_through_the_client_helper() {
     }
     assert!(kept.lost_now().is_none());
 }
+
+/// Bad registry requests are refused with a message naming the field, and change nothing;
+/// health reports that name gone services or repeat the status change nothing either.
+#[tokio::test]
+async fn bad_registry_requests_are_refused_and_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (node, client) = node_in(dir.path(), |_| {}).await;
+    let ch = tonic::transport::Endpoint::from_shared(format!("http://{}", node.grpc_addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut raw = pb::registry_client::RegistryClient::new(ch);
+    let svc = client
+        .register(pb::Service {
+            name: "api".into(),
+            ports: vec![pb::ServicePort { port: 18001, ..Default::default() }],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let before = client.status().await.unwrap().revision;
+
+    let e = raw.register(pb::RegisterRequest { service: None }).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().contains("service: say what to register"), "{e:?}");
+    let report = |status: i32, n: usize| pb::ReportHealthRequest {
+        reports: vec![
+            pb::HealthReport { team: String::new(), id: svc.id.clone(), status, output: "x".into() };
+            n
+        ],
+    };
+    let e = raw.report_health(report(9, 1)).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().contains("unknown health status 9"), "{e:?}");
+    let e = raw.report_health(report(pb::HealthStatus::Critical as i32, 4_097)).await.unwrap_err();
+    assert!(e.message().contains("4097 reports, at most 4096"), "{e:?}");
+    // The same status, or a service that is not registered: accepted, nothing changes.
+    let same = raw.report_health(report(pb::HealthStatus::Passing as i32, 1)).await.unwrap().into_inner();
+    assert_eq!((same.changed, same.revision), (0, before));
+    let gone = pb::ReportHealthRequest {
+        reports: vec![pb::HealthReport {
+            id: "nobody".into(),
+            status: pb::HealthStatus::Critical as i32,
+            ..Default::default()
+        }],
+    };
+    assert_eq!(raw.report_health(gone).await.unwrap().into_inner().changed, 0);
+
+    assert_eq!(client.status().await.unwrap().revision, before, "nothing was written");
+    let found = client.discover(pb::DiscoverRequest::default()).await.unwrap().services;
+    assert_eq!((found.len(), found[0].status()), (1, pb::HealthStatus::Passing));
+}

@@ -167,16 +167,8 @@ fn http_metrics_in_the_openmetrics_format_and_services_in_the_status() {
     h.pm(&["alloc", "web"]).ok();
     h.pm(&["register", "api", "--port", "18001", "--project", "shop"]).ok();
     let http = h.http();
-    let head_and_body = {
-        use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect(&http).unwrap();
-        write!(s, "GET /metrics HTTP/1.1\r\nHost: {http}\r\nConnection: close\r\n\r\n").unwrap();
-        let mut buf = String::new();
-        s.read_to_string(&mut buf).unwrap();
-        buf
-    };
-    let (head, body) = head_and_body.split_once("\r\n\r\n").unwrap();
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let (code, head, body) = http_get_with_head(&http, "/metrics");
+    assert_eq!(code, 200, "{head}");
     assert!(head.to_ascii_lowercase().contains("content-type: application/openmetrics-text"), "{head}");
     for line in [
         "portmesh_pool_allocated_ports{team=\"default\",pool=\"web\"} 1",

@@ -147,14 +147,20 @@ pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool)
 
 /// A minimal HTTP/1.1 GET: status code and body.
 pub fn http_get(addr: &str, path: &str) -> (u16, String) {
+    let (code, _, body) = http_get_with_head(addr, path);
+    (code, body)
+}
+
+/// Status code, response head (status line and headers) and body of `GET path`.
+pub fn http_get_with_head(addr: &str, path: &str) -> (u16, String, String) {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr).expect("connect http");
     write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
     let mut buf = String::new();
     s.read_to_string(&mut buf).unwrap();
     let code = buf.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = buf.split_once("\r\n\r\n").map(|x| x.1.to_string()).unwrap_or_default();
-    (code, body)
+    let (head, body) = buf.split_once("\r\n\r\n").unwrap_or((buf.as_str(), ""));
+    (code, head.to_string(), body.to_string())
 }
 
 /// A port nothing listens on right now.

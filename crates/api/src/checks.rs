@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
-use portmesh_core::{CheckKind, HealthCheck, HealthStatus, HealthUpdate, MAX_CHECK_OUTPUT, Service};
+use portmesh_core::{CheckKind, HealthCheck, HealthStatus, HealthUpdate, Service, clip_output};
 use portmesh_proto::{health_to_pb, v1 as pb};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -85,6 +85,10 @@ pub async fn run_health_checks(api: Api, mut shutdown: watch::Receiver<bool>) {
     let mut leader: Option<(String, Channel)> = None;
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    // This host's services with a check, read again only when the applied state moved.
+    let mut applied = api.node().state().applied_index();
+    applied.mark_changed();
+    let mut mine: Vec<Service> = Vec::new();
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -105,13 +109,15 @@ pub async fn run_health_checks(api: Api, mut shutdown: watch::Receiver<bool>) {
             }
         }
         let now = Instant::now();
-        let mine: Vec<Service> = {
+        if applied.has_changed().unwrap_or(false) {
+            applied.borrow_and_update();
             let sm = api.node().state().read();
-            sm.state.services().filter(|s| s.host == api.host() && s.check.is_some()).cloned().collect()
-        };
-        let present: std::collections::HashSet<(&str, &str)> =
-            mine.iter().map(|s| (s.team.as_str(), s.id.as_str())).collect();
-        trackers.retain(|id, _| present.contains(&(id.0.as_str(), id.1.as_str())));
+            mine =
+                sm.state.services().filter(|s| s.host == api.host() && s.check.is_some()).cloned().collect();
+            let present: std::collections::HashSet<(&str, &str)> =
+                mine.iter().map(|s| (s.team.as_str(), s.id.as_str())).collect();
+            trackers.retain(|id, _| present.contains(&(id.0.as_str(), id.1.as_str())));
+        }
         let mut updates = Vec::new();
         for svc in &mine {
             let (Some(check), Some(port)) = (svc.check.clone(), checked_port(svc)) else { continue };
@@ -202,8 +208,9 @@ async fn report(
     let channel = match leader {
         Some((a, ch)) if *a == addr => ch.clone(),
         _ => {
-            let uri = if addr.contains("://") { addr.clone() } else { format!("http://{addr}") };
-            let ch = Endpoint::from_shared(uri).map_err(|e| e.to_string())?.connect_lazy();
+            let ch = Endpoint::from_shared(portmesh_proto::endpoint_uri(&addr))
+                .map_err(|e| e.to_string())?
+                .connect_lazy();
             *leader = Some((addr.clone(), ch.clone()));
             ch
         }
@@ -247,15 +254,17 @@ async fn run_check(check: &HealthCheck, port: u16) -> Outcome {
     }
 }
 
-/// Connects to the port on IPv4 loopback, else IPv6 loopback.
+/// Where checks look for a service: IPv4 loopback, then IPv6 loopback.
+fn loopback(port: u16) -> [SocketAddr; 2] {
+    [SocketAddr::from((Ipv4Addr::LOCALHOST, port)), SocketAddr::from((Ipv6Addr::LOCALHOST, port))]
+}
+
+/// Connects to the port on IPv4 loopback, else IPv6 loopback; the error is the IPv4 one.
 async fn connect(port: u16) -> std::io::Result<(TcpStream, SocketAddr)> {
-    let v4 = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let [v4, v6] = loopback(port);
     match TcpStream::connect(v4).await {
         Ok(s) => Ok((s, v4)),
-        Err(e4) => {
-            let v6 = SocketAddr::from((Ipv6Addr::LOCALHOST, port));
-            TcpStream::connect(v6).await.map(|s| (s, v6)).map_err(|_| e4)
-        }
+        Err(e4) => TcpStream::connect(v6).await.map(|s| (s, v6)).map_err(|_| e4),
     }
 }
 
@@ -291,18 +300,26 @@ async fn http_check(port: u16, path: &str) -> Outcome {
     }
 }
 
+/// A gRPC connection to the port on IPv4 loopback, else IPv6 loopback.
+async fn grpc_channel(port: u16) -> Result<Channel, String> {
+    let mut why = String::new();
+    for addr in loopback(port) {
+        let endpoint = Endpoint::from_shared(format!("http://{addr}")).map_err(|e| e.to_string())?;
+        match endpoint.connect().await {
+            Ok(channel) => return Ok(channel),
+            Err(e) if why.is_empty() => why = format!("grpc {addr}: {e}"),
+            Err(_) => {}
+        }
+    }
+    Err(why)
+}
+
 async fn grpc_check(port: u16, service: &str) -> Outcome {
     use tonic_health::pb::health_check_response::ServingStatus;
     use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
-    let channel = match connect(port).await {
-        Ok((_, addr)) => match Endpoint::from_shared(format!("http://{addr}")) {
-            Ok(e) => match e.connect().await {
-                Ok(c) => c,
-                Err(e) => return Outcome::Failing(format!("grpc {addr}: {e}")),
-            },
-            Err(e) => return Outcome::Failing(format!("grpc {addr}: {e}")),
-        },
-        Err(e) => return Outcome::Failing(format!("grpc port {port}: {e}")),
+    let channel = match grpc_channel(port).await {
+        Ok(c) => c,
+        Err(why) => return Outcome::Failing(why),
     };
     let mut client = HealthClient::new(channel);
     match client.check(HealthCheckRequest { service: service.to_string() }).await {
@@ -340,22 +357,11 @@ async fn command_check(command: &str, port: u16) -> Outcome {
                 Some(c) => format!("exit status {c}: {text}"),
                 None => format!("killed by a signal: {text}"),
             };
-            let said = cut(said);
+            let said = clip_output(&said);
             if code == Some(0) { Outcome::Passing(said) } else { Outcome::Failing(said) }
         }
         Err(e) => Outcome::Failing(format!("cannot run `sh -c {command}`: {e}")),
     }
-}
-
-fn cut(mut s: String) -> String {
-    if s.len() > MAX_CHECK_OUTPUT {
-        let mut end = MAX_CHECK_OUTPUT;
-        while !s.is_char_boundary(end) {
-            end -= 1;
-        }
-        s.truncate(end);
-    }
-    s
 }
 
 #[cfg(test)]

@@ -86,8 +86,10 @@ impl HostMap {
         }
         known.refreshed = Some(Instant::now());
         let asks = members.into_iter().filter_map(|(_, addr)| {
-            let uri = if addr.contains("://") { addr.clone() } else { format!("http://{addr}") };
-            let channel = Endpoint::from_shared(uri).ok()?.connect_timeout(ASK_TIMEOUT).connect_lazy();
+            let channel = Endpoint::from_shared(portmesh_proto::endpoint_uri(&addr))
+                .ok()?
+                .connect_timeout(ASK_TIMEOUT)
+                .connect_lazy();
             Some(async move {
                 let mut client = pb::cluster_client::ClusterClient::new(channel.clone());
                 match tokio::time::timeout(ASK_TIMEOUT, client.status(pb::StatusRequest {})).await {

@@ -59,14 +59,11 @@ fn probe_here(ports: &[u16]) -> Busy {
     if busy.is_empty() {
         return Busy::default();
     }
-    let mut holders: Vec<(u16, Holder)> = Vec::new();
-    for (port, o) in portmesh_probe::owners_of(&busy) {
-        if let Some(pid) = o.pid
-            && !holders.iter().any(|(p, _)| *p == port)
-        {
-            holders.push((port, Holder { pid, command: o.command.unwrap_or_default() }));
-        }
-    }
+    // Several listeners of one port (IPv4 and IPv6) are narrowed to one by `HostProbe::with_owners`.
+    let holders = portmesh_probe::owners_of(&busy)
+        .into_iter()
+        .filter_map(|(port, o)| Some((port, Holder { pid: o.pid?, command: o.command.unwrap_or_default() })))
+        .collect();
     Busy { ports: busy, holders }
 }
 

@@ -189,16 +189,8 @@ const FOLLOW_BUDGET: Duration = Duration::from_secs(10);
 /// Pause before asking again while a cluster has no reachable leader.
 const PAUSE: Duration = Duration::from_millis(100);
 
-fn uri(addr: &str) -> String {
-    if addr.starts_with("http://") || addr.starts_with("https://") {
-        addr.to_string()
-    } else {
-        format!("http://{addr}")
-    }
-}
-
 async fn open(addr: &str) -> Result<Channel> {
-    let endpoint = Endpoint::from_shared(uri(addr))
+    let endpoint = Endpoint::from_shared(portmesh_proto::endpoint_uri(addr))
         .map_err(|e| ClientError::BadAddress { addr: addr.to_string(), reason: e.to_string() })?
         .connect_timeout(CONNECT_TIMEOUT)
         .tcp_nodelay(true)

@@ -36,7 +36,7 @@ pub use command::{
 pub use rejection::{Overlap, Rejection, Unavailable};
 pub use rng::SplitMix64;
 pub use select::PlanWidth;
-pub use state::{Key, Meta, PoolUsage, Record, State};
+pub use state::{Key, Meta, PoolUsage, Record, State, clip_output};
 pub use types::{
     Allocation, CheckKind, Conflict, Cooldown, Event, EventKind, HealthCheck, HealthStatus, HealthUpdate,
     Holder, Lease, Pool, PortRange, RangeError, ReleaseCause, Reservation, Service, ServicePort, Strategy,

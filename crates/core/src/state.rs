@@ -908,44 +908,31 @@ impl State {
     }
 
     fn deregister(&mut self, ctx: ApplyCtx, team: &str, id: &str) -> Result<Response, Rejection> {
-        let key = (team.to_string(), id.to_string());
-        if !self.services.contains_key(&key) {
-            return Err(Rejection::UnknownService { team: team.into(), id: id.into() });
-        }
-        let revision = self.bump();
-        let Some(svc) = self.take_service(&key) else {
+        let Some(svc) = self.take_service(&(team.to_string(), id.to_string())) else {
             return Err(Rejection::UnknownService { team: team.into(), id: id.into() });
         };
-        self.emit(
-            revision,
-            ctx.now_ms,
-            EventKind::ServiceDeregistered { service: Box::new(svc.clone()), cause: ReleaseCause::Released },
-        );
+        let revision = self.bump();
+        let kind =
+            EventKind::ServiceDeregistered { service: Box::new(svc.clone()), cause: ReleaseCause::Released };
+        self.emit(revision, ctx.now_ms, kind);
         Ok(Response::Deregistered { service: Box::new(svc), revision })
     }
 
+    /// Applies the updates that change a status (one revision for all of them); the others,
+    /// and updates of services that are gone, are ignored.
     fn set_health(&mut self, ctx: ApplyCtx, updates: &[HealthUpdate]) -> Response {
-        let changes: Vec<&HealthUpdate> = updates
-            .iter()
-            .filter(|u| {
-                self.services.get(&(u.team.clone(), u.id.clone())).is_some_and(|s| s.status != u.status)
-            })
-            .collect();
-        if changes.is_empty() {
-            return Response::HealthSet { changed: 0, revision: self.meta.revision };
-        }
-        let revision = self.bump();
+        let mut revision = None;
         let mut changed = 0;
-        for u in changes {
+        for u in updates {
             let key = (u.team.clone(), u.id.clone());
-            let Some(svc) = self.services.get_mut(&key) else { continue };
-            // The same service may appear twice in one batch: only real changes count.
-            if svc.status == u.status {
+            if self.services.get(&key).is_none_or(|svc| svc.status == u.status) {
                 continue;
             }
+            let rev = *revision.get_or_insert_with(|| self.bump());
+            let Some(svc) = self.services.get_mut(&key) else { continue };
             let previous = svc.status;
             svc.status = u.status;
-            svc.output = cut(&u.output, MAX_CHECK_OUTPUT);
+            svc.output = clip_output(&u.output);
             svc.status_ms = ctx.now_ms;
             let kind = EventKind::HealthChanged {
                 team: svc.team.clone(),
@@ -957,16 +944,16 @@ impl State {
                 output: svc.output.clone(),
             };
             self.dirty.insert(Key::Service(key.0, key.1));
-            self.emit(revision, ctx.now_ms, kind);
+            self.emit(rev, ctx.now_ms, kind);
             changed += 1;
         }
-        Response::HealthSet { changed, revision }
+        Response::HealthSet { changed, revision: revision.unwrap_or(self.meta.revision) }
     }
 }
 
-/// At most `max` bytes of `s`, cut at a character boundary.
-fn cut(s: &str, max: usize) -> String {
-    let mut end = s.len().min(max);
+/// At most [`MAX_CHECK_OUTPUT`] bytes of a check's output, cut at a character boundary.
+pub fn clip_output(s: &str) -> String {
+    let mut end = s.len().min(MAX_CHECK_OUTPUT);
     while !s.is_char_boundary(end) {
         end -= 1;
     }

@@ -332,22 +332,6 @@ impl fmt::Display for HealthStatus {
     }
 }
 
-impl FromStr for HealthStatus {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "unknown" => Ok(Self::Unknown),
-            "passing" => Ok(Self::Passing),
-            "warning" => Ok(Self::Warning),
-            "critical" => Ok(Self::Critical),
-            other => {
-                Err(format!("unknown health status {other:?}: use passing, warning, critical or unknown"))
-            }
-        }
-    }
-}
-
 /// What a health check does.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum CheckKind {
@@ -403,9 +387,8 @@ pub struct Service {
     /// What the last check that changed the status said.
     pub output: String,
     pub lease_id: Option<u64>,
-    /// The process that registered it, where known.
-    pub pid: Option<u32>,
-    pub command: Option<String>,
+    /// The process that registered it, where the client said.
+    pub holder: Option<Holder>,
     pub registered_ms: u64,
     /// The revision that registered it.
     pub revision: u64,

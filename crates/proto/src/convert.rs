@@ -13,6 +13,19 @@ fn opt(s: &str) -> Option<String> {
     (!s.is_empty()).then(|| s.to_string())
 }
 
+/// The wire form of a holder is a pid (0: none) and a command line.
+fn holder(pid: u32, command: &str) -> Option<core::Holder> {
+    (pid != 0).then(|| core::Holder { pid, command: command.to_string() })
+}
+
+fn pid_of(h: &Option<core::Holder>) -> u32 {
+    h.as_ref().map_or(0, |h| h.pid)
+}
+
+fn command_of(h: &Option<core::Holder>) -> String {
+    h.as_ref().map(|h| h.command.clone()).unwrap_or_default()
+}
+
 fn port(p: u32, field: &str) -> Result<Option<u16>, BadRequest> {
     match p {
         0 => Ok(None),
@@ -73,7 +86,7 @@ impl pb::AllocateRequest {
 
     /// The process the ports are for, if the client said.
     pub fn holder(&self) -> Option<core::Holder> {
-        (self.pid != 0).then(|| core::Holder { pid: self.pid, command: self.command.clone() })
+        holder(self.pid, &self.command)
     }
 
     /// The ports the client reported busy on its host.
@@ -137,8 +150,8 @@ impl From<&core::Allocation> for pb::Allocation {
             lease_id: a.lease_id.unwrap_or(0),
             created_ms: a.created_ms,
             revision: a.revision,
-            pid: a.holder.as_ref().map_or(0, |h| h.pid),
-            command: a.holder.as_ref().map(|h| h.command.clone()).unwrap_or_default(),
+            pid: pid_of(&a.holder),
+            command: command_of(&a.holder),
         }
     }
 }
@@ -224,8 +237,8 @@ impl From<&core::Event> for pb::Event {
                     pool: c.pool.clone(),
                     service: c.service.clone(),
                     host: c.host.clone(),
-                    pid: c.holder.as_ref().map_or(0, |h| h.pid),
-                    command: c.holder.as_ref().map(|h| h.command.clone()).unwrap_or_default(),
+                    pid: pid_of(&c.holder),
+                    command: command_of(&c.holder),
                 });
                 pb::EventType::ConflictObserved
             }
@@ -310,9 +323,9 @@ pub fn health_from_pb(h: i32) -> Result<core::HealthStatus, BadRequest> {
 }
 
 /// Default interval of a health check that names none.
-pub const DEFAULT_CHECK_INTERVAL_MS: u64 = 10_000;
+const DEFAULT_CHECK_INTERVAL_MS: u64 = 10_000;
 /// Default timeout of a health check that names none (at most its interval).
-pub const DEFAULT_CHECK_TIMEOUT_MS: u64 = 2_000;
+const DEFAULT_CHECK_TIMEOUT_MS: u64 = 2_000;
 
 impl TryFrom<&pb::HealthCheck> for core::HealthCheck {
     type Error = BadRequest;
@@ -398,8 +411,8 @@ impl From<&core::Service> for pb::Service {
             depends_on: s.depends_on.clone(),
             output: s.output.clone(),
             lease_id: s.lease_id.unwrap_or(0),
-            pid: s.pid.unwrap_or(0),
-            command: s.command.clone().unwrap_or_default(),
+            pid: pid_of(&s.holder),
+            command: command_of(&s.holder),
             registered_ms: s.registered_ms,
             revision: s.revision,
             status_ms: s.status_ms,
@@ -449,8 +462,7 @@ impl pb::Service {
             status: core::HealthStatus::Unknown,
             output: String::new(),
             lease_id: (self.lease_id != 0).then_some(self.lease_id),
-            pid: (self.pid != 0).then_some(self.pid),
-            command: opt(&self.command),
+            holder: holder(self.pid, &self.command),
             registered_ms: 0,
             revision: 0,
             status_ms: 0,

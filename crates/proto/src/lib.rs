@@ -30,7 +30,12 @@ pub const ERROR_METADATA: &str = "portmesh-error";
 /// Metadata key carrying the oldest revision still available on a `compacted` watch error.
 pub const OLDEST_REVISION_METADATA: &str = "portmesh-oldest-revision";
 
+/// The URI of a node's gRPC endpoint: `host:port` becomes `http://host:port`; an address that
+/// already names a scheme is kept.
+pub fn endpoint_uri(addr: &str) -> String {
+    if addr.contains("://") { addr.to_string() } else { format!("http://{addr}") }
+}
+
 pub use convert::{
-    BadRequest, DEFAULT_CHECK_INTERVAL_MS, DEFAULT_CHECK_TIMEOUT_MS, health_from_pb, health_to_pb,
-    required_port, strategy_from_pb, strategy_to_pb,
+    BadRequest, health_from_pb, health_to_pb, required_port, strategy_from_pb, strategy_to_pb,
 };

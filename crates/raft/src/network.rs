@@ -64,8 +64,7 @@ impl GrpcNetwork {
         if let Some(c) = map.get(addr) {
             return Ok(c.clone());
         }
-        let uri = if addr.contains("://") { addr.to_string() } else { format!("http://{addr}") };
-        let channel = Endpoint::from_shared(uri)
+        let channel = Endpoint::from_shared(portmesh_proto::endpoint_uri(addr))
             .map_err(|e| format!("invalid peer address {addr:?}: {e}"))?
             .connect_timeout(CONNECT_TIMEOUT)
             .tcp_nodelay(true)
