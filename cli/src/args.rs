@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+pub use portmesh_project::CheckSpec;
 
 /// Hands out TCP ports so that nothing collides: local apps, a team's machines, CI shards.
 ///
@@ -16,14 +17,21 @@ pub struct Cli {
     /// Address of the node to talk to (host:port).
     #[arg(long, global = true, env = "PORTMESH_NODE")]
     pub node: Option<String>,
-    /// Team whose pools and leases to use.
-    #[arg(long, global = true, env = "PORTMESH_TEAM", default_value = "default")]
-    pub team: String,
+    /// Team whose pools and leases to use [default: "default", or a project file's team].
+    #[arg(long, global = true, env = "PORTMESH_TEAM")]
+    pub team: Option<String>,
     /// Print machine-readable JSON.
     #[arg(long, global = true)]
     pub json: bool,
     #[command(subcommand)]
     pub command: Command,
+}
+
+impl Cli {
+    /// The team commands act for.
+    pub fn team(&self) -> &str {
+        self.team.as_deref().unwrap_or("default")
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -144,6 +152,22 @@ pub enum Command {
         #[arg(long)]
         advertise: Option<String>,
     },
+    /// Run a server on port(s) held for it: allocate under a lease, register it, start CMD with
+    /// PORT set and {port} replaced in its arguments, keep the lease alive, pass signals on,
+    /// release when it exits, and exit with its status.
+    Run(RunArgs),
+    /// Start a project's stack (portmesh.toml): every port in one batch, then each service once
+    /// what it depends on is healthy; on any failure, stop what started and release everything.
+    Up(UpArgs),
+    /// Stop a project's stack started with `up --detach` (or running in another terminal).
+    Down(ProjectArgs),
+    /// List a project's services with their ports, pids and health.
+    Ps(ProjectArgs),
+    /// Print a running stack's variables as shell `export` lines (eval "$(portmesh env)").
+    Env(ProjectArgs),
+    /// Project files.
+    #[command(subcommand)]
+    Config(ConfigCommand),
     /// Remove this machine's local node (or the node at --node) from its cluster cleanly: the
     /// node is removed from the membership, stopped, and its data moved aside; the next command
     /// starts a fresh single-node local node. With --id, remove that member instead (e.g. a
@@ -189,6 +213,92 @@ pub struct AllocArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Service name [default: the command's file name].
+    #[arg(long)]
+    pub service: Option<String>,
+    /// Pool to draw from.
+    #[arg(long)]
+    pub pool: Option<String>,
+    /// Wanted port (of the first port).
+    #[arg(long)]
+    pub port: Option<u16>,
+    /// What to do if the wanted port is not free: sticky, next, random or fail.
+    #[arg(long, default_value = "sticky")]
+    pub strategy: portmesh_core::Strategy,
+    /// Names of the ports to hold, comma-separated; the first is PORT [default: one port, main].
+    #[arg(long, value_delimiter = ',')]
+    pub ports: Vec<String>,
+    /// Lease TTL: if this wrapper dies, the ports come back this long after.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub ttl: Duration,
+    /// Sticky key: the same key gets the same port(s) back next time.
+    #[arg(long)]
+    pub key: Option<String>,
+    /// Bind the (first) port here and hand the socket over as fd 3 by the systemd
+    /// socket-activation protocol (LISTEN_FDS, LISTEN_PID), e.g. `gunicorn --bind fd://3`.
+    #[arg(long)]
+    pub fd: bool,
+    /// The address --fd binds.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub bind: std::net::IpAddr,
+    /// Health check for the registration: tcp, http:/PATH, grpc[:SERVICE] or cmd:COMMAND.
+    #[arg(long)]
+    pub check: Option<CheckSpec>,
+    #[arg(long)]
+    pub project: Option<String>,
+    #[arg(long)]
+    pub env: Option<String>,
+    #[arg(long)]
+    pub instance: Option<String>,
+    /// A tag for the registration (repeat for several).
+    #[arg(long = "tag")]
+    pub tags: Vec<String>,
+    /// The command and its arguments.
+    #[arg(last = true, required = true)]
+    pub command: Vec<String>,
+}
+
+/// Which project, environment and instance.
+#[derive(Debug, Args, Clone)]
+pub struct ProjectArgs {
+    /// The project file [default: portmesh.toml here or in the nearest parent directory].
+    #[arg(short = 'f', long = "file")]
+    pub file: Option<PathBuf>,
+    /// Environment: a [env.NAME] section and its defaults [default: PORTMESH_ENV, else dev].
+    #[arg(long)]
+    pub env: Option<String>,
+    /// Instance: a copy of the project with its own ports [default: PORTMESH_INSTANCE, else none].
+    #[arg(long)]
+    pub instance: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    #[command(flatten)]
+    pub project: ProjectArgs,
+    /// End whatever holds a wanted port (SIGTERM, then SIGKILL; a container publishing it is
+    /// stopped), wait until it is free, then start.
+    #[arg(long)]
+    pub force: bool,
+    /// Stop an earlier `up` of the same project and instance first.
+    #[arg(long)]
+    pub kill_existing: bool,
+    /// Return once the stack is healthy and leave it running (stop it with `portmesh down`).
+    #[arg(short = 'd', long)]
+    pub detach: bool,
+    /// Internal: run as the supervisor of a detached stack.
+    #[arg(long, hide = true)]
+    pub supervise: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Print the resolved project file, each value with the layer it came from.
+    Show(ProjectArgs),
+}
+
+#[derive(Debug, Args)]
 pub struct RegisterArgs {
     /// Service name.
     pub name: String,
@@ -210,7 +320,7 @@ pub struct RegisterArgs {
     pub tags: Vec<String>,
     /// Health check, run by the node on the service's host: tcp, http:/PATH, grpc[:SERVICE] or
     /// cmd:COMMAND (run with sh -c, PORT set; exit status 0 passes).
-    #[arg(long, value_parser = parse_check)]
+    #[arg(long)]
     pub check: Option<CheckSpec>,
     /// Which named port the check targets [default: the first].
     #[arg(long)]
@@ -233,27 +343,6 @@ pub struct RegisterArgs {
     /// Services it depends on (informational; repeat for several).
     #[arg(long = "depends-on")]
     pub depends_on: Vec<String>,
-}
-
-/// A parsed `--check`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum CheckSpec {
-    Tcp,
-    Http(String),
-    Grpc(String),
-    Command(String),
-}
-
-fn parse_check(s: &str) -> Result<CheckSpec, String> {
-    match s.split_once(':') {
-        None if s == "tcp" => Ok(CheckSpec::Tcp),
-        None if s == "grpc" => Ok(CheckSpec::Grpc(String::new())),
-        None if s == "http" => Ok(CheckSpec::Http("/".into())),
-        Some(("http", path)) if path.starts_with('/') => Ok(CheckSpec::Http(path.into())),
-        Some(("grpc", svc)) => Ok(CheckSpec::Grpc(svc.into())),
-        Some(("cmd", cmd)) if !cmd.trim().is_empty() => Ok(CheckSpec::Command(cmd.into())),
-        _ => Err(format!("{s:?}: write tcp, http:/PATH, grpc[:SERVICE] or cmd:COMMAND")),
-    }
 }
 
 fn parse_service_port(s: &str) -> Result<(String, u16, String), String> {

@@ -7,7 +7,7 @@ use anyhow::{Context, Result, bail};
 use portmesh_client::{Client, pb};
 use serde_json::json;
 
-use crate::args::{AllocArgs, Cli, Command, PoolsCommand, ReleaseArgs, ServeArgs};
+use crate::args::{AllocArgs, Cli, Command, ConfigCommand, PoolsCommand, ReleaseArgs, ServeArgs};
 use crate::local;
 
 /// What a command wants the process to exit with, when it succeeded but has news.
@@ -22,6 +22,15 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             join(addr, *listen, advertise.clone(), cli.json).await.map(|_| 0)
         }
         Command::Leave { id } => leave(&cli, *id).await.map(|_| 0),
+        Command::Config(ConfigCommand::Show(p)) => crate::stack::config_show(&cli, p),
+        Command::Up(a) => crate::stack::up(&cli, a).await,
+        Command::Down(p) => crate::stack::down(&cli, p).await,
+        Command::Ps(p) => crate::stack::ps(&cli, p).await,
+        Command::Env(p) => crate::stack::env(&cli, p).await,
+        Command::Run(a) => {
+            let client = connect(&cli).await?;
+            crate::run::run(&client, cli.team(), a).await
+        }
         _ => {
             let client = connect(&cli).await?;
             client_command(&cli, &client).await.map(|_| 0)
@@ -29,7 +38,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
     }
 }
 
-async fn connect(cli: &Cli) -> Result<Client> {
+pub async fn connect(cli: &Cli) -> Result<Client> {
     match &cli.node {
         Some(addr) => Ok(Client::connect(addr).await?),
         None => local::connect_or_start().await,
@@ -37,7 +46,7 @@ async fn connect(cli: &Cli) -> Result<Client> {
 }
 
 async fn client_command(cli: &Cli, c: &Client) -> Result<()> {
-    let team = cli.team.as_str();
+    let team = cli.team();
     match &cli.command {
         Command::Alloc(a) => alloc(c, team, a, cli.json).await,
         Command::Release(r) => release(c, team, r, cli.json).await,
@@ -115,7 +124,13 @@ async fn client_command(cli: &Cli, c: &Client) -> Result<()> {
         | Command::Check { .. }
         | Command::Stop
         | Command::Join { .. }
-        | Command::Leave { .. } => unreachable_command(),
+        | Command::Leave { .. }
+        | Command::Config(_)
+        | Command::Up(_)
+        | Command::Down(_)
+        | Command::Ps(_)
+        | Command::Env(_)
+        | Command::Run(_) => unreachable_command(),
     }
 }
 

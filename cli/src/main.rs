@@ -4,6 +4,9 @@ mod args;
 mod commands;
 mod local;
 mod registry;
+mod run;
+mod stack;
+mod supervise;
 
 use clap::Parser;
 

@@ -1,6 +1,7 @@
 //! `register`, `deregister` and `discover`.
 
 use std::io::Write;
+use std::time::Duration;
 
 use anyhow::Result;
 use portmesh_client::{Client, pb};
@@ -46,32 +47,43 @@ pub fn service_json(s: &pb::Service) -> serde_json::Value {
     })
 }
 
+/// The wire form of a check. Zero interval and timeout mean the node's defaults.
+pub fn check_pb(
+    spec: &CheckSpec,
+    port_name: &str,
+    interval: Option<Duration>,
+    timeout: Option<Duration>,
+    failures: u32,
+) -> pb::HealthCheck {
+    let mut ch = pb::HealthCheck {
+        port_name: port_name.to_string(),
+        interval_ms: interval.map_or(0, |i| i.as_millis() as u64),
+        timeout_ms: timeout.map_or(0, |t| t.as_millis() as u64),
+        failures,
+        ..Default::default()
+    };
+    let t = match spec {
+        CheckSpec::Tcp => pb::CheckType::CheckTcp,
+        CheckSpec::Http(path) => {
+            ch.path = path.clone();
+            pb::CheckType::CheckHttp
+        }
+        CheckSpec::Grpc(svc) => {
+            ch.grpc_service = svc.clone();
+            pb::CheckType::CheckGrpc
+        }
+        CheckSpec::Command(cmd) => {
+            ch.command = cmd.clone();
+            pb::CheckType::CheckCommand
+        }
+    };
+    ch.set_type(t);
+    ch
+}
+
 pub async fn register(c: &Client, team: &str, a: &RegisterArgs, json: bool) -> Result<()> {
     let check = a.check.as_ref().map(|spec| {
-        let mut ch = pb::HealthCheck {
-            port_name: a.check_port.clone().unwrap_or_default(),
-            interval_ms: a.interval.map_or(0, |i| i.as_millis() as u64),
-            timeout_ms: a.timeout.map_or(0, |t| t.as_millis() as u64),
-            failures: a.failures,
-            ..Default::default()
-        };
-        let t = match spec {
-            CheckSpec::Tcp => pb::CheckType::CheckTcp,
-            CheckSpec::Http(path) => {
-                ch.path = path.clone();
-                pb::CheckType::CheckHttp
-            }
-            CheckSpec::Grpc(svc) => {
-                ch.grpc_service = svc.clone();
-                pb::CheckType::CheckGrpc
-            }
-            CheckSpec::Command(cmd) => {
-                ch.command = cmd.clone();
-                pb::CheckType::CheckCommand
-            }
-        };
-        ch.set_type(t);
-        ch
+        check_pb(spec, a.check_port.as_deref().unwrap_or_default(), a.interval, a.timeout, a.failures)
     });
     let svc = pb::Service {
         team: team.to_string(),

@@ -16,3 +16,4 @@ mod python;
 mod registry;
 mod serve;
 mod watch;
+mod workflow;

@@ -101,6 +101,34 @@ impl Home {
         v["allocations"].as_array().unwrap().iter().map(|a| a["port"].as_u64().unwrap() as u16).collect()
     }
 
+    /// The supervisors of the stacks `up` recorded in this home.
+    pub fn supervisors(&self) -> Vec<i32> {
+        let mut out = Vec::new();
+        let Ok(teams) = std::fs::read_dir(self.path().join("stacks")) else { return out };
+        for team in teams.flatten() {
+            for f in std::fs::read_dir(team.path()).into_iter().flatten().flatten() {
+                let Ok(b) = std::fs::read(f.path()) else { continue };
+                if let Some(pid) =
+                    serde_json::from_slice::<Value>(&b).ok().and_then(|v| v["supervisor"].as_i64())
+                {
+                    out.push(pid as i32);
+                }
+            }
+        }
+        out
+    }
+
+    /// Service name -> first port of a stack, from `ps --json` (extra args select the stack).
+    pub fn stack_ports(&self, args: &[&str]) -> std::collections::BTreeMap<String, u16> {
+        let v = self.pm(&[&["ps", "--json"], args].concat()).ok().json();
+        v["services"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|s| Some((s["name"].as_str()?.to_string(), s["ports"][0]["port"].as_u64()? as u16)))
+            .collect()
+    }
+
     /// Every `serve` process whose data lives in this home.
     pub fn node_processes(&self) -> Vec<i32> {
         let needle = self.path().join("data").display().to_string();
@@ -125,6 +153,11 @@ fn is_zombie(pid: i32) -> bool {
 
 impl Drop for Home {
     fn drop(&mut self) {
+        // Stacks left up by a failed test: their supervisors stop their services.
+        for pid in self.supervisors() {
+            let _ =
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+        }
         if self.info().is_some() {
             let _ = self.cmd(&["stop"]).output();
         }
@@ -161,6 +194,24 @@ pub fn http_get_with_head(addr: &str, path: &str) -> (u16, String, String) {
     let code = buf.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
     let (head, body) = buf.split_once("\r\n\r\n").unwrap_or((buf.as_str(), ""));
     (code, head.to_string(), body.to_string())
+}
+
+/// Writes a project file `dir/portmesh.toml`.
+pub fn project(dir: &Path, text: &str) -> std::path::PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    let f = dir.join("portmesh.toml");
+    std::fs::write(&f, text).unwrap();
+    f
+}
+
+/// Whether a process could bind `port` on the loopback address right now.
+pub fn port_is_free(port: u16) -> bool {
+    std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
+}
+
+/// Whether process `pid` still runs (a zombie does not).
+pub fn process_runs(pid: i32) -> bool {
+    !is_zombie(pid)
 }
 
 /// A port nothing listens on right now.

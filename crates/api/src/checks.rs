@@ -234,6 +234,17 @@ async fn report(
     }
 }
 
+/// Runs `check` once against `port` on this host: whether it passed (passing or warning) and
+/// what it said. `portmesh up` waits on this for a service to become ready; the node's own
+/// checker then keeps watching.
+pub async fn check_once(check: &HealthCheck, port: u16) -> (HealthStatus, String) {
+    match run_check(check, port).await {
+        Outcome::Passing(out) => (HealthStatus::Passing, out),
+        Outcome::Warning(out) => (HealthStatus::Warning, out),
+        Outcome::Failing(out) => (HealthStatus::Critical, out),
+    }
+}
+
 /// Runs one check against `port` on this host.
 async fn run_check(check: &HealthCheck, port: u16) -> Outcome {
     let timeout = Duration::from_millis(check.timeout_ms);

@@ -13,7 +13,7 @@ mod registry;
 mod services;
 mod watch;
 
-pub use checks::run_health_checks;
+pub use checks::{check_once, run_health_checks};
 pub use error::ApiError;
 pub use services::{Api, ShutdownHandle};
 

@@ -1,0 +1,174 @@
+//! `portmesh run -- CMD…`: one server on ports held under a lease for as long as it runs.
+
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use nix::sys::signal::Signal;
+use portmesh_client::{Client, pb};
+use portmesh_project::template::{self, Ref};
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::args::RunArgs;
+use crate::registry::check_pb;
+use crate::supervise::{self, Output, Program, Spec};
+
+pub async fn run(c: &Client, team: &str, a: &RunArgs) -> Result<i32> {
+    let service = match &a.service {
+        Some(s) => s.clone(),
+        None => Path::new(&a.command[0])
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "app".into()),
+    };
+    let names: Vec<String> = if a.ports.is_empty() { vec!["main".into()] } else { a.ports.clone() };
+    let command_line = a.command.join(" ");
+    let items = names
+        .iter()
+        .enumerate()
+        .map(|(i, name)| pb::AllocItem {
+            service: service.clone(),
+            pool: a.pool.clone().unwrap_or_default(),
+            port: if i == 0 { a.port.map_or(0, u32::from) } else { 0 },
+            strategy: portmesh_client::strategy_to_pb(a.strategy) as i32,
+            key: match (&a.key, names.len()) {
+                (Some(k), 1) => k.clone(),
+                (Some(k), _) => format!("{k}/{name}"),
+                (None, _) => String::new(),
+            },
+            instance: a.instance.clone().unwrap_or_default(),
+            env: a.env.clone().unwrap_or_default(),
+        })
+        .collect();
+    let r = c
+        .allocate_here(pb::AllocateRequest {
+            team: team.to_string(),
+            items,
+            ttl_ms: a.ttl.as_millis() as u64,
+            pid: std::process::id(),
+            command: command_line.clone(),
+            ..Default::default()
+        })
+        .await?;
+    let lease = r.lease_id;
+    let ports: Vec<(String, u16)> =
+        names.iter().cloned().zip(r.allocations.iter().map(|al| al.port as u16)).collect();
+    if let (Some(wanted), Some((_, got))) = (a.port, ports.first())
+        && wanted != *got
+    {
+        eprintln!("portmesh: port {wanted} is not free; {service} gets port {got} instead");
+    }
+    let result = supervise_one(c, team, a, &service, lease, &ports, &command_line).await;
+    // Revoking the lease releases the ports and the registration; a lease that already ran out
+    // has nothing left to release.
+    if let Err(e) = c.revoke_lease(team, lease).await
+        && !e.to_string().contains("unknown lease")
+    {
+        eprintln!("portmesh: could not release lease {lease}: {e:#}; its ports come back when it runs out");
+    }
+    result
+}
+
+async fn supervise_one(
+    c: &Client,
+    team: &str,
+    a: &RunArgs,
+    service: &str,
+    lease: u64,
+    ports: &[(String, u16)],
+    command_line: &str,
+) -> Result<i32> {
+    let main_port = ports[0].1;
+    let mut keeper = c.keep_lease(team, lease, a.ttl);
+    let socket = match a.fd {
+        true => Some((supervise::bind(a.bind, main_port)?, ports[0].0.clone())),
+        false => None,
+    };
+    let mut args = Vec::with_capacity(a.command.len());
+    for arg in &a.command {
+        args.push(fill(arg, service, ports).with_context(|| format!("argument {arg:?}"))?);
+    }
+    let var = portmesh_project::var_name(service);
+    let mut vars = vec![
+        ("PORT".to_string(), main_port.to_string()),
+        (format!("{var}_PORT"), main_port.to_string()),
+        ("PORTMESH_LEASE".to_string(), lease.to_string()),
+        ("PORTMESH_SERVICE".to_string(), service.to_string()),
+    ];
+    for (name, port) in ports {
+        let n = portmesh_project::var_name(name);
+        vars.push((format!("PORT_{n}"), port.to_string()));
+        vars.push((format!("{var}_PORT_{n}"), port.to_string()));
+    }
+    let proc = supervise::spawn(
+        service,
+        Spec { program: Program::Argv(args), vars, dir: None, socket, output: Output::Inherit },
+        None,
+    )?;
+
+    let registration = pb::Service {
+        team: team.to_string(),
+        name: service.to_string(),
+        project: a.project.clone().unwrap_or_default(),
+        env: a.env.clone().unwrap_or_default(),
+        instance: a.instance.clone().unwrap_or_default(),
+        ports: ports
+            .iter()
+            .map(|(n, p)| pb::ServicePort { name: n.clone(), port: u32::from(*p), protocol: String::new() })
+            .collect(),
+        tags: a.tags.clone(),
+        check: a.check.as_ref().map(|spec| check_pb(spec, "", None, None, 1)),
+        lease_id: lease,
+        pid: proc.pid,
+        command: command_line.to_string(),
+        ..Default::default()
+    };
+    if let Err(e) = c.register(registration).await {
+        proc.stop(std::time::Duration::from_secs(5)).await;
+        bail!("could not register {service}: {e:#}; stopped it again");
+    }
+
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut lease_ok = true;
+    let status = loop {
+        tokio::select! {
+            status = proc.wait() => break status,
+            _ = int.recv() => proc.signal(Signal::SIGINT),
+            _ = term.recv() => proc.signal(Signal::SIGTERM),
+            _ = hup.recv() => proc.signal(Signal::SIGHUP),
+            lost = keeper.lost(), if lease_ok => {
+                lease_ok = false;
+                eprintln!("portmesh: warning: {lost}; {service} keeps running, but port {main_port} may be handed out again");
+            }
+        }
+    };
+    Ok(supervise::exit_code(status))
+}
+
+/// `{port}`, `{port.NAME}`, `{SERVICE.port…}` (this service's), `{host}` and `{service}`.
+fn fill(text: &str, service: &str, ports: &[(String, u16)]) -> Result<String> {
+    let filled = template::render(text, |r| match r {
+        Ref::Port { service: Some(s), .. } if *s != service => Err(format!(
+            "{{{s}.port}}: run knows only its own service's ports ({service}); use `portmesh up` for a stack"
+        )),
+        Ref::Port { name, .. } => {
+            let port = match name {
+                None => ports.first(),
+                Some(n) => ports.iter().find(|(pn, _)| pn == n),
+            };
+            port.map(|(_, p)| p.to_string()).ok_or_else(|| {
+                let names: Vec<&str> = ports.iter().map(|(n, _)| n.as_str()).collect();
+                format!(
+                    "no port named {:?}: the ports are {} (see --ports)",
+                    name.unwrap_or(""),
+                    names.join(", ")
+                )
+            })
+        }
+        Ref::Word("host") => Ok("127.0.0.1".into()),
+        Ref::Word("service") => Ok(service.to_string()),
+        Ref::Word(w) => Err(format!("{{{w}}} is known only in project files")),
+    });
+    filled.map_err(anyhow::Error::msg)
+}

@@ -1,0 +1,374 @@
+//! The developer workflow: `run`, `up`, `down`, `ps`, `env`, `config show`, with real child
+//! processes on the ports the local node hands out. Each test draws from a pool of its own
+//! (20100-20699), so tests running at once never bind each other's ports.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+use crate::support::*;
+
+/// A home whose node has pool `t` = `range`.
+fn home_with_pool(range: &str) -> Home {
+    let h = Home::new();
+    h.pm(&["pools", "add", "t", range]).ok();
+    h
+}
+
+/// A TCP server for a service: python's http.server on `{port}`.
+const SERVER: &str = "python3 -m http.server {port} --bind 127.0.0.1";
+
+fn services_of(h: &Home) -> Vec<serde_json::Value> {
+    h.pm(&["discover", "--all", "--json"]).ok().json()["services"].as_array().unwrap().clone()
+}
+
+#[test]
+fn run_sets_the_port_variables_fills_its_arguments_and_exits_with_the_childs_status() {
+    let h = home_with_pool("20450-20469");
+    let r = h.pm(&[
+        "run", "--pool", "t", "--service", "echo", "--ports", "http,admin", "--", "sh", "-c",
+        "echo $PORT $PORT_HTTP $PORT_ADMIN $ECHO_PORT $ECHO_PORT_ADMIN {port} {port.admin} $PORTMESH_LEASE; exit 3",
+    ]);
+    assert_eq!(r.code, 3, "{r:?}");
+    let words: Vec<&str> = r.stdout.split_whitespace().collect();
+    assert_eq!(words.len(), 8, "{r:?}");
+    let (http, admin) = (words[0], words[2]);
+    assert_ne!(http, admin);
+    assert_eq!([words[1], words[3], words[5]], [http, http, http]);
+    assert_eq!([words[4], words[6]], [admin, admin]);
+    assert!((20450..=20469).contains(&http.parse::<u16>().unwrap()));
+    assert!(words[7].parse::<u64>().unwrap() > 0, "the lease is passed on");
+    assert!(h.live_ports().is_empty(), "released on exit");
+    assert!(services_of(&h).is_empty(), "deregistered on exit");
+
+    let r = h.pm(&["run", "--pool", "t", "--", "sh", "-c", "echo {port.nope}"]);
+    assert_ne!(r.code, 0);
+    assert!(r.stderr.contains("no port named \"nope\""), "{r:?}");
+    assert!(h.live_ports().is_empty(), "a bad argument releases what it took");
+}
+
+#[test]
+fn run_passes_sigint_on_registers_the_child_and_releases_when_it_ends() {
+    let h = home_with_pool("20470-20489");
+    let mut child = h
+        .cmd(&[
+            "run",
+            "--pool",
+            "t",
+            "--service",
+            "trapper",
+            "--",
+            "sh",
+            "-c",
+            "trap 'echo got INT; exit 5' INT; echo ready; while :; do sleep 0.1; done",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    assert_eq!(lines.next().unwrap().unwrap(), "ready");
+    wait_until("the registration", Duration::from_secs(10), || services_of(&h).len() == 1);
+    let svc = &services_of(&h)[0];
+    assert_eq!(svc["name"], "trapper");
+    assert!(svc["pid"].as_u64().unwrap() != u64::from(child.id()), "the registration names the child");
+    assert_eq!(h.live_ports().len(), 1);
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGINT).unwrap();
+    assert_eq!(lines.next().unwrap().unwrap(), "got INT");
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(5));
+    assert!(h.live_ports().is_empty());
+    assert!(services_of(&h).is_empty());
+}
+
+#[test]
+fn run_killed_with_sigkill_takes_its_child_along_and_its_port_comes_back_when_the_lease_runs_out() {
+    let h = home_with_pool("20490-20499");
+    let mut child = h
+        .cmd(&["run", "--pool", "t", "--ttl", "2s", "--service", "held", "--", "sleep", "600"])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until("the registration", Duration::from_secs(10), || services_of(&h).len() == 1);
+    let server = services_of(&h)[0]["pid"].as_u64().unwrap() as i32;
+    assert_eq!(h.live_ports().len(), 1);
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGKILL).unwrap();
+    child.wait().unwrap();
+    wait_until("the child to follow its wrapper", Duration::from_secs(10), || !process_runs(server));
+    wait_until("the lease to run out", Duration::from_secs(15), || h.live_ports().is_empty());
+    assert!(services_of(&h).is_empty(), "the registration went with the lease");
+    let log = h.pm(&["log", "--json"]).ok().stdout;
+    assert!(log.contains("\"type\":\"expired\""), "{log}");
+}
+
+#[test]
+fn up_starts_in_dependency_order_with_each_port_and_env_prints_the_stack() {
+    let h = home_with_pool("20100-20149");
+    let dir = tempfile::tempdir().unwrap();
+    let order = dir.path().join("order.log");
+    let svc = |name: &str| {
+        format!(
+            "command = \"echo {name} $PORT $DB_PORT >> {} && exec {SERVER}\"\npool = \"t\"\ncheck = \"tcp\"\n",
+            order.display()
+        )
+    };
+    let f = project(
+        dir.path(),
+        &format!(
+            "project = \"ordered\"\n[services.db]\n{}\n[services.api]\n{}depends_on = [\"db\"]\n[services.api.env]\nDATABASE_URL = \"postgresql://{{host}}:{{db.port}}/app\"\n[services.web]\n{}depends_on = [\"api\"]\n",
+            svc("db"),
+            svc("api"),
+            svc("web")
+        ),
+    );
+    let f = f.to_str().unwrap();
+    let up = h.pm(&["up", "-d", "-f", f]).ok();
+    assert!(up.stdout.contains("ordered/dev/default is up"), "{up:?}");
+    let ports = h.stack_ports(&["-f", f]);
+    assert_eq!(ports.len(), 3);
+    let text = std::fs::read_to_string(&order).unwrap();
+    let lines: Vec<Vec<&str>> = text.lines().map(|l| l.split(' ').collect()).collect();
+    assert_eq!(lines.iter().map(|l| l[0]).collect::<Vec<_>>(), ["db", "api", "web"], "{text}");
+    for l in &lines {
+        assert_eq!(l[1].parse::<u16>().unwrap(), ports[l[0]], "PORT of {}", l[0]);
+        assert_eq!(l[2].parse::<u16>().unwrap(), ports["db"], "every service sees DB_PORT");
+    }
+    for (name, port) in &ports {
+        assert!(!port_is_free(*port), "{name} listens on {port}");
+    }
+    let ps = h.pm(&["ps", "-f", f, "--json"]).ok().json();
+    assert_eq!(ps["phase"], "up");
+    wait_until("the node's checks to pass", Duration::from_secs(10), || {
+        h.pm(&["ps", "-f", f, "--json"]).ok().json()["services"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|s| s["status"] == "passing")
+    });
+    let env = h.pm(&["env", "-f", f]).ok().stdout;
+    assert!(env.contains(&format!("export DB_PORT='{}'", ports["db"])), "{env}");
+    assert!(env.contains(&format!("export WEB_PORT='{}'", ports["web"])), "{env}");
+    assert!(
+        env.contains(&format!("export DATABASE_URL='postgresql://127.0.0.1:{}/app'", ports["db"])),
+        "{env}"
+    );
+
+    let down = h.pm(&["down", "-f", f]).ok();
+    assert!(down.stdout.contains("is down"), "{down:?}");
+    for (name, port) in &ports {
+        assert!(port_is_free(*port), "{name}'s port {port} is free after down");
+    }
+    assert!(h.live_ports().is_empty());
+    assert!(services_of(&h).is_empty());
+    h.pm(&["env", "-f", f]).fails_with("is not up");
+    assert!(h.pm(&["down", "-f", f]).ok().stdout.contains("is not up"));
+
+    // Sticky: the same ports again.
+    h.pm(&["up", "-d", "-f", f]).ok();
+    assert_eq!(h.stack_ports(&["-f", f]), ports);
+    h.pm(&["down", "-f", f]).ok();
+}
+
+#[test]
+fn a_failing_service_stops_the_stack_in_reverse_order_and_is_named_with_its_exit_status() {
+    let h = home_with_pool("20150-20199");
+    let dir = tempfile::tempdir().unwrap();
+    let f = project(
+        dir.path(),
+        &format!(
+            "project = \"broken\"\n\
+             [services.a]\ncommand = \"{SERVER}\"\npool = \"t\"\ncheck = \"tcp\"\n\
+             [services.b]\ncommand = \"{SERVER}\"\npool = \"t\"\ncheck = \"tcp\"\ndepends_on = [\"a\"]\n\
+             [services.c]\ncommand = \"echo cannot start >&2; exit 3\"\npool = \"t\"\ncheck = \"tcp\"\ndepends_on = [\"b\"]\n"
+        ),
+    );
+    let f = f.to_str().unwrap();
+    let r = h.pm(&["up", "-f", f]);
+    assert_ne!(r.code, 0, "{r:?}");
+    assert!(r.stderr.contains("service c failed: exited with status 3 before it was healthy"), "{r:?}");
+    assert!(r.stdout.contains("c | cannot start"), "output is prefixed with the service: {r:?}");
+    let stops: Vec<&str> = r.stdout.lines().filter_map(|l| l.strip_prefix("portmesh: stopping ")).collect();
+    assert_eq!(stops, ["b", "a"], "{r:?}");
+    assert!(h.live_ports().is_empty(), "every port released");
+    assert!(services_of(&h).is_empty());
+    assert!(h.supervisors().is_empty(), "no state left behind");
+
+    // A check that never passes: the ready timeout names the check and what it said.
+    let f2 = project(
+        &dir.path().join("slow"),
+        &format!(
+            "project = \"slow\"\nready_timeout = \"1s\"\n[services.a]\ncommand = \"{SERVER}\"\npool = \"t\"\ncheck = \"http:/missing\"\n"
+        ),
+    );
+    let r = h.pm(&["up", "-d", "-f", f2.to_str().unwrap()]);
+    assert_ne!(r.code, 0);
+    assert!(
+        r.stderr.contains("service a failed: not healthy within 1s (check http:/missing on port"),
+        "{r:?}"
+    );
+    assert!(r.stderr.contains("404"), "the check's output: {r:?}");
+    assert!(h.live_ports().is_empty());
+    assert!(h.supervisors().is_empty());
+}
+
+#[test]
+fn two_instances_run_side_by_side_and_a_second_up_needs_kill_existing() {
+    let h = home_with_pool("20250-20299");
+    let dir = tempfile::tempdir().unwrap();
+    let f = project(
+        dir.path(),
+        &format!(
+            "project = \"twin\"\n[services.web]\ncommand = \"{SERVER}\"\npool = \"t\"\ncheck = \"http:/\"\n"
+        ),
+    );
+    let f = f.to_str().unwrap();
+    h.pm(&["up", "-d", "-f", f, "--instance", "a"]).ok();
+    h.pm(&["up", "-d", "-f", f, "--instance", "b"]).ok();
+    let a = h.stack_ports(&["-f", f, "--instance", "a"])["web"];
+    let b = h.stack_ports(&["-f", f, "--instance", "b"])["web"];
+    assert_ne!(a, b);
+    assert_eq!(http_get(&format!("127.0.0.1:{a}"), "/").0, 200);
+    assert_eq!(http_get(&format!("127.0.0.1:{b}"), "/").0, 200);
+
+    h.pm(&["up", "-d", "-f", f, "--instance", "a"]).fails_with("twin/dev/a is already up");
+    let before = h.supervisors();
+    h.pm(&["up", "-d", "-f", f, "--instance", "a", "--kill-existing"]).ok();
+    assert_eq!(h.stack_ports(&["-f", f, "--instance", "a"])["web"], a, "the replacement keeps the port");
+    let after = h.supervisors();
+    assert_eq!(after.len(), 2);
+    assert_ne!(before, after, "instance a has a new supervisor");
+    h.pm(&["down", "-f", f, "--instance", "a"]).ok();
+    h.pm(&["down", "-f", f, "--instance", "b"]).ok();
+    assert!(h.live_ports().is_empty());
+}
+
+#[test]
+fn force_ends_the_process_holding_a_pinned_port_and_without_it_the_holder_is_named() {
+    let h = home_with_pool("20400-20449");
+    let port = (20400..20450).find(|p| port_is_free(*p)).unwrap();
+    let mut squatter = std::process::Command::new("python3")
+        .args(["-m", "http.server", &port.to_string(), "--bind", "127.0.0.1"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until("the squatter to listen", Duration::from_secs(10), || !port_is_free(port));
+    let dir = tempfile::tempdir().unwrap();
+    let f = project(
+        dir.path(),
+        &format!(
+            "project = \"pinned\"\n[services.web]\ncommand = \"{SERVER}\"\npool = \"t\"\ncheck = \"tcp\"\n"
+        ),
+    );
+    let f = f.to_str().unwrap();
+    // WEB_PORT in the environment pins the service's port.
+    let r = h.cmd(&["up", "-d", "-f", f]).env("WEB_PORT", port.to_string()).output().unwrap();
+    let stderr = String::from_utf8_lossy(&r.stderr);
+    assert!(!r.status.success());
+    assert!(stderr.contains(&format!("port {port} is not available")), "{stderr}");
+    assert!(stderr.contains(&format!("pid {}", squatter.id())) && stderr.contains("http.server"), "{stderr}");
+    assert!(stderr.contains("--force"), "{stderr}");
+    assert!(h.live_ports().is_empty());
+
+    let r = h.cmd(&["up", "-d", "--force", "-f", f]).env("WEB_PORT", port.to_string()).output().unwrap();
+    assert!(r.status.success(), "{r:?}");
+    assert!(String::from_utf8_lossy(&r.stderr).contains(&format!("ending pid {}", squatter.id())));
+    assert!(squatter.wait().unwrap().code().is_none(), "the squatter was ended by a signal");
+    assert_eq!(h.stack_ports(&["-f", f])["web"], port);
+    h.pm(&["down", "-f", f]).ok();
+}
+
+/// Each bad project: the message, and that no port was taken and no process started.
+#[test]
+fn bad_projects_take_no_port_and_start_nothing() {
+    let h = home_with_pool("20300-20349");
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("started");
+    let run = format!("touch {} && exec {SERVER}", marker.display());
+    // Another project holds a pinned port.
+    let other = project(
+        &dir.path().join("other"),
+        &format!("project = \"other\"\n[services.api]\ncommand = \"{SERVER}\"\npool = \"t\"\nport = 20345\n"),
+    );
+    h.pm(&["up", "-d", "-f", other.to_str().unwrap()]).ok();
+    assert_eq!(h.stack_ports(&["-f", other.to_str().unwrap()])["api"], 20345);
+
+    let cases: Vec<(&str, String, &str)> = vec![
+        ("malformed", format!("project = \"x\"\n[services.a]\ncommand = \"{run}\npool = \"t\"\n"), "line 3"),
+        (
+            "unknown key",
+            format!("project = \"x\"\n[services.a]\ncommand = \"{run}\"\npoool = \"t\"\n"),
+            "did you mean \"pool\"?",
+        ),
+        ("no command", "project = \"x\"\n[services.a]\npool = \"t\"\n".to_string(), "services.a: no command"),
+        (
+            "unknown pool",
+            format!("project = \"x\"\n[services.a]\ncommand = \"{run}\"\npool = \"nope\"\n"),
+            "unknown pool \"nope\"",
+        ),
+        (
+            "cycle",
+            format!(
+                "project = \"x\"\n[services.a]\ncommand = \"{run}\"\ndepends_on = [\"b\"]\n[services.b]\ncommand = \"{run}\"\ndepends_on = [\"a\"]\n"
+            ),
+            "depends_on cycle: a -> b -> a",
+        ),
+        (
+            "unknown service",
+            format!(
+                "project = \"x\"\n[services.a]\ncommand = \"{run}\"\npool = \"t\"\n[services.a.env]\nDB = \"{{db.port}}\"\n"
+            ),
+            "{db.port…} names no service of project x",
+        ),
+        (
+            "pinned port held by another project",
+            format!(
+                "project = \"x\"\n[services.a]\ncommand = \"{run}\"\npool = \"t\"\nport = 20345\nstrategy = \"fail\"\n"
+            ),
+            "port 20345 wanted by a is held by other/dev/default/api/main",
+        ),
+    ];
+    for (what, text, want) in cases {
+        let f = project(&dir.path().join(what.replace(' ', "-")), &text);
+        let r = h.pm(&["up", "-f", f.to_str().unwrap()]);
+        assert_ne!(r.code, 0, "{what}: {r:?}");
+        assert!(r.stderr.contains(want), "{what}: stderr lacks {want:?}: {r:?}");
+        assert_eq!(h.live_ports(), [20345], "{what}: no port taken");
+        assert!(!marker.exists(), "{what}: no process started");
+    }
+    h.pm(&["down", "-f", other.to_str().unwrap()]).ok();
+    let r = h.cmd(&["up"]).current_dir(dir.path()).output().unwrap();
+    assert!(String::from_utf8_lossy(&r.stderr).contains("no portmesh.toml in"), "{r:?}");
+}
+
+#[test]
+fn config_show_names_the_layer_of_every_value() {
+    let h = Home::new();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("base.toml"), "stop_timeout = \"9s\"\n").unwrap();
+    let f = project(
+        dir.path(),
+        "extends = \"base.toml\"\nproject = \"shown\"\n[services.api]\ncommand = \"serve {port}\"\n[env.prod]\nready_timeout = \"5m\"\n",
+    );
+    let out = h
+        .cmd(&["config", "show", "-f", f.to_str().unwrap(), "--env", "prod"])
+        .env("API_PORT", "20999")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    let origin = |key: &str| -> String {
+        let line = text.lines().find(|l| l.starts_with(key)).unwrap_or_else(|| panic!("{key} in {text}"));
+        line.rsplit("# ").next().unwrap().to_string()
+    };
+    assert!(origin("stop_timeout = \"9s\"").ends_with("base.toml"), "{text}");
+    assert!(origin("ready_timeout = \"5m\"").ends_with("[env.prod]"), "{text}");
+    assert_eq!(origin("port = 20999"), "environment variables");
+    assert_eq!(origin("strategy = \"fail\""), "environment variables");
+    assert_eq!(origin("lease_ttl"), "built-in defaults (prod)");
+    assert!(h.info().is_none(), "config show starts no node");
+    let _ = Path::new(&f);
+}
