@@ -593,11 +593,11 @@ async fn wait_ready(svc: &ServiceDef, proc: &Proc, ports: &Ports) -> Result<()> 
     };
     let deadline = tokio::time::Instant::now() + svc.ready_timeout;
     let mut last = String::from("no check finished yet");
+    let mut next = tokio::time::Instant::now();
     loop {
         let attempt = async {
-            let (status, out) = portmesh_api::check_once(&check, port).await;
-            tokio::time::sleep_until(tokio::time::Instant::now() + READY_POLL).await;
-            (status, out)
+            tokio::time::sleep_until(next).await;
+            portmesh_api::check_once(&check, port).await
         };
         tokio::select! {
             status = proc.wait() => bail!("{} before it was healthy (check {spec}: {last})", supervise::describe(status)),
@@ -610,6 +610,7 @@ async fn wait_ready(svc: &ServiceDef, proc: &Proc, ports: &Ports) -> Result<()> 
                     return Ok(());
                 }
                 last = out;
+                next = tokio::time::Instant::now() + READY_POLL;
             }
         }
     }

@@ -40,7 +40,8 @@ pub struct Spec<'a> {
     pub program: Program,
     pub vars: Vec<(String, String)>,
     pub dir: Option<&'a Path>,
-    /// A bound socket handed over as fd 3 (`LISTEN_FDS=1`, `LISTEN_PID`, `LISTEN_FDNAMES`).
+    /// A bound socket handed over as fd 3, announced by `LISTEN_FDS=1`, `LISTEN_PID` and
+    /// `LISTEN_FDNAMES` (the systemd protocol) unless the command names fd 3 itself.
     pub socket: Option<(std::net::TcpListener, String)>,
     pub output: Output,
 }
@@ -77,6 +78,18 @@ pub fn plain_words(line: &str) -> Option<Vec<String>> {
     }
 }
 
+/// Whether a command takes fd 3 from its own arguments (`--bind fd://3` for gunicorn, `--fd 3`
+/// for uvicorn). Such a program is not also told by `LISTEN_FDS`: gunicorn would take the same
+/// descriptor twice (once from `--bind`, once from the activation variables) and fail on the
+/// second with EBADF.
+pub fn names_fd3(program: &Program) -> bool {
+    let text = match program {
+        Program::Argv(v) => v.join(" "),
+        Program::Shell(line) => line.clone(),
+    };
+    text.contains("fd://3") || text.contains("--fd 3") || text.contains("--fd=3")
+}
+
 fn argv(program: &Program, socket: bool) -> Vec<String> {
     let words = match program {
         Program::Argv(v) => v.clone(),
@@ -101,7 +114,9 @@ pub fn spawn(
     spec: Spec<'_>,
     exits: Option<mpsc::UnboundedSender<(String, ExitStatus)>>,
 ) -> std::io::Result<Proc> {
-    let words = argv(&spec.program, spec.socket.is_some());
+    // Socket activation variables, unless the program names fd 3 itself.
+    let activation = spec.socket.is_some() && !names_fd3(&spec.program);
+    let words = argv(&spec.program, activation);
     let Some((program, args)) = words.split_first() else {
         return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "empty command"));
     };
@@ -114,7 +129,7 @@ pub fn spawn(
         cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
     }
     let socket_fd = spec.socket.as_ref().map(|(l, _)| l.as_raw_fd());
-    if let Some((_, port_name)) = &spec.socket {
+    if let (true, Some((_, port_name))) = (activation, &spec.socket) {
         cmd.env("LISTEN_FDS", "1").env("LISTEN_FDNAMES", port_name);
     }
     // SAFETY: the closure runs in the forked child before exec and only makes async-signal-safe
@@ -270,6 +285,9 @@ mod tests {
             assert!(plain_words(needs_shell).is_none(), "{needs_shell}");
         }
         assert_eq!(argv(&Program::Shell("a | b".into()), false), ["sh", "-c", "a | b"]);
+        assert!(names_fd3(&Program::Shell("gunicorn --bind fd://3 app:app".into())));
+        assert!(names_fd3(&Program::Argv(vec!["uvicorn".into(), "--fd".into(), "3".into()])));
+        assert!(!names_fd3(&Program::Shell("gunicorn app:app".into())));
         let wrapped = argv(&Program::Argv(vec!["gunicorn".into()]), true);
         assert_eq!(wrapped[0], "sh");
         assert_eq!(wrapped.last().unwrap(), "gunicorn");

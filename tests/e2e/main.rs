@@ -9,6 +9,7 @@ mod bad_input;
 mod cluster;
 mod docker;
 mod embedded;
+mod flask;
 mod leases;
 mod membership;
 mod probe;

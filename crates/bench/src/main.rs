@@ -66,6 +66,10 @@ struct Args {
     /// Also compare a one-shot `portmesh alloc` with an empty Rust binary using `hyperfine -N`.
     #[arg(long)]
     startup: bool,
+    /// The developer workflow: `portmesh run -- /bin/true` against /bin/true and an empty Rust
+    /// binary (`hyperfine -N`), and `portmesh up -d` of a 5-service stack (--rounds x 3 times).
+    #[arg(long)]
+    workflow: bool,
     /// Lease soak: grant this many leases and renew each every TTL/3 for --soak-secs, counting
     /// renewals answered "gone" and expiry events (portmesh only).
     #[arg(long, default_value_t = 0)]
@@ -783,6 +787,9 @@ async fn main() -> Result<()> {
     if args.startup {
         startup(&args.portmesh).await?;
     }
+    if args.workflow {
+        workflow(&args.portmesh, args.rounds * 3).await?;
+    }
     scale_runs(&args, dur).await
 }
 
@@ -801,32 +808,96 @@ async fn scale_runs(args: &Args, dur: Duration) -> Result<()> {
     Ok(())
 }
 
-/// One-shot `portmesh alloc` against a warm node vs an empty Rust binary, with `hyperfine -N`.
-async fn startup(bin: &Path) -> Result<()> {
-    let dir = tempfile::tempdir()?;
-    let src = dir.path().join("empty.rs");
+/// Builds `fn main() {}` with rustc -O in `dir`: the start-up cost of any Rust binary.
+fn build_empty(dir: &Path) -> Result<PathBuf> {
+    let src = dir.join("empty.rs");
     std::fs::write(&src, "fn main() {}\n")?;
-    let empty = dir.path().join("empty");
+    let empty = dir.join("empty");
     let ok = Command::new("rustc").args(["-O", "-o"]).arg(&empty).arg(&src).status()?.success();
     if !ok {
         bail!("rustc could not build the empty binary");
     }
-    let server = start_portmesh(bin, 1).await?;
-    let json = dir.path().join("hyperfine.json");
-    let alloc = format!("{} --node {} alloc bench --key hyperfine", bin.display(), server.leader_addr());
+    Ok(empty)
+}
+
+/// Runs `hyperfine -N` on `commands` (with `home` as PORTMESH_HOME); the mean of each, in ms.
+fn hyperfine(dir: &Path, home: &Path, commands: &[String]) -> Result<Vec<f64>> {
+    let json = dir.join("hyperfine.json");
     let status = Command::new("hyperfine")
         .args(["-N", "--warmup", "20", "--runs", "300", "--export-json"])
         .arg(&json)
-        .arg(empty.display().to_string())
-        .arg(&alloc)
+        .args(commands)
+        .env("PORTMESH_HOME", home)
         .status()
         .context("running hyperfine (install Debian's hyperfine)")?;
     if !status.success() {
         bail!("hyperfine failed");
     }
     let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json)?)?;
-    let mean = |i: usize| v["results"][i]["mean"].as_f64().unwrap_or(f64::NAN) * 1e3;
-    let (e, a) = (mean(0), mean(1));
+    Ok((0..commands.len()).map(|i| v["results"][i]["mean"].as_f64().unwrap_or(f64::NAN) * 1e3).collect())
+}
+
+/// `portmesh run -- /bin/true` (its cost over /bin/true, against an empty Rust binary's start-up)
+/// and `portmesh up -d` of five services that are ready at once, against a warm node.
+async fn workflow(bin: &Path, ups: usize) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let empty = build_empty(dir.path())?;
+    let server = start_portmesh(bin, 1).await?;
+    let node = server.leader_addr().to_string();
+    let home = dir.path().join("home");
+    let run = format!("{} --node {node} run -- /bin/true", bin.display());
+    let means = hyperfine(dir.path(), &home, &["/bin/true".to_string(), empty.display().to_string(), run])?;
+    let (t, e, r) = (means[0], means[1], means[2]);
+    println!(
+        "\nrun: /bin/true {t:.2} ms, empty Rust binary {e:.2} ms, `portmesh run -- /bin/true` {r:.2} ms: \
+         run adds {:.2} ms = {:.2}× the empty binary's start-up",
+        r - t,
+        (r - t) / e
+    );
+
+    let project = dir.path().join("portmesh.toml");
+    let mut text = String::from("project = \"bench\"\n");
+    for i in 1..=5 {
+        text.push_str(&format!("[services.s{i}]\ncommand = \"sleep 600\"\ncheck = \"cmd:true\"\n"));
+    }
+    std::fs::write(&project, text)?;
+    let pm = |args: &[&str]| -> Result<Duration> {
+        let t0 = Instant::now();
+        let out = Command::new(bin)
+            .arg("--node")
+            .arg(&node)
+            .args(args)
+            .arg("-f")
+            .arg(&project)
+            .env("PORTMESH_HOME", &home)
+            .output()?;
+        if !out.status.success() {
+            bail!("portmesh {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(t0.elapsed())
+    };
+    let mut times = Vec::new();
+    for _ in 0..ups {
+        times.push(pm(&["up", "-d"])?.as_secs_f64() * 1e3);
+        pm(&["down"])?;
+    }
+    let min = times.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = times.iter().copied().fold(0.0, f64::max);
+    println!(
+        "up: 5 services ready at once, command to all healthy: median {:.1} ms (min {min:.1}, max {max:.1}) over {ups} runs",
+        median(times)
+    );
+    Ok(())
+}
+
+/// One-shot `portmesh alloc` against a warm node vs an empty Rust binary, with `hyperfine -N`.
+async fn startup(bin: &Path) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let empty = build_empty(dir.path())?;
+    let server = start_portmesh(bin, 1).await?;
+    let alloc = format!("{} --node {} alloc bench --key hyperfine", bin.display(), server.leader_addr());
+    let means = hyperfine(dir.path(), &dir.path().join("home"), &[empty.display().to_string(), alloc])?;
+    let (e, a) = (means[0], means[1]);
     println!(
         "\nstart-up: empty Rust binary {e:.2} ms, one-shot `portmesh alloc` (warm node) {a:.2} ms: {:.2}×",
         a / e

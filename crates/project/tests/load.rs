@@ -347,3 +347,36 @@ fn resolved_is_usable_by_callers() {
     assert_eq!(r.stack.service_id("api"), "shop/dev/default/api");
     assert_eq!(r.stack.scope(), "shop/dev/default");
 }
+
+/// Every template and example project resolves, in every environment it mentions.
+#[test]
+fn templates_resolve() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(root.join("templates"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+        .collect();
+    for ex in ["flask-shop", "flask-blog", "flask-cache"] {
+        files.push(root.join(ex).join("portmesh.toml"));
+    }
+    let mut projects = 0;
+    for f in files {
+        if !std::fs::read_to_string(&f).unwrap().contains("project =") {
+            continue; // a base for `extends`, not a project
+        }
+        for env in ["dev", "test", "prod"] {
+            let mut o = opts(&f);
+            o.env = Some(env.into());
+            let r = load(&o).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
+            assert!(!r.stack.services.is_empty());
+        }
+        projects += 1;
+    }
+    assert_eq!(projects, 6);
+    let mut o = opts(&root.join("templates/instances.toml"));
+    o.instance = Some("demo".into());
+    let r = load(&o).unwrap();
+    assert_eq!(r.stack.team, "payments", "from team-base.toml");
+    assert_eq!(r.stack.service("web").unwrap().ports[0].wanted, Some(8500));
+}
