@@ -222,3 +222,59 @@ async fn docker_a_leader_cut_off_by_network_disconnect_is_replaced_and_nothing_i
         "the write made while cut off"
     );
 }
+
+/// A port published by a container: `up` names the container, and only `--force` stops it.
+#[test]
+#[ignore = "needs a Docker engine: scripts/test runs it when one answers"]
+fn docker_a_port_published_by_a_container_is_named_and_only_force_stops_it() {
+    use crate::support::{Home, port_is_free, project, wait_until};
+    let image = image();
+    let h = Home::new();
+    h.pm(&["pools", "add", "t", "20700-20719"]).ok();
+    let port = (20700..20720).find(|p| port_is_free(*p)).unwrap();
+    let name = format!("pm-force-{}", std::process::id());
+    let _ = docker(&["rm", "-f", &name]);
+    let publish = format!("127.0.0.1:{port}:7400");
+    docker(&[
+        "run",
+        "-d",
+        "--name",
+        &name,
+        "-p",
+        &publish,
+        &image,
+        "serve",
+        "--data",
+        "/data",
+        "--listen",
+        "0.0.0.0:7400",
+        "--bootstrap",
+    ])
+    .unwrap();
+    wait_until("the published port", Duration::from_secs(30), || !port_is_free(port));
+    let dir = tempfile::tempdir().unwrap();
+    let f = project(
+        dir.path(),
+        "project = \"boxed\"\n[services.web]\ncommand = \"python3 -m http.server {port} --bind 127.0.0.1\"\npool = \"t\"\ncheck = \"tcp\"\n",
+    );
+    let f = f.to_str().unwrap();
+    let r = h.cmd(&["up", "-d", "-f", f]).env("WEB_PORT", port.to_string()).output().unwrap();
+    let stderr = String::from_utf8_lossy(&r.stderr);
+    let running = || docker(&["ps", "-q", "--filter", &format!("name={name}")]).unwrap();
+    let outcome = || {
+        assert!(!r.status.success(), "{stderr}");
+        assert!(stderr.contains(&format!("container {name}")), "the container is named: {stderr}");
+        assert!(!running().is_empty(), "without --force the container keeps running");
+        let r = h.cmd(&["up", "-d", "--force", "-f", f]).env("WEB_PORT", port.to_string()).output().unwrap();
+        assert!(r.status.success(), "{r:?}");
+        assert!(String::from_utf8_lossy(&r.stderr).contains(&format!("stopping container {name}")), "{r:?}");
+        assert!(running().is_empty(), "--force stopped the container");
+        assert_eq!(h.stack_ports(&["-f", f])["web"], port);
+        h.pm(&["down", "-f", f]).ok();
+    };
+    let result = std::panic::catch_unwind(outcome);
+    let _ = docker(&["rm", "-f", &name]);
+    if let Err(e) = result {
+        std::panic::resume_unwind(e);
+    }
+}

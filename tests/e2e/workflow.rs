@@ -372,3 +372,34 @@ fn config_show_names_the_layer_of_every_value() {
     assert!(h.info().is_none(), "config show starts no node");
     let _ = Path::new(&f);
 }
+
+#[test]
+fn ctrl_c_stops_a_foreground_stack_in_reverse_order_and_releases_it() {
+    let h = home_with_pool("20200-20249");
+    let dir = tempfile::tempdir().unwrap();
+    let f = project(
+        dir.path(),
+        &format!(
+            "project = \"fg\"\n[services.first]\ncommand = \"{SERVER}\"\npool = \"t\"\ncheck = \"tcp\"\n\
+             [services.second]\ncommand = \"{SERVER}\"\npool = \"t\"\ncheck = \"tcp\"\ndepends_on = [\"first\"]\n"
+        ),
+    );
+    let mut up = h.cmd(&["up", "-f", f.to_str().unwrap()]).stdout(Stdio::piped()).spawn().unwrap();
+    let mut lines = BufReader::new(up.stdout.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    while !seen.last().is_some_and(|l: &String| l.contains("fg/dev/default is up")) {
+        seen.push(lines.next().expect("up ended before the stack was up").unwrap());
+    }
+    let ports = h.stack_ports(&["-f", f.to_str().unwrap()]);
+    assert_eq!(ports.len(), 2);
+    kill(Pid::from_raw(up.id() as i32), Signal::SIGINT).unwrap();
+    let rest: Vec<String> = lines.map(Result::unwrap).collect();
+    assert_eq!(up.wait().unwrap().code(), Some(0), "{rest:?}");
+    let stops: Vec<&str> = rest.iter().filter_map(|l| l.strip_prefix("portmesh: stopping ")).collect();
+    assert_eq!(stops, ["second", "first"]);
+    for port in ports.values() {
+        assert!(port_is_free(*port));
+    }
+    assert!(h.live_ports().is_empty());
+    assert!(h.supervisors().is_empty(), "the state file is gone");
+}
