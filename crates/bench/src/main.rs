@@ -784,17 +784,17 @@ async fn main() -> Result<()> {
         }
         println!("failover: median {:.0} ms over {} kills", median(times), args.failover);
     }
+    scale_runs(&args, dur).await
+}
+
+/// The start-up, workflow, lease and watch scale benchmarks asked for (see `scale.rs`).
+async fn scale_runs(args: &Args, dur: Duration) -> Result<()> {
     if args.startup {
         startup(&args.portmesh).await?;
     }
     if args.workflow {
         workflow(&args.portmesh, args.rounds * 3).await?;
     }
-    scale_runs(&args, dur).await
-}
-
-/// The lease and watch scale benchmarks asked for (see `scale.rs`).
-async fn scale_runs(args: &Args, dur: Duration) -> Result<()> {
     let etcd = (args.etcd != "off").then_some(args.etcd.as_str());
     if args.rss_allocations > 0 {
         scale::rss_allocations(&args.portmesh, etcd, args.nodes, args.rss_allocations).await?;
