@@ -107,6 +107,17 @@ pub enum Command {
         #[arg(long)]
         all_teams: bool,
     },
+    /// Usage per pool (in use, peak, churn, time to exhaustion), the most contested ports and who
+    /// held them, and recommendations with the command that applies each.
+    Stats {
+        /// Every team, not only --team.
+        #[arg(long)]
+        all_teams: bool,
+    },
+    /// Check this host and the cluster for what could bite: pools in the ephemeral range,
+    /// ports held with no lease or by processes that are gone, an unreachable or leaderless
+    /// cluster, clock skew, the data directory's size. Exits 1 if anything is wrong.
+    Doctor,
     /// Register a service: where it listens and how to check it. Prints its id.
     Register(RegisterArgs),
     /// Remove a service registration.

@@ -27,6 +27,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Down(p) => crate::stack::down(&cli, p).await,
         Command::Ps(p) => crate::stack::ps(&cli, p).await,
         Command::Env(p) => crate::stack::env(&cli, p).await,
+        Command::Doctor => crate::observe::doctor(&cli).await,
         Command::Run(a) => {
             let client = connect(&cli).await?;
             crate::run::run(&client, cli.team(), a).await
@@ -106,6 +107,9 @@ async fn client_command(cli: &Cli, c: &Client) -> Result<()> {
             };
             watch(c, req, cli.json).await
         }
+        Command::Stats { all_teams } => {
+            crate::observe::stats(c, if *all_teams { "" } else { team }, cli.json).await
+        }
         Command::Register(r) => crate::registry::register(c, team, r, cli.json).await,
         Command::Deregister { id } => crate::registry::deregister(c, team, id, cli.json).await,
         Command::Discover { name, project, env, tags, all, all_teams, stale } => {
@@ -130,7 +134,8 @@ async fn client_command(cli: &Cli, c: &Client) -> Result<()> {
         | Command::Down(_)
         | Command::Ps(_)
         | Command::Env(_)
-        | Command::Run(_) => unreachable_command(),
+        | Command::Run(_)
+        | Command::Doctor => unreachable_command(),
     }
 }
 

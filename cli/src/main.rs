@@ -3,6 +3,7 @@
 mod args;
 mod commands;
 mod local;
+mod observe;
 mod registry;
 mod run;
 mod stack;

@@ -133,7 +133,7 @@ fn alive(pid: u32) -> bool {
     crate::local::process_alive(pid)
 }
 
-fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 

@@ -108,11 +108,19 @@ async fn status(State(api): State<Api>) -> Json<Value> {
             })
         })
         .collect();
+    drop(sm);
+    let recommendations: Vec<Value> = api
+        .stats("")
+        .recommendations
+        .iter()
+        .map(|r| json!({"rule": r.rule, "reason": r.reason, "command": r.command}))
+        .collect();
     let members: Vec<Value> =
         s.members.iter().map(|m| json!({"id": m.id, "addr": m.addr, "role": m.role})).collect();
     Json(json!({
         "node_id": s.node_id, "leader_id": s.leader_id, "term": s.term, "members": members,
         "commit_index": s.commit_index, "applied_index": s.applied_index, "revision": s.revision,
         "pools": pools, "allocations": allocations, "services": services, "recent_conflicts": conflicts,
+        "recommendations": recommendations,
     }))
 }

@@ -12,6 +12,7 @@ mod embedded;
 mod flask;
 mod leases;
 mod membership;
+mod observe;
 mod probe;
 mod python;
 mod registry;

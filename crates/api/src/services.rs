@@ -223,6 +223,15 @@ impl Api {
     }
 
     /// The node's status, as `Cluster.Status` and the HTTP status page report it.
+    /// Usage and recommendations of `team` ("" = every team) from this node's applied state,
+    /// judged against this host's ephemeral port range.
+    pub fn stats(&self, team: &str) -> pb::StatsResponse {
+        let sm = self.inner.node.state().read();
+        let team = (!team.is_empty()).then_some(team);
+        let s = portmesh_core::stats::stats(&sm.state, team, now_ms(), portmesh_probe::ephemeral_range());
+        pb::StatsResponse::from_core(&s, sm.state.revision())
+    }
+
     pub fn status(&self) -> pb::StatusResponse {
         let node = &self.inner.node;
         let m = node.metrics();
@@ -263,6 +272,7 @@ impl Api {
             fsyncs: node.store.stats().flushes.load(Ordering::Relaxed),
             entries_flushed: node.store.stats().entries_flushed.load(Ordering::Relaxed),
             data_size_bytes: node.store.size_on_disk(),
+            now_ms: portmesh_raft::now_ms(),
             commands_applied: node.store.stats().commands_applied.load(Ordering::Relaxed),
             cluster_id: node.cluster_id(),
             host: self.inner.host.clone(),
@@ -478,6 +488,10 @@ impl pb::pools_server::Pools for Api {
             }
             other => Err(unexpected(other).into()),
         }
+    }
+
+    async fn stats(&self, req: Request<pb::StatsRequest>) -> Result<pb::StatsResponse> {
+        Ok(tonic::Response::new(self.stats(&req.into_inner().team)))
     }
 
     async fn remove(&self, req: Request<pb::RemovePoolRequest>) -> Result<pb::RemovePoolResponse> {

@@ -443,6 +443,17 @@ impl Client {
         .await
     }
 
+    /// Usage statistics and recommendations of `team` ("" = every team), as the node answering
+    /// sees them.
+    pub async fn stats(&self, team: &str) -> Result<pb::StatsResponse> {
+        let req = pb::StatsRequest { team: team.to_string() };
+        self.call(Retry::Safe, |ch| {
+            let req = req.clone();
+            async move { pb::pools_client::PoolsClient::new(ch).stats(req).await }
+        })
+        .await
+    }
+
     pub async fn add_pool(&self, team: &str, name: &str, ranges: Vec<pb::PortRange>) -> Result<pb::Pool> {
         let req = pb::AddPoolRequest { team: team.to_string(), name: name.to_string(), ranges };
         let r = self

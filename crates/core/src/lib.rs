@@ -27,6 +27,7 @@ mod rejection;
 mod rng;
 mod select;
 mod state;
+pub mod stats;
 mod types;
 
 pub use command::{

@@ -1184,3 +1184,133 @@ fn unallocated_ports_skip_exactly_the_allocated_ones() {
     // The lowest free port after a long allocated run comes next.
     assert_eq!(h.one(in_pool("y", "two")), 20002);
 }
+
+mod stats {
+    use super::*;
+    use crate::stats::{Stats, stats};
+
+    const EPHEMERAL: (u16, u16) = (32768, 60999);
+
+    fn of(h: &Harness) -> Stats {
+        stats(&h.st, Some("default"), h.now, EPHEMERAL)
+    }
+
+    fn rules(s: &Stats) -> Vec<&'static str> {
+        s.recommendations.iter().map(|r| r.rule).collect()
+    }
+
+    #[test]
+    fn a_fresh_state_needs_nothing() {
+        let h = Harness::new();
+        let s = of(&h);
+        assert!(s.recommendations.is_empty(), "{:?}", s.recommendations);
+        let web = s.pools.iter().find(|p| p.name == "web").unwrap();
+        assert_eq!((web.size, web.in_use, web.peak, web.allocations), (1000, 0, 0, 0));
+        assert_eq!(web.exhaustion_ms, None);
+    }
+
+    #[test]
+    fn peak_churn_and_time_to_exhaustion_come_from_the_history() {
+        let mut h = Harness::new();
+        h.add_pool("default", "small", "20000-20009");
+        let ports = h.ports((0..6).map(|i| in_pool(&format!("s{i}"), "small")).collect());
+        h.release(&ports[..4]);
+        h.one(in_pool("late", "small"));
+        let s = of(&h);
+        let p = s.pools.iter().find(|p| p.name == "small").unwrap();
+        assert_eq!((p.in_use, p.peak, p.allocations, p.releases), (3, 6, 7, 4));
+        assert!(p.net_per_hour > 0.0);
+        assert!(p.exhaustion_ms.is_some_and(|ms| ms > 0), "{p:?}");
+    }
+
+    #[test]
+    fn widen_when_a_pool_is_nearly_full_or_runs_out_soon() {
+        let mut h = Harness::new();
+        h.add_pool("default", "small", "20000-20009");
+        let ports = h.ports((0..7).map(|i| in_pool(&format!("s{i}"), "small")).collect());
+        h.release(&ports);
+        assert!(!rules(&of(&h)).contains(&"widen"), "empty again: {:?}", of(&h).recommendations);
+        h.advance(61_000); // past the cool-down
+        h.ports((0..8).map(|i| in_pool(&format!("t{i}"), "small")).collect());
+        let s = of(&h);
+        let r = s.recommendations.iter().find(|r| r.rule == "widen").expect("widen");
+        assert!(r.reason.contains("pool small of team default is 80 % full (8 of 10 ports)"), "{r:?}");
+        assert_eq!(r.command, "portmesh pools add small-2 14000-14099 --team default");
+
+        // Growing fast, though far from full: it still runs out within a day.
+        let mut h = Harness::new();
+        h.add_pool("default", "big", "20000-20999");
+        h.ports((0..50).map(|i| in_pool(&format!("b{i}"), "big")).collect());
+        let r = of(&h).recommendations.into_iter().find(|r| r.rule == "widen").expect("widen by rate");
+        assert!(r.reason.contains("runs out in about"), "{r:?}");
+    }
+
+    #[test]
+    fn reserve_a_port_external_programs_keep_taking() {
+        let mut h = Harness::new();
+        h.add_pool("default", "t", "20100-20199");
+        let squatter = Holder { pid: 4242, command: "java -jar legacy.jar".into() };
+        let taken = |h: &mut Harness, i: usize| {
+            let probe = HostProbe::new(vec![20100, 20101 + i as u16], vec![20100])
+                .with_owners(vec![(20100, squatter.clone())]);
+            h.alloc_with(vec![at(&format!("svc{i}"), 20100, Strategy::Next)], LeaseSpec::None, Some(probe));
+        };
+        taken(&mut h, 0);
+        taken(&mut h, 1);
+        let s = of(&h);
+        assert_eq!(s.contested[0].port, 20100);
+        assert_eq!(s.contested[0].conflicts, 2);
+        assert!(
+            s.contested[0].holders[0].contains("pid 4242 `java -jar legacy.jar` on h1"),
+            "{:?}",
+            s.contested
+        );
+        assert!(!rules(&s).contains(&"reserve"), "twice is not yet a habit");
+        taken(&mut h, 2);
+        let s = of(&h);
+        let r = s.recommendations.iter().find(|r| r.rule == "reserve").expect("reserve");
+        assert!(r.reason.contains("port 20100 was found taken 3 times"), "{r:?}");
+        assert!(r.command.starts_with("portmesh reserve 20100 --reason \"taken by pid 4242"), "{r:?}");
+        h.apply(Command::Reserve { port: 20100, reason: "legacy".into() });
+        assert!(!rules(&of(&h)).contains(&"reserve"), "reserved now");
+    }
+
+    #[test]
+    fn move_a_pool_out_of_the_ephemeral_range() {
+        let mut h = Harness::new();
+        h.add_pool("default", "low", "20000-20099");
+        assert!(!rules(&of(&h)).contains(&"ephemeral"));
+        h.add_pool("default", "high", "40000-40099");
+        let s = of(&h);
+        let r = s.recommendations.iter().find(|r| r.rule == "ephemeral").expect("ephemeral");
+        assert!(
+            r.reason.contains(
+                "pool high of team default (40000-40099) lies in this host's ephemeral range 32768-60999"
+            ),
+            "{r:?}"
+        );
+        assert_eq!(
+            r.command,
+            "portmesh pools rm high --team default && portmesh pools add high 14000-14099 --team default"
+        );
+        h.one(in_pool("x", "high"));
+        let r = of(&h).recommendations.into_iter().find(|r| r.rule == "ephemeral").unwrap();
+        assert!(r.command.starts_with("release its 1 port(s), then: "), "{r:?}");
+        // On a host whose ephemeral range is elsewhere, the pool is fine.
+        assert!(
+            !stats(&h.st, None, h.now, (50000, 60999)).recommendations.iter().any(|r| r.rule == "ephemeral")
+        );
+    }
+
+    #[test]
+    fn keep_airplay_ports_out_of_pools() {
+        let mut h = Harness::new();
+        h.add_pool("default", "flask", "4900-5099");
+        let s = of(&h);
+        let r = s.recommendations.iter().find(|r| r.rule == "airplay").expect("airplay");
+        assert!(r.reason.contains("contains port 5000"), "{r:?}");
+        assert_eq!(r.command, "portmesh reserve 5000 --reason \"macOS AirPlay Receiver\"");
+        h.apply(Command::Reserve { port: 5000, reason: "AirPlay".into() });
+        assert!(!rules(&of(&h)).contains(&"airplay"));
+    }
+}
