@@ -1,4 +1,6 @@
-//! The node's HTTP endpoint: `/healthz`, `/readyz`, `/metrics` and `/api/v1/status`.
+//! The node's HTTP endpoint: `/healthz`, `/readyz`, `/metrics`, `/api/v1/status`, and the
+//! dashboard at `/` (a page, a script and a style sheet compiled into the binary; the script
+//! polls `/api/v1/status`).
 
 use axum::Json;
 use axum::Router;
@@ -13,6 +15,9 @@ use tokio::sync::watch;
 
 pub(crate) async fn serve(listener: TcpListener, api: Api, mut stop: watch::Receiver<bool>) {
     let app = Router::new()
+        .route("/", get(|| async { asset("text/html; charset=utf-8", DASHBOARD_HTML) }))
+        .route("/dashboard.js", get(|| async { asset("text/javascript; charset=utf-8", DASHBOARD_JS) }))
+        .route("/dashboard.css", get(|| async { asset("text/css; charset=utf-8", DASHBOARD_CSS) }))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/api/v1/status", get(status))
@@ -26,6 +31,19 @@ pub(crate) async fn serve(listener: TcpListener, api: Api, mut stop: watch::Rece
     if let Err(e) = res {
         tracing::warn!(error = %e, "HTTP server ended with an error");
     }
+}
+
+const DASHBOARD_HTML: &str = include_str!("dashboard/index.html");
+const DASHBOARD_JS: &str = include_str!("dashboard/dashboard.js");
+const DASHBOARD_CSS: &str = include_str!("dashboard/dashboard.css");
+
+fn asset(content_type: &'static str, body: &'static str) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    (
+        [(axum::http::header::CONTENT_TYPE, content_type), (axum::http::header::CACHE_CONTROL, "no-cache")],
+        body,
+    )
+        .into_response()
 }
 
 async fn metrics(State(api): State<Api>) -> axum::response::Response {
@@ -108,6 +126,16 @@ async fn status(State(api): State<Api>) -> Json<Value> {
             })
         })
         .collect();
+    let leases: Vec<Value> = st
+        .leases()
+        .map(|l| {
+            let remaining = api.node().lease_remaining(l.id).unwrap_or(l.remaining_ms);
+            json!({
+                "id": l.id, "team": l.team, "ttl_ms": l.ttl_ms, "remaining_ms": remaining,
+                "granted_ms": l.granted_ms, "ports": st.lease_ports(l.id).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
     drop(sm);
     let recommendations: Vec<Value> = api
         .stats("")
@@ -121,6 +149,6 @@ async fn status(State(api): State<Api>) -> Json<Value> {
         "node_id": s.node_id, "leader_id": s.leader_id, "term": s.term, "members": members,
         "commit_index": s.commit_index, "applied_index": s.applied_index, "revision": s.revision,
         "pools": pools, "allocations": allocations, "services": services, "recent_conflicts": conflicts,
-        "recommendations": recommendations,
+        "recommendations": recommendations, "leases": leases, "now_ms": now,
     }))
 }

@@ -7,6 +7,7 @@ mod support;
 
 mod bad_input;
 mod cluster;
+mod dashboard;
 mod docker;
 mod embedded;
 mod flask;

@@ -61,8 +61,11 @@ pub struct Stats {
 
 /// A pool this full (allocated + reserved) should grow.
 pub const WIDEN_AT: f64 = 0.8;
-/// A pool that runs out sooner than this at its current rate should grow.
+/// A pool at least half full that runs out sooner than this at its current rate should grow
+/// (an emptier pool's rate is too noisy to extrapolate: a burst of a few allocations on a quiet
+/// node would predict exhaustion within hours).
 pub const WIDEN_WITHIN_MS: u64 = 24 * 3600 * 1000;
+pub const WIDEN_RATE_FROM: f64 = 0.5;
 /// A port found taken this often by programs portmesh did not start should be reserved.
 pub const RESERVE_AFTER: u32 = 3;
 /// Ports macOS's AirPlay Receiver listens on.
@@ -138,7 +141,8 @@ pub fn stats(state: &State, team: Option<&str>, now_ms: u64, ephemeral: (u16, u1
         let free = u.size.saturating_sub(u.allocated + u.reserved);
         let exhaustion_ms = (net > 0.0).then(|| (f64::from(free) * window_ms as f64 / net) as u64);
         let used = f64::from(u.allocated + u.reserved) / f64::from(u.size.max(1));
-        if used >= WIDEN_AT || exhaustion_ms.is_some_and(|ms| ms < WIDEN_WITHIN_MS) {
+        let soon = used >= WIDEN_RATE_FROM && exhaustion_ms.is_some_and(|ms| ms < WIDEN_WITHIN_MS);
+        if used >= WIDEN_AT || soon {
             let why = if used >= WIDEN_AT {
                 format!(
                     "pool {} of team {} is {:.0} % full ({} of {} ports)",

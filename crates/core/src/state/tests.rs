@@ -1237,10 +1237,13 @@ mod stats {
         assert!(r.reason.contains("pool small of team default is 80 % full (8 of 10 ports)"), "{r:?}");
         assert_eq!(r.command, "portmesh pools add small-2 14000-14099 --team default");
 
-        // Growing fast, though far from full: it still runs out within a day.
+        // A burst on an almost empty pool predicts nothing worth acting on...
         let mut h = Harness::new();
-        h.add_pool("default", "big", "20000-20999");
-        h.ports((0..50).map(|i| in_pool(&format!("b{i}"), "big")).collect());
+        h.add_pool("default", "big", "20000-20099");
+        h.ports((0..10).map(|i| in_pool(&format!("b{i}"), "big")).collect());
+        assert!(!rules(&of(&h)).contains(&"widen"), "{:?}", of(&h).recommendations);
+        // ...but a pool half full and still growing runs out within a day.
+        h.ports((10..60).map(|i| in_pool(&format!("b{i}"), "big")).collect());
         let r = of(&h).recommendations.into_iter().find(|r| r.rule == "widen").expect("widen by rate");
         assert!(r.reason.contains("runs out in about"), "{r:?}");
     }

@@ -1,0 +1,145 @@
+// The portmesh dashboard: polls /api/v1/status and redraws. No build step, no dependencies.
+"use strict";
+
+const POLL_MS = 500;
+
+const esc = (s) => String(s ?? "").replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" })[c]);
+
+function ago(ms) {
+  const s = Math.max(0, Math.round(ms / 1000));
+  if (s < 60) return `${s}s`;
+  if (s < 3600) return `${Math.floor(s / 60)}m ${s % 60}s`;
+  if (s < 86400) return `${Math.floor(s / 3600)}h ${Math.floor((s % 3600) / 60)}m`;
+  return `${Math.floor(s / 86400)}d ${Math.floor((s % 86400) / 3600)}h`;
+}
+
+function holder(pid, command) {
+  if (!pid) return "";
+  return `pid ${esc(pid)}${command ? ` <code>${esc(command)}</code>` : ""}`;
+}
+
+function table(head, rows, optional = []) {
+  const th = head.map((h, i) => `<th${optional.includes(i) ? ' class="optional"' : ""}>${h}</th>`).join("");
+  const body = rows
+    .map((r) => `<tr${r.attrs || ""}>${r.cells.map((c, i) => `<td${optional.includes(i) ? ' class="optional"' : ""}>${c}</td>`).join("")}</tr>`)
+    .join("");
+  return `<table><thead><tr>${th}</tr></thead><tbody>${body}</tbody></table>`;
+}
+
+function renderCluster(s) {
+  const members = s.members
+    .map((m) => `<span class="member${m.id === s.leader_id ? " leader" : ""}" data-role="${esc(m.role)}">${esc(m.addr)} · ${esc(m.role)}</span>`)
+    .join("");
+  const leader = s.leader_id ? "" : '<strong class="no-leader">no leader</strong> ';
+  return `${leader}${members} <span>term ${s.term} · revision ${s.revision}</span>`;
+}
+
+function renderServices(s) {
+  if (!s.services.length) return '<p class="empty">no services registered</p>';
+  const groups = new Map();
+  for (const svc of s.services) {
+    const key = `${svc.project || "(no project)"}${svc.env ? ` · ${svc.env}` : ""}${svc.instance && svc.instance !== "default" ? ` · ${svc.instance}` : ""}`;
+    if (!groups.has(key)) groups.set(key, new Map());
+    const hosts = groups.get(key);
+    if (!hosts.has(svc.host)) hosts.set(svc.host, []);
+    hosts.get(svc.host).push(svc);
+  }
+  let out = "";
+  for (const [project, hosts] of [...groups].sort()) {
+    out += `<h3 class="project">${esc(project)}</h3>`;
+    for (const [host, list] of [...hosts].sort()) {
+      const rows = list
+        .sort((a, b) => a.name.localeCompare(b.name))
+        .map((svc) => ({
+          attrs: ` data-service="${esc(svc.name)}"`,
+          cells: [
+            `<strong>${esc(svc.name)}</strong>`,
+            svc.ports.map((p) => `${esc(p.name)}=<span class="mono">${p.port}</span>`).join(" "),
+            `<span class="badge ${esc(svc.status)}">${esc(svc.status)}</span>`,
+            ago(s.now_ms - svc.registered_ms),
+            holder(svc.pid, svc.command),
+            esc(svc.output),
+          ],
+        }));
+      out += `<div class="host">host <span class="mono">${esc(host)}</span></div>`;
+      out += table(["service", "ports", "health", "up", "process", "last check"], rows, [4, 5]);
+    }
+  }
+  return out;
+}
+
+function renderPools(s) {
+  return s.pools
+    .map((p) => {
+      const pct = (n) => (p.size ? (100 * n) / p.size : 0);
+      const shown = (x) => (x > 0 && x < 10 ? x.toFixed(1) : Math.round(x));
+      const full = p.utilization >= 0.8 ? " full" : "";
+      return `<div class="pool${full}" data-pool="${esc(p.name)}">
+        <div class="label"><span><strong>${esc(p.name)}</strong> <span class="mono">${esc(p.ranges)}</span> ${p.team !== "default" ? `· ${esc(p.team)}` : ""}</span>
+        <span class="num">${p.allocated} / ${p.size} (${shown(pct(p.allocated))} %)</span></div>
+        <div class="bar" role="img" aria-label="${p.allocated} of ${p.size} allocated">
+          <span class="used" style="width:${pct(p.allocated)}%"></span><span class="reserved" style="width:${pct(p.reserved)}%"></span><span class="cooling" style="width:${pct(p.cooling)}%"></span>
+        </div></div>`;
+    })
+    .join("");
+}
+
+function renderLeases(s) {
+  const list = [...s.leases].sort((a, b) => a.remaining_ms - b.remaining_ms).slice(0, 10);
+  if (!list.length) return '<p class="empty">no leases</p>';
+  return table(
+    ["lease", "expires in", "ttl", "ports"],
+    list.map((l) => ({ attrs: ` data-lease="${l.id}"`, cells: [`<span class="mono">${l.id}</span>`, ago(l.remaining_ms), ago(l.ttl_ms), l.ports.join(", ")] })),
+  );
+}
+
+function renderAllocations(s) {
+  if (!s.allocations.length) return '<p class="empty">no live allocations</p>';
+  const rows = [...s.allocations]
+    .sort((a, b) => a.port - b.port)
+    .map((a) => ({
+      attrs: ` data-port="${a.port}"`,
+      cells: [`<span class="mono">${a.port}</span>`, esc(a.service), esc(a.pool), esc(a.host), holder(a.pid, a.command), a.lease_id ? `<span class="mono">${a.lease_id}</span>` : "", esc(a.key || "")],
+    }));
+  return table(["port", "service", "pool", "host", "holder", "lease", "key"], rows, [4, 6]);
+}
+
+function renderConflicts(s) {
+  if (!s.recent_conflicts.length) return '<p class="empty">no conflicts</p>';
+  const rows = s.recent_conflicts.slice(0, 15).map((c) => ({
+    cells: [`<span class="mono">${c.port}</span>`, esc(c.host), holder(c.pid, c.command) || "unknown process", esc(c.service), `${ago(s.now_ms - c.at_ms)} ago`],
+  }));
+  return table(["port", "host", "held by", "wanted by", "when"], rows);
+}
+
+function renderRecommendations(s) {
+  return s.recommendations.map((r) => `<li data-rule="${esc(r.rule)}">${esc(r.reason)}<code>${esc(r.command)}</code></li>`).join("");
+}
+
+function set(id, html) {
+  const el = document.getElementById(id);
+  if (el.innerHTML !== html) el.innerHTML = html;
+}
+
+async function refresh() {
+  try {
+    const r = await fetch("/api/v1/status", { cache: "no-store" });
+    if (!r.ok) throw new Error(`HTTP ${r.status}`);
+    const s = await r.json();
+    set("cluster", renderCluster(s));
+    set("services", renderServices(s));
+    set("pools", renderPools(s));
+    set("leases", renderLeases(s));
+    set("allocations", renderAllocations(s));
+    set("conflicts", renderConflicts(s));
+    set("recommendations", renderRecommendations(s));
+    document.getElementById("recommendations-section").hidden = s.recommendations.length === 0;
+    document.getElementById("footer").textContent = `node ${s.node_id} · updated ${new Date(s.now_ms).toLocaleTimeString()}`;
+    document.body.dataset.revision = s.revision;
+  } catch (e) {
+    set("cluster", `<strong class="no-leader">node unreachable</strong> (${esc(e.message)})`);
+  }
+}
+
+refresh();
+setInterval(refresh, POLL_MS);

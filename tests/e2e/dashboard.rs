@@ -1,0 +1,236 @@
+//! The dashboard in a real browser: Debian's Chromium, headless, driven over the DevTools
+//! protocol. `scripts/setup-chromium` installs it when missing.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tungstenite::{Message, WebSocket, stream::MaybeTlsStream};
+
+use crate::support::*;
+
+/// A headless Chromium and one page of it.
+struct Browser {
+    child: Child,
+    page: WebSocket<MaybeTlsStream<TcpStream>>,
+    next_id: u64,
+    _profile: tempfile::TempDir,
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Browser {
+    fn start(url: &str) -> Browser {
+        let setup = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/setup-chromium");
+        let out = Command::new(setup).output().expect("run setup-chromium");
+        assert!(out.status.success(), "setup-chromium: {}", String::from_utf8_lossy(&out.stderr));
+        let bin = String::from_utf8_lossy(&out.stdout).lines().last().unwrap().to_string();
+        let profile = tempfile::tempdir().unwrap();
+        let mut child = Command::new(bin)
+            .args(["--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run", "--hide-scrollbars"])
+            .arg("--remote-debugging-port=0")
+            .arg(format!("--user-data-dir={}", profile.path().display()))
+            .arg("about:blank")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let devtools = loop {
+            let line = lines.next().expect("chromium exited before listening").unwrap();
+            if let Some(rest) = line.split("DevTools listening on ").nth(1) {
+                break rest.trim().to_string();
+            }
+        };
+        std::thread::spawn(move || for _ in lines {});
+        let port = devtools.trim_start_matches("ws://").split(['/', ':']).nth(1).unwrap().to_string();
+        // A new page at `url`: PUT /json/new?URL answers with its WebSocket.
+        let mut s = TcpStream::connect(format!("127.0.0.1:{port}")).unwrap();
+        write!(s, "PUT /json/new?{url} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n").unwrap();
+        // Chromium keeps the connection open: read the head, then Content-Length bytes.
+        let mut r = BufReader::new(s);
+        let mut len = 0;
+        loop {
+            let mut line = String::new();
+            r.read_line(&mut line).unwrap();
+            if line.trim().is_empty() {
+                break;
+            }
+            if let Some((k, v)) = line.split_once(':')
+                && k.eq_ignore_ascii_case("content-length")
+            {
+                len = v.trim().parse().unwrap();
+            }
+        }
+        let mut body = vec![0; len];
+        r.read_exact(&mut body).unwrap();
+        let target: Value = serde_json::from_slice(&body).unwrap();
+        let ws = target["webSocketDebuggerUrl"].as_str().unwrap();
+        let (page, _) = tungstenite::connect(ws).unwrap();
+        Browser { child, page, next_id: 0, _profile: profile }
+    }
+
+    /// Sends one DevTools command and waits for its answer (events in between are skipped).
+    fn call(&mut self, method: &str, params: Value) -> Value {
+        self.next_id += 1;
+        let id = self.next_id;
+        self.page
+            .send(Message::text(json!({"id": id, "method": method, "params": params}).to_string()))
+            .unwrap();
+        loop {
+            let msg = self.page.read().unwrap();
+            let Message::Text(text) = msg else { continue };
+            let v: Value = serde_json::from_str(&text).unwrap();
+            if v["id"] == id {
+                assert!(v.get("error").is_none(), "{method}: {v}");
+                return v["result"].clone();
+            }
+        }
+    }
+
+    /// The value of a JavaScript expression in the page.
+    fn eval(&mut self, expr: &str) -> Value {
+        let r = self.call("Runtime.evaluate", json!({"expression": expr, "returnByValue": true}));
+        r["result"]["value"].clone()
+    }
+
+    fn screenshot(&mut self, width: u32, height: u32, dark: bool, path: &std::path::Path) {
+        use base64::Engine;
+        self.call(
+            "Emulation.setDeviceMetricsOverride",
+            json!({"width": width, "height": height, "deviceScaleFactor": 1, "mobile": width < 600}),
+        );
+        let scheme = if dark { "dark" } else { "light" };
+        self.call(
+            "Emulation.setEmulatedMedia",
+            json!({"features": [{"name": "prefers-color-scheme", "value": scheme}]}),
+        );
+        let shot = self.call("Page.captureScreenshot", json!({"format": "png"}));
+        let png = base64::engine::general_purpose::STANDARD.decode(shot["data"].as_str().unwrap()).unwrap();
+        assert!(png.starts_with(b"\x89PNG"), "a PNG");
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, png).unwrap();
+    }
+}
+
+#[test]
+fn the_dashboard_shows_services_pools_conflicts_and_recommendations_and_updates_without_a_reload() {
+    let h = Home::new();
+    // A registered service that answers its check, one that does not, and one without a check.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let api_port = listener.local_addr().unwrap().port().to_string();
+    h.pm(&[
+        "register",
+        "api",
+        "--port",
+        &format!("http={api_port}"),
+        "--project",
+        "shop",
+        "--env",
+        "dev",
+        "--check",
+        "tcp",
+        "--interval",
+        "200ms",
+    ])
+    .ok();
+    let closed = closed_port().to_string();
+    h.pm(&[
+        "register",
+        "db",
+        "--port",
+        &closed,
+        "--project",
+        "shop",
+        "--env",
+        "dev",
+        "--check",
+        "tcp",
+        "--interval",
+        "200ms",
+    ])
+    .ok();
+    h.pm(&["register", "posts", "--port", "8500", "--project", "blog"]).ok();
+    // Allocations, one under a lease; a conflict with a process holding a wanted port; a pool in
+    // the ephemeral range (a recommendation).
+    h.pm(&["alloc", "web", "--count", "3"]).ok();
+    h.pm(&["alloc", "ci", "--ttl", "10m", "--count", "2"]).ok();
+    let squatter = (8100..8200).find(|p| port_is_free(*p)).unwrap();
+    let _held = std::net::TcpListener::bind(("127.0.0.1", squatter)).unwrap();
+    let fallback = h.pm(&["alloc", "web", "--port", &squatter.to_string()]).ok().ports()[0];
+    assert_ne!(fallback, squatter);
+    h.pm(&["pools", "add", "high", "40000-40099"]).ok();
+
+    let url = format!("http://{}/", h.http());
+    let mut b = Browser::start(&url);
+    b.call("Runtime.enable", json!({}));
+    wait_until("the dashboard to show the cluster", Duration::from_secs(20), || {
+        b.eval("document.querySelector('.cluster .leader') !== null").as_bool() == Some(true)
+    });
+    wait_until("the checks to settle on the page", Duration::from_secs(20), || {
+        b.eval(
+            "(() => { const r = (n) => document.querySelector(`[data-service=\"${n}\"] .badge`)?.textContent;
+                      return r('api') === 'passing' && r('db') === 'critical'; })()",
+        )
+        .as_bool()
+            == Some(true)
+    });
+    let shown = b.eval(
+        "JSON.stringify({
+            projects: [...document.querySelectorAll('#services h3')].map(e => e.textContent),
+            services: [...document.querySelectorAll('[data-service]')].map(e => e.dataset.service),
+            pools: [...document.querySelectorAll('[data-pool]')].map(e => e.dataset.pool),
+            ports: [...document.querySelectorAll('[data-port]')].map(e => Number(e.dataset.port)),
+            leases: document.querySelectorAll('[data-lease]').length,
+            conflicts: document.getElementById('conflicts').innerText,
+            rules: [...document.querySelectorAll('[data-rule]')].map(e => e.dataset.rule),
+            recHidden: document.getElementById('recommendations-section').hidden,
+        })",
+    );
+    let v: Value = serde_json::from_str(shown.as_str().unwrap()).unwrap();
+    assert_eq!(v["projects"], json!(["blog", "shop · dev"]), "{v}");
+    assert_eq!(v["services"], json!(["posts", "api", "db"]), "grouped by project, then by name: {v}");
+    for p in ["web", "default", "db", "cache", "queue", "high"] {
+        assert!(v["pools"].as_array().unwrap().contains(&json!(p)), "pool {p}: {v}");
+    }
+    let live = h.live_ports();
+    assert_eq!(v["ports"].as_array().unwrap().len(), live.len(), "{v}");
+    assert!(v["ports"].as_array().unwrap().contains(&json!(fallback)));
+    assert_eq!(v["leases"], 1);
+    let conflicts = v["conflicts"].as_str().unwrap();
+    assert!(conflicts.contains(&squatter.to_string()), "the conflict names the port: {conflicts}");
+    assert!(conflicts.contains(&format!("pid {}", std::process::id())), "and its holder: {conflicts}");
+    assert_eq!(v["rules"], json!(["ephemeral"]), "{v}");
+    assert_eq!(v["recHidden"], false);
+
+    // Live: a new allocation shows up on the same page, without a reload.
+    b.eval("window.__portmeshMarker = 42");
+    let port = h.pm(&["alloc", "newcomer", "--pool", "db"]).ok().ports()[0];
+    wait_until("the new allocation on the page", Duration::from_secs(5), || {
+        b.eval(&format!("document.querySelector('[data-port=\"{port}\"]') !== null")).as_bool() == Some(true)
+    });
+    assert_eq!(b.eval("window.__portmeshMarker"), json!(42), "the page was not reloaded");
+
+    // It fits a phone: no sideways scrolling at 390 px.
+    b.call(
+        "Emulation.setDeviceMetricsOverride",
+        json!({"width": 390, "height": 844, "deviceScaleFactor": 1, "mobile": true}),
+    );
+    assert_eq!(
+        b.eval("document.documentElement.scrollWidth <= window.innerWidth"),
+        json!(true),
+        "no horizontal overflow on a phone"
+    );
+
+    let img = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/img");
+    b.screenshot(390, 844, true, &img.join("dashboard-phone-dark.png"));
+    b.screenshot(1280, 1000, false, &img.join("dashboard.png"));
+    drop(listener);
+}
