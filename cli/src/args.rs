@@ -23,8 +23,18 @@ pub struct Cli {
     /// Print machine-readable JSON.
     #[arg(long, global = true)]
     pub json: bool,
+    /// Log lines (stderr) as text or as one JSON object each. Which lines: PORTMESH_LOG or
+    /// RUST_LOG (e.g. `debug`, `portmesh_api=trace`); `info` for `serve`, none otherwise.
+    #[arg(long, global = true, env = "PORTMESH_LOG_FORMAT", default_value = "text")]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 impl Cli {

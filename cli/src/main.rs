@@ -14,7 +14,7 @@ use clap::Parser;
 fn main() {
     let cli = args::Cli::parse();
     let serving = matches!(cli.command, args::Command::Serve(_));
-    init_tracing(serving);
+    init_tracing(serving, cli.log_format);
     // A node gets a multi-threaded runtime; a one-shot client command a single thread, which
     // starts faster.
     let runtime = if serving {
@@ -40,11 +40,13 @@ fn main() {
     std::process::exit(code);
 }
 
-/// Logs go to stderr. A node logs at `info` by default; client commands log nothing unless
-/// `PORTMESH_LOG` (an `EnvFilter` directive such as `debug` or `portmesh_api=trace`) asks, which
-/// also keeps a one-shot command from paying for building a filter.
-fn init_tracing(serving: bool) {
-    let from_env = std::env::var("PORTMESH_LOG").ok().filter(|v| !v.is_empty());
+/// Logs go to stderr, as text or JSON lines. A node logs at `info` by default; client commands
+/// log nothing unless `PORTMESH_LOG` or `RUST_LOG` (an `EnvFilter` directive such as `debug` or
+/// `portmesh_api=trace`) asks, which also keeps a one-shot command from paying for building a
+/// filter.
+fn init_tracing(serving: bool, format: args::LogFormat) {
+    let from_env =
+        ["PORTMESH_LOG", "RUST_LOG"].iter().find_map(|v| std::env::var(v).ok().filter(|v| !v.is_empty()));
     let directive = match (from_env, serving) {
         (Some(d), _) => d,
         (None, true) => "info,openraft=warn,sled=warn".to_string(),
@@ -52,10 +54,12 @@ fn init_tracing(serving: bool) {
     };
     let filter = tracing_subscriber::EnvFilter::try_new(&directive)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_target(false)
-        .init();
+    let builder =
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false);
+    match format {
+        args::LogFormat::Json => builder.json().with_current_span(false).init(),
+        args::LogFormat::Text => {
+            builder.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init()
+        }
+    }
 }

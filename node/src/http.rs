@@ -58,14 +58,24 @@ async fn metrics(State(api): State<Api>) -> axum::response::Response {
     }
 }
 
-/// Ready when this node knows a leader.
-async fn readyz(State(api): State<Api>) -> (StatusCode, &'static str) {
-    if api.node().leader().is_some() {
-        (StatusCode::OK, "ready\n")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "no leader known\n")
+/// Ready when this node knows a leader and has applied what the leader committed (a read
+/// barrier: the leader confirms its commit index with a quorum, this node applies up to it).
+async fn readyz(State(api): State<Api>) -> (StatusCode, String) {
+    if api.node().leader().is_none() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "no leader known\n".into());
+    }
+    match tokio::time::timeout(READY_WITHIN, api.node().read_barrier(false)).await {
+        Ok(Ok(_)) => (StatusCode::OK, "ready\n".into()),
+        Ok(Err(e)) => (StatusCode::SERVICE_UNAVAILABLE, format!("not caught up with the leader: {e}\n")),
+        Err(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("the leader's commit index was not confirmed and applied within {READY_WITHIN:?}\n"),
+        ),
     }
 }
+
+/// How long `/readyz` waits for the read barrier.
+const READY_WITHIN: std::time::Duration = std::time::Duration::from_secs(2);
 
 async fn status(State(api): State<Api>) -> Json<Value> {
     let s = api.status();

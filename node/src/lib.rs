@@ -192,6 +192,7 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode, NodeError> {
         );
     let grpc_task = tokio::spawn(grpc);
     let checks_task = tokio::spawn(portmesh_api::run_health_checks(api.clone(), shutdown.subscribe()));
+    tokio::spawn(portmesh_api::count_events(api.clone(), shutdown.subscribe()));
     let http_task = http_listener.map(|l| tokio::spawn(http::serve(l, api.clone(), shutdown.subscribe())));
 
     match (&cfg.join, initialized) {
@@ -214,6 +215,10 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode, NodeError> {
         data_dir = %cfg.data_dir.display(),
         "portmesh node listening"
     );
+    if advertise != grpc_addr.to_string() {
+        tracing::info!(bound = %grpc_addr, advertised = %advertise,
+            "members and clients are told the advertised address, not the bound one");
+    }
     if let Some(home) = &cfg.home {
         let info = NodeInfo {
             grpc: grpc_addr.to_string(),

@@ -92,6 +92,34 @@ pub(crate) fn render(api: &Api) -> Result<String, std::fmt::Error> {
     counter(&mut r, "portmesh_fsyncs", "Log fsyncs", s.fsyncs);
     counter(&mut r, "portmesh_log_entries_flushed", "Log entries made durable", s.entries_flushed);
     counter(&mut r, "portmesh_commands_applied", "Commands applied by the state machine", s.commands_applied);
+    let per_fsync = if s.fsyncs == 0 { 0.0 } else { s.entries_flushed as f64 / s.fsyncs as f64 };
+    r.register(
+        "portmesh_log_entries_per_fsync",
+        "Log entries made durable per fsync since start (group commit)",
+        ConstGauge::new(per_fsync),
+    );
+    let m = api.metrics();
+    r.register(
+        "portmesh_allocate_requests",
+        "Allocate requests answered, by outcome",
+        m.allocate_requests.clone(),
+    );
+    r.register(
+        "portmesh_allocate_duration_seconds",
+        "Time to answer an Allocate request",
+        m.allocate_seconds.clone(),
+    );
+    r.register(
+        "portmesh_ports_allocated",
+        "Ports handed out by Allocate requests this node answered",
+        m.ports_allocated.clone(),
+    );
+    r.register("portmesh_watch_streams", "Open Watch streams", m.watch_streams.clone());
+    r.register(
+        "portmesh_events",
+        "Events this node applied since start, by kind (lease_granted, lease_expired, conflict, ...)",
+        m.events.clone(),
+    );
     gauge(&mut r, "portmesh_data_size_bytes", "Size of the data directory on disk", s.data_size_bytes as i64);
     gauge(&mut r, "portmesh_process_resident_memory_bytes", "Resident memory of this process", rss_bytes());
     let mut out = String::new();

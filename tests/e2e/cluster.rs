@@ -225,3 +225,22 @@ async fn a_follower_that_missed_thousands_of_entries_catches_up_by_snapshot() {
     c.restart(follower);
     testkit::check_all(&c.converged().await, &oracle);
 }
+
+/// A member cut off from its quorum is not ready, and `doctor` says why and exits non-zero.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_without_its_quorum_is_not_ready_and_doctor_says_so() {
+    let mut c = ProcCluster::start(3, &[]);
+    let http = c.nodes[0].as_ref().unwrap().http.clone();
+    assert_eq!(http_get(&http, "/readyz").0, 200);
+    c.nodes[1] = None; // killed
+    c.nodes[2] = None;
+    wait_until("node 0 to be unready", Duration::from_secs(20), || http_get(&http, "/readyz").0 == 503);
+    let (_, body) = http_get(&http, "/readyz");
+    assert!(body.contains("no leader known") || body.contains("not"), "{body}");
+    let r = c.home.pm(&["doctor", "--node", &c.addrs[0]]);
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(
+        r.stdout.contains("error cluster: no leader") || r.stdout.contains("does not answer from here"),
+        "{r:?}"
+    );
+}

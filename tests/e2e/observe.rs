@@ -123,3 +123,197 @@ fn doctor_is_quiet_on_a_healthy_host_and_names_each_problem_with_its_fix() {
     assert_eq!(r.code, 1, "{r:?}");
     assert!(r.stdout.contains("error cluster: no node answers") && r.stdout.contains(&closed), "{r:?}");
 }
+
+#[test]
+fn every_http_endpoint_answers_with_its_status_code_content_type_and_shape() {
+    let h = Home::new();
+    h.pm(&["alloc", "web", "--ttl", "1m"]).ok();
+    h.pm(&["alloc", "x", "--pool", "nope"]).fails_with("unknown pool");
+    let mut watcher = h.cmd(&["watch"]).stdout(Stdio::null()).spawn().unwrap();
+    let http = h.http();
+    let content_type = |path: &str| -> (u16, String, String) {
+        let (code, head, body) = http_get_with_head(&http, path);
+        let ct = head
+            .lines()
+            .find_map(|l| {
+                l.split_once(':')
+                    .filter(|(k, _)| k.eq_ignore_ascii_case("content-type"))
+                    .map(|(_, v)| v.trim().to_string())
+            })
+            .unwrap_or_default();
+        (code, ct, body)
+    };
+    let (code, ct, body) = content_type("/");
+    assert_eq!((code, ct.as_str()), (200, "text/html; charset=utf-8"));
+    assert!(body.contains("<script src=\"/dashboard.js\">") && body.contains("name=\"viewport\""), "{body}");
+    assert_eq!(content_type("/dashboard.js").1, "text/javascript; charset=utf-8");
+    assert_eq!(content_type("/dashboard.css").1, "text/css; charset=utf-8");
+    assert!(content_type("/dashboard.css").2.contains("prefers-color-scheme: dark"));
+    assert_eq!(http_get(&http, "/healthz"), (200, "ok\n".to_string()));
+    assert_eq!(http_get(&http, "/readyz"), (200, "ready\n".to_string()));
+    assert_eq!(http_get(&http, "/nope").0, 404);
+
+    let (code, ct, body) = content_type("/api/v1/status");
+    assert_eq!((code, ct.as_str()), (200, "application/json"));
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    for key in [
+        "node_id",
+        "leader_id",
+        "term",
+        "members",
+        "commit_index",
+        "applied_index",
+        "revision",
+        "pools",
+        "allocations",
+        "services",
+        "recent_conflicts",
+        "recommendations",
+        "leases",
+        "now_ms",
+    ] {
+        assert!(v.get(key).is_some(), "status lacks {key}: {v}");
+    }
+    assert_eq!(v["members"][0]["role"], "leader");
+    let pool = &v["pools"].as_array().unwrap().iter().find(|p| p["name"] == "web").unwrap();
+    for key in ["team", "ranges", "size", "allocated", "reserved", "cooling", "utilization"] {
+        assert!(pool.get(key).is_some(), "pool lacks {key}: {pool}");
+    }
+    assert_eq!(v["allocations"][0]["service"], "web");
+    let lease = &v["leases"][0];
+    assert!(
+        lease["remaining_ms"].as_u64().unwrap() <= 60_000 && lease["ports"].as_array().unwrap().len() == 1,
+        "{lease}"
+    );
+
+    wait_until("the watch stream to open", Duration::from_secs(10), || {
+        http_get(&http, "/metrics").1.contains("portmesh_watch_streams 1")
+    });
+    let (code, ct, text) = content_type("/metrics");
+    assert_eq!(code, 200);
+    assert!(ct.starts_with("application/openmetrics-text"), "{ct}");
+    for line in [
+        "portmesh_allocate_requests_total{outcome=\"ok\"} 1",
+        "portmesh_allocate_requests_total{outcome=\"rejected\"} 1",
+        "portmesh_allocate_duration_seconds_count 2",
+        "portmesh_ports_allocated_total 1",
+        "portmesh_events_total{kind=\"allocated\"} 1",
+        "portmesh_events_total{kind=\"lease_granted\"} 1",
+        "portmesh_watch_streams 1",
+        "portmesh_pool_allocated_ports{team=\"default\",pool=\"web\"} 1",
+        "portmesh_leases 1",
+        "portmesh_raft_is_leader 1",
+    ] {
+        assert!(text.contains(line), "metrics lack {line:?}:\n{text}");
+    }
+    for name in [
+        "portmesh_allocate_duration_seconds_bucket{le=",
+        "portmesh_pool_utilization_ratio",
+        "portmesh_recent_conflicts",
+        "portmesh_raft_term",
+        "portmesh_raft_leader_id",
+        "portmesh_raft_commit_index",
+        "portmesh_raft_applied_index",
+        "portmesh_fsyncs_total",
+        "portmesh_log_entries_flushed_total",
+        "portmesh_log_entries_per_fsync",
+        "portmesh_data_size_bytes",
+        "portmesh_process_resident_memory_bytes",
+        "# EOF",
+    ] {
+        assert!(text.contains(name), "metrics lack {name}:\n{text}");
+    }
+    let _ = watcher.kill();
+    let _ = watcher.wait();
+    wait_until("the watch stream to close", Duration::from_secs(10), || {
+        http_get(&http, "/metrics").1.contains("portmesh_watch_streams 0")
+    });
+}
+
+/// Log lines: every address at start, each assignment with its holder, each conflict as a
+/// warning with the holder, each fallback with both ports; JSON with --log-format json.
+#[test]
+fn the_node_logs_addresses_assignments_conflicts_and_fallbacks_as_json() {
+    let h = Home::new();
+    let data = h.path().join("data");
+    let mut child = h
+        .cmd(&[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--http",
+            "127.0.0.1:0",
+            "--advertise",
+            "node.example:7400",
+            "--bootstrap",
+            "--log-format",
+            "json",
+            "--data",
+        ])
+        .arg(&data)
+        .env("RUST_LOG", "info,openraft=warn")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<serde_json::Value>();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            let v: serde_json::Value =
+                serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+            if tx.send(v).is_err() {
+                return;
+            }
+        }
+    });
+    let mut seen: Vec<serde_json::Value> = Vec::new();
+    let mut until = |what: &str, pred: &dyn Fn(&serde_json::Value) -> bool| -> serde_json::Value {
+        if let Some(v) = seen.iter().find(|v| pred(v)) {
+            return v.clone();
+        }
+        loop {
+            let v = rx
+                .recv_timeout(Duration::from_secs(20))
+                .unwrap_or_else(|_| panic!("no log line: {what}; saw {seen:#?}"));
+            seen.push(v.clone());
+            if pred(&v) {
+                return v;
+            }
+        }
+    };
+    let msg = |v: &serde_json::Value| v["fields"]["message"].as_str().unwrap_or("").to_string();
+    let start = until("listening", &|v| msg(v) == "portmesh node listening");
+    let grpc = start["fields"]["grpc"].as_str().unwrap().to_string();
+    assert!(start["fields"]["http"].as_str().unwrap().contains("127.0.0.1:"), "{start}");
+    let adv = until("advertised vs bound", &|v| msg(v).contains("advertised address"));
+    assert_eq!(adv["fields"]["advertised"], "node.example:7400");
+    assert_eq!(adv["fields"]["bound"], grpc.as_str());
+
+    let squat = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let busy = squat.local_addr().unwrap().port();
+    h.pm(&["pools", "add", "near", &format!("{busy}-{}", busy + 20), "--node", &grpc]).ok();
+    let got =
+        h.pm(&["alloc", "api", "--pool", "near", "--port", &busy.to_string(), "--node", &grpc]).ok().ports()
+            [0];
+    assert_ne!(got, busy);
+    let conflict = until("the conflict", &|v| msg(v).contains("conflict"));
+    assert_eq!(conflict["level"], "WARN");
+    assert_eq!(conflict["fields"]["port"], busy);
+    assert!(
+        conflict["fields"]["holder"].as_str().unwrap().contains(&std::process::id().to_string()),
+        "{conflict}"
+    );
+    let fallback = until("the fallback", &|v| msg(v).contains("fell back"));
+    assert_eq!(
+        (fallback["fields"]["wanted"].as_u64(), fallback["fields"]["port"].as_u64()),
+        (Some(u64::from(busy)), Some(u64::from(got)))
+    );
+    let assigned = until("the assignment", &|v| msg(v) == "allocated");
+    assert_eq!(assigned["fields"]["port"], got);
+    assert!(assigned["fields"]["holder"].as_str().unwrap().contains("pid "), "{assigned}");
+    drop(squat);
+    let _ = child.kill();
+    let _ = child.wait();
+}

@@ -223,6 +223,8 @@ pub fn closed_port() -> u16 {
 pub struct Served {
     pub child: std::process::Child,
     pub grpc: String,
+    /// The HTTP address (`--http 127.0.0.1:0` as bound).
+    pub http: String,
     pub log: Vec<String>,
 }
 
@@ -253,13 +255,16 @@ pub fn serve_at(h: &Home, data: &Path, listen: &str, extra: &[&str]) -> Served {
     let stderr = child.stderr.take().unwrap();
     let mut lines = BufReader::new(stderr).lines();
     let mut log = Vec::new();
-    let grpc = loop {
+    let (grpc, http) = loop {
         let line = lines.next().unwrap_or_else(|| panic!("node exited before listening: {log:#?}")).unwrap();
         log.push(line.clone());
         if line.contains("portmesh node listening") {
-            break line.split("grpc=").nth(1).unwrap().split_whitespace().next().unwrap().to_string();
+            let field =
+                |name: &str| line.split(name).nth(1).unwrap().split_whitespace().next().unwrap().to_string();
+            let http = field("http=").trim_start_matches("Some(").trim_end_matches(')').to_string();
+            break (field("grpc="), http);
         }
     };
     std::thread::spawn(move || for _ in lines {});
-    Served { child, grpc, log }
+    Served { child, grpc, http, log }
 }

@@ -9,12 +9,14 @@
 mod checks;
 mod error;
 mod hosts;
+pub mod metrics;
 mod registry;
 mod services;
 mod watch;
 
 pub use checks::{check_once, run_health_checks};
 pub use error::ApiError;
+pub use metrics::{RequestMetrics, count_events};
 pub use services::{Api, ShutdownHandle};
 
 pub use portmesh_proto::{ERROR_METADATA, LEADER_METADATA, OLDEST_REVISION_METADATA};

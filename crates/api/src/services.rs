@@ -43,6 +43,7 @@ struct Inner {
     hosts: crate::hosts::HostMap,
     /// `Cluster.Probe` requests served (probes this node ran for other members).
     probes_served: std::sync::atomic::AtomicU64,
+    metrics: Arc<crate::metrics::RequestMetrics>,
 }
 
 /// What a probe found busy on a host, and who holds those ports where the OS told.
@@ -114,12 +115,79 @@ impl Api {
                 in_flight: AtomicUsize::new(0),
                 hosts: crate::hosts::HostMap::default(),
                 probes_served: std::sync::atomic::AtomicU64::new(0),
+                metrics: Arc::default(),
             }),
         }
     }
 
     pub fn node(&self) -> &RaftNode {
         &self.inner.node
+    }
+
+    /// `Allocator.Allocate`, less the bookkeeping of its time and outcome.
+    async fn allocate_timed(
+        &self,
+        req: pb::AllocateRequest,
+    ) -> std::result::Result<pb::AllocateResponse, Status> {
+        let reported = req.reported_busy().map_err(ApiError::from)?;
+        let batch = AllocateBatch {
+            team: team(&req.team),
+            host: if req.host.is_empty() { self.inner.host.clone() } else { req.host.clone() },
+            lease: req.lease_spec().map_err(ApiError::from)?,
+            items: req.core_items().map_err(ApiError::from)?,
+            probe: None,
+            holder: req.holder(),
+        };
+        match self.allocate_batch(batch, &reported).await? {
+            (Response::Allocated { grants, lease, revision }, host_probed) => {
+                let lease_id = lease.map_or(req.lease_id, |l| l.id);
+                for g in grants.iter().filter(|g| !g.existing) {
+                    let a = &g.allocation;
+                    let holder = a.holder.as_ref().map(ToString::to_string);
+                    tracing::info!(port = a.port, team = %a.team, pool = %a.pool, service = %a.service,
+                        host = %a.host, holder = holder.as_deref().unwrap_or("-"), revision, "allocated");
+                }
+                self.log_conflicts_and_fallbacks(&req, &grants, revision);
+                Ok(pb::AllocateResponse {
+                    existing: grants.iter().map(|g| g.existing).collect(),
+                    allocations: grants.iter().map(|g| (&g.allocation).into()).collect(),
+                    lease_id,
+                    revision,
+                    host_probed,
+                })
+            }
+            (other, _) => Err(unexpected(other).into()),
+        }
+    }
+
+    /// Logs each conflict the allocation at `revision` recorded (a warning naming the port and
+    /// its holder) and each item that got another port than the one it asked for.
+    fn log_conflicts_and_fallbacks(
+        &self,
+        req: &pb::AllocateRequest,
+        grants: &[portmesh_core::Grant],
+        revision: u64,
+    ) {
+        for (item, g) in req.items.iter().zip(grants) {
+            let got = g.allocation.port;
+            if item.port != 0 && item.port != u32::from(got) && !g.existing {
+                tracing::info!(wanted = item.port, port = got, service = %g.allocation.service,
+                    pool = %g.allocation.pool, "wanted port not available: fell back to another");
+            }
+        }
+        let sm = self.inner.node.state().read();
+        for e in sm.state.events_since(revision).take_while(|e| e.revision == revision) {
+            if let portmesh_core::EventKind::Conflict(c) = &e.kind {
+                let holder = c.holder.as_ref().map(ToString::to_string);
+                tracing::warn!(port = c.port, host = %c.host, holder = holder.as_deref().unwrap_or("unknown process"),
+                    service = %c.service, pool = %c.pool, "port busy on its host: skipped (conflict)");
+            }
+        }
+    }
+
+    /// What this node counts as it serves (see `metrics.rs`).
+    pub fn metrics(&self) -> &Arc<crate::metrics::RequestMetrics> {
+        &self.inner.metrics
     }
 
     /// The host this node runs on (and answers probes and runs health checks for).
@@ -283,35 +351,22 @@ impl Api {
 #[tonic::async_trait]
 impl pb::allocator_server::Allocator for Api {
     async fn allocate(&self, req: Request<pb::AllocateRequest>) -> Result<pb::AllocateResponse> {
-        let req = req.into_inner();
-        let reported = req.reported_busy().map_err(ApiError::from)?;
-        let batch = AllocateBatch {
-            team: team(&req.team),
-            host: if req.host.is_empty() { self.inner.host.clone() } else { req.host.clone() },
-            lease: req.lease_spec().map_err(ApiError::from)?,
-            items: req.core_items().map_err(ApiError::from)?,
-            probe: None,
-            holder: req.holder(),
-        };
-        match self.allocate_batch(batch, &reported).await? {
-            (Response::Allocated { grants, lease, revision }, host_probed) => {
-                let lease_id = lease.map_or(req.lease_id, |l| l.id);
-                for g in grants.iter().filter(|g| !g.existing) {
-                    let a = &g.allocation;
-                    let holder = a.holder.as_ref().map(ToString::to_string);
-                    tracing::info!(port = a.port, team = %a.team, pool = %a.pool, service = %a.service,
-                        host = %a.host, holder = holder.as_deref().unwrap_or("-"), revision, "allocated");
-                }
-                Ok(tonic::Response::new(pb::AllocateResponse {
-                    existing: grants.iter().map(|g| g.existing).collect(),
-                    allocations: grants.iter().map(|g| (&g.allocation).into()).collect(),
-                    lease_id,
-                    revision,
-                    host_probed,
-                }))
+        let start = std::time::Instant::now();
+        let answer = self.allocate_timed(req.into_inner()).await;
+        let (outcome, ports) = match &answer {
+            Ok(r) => ("ok", r.allocations.iter().zip(&r.existing).filter(|(_, e)| !**e).count()),
+            Err(s)
+                if matches!(
+                    s.code(),
+                    tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Internal
+                ) =>
+            {
+                ("error", 0)
             }
-            (other, _) => Err(unexpected(other).into()),
-        }
+            Err(_) => ("rejected", 0),
+        };
+        self.metrics().allocate_done(start, outcome, ports);
+        answer.map(tonic::Response::new)
     }
 
     async fn release(&self, req: Request<pb::ReleaseRequest>) -> Result<pb::ReleaseResponse> {

@@ -150,7 +150,11 @@ impl pb::watch_server::Watch for Api {
         };
         let filter = Filter { team: req.team, pool: req.pool, service: req.service };
         let (tx, rx) = mpsc::channel(4);
-        tokio::spawn(pump(reader, from, filter, every, tx));
+        let open = crate::metrics::StreamGuard::new(self.metrics().clone());
+        tokio::spawn(async move {
+            let _open = open;
+            pump(reader, from, filter, every, tx).await;
+        });
         Ok(tonic::Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
     }
 }
