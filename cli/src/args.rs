@@ -200,29 +200,21 @@ pub enum Command {
     },
 }
 
+/// Where a port comes from and what to do when the wanted one is taken (`alloc` and `run`).
 #[derive(Debug, Args)]
-pub struct AllocArgs {
-    /// Service name. Without --pool, a pool named like the service is used if there is one.
-    pub service: Option<String>,
-    /// Pool to draw from.
+pub struct PortArgs {
+    /// Pool to draw from [default: the pool holding --port, else the pool named like the
+    /// service, else default].
     #[arg(long)]
     pub pool: Option<String>,
-    /// Wanted port.
+    /// Wanted port (of the first port).
     #[arg(long)]
     pub port: Option<u16>,
     /// What to do if the wanted port is not free: sticky, next, random or fail.
     #[arg(long, default_value = "sticky")]
     pub strategy: portmesh_core::Strategy,
-    /// How many ports (one atomic batch).
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1024))]
-    pub count: u32,
-    /// Attach to a new lease with this TTL (e.g. 30s, 5m): the ports come back if it is not renewed.
-    #[arg(long, value_parser = humantime::parse_duration)]
-    pub ttl: Option<Duration>,
-    /// Attach to an existing lease.
-    #[arg(long, conflicts_with = "ttl")]
-    pub lease: Option<u64>,
-    /// Sticky key: the same key gets the same port back (with --count, suffixed /0, /1, …).
+    /// Sticky key: the same key gets the same port back (several ports: the key suffixed /0, /1,
+    /// … for `alloc --count`, /NAME for `run --ports`).
     #[arg(long)]
     pub key: Option<String>,
     /// Instance name.
@@ -234,28 +226,35 @@ pub struct AllocArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct AllocArgs {
+    /// Service name. Without --pool, a pool named like the service is used if there is one.
+    pub service: Option<String>,
+    #[command(flatten)]
+    pub want: PortArgs,
+    /// How many ports (one atomic batch).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub count: u32,
+    /// Attach to a new lease with this TTL (e.g. 30s, 5m): the ports come back if it is not renewed.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub ttl: Option<Duration>,
+    /// Attach to an existing lease.
+    #[arg(long, conflicts_with = "ttl")]
+    pub lease: Option<u64>,
+}
+
+#[derive(Debug, Args)]
 pub struct RunArgs {
     /// Service name [default: the command's file name].
     #[arg(long)]
     pub service: Option<String>,
-    /// Pool to draw from.
-    #[arg(long)]
-    pub pool: Option<String>,
-    /// Wanted port (of the first port).
-    #[arg(long)]
-    pub port: Option<u16>,
-    /// What to do if the wanted port is not free: sticky, next, random or fail.
-    #[arg(long, default_value = "sticky")]
-    pub strategy: portmesh_core::Strategy,
+    #[command(flatten)]
+    pub want: PortArgs,
     /// Names of the ports to hold, comma-separated; the first is PORT [default: one port, main].
     #[arg(long, value_delimiter = ',')]
     pub ports: Vec<String>,
     /// Lease TTL: if this wrapper dies, the ports come back this long after.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub ttl: Duration,
-    /// Sticky key: the same key gets the same port(s) back next time.
-    #[arg(long)]
-    pub key: Option<String>,
     /// Bind the (first) port here and hand the socket over as fd 3 by the systemd
     /// socket-activation protocol (LISTEN_FDS, LISTEN_PID), e.g. `gunicorn --bind fd://3`.
     #[arg(long)]
@@ -266,12 +265,9 @@ pub struct RunArgs {
     /// Health check for the registration: tcp, http:/PATH, grpc[:SERVICE] or cmd:COMMAND.
     #[arg(long)]
     pub check: Option<CheckSpec>,
+    /// Project of the registration.
     #[arg(long)]
     pub project: Option<String>,
-    #[arg(long)]
-    pub env: Option<String>,
-    #[arg(long)]
-    pub instance: Option<String>,
     /// A tag for the registration (repeat for several).
     #[arg(long = "tag")]
     pub tags: Vec<String>,

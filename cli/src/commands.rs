@@ -7,7 +7,7 @@ use anyhow::{Context, Result, bail};
 use portmesh_client::{Client, pb};
 use serde_json::json;
 
-use crate::args::{AllocArgs, Cli, Command, ConfigCommand, PoolsCommand, ReleaseArgs, ServeArgs};
+use crate::args::{AllocArgs, Cli, Command, ConfigCommand, PoolsCommand, PortArgs, ReleaseArgs, ServeArgs};
 use crate::local;
 
 /// What a command wants the process to exit with, when it succeeded but has news.
@@ -166,23 +166,32 @@ fn alloc_json(a: &pb::Allocation) -> serde_json::Value {
     })
 }
 
-async fn alloc(c: &Client, team: &str, a: &AllocArgs, json: bool) -> Result<()> {
-    let service = a.service.clone().or_else(|| a.pool.clone()).unwrap_or_else(|| "default".into());
-    let items = (0..a.count)
-        .map(|i| pb::AllocItem {
-            service: service.clone(),
-            pool: a.pool.clone().unwrap_or_default(),
-            port: if i == 0 { a.port.map_or(0, u32::from) } else { 0 },
-            strategy: portmesh_client::strategy_to_pb(a.strategy) as i32,
-            key: match (&a.key, a.count) {
+/// The items of one allocation: a port per name, the first at the wanted port; with a key and
+/// several names, each key is suffixed `/NAME`.
+pub fn alloc_items(service: &str, w: &PortArgs, names: &[String]) -> Vec<pb::AllocItem> {
+    names
+        .iter()
+        .enumerate()
+        .map(|(i, name)| pb::AllocItem {
+            service: service.to_string(),
+            pool: w.pool.clone().unwrap_or_default(),
+            port: if i == 0 { w.port.map_or(0, u32::from) } else { 0 },
+            strategy: portmesh_client::strategy_to_pb(w.strategy) as i32,
+            key: match (&w.key, names.len()) {
                 (Some(k), 1) => k.clone(),
-                (Some(k), _) => format!("{k}/{i}"),
+                (Some(k), _) => format!("{k}/{name}"),
                 (None, _) => String::new(),
             },
-            instance: a.instance.clone().unwrap_or_default(),
-            env: a.env.clone().unwrap_or_default(),
+            instance: w.instance.clone().unwrap_or_default(),
+            env: w.env.clone().unwrap_or_default(),
         })
-        .collect();
+        .collect()
+}
+
+async fn alloc(c: &Client, team: &str, a: &AllocArgs, json: bool) -> Result<()> {
+    let service = a.service.clone().or_else(|| a.want.pool.clone()).unwrap_or_else(|| "default".into());
+    let names: Vec<String> = (0..a.count).map(|i| i.to_string()).collect();
+    let items = alloc_items(&service, &a.want, &names);
     let holder = parent_pid();
     let req = pb::AllocateRequest {
         team: team.to_string(),

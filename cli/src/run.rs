@@ -22,23 +22,7 @@ pub async fn run(c: &Client, team: &str, a: &RunArgs) -> Result<i32> {
     };
     let names: Vec<String> = if a.ports.is_empty() { vec!["main".into()] } else { a.ports.clone() };
     let command_line = a.command.join(" ");
-    let items = names
-        .iter()
-        .enumerate()
-        .map(|(i, name)| pb::AllocItem {
-            service: service.clone(),
-            pool: a.pool.clone().unwrap_or_default(),
-            port: if i == 0 { a.port.map_or(0, u32::from) } else { 0 },
-            strategy: portmesh_client::strategy_to_pb(a.strategy) as i32,
-            key: match (&a.key, names.len()) {
-                (Some(k), 1) => k.clone(),
-                (Some(k), _) => format!("{k}/{name}"),
-                (None, _) => String::new(),
-            },
-            instance: a.instance.clone().unwrap_or_default(),
-            env: a.env.clone().unwrap_or_default(),
-        })
-        .collect();
+    let items = crate::commands::alloc_items(&service, &a.want, &names);
     let r = c
         .allocate_here(pb::AllocateRequest {
             team: team.to_string(),
@@ -52,7 +36,7 @@ pub async fn run(c: &Client, team: &str, a: &RunArgs) -> Result<i32> {
     let lease = r.lease_id;
     let ports: Vec<(String, u16)> =
         names.iter().cloned().zip(r.allocations.iter().map(|al| al.port as u16)).collect();
-    if let (Some(wanted), Some((_, got))) = (a.port, ports.first())
+    if let (Some(wanted), Some((_, got))) = (a.want.port, ports.first())
         && wanted != *got
     {
         eprintln!("portmesh: port {wanted} is not free; {service} gets port {got} instead");
@@ -109,8 +93,8 @@ async fn supervise_one(
         team: team.to_string(),
         name: service.to_string(),
         project: a.project.clone().unwrap_or_default(),
-        env: a.env.clone().unwrap_or_default(),
-        instance: a.instance.clone().unwrap_or_default(),
+        env: a.want.env.clone().unwrap_or_default(),
+        instance: a.want.instance.clone().unwrap_or_default(),
         ports: ports
             .iter()
             .map(|(n, p)| pb::ServicePort { name: n.clone(), port: u32::from(*p), protocol: String::new() })

@@ -456,7 +456,10 @@ async fn supervise_stack(
         });
         write_state(path, st)?;
         procs.push((svc, proc.clone()));
+        // Biased: when the starting service ends, its own wait says so first (the `exits` message
+        // about it is then ready too, and would give a vaguer reason).
         let ready = tokio::select! {
+            biased;
             r = async {
                 wait_ready(svc, &proc, ports).await?;
                 register(c, stack, svc, lease, ports, &proc).await
@@ -600,6 +603,7 @@ async fn wait_ready(svc: &ServiceDef, proc: &Proc, ports: &Ports) -> Result<()> 
             portmesh_api::check_once(&check, port).await
         };
         tokio::select! {
+            biased;
             status = proc.wait() => bail!("{} before it was healthy (check {spec}: {last})", supervise::describe(status)),
             _ = tokio::time::sleep_until(deadline) => bail!(
                 "not healthy within {} (check {spec} on port {port}: {last})",

@@ -126,37 +126,24 @@ fn the_dashboard_shows_services_pools_conflicts_and_recommendations_and_updates_
     // A registered service that answers its check, one that does not, and one without a check.
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let api_port = listener.local_addr().unwrap().port().to_string();
-    h.pm(&[
-        "register",
-        "api",
-        "--port",
-        &format!("http={api_port}"),
-        "--project",
-        "shop",
-        "--env",
-        "dev",
-        "--check",
-        "tcp",
-        "--interval",
-        "200ms",
-    ])
-    .ok();
     let closed = closed_port().to_string();
-    h.pm(&[
-        "register",
-        "db",
-        "--port",
-        &closed,
-        "--project",
-        "shop",
-        "--env",
-        "dev",
-        "--check",
-        "tcp",
-        "--interval",
-        "200ms",
-    ])
-    .ok();
+    for (name, port) in [("api", format!("http={api_port}")), ("db", closed)] {
+        h.pm(&[
+            "register",
+            name,
+            "--port",
+            &port,
+            "--project",
+            "shop",
+            "--env",
+            "dev",
+            "--check",
+            "tcp",
+            "--interval",
+            "200ms",
+        ])
+        .ok();
+    }
     h.pm(&["register", "posts", "--port", "8500", "--project", "blog"]).ok();
     // Allocations, one under a lease; a conflict with a process holding a wanted port; a pool in
     // the ephemeral range (a recommendation).

@@ -76,13 +76,7 @@ fn doctor_is_quiet_on_a_healthy_host_and_names_each_problem_with_its_fix() {
     let port = (20750..20770)
         .find(|p| port_is_free(*p) && p.to_string() != loose && p.to_string() != leased)
         .unwrap();
-    let mut squatter = std::process::Command::new("python3")
-        .args(["-m", "http.server", &port.to_string(), "--bind", "127.0.0.1"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_until("the squatter to listen", Duration::from_secs(10), || !port_is_free(port));
+    let mut squatter = squat(port);
 
     let r = h.pm(&["doctor"]);
     let _ = squatter.kill();

@@ -209,6 +209,18 @@ pub fn port_is_free(port: u16) -> bool {
     std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
 }
 
+/// A process portmesh did not start listening on `port` (python's http.server), once it listens.
+pub fn squat(port: u16) -> std::process::Child {
+    let child = Command::new("python3")
+        .args(["-m", "http.server", &port.to_string(), "--bind", "127.0.0.1"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until("the squatter to listen", Duration::from_secs(10), || !port_is_free(port));
+    child
+}
+
 /// Whether process `pid` still runs (a zombie does not).
 pub fn process_runs(pid: i32) -> bool {
     !is_zombie(pid)

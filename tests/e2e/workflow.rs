@@ -249,13 +249,7 @@ fn two_instances_run_side_by_side_and_a_second_up_needs_kill_existing() {
 fn force_ends_the_process_holding_a_pinned_port_and_without_it_the_holder_is_named() {
     let h = home_with_pool("20400-20449");
     let port = (20400..20450).find(|p| port_is_free(*p)).unwrap();
-    let mut squatter = std::process::Command::new("python3")
-        .args(["-m", "http.server", &port.to_string(), "--bind", "127.0.0.1"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_until("the squatter to listen", Duration::from_secs(10), || !port_is_free(port));
+    let mut squatter = squat(port);
     let dir = tempfile::tempdir().unwrap();
     let f = project(
         dir.path(),
