@@ -51,6 +51,10 @@ struct State {
 struct ServiceState {
     name: String,
     pid: u32,
+    /// When the process started (clock ticks after boot), to tell it from a later process that
+    /// got the same pid.
+    #[serde(default)]
+    since: Option<u64>,
     ports: Vec<(String, u16)>,
     started_ms: u64,
 }
@@ -133,6 +137,24 @@ fn alive(pid: u32) -> bool {
     crate::local::process_alive(pid)
 }
 
+/// When process `pid` started, in clock ticks after boot (`/proc/PID/stat`, field 22).
+fn start_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command (which may hold spaces and parentheses) start with the state.
+    stat.rsplit_once(')')?.1.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Whether `pid` is still the process recorded for it: pids are reused, and a stale state file
+/// must never make `down` signal a stranger.
+fn still_runs(pid: u32, since: Option<u64>) -> bool {
+    alive(pid) && since.is_some() && start_ticks(pid) == since
+}
+
+/// Whether `pid` is a `portmesh up` supervising a stack.
+fn supervisor_runs(pid: u32) -> bool {
+    alive(pid) && portmesh_probe::command_of(pid).is_some_and(|c| c.contains("portmesh") && c.contains(" up"))
+}
+
 pub(crate) fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
@@ -144,7 +166,7 @@ pub async fn up(cli: &Cli, a: &UpArgs) -> Result<i32> {
     // A detached up does these in the foreground, where the user sees what they end.
     if !a.supervise {
         if let Some(st) = read_state(&path)? {
-            if alive(st.supervisor) {
+            if supervisor_runs(st.supervisor) {
                 if !a.kill_existing {
                     bail!(
                         "{} is already up (supervised by pid {}): stop it with `portmesh down`, or pass --kill-existing",
@@ -437,7 +459,7 @@ async fn supervise_stack(
     let (exits_tx, mut exits) = mpsc::unbounded_channel();
     let mut int = signal(SignalKind::interrupt())?;
     let mut term = signal(SignalKind::terminate())?;
-    let _keeper = c.keep_lease(&stack.team, lease, stack.lease_ttl);
+    let mut keeper = c.keep_lease(&stack.team, lease, stack.lease_ttl);
     let width = stack.services.iter().map(|s| s.name.len()).max().unwrap_or(0);
     let mut procs: Vec<(&ServiceDef, Proc)> = Vec::new();
     for (i, svc) in stack.services.iter().enumerate() {
@@ -451,6 +473,7 @@ async fn supervise_stack(
         st.services.push(ServiceState {
             name: svc.name.clone(),
             pid: proc.pid,
+            since: start_ticks(proc.pid),
             ports: ports.get(&svc.name).cloned().unwrap_or_default(),
             started_ms: now_ms(),
         });
@@ -487,12 +510,19 @@ async fn supervise_stack(
         println!("portmesh:   {:<width$}  {}  pid {}", svc.name, ports_text(ports.get(&svc.name)), p.pid);
     }
 
-    let outcome = tokio::select! {
-        Some((name, status)) = exits.recv() => Err(anyhow!(
-            "service {name} {}; stopping the stack", supervise::describe(status)
-        )),
-        _ = int.recv() => Ok(0),
-        _ = term.recv() => Ok(0),
+    let mut lease_ok = true;
+    let outcome = loop {
+        tokio::select! {
+            Some((name, status)) = exits.recv() => break Err(anyhow!(
+                "service {name} {}; stopping the stack", supervise::describe(status)
+            )),
+            _ = int.recv() => break Ok(0),
+            _ = term.recv() => break Ok(0),
+            lost = keeper.lost(), if lease_ok => {
+                lease_ok = false;
+                eprintln!("portmesh: warning: {lost}; the stack keeps running, but its ports may be handed out again");
+            }
+        }
     };
     stop_all(&procs).await;
     outcome
@@ -712,14 +742,16 @@ async fn detach(cli: &Cli, c: &Client, a: &UpArgs, stack: &Stack) -> Result<i32>
 /// Ends the stack a state file describes: its supervisor (which stops the services and
 /// releases), then anything left behind, then its lease.
 async fn stop_recorded(c: &Client, st: &State, path: &Path, budget: Duration) -> Result<()> {
-    if alive(st.supervisor) && st.supervisor != std::process::id() {
+    if supervisor_runs(st.supervisor) && st.supervisor != std::process::id() {
         let _ = kill(Pid::from_raw(st.supervisor as i32), Signal::SIGTERM);
         if crate::local::wait_exit(st.supervisor, budget).await.is_err() {
             let _ = kill(Pid::from_raw(st.supervisor as i32), Signal::SIGKILL);
         }
     }
+    // What a supervisor killed with SIGKILL left behind (its services got SIGTERM from the
+    // kernel when it died; one that ignored it is still here).
     for s in st.services.iter().rev() {
-        if alive(s.pid) {
+        if still_runs(s.pid, s.since) {
             let _ = nix::sys::signal::killpg(Pid::from_raw(s.pid as i32), Signal::SIGKILL);
         }
     }
@@ -848,4 +880,20 @@ pub async fn env(cli: &Cli, p: &ProjectArgs) -> Result<i32> {
         }
     }
     Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_recorded_process_is_recognised_by_its_start_time() {
+        let me = std::process::id();
+        let since = start_ticks(me);
+        assert!(since.is_some());
+        assert!(still_runs(me, since));
+        assert!(!still_runs(me, since.map(|s| s + 1)), "same pid, another start: a stranger");
+        assert!(!still_runs(me, None), "unknown start: never signalled");
+        assert!(!supervisor_runs(me), "a test binary is no supervisor");
+    }
 }

@@ -397,3 +397,31 @@ fn ctrl_c_stops_a_foreground_stack_in_reverse_order_and_releases_it() {
     assert!(h.live_ports().is_empty());
     assert!(h.supervisors().is_empty(), "the state file is gone");
 }
+
+#[test]
+fn a_supervisor_killed_with_sigkill_takes_its_services_along_and_down_cleans_up_at_once() {
+    let h = home_with_pool("20600-20649");
+    let dir = tempfile::tempdir().unwrap();
+    let f = project(
+        dir.path(),
+        &format!(
+            "project = \"orphan\"\nlease_ttl = \"1h\"\n[services.web]\ncommand = \"{SERVER}\"\npool = \"t\"\ncheck = \"tcp\"\n"
+        ),
+    );
+    let f = f.to_str().unwrap();
+    h.pm(&["up", "-d", "-f", f]).ok();
+    let ps = h.pm(&["ps", "-f", f, "--json"]).ok().json();
+    let server = ps["services"][0]["pid"].as_u64().unwrap() as i32;
+    let port = ps["services"][0]["ports"][0]["port"].as_u64().unwrap() as u16;
+    let supervisor = h.supervisors()[0];
+    kill(Pid::from_raw(supervisor), Signal::SIGKILL).unwrap();
+    wait_until("the server to follow its supervisor", Duration::from_secs(10), || !process_runs(server));
+    assert_eq!(h.live_ports(), [port], "the lease (1 h) still holds the port");
+    let down = h.pm(&["down", "-f", f]).ok();
+    assert!(down.stdout.contains("orphan/dev/default is down"), "{down:?}");
+    assert!(h.live_ports().is_empty(), "down revoked the lease at once");
+    assert!(h.supervisors().is_empty());
+    h.pm(&["up", "-d", "-f", f]).ok();
+    assert_eq!(h.stack_ports(&["-f", f])["web"], port, "and the next up gets the same port");
+    h.pm(&["down", "-f", f]).ok();
+}
