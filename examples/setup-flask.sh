@@ -10,6 +10,10 @@ here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/.." && pwd)
 venv=${1:-$root/target/flask-venv}
 stamp=$venv/.portmesh-ready
+# Tests run at once may all ask for the venv: one builds it, the others wait.
+mkdir -p "$(dirname "$venv")"
+exec 9>"$venv.lock"
+flock 9
 if [ ! -f "$stamp" ] || [ "$here/requirements-flask.txt" -nt "$stamp" ]; then
     python3 -m venv "$venv" >&2
     "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$here/requirements-flask.txt" >&2
