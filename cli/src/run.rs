@@ -42,12 +42,8 @@ pub async fn run(c: &Client, team: &str, a: &RunArgs) -> Result<i32> {
         eprintln!("portmesh: port {wanted} is not free; {service} gets port {got} instead");
     }
     let result = supervise_one(c, team, a, &service, lease, &ports, &command_line).await;
-    // Revoking the lease releases the ports and the registration; a lease that already ran out
-    // has nothing left to release.
-    if let Err(e) = c.revoke_lease(team, lease).await
-        && !e.to_string().contains("unknown lease")
-    {
-        eprintln!("portmesh: could not release lease {lease}: {e:#}; its ports come back when it runs out");
+    if let Err(e) = crate::stack::end_lease(c, team, lease).await {
+        eprintln!("portmesh: {e:#}; its ports come back when it runs out");
     }
     result
 }

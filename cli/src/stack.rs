@@ -200,10 +200,8 @@ pub async fn up(cli: &Cli, a: &UpArgs) -> Result<i32> {
     };
     write_state(&path, &st)?;
     let outcome = supervise_stack(&c, &stack, lease, &ports, &mut st, &path, started).await;
-    if let Err(e) = c.revoke_lease(&stack.team, lease).await
-        && !e.to_string().contains("unknown lease")
-    {
-        eprintln!("portmesh: could not release lease {lease}: {e:#}; the ports come back when it runs out");
+    if let Err(e) = end_lease(&c, &stack.team, lease).await {
+        eprintln!("portmesh: {e:#}; the ports come back when it runs out");
     }
     match outcome {
         Ok(code) => {
@@ -221,6 +219,16 @@ pub async fn up(cli: &Cli, a: &UpArgs) -> Result<i32> {
             let _ = std::fs::remove_file(&path);
             Err(e)
         }
+    }
+}
+
+/// Revokes `lease`, which releases its ports and registrations. A lease that is already gone
+/// (it ran out, or someone revoked it) has nothing left to release: that is no error.
+pub(crate) async fn end_lease(c: &Client, team: &str, lease: u64) -> Result<()> {
+    match c.revoke_lease(team, lease).await {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == Some("not_found") => Ok(()),
+        Err(e) => Err(anyhow!(e).context(format!("could not release lease {lease}"))),
     }
 }
 
@@ -755,11 +763,7 @@ async fn stop_recorded(c: &Client, st: &State, path: &Path, budget: Duration) ->
             let _ = nix::sys::signal::killpg(Pid::from_raw(s.pid as i32), Signal::SIGKILL);
         }
     }
-    if let Err(e) = c.revoke_lease(&st.team, st.lease).await
-        && !e.to_string().contains("unknown lease")
-    {
-        return Err(anyhow!(e).context(format!("cannot release lease {} of {}", st.lease, st.scope)));
-    }
+    end_lease(c, &st.team, st.lease).await.with_context(|| format!("stopping {}", st.scope))?;
     let _ = std::fs::remove_file(path);
     Ok(())
 }
