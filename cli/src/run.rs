@@ -79,6 +79,10 @@ async fn supervise_one(
         vars.push((format!("PORT_{n}"), port.to_string()));
         vars.push((format!("{var}_PORT_{n}"), port.to_string()));
     }
+    // Signals are ours from before the command starts, so none is lost in between.
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut hup = signal(SignalKind::hangup())?;
     let proc = supervise::spawn(
         service,
         Spec { program: Program::Argv(args), vars, dir: None, socket, output: Output::Inherit },
@@ -102,18 +106,27 @@ async fn supervise_one(
         command: command_line.to_string(),
         ..Default::default()
     };
-    if let Err(e) = c.register(registration).await {
-        proc.stop(std::time::Duration::from_secs(5)).await;
-        bail!("could not register {service}: {e:#}; stopped it again");
-    }
-
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut term = signal(SignalKind::terminate())?;
-    let mut hup = signal(SignalKind::hangup())?;
+    // The registration goes out while the command starts: a short command does not wait for it
+    // (but its lease is revoked only once the registration has landed or failed).
+    let registering = c.register(registration);
+    tokio::pin!(registering);
+    let mut registered = false;
     let mut lease_ok = true;
     let status = loop {
         tokio::select! {
-            status = proc.wait() => break status,
+            r = &mut registering, if !registered => {
+                registered = true;
+                if let Err(e) = r {
+                    proc.stop(std::time::Duration::from_secs(5)).await;
+                    bail!("could not register {service}: {e:#}; stopped it again");
+                }
+            }
+            status = proc.wait() => {
+                if !registered {
+                    let _ = (&mut registering).await;
+                }
+                break status;
+            }
             _ = int.recv() => proc.signal(Signal::SIGINT),
             _ = term.recv() => proc.signal(Signal::SIGTERM),
             _ = hup.recv() => proc.signal(Signal::SIGHUP),
