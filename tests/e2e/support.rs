@@ -59,6 +59,8 @@ impl Run {
 
 impl Home {
     pub fn new() -> Home {
+        static REAPED: std::sync::Once = std::sync::Once::new();
+        REAPED.call_once(reap_orphans);
         Home { dir: tempfile::tempdir().expect("tempdir") }
     }
 
@@ -142,6 +144,27 @@ impl Home {
             }
         }
         pids
+    }
+}
+
+/// Kills nodes of this binary that an earlier, interrupted test run left behind: their home
+/// directory is gone. (A test binary killed mid-run drops nothing, and a leftover node would
+/// skew every benchmark run afterwards.)
+fn reap_orphans() {
+    let Ok(entries) = std::fs::read_dir("/proc") else { return };
+    for e in entries.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else { continue };
+        let args: Vec<String> =
+            cmd.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+        if args.first().map(String::as_str) != Some(BIN) || args.get(1).map(String::as_str) != Some("serve") {
+            continue;
+        }
+        let home = args.iter().position(|a| a == "--home").and_then(|i| args.get(i + 1));
+        if home.is_some_and(|h| !Path::new(h).exists()) {
+            let _ =
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+        }
     }
 }
 
