@@ -5,7 +5,6 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-pub use portmesh_project::CheckSpec;
 
 /// Hands out TCP ports so that nothing collides: local apps, a team's machines, CI shards.
 ///
@@ -264,7 +263,7 @@ pub struct RunArgs {
     pub bind: std::net::IpAddr,
     /// Health check for the registration: tcp, http:/PATH, grpc[:SERVICE] or cmd:COMMAND.
     #[arg(long)]
-    pub check: Option<CheckSpec>,
+    pub check: Option<portmesh_core::CheckKind>,
     /// Project of the registration.
     #[arg(long)]
     pub project: Option<String>,
@@ -307,6 +306,9 @@ pub struct UpArgs {
     /// Internal: run as the supervisor of a detached stack.
     #[arg(long, hide = true)]
     pub supervise: bool,
+    /// Internal: the pipe a supervisor reports to its `up --detach` on ("up", or why not).
+    #[arg(long, hide = true, requires = "supervise")]
+    pub report_fd: Option<i32>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -338,7 +340,7 @@ pub struct RegisterArgs {
     /// Health check, run by the node on the service's host: tcp, http:/PATH, grpc[:SERVICE] or
     /// cmd:COMMAND (run with sh -c, PORT set; exit status 0 passes).
     #[arg(long)]
-    pub check: Option<CheckSpec>,
+    pub check: Option<portmesh_core::CheckKind>,
     /// Which named port the check targets [default: the first].
     #[arg(long)]
     pub check_port: Option<String>,

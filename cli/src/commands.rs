@@ -151,7 +151,7 @@ fn print_or_json(json: bool, text: &str, value: impl FnOnce() -> serde_json::Val
     }
 }
 
-fn fmt_dur(d: Duration) -> String {
+pub(crate) fn fmt_dur(d: Duration) -> String {
     humantime::format_duration(Duration::from_millis(d.as_millis() as u64)).to_string()
 }
 
@@ -348,7 +348,7 @@ async fn pools(c: &Client, team: &str, p: &PoolsCommand, json: bool) -> Result<(
     }
 }
 
-fn ranges_text(r: &[pb::PortRange]) -> String {
+pub(crate) fn ranges_text(r: &[pb::PortRange]) -> String {
     r.iter()
         .map(|r| if r.start == r.end { r.start.to_string() } else { format!("{}-{}", r.start, r.end) })
         .collect::<Vec<_>>()
@@ -715,7 +715,7 @@ fn event_json(e: &pb::Event) -> serde_json::Value {
 }
 
 /// ` pid N (command)`, or nothing when unknown.
-fn holder(pid: u32, command: &str) -> String {
+pub(crate) fn holder(pid: u32, command: &str) -> String {
     match (pid, command) {
         (0, _) => String::new(),
         (p, "") => format!(" pid {p}"),

@@ -7,9 +7,11 @@ use portmesh_client::{Client, pb};
 use serde_json::json;
 
 use crate::args::Cli;
+use crate::commands::{fmt_dur, ranges_text};
 
+/// Whole seconds: what a person wants of a time to exhaustion or a history window.
 fn human_ms(ms: u64) -> String {
-    humantime::format_duration(Duration::from_secs(ms / 1000)).to_string()
+    fmt_dur(Duration::from_secs(ms / 1000))
 }
 
 pub async fn stats(c: &Client, team: &str, json: bool) -> Result<()> {
@@ -192,8 +194,11 @@ async fn check_cluster(c: &Client, out: &mut Vec<Finding>) {
     } else {
         out.push(finding(Level::Ok, "data", format!("data directory {} MB", s.data_size_bytes >> 20), None));
     }
-    check_pools(c, out).await;
-    check_holders(c, &s.host, out).await;
+    let Ok(pools) = c.list_pools(pb::ListPoolsRequest { team: String::new(), stale: true }).await else {
+        return;
+    };
+    check_pools(&pools.pools, out);
+    check_holders(c, &s.host, &pools.pools, out).await;
 }
 
 /// Each member's clock against ours, corrected by half the round trip.
@@ -241,11 +246,10 @@ async fn check_clocks(s: &pb::StatusResponse, out: &mut Vec<Finding>) {
     }
 }
 
-async fn check_pools(c: &Client, out: &mut Vec<Finding>) {
-    let Ok(r) = c.list_pools(pb::ListPoolsRequest { team: String::new(), stale: true }).await else { return };
+fn check_pools(pools: &[pb::Pool], out: &mut Vec<Finding>) {
     let (lo, hi) = portmesh_probe::ephemeral_range();
     let mut fine = true;
-    for p in &r.pools {
+    for p in pools {
         let overlaps = p.ranges.iter().any(|rg| rg.start <= u32::from(hi) && rg.end >= u32::from(lo));
         if overlaps {
             fine = false;
@@ -279,20 +283,21 @@ async fn check_pools(c: &Client, out: &mut Vec<Finding>) {
         out.push(finding(
             Level::Ok,
             "pools",
-            format!("{} pool(s), none in the ephemeral range {lo}-{hi}", r.pools.len()),
+            format!("{} pool(s), none in the ephemeral range {lo}-{hi}", pools.len()),
             None,
         ));
     }
 }
 
 /// Allocations on this host whose holder is gone, and listeners in pools with no allocation.
-async fn check_holders(c: &Client, host: &str, out: &mut Vec<Finding>) {
+async fn check_holders(c: &Client, host: &str, pools: &[pb::Pool], out: &mut Vec<Finding>) {
     let Ok(live) = c.list(pb::ListRequest { team: String::new(), pool: String::new(), stale: true }).await
     else {
         return;
     };
     let mut fine = true;
-    let here = |h: &str| h == host || h == portmesh_probe::hostname();
+    let this_host = portmesh_probe::hostname();
+    let here = |h: &str| h == host || h == this_host;
     for a in live.allocations.iter().filter(|a| here(&a.host) && a.pid != 0) {
         if crate::local::process_alive(a.pid) {
             continue;
@@ -319,17 +324,13 @@ async fn check_holders(c: &Client, host: &str, out: &mut Vec<Finding>) {
     }
     // Listeners inside pools that portmesh did not hand out: each allocation near them is probed
     // and skipped; a reservation says so once and for all.
-    let pools = c
-        .list_pools(pb::ListPoolsRequest { team: String::new(), stale: true })
-        .await
-        .map(|r| r.pools)
-        .unwrap_or_default();
+    let accounted: std::collections::HashSet<u32> =
+        live.allocations.iter().map(|a| a.port).chain(live.reservations.iter().map(|r| r.port)).collect();
     let ports: Vec<u16> = pools
         .iter()
         .flat_map(|p| p.ranges.iter().flat_map(|r| r.start..=r.end))
+        .filter(|p| !accounted.contains(p))
         .filter_map(|p| u16::try_from(p).ok())
-        .filter(|p| !live.allocations.iter().any(|a| a.port == u32::from(*p)))
-        .filter(|p| !live.reservations.iter().any(|r| r.port == u32::from(*p)))
         .collect();
     let owners =
         tokio::task::spawn_blocking(move || portmesh_probe::owners_of(&ports)).await.unwrap_or_default();
@@ -339,11 +340,7 @@ async fn check_holders(c: &Client, host: &str, out: &mut Vec<Finding>) {
             continue;
         }
         fine = false;
-        let who = match (o.pid, &o.command) {
-            (Some(pid), Some(cmd)) => format!("pid {pid} `{cmd}`"),
-            (Some(pid), None) => format!("pid {pid}"),
-            _ => "a process of another user".to_string(),
-        };
+        let who = o.to_string();
         out.push(finding(
             Level::Warn,
             "holders",
@@ -362,8 +359,4 @@ async fn check_holders(c: &Client, host: &str, out: &mut Vec<Finding>) {
             None,
         ));
     }
-}
-
-fn ranges_text(ranges: &[pb::PortRange]) -> String {
-    ranges.iter().map(|r| format!("{}-{}", r.start, r.end)).collect::<Vec<_>>().join(",")
 }

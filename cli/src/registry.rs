@@ -7,7 +7,9 @@ use anyhow::Result;
 use portmesh_client::{Client, pb};
 use serde_json::json;
 
-use crate::args::{CheckSpec, RegisterArgs};
+use portmesh_core::CheckKind;
+
+use crate::args::RegisterArgs;
 
 pub fn health(h: pb::HealthStatus) -> &'static str {
     match h {
@@ -49,7 +51,7 @@ pub fn service_json(s: &pb::Service) -> serde_json::Value {
 
 /// The wire form of a check. Zero interval and timeout mean the node's defaults.
 pub fn check_pb(
-    spec: &CheckSpec,
+    kind: &CheckKind,
     port_name: &str,
     interval: Option<Duration>,
     timeout: Option<Duration>,
@@ -62,22 +64,7 @@ pub fn check_pb(
         failures,
         ..Default::default()
     };
-    let t = match spec {
-        CheckSpec::Tcp => pb::CheckType::CheckTcp,
-        CheckSpec::Http(path) => {
-            ch.path = path.clone();
-            pb::CheckType::CheckHttp
-        }
-        CheckSpec::Grpc(svc) => {
-            ch.grpc_service = svc.clone();
-            pb::CheckType::CheckGrpc
-        }
-        CheckSpec::Command(cmd) => {
-            ch.command = cmd.clone();
-            pb::CheckType::CheckCommand
-        }
-    };
-    ch.set_type(t);
+    ch.set_kind(kind);
     ch
 }
 

@@ -21,6 +21,14 @@ pub async fn run(c: &Client, team: &str, a: &RunArgs) -> Result<i32> {
             .unwrap_or_else(|| "app".into()),
     };
     let names: Vec<String> = if a.ports.is_empty() { vec!["main".into()] } else { a.ports.clone() };
+    for (i, name) in names.iter().enumerate() {
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+            bail!("--ports: port name {name:?}: use letters, digits, '-' and '_'");
+        }
+        if names[..i].contains(name) {
+            bail!("--ports: port name {name:?} appears twice");
+        }
+    }
     let command_line = a.command.join(" ");
     let items = crate::commands::alloc_items(&service, &a.want, &names);
     let r = c

@@ -9,6 +9,8 @@
 //! `up` read.
 
 use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -16,14 +18,15 @@ use anyhow::{Context, Result, anyhow, bail};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use portmesh_client::{Client, pb};
-use portmesh_core::{CheckKind, HealthCheck, HealthStatus, Strategy};
-use portmesh_project::{CheckSpec, Options, Ports, Resolved, ServiceDef, Stack};
+use portmesh_core::{HealthCheck, HealthStatus, Strategy};
+use portmesh_project::{Options, Ports, Resolved, ServiceDef, Stack};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
 
 use crate::args::{Cli, ProjectArgs, UpArgs};
+use crate::commands::fmt_dur;
 use crate::registry::check_pb;
 use crate::supervise::{self, Output, Proc, Program, Spec};
 
@@ -39,11 +42,8 @@ struct State {
     /// The `portmesh up` process supervising the stack.
     supervisor: u32,
     lease: u64,
-    /// starting, up or failed.
+    /// starting or up.
     phase: String,
-    error: Option<String>,
-    /// Where a detached stack's output goes.
-    log: Option<PathBuf>,
     services: Vec<ServiceState>,
 }
 
@@ -160,6 +160,29 @@ pub(crate) fn now_ms() -> u64 {
 }
 
 pub async fn up(cli: &Cli, a: &UpArgs) -> Result<i32> {
+    // A supervisor started by `up --detach` tells it through this pipe: "up", or why not.
+    let mut report = a.report_fd.map(adopt_report_pipe).transpose()?;
+    let result = up_here(cli, a, &mut report).await;
+    if let (Some(mut pipe), Err(e)) = (report.take(), &result) {
+        let _ = write!(pipe, "failed\n{e:#}");
+    }
+    result
+}
+
+/// Takes over the pipe `up --detach` passed as fd `fd`, closed on exec so the services do not
+/// hold it open (the parent waits for its end).
+fn adopt_report_pipe(fd: i32) -> Result<std::fs::File> {
+    // SAFETY: fcntl on an fd number only reads or sets its flags; it fails with EBADF if no such
+    // descriptor is open.
+    if unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) } == -1 {
+        bail!("--report-fd {fd}: {}", std::io::Error::last_os_error());
+    }
+    // SAFETY: the descriptor is open (checked above) and nothing else in this process owns it:
+    // it was inherited for this purpose alone.
+    Ok(std::fs::File::from(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) }))
+}
+
+async fn up_here(cli: &Cli, a: &UpArgs, report: &mut Option<std::fs::File>) -> Result<i32> {
     let stack = load(cli, &a.project)?.stack;
     let c = crate::commands::connect(cli).await?;
     let path = state_path(&stack)?;
@@ -181,9 +204,9 @@ pub async fn up(cli: &Cli, a: &UpArgs) -> Result<i32> {
         if a.force {
             free_wanted_ports(&c, &stack).await?;
         }
-    }
-    if a.detach && !a.supervise {
-        return detach(cli, &c, a, &stack).await;
+        if a.detach {
+            return detach(cli, &c, a, &stack).await;
+        }
     }
     let started = Instant::now();
     let (lease, ports) = allocate(&c, &stack, a.kill_existing).await?;
@@ -194,32 +217,15 @@ pub async fn up(cli: &Cli, a: &UpArgs) -> Result<i32> {
         supervisor: std::process::id(),
         lease,
         phase: "starting".into(),
-        error: None,
-        log: None,
         services: Vec::new(),
     };
     write_state(&path, &st)?;
-    let outcome = supervise_stack(&c, &stack, lease, &ports, &mut st, &path, started).await;
+    let outcome = supervise_stack(&c, &stack, lease, &ports, &mut st, &path, report, started).await;
     if let Err(e) = end_lease(&c, &stack.team, lease).await {
         eprintln!("portmesh: {e:#}; the ports come back when it runs out");
     }
-    match outcome {
-        Ok(code) => {
-            let _ = std::fs::remove_file(&path);
-            Ok(code)
-        }
-        Err(e) if a.supervise => {
-            // The `up --detach` that started us reads the reason from here.
-            st.phase = "failed".into();
-            st.error = Some(format!("{e:#}"));
-            write_state(&path, &st)?;
-            Err(e)
-        }
-        Err(e) => {
-            let _ = std::fs::remove_file(&path);
-            Err(e)
-        }
-    }
+    let _ = std::fs::remove_file(&path);
+    outcome
 }
 
 /// Revokes `lease`, which releases its ports and registrations. A lease that is already gone
@@ -339,12 +345,8 @@ async fn explain_refusal(c: &Client, stack: &Stack, e: anyhow::Error) -> anyhow:
             continue;
         }
         if let Some(al) = live.iter().find(|al| al.port == u32::from(port)) {
-            let who = if al.key.is_empty() { al.service.clone() } else { al.key.clone() };
-            let proc = match (al.pid, al.command.as_str()) {
-                (0, _) => String::new(),
-                (pid, "") => format!(", pid {pid}"),
-                (pid, cmd) => format!(", pid {pid} `{cmd}`"),
-            };
+            let who = if al.key.is_empty() { &al.service } else { &al.key };
+            let proc = crate::commands::holder(al.pid, &al.command);
             lines.push(format!(
                 "port {port} wanted by {} is held by {who} (team {}, host {}{proc})",
                 svc.name, al.team, al.host
@@ -366,11 +368,7 @@ async fn local_holder(port: u16) -> Option<String> {
     if let Some(container) = container_publishing(port, o).await {
         return Some(format!("container {container} (published by Docker)"));
     }
-    Some(match (o.pid, &o.command) {
-        (Some(pid), Some(cmd)) => format!("pid {pid} `{cmd}`"),
-        (Some(pid), None) => format!("pid {pid}"),
-        _ => "a process of another user".to_string(),
-    })
+    Some(o.to_string())
 }
 
 /// The container that publishes `port`, if its holder is Docker's proxy.
@@ -427,11 +425,7 @@ async fn free_wanted_ports(c: &Client, stack: &Stack) -> Result<()> {
                     svc.name
                 );
             };
-            eprintln!(
-                "portmesh: --force: ending pid {pid} ({}), which holds port {port} wanted by {}",
-                o.command.as_deref().unwrap_or("?"),
-                svc.name
-            );
+            eprintln!("portmesh: --force: ending {o}, which holds port {port} wanted by {}", svc.name);
             let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
             if crate::local::wait_exit(pid, svc.stop_timeout).await.is_err() {
                 eprintln!(
@@ -455,6 +449,7 @@ async fn free_wanted_ports(c: &Client, stack: &Stack) -> Result<()> {
 
 /// Starts the services in order, waits for each to be healthy, then supervises them until one
 /// ends or we are told to stop; stops them all in reverse order either way.
+#[allow(clippy::too_many_arguments)]
 async fn supervise_stack(
     c: &Client,
     stack: &Stack,
@@ -462,6 +457,7 @@ async fn supervise_stack(
     ports: &Ports,
     st: &mut State,
     path: &Path,
+    report: &mut Option<std::fs::File>,
     started: Instant,
 ) -> Result<i32> {
     let (exits_tx, mut exits) = mpsc::unbounded_channel();
@@ -471,8 +467,12 @@ async fn supervise_stack(
     let width = stack.services.iter().map(|s| s.name.len()).max().unwrap_or(0);
     let mut procs: Vec<(&ServiceDef, Proc)> = Vec::new();
     for (i, svc) in stack.services.iter().enumerate() {
-        let proc = match start(stack, svc, ports, width, i, exits_tx.clone()) {
-            Ok(p) => p,
+        let started = stack.command(svc, ports).map_err(anyhow::Error::msg).and_then(|command| {
+            let proc = start(stack, svc, &command, ports, width, i, exits_tx.clone())?;
+            Ok((command, proc))
+        });
+        let (command, proc) = match started {
+            Ok(started) => started,
             Err(e) => {
                 stop_all(&procs).await;
                 return Err(e.context(format!("service {} could not start", svc.name)));
@@ -493,7 +493,7 @@ async fn supervise_stack(
             biased;
             r = async {
                 wait_ready(svc, &proc, ports).await?;
-                register(c, stack, svc, lease, ports, &proc).await
+                register(c, stack, svc, &command, lease, ports, &proc).await
             } => r,
             Some((name, status)) = exits.recv() => Err(anyhow!(
                 "service {name} {} while {} was starting", supervise::describe(status), svc.name
@@ -508,6 +508,9 @@ async fn supervise_stack(
     }
     st.phase = "up".into();
     write_state(path, st)?;
+    if let Some(mut pipe) = report.take() {
+        let _ = pipe.write_all(b"up\n");
+    }
     println!(
         "portmesh: {} is up: {} service(s) healthy in {:.1} s",
         stack.scope(),
@@ -546,12 +549,12 @@ fn ports_text(ports: Option<&Vec<(String, u16)>>) -> String {
 fn start(
     stack: &Stack,
     svc: &ServiceDef,
+    command: &str,
     ports: &Ports,
     width: usize,
     i: usize,
     exits: mpsc::UnboundedSender<(String, std::process::ExitStatus)>,
 ) -> Result<Proc> {
-    let command = stack.command(svc, ports).map_err(anyhow::Error::msg)?;
     let vars = stack.vars(svc, ports).map_err(anyhow::Error::msg)?;
     let own = ports.get(&svc.name).cloned().unwrap_or_default();
     let socket = match (svc.fd, own.first()) {
@@ -563,7 +566,7 @@ fn start(
     let proc = supervise::spawn(
         &svc.name,
         Spec {
-            program: Program::Shell(command.clone()),
+            program: Program::Shell(command.to_string()),
             vars,
             dir: Some(&svc.workdir),
             socket,
@@ -579,11 +582,11 @@ async fn register(
     c: &Client,
     stack: &Stack,
     svc: &ServiceDef,
+    command: &str,
     lease: u64,
     ports: &Ports,
     proc: &Proc,
 ) -> Result<()> {
-    let command = stack.command(svc, ports).map_err(anyhow::Error::msg)?;
     let own = ports.get(&svc.name).cloned().unwrap_or_default();
     let registration = pb::Service {
         team: stack.team.clone(),
@@ -605,7 +608,7 @@ async fn register(
         depends_on: svc.depends_on.clone(),
         lease_id: lease,
         pid: proc.pid,
-        command,
+        command: command.to_string(),
         ..Default::default()
     };
     c.register(registration).await.context("could not register it")?;
@@ -621,12 +624,7 @@ async fn wait_ready(svc: &ServiceDef, proc: &Proc, ports: &Ports) -> Result<()> 
         .map(|(_, p)| *p)
         .context("internal error: the checked port was not allocated")?;
     let check = HealthCheck {
-        kind: match spec {
-            CheckSpec::Tcp => CheckKind::Tcp,
-            CheckSpec::Http(path) => CheckKind::Http { path: path.clone() },
-            CheckSpec::Grpc(service) => CheckKind::Grpc { service: service.clone() },
-            CheckSpec::Command(command) => CheckKind::Command { command: command.clone() },
-        },
+        kind: spec.clone(),
         port: None,
         interval_ms: READY_POLL.as_millis() as u64,
         timeout_ms: svc.ready_timeout.min(Duration::from_secs(2)).as_millis() as u64,
@@ -695,45 +693,50 @@ async fn detach(cli: &Cli, c: &Client, a: &UpArgs, stack: &Stack) -> Result<i32>
     if a.kill_existing {
         cmd.arg("--kill-existing");
     }
+    // The supervisor reports through a pipe: "up" once healthy, or "failed" and why; an end
+    // without a word means it died.
+    let (from_supervisor, to_parent) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    let fd = to_parent.as_raw_fd();
+    cmd.arg("--report-fd").arg(fd.to_string());
     cmd.stdin(std::process::Stdio::null()).stdout(out.try_clone()?).stderr(out);
-    // SAFETY: setsid is async-signal-safe; the supervisor leaves our session so a Ctrl-C or a
-    // closed terminal does not reach it.
+    // SAFETY: setsid and fcntl are async-signal-safe. The supervisor leaves our session so a
+    // Ctrl-C or a closed terminal does not reach it, and keeps its end of the pipe across exec.
     unsafe {
-        cmd.pre_exec(|| {
-            if libc::setsid() == -1 {
+        cmd.pre_exec(move || {
+            if libc::setsid() == -1 || libc::fcntl(fd, libc::F_SETFD, 0) == -1 {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())
         });
     }
     let mut child = cmd.spawn().context("cannot start the stack's supervisor")?;
-    let pid = child.id().unwrap_or(0);
-    loop {
-        if let Some(st) = read_state(&path)?.filter(|st| st.supervisor == pid) {
-            match st.phase.as_str() {
-                "up" => {
-                    let mut st = st;
-                    st.log = Some(log.clone());
-                    write_state(&path, &st)?;
-                    println!(
-                        "portmesh: {} is up (supervisor pid {pid}; output in {})",
-                        st.scope,
-                        log.display()
-                    );
-                    for s in &st.services {
-                        println!("portmesh:   {}  {}  pid {}", s.name, ports_text(Some(&s.ports)), s.pid);
-                    }
-                    return Ok(0);
-                }
-                "failed" => {
-                    let _ = child.wait().await;
-                    let _ = std::fs::remove_file(&path);
-                    bail!("{} (output in {})", st.error.unwrap_or_default(), log.display());
-                }
-                _ => {}
+    drop(to_parent);
+    let said = tokio::task::spawn_blocking(move || {
+        let mut said = String::new();
+        std::fs::File::from(from_supervisor).read_to_string(&mut said).map(|_| said)
+    })
+    .await??;
+    match said.split_once('\n') {
+        Some(("up", _)) => {
+            let st =
+                read_state(&path)?.context("the supervisor said the stack is up, but left no state file")?;
+            println!(
+                "portmesh: {} is up (supervisor pid {}; output in {})",
+                st.scope,
+                st.supervisor,
+                log.display()
+            );
+            for s in &st.services {
+                println!("portmesh:   {}  {}  pid {}", s.name, ports_text(Some(&s.ports)), s.pid);
             }
+            Ok(0)
         }
-        if let Some(status) = child.try_wait()? {
+        Some(("failed", why)) => {
+            let _ = child.wait().await;
+            bail!("{why} (output in {})", log.display())
+        }
+        _ => {
+            let status = child.wait().await?;
             let tail = std::fs::read_to_string(&log).unwrap_or_default();
             let tail: Vec<&str> = tail.lines().rev().take(15).collect::<Vec<_>>().into_iter().rev().collect();
             bail!(
@@ -741,9 +744,8 @@ async fn detach(cli: &Cli, c: &Client, a: &UpArgs, stack: &Stack) -> Result<i32>
                 supervise::describe(status),
                 log.display(),
                 tail.join("\n")
-            );
+            )
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -798,57 +800,65 @@ pub async fn ps(cli: &Cli, p: &ProjectArgs) -> Result<i32> {
     let registered: BTreeMap<&str, &pb::Service> =
         found.iter().filter(|s| s.instance == stack.instance_name()).map(|s| (s.name.as_str(), s)).collect();
     let now = now_ms();
-    let rows: Vec<serde_json::Value> = stack
+    let phase = st.as_ref().map_or("down", |s| s.phase.as_str());
+    let rows: Vec<PsRow<'_>> = stack
         .services
         .iter()
         .map(|svc| {
             let reg = registered.get(svc.name.as_str());
             let local = st.as_ref().and_then(|st| st.services.iter().find(|s| s.name == svc.name));
-            let ports: Vec<(String, u16)> = match (reg, local) {
-                (Some(r), _) => r.ports.iter().map(|p| (p.name.clone(), p.port as u16)).collect(),
-                (None, Some(l)) => l.ports.clone(),
-                _ => Vec::new(),
-            };
-            json!({
-                "name": svc.name,
-                "status": reg.map_or("stopped", |r| crate::registry::health(r.status())),
-                "ports": ports.iter().map(|(n, p)| json!({"name": n, "port": p})).collect::<Vec<_>>(),
-                "pid": reg.map(|r| r.pid).filter(|p| *p != 0).or(local.map(|l| l.pid)),
-                "uptime_ms": local.map(|l| now.saturating_sub(l.started_ms)),
-                "output": reg.map(|r| r.output.clone()),
-            })
+            PsRow {
+                name: &svc.name,
+                status: reg.map_or("stopped", |r| crate::registry::health(r.status())),
+                ports: match (reg, local) {
+                    (Some(r), _) => r.ports.iter().map(|p| (p.name.clone(), p.port as u16)).collect(),
+                    (None, Some(l)) => l.ports.clone(),
+                    _ => Vec::new(),
+                },
+                pid: reg.map(|r| r.pid).filter(|p| *p != 0).or(local.map(|l| l.pid)),
+                uptime_ms: local.map(|l| now.saturating_sub(l.started_ms)),
+                output: reg.map(|r| r.output.as_str()),
+            }
         })
         .collect();
     if cli.json {
-        println!(
-            "{}",
-            json!({"scope": stack.scope(), "phase": st.as_ref().map_or("down", |s| s.phase.as_str()), "services": rows})
-        );
+        let services: Vec<_> = rows
+            .iter()
+            .map(|r| {
+                json!({
+                    "name": r.name, "status": r.status,
+                    "ports": r.ports.iter().map(|(n, p)| json!({"name": n, "port": p})).collect::<Vec<_>>(),
+                    "pid": r.pid, "uptime_ms": r.uptime_ms, "output": r.output,
+                })
+            })
+            .collect();
+        println!("{}", json!({"scope": stack.scope(), "phase": phase, "services": services}));
         return Ok(0);
     }
-    println!("{} ({})", stack.scope(), st.as_ref().map_or("down", |s| s.phase.as_str()));
+    println!("{} ({phase})", stack.scope());
     println!("{:<16} {:<9} {:<24} {:<8} UPTIME", "SERVICE", "STATUS", "PORTS", "PID");
     for r in rows {
-        let ports: Vec<String> = r["ports"]
-            .as_array()
-            .map(|a| {
-                a.iter().map(|p| format!("{}={}", p["name"].as_str().unwrap_or(""), p["port"])).collect()
-            })
-            .unwrap_or_default();
-        let uptime = r["uptime_ms"]
-            .as_u64()
-            .map(|ms| humantime::format_duration(Duration::from_secs(ms / 1000)).to_string())
-            .unwrap_or_else(|| "-".into());
         println!(
             "{:<16} {:<9} {:<24} {:<8} {}",
-            r["name"].as_str().unwrap_or(""),
-            r["status"].as_str().unwrap_or(""),
-            ports.join(","),
-            r["pid"].as_u64().map_or("-".to_string(), |p| p.to_string()),
-            uptime
+            r.name,
+            r.status,
+            ports_text(Some(&r.ports)),
+            r.pid.map_or("-".to_string(), |p| p.to_string()),
+            r.uptime_ms.map_or("-".to_string(), |ms| fmt_dur(Duration::from_secs(ms / 1000)))
         );
     }
     Ok(0)
+}
+
+/// One service of `ps`.
+#[derive(Debug)]
+struct PsRow<'a> {
+    name: &'a str,
+    status: &'static str,
+    ports: Vec<(String, u16)>,
+    pid: Option<u32>,
+    uptime_ms: Option<u64>,
+    output: Option<&'a str>,
 }
 
 pub async fn env(cli: &Cli, p: &ProjectArgs) -> Result<i32> {
@@ -870,11 +880,7 @@ pub async fn env(cli: &Cli, p: &ProjectArgs) -> Result<i32> {
     }
     let mut vars: BTreeMap<String, String> = stack.port_vars(&ports).into_iter().collect();
     for svc in &stack.services {
-        for (k, v) in stack.vars(svc, &ports).map_err(anyhow::Error::msg)? {
-            if svc.env.contains_key(&k) {
-                vars.insert(k, v);
-            }
-        }
+        vars.extend(stack.service_env(svc, &ports).map_err(anyhow::Error::msg)?);
     }
     if cli.json {
         println!("{}", json!(vars));

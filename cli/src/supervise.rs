@@ -83,11 +83,12 @@ pub fn plain_words(line: &str) -> Option<Vec<String>> {
 /// descriptor twice (once from `--bind`, once from the activation variables) and fail on the
 /// second with EBADF.
 pub fn names_fd3(program: &Program) -> bool {
-    let text = match program {
-        Program::Argv(v) => v.join(" "),
-        Program::Shell(line) => line.clone(),
+    let words: Vec<&str> = match program {
+        Program::Argv(v) => v.iter().map(String::as_str).collect(),
+        Program::Shell(line) => line.split_whitespace().collect(),
     };
-    text.contains("fd://3") || text.contains("--fd 3") || text.contains("--fd=3")
+    let fd3 = |w: &str| w.trim_matches(['\'', '"']).ends_with("fd://3") || w == "--fd=3";
+    words.iter().any(|w| fd3(w)) || words.windows(2).any(|p| p[0] == "--fd" && p[1] == "3")
 }
 
 fn argv(program: &Program, socket: bool) -> Vec<String> {
@@ -287,7 +288,11 @@ mod tests {
         assert_eq!(argv(&Program::Shell("a | b".into()), false), ["sh", "-c", "a | b"]);
         assert!(names_fd3(&Program::Shell("gunicorn --bind fd://3 app:app".into())));
         assert!(names_fd3(&Program::Argv(vec!["uvicorn".into(), "--fd".into(), "3".into()])));
+        assert!(names_fd3(&Program::Shell("gunicorn --bind=fd://3 app:app".into())));
+        assert!(names_fd3(&Program::Shell("uvicorn --fd=3 app:app".into())));
         assert!(!names_fd3(&Program::Shell("gunicorn app:app".into())));
+        assert!(!names_fd3(&Program::Shell("gunicorn --bind fd://30 app:app".into())), "fd 30 is not fd 3");
+        assert!(!names_fd3(&Program::Argv(vec!["uvicorn".into(), "--fd".into(), "31".into()])));
         let wrapped = argv(&Program::Argv(vec!["gunicorn".into()]), true);
         assert_eq!(wrapped[0], "sh");
         assert_eq!(wrapped.last().unwrap(), "gunicorn");

@@ -3,7 +3,6 @@
 //! (20100-20699), so tests running at once never bind each other's ports.
 
 use std::io::{BufRead, BufReader};
-use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -49,6 +48,12 @@ fn run_sets_the_port_variables_fills_its_arguments_and_exits_with_the_childs_sta
     assert_ne!(r.code, 0);
     assert!(r.stderr.contains("no port named \"nope\""), "{r:?}");
     assert!(h.live_ports().is_empty(), "a bad argument releases what it took");
+    for (ports, want) in [("a,a", "port name \"a\" appears twice"), ("a,b.c", "port name \"b.c\"")] {
+        let r = h.pm(&["run", "--pool", "t", "--ports", ports, "--", "true"]);
+        assert_ne!(r.code, 0);
+        assert!(r.stderr.contains(want), "{r:?}");
+        assert!(h.live_ports().is_empty(), "nothing taken");
+    }
 }
 
 #[test]
@@ -364,7 +369,6 @@ fn config_show_names_the_layer_of_every_value() {
     assert_eq!(origin("strategy = \"fail\""), "environment variables");
     assert_eq!(origin("lease_ttl"), "built-in defaults (prod)");
     assert!(h.info().is_none(), "config show starts no node");
-    let _ = Path::new(&f);
 }
 
 #[test]

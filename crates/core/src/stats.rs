@@ -115,8 +115,7 @@ pub fn stats(state: &State, team: Option<&str>, now_ms: u64, ephemeral: (u16, u1
                 entry.conflicts += 1;
                 entry.last_ms = e.at_ms;
                 let who = match &c.holder {
-                    Some(h) if h.command.is_empty() => format!("pid {} on {}", h.pid, c.host),
-                    Some(h) => format!("pid {} `{}` on {}", h.pid, h.command, c.host),
+                    Some(h) => format!("{h} on {}", c.host),
                     None => format!("a process on {}", c.host),
                 };
                 if !entry.holders.contains(&who) {

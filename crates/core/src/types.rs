@@ -345,6 +345,38 @@ pub enum CheckKind {
     Command { command: String },
 }
 
+/// The text form people write (`portmesh register --check`, a project file's `check`): `tcp`,
+/// `http:/PATH` (`http` alone: `/`), `grpc[:SERVICE]` or `cmd:COMMAND`.
+impl FromStr for CheckKind {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.split_once(':') {
+            None if s == "tcp" => Ok(Self::Tcp),
+            None if s == "grpc" => Ok(Self::Grpc { service: String::new() }),
+            None if s == "http" => Ok(Self::Http { path: "/".into() }),
+            Some(("http", path)) if path.starts_with('/') => Ok(Self::Http { path: path.into() }),
+            Some(("grpc", service)) => Ok(Self::Grpc { service: service.into() }),
+            Some(("cmd", command)) if !command.trim().is_empty() => {
+                Ok(Self::Command { command: command.into() })
+            }
+            _ => Err(format!("{s:?}: write tcp, http:/PATH, grpc[:SERVICE] or cmd:COMMAND")),
+        }
+    }
+}
+
+impl fmt::Display for CheckKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Tcp => write!(f, "tcp"),
+            Self::Http { path } => write!(f, "http:{path}"),
+            Self::Grpc { service } if service.is_empty() => write!(f, "grpc"),
+            Self::Grpc { service } => write!(f, "grpc:{service}"),
+            Self::Command { command } => write!(f, "cmd:{command}"),
+        }
+    }
+}
+
 /// A health check, run by the node on the service's host.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HealthCheck {
@@ -470,6 +502,19 @@ pub enum EventKind {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn checks_parse_and_print_back() {
+        for text in ["tcp", "http:/health", "grpc", "grpc:shop.Api", "cmd:pg_isready -p $PORT"] {
+            let kind: CheckKind = text.parse().unwrap();
+            assert_eq!(kind.to_string(), text);
+        }
+        assert_eq!("http".parse::<CheckKind>().unwrap(), CheckKind::Http { path: "/".into() });
+        for bad in ["", "udp", "http:health", "cmd:", "cmd:  "] {
+            let err = bad.parse::<CheckKind>().unwrap_err();
+            assert!(err.contains("write tcp, http:/PATH"), "{bad}: {err}");
+        }
+    }
 
     #[test]
     fn range_parsing_table() {

@@ -15,6 +15,17 @@ pub struct Owner {
     pub command: Option<String>,
 }
 
+/// "pid N (command)", "pid N", or "a process of another user" when the OS did not tell.
+impl std::fmt::Display for Owner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.pid, &self.command) {
+            (Some(pid), Some(cmd)) => write!(f, "pid {pid} ({cmd})"),
+            (Some(pid), None) => write!(f, "pid {pid}"),
+            (None, _) => write!(f, "a process of another user"),
+        }
+    }
+}
+
 /// Listeners on `port` and their processes.
 pub fn owners(port: u16) -> Vec<Owner> {
     owners_of(&[port]).into_iter().map(|(_, o)| o).collect()

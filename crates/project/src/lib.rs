@@ -15,7 +15,7 @@ mod stack;
 pub mod template;
 
 pub use layers::{Options, Resolved, load};
-pub use model::{CheckSpec, Dur, Extends, ServiceSettings, Settings, builtin};
+pub use model::{Dur, Extends, ServiceSettings, Settings, builtin};
 pub use stack::{PortDef, Ports, ServiceDef, Stack};
 
 /// The name of a project file when none is given.

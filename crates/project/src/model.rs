@@ -3,7 +3,6 @@
 //! level may say only what it changes. The resolved, validated form is [`crate::Stack`].
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::time::Duration;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -122,43 +121,6 @@ pub struct ServiceSettings {
     pub tags: Option<Vec<String>>,
 }
 
-/// A health check, as `portmesh register --check` and the `check` key write it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum CheckSpec {
-    Tcp,
-    Http(String),
-    Grpc(String),
-    Command(String),
-}
-
-impl std::str::FromStr for CheckSpec {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s.split_once(':') {
-            None if s == "tcp" => Ok(CheckSpec::Tcp),
-            None if s == "grpc" => Ok(CheckSpec::Grpc(String::new())),
-            None if s == "http" => Ok(CheckSpec::Http("/".into())),
-            Some(("http", path)) if path.starts_with('/') => Ok(CheckSpec::Http(path.into())),
-            Some(("grpc", svc)) => Ok(CheckSpec::Grpc(svc.into())),
-            Some(("cmd", cmd)) if !cmd.trim().is_empty() => Ok(CheckSpec::Command(cmd.into())),
-            _ => Err(format!("{s:?}: write tcp, http:/PATH, grpc[:SERVICE] or cmd:COMMAND")),
-        }
-    }
-}
-
-impl fmt::Display for CheckSpec {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            CheckSpec::Tcp => write!(f, "tcp"),
-            CheckSpec::Http(p) => write!(f, "http:{p}"),
-            CheckSpec::Grpc(s) if s.is_empty() => write!(f, "grpc"),
-            CheckSpec::Grpc(s) => write!(f, "grpc:{s}"),
-            CheckSpec::Command(c) => write!(f, "cmd:{c}"),
-        }
-    }
-}
-
 /// The built-in defaults for environment `env`: development environments fail fast, production
 /// gives services time.
 pub fn builtin(env: &str) -> Settings {
@@ -179,19 +141,6 @@ pub fn builtin(env: &str) -> Settings {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn checks_parse_and_print_back() {
-        for text in ["tcp", "http:/health", "grpc", "grpc:shop.Api", "cmd:pg_isready -p $PORT"] {
-            let spec: CheckSpec = text.parse().unwrap();
-            assert_eq!(spec.to_string(), text);
-        }
-        assert_eq!("http".parse::<CheckSpec>().unwrap(), CheckSpec::Http("/".into()));
-        for bad in ["", "udp", "http:health", "cmd:", "cmd:  "] {
-            let err = bad.parse::<CheckSpec>().unwrap_err();
-            assert!(err.contains("write tcp, http:/PATH"), "{bad}: {err}");
-        }
-    }
 
     #[test]
     fn production_waits_longer_than_development() {

@@ -5,9 +5,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use portmesh_core::Strategy;
+use portmesh_core::{CheckKind, Strategy};
 
-use crate::model::{CheckSpec, Settings};
+use crate::model::Settings;
 use crate::template::{self, Ref};
 use crate::{ProjectError, nearest, var_name};
 
@@ -31,7 +31,7 @@ pub struct ServiceDef {
     pub strategy: Strategy,
     /// At least one; the first is `PORT`.
     pub ports: Vec<PortDef>,
-    pub check: Option<CheckSpec>,
+    pub check: Option<CheckKind>,
     /// The port the check targets.
     pub check_port: String,
     pub check_interval: Duration,
@@ -138,7 +138,7 @@ impl Stack {
             }
             let check = match &sv.check {
                 None => None,
-                Some(c) => Some(c.parse::<CheckSpec>().map_err(|m| bad(&key("check"), m))?),
+                Some(c) => Some(c.parse::<CheckKind>().map_err(|m| bad(&key("check"), m))?),
             };
             let check_port = sv.check_port.clone().unwrap_or_else(|| ports[0].name.clone());
             if !ports.iter().any(|p| p.name == check_port) {
@@ -323,10 +323,13 @@ impl Stack {
         out.push(("PORTMESH_ENV".into(), self.env.clone()));
         out.push(("PORTMESH_INSTANCE".into(), self.instance_name().to_string()));
         out.push(("PORTMESH_SERVICE".into(), svc.name.clone()));
-        for (k, v) in &svc.env {
-            out.push((k.clone(), self.fill(svc, ports, v)?));
-        }
+        out.extend(self.service_env(svc, ports)?);
         Ok(out)
+    }
+
+    /// The service's own `env`, templates filled in.
+    pub fn service_env(&self, svc: &ServiceDef, ports: &Ports) -> Result<Vec<(String, String)>, String> {
+        svc.env.iter().map(|(k, v)| Ok((k.clone(), self.fill(svc, ports, v)?))).collect()
     }
 }
 

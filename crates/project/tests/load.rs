@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use portmesh_core::Strategy;
-use portmesh_project::{CheckSpec, Options, ProjectError, Resolved, load};
+use portmesh_core::{CheckKind, Strategy};
+use portmesh_project::{Options, ProjectError, Resolved, load};
 
 fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
     let p = dir.join(name);
@@ -71,7 +71,7 @@ fn a_stack_resolves_in_dependency_order_with_its_templates_filled() {
     assert_eq!(order, ["db", "api", "web"]);
     let api = s.service("api").unwrap();
     assert_eq!(api.ports[0].wanted, Some(5000));
-    assert_eq!(api.check, Some(CheckSpec::Http("/health".into())));
+    assert_eq!(api.check, Some(CheckKind::Http { path: "/health".into() }));
     assert_eq!(api.strategy, Strategy::Sticky);
     assert_eq!(api.ready_timeout, Duration::from_secs(30));
     let web = s.service("web").unwrap();

@@ -367,23 +367,30 @@ impl From<&core::HealthCheck> for pb::HealthCheck {
             failures: c.failures,
             ..Default::default()
         };
-        let t = match &c.kind {
+        out.set_kind(&c.kind);
+        out
+    }
+}
+
+impl pb::HealthCheck {
+    /// Sets the type and its one field (path, service or command) from `kind`.
+    pub fn set_kind(&mut self, kind: &core::CheckKind) {
+        let t = match kind {
             core::CheckKind::Tcp => pb::CheckType::CheckTcp,
             core::CheckKind::Http { path } => {
-                out.path = path.clone();
+                self.path = path.clone();
                 pb::CheckType::CheckHttp
             }
             core::CheckKind::Grpc { service } => {
-                out.grpc_service = service.clone();
+                self.grpc_service = service.clone();
                 pb::CheckType::CheckGrpc
             }
             core::CheckKind::Command { command } => {
-                out.command = command.clone();
+                self.command = command.clone();
                 pb::CheckType::CheckCommand
             }
         };
-        out.set_type(t);
-        out
+        self.set_type(t);
     }
 }
 

@@ -1264,7 +1264,7 @@ mod stats {
         assert_eq!(s.contested[0].port, 20100);
         assert_eq!(s.contested[0].conflicts, 2);
         assert!(
-            s.contested[0].holders[0].contains("pid 4242 `java -jar legacy.jar` on h1"),
+            s.contested[0].holders[0].contains("pid 4242 (java -jar legacy.jar) on h1"),
             "{:?}",
             s.contested
         );
