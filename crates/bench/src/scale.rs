@@ -431,8 +431,17 @@ async fn finish(
     writes: usize,
 ) -> Result<FanOut> {
     let secs = start.elapsed().as_secs_f64();
-    // Let the last writes reach every watcher, then stop them.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Wait until every watcher has the last write (at most 10 s: a watcher that fell that far
+    // behind is reported by its missing deliveries), then stop them.
+    let last = sent.lock().unwrap_or_else(|p| p.into_inner()).keys().max().copied();
+    let caught_up = |w: &Seen| {
+        let got = w.lock().unwrap_or_else(|p| p.into_inner()).last().map(|(rev, _)| *rev);
+        got >= last
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !seen.iter().all(caught_up) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     for t in &tasks {
         t.abort();
     }
