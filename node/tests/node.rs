@@ -470,7 +470,9 @@ async fn three_nodes_join_replicate_and_agree_on_the_leader() {
     assert_eq!(voters.len(), 3, "both joiners became voters");
 
     // A client connected to a follower is redirected to the leader.
-    let follower = Client::connect(&c.addrs[2]).await.unwrap();
+    let l = c.leader_index();
+    let f = (0..3).find(|i| *i != l).unwrap();
+    let follower = Client::connect(&c.addrs[f]).await.unwrap();
     let mut acked = BTreeSet::new();
     for i in 0..50 {
         let r = follower
@@ -483,6 +485,14 @@ async fn three_nodes_join_replicate_and_agree_on_the_leader() {
         assert!(acked.insert(r.allocations[0].port as u16));
     }
     assert_eq!(c.converged().await, acked, "every node holds exactly the acknowledged allocations");
+    // The follower counted the request it redirected as such; the leader answered all 50.
+    let outcome = |i: usize, o: &str| {
+        let m = c.nodes[i].as_ref().unwrap().api.metrics().clone();
+        m.allocate_requests.get_or_create(&portmesh_api::metrics::OutcomeLabels { outcome: o.into() }).get()
+    };
+    assert!(outcome(f, "redirected") >= 1);
+    assert_eq!((outcome(f, "ok"), outcome(f, "error")), (0, 0));
+    assert_eq!(outcome(l, "ok"), 50);
     let statuses: Vec<_> = c.live().map(|n| n.api.status()).collect();
     assert!(statuses.iter().all(|s| s.leader_id == statuses[0].leader_id && s.leader_id != 0));
     assert!(statuses.iter().all(|s| s.members.len() == 3));

@@ -17,8 +17,8 @@ use crate::Api;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabels {
-    /// `ok`, `rejected` (refused: a bad request, an exhausted pool…) or `error` (not answered:
-    /// no leader, a timeout…).
+    /// `ok`, `rejected` (refused: a bad request, an exhausted pool…), `redirected` (sent to a
+    /// follower, which named the leader) or `error` (not answered: no leader, a timeout…).
     pub outcome: String,
 }
 
@@ -62,6 +62,17 @@ impl RequestMetrics {
         self.allocate_seconds.observe(start.elapsed().as_secs_f64());
         self.allocate_requests.get_or_create(&OutcomeLabels { outcome: outcome.into() }).inc();
         self.ports_allocated.inc_by(ports as u64);
+    }
+}
+
+/// The outcome label of a request that was not answered with data.
+pub(crate) fn outcome_of(s: &tonic::Status) -> &'static str {
+    if s.metadata().get(crate::ERROR_METADATA).is_some_and(|k| k == "not_leader") {
+        return "redirected";
+    }
+    match s.code() {
+        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Internal => "error",
+        _ => "rejected",
     }
 }
 

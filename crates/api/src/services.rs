@@ -355,15 +355,7 @@ impl pb::allocator_server::Allocator for Api {
         let answer = self.allocate_timed(req.into_inner()).await;
         let (outcome, ports) = match &answer {
             Ok(r) => ("ok", r.allocations.iter().zip(&r.existing).filter(|(_, e)| !**e).count()),
-            Err(s)
-                if matches!(
-                    s.code(),
-                    tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Internal
-                ) =>
-            {
-                ("error", 0)
-            }
-            Err(_) => ("rejected", 0),
+            Err(s) => (crate::metrics::outcome_of(s), 0),
         };
         self.metrics().allocate_done(start, outcome, ports);
         answer.map(tonic::Response::new)
