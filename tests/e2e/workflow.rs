@@ -48,6 +48,11 @@ fn run_sets_the_port_variables_fills_its_arguments_and_exits_with_the_childs_sta
     assert_ne!(r.code, 0);
     assert!(r.stderr.contains("no port named \"nope\""), "{r:?}");
     assert!(h.live_ports().is_empty(), "a bad argument releases what it took");
+    // --fd on an address this host does not have: nothing bound, nothing kept.
+    let r = h.pm(&["run", "--pool", "t", "--fd", "--bind", "192.0.2.1", "--", "true"]);
+    assert_ne!(r.code, 0);
+    assert!(r.stderr.contains("cannot bind 192.0.2.1:"), "{r:?}");
+    assert!(h.live_ports().is_empty(), "the lease was revoked");
     for (ports, want) in [("a,a", "port name \"a\" appears twice"), ("a,b.c", "port name \"b.c\"")] {
         let r = h.pm(&["run", "--pool", "t", "--ports", ports, "--", "true"]);
         assert_ne!(r.code, 0);
