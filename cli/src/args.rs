@@ -1,4 +1,4 @@
-//! Command-line arguments. Parsing only; `commands.rs` runs them.
+//! Command-line arguments. Parsing only; `cmd` runs them.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -39,7 +39,7 @@ pub enum LogFormat {
 impl Cli {
     /// The team commands act for.
     pub fn team(&self) -> &str {
-        self.team.as_deref().unwrap_or("default")
+        portmesh_core::team_or_default(self.team.as_deref().unwrap_or_default())
     }
 }
 

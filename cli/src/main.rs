@@ -1,13 +1,19 @@
 //! `portmesh`: the one binary, client and node.
+//!
+//! Layers, top down (nothing points back up):
+//! - `args`: the command line, parsed by clap; no behaviour.
+//! - `cmd`: the one dispatch and a module per command family.
+//! - `stack`: the machinery of a project's stack (`up`, `down`, `ps`, `env`).
+//! - `render`: pb values as text or JSON; `requests`: requests built from arguments.
+//! - `node`: the client of a node, and the embedded local node; `process`: process control.
 
 mod args;
-mod commands;
-mod local;
-mod observe;
-mod registry;
-mod run;
+mod cmd;
+mod node;
+mod process;
+mod render;
+mod requests;
 mod stack;
-mod supervise;
 
 use clap::Parser;
 
@@ -29,7 +35,7 @@ fn main() {
             std::process::exit(1);
         }
     };
-    let code = match runtime.block_on(commands::run(cli)) {
+    let code = match runtime.block_on(cmd::dispatch(cli)) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("portmesh: error: {e:#}");

@@ -5,9 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use futures::Stream;
-use portmesh_core::{
-    AllocateBatch, Command, DEFAULT_TEAM, Holder, HostProbe, PlanWidth, Rejection, Response,
-};
+use portmesh_core::{AllocateBatch, Command, Holder, HostProbe, PlanWidth, Rejection, Response};
 use portmesh_proto::v1 as pb;
 use portmesh_proto::{BadRequest, required_port};
 use portmesh_raft::{RaftNode, now_ms};
@@ -74,7 +72,7 @@ const BASE_CANDIDATES: usize = 4;
 const MAX_ROUNDS: usize = 6;
 
 pub(crate) fn team(t: &str) -> String {
-    if t.is_empty() { DEFAULT_TEAM.to_string() } else { t.to_string() }
+    portmesh_core::team_or_default(t).to_string()
 }
 
 pub(crate) fn unexpected(r: Response) -> ApiError {

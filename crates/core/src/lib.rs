@@ -48,6 +48,18 @@ pub use types::{
 pub const MIN_PORT: u16 = 1024;
 /// The team used when a request names none.
 pub const DEFAULT_TEAM: &str = "default";
+
+/// The team a request acts for: the one it names, else [`DEFAULT_TEAM`]. Every layer (the
+/// request boundary, the CLI, project files) defaults the team through this.
+pub fn team_or_default(team: &str) -> &str {
+    if team.is_empty() { DEFAULT_TEAM } else { team }
+}
+
+/// Milliseconds since the Unix epoch of `t` (0 before it). The core reads no clock: the node
+/// stamps `unix_ms(SystemTime::now())` into each log entry, and the CLI converts the same way.
+pub fn unix_ms(t: std::time::SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
 /// The pool used when a request names none and no port pins one.
 pub const DEFAULT_POOL: &str = "default";
 /// Default cool-down before a released port goes to a different owner: long enough for an old

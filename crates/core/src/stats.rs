@@ -169,7 +169,7 @@ pub fn stats(state: &State, team: Option<&str>, now_ms: u64, ephemeral: (u16, u1
             });
         }
         let (elo, ehi) = ephemeral;
-        if p.ranges.iter().any(|r| r.start() <= ehi && r.end() >= elo) {
+        if p.ranges.iter().any(|r| r.meets(ephemeral)) {
             let fix = match free_range(&all_pools, p.size(), ephemeral) {
                 Some((lo, hi)) => {
                     let (name, team) = (&p.name, &p.team);

@@ -66,6 +66,12 @@ impl PortRange {
         self.start <= other.end && other.start <= self.end
     }
 
+    /// Whether it shares a port with `lo..=hi`: the one test for "lies in the host's ephemeral
+    /// range" (outgoing connections take ports from there at any time), wherever it is asked.
+    pub fn meets(&self, (lo, hi): (u16, u16)) -> bool {
+        self.start <= hi && lo <= self.end
+    }
+
     pub fn ports(&self) -> impl DoubleEndedIterator<Item = u16> + use<> {
         self.start..=self.end
     }
@@ -542,6 +548,7 @@ mod tests {
         let b = PortRange::new(2000, 3000).unwrap();
         let c = PortRange::new(2001, 3000).unwrap();
         assert!(a.overlaps(&b) && b.overlaps(&a));
+        assert!(a.meets((a.end(), 65535)) && a.meets((0, a.start())) && !a.meets((a.end() + 1, 65535)));
         assert!(!a.overlaps(&c));
         assert_eq!(a.len(), 977);
         assert_eq!(PortRange::parse_list("1024-1030, 2000").unwrap().len(), 2);

@@ -2,7 +2,8 @@
 //!
 //! Owns: the probe (as cheap as the raw syscalls allow: `socket` + `bind` + `close`, no
 //! `listen`), the owner lookup (Linux: `/proc/net/tcp{,6}` and `/proc/*/fd`; other systems behind
-//! `cfg`, reporting no owner), the host's ephemeral port range and host name.
+//! `cfg`, reporting no owner), the host's ephemeral port range and host name, and facts about
+//! processes (`process`: running, started when, reached from where).
 //! Does not own: deciding what to do about a busy port (that is `portmesh-core`'s `apply`).
 //!
 //! What counts as busy: a listener on the IPv4 or IPv6 wildcard or loopback address. On Linux a
@@ -18,6 +19,7 @@ use serde::Serialize;
 use socket2::{Domain, Protocol, Socket, Type};
 
 mod owner;
+pub mod process;
 
 pub use owner::{Owner, command_of, owners, owners_of};
 

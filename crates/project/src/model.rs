@@ -129,7 +129,7 @@ pub fn builtin(env: &str) -> Settings {
         _ => (30, 5, 500),
     };
     Settings {
-        team: Some("default".into()),
+        team: Some(portmesh_core::DEFAULT_TEAM.into()),
         lease_ttl: Some(Dur(Duration::from_secs(10))),
         ready_timeout: Some(Dur(Duration::from_secs(ready))),
         stop_timeout: Some(Dur(Duration::from_secs(stop))),

@@ -232,7 +232,7 @@ impl Stack {
         let services = order.iter().filter_map(|n| services.remove(n)).collect();
         Ok(Stack {
             project,
-            team: s.team.unwrap_or_else(|| "default".into()),
+            team: s.team.unwrap_or_else(|| portmesh_core::DEFAULT_TEAM.into()),
             env,
             instance,
             file: file.to_path_buf(),

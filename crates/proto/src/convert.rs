@@ -455,7 +455,7 @@ impl pb::Service {
             (true, None) => self.name.clone(),
         };
         Ok(core::Service {
-            team: if self.team.is_empty() { core::DEFAULT_TEAM.into() } else { self.team.clone() },
+            team: core::team_or_default(&self.team).to_string(),
             id,
             name: self.name.clone(),
             project: opt(&self.project),

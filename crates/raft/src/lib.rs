@@ -137,7 +137,7 @@ pub(crate) fn write_error(e: RaftError<u64, ClientWriteError<u64, BasicNode>>) -
 
 /// Wall-clock milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    portmesh_core::unix_ms(SystemTime::now())
 }
 
 /// A running Raft node with its state machine.

@@ -9,8 +9,12 @@ use portmesh_project::template::{self, Ref};
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::args::RunArgs;
-use crate::registry::check_pb;
-use crate::supervise::{self, Output, Program, Spec};
+use crate::node;
+use crate::process::{
+    self,
+    spawn::{self, Output, Program, Spec},
+};
+use crate::requests::{alloc_items, check_pb};
 
 pub async fn run(c: &Client, team: &str, a: &RunArgs) -> Result<i32> {
     let service = match &a.service {
@@ -30,7 +34,7 @@ pub async fn run(c: &Client, team: &str, a: &RunArgs) -> Result<i32> {
         }
     }
     let command_line = a.command.join(" ");
-    let items = crate::commands::alloc_items(&service, &a.want, &names);
+    let items = alloc_items(&service, &a.want, &names);
     let r = c
         .allocate_here(pb::AllocateRequest {
             team: team.to_string(),
@@ -50,7 +54,7 @@ pub async fn run(c: &Client, team: &str, a: &RunArgs) -> Result<i32> {
         eprintln!("portmesh: port {wanted} is not free; {service} gets port {got} instead");
     }
     let result = supervise_one(c, team, a, &service, lease, &ports, &command_line).await;
-    if let Err(e) = crate::stack::end_lease(c, team, lease).await {
+    if let Err(e) = node::end_lease(c, team, lease).await {
         eprintln!("portmesh: {e:#}; its ports come back when it runs out");
     }
     result
@@ -68,7 +72,7 @@ async fn supervise_one(
     let main_port = ports[0].1;
     let mut keeper = c.keep_lease(team, lease, a.ttl);
     let socket = match a.fd {
-        true => Some((supervise::bind(a.bind, main_port)?, ports[0].0.clone())),
+        true => Some((spawn::bind(a.bind, main_port)?, ports[0].0.clone())),
         false => None,
     };
     let mut args = Vec::with_capacity(a.command.len());
@@ -91,7 +95,7 @@ async fn supervise_one(
     let mut int = signal(SignalKind::interrupt())?;
     let mut term = signal(SignalKind::terminate())?;
     let mut hup = signal(SignalKind::hangup())?;
-    let proc = supervise::spawn(
+    let proc = spawn::spawn(
         service,
         Spec { program: Program::Argv(args), vars, dir: None, socket, output: Output::Inherit },
         None,
@@ -144,7 +148,7 @@ async fn supervise_one(
             }
         }
     };
-    Ok(supervise::exit_code(status))
+    Ok(process::exit_code(status))
 }
 
 /// `{port}`, `{port.NAME}`, `{SERVICE.port…}` (this service's), `{host}` and `{service}`.

@@ -1,4 +1,4 @@
-//! The processes `run` and `up` start: spawning (each in its own process group, with an optional
+//! Starting the processes `run` and `up` own: spawning (each in its own process group, with an optional
 //! socket handed over as fd 3), prefixing their output, signalling and stopping them.
 //!
 //! A started process gets SIGTERM if the `portmesh` that started it dies (Linux
@@ -11,8 +11,7 @@ use std::path::Path;
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
-use nix::sys::signal::{Signal, killpg};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::sync::{mpsc, watch};
 
@@ -213,7 +212,7 @@ impl Proc {
     /// Sends `sig` to the process group.
     pub fn signal(&self, sig: Signal) {
         if self.exited().is_none() {
-            let _ = killpg(Pid::from_raw(self.pid as i32), sig);
+            super::signal_group(self.pid, sig);
         }
     }
 
@@ -234,34 +233,8 @@ impl Proc {
 
     /// SIGTERM to the group, then SIGKILL if it has not ended within `grace`.
     pub async fn stop(&self, grace: Duration) -> ExitStatus {
-        self.signal(Signal::SIGTERM);
-        match tokio::time::timeout(grace, self.wait()).await {
-            Ok(s) => s,
-            Err(_) => {
-                self.signal(Signal::SIGKILL);
-                self.wait().await
-            }
-        }
+        super::stop_with_grace(|sig| self.signal(sig), grace, || self.wait()).await.into_inner()
     }
-}
-
-/// How a process ended, for a person.
-pub fn describe(status: ExitStatus) -> String {
-    use std::os::unix::process::ExitStatusExt;
-    match (status.code(), status.signal()) {
-        (Some(c), _) => format!("exited with status {c}"),
-        (None, Some(s)) => match Signal::try_from(s) {
-            Ok(sig) => format!("killed by {sig}"),
-            Err(_) => format!("killed by signal {s}"),
-        },
-        _ => "ended".to_string(),
-    }
-}
-
-/// The exit code a wrapper passes on: the child's, or 128 + the signal that ended it.
-pub fn exit_code(status: ExitStatus) -> i32 {
-    use std::os::unix::process::ExitStatusExt;
-    status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0))
 }
 
 /// Binds the socket handed over to a server: `addr:port`, listening.
@@ -275,6 +248,7 @@ pub fn bind(ip: std::net::IpAddr, port: u16) -> std::io::Result<std::net::TcpLis
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::process::{describe, exit_code};
 
     #[test]
     fn plain_command_lines_skip_the_shell() {

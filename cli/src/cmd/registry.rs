@@ -1,72 +1,14 @@
-//! `register`, `deregister` and `discover`.
+//! The service registry: `register`, `deregister`, `discover`.
 
 use std::io::Write;
-use std::time::Duration;
 
 use anyhow::Result;
 use portmesh_client::{Client, pb};
 use serde_json::json;
 
-use portmesh_core::CheckKind;
-
 use crate::args::RegisterArgs;
-
-pub fn health(h: pb::HealthStatus) -> &'static str {
-    match h {
-        pb::HealthStatus::Unknown => "unknown",
-        pb::HealthStatus::Passing => "passing",
-        pb::HealthStatus::Warning => "warning",
-        pb::HealthStatus::Critical => "critical",
-    }
-}
-
-fn ports_text(s: &pb::Service) -> String {
-    s.ports.iter().map(|p| format!("{}={}", p.name, p.port)).collect::<Vec<_>>().join(",")
-}
-
-/// One line for a person: name, id, host, ports, status.
-pub fn service_line(s: &pb::Service) -> String {
-    format!("{} {} host {} ports {} ({})", s.name, s.id, s.host, ports_text(s), health(s.status()))
-}
-
-pub fn service_json(s: &pb::Service) -> serde_json::Value {
-    let opt = |v: &String| (!v.is_empty()).then(|| v.clone());
-    json!({
-        "team": s.team, "id": s.id, "name": s.name,
-        "project": opt(&s.project), "env": opt(&s.env), "instance": opt(&s.instance),
-        "host": s.host,
-        "ports": s.ports.iter().map(|p| json!({"name": p.name, "port": p.port, "protocol": opt(&p.protocol)})).collect::<Vec<_>>(),
-        "tags": s.tags,
-        "status": health(s.status()),
-        "output": s.output,
-        "lease_id": (s.lease_id != 0).then_some(s.lease_id),
-        "pid": (s.pid != 0).then_some(s.pid),
-        "command": opt(&s.command),
-        "depends_on": s.depends_on,
-        "revision": s.revision,
-        "registered_ms": s.registered_ms,
-        "status_ms": s.status_ms,
-    })
-}
-
-/// The wire form of a check. Zero interval and timeout mean the node's defaults.
-pub fn check_pb(
-    kind: &CheckKind,
-    port_name: &str,
-    interval: Option<Duration>,
-    timeout: Option<Duration>,
-    failures: u32,
-) -> pb::HealthCheck {
-    let mut ch = pb::HealthCheck {
-        port_name: port_name.to_string(),
-        interval_ms: interval.map_or(0, |i| i.as_millis() as u64),
-        timeout_ms: timeout.map_or(0, |t| t.as_millis() as u64),
-        failures,
-        ..Default::default()
-    };
-    ch.set_kind(kind);
-    ch
-}
+use crate::render::{health, service_json, service_ports_text};
+use crate::requests::check_pb;
 
 pub async fn register(c: &Client, team: &str, a: &RegisterArgs, json: bool) -> Result<()> {
     let check = a.check.as_ref().map(|spec| {
@@ -134,7 +76,7 @@ pub async fn discover(c: &Client, req: pb::DiscoverRequest, json: bool) -> Resul
             s.name,
             health(s.status()),
             s.host,
-            ports_text(s),
+            service_ports_text(s),
             s.id
         )?;
     }

@@ -7,12 +7,8 @@ use portmesh_client::{Client, pb};
 use serde_json::json;
 
 use crate::args::Cli;
-use crate::commands::{fmt_dur, ranges_text};
-
-/// Whole seconds: what a person wants of a time to exhaustion or a history window.
-fn human_ms(ms: u64) -> String {
-    fmt_dur(Duration::from_secs(ms / 1000))
-}
+use crate::node;
+use crate::render::{human_ms, ranges_text};
 
 pub async fn stats(c: &Client, team: &str, json: bool) -> Result<()> {
     let s = c.stats(team).await?;
@@ -115,7 +111,7 @@ const BIG_DATA: u64 = 1 << 30;
 
 pub async fn doctor(cli: &Cli) -> Result<i32> {
     let mut out = Vec::new();
-    match crate::commands::connect(cli).await {
+    match node::connect(cli).await {
         Err(e) => out.push(finding(
             Level::Error,
             "cluster",
@@ -206,7 +202,7 @@ async fn check_clocks(s: &pb::StatusResponse, out: &mut Vec<Finding>) {
     let mut worst: Option<(String, i64)> = None;
     for m in &s.members {
         let t0 = Instant::now();
-        let sent = crate::stack::now_ms();
+        let sent = portmesh_core::unix_ms(std::time::SystemTime::now());
         let answer = tokio::time::timeout(Duration::from_secs(3), async {
             let c = Client::connect(&m.addr).await?;
             c.status().await
@@ -250,7 +246,10 @@ fn check_pools(pools: &[pb::Pool], out: &mut Vec<Finding>) {
     let (lo, hi) = portmesh_probe::ephemeral_range();
     let mut fine = true;
     for p in pools {
-        let overlaps = p.ranges.iter().any(|rg| rg.start <= u32::from(hi) && rg.end >= u32::from(lo));
+        let overlaps = p
+            .ranges
+            .iter()
+            .any(|rg| portmesh_core::PortRange::try_from(rg).is_ok_and(|rg| rg.meets((lo, hi))));
         if overlaps {
             fine = false;
             out.push(finding(
@@ -299,7 +298,7 @@ async fn check_holders(c: &Client, host: &str, pools: &[pb::Pool], out: &mut Vec
     let this_host = portmesh_probe::hostname();
     let here = |h: &str| h == host || h == this_host;
     for a in live.allocations.iter().filter(|a| here(&a.host) && a.pid != 0) {
-        if crate::local::process_alive(a.pid) {
+        if crate::process::alive(a.pid) {
             continue;
         }
         fine = false;

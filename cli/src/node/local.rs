@@ -199,30 +199,6 @@ pub async fn stop_local() -> Result<Option<u32>> {
             return Ok(None);
         }
     }
-    wait_exit(info.pid, Duration::from_secs(30)).await?;
+    crate::process::wait_exit(info.pid, Duration::from_secs(30)).await?;
     Ok(Some(info.pid))
-}
-
-/// Waits until process `pid` is gone (a zombie waiting for its parent counts as gone).
-pub async fn wait_exit(pid: u32, timeout: Duration) -> Result<()> {
-    let deadline = Instant::now() + timeout;
-    while process_alive(pid) {
-        if Instant::now() > deadline {
-            bail!("process {pid} still runs after {timeout:?}");
-        }
-        tokio::time::sleep(POLL).await;
-    }
-    Ok(())
-}
-
-/// Whether process `pid` runs: it exists and is not a zombie.
-pub fn process_alive(pid: u32) -> bool {
-    if pid == 0 || nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None).is_err() {
-        return false;
-    }
-    // `/proc/PID/stat`: "pid (comm) S …"; the state follows the last ')'.
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => stat.rsplit_once(')').is_none_or(|(_, rest)| !rest.trim_start().starts_with('Z')),
-        Err(_) => true,
-    }
 }

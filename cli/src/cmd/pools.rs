@@ -1,0 +1,76 @@
+//! `pools ls|add|rm`.
+
+use anyhow::{Context, Result};
+use portmesh_client::{Client, pb};
+use serde_json::json;
+
+use crate::args::PoolsCommand;
+use crate::render::{print_or_json, ranges_text};
+
+pub async fn pools(c: &Client, team: &str, p: &PoolsCommand, json: bool) -> Result<()> {
+    match p {
+        PoolsCommand::Ls => {
+            let r = c.list_pools(pb::ListPoolsRequest::default()).await?;
+            if json {
+                let list: Vec<_> = r
+                    .pools
+                    .iter()
+                    .map(|p| json!({"team": p.team, "name": p.name, "ranges": ranges_text(&p.ranges), "size": p.size,
+                                    "allocated": p.allocated, "reserved": p.reserved, "cooling": p.cooling}))
+                    .collect();
+                println!("{}", json!({"pools": list}));
+            } else {
+                println!(
+                    "{:<10} {:<10} {:<24} {:>6} {:>6} {:>8} {:>8}",
+                    "TEAM", "POOL", "RANGES", "SIZE", "USED", "RESERVED", "COOLING"
+                );
+                for p in &r.pools {
+                    println!(
+                        "{:<10} {:<10} {:<24} {:>6} {:>6} {:>8} {:>8}",
+                        p.team,
+                        p.name,
+                        ranges_text(&p.ranges),
+                        p.size,
+                        p.allocated,
+                        p.reserved,
+                        p.cooling
+                    );
+                }
+            }
+            Ok(())
+        }
+        PoolsCommand::Add { name, range } => {
+            let ranges = portmesh_core::PortRange::parse_list(range)
+                .with_context(|| format!("pool {name:?}: bad range {range:?}"))?;
+            let p = c.add_pool(team, name, ranges.into_iter().map(Into::into).collect()).await?;
+            print_or_json(
+                json,
+                &format!("added pool {} ({}) to team {}", p.name, ranges_text(&p.ranges), p.team),
+                || json!({"team": p.team, "name": p.name, "ranges": ranges_text(&p.ranges), "size": p.size}),
+            );
+            warn_ephemeral(&p);
+            Ok(())
+        }
+        PoolsCommand::Rm { name } => {
+            c.remove_pool(team, name).await?;
+            print_or_json(
+                json,
+                &format!("removed pool {name} from team {team}"),
+                || json!({"team": team, "name": name}),
+            );
+            Ok(())
+        }
+    }
+}
+
+fn warn_ephemeral(p: &pb::Pool) {
+    let (lo, hi) = portmesh_probe::ephemeral_range();
+    for r in &p.ranges {
+        if portmesh_core::PortRange::try_from(r).is_ok_and(|r| r.meets((lo, hi))) {
+            eprintln!(
+                "warning: pool {} range {}-{} overlaps this host's ephemeral range {lo}-{hi}: outgoing connections may take its ports at any time",
+                p.name, r.start, r.end
+            );
+        }
+    }
+}

@@ -1,0 +1,179 @@
+//! Ports and leases: `alloc`, `release`, `renew`, `ls`, `reserve`, `unreserve`, and `check`
+//! (a probe of this host, no node involved).
+
+use anyhow::{Context, Result, bail};
+use portmesh_client::{Client, pb};
+use serde_json::json;
+
+use super::ExitCode;
+use crate::args::{AllocArgs, ReleaseArgs};
+use crate::render::{alloc_json, fmt_dur, print_or_json};
+use crate::requests::alloc_items;
+
+pub async fn alloc(c: &Client, team: &str, a: &AllocArgs, json: bool) -> Result<()> {
+    let service = a
+        .service
+        .clone()
+        .or_else(|| a.want.pool.clone())
+        .unwrap_or_else(|| portmesh_core::DEFAULT_POOL.into());
+    let names: Vec<String> = (0..a.count).map(|i| i.to_string()).collect();
+    let items = alloc_items(&service, &a.want, &names);
+    let holder = parent_pid();
+    let req = pb::AllocateRequest {
+        team: team.to_string(),
+        items,
+        lease_id: a.lease.unwrap_or(0),
+        ttl_ms: a.ttl.map_or(0, |t| t.as_millis() as u64),
+        // The holder is whoever ran `portmesh alloc`: the script or shell that will start the
+        // server on the port.
+        pid: holder,
+        command: portmesh_probe::command_of(holder).unwrap_or_default(),
+        ..Default::default()
+    };
+    let r = c.allocate_here(req).await?;
+    if json {
+        let list: Vec<_> = r.allocations.iter().map(alloc_json).collect();
+        println!(
+            "{}",
+            json!({"allocations": list, "lease_id": (r.lease_id != 0).then_some(r.lease_id), "revision": r.revision})
+        );
+    } else {
+        for al in &r.allocations {
+            println!("{}", al.port);
+        }
+        if let Some(ttl) = a.ttl {
+            eprintln!(
+                "lease {} (ttl {}): keep it alive with `portmesh renew --lease {}`, or the port(s) come back",
+                r.lease_id,
+                fmt_dur(ttl),
+                r.lease_id
+            );
+        }
+    }
+    Ok(())
+}
+
+#[cfg(unix)]
+fn parent_pid() -> u32 {
+    std::os::unix::process::parent_id()
+}
+
+#[cfg(not(unix))]
+fn parent_pid() -> u32 {
+    0
+}
+
+pub async fn release(c: &Client, team: &str, r: &ReleaseArgs, json: bool) -> Result<()> {
+    let released = if let Some(id) = r.lease {
+        c.revoke_lease(team, id).await?.released
+    } else {
+        let req = pb::ReleaseRequest {
+            team: team.to_string(),
+            ports: r.ports.iter().map(|p| u32::from(*p)).collect(),
+            key: r.key.clone().unwrap_or_default(),
+        };
+        c.release(req).await?.released
+    };
+    if json {
+        let list: Vec<_> = released.iter().map(alloc_json).collect();
+        println!("{}", json!({"released": list}));
+    } else {
+        for a in &released {
+            println!("{}", a.port);
+        }
+    }
+    Ok(())
+}
+
+pub async fn ls(c: &Client, req: pb::ListRequest, json: bool) -> Result<()> {
+    let r = &c.list(req).await?;
+    if json {
+        let allocs: Vec<_> = r.allocations.iter().map(alloc_json).collect();
+        let res: Vec<_> = r
+            .reservations
+            .iter()
+            .map(|x| json!({"port": x.port, "reason": x.reason, "revision": x.revision}))
+            .collect();
+        println!("{}", json!({"allocations": allocs, "reservations": res, "revision": r.revision}));
+        return Ok(());
+    }
+    if r.allocations.is_empty() {
+        println!("no live allocations");
+    } else {
+        println!(
+            "{:<6} {:<10} {:<8} {:<16} {:<16} {:<24} {:>6} {:>6}",
+            "PORT", "TEAM", "POOL", "SERVICE", "HOST", "KEY", "LEASE", "REV"
+        );
+        for a in &r.allocations {
+            let lease = if a.lease_id == 0 { "-".to_string() } else { a.lease_id.to_string() };
+            let key = if a.key.is_empty() { "-" } else { &a.key };
+            println!(
+                "{:<6} {:<10} {:<8} {:<16} {:<16} {:<24} {:>6} {:>6}",
+                a.port, a.team, a.pool, a.service, a.host, key, lease, a.revision
+            );
+        }
+    }
+    for x in &r.reservations {
+        let reason = if x.reason.is_empty() { String::new() } else { format!(" ({})", x.reason) };
+        println!("reserved {}{reason}", x.port);
+    }
+    Ok(())
+}
+
+pub fn check(ports: &[u16], json: bool) -> Result<ExitCode> {
+    let mut busy = false;
+    let mut out = Vec::new();
+    for &p in ports {
+        let c = portmesh_probe::check(p).with_context(|| format!("probing port {p}"))?;
+        busy |= !c.free;
+        if json {
+            out.push(serde_json::to_value(&c)?);
+            continue;
+        }
+        if c.free {
+            println!("{p} free");
+        } else if c.owners.is_empty() {
+            println!("{p} busy (owner not visible)");
+        } else {
+            for o in &c.owners {
+                let pid = o.pid.map_or("pid ?".to_string(), |p| format!("pid {p}"));
+                let cmd = o.command.clone().unwrap_or_else(|| "?".into());
+                println!("{p} busy {pid} {cmd} ({})", o.addr);
+            }
+        }
+    }
+    if json {
+        println!("{}", json!({"ports": out}));
+    }
+    Ok(if busy { 1 } else { 0 })
+}
+
+pub async fn renew(c: &Client, team: &str, lease: u64, json: bool) -> Result<()> {
+    match c.keep_alive_once(team, lease).await? {
+        Some(ttl) => {
+            print_or_json(
+                json,
+                &format!("lease {lease} renewed: ttl {}", fmt_dur(ttl)),
+                || json!({"lease_id": lease, "ttl_ms": ttl.as_millis() as u64}),
+            );
+            Ok(())
+        }
+        None => bail!("lease {lease} no longer exists in team {team:?} (it expired or was revoked)"),
+    }
+}
+
+pub async fn reserve(c: &Client, port: u16, reason: &str, json: bool) -> Result<()> {
+    let r = c.reserve(port, reason).await?;
+    print_or_json(
+        json,
+        &format!("reserved {}", r.port),
+        || json!({"port": r.port, "reason": r.reason, "revision": r.revision}),
+    );
+    Ok(())
+}
+
+pub async fn unreserve(c: &Client, port: u16, json: bool) -> Result<()> {
+    let r = c.unreserve(port).await?;
+    print_or_json(json, &format!("unreserved {port}"), || json!({"port": port, "revision": r.revision}));
+    Ok(())
+}

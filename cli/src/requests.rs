@@ -1,0 +1,49 @@
+//! Requests built from arguments, where more than one command builds the same one.
+
+use std::time::Duration;
+
+use portmesh_client::pb;
+use portmesh_core::CheckKind;
+
+use crate::args::PortArgs;
+
+/// The items of one allocation: a port per name, the first at the wanted port; with a key and
+/// several names, each key is suffixed `/NAME`.
+pub fn alloc_items(service: &str, w: &PortArgs, names: &[String]) -> Vec<pb::AllocItem> {
+    names
+        .iter()
+        .enumerate()
+        .map(|(i, name)| pb::AllocItem {
+            service: service.to_string(),
+            pool: w.pool.clone().unwrap_or_default(),
+            port: if i == 0 { w.port.map_or(0, u32::from) } else { 0 },
+            strategy: portmesh_client::strategy_to_pb(w.strategy) as i32,
+            key: match (&w.key, names.len()) {
+                (Some(k), 1) => k.clone(),
+                (Some(k), _) => format!("{k}/{name}"),
+                (None, _) => String::new(),
+            },
+            instance: w.instance.clone().unwrap_or_default(),
+            env: w.env.clone().unwrap_or_default(),
+        })
+        .collect()
+}
+
+/// The wire form of a check. Zero interval and timeout mean the node's defaults.
+pub fn check_pb(
+    kind: &CheckKind,
+    port_name: &str,
+    interval: Option<Duration>,
+    timeout: Option<Duration>,
+    failures: u32,
+) -> pb::HealthCheck {
+    let mut ch = pb::HealthCheck {
+        port_name: port_name.to_string(),
+        interval_ms: interval.map_or(0, |i| i.as_millis() as u64),
+        timeout_ms: timeout.map_or(0, |t| t.as_millis() as u64),
+        failures,
+        ..Default::default()
+    };
+    ch.set_kind(kind);
+    ch
+}

@@ -1,0 +1,196 @@
+//! A stack's ports: one batch under one lease, who holds a port it insists on, and `--force`.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, anyhow, bail};
+use portmesh_client::{Client, pb};
+use portmesh_core::Strategy;
+use portmesh_project::{Ports, ServiceDef, Stack};
+
+use super::docker;
+use crate::process::{self, Stopped};
+use crate::render::holder;
+
+/// How often `--force` looks whether a port it freed is free yet.
+const FREE_POLL: Duration = Duration::from_millis(100);
+
+/// Allocates every port of the stack in one batch under a new lease.
+pub async fn allocate(c: &Client, stack: &Stack, kill_existing: bool) -> Result<(u64, Ports)> {
+    let mut slots = Vec::new();
+    let mut items = Vec::new();
+    for svc in &stack.services {
+        for p in &svc.ports {
+            slots.push((svc.name.clone(), p.name.clone()));
+            items.push(pb::AllocItem {
+                service: svc.name.clone(),
+                pool: svc.pool.clone().unwrap_or_default(),
+                port: p.wanted.map_or(0, u32::from),
+                strategy: portmesh_client::strategy_to_pb(svc.strategy) as i32,
+                key: stack.key(&svc.name, &p.name),
+                instance: stack.instance_name().to_string(),
+                env: stack.env.clone(),
+            });
+        }
+    }
+    for attempt in 0..2 {
+        let req = pb::AllocateRequest {
+            team: stack.team.clone(),
+            items: items.clone(),
+            ttl_ms: stack.lease_ttl.as_millis() as u64,
+            pid: std::process::id(),
+            command: format!("portmesh up {}", stack.scope()),
+            ..Default::default()
+        };
+        let r = match c.allocate_here(req).await {
+            Ok(r) => r,
+            Err(e) => return Err(explain_refusal(c, stack, anyhow!(e)).await),
+        };
+        let held: Vec<&pb::Allocation> =
+            r.allocations.iter().filter(|al| al.lease_id != r.lease_id).collect();
+        if held.is_empty() {
+            let mut ports = Ports::new();
+            for ((svc, name), al) in slots.iter().zip(&r.allocations) {
+                ports.entry(svc.clone()).or_default().push((name.clone(), al.port as u16));
+            }
+            for svc in &stack.services {
+                let got = ports.get(&svc.name).and_then(|p| p.first()).map(|p| p.1);
+                if let (Some(w), Some(g)) = (svc.ports[0].wanted, got)
+                    && w != g
+                {
+                    eprintln!("portmesh: port {w} is not free; {} gets port {g} instead", svc.name);
+                }
+            }
+            return Ok((r.lease_id, ports));
+        }
+        // Some keys are still live under another holder: give back what this attempt took.
+        let _ = c.revoke_lease(&stack.team, r.lease_id).await;
+        let list: Vec<String> = held
+            .iter()
+            .map(|al| match al.lease_id {
+                0 => format!("{} -> {} (no lease)", al.key, al.port),
+                l => format!("{} -> {} (lease {l})", al.key, al.port),
+            })
+            .collect();
+        if !kill_existing || attempt > 0 {
+            bail!(
+                "ports of {} are still held: {}; an earlier `portmesh up` of it still runs or was killed less than {} ago: \
+                 stop it with `portmesh down`, pass --kill-existing, or wait",
+                stack.scope(),
+                list.join(", "),
+                humantime::format_duration(stack.lease_ttl)
+            );
+        }
+        eprintln!("portmesh: taking over {}", list.join(", "));
+        for al in held {
+            let _ = match al.lease_id {
+                0 => c
+                    .release(pb::ReleaseRequest {
+                        team: stack.team.clone(),
+                        key: al.key.clone(),
+                        ..Default::default()
+                    })
+                    .await
+                    .map(drop),
+                l => c.revoke_lease(&stack.team, l).await.map(drop),
+            };
+        }
+    }
+    bail!("internal error: allocation retried without an answer")
+}
+
+/// The ports a stack wants by number: (service, port).
+fn wanted_ports(stack: &Stack) -> Vec<(&ServiceDef, u16)> {
+    stack.services.iter().flat_map(|s| s.ports.iter().filter_map(move |p| p.wanted.map(|w| (s, w)))).collect()
+}
+
+/// Adds to a refused allocation who holds the ports the stack insists on.
+pub async fn explain_refusal(c: &Client, stack: &Stack, e: anyhow::Error) -> anyhow::Error {
+    let live = c
+        .list(pb::ListRequest { team: String::new(), pool: String::new(), stale: true })
+        .await
+        .map(|r| r.allocations)
+        .unwrap_or_default();
+    let mut lines = vec![format!("{e:#}")];
+    for (svc, port) in wanted_ports(stack) {
+        if svc.strategy != Strategy::Fail {
+            continue;
+        }
+        if let Some(al) = live.iter().find(|al| al.port == u32::from(port)) {
+            let who = if al.key.is_empty() { &al.service } else { &al.key };
+            let proc = holder(al.pid, &al.command);
+            lines.push(format!(
+                "port {port} wanted by {} is held by {who} (team {}, host {}{proc})",
+                svc.name, al.team, al.host
+            ));
+        } else if let Some(holder) = local_holder(port).await {
+            lines.push(format!(
+                "port {port} wanted by {} is held by {holder}; `portmesh up --force` stops it",
+                svc.name
+            ));
+        }
+    }
+    anyhow!(lines.join("\n  "))
+}
+
+/// Who listens on `port` on this host, for a message.
+async fn local_holder(port: u16) -> Option<String> {
+    let owners = tokio::task::spawn_blocking(move || portmesh_probe::owners(port)).await.ok()?;
+    let o = owners.first()?;
+    if let Some(container) = docker::container_publishing(port, o).await {
+        return Some(format!("container {container} (published by Docker)"));
+    }
+    Some(o.to_string())
+}
+
+/// `--force`: ends whatever holds a port the stack wants and waits until the port is free.
+pub async fn free_wanted_ports(c: &Client, stack: &Stack) -> Result<()> {
+    let ours: Vec<String> =
+        stack.services.iter().flat_map(|s| s.ports.iter().map(|p| stack.key(&s.name, &p.name))).collect();
+    let live =
+        c.list(pb::ListRequest { team: String::new(), pool: String::new(), stale: true }).await?.allocations;
+    for (svc, port) in wanted_ports(stack) {
+        if let Some(al) = live.iter().find(|al| al.port == u32::from(port) && !ours.contains(&al.key)) {
+            bail!(
+                "port {port} wanted by {} is allocated to {} (team {}, host {}); --force ends processes, not other \
+                 holders' allocations: release it there (`portmesh release {port} --team {}`) first",
+                svc.name,
+                if al.key.is_empty() { &al.service } else { &al.key },
+                al.team,
+                al.host,
+                al.team
+            );
+        }
+        let owners = tokio::task::spawn_blocking(move || portmesh_probe::owners(port)).await?;
+        if owners.is_empty() && portmesh_probe::is_free(port).unwrap_or(true) {
+            continue;
+        }
+        for o in &owners {
+            if let Some(container) = docker::container_publishing(port, o).await {
+                eprintln!("portmesh: --force: stopping container {container}, which publishes port {port}");
+                docker::stop(&container).await?;
+                continue;
+            }
+            let Some(pid) = o.pid else {
+                bail!(
+                    "port {port} wanted by {} is held by a process of another user; --force cannot end it",
+                    svc.name
+                );
+            };
+            eprintln!("portmesh: --force: ending {o}, which holds port {port} wanted by {}", svc.name);
+            if let Stopped::Killed(()) = process::terminate(pid, svc.stop_timeout).await? {
+                eprintln!(
+                    "portmesh: --force: pid {pid} ignored SIGTERM for {:?}; it was ended with SIGKILL",
+                    svc.stop_timeout
+                );
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !portmesh_probe::is_free(port).unwrap_or(false) {
+            if Instant::now() > deadline {
+                bail!("port {port} is still in use 10 s after its holder ended");
+            }
+            tokio::time::sleep(FREE_POLL).await;
+        }
+    }
+    Ok(())
+}
