@@ -6,6 +6,7 @@
 //! storage, remove the address file. Does not own: what the services do (`portmesh-api`) or
 //! command-line parsing (`portmesh` CLI).
 
+mod checker;
 mod home;
 mod http;
 mod metrics;
@@ -15,6 +16,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use portmesh_api::Api;
+use portmesh_proto::channel::{self, Purpose};
 use portmesh_raft::{RaftNode, RaftOptions, StartError};
 use portmesh_store::{Store, StoreError, StoreOptions};
 use tokio::net::TcpListener;
@@ -191,7 +193,7 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode, NodeError> {
             },
         );
     let grpc_task = tokio::spawn(grpc);
-    let checks_task = tokio::spawn(portmesh_api::run_health_checks(api.clone(), shutdown.subscribe()));
+    let checks_task = tokio::spawn(checker::run_health_checks(api.clone(), shutdown.subscribe()));
     tokio::spawn(portmesh_api::count_events(api.clone(), shutdown.subscribe()));
     let http_task = http_listener.map(|l| tokio::spawn(http::serve(l, api.clone(), shutdown.subscribe())));
 
@@ -245,8 +247,8 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode, NodeError> {
 /// one at `addr`. An unreachable `addr` is only logged: a member rejoins its cluster by itself.
 async fn same_cluster(addr: &str, node: &RaftNode) -> Result<(), NodeError> {
     use portmesh_proto::v1::{StatusRequest, cluster_client::ClusterClient};
-    let status = match tonic::transport::Endpoint::from_shared(portmesh_proto::endpoint_uri(addr)) {
-        Ok(ep) => match ep.connect_timeout(Duration::from_secs(2)).connect().await {
+    let status = match channel::endpoint(addr, Purpose::Ask) {
+        Ok(ep) => match ep.connect().await {
             Ok(ch) => ClusterClient::new(ch).status(StatusRequest {}).await.map(|r| r.into_inner()).ok(),
             Err(_) => None,
         },
@@ -293,55 +295,52 @@ async fn join(addr: &str, node: &RaftNode, advertise: &str, timeout: Duration) -
         if !tried.contains(&target) {
             tried.push(target.clone());
         }
-        let outcome: Result<(), String> =
-            match tonic::transport::Endpoint::from_shared(portmesh_proto::endpoint_uri(&target)) {
-                Err(e) => Err(format!("invalid address: {e}")),
-                Ok(ep) => match ep.connect_timeout(Duration::from_secs(2)).connect().await {
-                    Err(e) => Err(format!("cannot connect to {target}: {e}")),
-                    Ok(ch) => {
-                        let req = JoinRequest {
-                            node_id: id,
-                            addr: advertise.to_string(),
-                            cluster_id: node.cluster_id(),
-                        };
-                        match ClusterClient::new(ch).join(req).await {
-                            Ok(r) => {
-                                let r = r.into_inner();
-                                node.store.set_cluster_id(&r.cluster_id)?;
-                                tracing::info!(
-                                    leader = r.leader_id,
-                                    voter = r.voter,
-                                    cluster_id = %r.cluster_id,
-                                    "joined the cluster"
-                                );
-                                return Ok(());
+        let outcome: Result<(), String> = match channel::endpoint(&target, Purpose::Ask) {
+            Err(e) => Err(e.to_string()),
+            Ok(ep) => match ep.connect().await {
+                Err(e) => Err(format!("cannot connect to {target}: {e}")),
+                Ok(ch) => {
+                    let req = JoinRequest {
+                        node_id: id,
+                        addr: advertise.to_string(),
+                        cluster_id: node.cluster_id(),
+                    };
+                    match ClusterClient::new(ch).join(req).await {
+                        Ok(r) => {
+                            let r = r.into_inner();
+                            node.store.set_cluster_id(&r.cluster_id)?;
+                            tracing::info!(
+                                leader = r.leader_id,
+                                voter = r.voter,
+                                cluster_id = %r.cluster_id,
+                                "joined the cluster"
+                            );
+                            return Ok(());
+                        }
+                        Err(s) => {
+                            let answer = format!("{target} answered: {}", s.message());
+                            if matches!(
+                                s.code(),
+                                tonic::Code::FailedPrecondition | tonic::Code::InvalidArgument
+                            ) {
+                                return Err(NodeError::Join {
+                                    addr: addr.to_string(),
+                                    reason: answer,
+                                    tried: tried.join(", "),
+                                });
                             }
-                            Err(s) => {
-                                let answer = format!("{target} answered: {}", s.message());
-                                if matches!(
-                                    s.code(),
-                                    tonic::Code::FailedPrecondition | tonic::Code::InvalidArgument
-                                ) {
-                                    return Err(NodeError::Join {
-                                        addr: addr.to_string(),
-                                        reason: answer,
-                                        tried: tried.join(", "),
-                                    });
-                                }
-                                // A follower names the leader: ask it next.
-                                if let Some(leader) = s
-                                    .metadata()
-                                    .get(portmesh_api::LEADER_METADATA)
-                                    .and_then(|v| v.to_str().ok())
-                                {
-                                    target = leader.to_string();
-                                }
-                                Err(answer)
+                            // A follower names the leader: ask it next.
+                            if let Some(leader) =
+                                s.metadata().get(portmesh_api::LEADER_METADATA).and_then(|v| v.to_str().ok())
+                            {
+                                target = leader.to_string();
                             }
+                            Err(answer)
                         }
                     }
-                },
-            };
+                }
+            },
+        };
         if let Err(reason) = outcome {
             if tokio::time::Instant::now() > deadline {
                 return Err(NodeError::Join { addr: addr.to_string(), reason, tried: tried.join(", ") });

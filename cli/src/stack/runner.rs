@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use portmesh_client::{Client, pb};
-use portmesh_core::{HealthCheck, HealthStatus};
+use portmesh_core::HealthCheck;
 use portmesh_project::{Ports, ServiceDef, Stack};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
@@ -206,7 +206,7 @@ async fn wait_ready(svc: &ServiceDef, proc: &Proc, ports: &Ports) -> Result<()> 
     loop {
         let attempt = async {
             tokio::time::sleep_until(next).await;
-            portmesh_api::check_once(&check, port).await
+            portmesh_checks::run(&check, port).await
         };
         tokio::select! {
             biased;
@@ -215,11 +215,11 @@ async fn wait_ready(svc: &ServiceDef, proc: &Proc, ports: &Ports) -> Result<()> 
                 "not healthy within {} (check {spec} on port {port}: {last})",
                 humantime::format_duration(svc.ready_timeout)
             ),
-            (status, out) = attempt => {
-                if matches!(status, HealthStatus::Passing | HealthStatus::Warning) {
+            outcome = attempt => {
+                if outcome.status().is_healthy() {
                     return Ok(());
                 }
-                last = out;
+                last = outcome.output().to_string();
                 next = tokio::time::Instant::now() + READY_POLL;
             }
         }

@@ -6,17 +6,19 @@
 //! with a message that says what, where and what to do. Does not own: transport setup, HTTP,
 //! shutdown choreography (that is `portmesh-node`).
 
-mod checks;
+mod allocator;
+mod api;
+mod cluster;
 mod error;
-mod hosts;
+mod leases;
 pub mod metrics;
+mod placement;
+mod pools;
 mod registry;
-mod services;
 mod watch;
 
-pub use checks::{check_once, run_health_checks};
+pub use api::{Api, ShutdownHandle};
 pub use error::ApiError;
 pub use metrics::{RequestMetrics, count_events};
-pub use services::{Api, ShutdownHandle};
 
 pub use portmesh_proto::{ERROR_METADATA, LEADER_METADATA, OLDEST_REVISION_METADATA};

@@ -36,7 +36,7 @@ impl Api {
     ) -> std::result::Result<(usize, u64), ApiError> {
         match self.propose(Command::SetHealth { updates }).await? {
             Response::HealthSet { changed, revision } => Ok((changed, revision)),
-            other => Err(crate::services::unexpected(other)),
+            other => Err(crate::api::unexpected(other)),
         }
     }
 }
@@ -57,13 +57,13 @@ impl pb::registry_server::Registry for Api {
                     revision,
                 }))
             }
-            other => Err(crate::services::unexpected(other).into()),
+            other => Err(crate::api::unexpected(other).into()),
         }
     }
 
     async fn deregister(&self, req: Request<pb::DeregisterRequest>) -> Result<pb::DeregisterResponse> {
         let req = req.into_inner();
-        let cmd = Command::Deregister { team: crate::services::team(&req.team), id: req.id };
+        let cmd = Command::Deregister { team: crate::api::team(&req.team), id: req.id };
         match self.propose(cmd).await? {
             Response::Deregistered { service, revision } => {
                 tracing::info!(team = %service.team, id = %service.id, revision, "deregistered");
@@ -72,7 +72,7 @@ impl pb::registry_server::Registry for Api {
                     revision,
                 }))
             }
-            other => Err(crate::services::unexpected(other).into()),
+            other => Err(crate::api::unexpected(other).into()),
         }
     }
 
@@ -101,7 +101,7 @@ impl pb::registry_server::Registry for Api {
             .into_iter()
             .map(|r| {
                 Ok(HealthUpdate {
-                    team: crate::services::team(&r.team),
+                    team: crate::api::team(&r.team),
                     id: r.id,
                     status: health_from_pb(r.status)?,
                     output: r.output,

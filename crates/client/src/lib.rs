@@ -54,15 +54,15 @@
 
 use std::time::Duration;
 
+use portmesh_proto::channel::{self, Purpose};
 pub use portmesh_proto::v1 as pb;
 use portmesh_proto::{ERROR_METADATA, LEADER_METADATA, OLDEST_REVISION_METADATA};
 pub use portmesh_proto::{strategy_from_pb, strategy_to_pb};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus};
 
-/// How long to wait for a TCP + HTTP/2 connection to a node.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+pub use portmesh_proto::channel::CONNECT_TIMEOUT;
 
 /// Errors talking to a node.
 #[derive(Debug, thiserror::Error)]
@@ -190,14 +190,8 @@ const FOLLOW_BUDGET: Duration = Duration::from_secs(10);
 const PAUSE: Duration = Duration::from_millis(100);
 
 async fn open(addr: &str) -> Result<Channel> {
-    let endpoint = Endpoint::from_shared(portmesh_proto::endpoint_uri(addr))
-        .map_err(|e| ClientError::BadAddress { addr: addr.to_string(), reason: e.to_string() })?
-        .connect_timeout(CONNECT_TIMEOUT)
-        .tcp_nodelay(true)
-        // Notice a node that vanished without closing the connection (cut off, paused).
-        .http2_keep_alive_interval(Duration::from_secs(5))
-        .keep_alive_timeout(Duration::from_secs(5))
-        .keep_alive_while_idle(true);
+    let endpoint = channel::endpoint(addr, Purpose::Client)
+        .map_err(|e| ClientError::BadAddress { addr: e.addr, reason: e.reason })?;
     endpoint.connect().await.map_err(|e| ClientError::Unreachable {
         addr: addr.to_string(),
         timeout: CONNECT_TIMEOUT,
@@ -602,6 +596,18 @@ impl Client {
             })
             .await?;
         r.service.ok_or_else(|| missing("service"))
+    }
+
+    /// Reports health changes of services (what a node's checker found); the leader applies
+    /// them. Setting a status is idempotent, so the call is repeated wherever that is needed.
+    pub async fn report_health(&self, reports: Vec<pb::HealthReport>) -> Result<()> {
+        let req = pb::ReportHealthRequest { reports };
+        self.call(Retry::Safe, |ch| {
+            let req = req.clone();
+            async move { pb::registry_client::RegistryClient::new(ch).report_health(req).await }
+        })
+        .await
+        .map(drop)
     }
 
     /// Removes a registration; returns what was removed.

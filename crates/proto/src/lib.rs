@@ -21,7 +21,10 @@ pub mod raft {
 /// Encoded file descriptor set of the public API, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/portmesh_descriptor.bin"));
 
+pub mod channel;
 mod convert;
+
+pub use channel::endpoint_uri;
 
 /// Metadata key carrying the leader's address on an UNAVAILABLE "not the leader" error.
 pub const LEADER_METADATA: &str = "portmesh-leader";
@@ -29,12 +32,6 @@ pub const LEADER_METADATA: &str = "portmesh-leader";
 pub const ERROR_METADATA: &str = "portmesh-error";
 /// Metadata key carrying the oldest revision still available on a `compacted` watch error.
 pub const OLDEST_REVISION_METADATA: &str = "portmesh-oldest-revision";
-
-/// The URI of a node's gRPC endpoint: `host:port` becomes `http://host:port`; an address that
-/// already names a scheme is kept.
-pub fn endpoint_uri(addr: &str) -> String {
-    if addr.contains("://") { addr.to_string() } else { format!("http://{addr}") }
-}
 
 pub use convert::{
     BadRequest, health_from_pb, health_to_pb, required_port, strategy_from_pb, strategy_to_pb,

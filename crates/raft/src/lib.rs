@@ -374,7 +374,9 @@ impl RaftNode {
         Err(MemberError::ForeignCluster { id, addr: addr.into(), theirs: theirs.into(), ours })
     }
 
-    fn ensure_leader(&self) -> Result<(), ProposeError> {
+    /// Fails with [`ProposeError::NotLeader`] (naming the leader, if known) unless this node
+    /// believes it leads: for work that only the leader may do, refused before it starts.
+    pub fn ensure_leader(&self) -> Result<(), ProposeError> {
         if self.is_leader() {
             return Ok(());
         }

@@ -18,16 +18,14 @@ use openraft::raft::{
     VoteRequest, VoteResponse,
 };
 use openraft::{BasicNode, RPCTypes, RaftNetwork, RaftNetworkFactory};
+use portmesh_proto::channel::{self, Purpose};
 use portmesh_proto::raft::v1 as rpb;
 use portmesh_store::{DATA_VERSION, TypeConfig};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::faults::{LinkFaults, Verdict};
-
-/// How long to wait for a TCP connection to a peer.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Encodes a message for the wire.
 pub(crate) fn encode<T: Serialize>(v: &T) -> Result<rpb::RaftMessage, postcard::Error> {
@@ -64,16 +62,8 @@ impl GrpcNetwork {
         if let Some(c) = map.get(addr) {
             return Ok(c.clone());
         }
-        let channel = Endpoint::from_shared(portmesh_proto::endpoint_uri(addr))
-            .map_err(|e| format!("invalid peer address {addr:?}: {e}"))?
-            .connect_timeout(CONNECT_TIMEOUT)
-            .tcp_nodelay(true)
-            // A peer that vanished without closing the connection (cut off, paused, its host
-            // gone) is noticed by HTTP/2 pings, and the next call opens a new connection.
-            .http2_keep_alive_interval(Duration::from_secs(2))
-            .keep_alive_timeout(Duration::from_secs(2))
-            .keep_alive_while_idle(true)
-            .connect_lazy();
+        let channel =
+            channel::endpoint(addr, Purpose::Peer).map_err(|e| format!("peer: {e}"))?.connect_lazy();
         map.insert(addr.to_string(), channel.clone());
         Ok(channel)
     }

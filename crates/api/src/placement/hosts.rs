@@ -6,11 +6,12 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use portmesh_core::Holder;
+use portmesh_proto::channel::{self, Purpose};
 use portmesh_proto::v1 as pb;
 use portmesh_raft::RaftNode;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
-use crate::services::Busy;
+use super::Busy;
 
 /// How often the members are asked for their hosts when a host is not known.
 const REFRESH_EVERY: Duration = Duration::from_secs(2);
@@ -86,10 +87,7 @@ impl HostMap {
         }
         known.refreshed = Some(Instant::now());
         let asks = members.into_iter().filter_map(|(_, addr)| {
-            let channel = Endpoint::from_shared(portmesh_proto::endpoint_uri(&addr))
-                .ok()?
-                .connect_timeout(ASK_TIMEOUT)
-                .connect_lazy();
+            let channel = channel::endpoint(&addr, Purpose::Ask).ok()?.connect_lazy();
             Some(async move {
                 let mut client = pb::cluster_client::ClusterClient::new(channel.clone());
                 match tokio::time::timeout(ASK_TIMEOUT, client.status(pb::StatusRequest {})).await {

@@ -1,0 +1,142 @@
+//! `portmesh.v1.Allocator`: allocate, release, reserve, unreserve, list.
+
+use portmesh_core::{AllocateBatch, Command, Response};
+use portmesh_proto::required_port;
+use portmesh_proto::v1 as pb;
+use tonic::{Request, Status};
+
+use crate::api::{Result, team, unexpected};
+use crate::{Api, ApiError};
+
+impl Api {
+    /// `Allocator.Allocate`, less the bookkeeping of its time and outcome.
+    async fn allocate_timed(
+        &self,
+        req: pb::AllocateRequest,
+    ) -> std::result::Result<pb::AllocateResponse, Status> {
+        let reported = req.reported_busy().map_err(ApiError::from)?;
+        let batch = AllocateBatch {
+            team: team(&req.team),
+            host: if req.host.is_empty() { self.inner.host.clone() } else { req.host.clone() },
+            lease: req.lease_spec().map_err(ApiError::from)?,
+            items: req.core_items().map_err(ApiError::from)?,
+            probe: None,
+            holder: req.holder(),
+        };
+        // Only the leader plans and probes: a follower would plan on a state that may be behind
+        // and then be refused anyway. The client follows the leader this names.
+        self.inner.node.ensure_leader().map_err(ApiError::from)?;
+        match self.allocate_batch(batch, &reported).await? {
+            (Response::Allocated { grants, lease, revision }, host_probed) => {
+                let lease_id = lease.map_or(req.lease_id, |l| l.id);
+                for g in grants.iter().filter(|g| !g.existing) {
+                    let a = &g.allocation;
+                    let holder = a.holder.as_ref().map(ToString::to_string);
+                    tracing::info!(port = a.port, team = %a.team, pool = %a.pool, service = %a.service,
+                        host = %a.host, holder = holder.as_deref().unwrap_or("-"), revision, "allocated");
+                }
+                self.log_conflicts_and_fallbacks(&req, &grants, revision);
+                Ok(pb::AllocateResponse {
+                    existing: grants.iter().map(|g| g.existing).collect(),
+                    allocations: grants.iter().map(|g| (&g.allocation).into()).collect(),
+                    lease_id,
+                    revision,
+                    host_probed,
+                })
+            }
+            (other, _) => Err(unexpected(other).into()),
+        }
+    }
+
+    /// Logs each conflict the allocation at `revision` recorded (a warning naming the port and
+    /// its holder) and each item that got another port than the one it asked for.
+    fn log_conflicts_and_fallbacks(
+        &self,
+        req: &pb::AllocateRequest,
+        grants: &[portmesh_core::Grant],
+        revision: u64,
+    ) {
+        for (item, g) in req.items.iter().zip(grants) {
+            let got = g.allocation.port;
+            if item.port != 0 && item.port != u32::from(got) && !g.existing {
+                tracing::info!(wanted = item.port, port = got, service = %g.allocation.service,
+                    pool = %g.allocation.pool, "wanted port not available: fell back to another");
+            }
+        }
+        let sm = self.inner.node.state().read();
+        for e in sm.state.events_since(revision).take_while(|e| e.revision == revision) {
+            if let portmesh_core::EventKind::Conflict(c) = &e.kind {
+                let holder = c.holder.as_ref().map(ToString::to_string);
+                tracing::warn!(port = c.port, host = %c.host, holder = holder.as_deref().unwrap_or("unknown process"),
+                    service = %c.service, pool = %c.pool, "port busy on its host: skipped (conflict)");
+            }
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl pb::allocator_server::Allocator for Api {
+    async fn allocate(&self, req: Request<pb::AllocateRequest>) -> Result<pb::AllocateResponse> {
+        let start = std::time::Instant::now();
+        let answer = self.allocate_timed(req.into_inner()).await;
+        let (outcome, ports) = match &answer {
+            Ok(r) => ("ok", r.allocations.iter().zip(&r.existing).filter(|(_, e)| !**e).count()),
+            Err(s) => (crate::metrics::outcome_of(s), 0),
+        };
+        self.metrics().allocate_done(start, outcome, ports);
+        answer.map(tonic::Response::new)
+    }
+
+    async fn release(&self, req: Request<pb::ReleaseRequest>) -> Result<pb::ReleaseResponse> {
+        let req = req.into_inner();
+        let cmd =
+            Command::Release { team: team(&req.team), selector: req.selector().map_err(ApiError::from)? };
+        match self.propose(cmd).await? {
+            Response::Released { allocations, revision } => Ok(tonic::Response::new(pb::ReleaseResponse {
+                released: allocations.iter().map(Into::into).collect(),
+                revision,
+            })),
+            other => Err(unexpected(other).into()),
+        }
+    }
+
+    async fn reserve(&self, req: Request<pb::ReserveRequest>) -> Result<pb::ReserveResponse> {
+        let req = req.into_inner();
+        let port = required_port(req.port, "port").map_err(ApiError::from)?;
+        match self.propose(Command::Reserve { port, reason: req.reason }).await? {
+            Response::Reserved(r) => {
+                Ok(tonic::Response::new(pb::ReserveResponse { reservation: Some((&r).into()) }))
+            }
+            other => Err(unexpected(other).into()),
+        }
+    }
+
+    async fn unreserve(&self, req: Request<pb::UnreserveRequest>) -> Result<pb::UnreserveResponse> {
+        let port = required_port(req.into_inner().port, "port").map_err(ApiError::from)?;
+        match self.propose(Command::Unreserve { port }).await? {
+            Response::Unreserved { revision, .. } => {
+                Ok(tonic::Response::new(pb::UnreserveResponse { revision }))
+            }
+            other => Err(unexpected(other).into()),
+        }
+    }
+
+    async fn list(&self, req: Request<pb::ListRequest>) -> Result<pb::ListResponse> {
+        let req = req.into_inner();
+        self.inner.node.read_barrier(req.stale).await.map_err(ApiError::from)?;
+        let sm = self.inner.node.state().read();
+        let allocations = sm
+            .state
+            .allocations()
+            .filter(|a| req.team.is_empty() || a.team == req.team)
+            .filter(|a| req.pool.is_empty() || a.pool == req.pool)
+            .map(Into::into)
+            .collect();
+        let reservations = sm.state.reservations().map(Into::into).collect();
+        Ok(tonic::Response::new(pb::ListResponse {
+            allocations,
+            reservations,
+            revision: sm.state.revision(),
+        }))
+    }
+}

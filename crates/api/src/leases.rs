@@ -1,0 +1,98 @@
+//! `portmesh.v1.Leases`: grant, keep alive, time to live, revoke.
+
+use std::pin::Pin;
+
+use futures::Stream;
+use portmesh_core::{Command, Rejection, Response};
+use portmesh_proto::v1 as pb;
+use tokio_stream::StreamExt;
+use tonic::{Request, Status, Streaming};
+
+use crate::api::{Result, team, unexpected};
+use crate::{Api, ApiError};
+
+type KeepAliveStream =
+    Pin<Box<dyn Stream<Item = std::result::Result<pb::LeaseKeepAliveResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::leases_server::Leases for Api {
+    async fn grant(&self, req: Request<pb::LeaseGrantRequest>) -> Result<pb::LeaseGrantResponse> {
+        let req = req.into_inner();
+        match self.propose(Command::GrantLease { team: team(&req.team), ttl_ms: req.ttl_ms }).await? {
+            Response::LeaseGranted(l) => {
+                Ok(tonic::Response::new(pb::LeaseGrantResponse { lease: Some(pb::Lease::from_core(&l, [])) }))
+            }
+            other => Err(unexpected(other).into()),
+        }
+    }
+
+    type KeepAliveStream = KeepAliveStream;
+
+    async fn keep_alive(
+        &self,
+        req: Request<Streaming<pb::LeaseKeepAliveRequest>>,
+    ) -> Result<Self::KeepAliveStream> {
+        let mut incoming = req.into_inner();
+        let node = self.inner.node.clone();
+        let out = async_stream(move |tx| async move {
+            while let Some(msg) = incoming.next().await {
+                let reply = msg.and_then(|m| {
+                    let ttl = node.keep_alive(&team(&m.team), m.lease_id).map_err(ApiError::from)?;
+                    Ok(pb::LeaseKeepAliveResponse { lease_id: m.lease_id, ttl_ms: ttl.unwrap_or(0) })
+                });
+                let stop = reply.is_err();
+                if tx.send(reply).await.is_err() || stop {
+                    break;
+                }
+            }
+        });
+        Ok(tonic::Response::new(out))
+    }
+
+    async fn time_to_live(
+        &self,
+        req: Request<pb::LeaseTimeToLiveRequest>,
+    ) -> Result<pb::LeaseTimeToLiveResponse> {
+        let req = req.into_inner();
+        let node = &self.inner.node;
+        // Leader only: the countdown lives there. The barrier also makes the read linearizable.
+        node.read_barrier(false).await.map_err(ApiError::from)?;
+        let team = team(&req.team);
+        let sm = node.state().read();
+        let Some(lease) = sm.state.lease(req.lease_id).filter(|l| l.team == team) else {
+            return Err(ApiError::from(Rejection::UnknownLease { team, id: req.lease_id }).into());
+        };
+        let ports: Vec<u16> = sm.state.lease_ports(lease.id).collect();
+        let mut out = pb::Lease::from_core(lease, ports.iter().copied());
+        if let Some(left) = node.lease_remaining(lease.id) {
+            out.remaining_ms = left;
+        }
+        let allocations = ports.iter().filter_map(|p| sm.state.allocation(*p)).map(Into::into).collect();
+        let services = sm.state.lease_services(lease.id).map(Into::into).collect();
+        Ok(tonic::Response::new(pb::LeaseTimeToLiveResponse { lease: Some(out), allocations, services }))
+    }
+
+    async fn revoke(&self, req: Request<pb::LeaseRevokeRequest>) -> Result<pb::LeaseRevokeResponse> {
+        let req = req.into_inner();
+        match self.propose(Command::RevokeLease { team: team(&req.team), id: req.lease_id }).await? {
+            Response::LeaseRevoked { released, revision, .. } => {
+                Ok(tonic::Response::new(pb::LeaseRevokeResponse {
+                    released: released.iter().map(Into::into).collect(),
+                    revision,
+                }))
+            }
+            other => Err(unexpected(other).into()),
+        }
+    }
+}
+
+/// A response stream fed by a task through a bounded channel.
+fn async_stream<F, Fut>(f: F) -> KeepAliveStream
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<std::result::Result<pb::LeaseKeepAliveResponse, Status>>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(f(tx));
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+}

@@ -1,0 +1,124 @@
+//! Where an allocation's ports come from: plan candidates from the applied state, probe them on
+//! the host the allocation is for (here, or through the member running there: [`hosts`]), and
+//! propose the batch with what the probe found busy; the state machine re-checks the plan and
+//! asks for another round if the state moved under it.
+
+mod hosts;
+
+pub(crate) use hosts::HostMap;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use portmesh_core::{AllocateBatch, Command, Holder, HostProbe, PlanWidth, Rejection, Response};
+use portmesh_raft::now_ms;
+
+use crate::api::accepted;
+use crate::{Api, ApiError};
+
+/// What a probe found busy on a host, and who holds those ports where the OS told.
+#[derive(Debug, Default)]
+pub(crate) struct Busy {
+    pub(crate) ports: Vec<u16>,
+    pub(crate) holders: Vec<(u16, Holder)>,
+}
+
+/// Probes `ports` on this host and looks up who listens on the busy ones (a conflict): one read
+/// of the socket table for all of them, and of the process table only if some has a listener.
+pub(crate) fn probe_here(ports: &[u16]) -> Busy {
+    let busy = portmesh_probe::busy_ports(ports);
+    if busy.is_empty() {
+        return Busy::default();
+    }
+    // Several listeners of one port (IPv4 and IPv6) are narrowed to one by `HostProbe::with_owners`.
+    let holders = portmesh_probe::owners_of(&busy)
+        .into_iter()
+        .filter_map(|(port, o)| Some((port, Holder { pid: o.pid?, command: o.command.unwrap_or_default() })))
+        .collect();
+    Busy { ports: busy, holders }
+}
+
+/// Candidate ports probed per item beyond the ones in flight.
+const BASE_CANDIDATES: usize = 4;
+
+/// Rounds of plan-probe-propose before giving up (the last ones probe whole pools).
+const MAX_ROUNDS: usize = 6;
+
+struct InFlight<'a>(&'a AtomicUsize, usize);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(self.1, Ordering::Relaxed);
+    }
+}
+
+impl Api {
+    /// Probes `candidates` on `host`: here if it is this node's host, else through the member
+    /// node running there. Returns what was found busy (and who holds it) and whether anyone
+    /// probed.
+    async fn probe_host(&self, host: &str, candidates: &[u16]) -> (Busy, bool) {
+        let inner = &self.inner;
+        if host == inner.host {
+            // Binds and reads /proc: blocking work, off the async workers.
+            let ports = candidates.to_vec();
+            return match tokio::task::spawn_blocking(move || probe_here(&ports)).await {
+                Ok(busy) => (busy, true),
+                Err(e) => {
+                    tracing::warn!(error = %e, "the probe task failed; granting unprobed");
+                    (Busy::default(), false)
+                }
+            };
+        }
+        match inner.hosts.probe(&inner.node, host, candidates).await {
+            Some(busy) => (busy, true),
+            None => (Busy::default(), false),
+        }
+    }
+
+    /// Plans, probes on the batch's host and proposes, re-planning when the state moved under
+    /// the plan (`NeedProbe`). Every port handed out was probed free just before the proposal,
+    /// unless no node runs on the batch's host (then `false` comes back with the response and
+    /// only the ports the client `reported` busy are skipped).
+    pub(crate) async fn allocate_batch(
+        &self,
+        mut batch: AllocateBatch,
+        reported: &[u16],
+    ) -> std::result::Result<(Response, bool), ApiError> {
+        let inner = &self.inner;
+        let items = batch.items.len();
+        inner.in_flight.fetch_add(items, Ordering::Relaxed);
+        let _guard = InFlight(&inner.in_flight, items);
+        // First round: narrow for a free wanted port, and as wide as the allocations in flight
+        // otherwise. Every further round widens both fourfold (the last ones cover whole pools).
+        let mut width = PlanWidth {
+            wanted_free: 1,
+            otherwise: BASE_CANDIDATES + inner.in_flight.load(Ordering::Relaxed),
+        };
+        for round in 0..MAX_ROUNDS {
+            let seed = now_ms() ^ ((round as u64) << 48);
+            let candidates = {
+                let sm = inner.node.state().read();
+                sm.state.plan(&batch, now_ms(), width, seed)
+            };
+            let (Busy { mut ports, holders }, probed) = self.probe_host(&batch.host, &candidates).await;
+            ports.extend_from_slice(reported);
+            if !ports.is_empty() {
+                tracing::info!(host = %batch.host, busy = ?ports, "ports busy on the host will be skipped");
+            }
+            let mut checked = candidates;
+            checked.extend_from_slice(reported);
+            batch.probe = Some(HostProbe::new(checked, ports).with_owners(holders));
+            match inner.node.propose(Command::Allocate(batch.clone())).await? {
+                Response::Rejected(Rejection::NeedProbe { port }) => {
+                    tracing::debug!(port, round, "state moved under the plan; probing again");
+                    let wider = width.otherwise.max(width.wanted_free).saturating_mul(4);
+                    width = PlanWidth::uniform(wider);
+                }
+                other => return accepted(other).map(|r| (r, probed)),
+            }
+        }
+        Err(ApiError::Raft(portmesh_raft::ProposeError::Unavailable(format!(
+            "could not settle an allocation after {MAX_ROUNDS} probe rounds (the pool changes faster than this node \
+             can probe it): retry"
+        ))))
+    }
+}

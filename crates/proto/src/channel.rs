@@ -1,0 +1,98 @@
+//! Every gRPC channel portmesh opens is built here: Raft between members, a member asking
+//! another one a question, clients of a node, and health checks of users' gRPC services. Each
+//! [`Purpose`] has its timeouts and keep-alive in one place, and transport security (TLS) is
+//! added here once, for all of them.
+
+use std::time::Duration;
+
+use tonic::transport::Endpoint;
+
+/// What a channel is for. Each purpose sets how long a connection may take and how a peer
+/// that vanished without closing the connection (cut off, paused, its host gone) is noticed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    /// Raft between members: HTTP/2 pings every 2 s notice a vanished peer well within an
+    /// election, and the next call opens a new connection.
+    Peer,
+    /// A short question to another member (a probe, its status, a join): connect within 2 s.
+    Ask,
+    /// A client of a node (the CLI, the library, a member reporting to the leader): pings every
+    /// 5 s, so a long watch or lease keep-alive notices a node that went away.
+    Client,
+    /// A health check of a user's gRPC service on this host: connect within 2 s, no pings (one
+    /// call, then the channel is dropped).
+    Check,
+}
+
+/// How long a connection may take to open.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+impl Purpose {
+    /// HTTP/2 keep-alive ping interval (and the time an unanswered ping is given), if any.
+    pub fn keep_alive(self) -> Option<Duration> {
+        match self {
+            Purpose::Peer => Some(Duration::from_secs(2)),
+            Purpose::Client => Some(Duration::from_secs(5)),
+            Purpose::Ask | Purpose::Check => None,
+        }
+    }
+}
+
+/// `addr` is not a usable endpoint address.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid address {addr:?}: {reason}")]
+pub struct InvalidAddress {
+    pub addr: String,
+    pub reason: String,
+}
+
+/// The URI of a node's gRPC endpoint: `host:port` becomes `http://host:port`; an address that
+/// already names a scheme is kept.
+pub fn endpoint_uri(addr: &str) -> String {
+    if addr.contains("://") { addr.to_string() } else { format!("http://{addr}") }
+}
+
+/// The endpoint for `addr` (`host:port` or a URI) configured for `purpose`. Open it with
+/// `connect().await` (fails at once when nothing listens) or `connect_lazy()` (connects on the
+/// first call, and again after a connection broke).
+pub fn endpoint(addr: &str, purpose: Purpose) -> Result<Endpoint, InvalidAddress> {
+    let endpoint = Endpoint::from_shared(endpoint_uri(addr))
+        .map_err(|e| InvalidAddress { addr: addr.to_string(), reason: e.to_string() })?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .tcp_nodelay(true);
+    Ok(match purpose.keep_alive() {
+        Some(every) => {
+            endpoint.http2_keep_alive_interval(every).keep_alive_timeout(every).keep_alive_while_idle(true)
+        }
+        None => endpoint,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_become_uris_and_bad_ones_are_named() {
+        assert_eq!(endpoint_uri("127.0.0.1:7400"), "http://127.0.0.1:7400");
+        assert_eq!(endpoint_uri("https://node:7400"), "https://node:7400");
+        let e = endpoint("bad host:1", Purpose::Client).unwrap_err();
+        assert_eq!(e.addr, "bad host:1");
+        assert!(e.to_string().starts_with("invalid address \"bad host:1\""), "{e}");
+        for p in [Purpose::Peer, Purpose::Ask, Purpose::Client, Purpose::Check] {
+            let ep = endpoint("127.0.0.1:1", p).unwrap();
+            assert_eq!(ep.uri().to_string(), "http://127.0.0.1:1/");
+        }
+        assert!(Purpose::Peer.keep_alive() < Purpose::Client.keep_alive());
+    }
+
+    #[tokio::test]
+    async fn connecting_to_nothing_fails_within_the_connect_timeout() {
+        // A port just released: nothing listens there, so the connection is refused at once.
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let started = std::time::Instant::now();
+        let r = endpoint(&format!("127.0.0.1:{port}"), Purpose::Ask).unwrap().connect().await;
+        assert!(r.is_err());
+        assert!(started.elapsed() <= CONNECT_TIMEOUT + Duration::from_secs(1));
+    }
+}

@@ -1,0 +1,239 @@
+//! The checker: runs the health checks of the services registered on this node's host (each
+//! run by `portmesh-checks`) and replicates their changes of status.
+//!
+//! Every node runs the checks of the services whose `host` is its own, each on its interval and
+//! with its timeout, and keeps the count of consecutive failures locally. Only a change of status
+//! is replicated (`Command::SetHealth`): the node reports it with `Registry.ReportHealth` through
+//! the client library, which reaches the leader the way every request does. A report that did
+//! not land is sent again
+//! while the replicated status still differs, at most once per [`RESEND_AFTER`]. A new leader or
+//! a restarted node starts counting afresh; the replicated status stays until a check says
+//! otherwise.
+//!
+//! Only a check that started after this node last saw the replicated status change may report a
+//! transition. Several nodes on one host (a test cluster, a developer's three local nodes) all
+//! run the checks; without this rule one node's stale "passing", measured just before another
+//! node reported "critical", would flip the status back and forth.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use portmesh_api::Api;
+use portmesh_checks::Outcome;
+use portmesh_client::Client;
+use portmesh_core::{HealthCheck, HealthStatus, HealthUpdate, Service};
+use portmesh_proto::{health_to_pb, v1 as pb};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+/// How often the checker looks for due checks.
+const TICK: Duration = Duration::from_millis(50);
+/// How long to wait before sending a transition again that has not shown up in the state.
+const RESEND_AFTER: Duration = Duration::from_secs(1);
+/// How long the cluster may take to accept a report.
+const REPORT_TIMEOUT: Duration = Duration::from_secs(3);
+
+type Id = (String, String);
+
+/// The local bookkeeping of one service's check.
+#[derive(Debug)]
+struct Tracker {
+    /// The check and port it was started for; a changed registration starts afresh.
+    spec: (HealthCheck, u16),
+    next_due: Instant,
+    running: bool,
+    failures: u32,
+    /// The status the checks say, once they said something.
+    seen: Option<(HealthStatus, String)>,
+    /// The last transition sent and when.
+    sent: Option<(HealthStatus, Instant)>,
+    /// The replicated status (and when it last changed) this tracker last saw, and when it saw
+    /// it change; outcomes of checks started before then are stale.
+    basis: (HealthStatus, u64),
+    since: Instant,
+}
+
+impl Tracker {
+    fn new(spec: (HealthCheck, u16), svc: &Service, now: Instant) -> Self {
+        Tracker {
+            spec,
+            next_due: now,
+            running: false,
+            failures: 0,
+            seen: None,
+            sent: None,
+            basis: (svc.status, svc.status_ms),
+            since: now,
+        }
+    }
+}
+
+/// Runs the health checks of this host's services until `shutdown` turns true.
+pub async fn run_health_checks(api: Api, mut shutdown: watch::Receiver<bool>) {
+    let mut trackers: HashMap<Id, Tracker> = HashMap::new();
+    let mut running: JoinSet<(Id, Instant, Outcome)> = JoinSet::new();
+    let mut cluster: Option<Client> = None;
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    // This host's services with a check, read again only when the applied state moved.
+    let mut applied = api.node().state().applied_index();
+    applied.mark_changed();
+    let mut mine: Vec<Service> = Vec::new();
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            Some(done) = running.join_next() => {
+                if let Ok((id, started, outcome)) = done
+                    && let Some(t) = trackers.get_mut(&id)
+                {
+                    t.running = false;
+                    if started >= t.since {
+                        record(t, outcome);
+                    }
+                }
+                continue;
+            }
+            _ = shutdown.changed() => {
+                if *shutdown.borrow() { return; }
+                continue;
+            }
+        }
+        let now = Instant::now();
+        if applied.has_changed().unwrap_or(false) {
+            applied.borrow_and_update();
+            let sm = api.node().state().read();
+            mine =
+                sm.state.services().filter(|s| s.host == api.host() && s.check.is_some()).cloned().collect();
+            let present: std::collections::HashSet<(&str, &str)> =
+                mine.iter().map(|s| (s.team.as_str(), s.id.as_str())).collect();
+            trackers.retain(|id, _| present.contains(&(id.0.as_str(), id.1.as_str())));
+        }
+        let mut updates = Vec::new();
+        for svc in &mine {
+            let (Some(check), Some(port)) = (svc.check.clone(), checked_port(svc)) else { continue };
+            let id = (svc.team.clone(), svc.id.clone());
+            let spec = (check.clone(), port);
+            let t = trackers.entry(id.clone()).or_insert_with(|| Tracker::new(spec.clone(), svc, now));
+            if t.spec != spec {
+                *t = Tracker::new(spec, svc, now);
+            }
+            if t.basis != (svc.status, svc.status_ms) {
+                // The status changed (this node's report or another's): start from it afresh.
+                (t.basis, t.since, t.seen, t.sent, t.failures) =
+                    ((svc.status, svc.status_ms), now, None, None, 0);
+            }
+            if !t.running && t.next_due <= now {
+                t.running = true;
+                t.next_due = now + Duration::from_millis(check.interval_ms);
+                running.spawn(async move { (id.clone(), now, portmesh_checks::run(&check, port).await) });
+            }
+            if let Some((status, output)) = &t.seen
+                && *status != svc.status
+                && t.sent.is_none_or(|(s, at)| s != *status || at.elapsed() >= RESEND_AFTER)
+            {
+                t.sent = Some((*status, now));
+                tracing::info!(service = %svc.name, id = %svc.id, from = %svc.status, to = %status, %output, "health changed");
+                updates.push(HealthUpdate {
+                    team: svc.team.clone(),
+                    id: svc.id.clone(),
+                    status: *status,
+                    output: output.clone(),
+                });
+            }
+        }
+        if !updates.is_empty()
+            && let Err(why) = report(&api, &mut cluster, updates).await
+        {
+            tracing::warn!(%why, "could not report health changes; will retry");
+        }
+    }
+}
+
+/// Folds one check's outcome into its tracker.
+fn record(t: &mut Tracker, outcome: Outcome) {
+    match outcome {
+        Outcome::Passing(out) => {
+            t.failures = 0;
+            t.seen = Some((HealthStatus::Passing, out));
+        }
+        Outcome::Warning(out) => {
+            t.failures = 0;
+            t.seen = Some((HealthStatus::Warning, out));
+        }
+        Outcome::Failing(out) => {
+            t.failures = t.failures.saturating_add(1);
+            if t.failures >= t.spec.0.failures {
+                t.seen = Some((HealthStatus::Critical, out));
+            }
+        }
+    }
+}
+
+fn checked_port(svc: &Service) -> Option<u16> {
+    let check = svc.check.as_ref()?;
+    match &check.port {
+        Some(name) => svc.port(name),
+        None => svc.main_port(),
+    }
+}
+
+/// Sends transitions to the leader: the one way any request reaches it, the client library's
+/// (ask this node; a follower names the leader, and the client follows it).
+async fn report(api: &Api, cluster: &mut Option<Client>, updates: Vec<HealthUpdate>) -> Result<(), String> {
+    let client = match cluster {
+        Some(c) => c,
+        None => {
+            let c = Client::connect(&api.node().addr).await.map_err(|e| e.to_string())?;
+            cluster.insert(c)
+        }
+    };
+    let reports = updates
+        .into_iter()
+        .map(|u| pb::HealthReport {
+            team: u.team,
+            id: u.id,
+            status: health_to_pb(u.status) as i32,
+            output: u.output,
+        })
+        .collect();
+    let outcome = match tokio::time::timeout(REPORT_TIMEOUT, client.report_health(reports)).await {
+        Ok(Ok(())) => return Ok(()),
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => format!("no answer within {REPORT_TIMEOUT:?}"),
+    };
+    // The client stays with the leader it followed; if that one is gone, start again from this
+    // node, which knows the new one.
+    *cluster = None;
+    Err(outcome)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use portmesh_core::CheckKind;
+
+    fn check(kind: CheckKind) -> HealthCheck {
+        HealthCheck { kind, port: None, interval_ms: 1_000, timeout_ms: 2_000, failures: 2 }
+    }
+
+    #[test]
+    fn failures_count_before_critical() {
+        let mut t = Tracker {
+            spec: (check(CheckKind::Tcp), 1),
+            next_due: Instant::now(),
+            running: true,
+            failures: 0,
+            seen: Some((HealthStatus::Passing, "ok".into())),
+            sent: None,
+            basis: (HealthStatus::Passing, 0),
+            since: Instant::now(),
+        };
+        record(&mut t, Outcome::Failing("no".into()));
+        assert_eq!(t.seen, Some((HealthStatus::Passing, "ok".into())), "one failure of two keeps the status");
+        record(&mut t, Outcome::Failing("no".into()));
+        assert_eq!(t.seen, Some((HealthStatus::Critical, "no".into())));
+        record(&mut t, Outcome::Passing("yes".into()));
+        assert_eq!((t.failures, t.seen.clone()), (0, Some((HealthStatus::Passing, "yes".into()))));
+    }
+}
