@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use portmesh_client::pb;
-use portmesh_core::CheckKind;
+use portmesh_core::{CheckKind, HealthCheck};
 
 use crate::args::PortArgs;
 
@@ -17,7 +17,7 @@ pub fn alloc_items(service: &str, w: &PortArgs, names: &[String]) -> Vec<pb::All
             service: service.to_string(),
             pool: w.pool.clone().unwrap_or_default(),
             port: if i == 0 { w.port.map_or(0, u32::from) } else { 0 },
-            strategy: portmesh_client::strategy_to_pb(w.strategy) as i32,
+            strategy: pb::Strategy::from(w.strategy) as i32,
             key: match (&w.key, names.len()) {
                 (Some(k), 1) => k.clone(),
                 (Some(k), _) => format!("{k}/{name}"),
@@ -37,13 +37,12 @@ pub fn check_pb(
     timeout: Option<Duration>,
     failures: u32,
 ) -> pb::HealthCheck {
-    let mut ch = pb::HealthCheck {
-        port_name: port_name.to_string(),
+    let check = HealthCheck {
+        kind: kind.clone(),
+        port: (!port_name.is_empty()).then(|| port_name.to_string()),
         interval_ms: interval.map_or(0, |i| i.as_millis() as u64),
         timeout_ms: timeout.map_or(0, |t| t.as_millis() as u64),
         failures,
-        ..Default::default()
     };
-    ch.set_kind(kind);
-    ch
+    pb::HealthCheck::from(&check)
 }

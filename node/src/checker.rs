@@ -22,7 +22,7 @@ use portmesh_api::Api;
 use portmesh_checks::Outcome;
 use portmesh_client::Client;
 use portmesh_core::{HealthCheck, HealthStatus, HealthUpdate, Service};
-use portmesh_proto::{health_to_pb, v1 as pb};
+use portmesh_proto::v1 as pb;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -193,7 +193,7 @@ async fn report(api: &Api, cluster: &mut Option<Client>, updates: Vec<HealthUpda
         .map(|u| pb::HealthReport {
             team: u.team,
             id: u.id,
-            status: health_to_pb(u.status) as i32,
+            status: pb::HealthStatus::from(u.status) as i32,
             output: u.output,
         })
         .collect();

@@ -1180,15 +1180,19 @@ async fn every_event_kind_reaches_a_watcher_in_order_across_a_leader_change() {
     wait_health(&client, &checked.id, pb::HealthStatus::Critical).await;
     client.deregister("default", &checked.id).await.unwrap();
     // The 1 s lease expires under the new leader.
-    let status = loop {
-        let s = client.status().await.unwrap();
-        let sm = c.live().next().unwrap().api.node().state().read().state.leases().count();
-        if sm == 0 {
-            break s;
+    // The revision to wait for is read from the node that applied the expiry (another node's
+    // status may still lag behind it).
+    let expired_at = loop {
+        let applied = {
+            let sm = c.live().next().unwrap().api.node().state().read();
+            (sm.state.leases().count() == 0).then(|| sm.state.revision())
+        };
+        if let Some(revision) = applied {
+            break revision;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    let last = status.revision.max(after.revision);
+    let last = expired_at.max(after.revision);
     wait_seen(&mut seen, last).await;
     stop.send(()).unwrap();
     let events = task.await.unwrap();

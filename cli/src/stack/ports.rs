@@ -25,7 +25,7 @@ pub async fn allocate(c: &Client, stack: &Stack, kill_existing: bool) -> Result<
                 service: svc.name.clone(),
                 pool: svc.pool.clone().unwrap_or_default(),
                 port: p.wanted.map_or(0, u32::from),
-                strategy: portmesh_client::strategy_to_pb(svc.strategy) as i32,
+                strategy: pb::Strategy::from(svc.strategy) as i32,
                 key: stack.key(&svc.name, &p.name),
                 instance: stack.instance_name().to_string(),
                 env: stack.env.clone(),

@@ -1,11 +1,11 @@
 //! `portmesh.v1.Allocator`: allocate, release, reserve, unreserve, list.
 
-use portmesh_core::{AllocateBatch, Command, Response};
-use portmesh_proto::required_port;
+use portmesh_core::Response;
 use portmesh_proto::v1 as pb;
+use portmesh_proto::{Allocate, AtHost};
 use tonic::{Request, Status};
 
-use crate::api::{Result, team, unexpected};
+use crate::api::{Result, unexpected};
 use crate::{Api, ApiError};
 
 impl Api {
@@ -14,19 +14,12 @@ impl Api {
         &self,
         req: pb::AllocateRequest,
     ) -> std::result::Result<pb::AllocateResponse, Status> {
-        let reported = req.reported_busy().map_err(ApiError::from)?;
-        let batch = AllocateBatch {
-            team: team(&req.team),
-            host: if req.host.is_empty() { self.inner.host.clone() } else { req.host.clone() },
-            lease: req.lease_spec().map_err(ApiError::from)?,
-            items: req.core_items().map_err(ApiError::from)?,
-            probe: None,
-            holder: req.holder(),
-        };
+        let Allocate { batch, reported_busy } =
+            Allocate::try_from(AtHost { msg: &req, host: &self.inner.host }).map_err(ApiError::from)?;
         // Only the leader plans and probes: a follower would plan on a state that may be behind
         // and then be refused anyway. The client follows the leader this names.
         self.inner.node.ensure_leader().map_err(ApiError::from)?;
-        match self.allocate_batch(batch, &reported).await? {
+        match self.allocate_batch(batch, &reported_busy).await? {
             (Response::Allocated { grants, lease, revision }, host_probed) => {
                 let lease_id = lease.map_or(req.lease_id, |l| l.id);
                 for g in grants.iter().filter(|g| !g.existing) {
@@ -89,9 +82,7 @@ impl pb::allocator_server::Allocator for Api {
 
     async fn release(&self, req: Request<pb::ReleaseRequest>) -> Result<pb::ReleaseResponse> {
         let req = req.into_inner();
-        let cmd =
-            Command::Release { team: team(&req.team), selector: req.selector().map_err(ApiError::from)? };
-        match self.propose(cmd).await? {
+        match self.propose_request(&req).await? {
             Response::Released { allocations, revision } => Ok(tonic::Response::new(pb::ReleaseResponse {
                 released: allocations.iter().map(Into::into).collect(),
                 revision,
@@ -101,9 +92,7 @@ impl pb::allocator_server::Allocator for Api {
     }
 
     async fn reserve(&self, req: Request<pb::ReserveRequest>) -> Result<pb::ReserveResponse> {
-        let req = req.into_inner();
-        let port = required_port(req.port, "port").map_err(ApiError::from)?;
-        match self.propose(Command::Reserve { port, reason: req.reason }).await? {
+        match self.propose_request(&req.into_inner()).await? {
             Response::Reserved(r) => {
                 Ok(tonic::Response::new(pb::ReserveResponse { reservation: Some((&r).into()) }))
             }
@@ -112,8 +101,7 @@ impl pb::allocator_server::Allocator for Api {
     }
 
     async fn unreserve(&self, req: Request<pb::UnreserveRequest>) -> Result<pb::UnreserveResponse> {
-        let port = required_port(req.into_inner().port, "port").map_err(ApiError::from)?;
-        match self.propose(Command::Unreserve { port }).await? {
+        match self.propose_request(&req.into_inner()).await? {
             Response::Unreserved { revision, .. } => {
                 Ok(tonic::Response::new(pb::UnreserveResponse { revision }))
             }

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use portmesh_core::{Command, Response};
+use portmesh_proto::BadRequest;
 use portmesh_proto::v1 as pb;
 use portmesh_raft::{RaftNode, now_ms};
 use tokio::sync::watch;
@@ -104,6 +105,15 @@ impl Api {
         accepted(self.inner.node.propose(cmd).await?)
     }
 
+    /// Converts a request into its command at the boundary (a bad field is refused, nothing
+    /// proposed) and proposes it.
+    pub(crate) async fn propose_request<'r, R>(&self, req: &'r R) -> std::result::Result<Response, ApiError>
+    where
+        Command: TryFrom<&'r R, Error = BadRequest>,
+    {
+        self.propose(Command::try_from(req)?).await
+    }
+
     pub fn allocator(&self) -> pb::allocator_server::AllocatorServer<Self> {
         pb::allocator_server::AllocatorServer::new(self.clone())
     }
@@ -127,7 +137,7 @@ impl Api {
         let sm = self.inner.node.state().read();
         let team = (!team.is_empty()).then_some(team);
         let s = portmesh_core::stats::stats(&sm.state, team, now_ms(), portmesh_probe::ephemeral_range());
-        pb::StatsResponse::from_core(&s, sm.state.revision())
+        (&s, sm.state.revision()).into()
     }
 
     pub fn status(&self) -> pb::StatusResponse {

@@ -3,7 +3,7 @@
 use std::pin::Pin;
 
 use futures::Stream;
-use portmesh_core::{Command, Rejection, Response};
+use portmesh_core::{Rejection, Response};
 use portmesh_proto::v1 as pb;
 use tokio_stream::StreamExt;
 use tonic::{Request, Status, Streaming};
@@ -18,9 +18,9 @@ type KeepAliveStream =
 impl pb::leases_server::Leases for Api {
     async fn grant(&self, req: Request<pb::LeaseGrantRequest>) -> Result<pb::LeaseGrantResponse> {
         let req = req.into_inner();
-        match self.propose(Command::GrantLease { team: team(&req.team), ttl_ms: req.ttl_ms }).await? {
+        match self.propose_request(&req).await? {
             Response::LeaseGranted(l) => {
-                Ok(tonic::Response::new(pb::LeaseGrantResponse { lease: Some(pb::Lease::from_core(&l, [])) }))
+                Ok(tonic::Response::new(pb::LeaseGrantResponse { lease: Some((&l, []).into()) }))
             }
             other => Err(unexpected(other).into()),
         }
@@ -63,7 +63,7 @@ impl pb::leases_server::Leases for Api {
             return Err(ApiError::from(Rejection::UnknownLease { team, id: req.lease_id }).into());
         };
         let ports: Vec<u16> = sm.state.lease_ports(lease.id).collect();
-        let mut out = pb::Lease::from_core(lease, ports.iter().copied());
+        let mut out = pb::Lease::from((lease, ports.iter().copied()));
         if let Some(left) = node.lease_remaining(lease.id) {
             out.remaining_ms = left;
         }
@@ -74,7 +74,7 @@ impl pb::leases_server::Leases for Api {
 
     async fn revoke(&self, req: Request<pb::LeaseRevokeRequest>) -> Result<pb::LeaseRevokeResponse> {
         let req = req.into_inner();
-        match self.propose(Command::RevokeLease { team: team(&req.team), id: req.lease_id }).await? {
+        match self.propose_request(&req).await? {
             Response::LeaseRevoked { released, revision, .. } => {
                 Ok(tonic::Response::new(pb::LeaseRevokeResponse {
                     released: released.iter().map(Into::into).collect(),

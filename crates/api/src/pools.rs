@@ -1,12 +1,11 @@
 //! `portmesh.v1.Pools`: list, add, remove, stats.
 
-use portmesh_core::{Command, Response};
-use portmesh_proto::BadRequest;
+use portmesh_core::Response;
 use portmesh_proto::v1 as pb;
 use portmesh_raft::now_ms;
 use tonic::Request;
 
-use crate::api::{Result, team, unexpected};
+use crate::api::{Result, unexpected};
 use crate::{Api, ApiError};
 
 #[tonic::async_trait]
@@ -20,26 +19,16 @@ impl pb::pools_server::Pools for Api {
             .state
             .pools()
             .filter(|p| req.team.is_empty() || p.team == req.team)
-            .map(|p| pb::Pool::from_core(p, &sm.state.pool_usage(p, now)))
+            .map(|p| (p, &sm.state.pool_usage(p, now)).into())
             .collect();
         Ok(tonic::Response::new(pb::ListPoolsResponse { pools, revision: sm.state.revision() }))
     }
 
     async fn add(&self, req: Request<pb::AddPoolRequest>) -> Result<pb::AddPoolResponse> {
-        let req = req.into_inner();
-        if req.ranges.is_empty() {
-            return Err(ApiError::from(BadRequest("ranges: give at least one range".into())).into());
-        }
-        let ranges = req.ranges.iter().map(TryInto::try_into).collect::<std::result::Result<Vec<_>, _>>();
-        let cmd = Command::AddPool {
-            team: team(&req.team),
-            name: req.name,
-            ranges: ranges.map_err(ApiError::from)?,
-        };
-        match self.propose(cmd).await? {
+        match self.propose_request(&req.into_inner()).await? {
             Response::PoolAdded(p) => {
                 let usage = self.inner.node.state().read().state.pool_usage(&p, now_ms());
-                Ok(tonic::Response::new(pb::AddPoolResponse { pool: Some(pb::Pool::from_core(&p, &usage)) }))
+                Ok(tonic::Response::new(pb::AddPoolResponse { pool: Some((&p, &usage).into()) }))
             }
             other => Err(unexpected(other).into()),
         }
@@ -50,8 +39,7 @@ impl pb::pools_server::Pools for Api {
     }
 
     async fn remove(&self, req: Request<pb::RemovePoolRequest>) -> Result<pb::RemovePoolResponse> {
-        let req = req.into_inner();
-        match self.propose(Command::RemovePool { team: team(&req.team), name: req.name }).await? {
+        match self.propose_request(&req.into_inner()).await? {
             Response::PoolRemoved { revision, .. } => {
                 Ok(tonic::Response::new(pb::RemovePoolResponse { revision }))
             }

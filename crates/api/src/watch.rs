@@ -35,10 +35,29 @@ struct Filter {
 
 impl Filter {
     fn matches(&self, e: &pb::Event) -> bool {
-        let (team, pool, service) = e.scope();
+        let (team, pool, service) = scope(e);
         let ok = |want: &str, have: Option<&str>| want.is_empty() || have == Some(want);
         ok(&self.team, team) && ok(&self.pool, pool) && ok(&self.service, service)
     }
+}
+
+/// The team, pool and service an event belongs to, where it has them.
+fn scope(e: &pb::Event) -> (Option<&str>, Option<&str>, Option<&str>) {
+    if let Some(a) = &e.allocation {
+        return (Some(&a.team), Some(&a.pool), Some(&a.service));
+    }
+    if let Some(c) = &e.conflict {
+        return (Some(&c.team), Some(&c.pool), Some(&c.service));
+    }
+    if let Some(svc) = &e.service {
+        return (Some(&svc.team), None, Some(&svc.name));
+    }
+    if !e.service_name.is_empty() {
+        return (Some(&e.team), None, Some(&e.service_name));
+    }
+    let team = (!e.team.is_empty()).then_some(e.team.as_str());
+    let pool = (!e.pool_name.is_empty()).then_some(e.pool_name.as_str());
+    (team, pool, None)
 }
 
 /// `Err` when events from `from` on are no longer all kept: the oldest kept revision is above

@@ -55,9 +55,9 @@
 use std::time::Duration;
 
 use portmesh_proto::channel::{self, Purpose};
+pub use portmesh_proto::strategy_from_pb;
 pub use portmesh_proto::v1 as pb;
 use portmesh_proto::{ERROR_METADATA, LEADER_METADATA, OLDEST_REVISION_METADATA};
-pub use portmesh_proto::{strategy_from_pb, strategy_to_pb};
 use tonic::transport::Channel;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus};

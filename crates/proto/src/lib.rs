@@ -34,5 +34,6 @@ pub const ERROR_METADATA: &str = "portmesh-error";
 pub const OLDEST_REVISION_METADATA: &str = "portmesh-oldest-revision";
 
 pub use convert::{
-    BadRequest, health_from_pb, health_to_pb, required_port, strategy_from_pb, strategy_to_pb,
+    Allocate, AtHost, BadRequest, MAX_REPORTED_BUSY, MAX_REPORTS, health_from_pb, required_port,
+    strategy_from_pb,
 };

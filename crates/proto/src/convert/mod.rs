@@ -1,0 +1,66 @@
+//! The request boundary: one conversion per wire message, split by area.
+//!
+//! Input is validated here and only here: each request converts with `TryFrom<&pb::XRequest>`
+//! into what the node acts on (usually a [`core::Command`]), applying the defaults of empty
+//! fields on the way (team, pool, check interval); a bad field becomes a [`BadRequest`] that
+//! names it. Where the receiving node supplies a default (its host), the request converts as
+//! [`AtHost`]. Replies convert with `From<&core::X>` (or from a tuple, where the
+//! reply needs more than one value). Enums are read from their wire integer by the `*_from_pb`
+//! functions, since an unknown value is an error; the other way is `From`.
+
+mod alloc;
+mod events;
+mod leases;
+mod pools;
+mod registry;
+mod stats;
+
+use portmesh_core as core;
+
+pub use alloc::{Allocate, MAX_REPORTED_BUSY, strategy_from_pb};
+pub use registry::{MAX_REPORTS, health_from_pb};
+
+/// A message as received by the node on `host`, for the conversions whose defaults come from
+/// the receiving node (an allocation or a registration is for this node's host unless it names
+/// another).
+#[derive(Debug, Clone, Copy)]
+pub struct AtHost<'a, T> {
+    pub msg: &'a T,
+    pub host: &'a str,
+}
+
+/// A request that cannot be turned into a command: which field and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct BadRequest(pub String);
+
+fn opt(s: &str) -> Option<String> {
+    (!s.is_empty()).then(|| s.to_string())
+}
+
+/// The wire form of a holder is a pid (0: none) and a command line.
+fn holder(pid: u32, command: &str) -> Option<core::Holder> {
+    (pid != 0).then(|| core::Holder { pid, command: command.to_string() })
+}
+
+fn pid_of(h: &Option<core::Holder>) -> u32 {
+    h.as_ref().map_or(0, |h| h.pid)
+}
+
+fn command_of(h: &Option<core::Holder>) -> String {
+    h.as_ref().map(|h| h.command.clone()).unwrap_or_default()
+}
+
+/// A port that may be unset (0).
+fn port(p: u32, field: &str) -> Result<Option<u16>, BadRequest> {
+    match p {
+        0 => Ok(None),
+        1024..=65535 => Ok(Some(p as u16)),
+        _ => Err(BadRequest(format!("{field}: port {p} is out of range: ports must lie in 1024-65535"))),
+    }
+}
+
+/// Parses a port that must be set.
+pub fn required_port(p: u32, field: &str) -> Result<u16, BadRequest> {
+    port(p, field)?.ok_or_else(|| BadRequest(format!("{field}: a port is required")))
+}
