@@ -10,6 +10,7 @@ mod cluster;
 mod dashboard;
 mod docker;
 mod embedded;
+mod fixtures;
 mod flask;
 mod leases;
 mod membership;

@@ -1,0 +1,87 @@
+//! Data directories written by earlier releases boot with everything they held: allocations,
+//! sticky keys, leases, reservations and history. Each fixture under `tests/fixtures/` was
+//! written by `tests/fixtures/make-data-dir` with that release's binary (see its README).
+
+use std::path::Path;
+
+use serde_json::Value;
+
+use crate::support::{Home, serve};
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+        }
+    }
+}
+
+/// Boots a copy of fixture `name` and checks what `make-data-dir` put into it.
+fn boots_with_everything_it_held(name: &str) {
+    let h = Home::new();
+    let data = h.path().join("data");
+    copy_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(name), &data);
+    // No --bootstrap: the directory already belongs to a cluster, which it must come back to.
+    let s = serve(&h, &data, &[]);
+    let pm = |args: &[&str]| {
+        let mut all = vec!["--node", s.grpc.as_str()];
+        all.extend_from_slice(args);
+        h.pm(&all).ok()
+    };
+
+    let ls = pm(&["ls", "--json", "--pool", "fixture"]).json();
+    let allocs = ls["allocations"].as_array().unwrap();
+    let by_key = |key: &str| allocs.iter().find(|a| a["key"] == key).unwrap_or_else(|| panic!("{key}: {ls}"));
+    let web = by_key("fixture/web")["port"].as_u64().unwrap();
+    let api: Vec<u64> =
+        ["fixture/api/0", "fixture/api/1"].iter().map(|k| by_key(k)["port"].as_u64().unwrap()).collect();
+    let leased: Vec<&Value> = allocs.iter().filter(|a| a["service"] == "leased").collect();
+    assert_eq!((allocs.len(), leased.len()), (4, 1), "{ls}");
+    assert!(allocs.iter().all(|a| a["service"] != "tmp"), "the released port is still allocated: {ls}");
+    let reservations = ls["reservations"].as_array().unwrap();
+    assert!(reservations.iter().any(|r| r["port"] == 31050 && r["reason"] == "fixture"), "{ls}");
+
+    // The lease outlived the restart (a new leader extends every lease before expiring any).
+    let lease = leased[0]["lease_id"].as_u64().unwrap().to_string();
+    let renewed = pm(&["renew", "--lease", &lease]);
+    assert!(renewed.stdout.contains("renewed"), "{renewed:?}");
+
+    // The history: the allocation and release of tmp, with the pool's other events.
+    let log = pm(&["log", "--json"]);
+    let events: Vec<Value> = log.stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let of = |kind: &str, service: &str| {
+        events.iter().any(|e| e["type"] == kind && e["allocation"]["service"] == service)
+    };
+    assert!(of("allocated", "tmp") && of("released", "tmp") && of("allocated", "web"), "{}", log.stdout);
+
+    // Sticky keys still map to their ports, and the next write gets a revision above every
+    // revision the directory handed out (a revision is a fencing token: never reissued).
+    let before = pm(&["status", "--json"]).json()["revision"].as_u64().unwrap();
+    let newest = allocs.iter().map(|a| a["revision"].as_u64().unwrap()).max().unwrap();
+    assert!(before >= newest);
+    let again = pm(&["alloc", "web", "--pool", "fixture", "--key", "fixture/web", "--json"]).json();
+    assert_eq!(again["allocations"][0]["port"].as_u64(), Some(web), "{again}");
+    let api_again =
+        pm(&["alloc", "api", "--pool", "fixture", "--key", "fixture/api", "--count", "2"]).ports();
+    assert_eq!(api_again.iter().map(|p| u64::from(*p)).collect::<Vec<_>>(), api);
+    let fresh = pm(&["alloc", "fresh", "--pool", "fixture", "--json"]).json();
+    assert!(fresh["revision"].as_u64().unwrap() > before, "{fresh} after revision {before}");
+}
+
+/// Written by portmesh 0.1.0 (data version 1): upgraded in place when opened.
+#[test]
+fn a_data_directory_of_0_1_0_boots() {
+    boots_with_everything_it_held("data-v1-0.1.0");
+}
+
+/// Written by main on 2026-12-03 (data version 2), before the persisted encoding moved from
+/// `portmesh-core` into the store.
+#[test]
+fn a_data_directory_of_data_version_2_boots() {
+    boots_with_everything_it_held("data-v2-2026-12-03");
+}
