@@ -7,6 +7,8 @@
 //! - `render`: pb values as text or JSON; `requests`: requests built from arguments.
 //! - `node`: the client of a node, and the embedded local node; `process`: process control.
 
+#![cfg_attr(not(test), deny(unused_crate_dependencies))]
+
 mod args;
 mod cmd;
 mod node;

@@ -6,6 +6,8 @@
 //! storage, remove the address file. Does not own: what the services do (`portmesh-api`) or
 //! command-line parsing (`portmesh` CLI).
 
+#![cfg_attr(not(test), deny(unused_crate_dependencies))]
+
 mod checker;
 mod home;
 mod http;

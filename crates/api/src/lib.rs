@@ -6,6 +6,8 @@
 //! with a message that says what, where and what to do. Does not own: transport setup, HTTP,
 //! shutdown choreography (that is `portmesh-node`).
 
+#![cfg_attr(not(test), deny(unused_crate_dependencies))]
+
 mod allocator;
 mod api;
 mod cluster;

@@ -18,6 +18,8 @@
 //! loaded portmesh cluster is killed N times and the time to the first acknowledged write after
 //! the kill is reported. Nothing here asserts a speed: it reports.
 
+#![cfg_attr(not(test), deny(unused_crate_dependencies))]
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};

@@ -7,6 +7,8 @@
 //! failures or replicating a change of status (the node's checker does that), nor waiting for a
 //! starting service (`portmesh up` does, through [`run`]).
 
+#![cfg_attr(not(test), deny(unused_crate_dependencies))]
+
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 

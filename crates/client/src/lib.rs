@@ -52,6 +52,8 @@
 //! keep-alive helper ([`Client::keep_lease`]), and turning `tonic::Status` into [`ClientError`]
 //! with the server's message and category.
 
+#![cfg_attr(not(test), deny(unused_crate_dependencies))]
+
 use std::time::Duration;
 
 use portmesh_proto::channel::{self, Purpose};

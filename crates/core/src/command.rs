@@ -9,7 +9,8 @@ use crate::types::{
 
 /// The application payload of one Raft log entry: the commands proposed together (group
 /// commit: concurrent proposals share one entry and one fsync), applied in order, each on its own.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// The store persists it in its own encoding (`portmesh_store::ondisk::LogRequest`).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Request {
     /// Wall-clock milliseconds since the Unix epoch, stamped by the leader when it proposed the
     /// entry. The only clock `apply` ever sees: every replica computes cool-downs from it alike.
@@ -35,10 +36,9 @@ impl ApplyCtx {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// What a log entry asks the state machine to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
-    /// An allocation as portmesh 0.1.0 logged it; applied like [`Command::Allocate`].
-    AllocateV1(crate::legacy::AllocateBatchV1),
     /// Release live allocations of a team.
     Release {
         team: String,
@@ -81,7 +81,6 @@ pub enum Command {
     SetCooldown {
         ms: u64,
     },
-    // Appended, never reordered: log entries are persisted by variant index.
     /// Register (or replace, same team and id) a service. Status, revision and times are set by
     /// `apply`; what the request put there is ignored.
     Register(Box<Service>),

@@ -21,8 +21,9 @@
 //! Business rejections ("pool exhausted", "port reserved") are values ([`Rejection`]) inside the
 //! [`Response`], never errors: in openraft an error from `apply` stops the node.
 
+#![cfg_attr(not(test), deny(unused_crate_dependencies))]
+
 mod command;
-pub mod legacy;
 mod rejection;
 mod rng;
 mod select;

@@ -44,27 +44,16 @@ pub enum Key {
     Service(String, String),
 }
 
-/// One persisted record, owned. A state is exactly the set of its records.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// One record of the state, owned. A state is exactly the set of its records; the store
+/// persists each (in its own encoding, `portmesh_store::ondisk`).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Record {
     Meta(Meta),
     Pool(Pool),
-    /// An allocation as portmesh 0.1.0 wrote it: read, converted, never written.
-    AllocV1(crate::legacy::AllocationV1),
     Reservation(Reservation),
     Lease(Lease),
-    Sticky {
-        team: String,
-        key: String,
-        port: u16,
-    },
-    Cooldown {
-        port: u16,
-        cooldown: Cooldown,
-    },
-    /// An event as portmesh 0.1.0 wrote it: read, converted, never written.
-    EventV1(crate::legacy::EventV1),
-    // Appended, never reordered: records are persisted by variant index.
+    Sticky { team: String, key: String, port: u16 },
+    Cooldown { port: u16, cooldown: Cooldown },
     Service(Box<Service>),
     Alloc(Allocation),
     Event(Event),
@@ -76,13 +65,11 @@ impl Record {
             Record::Meta(_) => Key::Meta,
             Record::Pool(p) => Key::Pool(p.team.clone(), p.name.clone()),
             Record::Alloc(a) => Key::Alloc(a.port),
-            Record::AllocV1(a) => Key::Alloc(a.port),
             Record::Reservation(r) => Key::Reservation(r.port),
             Record::Lease(l) => Key::Lease(l.id),
             Record::Sticky { team, key, .. } => Key::Sticky(team.clone(), key.clone()),
             Record::Cooldown { port, .. } => Key::Cooldown(*port),
             Record::Event(e) => Key::Event(e.revision, e.seq),
-            Record::EventV1(e) => Key::Event(e.revision, e.seq),
             Record::Service(svc) => Key::Service(svc.team.clone(), svc.id.clone()),
         }
     }
@@ -170,11 +157,6 @@ impl State {
         let mut s = Self::empty();
         let mut has_meta = false;
         for r in records {
-            let r = match r {
-                Record::AllocV1(a) => Record::Alloc(a.into()),
-                Record::EventV1(e) => Record::Event(e.into()),
-                other => other,
-            };
             match r {
                 Record::Meta(m) => {
                     s.meta = m;
@@ -207,7 +189,6 @@ impl State {
                 }
                 Record::Event(e) => s.events.push_back(e),
                 Record::Service(svc) => s.insert_service_unmarked(*svc),
-                Record::AllocV1(_) | Record::EventV1(_) => {}
             }
         }
         if !has_meta {
@@ -417,7 +398,6 @@ impl State {
         self.prune_cooldowns(ctx.now_ms);
         let result = match cmd {
             Command::Allocate(batch) => self.allocate(ctx, batch),
-            Command::AllocateV1(batch) => self.allocate(ctx, &batch.clone().into()),
             Command::Release { team, selector } => self.release(ctx, team, selector),
             Command::Reserve { port, reason } => self.reserve(ctx, *port, reason),
             Command::Unreserve { port } => self.unreserve(ctx, *port),

@@ -12,6 +12,8 @@
 //! loopback addresses are probed too. The probe sets `SO_REUSEADDR` like servers do, so
 //! connections lingering in `TIME_WAIT` do not make a port look busy.
 
+#![cfg_attr(not(test), deny(unused_crate_dependencies))]
+
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 

@@ -9,6 +9,8 @@
 //! `<SERVICE>_PORT`), command-line flags. Merging is figment's; which layer gave each value is
 //! kept for `portmesh config show`.
 
+#![cfg_attr(not(test), deny(unused_crate_dependencies))]
+
 mod layers;
 mod model;
 mod stack;

@@ -5,6 +5,8 @@
 //! sees a prost type. Does not own: services, transport setup or error-to-status mapping
 //! (that is `portmesh-api`).
 
+#![cfg_attr(not(test), deny(unused_crate_dependencies))]
+
 #[allow(clippy::all, clippy::pedantic, missing_debug_implementations, rust_2018_idioms)]
 pub mod v1 {
     tonic::include_proto!("portmesh.v1");

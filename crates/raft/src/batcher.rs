@@ -59,7 +59,7 @@ async fn run(raft: Raft<TypeConfig>, mut rx: mpsc::Receiver<(Command, Reply)>) {
         }
         // The leader's clock, stamped once per entry: the only time `apply` sees.
         let req = Request { time_ms: now_ms(), commands: std::mem::take(&mut commands) };
-        match raft.client_write(req).await {
+        match raft.client_write(req.into()).await {
             Ok(resp) => {
                 let mut results = resp.data.into_iter();
                 for reply in replies.drain(..) {

@@ -8,6 +8,8 @@
 //! Peers talk over the internal gRPC service `portmesh.raft.v1.Raft` ([`network`] is the client
 //! side, [`RaftService`] the server side), kept apart from the public API.
 
+#![cfg_attr(not(test), deny(unused_crate_dependencies))]
+
 mod batcher;
 pub mod faults;
 pub mod keeper;

@@ -1,3 +1,4 @@
+#![cfg_attr(not(test), deny(unused_crate_dependencies))]
 // openraft's `StorageError` is large, and its trait signatures require it: boxing it here would
 // only move the cost.
 #![allow(clippy::result_large_err)]
@@ -24,6 +25,7 @@
 mod flusher;
 mod keys;
 mod log_store;
+pub mod ondisk;
 mod sm_store;
 
 use std::io::Cursor;
@@ -37,7 +39,7 @@ pub use sm_store::{SmState, StateMachineStore, StateReader};
 openraft::declare_raft_types!(
     /// The openraft type configuration of portmesh.
     pub TypeConfig:
-        D = portmesh_core::Request,
+        D = ondisk::LogRequest,
         R = Vec<portmesh_core::Response>,
         NodeId = u64,
         Node = openraft::BasicNode,

@@ -10,11 +10,12 @@ use openraft::{
     BasicNode, Entry, EntryPayload, LogId, OptionalSend, RaftSnapshotBuilder, Snapshot, SnapshotMeta,
     StorageError, StorageIOError, StoredMembership,
 };
-use portmesh_core::{ApplyCtx, Record, Response, State};
+use portmesh_core::{ApplyCtx, Response, State};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::log_store::{decode, encode};
+use crate::ondisk::StoredRecord;
 use crate::{Inner, StoreError, TypeConfig, keys};
 
 type SResult<T> = Result<T, StorageError<u64>>;
@@ -53,7 +54,7 @@ impl StateReader {
 #[derive(Debug, Serialize, Deserialize)]
 struct SnapshotPayload {
     data_version: u32,
-    records: Vec<Record>,
+    records: Vec<StoredRecord>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -85,7 +86,11 @@ impl StateMachineStore {
         for kv in inner.sm.iter() {
             let (k, v) = kv.map_err(|source| StoreError::Io { dir: inner.dir.clone(), source })?;
             if keys::is_record(&k) {
-                records.push(decode::<Record>(&v).map_err(|e| corrupt(format!("state record {k:?}: {e}")))?);
+                records.push(
+                    decode::<StoredRecord>(&v)
+                        .map_err(|e| corrupt(format!("state record {k:?}: {e}")))?
+                        .into(),
+                );
             } else if k.as_ref() == keys::APPLIED {
                 last_applied = decode(&v).map_err(|e| corrupt(format!("applied log id: {e}")))?;
             } else if k.as_ref() == keys::MEMBERSHIP {
@@ -116,13 +121,13 @@ impl StateMachineStore {
             }
             sm.state.take_dirty();
             for r in sm.state.records() {
-                batch.insert(keys::encode(&r.key()), encode(&r).map_err(|e| err(&e))?);
+                batch.insert(keys::encode(&r.key()), encode(&StoredRecord::from(r)).map_err(|e| err(&e))?);
             }
         } else {
             for key in sm.state.take_dirty() {
                 let k = keys::encode(&key);
                 match sm.state.record(&key) {
-                    Some(r) => batch.insert(k, encode(&r).map_err(|e| err(&e))?),
+                    Some(r) => batch.insert(k, encode(&StoredRecord::from(r)).map_err(|e| err(&e))?),
                     None => batch.remove(k),
                 }
             }
@@ -136,8 +141,10 @@ impl StateMachineStore {
     fn build(&self) -> SResult<Snapshot<TypeConfig>> {
         let (payload, last_log_id, last_membership) = {
             let sm = self.sm.read().unwrap_or_else(|p| p.into_inner());
-            let payload =
-                SnapshotPayload { data_version: crate::DATA_VERSION, records: sm.state.records().collect() };
+            let payload = SnapshotPayload {
+                data_version: crate::DATA_VERSION,
+                records: sm.state.records().map(Into::into).collect(),
+            };
             (payload, sm.last_applied, sm.membership.clone())
         };
         let data = encode(&payload).map_err(|e| StorageIOError::write_snapshot(None, &e))?;
@@ -192,6 +199,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 let r = match e.payload {
                     EntryPayload::Blank => Vec::new(),
                     EntryPayload::Normal(req) => {
+                        let req = portmesh_core::Request::from(req);
                         let index = e.log_id.index;
                         let mut rs = Vec::with_capacity(req.commands.len());
                         for (seq, cmd) in req.commands.iter().enumerate() {
@@ -244,7 +252,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let index = {
             let mut guard = self.write_lock();
             let sm = &mut *guard;
-            sm.state = State::from_records(payload.records);
+            sm.state = State::from_records(payload.records.into_iter().map(Into::into));
             sm.last_applied = meta.last_log_id;
             sm.membership = meta.last_membership.clone();
             self.persist(sm, true)?;

@@ -42,10 +42,9 @@ fn alloc_entry(index: u64) -> openraft::Entry<TypeConfig> {
     };
     openraft::Entry {
         log_id: openraft::LogId::new(openraft::CommittedLeaderId::new(1, 0), index),
-        payload: openraft::EntryPayload::Normal(Request {
-            time_ms: 1_000 + index,
-            commands: vec![Command::Allocate(batch)],
-        }),
+        payload: openraft::EntryPayload::Normal(
+            Request { time_ms: 1_000 + index, commands: vec![Command::Allocate(batch)] }.into(),
+        ),
     }
 }
 
@@ -109,7 +108,7 @@ fn unknown_data_version_is_refused_naming_the_directory() {
 /// (in their old shapes) load.
 #[tokio::test]
 async fn a_version_1_directory_is_upgraded_and_its_records_load() {
-    use portmesh_core::legacy::AllocationV1;
+    use crate::ondisk::v1::AllocationV1;
     let dir = TempDir::new().unwrap();
     {
         let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
@@ -117,7 +116,7 @@ async fn a_version_1_directory_is_upgraded_and_its_records_load() {
         let sm = &store.inner.sm;
         sm.insert(
             keys::encode(&portmesh_core::Key::Meta),
-            crate::log_store::encode(&portmesh_core::Record::Meta(meta)).unwrap(),
+            crate::log_store::encode(&crate::ondisk::StoredRecord::Meta(meta)).unwrap(),
         )
         .unwrap();
         let old = AllocationV1 {

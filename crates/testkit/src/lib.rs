@@ -10,6 +10,7 @@
 //! arrived (a timeout, a connection cut midway) is *unknown*. It may exist afterwards or not,
 //! but never twice and never half.
 
+#![cfg_attr(not(test), deny(unused_crate_dependencies))]
 #![allow(clippy::unwrap_used)] // test support: a failure here is a failed test
 
 use std::collections::{BTreeMap, BTreeSet};

@@ -1,12 +1,13 @@
-//! The persisted shapes of data version 1 (portmesh 0.1.0), kept so that its data directories
-//! and Raft logs still load. Postcard encodes enum variants by position and struct fields in
-//! order with no names, so a type that gains a field needs a new variant; the old variant keeps
-//! its old payload type, defined here, and is converted on load. Nothing here is ever written.
+//! Data version 1 (portmesh 0.1.0): the shapes that changed since, kept so that its data
+//! directories, Raft logs and snapshots still load. Each converts to the current core type.
+//! Nothing here is ever written.
 
 use serde::{Deserialize, Serialize};
 
-use crate::command::{AllocItem, AllocateBatch, HostProbe, LeaseSpec};
-use crate::types::{Allocation, Conflict, Event, EventKind, Pool, ReleaseCause, Reservation};
+use portmesh_core::{
+    AllocItem, AllocateBatch, Allocation, Conflict, Event, EventKind, HostProbe, LeaseSpec, Pool,
+    ReleaseCause, Reservation,
+};
 
 /// `Allocation` as 0.1.0 wrote it (no holder).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,0 +1,333 @@
+//! The persisted encoding: what the Raft log, the state-machine tree and snapshots hold, per
+//! data version, and its conversion to and from the domain types of `portmesh-core`.
+//!
+//! Postcard encodes an enum variant by its position and a struct's fields in order, with no
+//! names. So the enums here are the format: their variants are appended, never reordered or
+//! removed, and each variant's fields keep their order. The domain types (`core::Command`,
+//! `core::Record`) are free to change; only these mirrors are persisted.
+//!
+//! | data version | written by | what changed |
+//! |---|---|---|
+//! | 1 | 0.1.0 | first format ([`v1`]) |
+//! | 2 | 0.2.0 on | holders on allocations and conflicts, probe owners on allocation batches (new variants `Alloc`, `Event`, `Allocate`), services |
+//!
+//! Where a change goes: when a persisted core type changes shape, copy its old shape into a new
+//! `vN` module (with a `From` into the current type), give the enum here a new variant for the
+//! new shape and point the old variant at the old shape, raise `DATA_VERSION`, and add a fixture
+//! written by the last release (`tests/fixtures/`).
+
+pub mod v1;
+
+use portmesh_core::{
+    self as core, AllocateBatch, Allocation, Cooldown, Event, HealthUpdate, Lease, Meta, Pool, PortRange,
+    ReleaseSelector, Reservation, Service,
+};
+use serde::{Deserialize, Serialize};
+
+/// The application data of one Raft log entry, as persisted and as sent between members
+/// (openraft's `D`): [`core::Request`] in its persisted form.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogRequest {
+    pub time_ms: u64,
+    pub commands: Vec<LogCommand>,
+}
+
+impl From<core::Request> for LogRequest {
+    fn from(r: core::Request) -> Self {
+        LogRequest { time_ms: r.time_ms, commands: r.commands.into_iter().map(Into::into).collect() }
+    }
+}
+
+impl From<LogRequest> for core::Request {
+    fn from(r: LogRequest) -> Self {
+        core::Request { time_ms: r.time_ms, commands: r.commands.into_iter().map(Into::into).collect() }
+    }
+}
+
+/// [`core::Command`] as persisted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LogCommand {
+    /// An allocation as 0.1.0 logged it (no holder, no probe owners).
+    AllocateV1(v1::AllocateBatchV1),
+    Release {
+        team: String,
+        selector: ReleaseSelector,
+    },
+    Reserve {
+        port: u16,
+        reason: String,
+    },
+    Unreserve {
+        port: u16,
+    },
+    AddPool {
+        team: String,
+        name: String,
+        ranges: Vec<PortRange>,
+    },
+    RemovePool {
+        team: String,
+        name: String,
+    },
+    GrantLease {
+        team: String,
+        ttl_ms: u64,
+    },
+    RevokeLease {
+        team: String,
+        id: u64,
+    },
+    CheckpointLeases {
+        remaining: Vec<(u64, u64)>,
+    },
+    ExpireLeases {
+        ids: Vec<u64>,
+    },
+    SetCooldown {
+        ms: u64,
+    },
+    Register(Box<Service>),
+    Deregister {
+        team: String,
+        id: String,
+    },
+    SetHealth {
+        updates: Vec<HealthUpdate>,
+    },
+    Allocate(AllocateBatch),
+}
+
+impl From<core::Command> for LogCommand {
+    fn from(c: core::Command) -> Self {
+        use core::Command as C;
+        match c {
+            C::Allocate(b) => LogCommand::Allocate(b),
+            C::Release { team, selector } => LogCommand::Release { team, selector },
+            C::Reserve { port, reason } => LogCommand::Reserve { port, reason },
+            C::Unreserve { port } => LogCommand::Unreserve { port },
+            C::AddPool { team, name, ranges } => LogCommand::AddPool { team, name, ranges },
+            C::RemovePool { team, name } => LogCommand::RemovePool { team, name },
+            C::GrantLease { team, ttl_ms } => LogCommand::GrantLease { team, ttl_ms },
+            C::RevokeLease { team, id } => LogCommand::RevokeLease { team, id },
+            C::CheckpointLeases { remaining } => LogCommand::CheckpointLeases { remaining },
+            C::ExpireLeases { ids } => LogCommand::ExpireLeases { ids },
+            C::SetCooldown { ms } => LogCommand::SetCooldown { ms },
+            C::Register(s) => LogCommand::Register(s),
+            C::Deregister { team, id } => LogCommand::Deregister { team, id },
+            C::SetHealth { updates } => LogCommand::SetHealth { updates },
+        }
+    }
+}
+
+impl From<LogCommand> for core::Command {
+    fn from(c: LogCommand) -> Self {
+        use core::Command as C;
+        match c {
+            LogCommand::AllocateV1(b) => C::Allocate(b.into()),
+            LogCommand::Allocate(b) => C::Allocate(b),
+            LogCommand::Release { team, selector } => C::Release { team, selector },
+            LogCommand::Reserve { port, reason } => C::Reserve { port, reason },
+            LogCommand::Unreserve { port } => C::Unreserve { port },
+            LogCommand::AddPool { team, name, ranges } => C::AddPool { team, name, ranges },
+            LogCommand::RemovePool { team, name } => C::RemovePool { team, name },
+            LogCommand::GrantLease { team, ttl_ms } => C::GrantLease { team, ttl_ms },
+            LogCommand::RevokeLease { team, id } => C::RevokeLease { team, id },
+            LogCommand::CheckpointLeases { remaining } => C::CheckpointLeases { remaining },
+            LogCommand::ExpireLeases { ids } => C::ExpireLeases { ids },
+            LogCommand::SetCooldown { ms } => C::SetCooldown { ms },
+            LogCommand::Register(s) => C::Register(s),
+            LogCommand::Deregister { team, id } => C::Deregister { team, id },
+            LogCommand::SetHealth { updates } => C::SetHealth { updates },
+        }
+    }
+}
+
+/// [`core::Record`] as persisted in the `sm` tree and in snapshots.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StoredRecord {
+    Meta(Meta),
+    Pool(Pool),
+    /// An allocation as 0.1.0 wrote it.
+    AllocV1(v1::AllocationV1),
+    Reservation(Reservation),
+    Lease(Lease),
+    Sticky {
+        team: String,
+        key: String,
+        port: u16,
+    },
+    Cooldown {
+        port: u16,
+        cooldown: Cooldown,
+    },
+    /// An event as 0.1.0 wrote it.
+    EventV1(v1::EventV1),
+    Service(Box<Service>),
+    Alloc(Allocation),
+    Event(Event),
+}
+
+impl From<core::Record> for StoredRecord {
+    fn from(r: core::Record) -> Self {
+        use core::Record as R;
+        match r {
+            R::Meta(m) => StoredRecord::Meta(m),
+            R::Pool(p) => StoredRecord::Pool(p),
+            R::Reservation(r) => StoredRecord::Reservation(r),
+            R::Lease(l) => StoredRecord::Lease(l),
+            R::Sticky { team, key, port } => StoredRecord::Sticky { team, key, port },
+            R::Cooldown { port, cooldown } => StoredRecord::Cooldown { port, cooldown },
+            R::Service(s) => StoredRecord::Service(s),
+            R::Alloc(a) => StoredRecord::Alloc(a),
+            R::Event(e) => StoredRecord::Event(e),
+        }
+    }
+}
+
+impl From<StoredRecord> for core::Record {
+    fn from(r: StoredRecord) -> Self {
+        use core::Record as R;
+        match r {
+            StoredRecord::Meta(m) => R::Meta(m),
+            StoredRecord::Pool(p) => R::Pool(p),
+            StoredRecord::AllocV1(a) => R::Alloc(a.into()),
+            StoredRecord::Reservation(r) => R::Reservation(r),
+            StoredRecord::Lease(l) => R::Lease(l),
+            StoredRecord::Sticky { team, key, port } => R::Sticky { team, key, port },
+            StoredRecord::Cooldown { port, cooldown } => R::Cooldown { port, cooldown },
+            StoredRecord::EventV1(e) => R::Event(e.into()),
+            StoredRecord::Service(s) => R::Service(s),
+            StoredRecord::Alloc(a) => R::Alloc(a),
+            StoredRecord::Event(e) => R::Event(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use portmesh_core::{
+        AllocItem, ApplyCtx, EventKind, Holder, HostProbe, Key, LeaseSpec, Record, Response, State, Strategy,
+    };
+
+    use super::v1::{AllocateBatchV1, AllocationV1, ConflictV1, EventKindV1, EventV1, HostProbeV1};
+    use super::*;
+
+    fn alloc_v1() -> AllocationV1 {
+        AllocationV1 {
+            port: 8000,
+            team: "default".into(),
+            pool: "web".into(),
+            service: "api".into(),
+            instance: None,
+            env: Some("dev".into()),
+            host: "h1".into(),
+            key: Some("k".into()),
+            lease_id: None,
+            created_ms: 5,
+            revision: 3,
+        }
+    }
+
+    /// Records and log entries of a 0.1.0 data directory (postcard bytes of the old shapes, as
+    /// 0.1.0's enums numbered them) load, and come out with no holder.
+    #[test]
+    fn data_written_by_0_1_0_still_loads() {
+        // 0.1.0's record enum: variant 2 was an allocation, variant 7 an event.
+        let mut bytes = vec![2u8];
+        bytes.extend(postcard::to_allocvec(&alloc_v1()).unwrap());
+        let rec: Record = postcard::from_bytes::<StoredRecord>(&bytes).unwrap().into();
+        let Record::Alloc(a) = &rec else { panic!("{rec:?}") };
+        assert_eq!((a.port, a.key.as_deref(), a.revision, a.holder.clone()), (8000, Some("k"), 3, None));
+        let ev = EventV1 {
+            revision: 3,
+            seq: 1,
+            at_ms: 5,
+            kind: EventKindV1::Conflict(ConflictV1 {
+                port: 8001,
+                team: "default".into(),
+                pool: "web".into(),
+                service: "api".into(),
+                host: "h1".into(),
+            }),
+        };
+        let mut bytes = vec![7u8];
+        bytes.extend(postcard::to_allocvec(&ev).unwrap());
+        let rec: Record = postcard::from_bytes::<StoredRecord>(&bytes).unwrap().into();
+        assert_eq!(rec.key(), Key::Event(3, 1));
+        let st = State::from_records([Record::Meta(State::new().meta().clone()), rec]);
+        let e = st.events_since(0).next().unwrap();
+        assert!(matches!(&e.kind, EventKind::Conflict(c) if c.port == 8001 && c.holder.is_none()), "{e:?}");
+
+        // A 0.1.0 log entry: command variant 0 with the old batch.
+        let batch = AllocateBatchV1 {
+            team: "default".into(),
+            host: "h1".into(),
+            lease: LeaseSpec::None,
+            items: vec![AllocItem {
+                pool: Some("web".into()),
+                service: "api".into(),
+                instance: None,
+                env: None,
+                key: None,
+                port: None,
+                strategy: Strategy::Sticky,
+            }],
+            probe: Some(HostProbeV1 { checked: vec![8000], busy: vec![] }),
+        };
+        let mut bytes = vec![0u8];
+        bytes.extend(postcard::to_allocvec(&batch).unwrap());
+        let cmd: core::Command = postcard::from_bytes::<LogCommand>(&bytes).unwrap().into();
+        let mut st = State::new();
+        st.apply(
+            ApplyCtx { now_ms: 1, index: 1, seq: 0 },
+            &core::Command::AddPool {
+                team: "default".into(),
+                name: "web".into(),
+                ranges: vec![PortRange::new(8000, 8009).unwrap()],
+            },
+        );
+        let Response::Allocated { grants, .. } = st.apply(ApplyCtx { now_ms: 2, index: 2, seq: 0 }, &cmd)
+        else {
+            panic!("{cmd:?} was not applied as an allocation")
+        };
+        assert_eq!((grants[0].allocation.port, &grants[0].allocation.holder), (8000, &None));
+    }
+
+    /// The variant positions are the format: today's records and commands keep theirs, and
+    /// every current shape round-trips.
+    #[test]
+    fn variant_positions_are_pinned() {
+        let alloc: Allocation = alloc_v1().into();
+        let holder = Some(Holder { pid: 7, command: "make".into() });
+        let alloc = Allocation { holder: holder.clone(), ..alloc };
+        for (rec, position) in [
+            (Record::Meta(State::new().meta().clone()), 0u8),
+            (Record::Sticky { team: "t".into(), key: "k".into(), port: 8000 }, 5),
+            (Record::Alloc(alloc.clone()), 9),
+        ] {
+            let bytes = postcard::to_allocvec(&StoredRecord::from(rec.clone())).unwrap();
+            assert_eq!(bytes[0], position, "{rec:?}");
+            assert_eq!(core::Record::from(postcard::from_bytes::<StoredRecord>(&bytes).unwrap()), rec);
+        }
+        let batch = AllocateBatch {
+            team: "t".into(),
+            host: "h".into(),
+            lease: LeaseSpec::New { ttl_ms: 5_000 },
+            items: Vec::new(),
+            probe: Some(HostProbe { checked: vec![8000], busy: vec![], owners: Vec::new() }),
+            holder,
+        };
+        for (cmd, position) in [
+            (core::Command::Release { team: "t".into(), selector: ReleaseSelector::Key("k".into()) }, 1u8),
+            (core::Command::SetCooldown { ms: 5 }, 10),
+            (core::Command::Deregister { team: "t".into(), id: "x".into() }, 12),
+            (core::Command::Allocate(batch), 14),
+        ] {
+            let req = core::Request { time_ms: 9, commands: vec![cmd.clone()] };
+            let bytes = postcard::to_allocvec(&LogRequest::from(req.clone())).unwrap();
+            // time_ms (one varint byte), the command count, then the variant.
+            assert_eq!(bytes[2], position, "{cmd:?}");
+            assert_eq!(core::Request::from(postcard::from_bytes::<LogRequest>(&bytes).unwrap()), req);
+        }
+    }
+}
