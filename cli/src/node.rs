@@ -4,7 +4,7 @@
 pub mod local;
 
 use anyhow::{Result, anyhow};
-use portmesh_client::Client;
+use portmesh_client::{Client, pb};
 
 use crate::args::Cli;
 
@@ -20,7 +20,7 @@ pub async fn connect(cli: &Cli) -> Result<Client> {
 /// Revokes `lease`, which releases its ports and registrations. A lease that is already gone
 /// (it ran out, or someone revoked it) has nothing left to release: that is no error.
 pub async fn end_lease(c: &Client, team: &str, lease: u64) -> Result<()> {
-    match c.revoke_lease(team, lease).await {
+    match c.revoke_lease(pb::LeaseRevokeRequest { team: team.into(), lease_id: lease }).await {
         Ok(_) => Ok(()),
         Err(e) if e.kind() == Some("not_found") => Ok(()),
         Err(e) => Err(anyhow!(e).context(format!("could not release lease {lease}"))),

@@ -197,11 +197,14 @@ async fn report(api: &Api, cluster: &mut Option<Client>, updates: Vec<HealthUpda
             output: u.output,
         })
         .collect();
-    let outcome = match tokio::time::timeout(REPORT_TIMEOUT, client.report_health(reports)).await {
-        Ok(Ok(())) => return Ok(()),
-        Ok(Err(e)) => e.to_string(),
-        Err(_) => format!("no answer within {REPORT_TIMEOUT:?}"),
-    };
+    let outcome =
+        match tokio::time::timeout(REPORT_TIMEOUT, client.report_health(pb::ReportHealthRequest { reports }))
+            .await
+        {
+            Ok(Ok(_)) => return Ok(()),
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => format!("no answer within {REPORT_TIMEOUT:?}"),
+        };
     // The client stays with the leader it followed; if that one is gone, start again from this
     // node, which knows the new one.
     *cluster = None;

@@ -146,8 +146,20 @@ async fn sixty_four_concurrent_clients_never_share_a_port() {
 async fn keep_alive_stream_renews_many_leases_and_reports_lost_ones() {
     let dir = tempfile::tempdir().unwrap();
     let (_node, client) = node_in(dir.path(), |_| {}).await;
-    let a = client.grant_lease("default", Duration::from_secs(10)).await.unwrap();
-    let b = client.grant_lease("default", Duration::from_secs(20)).await.unwrap();
+    let a = client
+        .grant_lease(pb::LeaseGrantRequest {
+            team: "default".into(),
+            ttl_ms: Duration::from_secs(10).as_millis() as u64,
+        })
+        .await
+        .unwrap();
+    let b = client
+        .grant_lease(pb::LeaseGrantRequest {
+            team: "default".into(),
+            ttl_ms: Duration::from_secs(20).as_millis() as u64,
+        })
+        .await
+        .unwrap();
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", client.addr()))
         .unwrap()
         .connect()
@@ -162,7 +174,13 @@ async fn keep_alive_stream_renews_many_leases_and_reports_lost_ones() {
         got.push((r.lease_id, r.ttl_ms));
     }
     assert_eq!(got, [(a.id, 10_000), (b.id, 20_000), (999, 0), (a.id, 0)]);
-    assert_eq!(client.keep_alive_once("default", a.id).await.unwrap(), Some(Duration::from_secs(10)));
+    assert_eq!(
+        client
+            .keep_alive_once(pb::LeaseKeepAliveRequest { team: "default".into(), lease_id: a.id })
+            .await
+            .unwrap(),
+        Some(Duration::from_secs(10))
+    );
 }
 
 /// SPEC §3 invariant 5: expiry releases everything attached, exactly once, with events.
@@ -213,7 +231,13 @@ async fn lease_countdowns_resume_from_the_checkpoint_after_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let fast = |c: &mut NodeConfig| c.raft.lease_checkpoint = Duration::from_millis(200);
     let (node, client) = node_in(dir.path(), fast).await;
-    let lease = client.grant_lease("default", Duration::from_secs(60)).await.unwrap();
+    let lease = client
+        .grant_lease(pb::LeaseGrantRequest {
+            team: "default".into(),
+            ttl_ms: Duration::from_secs(60).as_millis() as u64,
+        })
+        .await
+        .unwrap();
     applied_until(&node, "a checkpoint below the TTL", Duration::from_secs(10), |s| {
         s.lease(lease.id).is_some_and(|l| l.remaining_ms < 59_500)
     })
@@ -530,8 +554,18 @@ async fn losing_the_leader_under_load_keeps_every_invariant() {
 
 /// Replaces pool `default` by one that holds every allocation of a scenario.
 async fn big_pool(client: &Client) {
-    client.remove_pool("default", "default").await.unwrap();
-    client.add_pool("default", "default", vec![pb::PortRange { start: 20000, end: 24999 }]).await.unwrap();
+    client
+        .remove_pool(pb::RemovePoolRequest { team: "default".into(), name: "default".into() })
+        .await
+        .unwrap();
+    client
+        .add_pool(pb::AddPoolRequest {
+            team: "default".into(),
+            name: "default".into(),
+            ranges: vec![pb::PortRange { start: 20000, end: 24999 }],
+        })
+        .await
+        .unwrap();
 }
 
 /// A leader cut off from both followers under load: the majority elects another and carries on;
@@ -657,7 +691,13 @@ async fn a_kept_lease_survives_three_leader_changes_and_countdowns_resume_from_c
         })
         .await
         .unwrap();
-    let abandoned = client.grant_lease("default", Duration::from_secs(60)).await.unwrap();
+    let abandoned = client
+        .grant_lease(pb::LeaseGrantRequest {
+            team: "default".into(),
+            ttl_ms: Duration::from_secs(60).as_millis() as u64,
+        })
+        .await
+        .unwrap();
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     let renewer = {
         let client = client.clone();
@@ -665,7 +705,10 @@ async fn a_kept_lease_survives_three_leader_changes_and_countdowns_resume_from_c
         tokio::spawn(async move {
             let mut lost = 0;
             loop {
-                match client.keep_alive_once("default", id).await {
+                match client
+                    .keep_alive_once(pb::LeaseKeepAliveRequest { team: "default".into(), lease_id: id })
+                    .await
+                {
                     Ok(Some(_)) => {}
                     Ok(None) => lost += 1,
                     Err(e) => eprintln!("renewal failed (retrying): {e}"),
@@ -718,9 +761,18 @@ async fn a_lease_abandoned_before_a_failover_expires_within_the_documented_bound
     let election_max = Duration::from_millis(800);
     let ttl = Duration::from_secs(3);
     let client = c.client().await;
-    let lease = client.grant_lease("default", ttl).await.unwrap();
+    let lease = client
+        .grant_lease(pb::LeaseGrantRequest { team: "default".into(), ttl_ms: ttl.as_millis() as u64 })
+        .await
+        .unwrap();
     // The last renewal: from here on nobody renews it.
-    assert!(client.keep_alive_once("default", lease.id).await.unwrap().is_some());
+    assert!(
+        client
+            .keep_alive_once(pb::LeaseKeepAliveRequest { team: "default".into(), lease_id: lease.id })
+            .await
+            .unwrap()
+            .is_some()
+    );
     let renewed = tokio::time::Instant::now();
     // Fail over once a checkpoint recorded the lease, i.e. just before the next one.
     let leader = c.leader_index();
@@ -766,7 +818,16 @@ async fn an_expiry_storm_of_ten_thousand_leases_goes_in_bounded_batches_while_al
         grants.push(tokio::spawn(async move {
             let mut ids = Vec::new();
             for _ in 0..LEASES / 50 {
-                ids.push(client.grant_lease("default", Duration::from_secs(2)).await.unwrap().id);
+                ids.push(
+                    client
+                        .grant_lease(pb::LeaseGrantRequest {
+                            team: "default".into(),
+                            ttl_ms: Duration::from_secs(2).as_millis() as u64,
+                        })
+                        .await
+                        .unwrap()
+                        .id,
+                );
             }
             ids
         }));
@@ -875,7 +936,7 @@ async fn members_leave_voters_are_replaced_and_the_last_voter_stays() {
     // A follower voter leaves: the learner takes its place.
     let leader = c.leader_index();
     let f = (0..3).find(|i| *i != leader).unwrap();
-    let left = client.leave(ids[f]).await.unwrap();
+    let left = client.leave(pb::LeaveRequest { node_id: ids[f] }).await.unwrap();
     assert_eq!(left.len(), 3, "{left:?}");
     assert!(left.iter().all(|m| m.id != ids[f] && m.role != "learner"), "{left:?}");
     let second: BTreeSet<u64> = ids.iter().copied().filter(|i| *i != ids[f]).collect();
@@ -892,7 +953,7 @@ async fn members_leave_voters_are_replaced_and_the_last_voter_stays() {
     // The leader removes itself: the other two carry on with a leader of their own.
     let leader = c.leader_index();
     let old = c.id(leader);
-    client.leave(old).await.unwrap();
+    client.leave(pb::LeaveRequest { node_id: old }).await.unwrap();
     let third: BTreeSet<u64> = second.iter().copied().filter(|i| *i != old).collect();
     wait_membership(&c, &third, &[old]).await;
     c.stop(leader).await;
@@ -901,13 +962,13 @@ async fn members_leave_voters_are_replaced_and_the_last_voter_stays() {
     // Down to one voter, which cannot be removed.
     let leader = c.leader_index();
     let other = third.iter().copied().find(|i| *i != c.id(leader)).unwrap();
-    client.leave(other).await.unwrap();
+    client.leave(pb::LeaveRequest { node_id: other }).await.unwrap();
     let last = c.id(leader);
     wait_membership(&c, &BTreeSet::from([last]), &[other]).await;
-    let err = client.leave(last).await.unwrap_err();
+    let err = client.leave(pb::LeaveRequest { node_id: last }).await.unwrap_err();
     assert_eq!(err.kind(), Some("failed_precondition"), "{err}");
     assert!(err.to_string().contains(&format!("node {last} is the last voter")), "{err}");
-    let err = client.leave(12_345).await.unwrap_err();
+    let err = client.leave(pb::LeaveRequest { node_id: 12_345 }).await.unwrap_err();
     assert_eq!(err.kind(), Some("not_found"), "{err}");
     assert!(
         err.to_string().contains("12345 is not a member") && err.to_string().contains(&last.to_string()),
@@ -991,7 +1052,14 @@ async fn ports_are_probed_on_the_host_they_are_for() {
     // A small pool whose first port is held by a process on this machine (all three "hosts").
     let held = std::net::TcpListener::bind("0.0.0.0:23100").ok();
     assert!(!portmesh_probe::is_free(23100).unwrap(), "port 23100 is held ({held:?})");
-    client.add_pool("default", "probe", vec![pb::PortRange { start: 23100, end: 23109 }]).await.unwrap();
+    client
+        .add_pool(pb::AddPoolRequest {
+            team: "default".into(),
+            name: "probe".into(),
+            ranges: vec![pb::PortRange { start: 23100, end: 23109 }],
+        })
+        .await
+        .unwrap();
     let want = |host: &str| pb::AllocateRequest {
         items: vec![pb::AllocItem {
             service: format!("for-{host}"),
@@ -1126,42 +1194,59 @@ async fn every_event_kind_reaches_a_watcher_in_order_across_a_leader_change() {
         |service: &str| pb::AllocateRequest { items: vec![item(service, "default")], ..Default::default() };
     let a = client.allocate(one("a")).await.unwrap().allocations[0].port;
     client.release(pb::ReleaseRequest { ports: vec![a], ..Default::default() }).await.unwrap();
-    client.reserve(22_222, "watch test").await.unwrap();
-    client.unreserve(22_222).await.unwrap();
-    client.add_pool("default", "extra", vec![pb::PortRange { start: 23_200, end: 23_209 }]).await.unwrap();
-    client.remove_pool("default", "extra").await.unwrap();
-    let lease = client.grant_lease("default", Duration::from_secs(60)).await.unwrap();
+    client.reserve(pb::ReserveRequest { port: 22_222, reason: "watch test".into() }).await.unwrap();
+    client.unreserve(pb::UnreserveRequest { port: 22_222 }).await.unwrap();
+    client
+        .add_pool(pb::AddPoolRequest {
+            team: "default".into(),
+            name: "extra".into(),
+            ranges: vec![pb::PortRange { start: 23_200, end: 23_209 }],
+        })
+        .await
+        .unwrap();
+    client.remove_pool(pb::RemovePoolRequest { team: "default".into(), name: "extra".into() }).await.unwrap();
+    let lease = client
+        .grant_lease(pb::LeaseGrantRequest {
+            team: "default".into(),
+            ttl_ms: Duration::from_secs(60).as_millis() as u64,
+        })
+        .await
+        .unwrap();
     let mut req = one("leased");
     req.lease_id = lease.id;
     client.allocate(req).await.unwrap();
-    client.revoke_lease("default", lease.id).await.unwrap();
+    client.revoke_lease(pb::LeaseRevokeRequest { team: "default".into(), lease_id: lease.id }).await.unwrap();
     let mut req = one("expiring");
     req.ttl_ms = 1_000;
     let expiring = client.allocate(req).await.unwrap();
     // A registration on the 1 s lease, and one with a health check on a real listener.
     client
-        .register(pb::Service {
-            name: "leased-svc".into(),
-            ports: vec![pb::ServicePort { port: expiring.allocations[0].port, ..Default::default() }],
-            lease_id: expiring.lease_id,
-            ..Default::default()
+        .register(pb::RegisterRequest {
+            service: Some(pb::Service {
+                name: "leased-svc".into(),
+                ports: vec![pb::ServicePort { port: expiring.allocations[0].port, ..Default::default() }],
+                lease_id: expiring.lease_id,
+                ..Default::default()
+            }),
         })
         .await
         .unwrap();
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let checked = client
-        .register(pb::Service {
-            name: "checked".into(),
-            ports: vec![pb::ServicePort {
-                port: u32::from(listener.local_addr().unwrap().port()),
-                ..Default::default()
-            }],
-            check: Some(pb::HealthCheck {
-                r#type: pb::CheckType::CheckTcp as i32,
-                interval_ms: 100,
+        .register(pb::RegisterRequest {
+            service: Some(pb::Service {
+                name: "checked".into(),
+                ports: vec![pb::ServicePort {
+                    port: u32::from(listener.local_addr().unwrap().port()),
+                    ..Default::default()
+                }],
+                check: Some(pb::HealthCheck {
+                    r#type: pb::CheckType::CheckTcp as i32,
+                    interval_ms: 100,
+                    ..Default::default()
+                }),
                 ..Default::default()
             }),
-            ..Default::default()
         })
         .await
         .unwrap();
@@ -1178,7 +1263,10 @@ async fn every_event_kind_reaches_a_watcher_in_order_across_a_leader_change() {
     // Health reports reach the new leader.
     drop(listener);
     wait_health(&client, &checked.id, pb::HealthStatus::Critical).await;
-    client.deregister("default", &checked.id).await.unwrap();
+    client
+        .deregister(pb::DeregisterRequest { team: "default".into(), id: checked.id.to_string() })
+        .await
+        .unwrap();
     // The 1 s lease expires under the new leader.
     // The revision to wait for is read from the node that applied the expiry (another node's
     // status may still lag behind it).
@@ -1383,7 +1471,10 @@ async fn time_to_live_and_a_kept_lease_that_is_lost() {
     let leader = c.leader_index();
     let follower = Client::connect(&c.addrs[(leader + 1) % 3]).await.unwrap();
     let ttl = Duration::from_millis(1_500);
-    let lease = follower.grant_lease("default", ttl).await.unwrap();
+    let lease = follower
+        .grant_lease(pb::LeaseGrantRequest { team: "default".into(), ttl_ms: ttl.as_millis() as u64 })
+        .await
+        .unwrap();
     let mut req = pb::AllocateRequest {
         items: vec![item("kept", "default"), item("kept2", "default")],
         ..Default::default()
@@ -1396,12 +1487,15 @@ async fn time_to_live_and_a_kept_lease_that_is_lost() {
         lease_id: lease.id,
         ..Default::default()
     };
-    let registered = follower.register(svc).await.unwrap();
+    let registered = follower.register(pb::RegisterRequest { service: Some(svc) }).await.unwrap();
     let kept = follower.keep_lease("default", lease.id, ttl);
     // Four TTLs pass: the renewals keep it (waiting out time is what this checks).
     let until = tokio::time::Instant::now() + ttl * 4;
     while tokio::time::Instant::now() < until {
-        let t = follower.time_to_live("default", lease.id).await.unwrap();
+        let t = follower
+            .time_to_live(pb::LeaseTimeToLiveRequest { team: "default".into(), lease_id: lease.id })
+            .await
+            .unwrap();
         let l = t.lease.unwrap();
         assert!(l.remaining_ms <= 1_500 && l.remaining_ms > 0, "{l:?}");
         let mut ports: Vec<u32> = t.allocations.iter().map(|a| a.port).collect();
@@ -1414,12 +1508,21 @@ async fn time_to_live_and_a_kept_lease_that_is_lost() {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     let mut kept = kept;
-    follower.revoke_lease("default", lease.id).await.unwrap();
+    follower
+        .revoke_lease(pb::LeaseRevokeRequest { team: "default".into(), lease_id: lease.id })
+        .await
+        .unwrap();
     let lost = tokio::time::timeout(Duration::from_secs(5), kept.lost()).await.unwrap();
     assert_eq!(lost, portmesh_client::LeaseLost::Gone { id: lease.id });
-    let err = follower.time_to_live("default", lease.id).await.unwrap_err();
+    let err = follower
+        .time_to_live(pb::LeaseTimeToLiveRequest { team: "default".into(), lease_id: lease.id })
+        .await
+        .unwrap_err();
     assert_eq!(err.kind(), Some("not_found"), "{err}");
-    let err = follower.time_to_live("other-team", 1).await.unwrap_err();
+    let err = follower
+        .time_to_live(pb::LeaseTimeToLiveRequest { team: "other-team".into(), lease_id: 1 })
+        .await
+        .unwrap_err();
     assert_eq!(err.kind(), Some("not_found"), "{err}");
 }
 
@@ -1430,7 +1533,10 @@ async fn a_kept_lease_survives_leader_changes_through_the_client_helper() {
     let mut c = Cluster::start_with(3, |cfg| cfg.raft.lease_checkpoint = Duration::from_millis(500)).await;
     let client = c.client().await;
     let ttl = Duration::from_secs(3);
-    let lease = client.grant_lease("default", ttl).await.unwrap();
+    let lease = client
+        .grant_lease(pb::LeaseGrantRequest { team: "default".into(), ttl_ms: ttl.as_millis() as u64 })
+        .await
+        .unwrap();
     let mut req = pb::AllocateRequest { items: vec![item("held", "default")], ..Default::default() };
     req.lease_id = lease.id;
     let port = client.allocate(req).await.unwrap().allocations[0].port;
@@ -1446,7 +1552,10 @@ async fn a_kept_lease_survives_leader_changes_through_the_client_helper() {
             assert!(kept.lost_now().is_none(), "round {round}: {:?}", kept.lost_now());
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        let t = client.time_to_live("default", lease.id).await.unwrap();
+        let t = client
+            .time_to_live(pb::LeaseTimeToLiveRequest { team: "default".into(), lease_id: lease.id })
+            .await
+            .unwrap();
         assert_eq!(t.allocations.iter().map(|a| a.port).collect::<Vec<_>>(), vec![port], "round {round}");
         c.restart(old).await;
     }
@@ -1466,10 +1575,12 @@ async fn bad_registry_requests_are_refused_and_change_nothing() {
         .unwrap();
     let mut raw = pb::registry_client::RegistryClient::new(ch);
     let svc = client
-        .register(pb::Service {
-            name: "api".into(),
-            ports: vec![pb::ServicePort { port: 18001, ..Default::default() }],
-            ..Default::default()
+        .register(pb::RegisterRequest {
+            service: Some(pb::Service {
+                name: "api".into(),
+                ports: vec![pb::ServicePort { port: 18001, ..Default::default() }],
+                ..Default::default()
+            }),
         })
         .await
         .unwrap();

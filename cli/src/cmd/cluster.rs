@@ -1,7 +1,7 @@
 //! The node and its cluster: `status`, `stop`, `join`, `leave`.
 
 use anyhow::{Context, Result, bail};
-use portmesh_client::Client;
+use portmesh_client::{Client, pb};
 use serde_json::json;
 
 use crate::args::Cli;
@@ -144,7 +144,7 @@ pub async fn leave(cli: &Cli, id: Option<u64>) -> Result<()> {
     let c = node::connect(cli).await?;
     let status = c.status().await?;
     if let Some(id) = id {
-        let left = c.leave(id).await?;
+        let left = c.leave(pb::LeaveRequest { node_id: id }).await?;
         println!("removed node {id} from cluster {}; {} members left", status.cluster_id, left.len());
         return Ok(());
     }
@@ -155,7 +155,7 @@ pub async fn leave(cli: &Cli, id: Option<u64>) -> Result<()> {
             status.cluster_id
         );
     }
-    let left = c.leave(status.node_id).await?;
+    let left = c.leave(pb::LeaveRequest { node_id: status.node_id }).await?;
     if cli.node.is_some() {
         // A node elsewhere: stop it; its data stays where it is.
         Client::connect(&status.addr).await?.shutdown().await?;

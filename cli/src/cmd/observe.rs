@@ -11,7 +11,7 @@ use crate::node;
 use crate::render::{human_ms, ranges_text};
 
 pub async fn stats(c: &Client, team: &str, json: bool) -> Result<()> {
-    let s = c.stats(team).await?;
+    let s = c.stats(pb::StatsRequest { team: team.into() }).await?;
     if json {
         let pools: Vec<_> = s
             .pools

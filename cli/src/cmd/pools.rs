@@ -42,7 +42,13 @@ pub async fn pools(c: &Client, team: &str, p: &PoolsCommand, json: bool) -> Resu
         PoolsCommand::Add { name, range } => {
             let ranges = portmesh_core::PortRange::parse_list(range)
                 .with_context(|| format!("pool {name:?}: bad range {range:?}"))?;
-            let p = c.add_pool(team, name, ranges.into_iter().map(Into::into).collect()).await?;
+            let p = c
+                .add_pool(pb::AddPoolRequest {
+                    team: team.into(),
+                    name: name.into(),
+                    ranges: ranges.into_iter().map(Into::into).collect(),
+                })
+                .await?;
             print_or_json(
                 json,
                 &format!("added pool {} ({}) to team {}", p.name, ranges_text(&p.ranges), p.team),
@@ -52,7 +58,7 @@ pub async fn pools(c: &Client, team: &str, p: &PoolsCommand, json: bool) -> Resu
             Ok(())
         }
         PoolsCommand::Rm { name } => {
-            c.remove_pool(team, name).await?;
+            c.remove_pool(pb::RemovePoolRequest { team: team.into(), name: name.into() }).await?;
             print_or_json(
                 json,
                 &format!("removed pool {name} from team {team}"),

@@ -65,7 +65,7 @@ fn parent_pid() -> u32 {
 
 pub async fn release(c: &Client, team: &str, r: &ReleaseArgs, json: bool) -> Result<()> {
     let released = if let Some(id) = r.lease {
-        c.revoke_lease(team, id).await?.released
+        c.revoke_lease(pb::LeaseRevokeRequest { team: team.into(), lease_id: id }).await?.released
     } else {
         let req = pb::ReleaseRequest {
             team: team.to_string(),
@@ -149,7 +149,7 @@ pub fn check(ports: &[u16], json: bool) -> Result<ExitCode> {
 }
 
 pub async fn renew(c: &Client, team: &str, lease: u64, json: bool) -> Result<()> {
-    match c.keep_alive_once(team, lease).await? {
+    match c.keep_alive_once(pb::LeaseKeepAliveRequest { team: team.into(), lease_id: lease }).await? {
         Some(ttl) => {
             print_or_json(
                 json,
@@ -163,7 +163,7 @@ pub async fn renew(c: &Client, team: &str, lease: u64, json: bool) -> Result<()>
 }
 
 pub async fn reserve(c: &Client, port: u16, reason: &str, json: bool) -> Result<()> {
-    let r = c.reserve(port, reason).await?;
+    let r = c.reserve(pb::ReserveRequest { port: port.into(), reason: reason.into() }).await?;
     print_or_json(
         json,
         &format!("reserved {}", r.port),
@@ -173,7 +173,7 @@ pub async fn reserve(c: &Client, port: u16, reason: &str, json: bool) -> Result<
 }
 
 pub async fn unreserve(c: &Client, port: u16, json: bool) -> Result<()> {
-    let r = c.unreserve(port).await?;
+    let r = c.unreserve(pb::UnreserveRequest { port: port.into() }).await?;
     print_or_json(json, &format!("unreserved {port}"), || json!({"port": port, "revision": r.revision}));
     Ok(())
 }

@@ -37,7 +37,7 @@ pub async fn register(c: &Client, team: &str, a: &RegisterArgs, json: bool) -> R
         lease_id: a.lease.unwrap_or(0),
         ..Default::default()
     };
-    let s = c.register(svc).await?;
+    let s = c.register(pb::RegisterRequest { service: Some(svc) }).await?;
     if json {
         println!("{}", service_json(&s));
     } else {
@@ -47,7 +47,7 @@ pub async fn register(c: &Client, team: &str, a: &RegisterArgs, json: bool) -> R
 }
 
 pub async fn deregister(c: &Client, team: &str, id: &str, json: bool) -> Result<()> {
-    let s = c.deregister(team, id).await?;
+    let s = c.deregister(pb::DeregisterRequest { team: team.into(), id: id.into() }).await?;
     if json {
         println!("{}", service_json(&s));
     } else {

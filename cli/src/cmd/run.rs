@@ -120,7 +120,7 @@ async fn supervise_one(
     };
     // The registration goes out while the command starts: a short command does not wait for it
     // (but its lease is revoked only once the registration has landed or failed).
-    let registering = c.register(registration);
+    let registering = c.register(pb::RegisterRequest { service: Some(registration) });
     tokio::pin!(registering);
     let mut registered = false;
     let mut lease_ok = true;

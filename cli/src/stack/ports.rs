@@ -63,7 +63,9 @@ pub async fn allocate(c: &Client, stack: &Stack, kill_existing: bool) -> Result<
             return Ok((r.lease_id, ports));
         }
         // Some keys are still live under another holder: give back what this attempt took.
-        let _ = c.revoke_lease(&stack.team, r.lease_id).await;
+        let _ = c
+            .revoke_lease(pb::LeaseRevokeRequest { team: stack.team.to_string(), lease_id: r.lease_id })
+            .await;
         let list: Vec<String> = held
             .iter()
             .map(|al| match al.lease_id {
@@ -91,7 +93,10 @@ pub async fn allocate(c: &Client, stack: &Stack, kill_existing: bool) -> Result<
                     })
                     .await
                     .map(drop),
-                l => c.revoke_lease(&stack.team, l).await.map(drop),
+                l => c
+                    .revoke_lease(pb::LeaseRevokeRequest { team: stack.team.to_string(), lease_id: l })
+                    .await
+                    .map(drop),
             };
         }
     }

@@ -181,7 +181,7 @@ async fn register(
         command: command.to_string(),
         ..Default::default()
     };
-    c.register(registration).await.context("could not register it")?;
+    c.register(pb::RegisterRequest { service: Some(registration) }).await.context("could not register it")?;
     Ok(())
 }
 

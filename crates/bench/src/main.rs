@@ -247,7 +247,12 @@ async fn start_portmesh(bin: &Path, nodes: usize) -> Result<Deployment> {
         addrs.push(addr);
     }
     let c = Client::connect(&addrs[0]).await?;
-    c.add_pool("default", "bench", vec![pb::PortRange { start: 20000, end: 29999 }]).await?;
+    c.add_pool(pb::AddPoolRequest {
+        team: "default".into(),
+        name: "bench".into(),
+        ranges: vec![pb::PortRange { start: 20000, end: 29999 }],
+    })
+    .await?;
     let s = c.status().await?;
     let leader_addr =
         s.members.iter().find(|m| m.id == s.leader_id).map(|m| m.addr.clone()).unwrap_or_default();
@@ -439,7 +444,15 @@ async fn portmesh_keepalive(addr: &str, deadline: Instant) -> Result<Vec<Duratio
     let client = Client::connect(addr).await?;
     let mut ids = Vec::new();
     for _ in 0..KEEPALIVE_LEASES {
-        ids.push(client.grant_lease("default", Duration::from_secs(600)).await?.id as i64);
+        ids.push(
+            client
+                .grant_lease(pb::LeaseGrantRequest {
+                    team: "default".into(),
+                    ttl_ms: Duration::from_secs(600).as_millis() as u64,
+                })
+                .await?
+                .id as i64,
+        );
     }
     let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?.connect().await?;
     let (tx, rx) = tokio::sync::mpsc::channel(KEEPALIVE_WINDOW);
@@ -474,7 +487,15 @@ async fn portmesh_client_loop(
     }
     let client = Client::connect(addr).await?;
     let held = match work {
-        Workload::Reused => client.grant_lease("default", Duration::from_secs(600)).await?.id,
+        Workload::Reused => {
+            client
+                .grant_lease(pb::LeaseGrantRequest {
+                    team: "default".into(),
+                    ttl_ms: Duration::from_secs(600).as_millis() as u64,
+                })
+                .await?
+                .id
+        }
         _ => 0,
     };
     let mut lat = Vec::new();
@@ -495,7 +516,9 @@ async fn portmesh_client_loop(
             .await?;
         lat.push(t0.elapsed());
         if held == 0 {
-            client.revoke_lease("default", r.lease_id).await?;
+            client
+                .revoke_lease(pb::LeaseRevokeRequest { team: "default".into(), lease_id: r.lease_id })
+                .await?;
         } else {
             let req = pb::ReleaseRequest { key: format!("bench/{c}"), ..Default::default() };
             client.release(req).await?;

@@ -76,7 +76,8 @@ fn fmt_mb(v: &[f64]) -> String {
 async fn add_scale_pools(c: &Client) -> Result<Vec<(String, usize)>> {
     let ranges = [(1024, 7999), (9000, 9999), (14000, 19999), (30000, 65535)];
     let pb_ranges = ranges.iter().map(|(s, e)| pb::PortRange { start: *s, end: *e }).collect();
-    c.add_pool("default", "scale", pb_ranges).await?;
+    c.add_pool(pb::AddPoolRequest { team: "default".into(), name: "scale".into(), ranges: pb_ranges })
+        .await?;
     let size = |s: u32, e: u32| (e - s + 1) as usize;
     let scale = ranges.iter().map(|(s, e)| size(*s, *e)).sum();
     Ok(vec![
@@ -294,7 +295,12 @@ pub async fn soak(bin: &std::path::Path, nodes: usize, n: usize, ttl: Duration, 
         fan_out(n, move |c, _| {
             let (ids, clients) = (ids.clone(), clients.clone());
             async move {
-                let l = clients[c].grant_lease("default", ttl).await?;
+                let l = clients[c]
+                    .grant_lease(pb::LeaseGrantRequest {
+                        team: "default".into(),
+                        ttl_ms: ttl.as_millis() as u64,
+                    })
+                    .await?;
                 ids.lock().unwrap_or_else(|p| p.into_inner()).push(l.id);
                 Ok(())
             }
@@ -323,7 +329,8 @@ pub async fn soak(bin: &std::path::Path, nodes: usize, n: usize, ttl: Duration, 
     // Let the last events arrive; the leases themselves run out one TTL after their last renewal.
     tokio::time::sleep(Duration::from_secs(2)).await;
     watcher.abort();
-    let still = c.time_to_live("default", first).await.is_ok();
+    let still =
+        c.time_to_live(pb::LeaseTimeToLiveRequest { team: "default".into(), lease_id: first }).await.is_ok();
     println!(
         "soak: {} renewals over {secs:.0} s ({:.0}/s); {} answered gone; {} LEASE_EXPIRED events while \
          every lease was kept ({} at the end); peak RSS per member {} MB",
@@ -413,9 +420,9 @@ async fn portmesh_fanout(d: &Deployment, watchers: usize, dur: Duration) -> Resu
     while start.elapsed() < dur {
         let t0 = Instant::now();
         let rev = if writes.is_multiple_of(2) {
-            client.reserve(port, "fan-out").await?.revision
+            client.reserve(pb::ReserveRequest { port: port.into(), reason: "fan-out".into() }).await?.revision
         } else {
-            client.unreserve(port).await?.revision
+            client.unreserve(pb::UnreserveRequest { port: port.into() }).await?.revision
         };
         sent.lock().unwrap_or_else(|p| p.into_inner()).insert(rev as i64, (t0, Instant::now()));
         writes += 1;

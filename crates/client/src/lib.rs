@@ -30,95 +30,64 @@
 //! // Renew the lease every 10 s while the ports are in use; `keeper.lost()` says if it ends.
 //! let keeper = client.keep_lease("default", stack.lease_id, Duration::from_secs(30));
 //! // Say what runs there, on the same lease: the registration goes when the lease does.
-//! client
-//!     .register(pb::Service {
-//!         name: "api".into(),
-//!         ports: vec![pb::ServicePort { name: "http".into(), port: api, protocol: "http".into() }],
-//!         lease_id: stack.lease_id,
-//!         ..Default::default()
-//!     })
-//!     .await?;
+//! let service = pb::Service {
+//!     name: "api".into(),
+//!     ports: vec![pb::ServicePort { name: "http".into(), port: api, protocol: "http".into() }],
+//!     lease_id: stack.lease_id,
+//!     ..Default::default()
+//! };
+//! client.register(pb::RegisterRequest { service: Some(service) }).await?;
 //! let found = client.discover(pb::DiscoverRequest { name: "api".into(), ..Default::default() }).await?;
 //! assert_eq!(found.services[0].ports[0].port, api);
 //! // Done: stop renewing and revoke; the ports and the registration are given back at once.
 //! drop(keeper);
-//! client.revoke_lease("default", stack.lease_id).await?;
+//! client.revoke_lease(pb::LeaseRevokeRequest { team: "default".into(), lease_id: stack.lease_id }).await?;
 //! assert!(client.discover(pb::DiscoverRequest::default()).await?.services.is_empty());
 //! # Ok(()) }
 //! ```
 //!
 //! Owns: connecting (with a bounded timeout and an error that names the address and what was
-//! tried), following the leader and moving past unreachable nodes, one method per RPC, the
+//! tried), following the leader and moving past unreachable nodes, one method per RPC (each
+//! takes its request message and returns its reply, or the one message a reply carries), the
 //! keep-alive helper ([`Client::keep_lease`]), and turning `tonic::Status` into [`ClientError`]
 //! with the server's message and category.
 
 #![cfg_attr(not(test), deny(unused_crate_dependencies))]
 
+mod error;
+mod follow;
+mod lease;
+
 use std::time::Duration;
 
-use portmesh_proto::channel::{self, Purpose};
+pub use portmesh_proto::channel::CONNECT_TIMEOUT;
 pub use portmesh_proto::strategy_from_pb;
 pub use portmesh_proto::v1 as pb;
-use portmesh_proto::{ERROR_METADATA, LEADER_METADATA, OLDEST_REVISION_METADATA};
 use tonic::transport::Channel;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus};
 
-pub use portmesh_proto::channel::CONNECT_TIMEOUT;
-
-/// Errors talking to a node.
-#[derive(Debug, thiserror::Error)]
-pub enum ClientError {
-    #[error(
-        "cannot reach a portmesh node at {addr} (tried a gRPC connection, timeout {timeout:?}): {reason}"
-    )]
-    Unreachable { addr: String, timeout: Duration, reason: String },
-    #[error("{message}")]
-    Status {
-        code: tonic::Code,
-        message: String,
-        /// The server's stable error category (`portmesh-error` metadata), if any.
-        kind: Option<String>,
-        /// On a `compacted` watch error: the oldest revision the node still has.
-        oldest_revision: Option<u64>,
-    },
-    #[error("invalid node address {addr:?}: {reason}")]
-    BadAddress { addr: String, reason: String },
-}
-
-impl ClientError {
-    /// On a `compacted` watch error: the oldest revision still available.
-    pub fn oldest_revision(&self) -> Option<u64> {
-        match self {
-            ClientError::Status { oldest_revision, .. } => *oldest_revision,
-            _ => None,
-        }
-    }
-
-    /// The server's error category, e.g. `exhausted` or `not_found`.
-    pub fn kind(&self) -> Option<&str> {
-        match self {
-            ClientError::Status { kind, .. } => kind.as_deref(),
-            _ => None,
-        }
-    }
-}
-
-impl From<tonic::Status> for ClientError {
-    fn from(s: tonic::Status) -> Self {
-        let kind = s.metadata().get(ERROR_METADATA).and_then(|v| v.to_str().ok()).map(str::to_string);
-        let message =
-            if s.message().is_empty() { format!("{:?}", s.code()) } else { s.message().to_string() };
-        let oldest_revision = s
-            .metadata()
-            .get(OLDEST_REVISION_METADATA)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse().ok());
-        ClientError::Status { code: s.code(), message, kind, oldest_revision }
-    }
-}
+pub use error::ClientError;
+use error::missing;
+pub use follow::CALL_TIMEOUT;
+use follow::{Retry, open};
+pub use lease::{LeaseKeeper, LeaseLost};
 
 type Result<T> = std::result::Result<T, ClientError>;
+
+/// One unary RPC through [`Client::call`] (leader following, retries as `retry` allows):
+/// `rpc!(self, Retry::Safe, pools_client::PoolsClient, list, req)` calls `PoolsClient::list`.
+macro_rules! rpc {
+    ($client:ident, $retry:expr, $module:ident :: $stub:ident, $method:ident, $req:expr) => {{
+        let req = $req;
+        $client
+            .call($retry, |ch| {
+                let req = req.clone();
+                async move { pb::$module::$stub::new(ch).$method(req).await }
+            })
+            .await
+    }};
+}
 
 /// A connection to a cluster. Cheap to clone (clones share the connection).
 ///
@@ -133,95 +102,8 @@ pub struct Client {
     endpoints: std::sync::Arc<Vec<String>>,
 }
 
-/// Why a kept lease was lost.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum LeaseLost {
-    #[error("lease {id} no longer exists (it expired or was revoked): its ports are gone")]
-    Gone { id: u64 },
-    #[error(
-        "lease {id} was not renewed for a whole TTL ({ttl:?}): no node answered ({last_error}); assume it expired"
-    )]
-    Unrenewed { id: u64, ttl: Duration, last_error: String },
-}
-
-/// Renews a lease in the background (see [`Client::keep_lease`]). Dropping it stops renewing.
-#[derive(Debug)]
-pub struct LeaseKeeper {
-    id: u64,
-    lost: tokio::sync::watch::Receiver<Option<LeaseLost>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl LeaseKeeper {
-    /// Waits until the lease is lost.
-    pub async fn lost(&mut self) -> LeaseLost {
-        loop {
-            if let Some(l) = self.lost.borrow_and_update().clone() {
-                return l;
-            }
-            if self.lost.changed().await.is_err() {
-                // The renewing task ended without a report (it cannot, short of a panic).
-                return LeaseLost::Gone { id: self.id };
-            }
-        }
-    }
-
-    /// The loss, if the lease was lost already.
-    pub fn lost_now(&self) -> Option<LeaseLost> {
-        self.lost.borrow().clone()
-    }
-}
-
-impl Drop for LeaseKeeper {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
 /// How often [`Client::allocate_here`] asks again after finding granted ports busy here.
 pub const HERE_ROUNDS: usize = 3;
-
-/// How long one attempt of a call may wait for the node's answer (the node itself gives up on a
-/// write after its write timeout, 5 s by default, so an answer normally comes first).
-pub const CALL_TIMEOUT: Duration = Duration::from_secs(12);
-
-/// How long a call keeps following the leader or moving past dead endpoints: longer than an
-/// election takes.
-const FOLLOW_BUDGET: Duration = Duration::from_secs(10);
-/// Pause before asking again while a cluster has no reachable leader.
-const PAUSE: Duration = Duration::from_millis(100);
-
-async fn open(addr: &str) -> Result<Channel> {
-    let endpoint = channel::endpoint(addr, Purpose::Client)
-        .map_err(|e| ClientError::BadAddress { addr: e.addr, reason: e.reason })?;
-    endpoint.connect().await.map_err(|e| ClientError::Unreachable {
-        addr: addr.to_string(),
-        timeout: CONNECT_TIMEOUT,
-        reason: error_chain(&e),
-    })
-}
-
-/// Whether a failed call never reached a node: no connection could be made, so nothing was
-/// sent and repeating it elsewhere is safe.
-fn never_sent(status: &tonic::Status) -> bool {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(status);
-    while let Some(e) = source {
-        if let Some(io) = e.downcast_ref::<std::io::Error>()
-            && io.kind() == std::io::ErrorKind::ConnectionRefused
-        {
-            return true;
-        }
-        source = e.source();
-    }
-    false
-}
-
-/// Whether a call may be repeated on another node after a transport failure.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Retry {
-    Safe,
-    OnlyOnRedirect,
-}
 
 impl Client {
     /// Connects to the node at `addr` (`host:port` or a URL).
@@ -258,106 +140,11 @@ impl Client {
         self.conn.lock().unwrap_or_else(|p| p.into_inner()).1.clone()
     }
 
-    async fn switch_to(&self, addr: &str) -> Result<()> {
-        let channel = open(addr).await?;
-        *self.conn.lock().unwrap_or_else(|p| p.into_inner()) = (addr.to_string(), channel);
-        Ok(())
-    }
-
-    /// Runs one RPC, following the leader and (when `retry` allows) moving past dead endpoints,
-    /// for at most [`FOLLOW_BUDGET`] — long enough to ride out an election.
-    async fn call<T, F, Fut>(&self, retry: Retry, f: F) -> Result<T>
-    where
-        F: Fn(Channel) -> Fut,
-        Fut: std::future::Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
-    {
-        let deadline = tokio::time::Instant::now() + FOLLOW_BUDGET;
-        let mut hop = 0usize;
-        loop {
-            let status = match tokio::time::timeout(CALL_TIMEOUT, f(self.channel())).await {
-                Ok(Ok(r)) => return Ok(r.into_inner()),
-                Ok(Err(s)) => s,
-                // No answer at all: the node or the path to it is gone. Like a connection cut
-                // off midway, the outcome of a write is unknown.
-                Err(_) => tonic::Status::cancelled(format!(
-                    "no answer from the node at {} within {CALL_TIMEOUT:?}",
-                    self.addr()
-                )),
-            };
-            let leader =
-                status.metadata().get(LEADER_METADATA).and_then(|v| v.to_str().ok()).map(str::to_string);
-            let category =
-                status.metadata().get(ERROR_METADATA).and_then(|v| v.to_str().ok()).map(str::to_string);
-            // Without a portmesh category, the error came from the connection, not the node: a
-            // refused connect is UNAVAILABLE, a request cut off midway UNKNOWN or CANCELLED.
-            let transport = category.is_none()
-                && matches!(
-                    status.code(),
-                    tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
-                );
-            let unsent = transport && never_sent(&status);
-            let err = ClientError::from(status);
-            if tokio::time::Instant::now() >= deadline {
-                return Err(err);
-            }
-            hop += 1;
-            match (leader, category.as_deref()) {
-                (Some(leader), _) if leader != self.addr() => {
-                    // The named leader may itself be gone (the others have not noticed yet):
-                    // pause, and ask another node.
-                    if self.switch_to(&leader).await.is_err() {
-                        tokio::time::sleep(PAUSE).await;
-                        self.next_endpoint(hop).await;
-                    }
-                }
-                // No leader known yet (an election): give it a moment, then ask again.
-                (_, Some("not_leader")) => {
-                    tokio::time::sleep(PAUSE).await;
-                    self.next_endpoint(hop).await;
-                }
-                // No quorum answered this node in time: it may be cut off. Later calls go
-                // elsewhere; this one is repeated only if that is safe (its outcome is unknown).
-                (_, Some("timeout")) if self.endpoints.len() > 1 => {
-                    self.next_endpoint(hop).await;
-                    if retry != Retry::Safe {
-                        return Err(err);
-                    }
-                }
-                _ if transport && self.endpoints.len() > 1 => {
-                    // The node is gone: later calls go elsewhere. This call is repeated only if
-                    // that is safe (idempotent, or it never left this process); otherwise its
-                    // outcome is unknown and the caller must know.
-                    self.next_endpoint(hop).await;
-                    if retry != Retry::Safe && !unsent {
-                        return Err(err);
-                    }
-                }
-                _ => return Err(err),
-            }
-        }
-    }
-
-    /// Moves to another endpoint (best effort; stays put when none answers).
-    async fn next_endpoint(&self, hop: usize) {
-        let n = self.endpoints.len();
-        let current = self.addr();
-        for i in 0..n {
-            let a = &self.endpoints[(hop + 1 + i) % n];
-            if *a != current && self.switch_to(a).await.is_ok() {
-                return;
-            }
-        }
-    }
-
     pub async fn allocate(&self, req: pb::AllocateRequest) -> Result<pb::AllocateResponse> {
         // Keyed allocations are idempotent (the same key returns the same live allocation).
         let retry =
             if req.items.iter().all(|i| !i.key.is_empty()) { Retry::Safe } else { Retry::OnlyOnRedirect };
-        self.call(retry, |ch| {
-            let req = req.clone();
-            async move { pb::allocator_client::AllocatorClient::new(ch).allocate(req).await }
-        })
-        .await
+        rpc!(self, retry, allocator_client::AllocatorClient, allocate, req)
     }
 
     /// Allocates ports for this host: names it in the request, so the member node running here
@@ -396,103 +183,54 @@ impl Client {
     }
 
     pub async fn release(&self, req: pb::ReleaseRequest) -> Result<pb::ReleaseResponse> {
-        self.call(Retry::OnlyOnRedirect, |ch| {
-            let req = req.clone();
-            async move { pb::allocator_client::AllocatorClient::new(ch).release(req).await }
-        })
-        .await
+        rpc!(self, Retry::OnlyOnRedirect, allocator_client::AllocatorClient, release, req)
     }
 
-    pub async fn reserve(&self, port: u16, reason: &str) -> Result<pb::Reservation> {
-        let req = pb::ReserveRequest { port: port.into(), reason: reason.to_string() };
-        let r = self
-            .call(Retry::OnlyOnRedirect, |ch| {
-                let req = req.clone();
-                async move { pb::allocator_client::AllocatorClient::new(ch).reserve(req).await }
-            })
-            .await?;
+    /// Keeps a port out of automatic selection.
+    pub async fn reserve(&self, req: pb::ReserveRequest) -> Result<pb::Reservation> {
+        let r = rpc!(self, Retry::OnlyOnRedirect, allocator_client::AllocatorClient, reserve, req)?;
         r.reservation.ok_or_else(|| missing("reservation"))
     }
 
-    pub async fn unreserve(&self, port: u16) -> Result<pb::UnreserveResponse> {
-        let req = pb::UnreserveRequest { port: port.into() };
-        self.call(Retry::OnlyOnRedirect, |ch| async move {
-            pb::allocator_client::AllocatorClient::new(ch).unreserve(req).await
-        })
-        .await
+    pub async fn unreserve(&self, req: pb::UnreserveRequest) -> Result<pb::UnreserveResponse> {
+        rpc!(self, Retry::OnlyOnRedirect, allocator_client::AllocatorClient, unreserve, req)
     }
 
     pub async fn list(&self, req: pb::ListRequest) -> Result<pb::ListResponse> {
-        self.call(Retry::Safe, |ch| {
-            let req = req.clone();
-            async move { pb::allocator_client::AllocatorClient::new(ch).list(req).await }
-        })
-        .await
+        rpc!(self, Retry::Safe, allocator_client::AllocatorClient, list, req)
     }
 
     /// Pools of a team (every team when `req.team` is empty), linearizable unless `req.stale`.
     pub async fn list_pools(&self, req: pb::ListPoolsRequest) -> Result<pb::ListPoolsResponse> {
-        self.call(Retry::Safe, |ch| {
-            let req = req.clone();
-            async move { pb::pools_client::PoolsClient::new(ch).list(req).await }
-        })
-        .await
+        rpc!(self, Retry::Safe, pools_client::PoolsClient, list, req)
     }
 
-    /// Usage statistics and recommendations of `team` ("" = every team), as the node answering
-    /// sees them.
-    pub async fn stats(&self, team: &str) -> Result<pb::StatsResponse> {
-        let req = pb::StatsRequest { team: team.to_string() };
-        self.call(Retry::Safe, |ch| {
-            let req = req.clone();
-            async move { pb::pools_client::PoolsClient::new(ch).stats(req).await }
-        })
-        .await
+    /// Usage statistics and recommendations of `req.team` ("" = every team), as the node
+    /// answering sees them.
+    pub async fn stats(&self, req: pb::StatsRequest) -> Result<pb::StatsResponse> {
+        rpc!(self, Retry::Safe, pools_client::PoolsClient, stats, req)
     }
 
-    pub async fn add_pool(&self, team: &str, name: &str, ranges: Vec<pb::PortRange>) -> Result<pb::Pool> {
-        let req = pb::AddPoolRequest { team: team.to_string(), name: name.to_string(), ranges };
-        let r = self
-            .call(Retry::OnlyOnRedirect, |ch| {
-                let req = req.clone();
-                async move { pb::pools_client::PoolsClient::new(ch).add(req).await }
-            })
-            .await?;
+    pub async fn add_pool(&self, req: pb::AddPoolRequest) -> Result<pb::Pool> {
+        let r = rpc!(self, Retry::OnlyOnRedirect, pools_client::PoolsClient, add, req)?;
         r.pool.ok_or_else(|| missing("pool"))
     }
 
-    pub async fn remove_pool(&self, team: &str, name: &str) -> Result<pb::RemovePoolResponse> {
-        let req = pb::RemovePoolRequest { team: team.to_string(), name: name.to_string() };
-        self.call(Retry::OnlyOnRedirect, |ch| {
-            let req = req.clone();
-            async move { pb::pools_client::PoolsClient::new(ch).remove(req).await }
-        })
-        .await
+    pub async fn remove_pool(&self, req: pb::RemovePoolRequest) -> Result<pb::RemovePoolResponse> {
+        rpc!(self, Retry::OnlyOnRedirect, pools_client::PoolsClient, remove, req)
     }
 
-    pub async fn grant_lease(&self, team: &str, ttl: Duration) -> Result<pb::Lease> {
-        let req = pb::LeaseGrantRequest { team: team.to_string(), ttl_ms: ttl.as_millis() as u64 };
-        let r = self
-            .call(Retry::OnlyOnRedirect, |ch| {
-                let req = req.clone();
-                async move { pb::leases_client::LeasesClient::new(ch).grant(req).await }
-            })
-            .await?;
+    pub async fn grant_lease(&self, req: pb::LeaseGrantRequest) -> Result<pb::Lease> {
+        let r = rpc!(self, Retry::OnlyOnRedirect, leases_client::LeasesClient, grant, req)?;
         r.lease.ok_or_else(|| missing("lease"))
     }
 
-    pub async fn revoke_lease(&self, team: &str, id: u64) -> Result<pb::LeaseRevokeResponse> {
-        let req = pb::LeaseRevokeRequest { team: team.to_string(), lease_id: id };
-        self.call(Retry::OnlyOnRedirect, |ch| {
-            let req = req.clone();
-            async move { pb::leases_client::LeasesClient::new(ch).revoke(req).await }
-        })
-        .await
+    pub async fn revoke_lease(&self, req: pb::LeaseRevokeRequest) -> Result<pb::LeaseRevokeResponse> {
+        rpc!(self, Retry::OnlyOnRedirect, leases_client::LeasesClient, revoke, req)
     }
 
     /// Renews a lease once. Returns the new TTL; `None` when the lease no longer exists.
-    pub async fn keep_alive_once(&self, team: &str, id: u64) -> Result<Option<Duration>> {
-        let req = pb::LeaseKeepAliveRequest { team: team.to_string(), lease_id: id };
+    pub async fn keep_alive_once(&self, req: pb::LeaseKeepAliveRequest) -> Result<Option<Duration>> {
         let first = self
             .call(Retry::Safe, |ch| {
                 let req = req.clone();
@@ -514,55 +252,8 @@ impl Client {
     }
 
     /// The lease as the leader counts it, with what is attached.
-    pub async fn time_to_live(&self, team: &str, id: u64) -> Result<pb::LeaseTimeToLiveResponse> {
-        let req = pb::LeaseTimeToLiveRequest { team: team.to_string(), lease_id: id };
-        self.call(Retry::Safe, |ch| {
-            let req = req.clone();
-            async move { pb::leases_client::LeasesClient::new(ch).time_to_live(req).await }
-        })
-        .await
-    }
-
-    /// Keeps a lease alive in the background: renews it every `ttl / 3` until the returned
-    /// handle is dropped, and reports through the handle when the lease is lost (gone, or not
-    /// renewed for a whole TTL because no node answered).
-    ///
-    /// ```no_run
-    /// # async fn demo(client: portmesh_client::Client) -> Result<(), portmesh_client::ClientError> {
-    /// use std::time::Duration;
-    /// let lease = client.grant_lease("default", Duration::from_secs(30)).await?;
-    /// let mut kept = client.keep_lease("default", lease.id, Duration::from_secs(30));
-    /// // ... run the work that needs the ports ...
-    /// if let Some(lost) = kept.lost_now() {
-    ///     eprintln!("lost the lease: {lost}");
-    /// }
-    /// # Ok(()) }
-    /// ```
-    pub fn keep_lease(&self, team: &str, id: u64, ttl: Duration) -> LeaseKeeper {
-        let (tx, rx) = tokio::sync::watch::channel(None);
-        let client = self.clone();
-        let team = team.to_string();
-        let every = (ttl / 3).max(Duration::from_millis(100));
-        let task = tokio::spawn(async move {
-            let mut renewed = tokio::time::Instant::now();
-            loop {
-                tokio::time::sleep(every).await;
-                match client.keep_alive_once(&team, id).await {
-                    Ok(Some(_)) => renewed = tokio::time::Instant::now(),
-                    Ok(None) => {
-                        tx.send_replace(Some(LeaseLost::Gone { id }));
-                        return;
-                    }
-                    Err(e) if renewed.elapsed() >= ttl => {
-                        tx.send_replace(Some(LeaseLost::Unrenewed { id, ttl, last_error: e.to_string() }));
-                        return;
-                    }
-                    // A failed renewal with time left: try again at the next turn.
-                    Err(_) => {}
-                }
-            }
-        });
-        LeaseKeeper { id, lost: rx, task }
+    pub async fn time_to_live(&self, req: pb::LeaseTimeToLiveRequest) -> Result<pb::LeaseTimeToLiveResponse> {
+        rpc!(self, Retry::Safe, leases_client::LeasesClient, time_to_live, req)
     }
 
     /// Registers a service (or replaces the registration with the same id); see
@@ -572,55 +263,36 @@ impl Client {
     /// # async fn demo() -> Result<(), portmesh_client::ClientError> {
     /// use portmesh_client::{Client, pb};
     /// let client = Client::connect("127.0.0.1:7400").await?;
-    /// let api = client
-    ///     .register(pb::Service {
-    ///         name: "api".into(),
-    ///         project: "shop".into(),
-    ///         ports: vec![pb::ServicePort { name: "http".into(), port: 8001, protocol: "http".into() }],
-    ///         check: Some(pb::HealthCheck {
-    ///             r#type: pb::CheckType::CheckHttp as i32,
-    ///             path: "/health".into(),
-    ///             interval_ms: 1_000,
-    ///             ..Default::default()
-    ///         }),
+    /// let service = pb::Service {
+    ///     name: "api".into(),
+    ///     project: "shop".into(),
+    ///     ports: vec![pb::ServicePort { name: "http".into(), port: 8001, protocol: "http".into() }],
+    ///     check: Some(pb::HealthCheck {
+    ///         r#type: pb::CheckType::CheckHttp as i32,
+    ///         path: "/health".into(),
+    ///         interval_ms: 1_000,
     ///         ..Default::default()
-    ///     })
-    ///     .await?;
+    ///     }),
+    ///     ..Default::default()
+    /// };
+    /// let api = client.register(pb::RegisterRequest { service: Some(service) }).await?;
     /// println!("registered {}", api.id);
     /// # Ok(()) }
     /// ```
-    pub async fn register(&self, service: pb::Service) -> Result<pb::Service> {
-        let req = pb::RegisterRequest { service: Some(service) };
-        let r = self
-            .call(Retry::Safe, |ch| {
-                let req = req.clone();
-                async move { pb::registry_client::RegistryClient::new(ch).register(req).await }
-            })
-            .await?;
+    pub async fn register(&self, req: pb::RegisterRequest) -> Result<pb::Service> {
+        let r = rpc!(self, Retry::Safe, registry_client::RegistryClient, register, req)?;
         r.service.ok_or_else(|| missing("service"))
     }
 
     /// Reports health changes of services (what a node's checker found); the leader applies
     /// them. Setting a status is idempotent, so the call is repeated wherever that is needed.
-    pub async fn report_health(&self, reports: Vec<pb::HealthReport>) -> Result<()> {
-        let req = pb::ReportHealthRequest { reports };
-        self.call(Retry::Safe, |ch| {
-            let req = req.clone();
-            async move { pb::registry_client::RegistryClient::new(ch).report_health(req).await }
-        })
-        .await
-        .map(drop)
+    pub async fn report_health(&self, req: pb::ReportHealthRequest) -> Result<pb::ReportHealthResponse> {
+        rpc!(self, Retry::Safe, registry_client::RegistryClient, report_health, req)
     }
 
     /// Removes a registration; returns what was removed.
-    pub async fn deregister(&self, team: &str, id: &str) -> Result<pb::Service> {
-        let req = pb::DeregisterRequest { team: team.to_string(), id: id.to_string() };
-        let r = self
-            .call(Retry::OnlyOnRedirect, |ch| {
-                let req = req.clone();
-                async move { pb::registry_client::RegistryClient::new(ch).deregister(req).await }
-            })
-            .await?;
+    pub async fn deregister(&self, req: pb::DeregisterRequest) -> Result<pb::Service> {
+        let r = rpc!(self, Retry::OnlyOnRedirect, registry_client::RegistryClient, deregister, req)?;
         r.service.ok_or_else(|| missing("service"))
     }
 
@@ -637,11 +309,7 @@ impl Client {
     /// # Ok(()) }
     /// ```
     pub async fn discover(&self, req: pb::DiscoverRequest) -> Result<pb::DiscoverResponse> {
-        self.call(Retry::Safe, |ch| {
-            let req = req.clone();
-            async move { pb::registry_client::RegistryClient::new(ch).discover(req).await }
-        })
-        .await
+        rpc!(self, Retry::Safe, registry_client::RegistryClient, discover, req)
     }
 
     pub async fn status(&self) -> Result<pb::StatusResponse> {
@@ -649,24 +317,17 @@ impl Client {
         Ok(pb::cluster_client::ClusterClient::new(channel).status(pb::StatusRequest {}).await?.into_inner())
     }
 
-    /// Removes member `node_id` from the cluster (sent to the leader). Returns the members left.
-    pub async fn leave(&self, node_id: u64) -> Result<Vec<pb::Member>> {
-        let r = self
-            .call(Retry::OnlyOnRedirect, |ch| async move {
-                pb::cluster_client::ClusterClient::new(ch).leave(pb::LeaveRequest { node_id }).await
-            })
-            .await?;
+    /// Removes member `req.node_id` from the cluster (sent to the leader). Returns the members
+    /// left.
+    pub async fn leave(&self, req: pb::LeaveRequest) -> Result<Vec<pb::Member>> {
+        let r = rpc!(self, Retry::OnlyOnRedirect, cluster_client::ClusterClient, leave, req)?;
         Ok(r.members)
     }
 
     /// Follows the state's changes from `req.from_revision` (see the `Watch` service). To resume
     /// after the stream ends, watch again from the last `revision` + 1, on any node.
     pub async fn watch(&self, req: pb::WatchRequest) -> Result<tonic::Streaming<pb::WatchResponse>> {
-        self.call(Retry::Safe, |ch| {
-            let req = req.clone();
-            async move { pb::watch_client::WatchClient::new(ch).watch(req).await }
-        })
-        .await
+        rpc!(self, Retry::Safe, watch_client::WatchClient, watch, req)
     }
 
     pub async fn shutdown(&self) -> Result<()> {
@@ -682,32 +343,10 @@ impl Client {
     }
 }
 
-fn missing(what: &str) -> ClientError {
-    ClientError::Status {
-        code: tonic::Code::Internal,
-        message: format!("the node's reply lacks the {what}"),
-        kind: Some("internal".into()),
-        oldest_revision: None,
-    }
-}
-
-/// An error and its sources, joined: transport errors hide the useful part in the chain.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut parts = vec![e.to_string()];
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        let t = s.to_string();
-        if !parts.iter().any(|p| p.contains(&t)) {
-            parts.push(t);
-        }
-        cur = s.source();
-    }
-    parts.join(": ")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use portmesh_proto::ERROR_METADATA;
 
     #[tokio::test]
     async fn unreachable_names_the_address_and_what_was_tried() {

@@ -63,7 +63,10 @@ async fn run(a: Args) -> Result<i32> {
         bail!("--shards {}: between 1 and 1024", a.shards);
     }
     let client = Client::connect(&a.node).await?;
-    let lease = client.grant_lease(&a.team, a.ttl).await.context("granting the lease")?;
+    let lease = client
+        .grant_lease(pb::LeaseGrantRequest { team: a.team.to_string(), ttl_ms: a.ttl.as_millis() as u64 })
+        .await
+        .context("granting the lease")?;
     let items = (0..a.shards)
         .map(|i| pb::AllocItem { service: format!("shard-{i}"), pool: a.pool.clone(), ..Default::default() })
         .collect();
@@ -71,7 +74,9 @@ async fn run(a: Args) -> Result<i32> {
     let ports: Vec<u32> = match client.allocate_here(req).await {
         Ok(r) => r.allocations.iter().map(|x| x.port).collect(),
         Err(e) => {
-            let _ = client.revoke_lease(&a.team, lease.id).await;
+            let _ = client
+                .revoke_lease(pb::LeaseRevokeRequest { team: a.team.to_string(), lease_id: lease.id })
+                .await;
             return Err(e).context("allocating the shards' ports");
         }
     };
@@ -100,7 +105,10 @@ async fn run(a: Args) -> Result<i32> {
             ..Default::default()
         };
         children.push(child);
-        client.register(svc).await.with_context(|| format!("registering shard {i}"))?;
+        client
+            .register(pb::RegisterRequest { service: Some(svc) })
+            .await
+            .with_context(|| format!("registering shard {i}"))?;
     }
     let all = async {
         let mut codes = Vec::new();
@@ -117,7 +125,10 @@ async fn run(a: Args) -> Result<i32> {
         }
     };
     drop(kept);
-    client.revoke_lease(&a.team, lease.id).await.context("revoking the lease (its TTL will end it)")?;
+    client
+        .revoke_lease(pb::LeaseRevokeRequest { team: a.team.to_string(), lease_id: lease.id })
+        .await
+        .context("revoking the lease (its TTL will end it)")?;
     for (i, (port, code)) in ports.iter().zip(&codes).enumerate() {
         println!("shard {i} on port {port}: exit code {code}");
     }

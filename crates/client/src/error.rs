@@ -1,0 +1,80 @@
+//! [`ClientError`]: what went wrong talking to a node, with the server's message and category.
+
+use std::time::Duration;
+
+use portmesh_proto::{ERROR_METADATA, OLDEST_REVISION_METADATA};
+
+/// Errors talking to a node.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error(
+        "cannot reach a portmesh node at {addr} (tried a gRPC connection, timeout {timeout:?}): {reason}"
+    )]
+    Unreachable { addr: String, timeout: Duration, reason: String },
+    #[error("{message}")]
+    Status {
+        code: tonic::Code,
+        message: String,
+        /// The server's stable error category (`portmesh-error` metadata), if any.
+        kind: Option<String>,
+        /// On a `compacted` watch error: the oldest revision the node still has.
+        oldest_revision: Option<u64>,
+    },
+    #[error("invalid node address {addr:?}: {reason}")]
+    BadAddress { addr: String, reason: String },
+}
+
+impl ClientError {
+    /// On a `compacted` watch error: the oldest revision still available.
+    pub fn oldest_revision(&self) -> Option<u64> {
+        match self {
+            ClientError::Status { oldest_revision, .. } => *oldest_revision,
+            _ => None,
+        }
+    }
+
+    /// The server's error category, e.g. `exhausted` or `not_found`.
+    pub fn kind(&self) -> Option<&str> {
+        match self {
+            ClientError::Status { kind, .. } => kind.as_deref(),
+            _ => None,
+        }
+    }
+}
+
+impl From<tonic::Status> for ClientError {
+    fn from(s: tonic::Status) -> Self {
+        let kind = s.metadata().get(ERROR_METADATA).and_then(|v| v.to_str().ok()).map(str::to_string);
+        let message =
+            if s.message().is_empty() { format!("{:?}", s.code()) } else { s.message().to_string() };
+        let oldest_revision = s
+            .metadata()
+            .get(OLDEST_REVISION_METADATA)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
+        ClientError::Status { code: s.code(), message, kind, oldest_revision }
+    }
+}
+
+pub(crate) fn missing(what: &str) -> ClientError {
+    ClientError::Status {
+        code: tonic::Code::Internal,
+        message: format!("the node's reply lacks the {what}"),
+        kind: Some("internal".into()),
+        oldest_revision: None,
+    }
+}
+
+/// An error and its sources, joined: transport errors hide the useful part in the chain.
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut parts = vec![e.to_string()];
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        let t = s.to_string();
+        if !parts.iter().any(|p| p.contains(&t)) {
+            parts.push(t);
+        }
+        cur = s.source();
+    }
+    parts.join(": ")
+}

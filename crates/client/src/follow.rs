@@ -1,0 +1,148 @@
+//! Following the leader: every call goes through [`Client::call`], which reconnects to the
+//! leader a follower names, rides out elections, and moves past unreachable endpoints where
+//! repeating the call is safe.
+
+use std::time::Duration;
+
+use portmesh_proto::channel::{self, Purpose};
+use portmesh_proto::{ERROR_METADATA, LEADER_METADATA};
+use tonic::transport::Channel;
+
+use crate::error::error_chain;
+use crate::{CONNECT_TIMEOUT, Client, ClientError, Result};
+
+/// How long one attempt of a call may wait for the node's answer (the node itself gives up on a
+/// write after its write timeout, 5 s by default, so an answer normally comes first).
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(12);
+
+/// How long a call keeps following the leader or moving past dead endpoints: longer than an
+/// election takes.
+const FOLLOW_BUDGET: Duration = Duration::from_secs(10);
+
+/// Pause before asking again while a cluster has no reachable leader.
+const PAUSE: Duration = Duration::from_millis(100);
+
+pub(crate) async fn open(addr: &str) -> Result<Channel> {
+    let endpoint = channel::endpoint(addr, Purpose::Client)
+        .map_err(|e| ClientError::BadAddress { addr: e.addr, reason: e.reason })?;
+    endpoint.connect().await.map_err(|e| ClientError::Unreachable {
+        addr: addr.to_string(),
+        timeout: CONNECT_TIMEOUT,
+        reason: error_chain(&e),
+    })
+}
+
+/// Whether a failed call never reached a node: no connection could be made, so nothing was
+/// sent and repeating it elsewhere is safe.
+fn never_sent(status: &tonic::Status) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(status);
+    while let Some(e) = source {
+        if let Some(io) = e.downcast_ref::<std::io::Error>()
+            && io.kind() == std::io::ErrorKind::ConnectionRefused
+        {
+            return true;
+        }
+        source = e.source();
+    }
+    false
+}
+
+/// Whether a call may be repeated on another node after a transport failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Retry {
+    Safe,
+    OnlyOnRedirect,
+}
+
+impl Client {
+    async fn switch_to(&self, addr: &str) -> Result<()> {
+        let channel = open(addr).await?;
+        *self.conn.lock().unwrap_or_else(|p| p.into_inner()) = (addr.to_string(), channel);
+        Ok(())
+    }
+
+    /// Runs one RPC, following the leader and (when `retry` allows) moving past dead endpoints,
+    /// for at most [`FOLLOW_BUDGET`] — long enough to ride out an election.
+    pub(crate) async fn call<T, F, Fut>(&self, retry: Retry, f: F) -> Result<T>
+    where
+        F: Fn(Channel) -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let deadline = tokio::time::Instant::now() + FOLLOW_BUDGET;
+        let mut hop = 0usize;
+        loop {
+            let status = match tokio::time::timeout(CALL_TIMEOUT, f(self.channel())).await {
+                Ok(Ok(r)) => return Ok(r.into_inner()),
+                Ok(Err(s)) => s,
+                // No answer at all: the node or the path to it is gone. Like a connection cut
+                // off midway, the outcome of a write is unknown.
+                Err(_) => tonic::Status::cancelled(format!(
+                    "no answer from the node at {} within {CALL_TIMEOUT:?}",
+                    self.addr()
+                )),
+            };
+            let leader =
+                status.metadata().get(LEADER_METADATA).and_then(|v| v.to_str().ok()).map(str::to_string);
+            let category =
+                status.metadata().get(ERROR_METADATA).and_then(|v| v.to_str().ok()).map(str::to_string);
+            // Without a portmesh category, the error came from the connection, not the node: a
+            // refused connect is UNAVAILABLE, a request cut off midway UNKNOWN or CANCELLED.
+            let transport = category.is_none()
+                && matches!(
+                    status.code(),
+                    tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
+                );
+            let unsent = transport && never_sent(&status);
+            let err = ClientError::from(status);
+            if tokio::time::Instant::now() >= deadline {
+                return Err(err);
+            }
+            hop += 1;
+            match (leader, category.as_deref()) {
+                (Some(leader), _) if leader != self.addr() => {
+                    // The named leader may itself be gone (the others have not noticed yet):
+                    // pause, and ask another node.
+                    if self.switch_to(&leader).await.is_err() {
+                        tokio::time::sleep(PAUSE).await;
+                        self.next_endpoint(hop).await;
+                    }
+                }
+                // No leader known yet (an election): give it a moment, then ask again.
+                (_, Some("not_leader")) => {
+                    tokio::time::sleep(PAUSE).await;
+                    self.next_endpoint(hop).await;
+                }
+                // No quorum answered this node in time: it may be cut off. Later calls go
+                // elsewhere; this one is repeated only if that is safe (its outcome is unknown).
+                (_, Some("timeout")) if self.endpoints.len() > 1 => {
+                    self.next_endpoint(hop).await;
+                    if retry != Retry::Safe {
+                        return Err(err);
+                    }
+                }
+                _ if transport && self.endpoints.len() > 1 => {
+                    // The node is gone: later calls go elsewhere. This call is repeated only if
+                    // that is safe (idempotent, or it never left this process); otherwise its
+                    // outcome is unknown and the caller must know.
+                    self.next_endpoint(hop).await;
+                    if retry != Retry::Safe && !unsent {
+                        return Err(err);
+                    }
+                }
+                _ => return Err(err),
+            }
+        }
+    }
+
+    /// Moves to another endpoint (best effort; stays put when none answers).
+    async fn next_endpoint(&self, hop: usize) {
+        let n = self.endpoints.len();
+        let current = self.addr();
+        for i in 0..n {
+            let a = &self.endpoints[(hop + 1 + i) % n];
+            if *a != current && self.switch_to(a).await.is_ok() {
+                return;
+            }
+        }
+    }
+}
