@@ -190,7 +190,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let index = {
+        let (applied, responses) = {
             let mut guard = self.write_lock();
             let sm = &mut *guard;
             let mut out = Vec::new();
@@ -219,8 +219,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             self.persist(sm, false)?;
             (sm.last_applied.map_or(0, |l| l.index), out)
         };
-        self.applied_tx.send_replace(index.0);
-        Ok(index.1)
+        self.applied_tx.send_replace(applied);
+        Ok(responses)
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {

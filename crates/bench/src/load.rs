@@ -1,0 +1,280 @@
+//! The load: one phase of clients looping on a workload, against portmesh or etcd, and the
+//! lease keep-alive load.
+
+use super::*;
+
+/// Latencies and count of one phase.
+pub(crate) struct Phase {
+    pub(crate) ops: usize,
+    pub(crate) elapsed: Duration,
+    pub(crate) lat: Vec<Duration>,
+}
+
+impl Phase {
+    pub(crate) fn rate(&self) -> f64 {
+        self.ops as f64 / self.elapsed.as_secs_f64()
+    }
+
+    pub(crate) fn pct(&self, p: f64) -> Duration {
+        if self.lat.is_empty() {
+            return Duration::ZERO;
+        }
+        let i = ((self.lat.len() as f64 - 1.0) * p).round() as usize;
+        self.lat[i]
+    }
+}
+
+pub(crate) async fn run_phase(
+    system: System,
+    work: Workload,
+    addr: &str,
+    clients: usize,
+    dur: Duration,
+) -> Result<Phase> {
+    let deadline = Instant::now() + dur;
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..clients {
+        let addr = addr.to_string();
+        tasks.push(tokio::spawn(async move {
+            match system {
+                System::Portmesh => portmesh_client_loop(&addr, work, c, deadline).await,
+                System::Etcd => etcd_client_loop(&addr, work, c, deadline).await,
+            }
+        }));
+    }
+    let mut lat = Vec::new();
+    for t in tasks {
+        lat.extend(t.await??);
+    }
+    let elapsed = start.elapsed();
+    lat.sort_unstable();
+    Ok(Phase { ops: lat.len(), elapsed, lat })
+}
+
+/// Leases each keep-alive client renews, and renewals it keeps in flight on its stream.
+pub(crate) const KEEPALIVE_LEASES: usize = 100;
+
+pub(crate) const KEEPALIVE_WINDOW: usize = 32;
+
+/// A request stream fed by a channel (what tonic's streaming calls take).
+pub(crate) struct ChannelStream<T>(pub(crate) tokio::sync::mpsc::Receiver<T>);
+
+impl<T> futures::Stream for ChannelStream<T> {
+    type Item = T;
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<T>> {
+        self.0.poll_recv(cx)
+    }
+}
+
+/// Renews `ids` round-robin on the stream `replies` answers, feeding requests into `tx` with
+/// `KEEPALIVE_WINDOW` in flight, until `deadline`; returns each renewal's round-trip time.
+/// Fills the window before the call is opened: a gRPC server may send the response headers only
+/// with its first reply (etcd does), so the call would not return before a request went out.
+pub(crate) fn prefill<Req>(
+    tx: &tokio::sync::mpsc::Sender<Req>,
+    ids: &[i64],
+    req: fn(i64) -> Req,
+) -> Result<Vec<Instant>> {
+    let mut sent = Vec::new();
+    for id in ids.iter().cycle().take(KEEPALIVE_WINDOW) {
+        tx.try_send(req(*id)).map_err(|_| anyhow::anyhow!("the keep-alive window is full"))?;
+        sent.push(Instant::now());
+    }
+    Ok(sent)
+}
+
+/// Renews `ids` round-robin on the stream `replies` answers, feeding requests into `tx` with
+/// `KEEPALIVE_WINDOW` in flight (the first window already sent at `sent`), until `deadline`;
+/// returns each renewal's round-trip time.
+pub(crate) async fn keepalive_loop<Req, Resp>(
+    ids: Vec<i64>,
+    req: fn(i64) -> Req,
+    tx: tokio::sync::mpsc::Sender<Req>,
+    mut replies: tonic::Streaming<Resp>,
+    sent: Vec<Instant>,
+    alive: fn(&Resp) -> bool,
+    deadline: Instant,
+) -> Result<Vec<Duration>> {
+    let mut sent: std::collections::VecDeque<Instant> = sent.into();
+    let mut lat = Vec::new();
+    let mut next = sent.len();
+    while Instant::now() < deadline {
+        while sent.len() < KEEPALIVE_WINDOW {
+            tx.send(req(ids[next % ids.len()]))
+                .await
+                .map_err(|_| anyhow::anyhow!("the keep-alive stream closed"))?;
+            sent.push_back(Instant::now());
+            next += 1;
+        }
+        match replies.message().await? {
+            Some(r) => {
+                if !alive(&r) {
+                    bail!("a renewal answered that its lease is gone: the figures would count failures");
+                }
+                if let Some(t) = sent.pop_front() {
+                    lat.push(t.elapsed());
+                }
+            }
+            None => bail!("the keep-alive stream ended"),
+        }
+    }
+    Ok(lat)
+}
+
+pub(crate) async fn portmesh_keepalive(addr: &str, deadline: Instant) -> Result<Vec<Duration>> {
+    let client = Client::connect(addr).await?;
+    let mut ids = Vec::new();
+    for _ in 0..KEEPALIVE_LEASES {
+        ids.push(
+            client
+                .grant_lease(pb::LeaseGrantRequest {
+                    team: "default".into(),
+                    ttl_ms: Duration::from_secs(600).as_millis() as u64,
+                })
+                .await?
+                .id as i64,
+        );
+    }
+    let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?.connect().await?;
+    let (tx, rx) = tokio::sync::mpsc::channel(KEEPALIVE_WINDOW);
+    let req = |id: i64| pb::LeaseKeepAliveRequest { team: "default".into(), lease_id: id as u64 };
+    let sent = prefill(&tx, &ids, req)?;
+    let replies = pb::leases_client::LeasesClient::new(ch).keep_alive(ChannelStream(rx)).await?.into_inner();
+    keepalive_loop(ids, req, tx, replies, sent, |r| r.ttl_ms > 0, deadline).await
+}
+
+pub(crate) async fn etcd_keepalive(addr: &str, deadline: Instant) -> Result<Vec<Duration>> {
+    let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?.connect().await?;
+    let mut leases = etcdpb::lease_client::LeaseClient::new(ch);
+    let mut ids = Vec::new();
+    for _ in 0..KEEPALIVE_LEASES {
+        ids.push(leases.lease_grant(etcdpb::LeaseGrantRequest { ttl: 600, id: 0 }).await?.into_inner().id);
+    }
+    let (tx, rx) = tokio::sync::mpsc::channel(KEEPALIVE_WINDOW);
+    let req = |id: i64| etcdpb::LeaseKeepAliveRequest { id };
+    let sent = prefill(&tx, &ids, req)?;
+    let replies = leases.lease_keep_alive(ChannelStream(rx)).await?.into_inner();
+    keepalive_loop(ids, req, tx, replies, sent, |r| r.ttl > 0, deadline).await
+}
+
+pub(crate) async fn portmesh_client_loop(
+    addr: &str,
+    work: Workload,
+    c: usize,
+    deadline: Instant,
+) -> Result<Vec<Duration>> {
+    if work == Workload::KeepAlive {
+        return portmesh_keepalive(addr, deadline).await;
+    }
+    let client = Client::connect(addr).await?;
+    let held = match work {
+        Workload::Reused => {
+            client
+                .grant_lease(pb::LeaseGrantRequest {
+                    team: "default".into(),
+                    ttl_ms: Duration::from_secs(600).as_millis() as u64,
+                })
+                .await?
+                .id
+        }
+        _ => 0,
+    };
+    let mut lat = Vec::new();
+    while Instant::now() < deadline {
+        let t0 = Instant::now();
+        let r = client
+            .allocate(pb::AllocateRequest {
+                items: vec![pb::AllocItem {
+                    service: format!("bench-{c}"),
+                    pool: "bench".into(),
+                    key: format!("bench/{c}"),
+                    ..Default::default()
+                }],
+                lease_id: held,
+                ttl_ms: if held == 0 { 60_000 } else { 0 },
+                ..Default::default()
+            })
+            .await?;
+        lat.push(t0.elapsed());
+        if held == 0 {
+            client
+                .revoke_lease(pb::LeaseRevokeRequest { team: "default".into(), lease_id: r.lease_id })
+                .await?;
+        } else {
+            let req = pb::ReleaseRequest { key: format!("bench/{c}"), ..Default::default() };
+            client.release(req).await?;
+        }
+    }
+    Ok(lat)
+}
+
+pub(crate) async fn etcd_client_loop(
+    addr: &str,
+    work: Workload,
+    c: usize,
+    deadline: Instant,
+) -> Result<Vec<Duration>> {
+    if work == Workload::KeepAlive {
+        return etcd_keepalive(addr, deadline).await;
+    }
+    let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?.connect().await?;
+    let mut kv = etcdpb::kv_client::KvClient::new(ch.clone());
+    let mut leases = etcdpb::lease_client::LeaseClient::new(ch);
+    let held = match work {
+        Workload::Reused => {
+            leases.lease_grant(etcdpb::LeaseGrantRequest { ttl: 600, id: 0 }).await?.into_inner().id
+        }
+        _ => 0,
+    };
+    let mut lat = Vec::new();
+    while Instant::now() < deadline {
+        let t0 = Instant::now();
+        if work == Workload::Put {
+            let put =
+                etcdpb::PutRequest { key: format!("bench/{c}").into_bytes(), value: b"x".to_vec(), lease: 0 };
+            kv.put(put).await?;
+            lat.push(t0.elapsed());
+            continue;
+        }
+        let lease = if held != 0 {
+            held
+        } else {
+            leases.lease_grant(etcdpb::LeaseGrantRequest { ttl: 60, id: 0 }).await?.into_inner().id
+        };
+        let mut port = 20_000 + c as u32;
+        let key = loop {
+            let key = format!("ports/{port}").into_bytes();
+            let txn = etcdpb::TxnRequest {
+                compare: vec![etcdpb::Compare {
+                    result: etcdpb::compare::CompareResult::Equal as i32,
+                    target: etcdpb::compare::CompareTarget::Create as i32,
+                    key: key.clone(),
+                    target_union: Some(etcdpb::compare::TargetUnion::CreateRevision(0)),
+                }],
+                success: vec![etcdpb::RequestOp {
+                    request: Some(etcdpb::request_op::Request::RequestPut(etcdpb::PutRequest {
+                        key: key.clone(),
+                        value: format!("bench-{c}").into_bytes(),
+                        lease,
+                    })),
+                }],
+                failure: vec![],
+            };
+            if kv.txn(txn).await?.into_inner().succeeded {
+                break key;
+            }
+            port = 20_000 + (port - 20_000 + 64) % 10_000;
+        };
+        lat.push(t0.elapsed());
+        if held == 0 {
+            leases.lease_revoke(etcdpb::LeaseRevokeRequest { id: lease }).await?;
+        } else {
+            kv.delete_range(etcdpb::DeleteRangeRequest { key, range_end: vec![] }).await?;
+        }
+    }
+    Ok(lat)
+}

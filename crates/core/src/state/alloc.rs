@@ -1,0 +1,197 @@
+//! Allocations: an all-or-nothing batch, and releasing ports.
+
+use super::*;
+
+impl State {
+    pub(super) fn allocate(&mut self, ctx: ApplyCtx, batch: &AllocateBatch) -> Result<Response, Rejection> {
+        if batch.items.is_empty() {
+            return Err(Rejection::Invalid("an allocation needs at least one item".into()));
+        }
+        if batch.items.len() > MAX_BATCH {
+            return Err(Rejection::Invalid(format!(
+                "a batch holds at most {MAX_BATCH} items, this one has {}",
+                batch.items.len()
+            )));
+        }
+        let mut keys = BTreeSet::new();
+        for item in &batch.items {
+            if item.service.is_empty() {
+                return Err(Rejection::Invalid("every allocation needs a service name".into()));
+            }
+            if let Some(k) = &item.key
+                && !keys.insert(k.as_str())
+            {
+                return Err(Rejection::Invalid(format!("key {k:?} appears twice in one batch")));
+            }
+        }
+        let lease_id = match batch.lease {
+            LeaseSpec::None => None,
+            LeaseSpec::Existing(id) => match self.leases.get(&id) {
+                Some(l) if l.team == batch.team => Some(id),
+                _ => return Err(Rejection::UnknownLease { team: batch.team.clone(), id }),
+            },
+            LeaseSpec::New { ttl_ms } => {
+                check_ttl(ttl_ms)?;
+                Some(self.meta.next_lease_id)
+            }
+        };
+
+        // Phase 1: choose every port without touching the state.
+        enum Plan<'i> {
+            Existing(u16),
+            New(&'i AllocItem, Pick),
+        }
+        let mut rng = SplitMix64::new(ctx.seed());
+        let mut sel = self.selector(batch, ctx.now_ms);
+        let mut plans = Vec::with_capacity(batch.items.len());
+        for item in &batch.items {
+            if let Some(a) = item.key.as_deref().and_then(|k| self.live_key(&batch.team, k)) {
+                plans.push(Plan::Existing(a.port));
+                continue;
+            }
+            let pick = sel.pick(item, &mut rng)?;
+            sel.taken.insert(pick.port);
+            plans.push(Plan::New(item, pick));
+        }
+
+        // Phase 2: commit.
+        let revision = self.bump();
+        let now = ctx.now_ms;
+        let lease = match batch.lease {
+            LeaseSpec::New { ttl_ms } => Some(self.insert_lease(revision, now, &batch.team, ttl_ms)),
+            _ => None,
+        };
+        let mut grants = Vec::with_capacity(plans.len());
+        for plan in plans {
+            match plan {
+                Plan::Existing(port) => {
+                    if let Some(a) = self.allocations.get(&port) {
+                        grants.push(Grant { allocation: a.clone(), existing: true });
+                    }
+                }
+                Plan::New(item, pick) => {
+                    for port in pick.conflicts {
+                        let c = Conflict {
+                            port,
+                            team: batch.team.clone(),
+                            pool: pick.pool.clone(),
+                            service: item.service.clone(),
+                            host: batch.host.clone(),
+                            holder: batch.probe.as_ref().and_then(|p| p.owner(port)).cloned(),
+                        };
+                        self.emit(revision, now, EventKind::Conflict(c));
+                    }
+                    let a = Allocation {
+                        port: pick.port,
+                        team: batch.team.clone(),
+                        pool: pick.pool,
+                        service: item.service.clone(),
+                        instance: item.instance.clone(),
+                        env: item.env.clone(),
+                        host: batch.host.clone(),
+                        key: item.key.clone(),
+                        lease_id,
+                        created_ms: now,
+                        revision,
+                        holder: batch.holder.clone(),
+                    };
+                    self.insert_allocation(a.clone());
+                    self.emit(revision, now, EventKind::Allocated(a.clone()));
+                    grants.push(Grant { allocation: a, existing: false });
+                }
+            }
+        }
+        Ok(Response::Allocated { grants, lease, revision })
+    }
+
+    pub(super) fn insert_allocation(&mut self, a: Allocation) {
+        let port = a.port;
+        if let Some(k) = &a.key {
+            let tk = (a.team.clone(), k.clone());
+            self.live_keys.insert(tk.clone(), port);
+            self.sticky.insert(tk, port);
+            self.dirty.insert(Key::Sticky(a.team.clone(), k.clone()));
+        }
+        if let Some(l) = a.lease_id {
+            self.lease_ports.entry(l).or_default().insert(port);
+        }
+        if let Some(c) = self.cooldowns.remove(&port) {
+            self.cooldown_order.remove(&(c.until_ms, port));
+            self.dirty.insert(Key::Cooldown(port));
+        }
+        self.allocations.insert(port, a);
+        self.dirty.insert(Key::Alloc(port));
+    }
+
+    /// Removes one allocation, starts its cool-down and emits the event.
+    pub(super) fn remove_allocation(
+        &mut self,
+        port: u16,
+        cause: ReleaseCause,
+        revision: u64,
+        now: u64,
+    ) -> Option<Allocation> {
+        let a = self.allocations.remove(&port)?;
+        self.dirty.insert(Key::Alloc(port));
+        if let Some(k) = &a.key {
+            self.live_keys.remove(&(a.team.clone(), k.clone()));
+        }
+        if let Some(l) = a.lease_id
+            && let Some(set) = self.lease_ports.get_mut(&l)
+        {
+            set.remove(&port);
+            if set.is_empty() {
+                self.lease_ports.remove(&l);
+            }
+        }
+        if self.meta.cooldown_ms > 0 {
+            let until_ms = now.saturating_add(self.meta.cooldown_ms);
+            let c = Cooldown { until_ms, team: a.team.clone(), key: a.key.clone() };
+            if let Some(old) = self.cooldowns.insert(port, c) {
+                self.cooldown_order.remove(&(old.until_ms, port));
+            }
+            self.cooldown_order.insert((until_ms, port));
+            self.dirty.insert(Key::Cooldown(port));
+        }
+        self.emit(revision, now, EventKind::Released { allocation: a.clone(), cause });
+        Some(a)
+    }
+
+    pub(super) fn release(
+        &mut self,
+        ctx: ApplyCtx,
+        team: &str,
+        selector: &ReleaseSelector,
+    ) -> Result<Response, Rejection> {
+        let ports: Vec<u16> = match selector {
+            ReleaseSelector::Ports(ports) => {
+                if ports.is_empty() {
+                    return Err(Rejection::Invalid("name at least one port to release".into()));
+                }
+                for &port in ports {
+                    if port < crate::MIN_PORT {
+                        return Err(Rejection::PortOutOfRange { port: u32::from(port) });
+                    }
+                    match self.allocations.get(&port) {
+                        Some(a) if a.team == team => {}
+                        _ => return Err(Rejection::NotAllocated { team: team.to_string(), port }),
+                    }
+                }
+                let mut p = ports.clone();
+                p.sort_unstable();
+                p.dedup();
+                p
+            }
+            ReleaseSelector::Key(key) => match self.live_key(team, key) {
+                Some(a) => vec![a.port],
+                None => return Err(Rejection::UnknownKey { team: team.to_string(), key: key.clone() }),
+            },
+        };
+        let revision = self.bump();
+        let allocations = ports
+            .into_iter()
+            .filter_map(|p| self.remove_allocation(p, ReleaseCause::Released, revision, ctx.now_ms))
+            .collect();
+        Ok(Response::Released { allocations, revision })
+    }
+}
