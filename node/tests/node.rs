@@ -146,20 +146,10 @@ async fn sixty_four_concurrent_clients_never_share_a_port() {
 async fn keep_alive_stream_renews_many_leases_and_reports_lost_ones() {
     let dir = tempfile::tempdir().unwrap();
     let (_node, client) = node_in(dir.path(), |_| {}).await;
-    let a = client
-        .grant_lease(pb::LeaseGrantRequest {
-            team: "default".into(),
-            ttl_ms: Duration::from_secs(10).as_millis() as u64,
-        })
-        .await
-        .unwrap();
-    let b = client
-        .grant_lease(pb::LeaseGrantRequest {
-            team: "default".into(),
-            ttl_ms: Duration::from_secs(20).as_millis() as u64,
-        })
-        .await
-        .unwrap();
+    let a =
+        client.grant_lease(pb::LeaseGrantRequest { team: "default".into(), ttl_ms: 10_000 }).await.unwrap();
+    let b =
+        client.grant_lease(pb::LeaseGrantRequest { team: "default".into(), ttl_ms: 20_000 }).await.unwrap();
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", client.addr()))
         .unwrap()
         .connect()
@@ -231,13 +221,8 @@ async fn lease_countdowns_resume_from_the_checkpoint_after_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let fast = |c: &mut NodeConfig| c.raft.lease_checkpoint = Duration::from_millis(200);
     let (node, client) = node_in(dir.path(), fast).await;
-    let lease = client
-        .grant_lease(pb::LeaseGrantRequest {
-            team: "default".into(),
-            ttl_ms: Duration::from_secs(60).as_millis() as u64,
-        })
-        .await
-        .unwrap();
+    let lease =
+        client.grant_lease(pb::LeaseGrantRequest { team: "default".into(), ttl_ms: 60_000 }).await.unwrap();
     applied_until(&node, "a checkpoint below the TTL", Duration::from_secs(10), |s| {
         s.lease(lease.id).is_some_and(|l| l.remaining_ms < 59_500)
     })
@@ -536,7 +521,7 @@ async fn three_nodes_join_replicate_and_agree_on_the_leader() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn losing_the_leader_under_load_keeps_every_invariant() {
     let mut c = Cluster::start(3).await;
-    big_pool(&c.client().await).await;
+    testkit::big_default_pool(&c.client().await).await;
     let addrs = c.addrs.clone();
     let load = tokio::spawn(async move { testkit::load(&addrs, 16, 13, "l").await });
     c.wait_for_allocations(200).await;
@@ -552,29 +537,13 @@ async fn losing_the_leader_under_load_keeps_every_invariant() {
     assert_ne!(new_leader.api.node().id, old_id);
 }
 
-/// Replaces pool `default` by one that holds every allocation of a scenario.
-async fn big_pool(client: &Client) {
-    client
-        .remove_pool(pb::RemovePoolRequest { team: "default".into(), name: "default".into() })
-        .await
-        .unwrap();
-    client
-        .add_pool(pb::AddPoolRequest {
-            team: "default".into(),
-            name: "default".into(),
-            ranges: vec![pb::PortRange { start: 20000, end: 24999 }],
-        })
-        .await
-        .unwrap();
-}
-
 /// A leader cut off from both followers under load: the majority elects another and carries on;
 /// writes stuck on the old leader end without being applied twice; after the partition heals the
 /// old leader steps down, catches up, and every node agrees.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partitioned_leader_is_replaced_and_the_healed_cluster_keeps_every_invariant() {
     let c = Cluster::start(3).await;
-    big_pool(&c.client().await).await;
+    testkit::big_default_pool(&c.client().await).await;
     let addrs = c.addrs.clone();
     let load = tokio::spawn(async move { testkit::load(&addrs, 16, 13, "p").await });
     c.wait_for_allocations(200).await;
@@ -608,7 +577,7 @@ async fn a_partitioned_leader_is_replaced_and_the_healed_cluster_keeps_every_inv
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_isolated_follower_serves_only_stale_reads_and_catches_up_when_healed() {
     let c = Cluster::start(3).await;
-    big_pool(&c.client().await).await;
+    testkit::big_default_pool(&c.client().await).await;
     let leader = c.leader_index();
     let f = (leader + 1) % 3;
     let fid = c.id(f);
@@ -632,7 +601,7 @@ async fn an_isolated_follower_serves_only_stale_reads_and_catches_up_when_healed
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropped_and_delayed_raft_messages_lose_and_duplicate_nothing() {
     let c = Cluster::start(3).await;
-    big_pool(&c.client().await).await;
+    testkit::big_default_pool(&c.client().await).await;
     c.net.set_drop(100, 42);
     c.net.set_delay(Duration::from_millis(2));
     let oracle = testkit::load(&c.addrs, 16, 13, "d").await;
@@ -691,13 +660,8 @@ async fn a_kept_lease_survives_three_leader_changes_and_countdowns_resume_from_c
         })
         .await
         .unwrap();
-    let abandoned = client
-        .grant_lease(pb::LeaseGrantRequest {
-            team: "default".into(),
-            ttl_ms: Duration::from_secs(60).as_millis() as u64,
-        })
-        .await
-        .unwrap();
+    let abandoned =
+        client.grant_lease(pb::LeaseGrantRequest { team: "default".into(), ttl_ms: 60_000 }).await.unwrap();
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     let renewer = {
         let client = client.clone();
@@ -820,10 +784,7 @@ async fn an_expiry_storm_of_ten_thousand_leases_goes_in_bounded_batches_while_al
             for _ in 0..LEASES / 50 {
                 ids.push(
                     client
-                        .grant_lease(pb::LeaseGrantRequest {
-                            team: "default".into(),
-                            ttl_ms: Duration::from_secs(2).as_millis() as u64,
-                        })
+                        .grant_lease(pb::LeaseGrantRequest { team: "default".into(), ttl_ms: 2_000 })
                         .await
                         .unwrap()
                         .id,
@@ -1205,13 +1166,8 @@ async fn every_event_kind_reaches_a_watcher_in_order_across_a_leader_change() {
         .await
         .unwrap();
     client.remove_pool(pb::RemovePoolRequest { team: "default".into(), name: "extra".into() }).await.unwrap();
-    let lease = client
-        .grant_lease(pb::LeaseGrantRequest {
-            team: "default".into(),
-            ttl_ms: Duration::from_secs(60).as_millis() as u64,
-        })
-        .await
-        .unwrap();
+    let lease =
+        client.grant_lease(pb::LeaseGrantRequest { team: "default".into(), ttl_ms: 60_000 }).await.unwrap();
     let mut req = one("leased");
     req.lease_id = lease.id;
     client.allocate(req).await.unwrap();
@@ -1346,7 +1302,7 @@ async fn every_event_kind_reaches_a_watcher_in_order_across_a_leader_change() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_watcher_resuming_on_another_node_misses_nothing_and_sees_nothing_twice() {
     let c = Cluster::start(3).await;
-    big_pool(&c.client().await).await;
+    testkit::big_default_pool(&c.client().await).await;
     let start = c.client().await.status().await.unwrap().revision + 1;
     let addrs = c.addrs.clone();
     let load = tokio::spawn(async move { testkit::load(&addrs, 8, 25, "w").await });
@@ -1418,7 +1374,7 @@ async fn a_watcher_resuming_on_another_node_misses_nothing_and_sees_nothing_twic
 async fn a_watch_from_a_compacted_revision_names_the_oldest_available() {
     let dir = tempfile::tempdir().unwrap();
     let (_node, client) = node_in(dir.path(), |_| {}).await;
-    big_pool(&client).await;
+    testkit::big_default_pool(&client).await;
     for round in 0..6 {
         // The same sticky keys every round: a key gets its port back at once (no cool-down).
         let items = (0..1024)

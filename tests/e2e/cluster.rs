@@ -54,19 +54,7 @@ impl ProcCluster {
 
     /// Replaces the default pool by one big enough for every scenario's allocations.
     async fn big_pool(&self) {
-        let admin = Client::connect(&self.addrs[0]).await.unwrap();
-        admin
-            .remove_pool(pb::RemovePoolRequest { team: "default".into(), name: "default".into() })
-            .await
-            .unwrap();
-        admin
-            .add_pool(pb::AddPoolRequest {
-                team: "default".into(),
-                name: "default".into(),
-                ranges: vec![pb::PortRange { start: 20000, end: 24999 }],
-            })
-            .await
-            .unwrap();
+        testkit::big_default_pool(&Client::connect(&self.addrs[0]).await.unwrap()).await;
     }
 
     /// Waits until the cluster holds at least `n` allocations (the load is under way).

@@ -170,18 +170,7 @@ async fn docker_a_leader_cut_off_by_network_disconnect_is_replaced_and_nothing_i
     }
     let addrs: Vec<String> = (0..3).map(|i| net.addr(i)).collect();
     let admin = Client::connect(&addrs[0]).await.unwrap();
-    admin
-        .remove_pool(pb::RemovePoolRequest { team: "default".into(), name: "default".into() })
-        .await
-        .unwrap();
-    admin
-        .add_pool(pb::AddPoolRequest {
-            team: "default".into(),
-            name: "default".into(),
-            ranges: vec![pb::PortRange { start: 20000, end: 24999 }],
-        })
-        .await
-        .unwrap();
+    testkit::big_default_pool(&admin).await;
 
     let load = {
         let addrs = addrs.clone();

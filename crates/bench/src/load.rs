@@ -38,6 +38,8 @@ pub(crate) async fn run_phase(
         let addr = addr.to_string();
         tasks.push(tokio::spawn(async move {
             match system {
+                System::Portmesh if work == Workload::KeepAlive => portmesh_keepalive(&addr, deadline).await,
+                System::Etcd if work == Workload::KeepAlive => etcd_keepalive(&addr, deadline).await,
                 System::Portmesh => portmesh_client_loop(&addr, work, c, deadline).await,
                 System::Etcd => etcd_client_loop(&addr, work, c, deadline).await,
             }
@@ -130,13 +132,8 @@ pub(crate) async fn portmesh_keepalive(addr: &str, deadline: Instant) -> Result<
     let mut ids = Vec::new();
     for _ in 0..KEEPALIVE_LEASES {
         ids.push(
-            client
-                .grant_lease(pb::LeaseGrantRequest {
-                    team: "default".into(),
-                    ttl_ms: Duration::from_secs(600).as_millis() as u64,
-                })
-                .await?
-                .id as i64,
+            client.grant_lease(pb::LeaseGrantRequest { team: "default".into(), ttl_ms: 600_000 }).await?.id
+                as i64,
         );
     }
     let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?.connect().await?;
@@ -167,19 +164,10 @@ pub(crate) async fn portmesh_client_loop(
     c: usize,
     deadline: Instant,
 ) -> Result<Vec<Duration>> {
-    if work == Workload::KeepAlive {
-        return portmesh_keepalive(addr, deadline).await;
-    }
     let client = Client::connect(addr).await?;
     let held = match work {
         Workload::Reused => {
-            client
-                .grant_lease(pb::LeaseGrantRequest {
-                    team: "default".into(),
-                    ttl_ms: Duration::from_secs(600).as_millis() as u64,
-                })
-                .await?
-                .id
+            client.grant_lease(pb::LeaseGrantRequest { team: "default".into(), ttl_ms: 600_000 }).await?.id
         }
         _ => 0,
     };
@@ -218,9 +206,6 @@ pub(crate) async fn etcd_client_loop(
     c: usize,
     deadline: Instant,
 ) -> Result<Vec<Duration>> {
-    if work == Workload::KeepAlive {
-        return etcd_keepalive(addr, deadline).await;
-    }
     let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?.connect().await?;
     let mut kv = etcdpb::kv_client::KvClient::new(ch.clone());
     let mut leases = etcdpb::lease_client::LeaseClient::new(ch);

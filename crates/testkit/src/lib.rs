@@ -102,6 +102,23 @@ impl Oracle {
     }
 }
 
+/// Replaces team `default`'s pool `default` by 20000–24999, big enough for every allocation a
+/// fault scenario makes (the tests' own range: no host program is expected there).
+pub async fn big_default_pool(client: &Client) {
+    client
+        .remove_pool(pb::RemovePoolRequest { team: "default".into(), name: "default".into() })
+        .await
+        .expect("remove pool default");
+    client
+        .add_pool(pb::AddPoolRequest {
+            team: "default".into(),
+            name: "default".into(),
+            ranges: vec![pb::PortRange { start: 20000, end: 24999 }],
+        })
+        .await
+        .expect("add the big pool default");
+}
+
 /// `clients` concurrent clients, each allocating `batches` batches of [`BATCH`] ports from pool
 /// `default` through any of `addrs`. Every batch has its own service name (`{tag}-{client}-{i}`),
 /// so its atomicity can be checked.
