@@ -1572,3 +1572,34 @@ async fn bad_registry_requests_are_refused_and_change_nothing() {
     let found = client.discover(pb::DiscoverRequest::default()).await.unwrap().services;
     assert_eq!((found.len(), found[0].status()), (1, pb::HealthStatus::Passing));
 }
+
+/// An allocation sent straight to a follower (not through the client, which would follow) is
+/// refused before the follower plans or probes it: UNAVAILABLE, category `not_leader`, the
+/// leader's address in the metadata, and no port taken anywhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_refuses_an_allocation_naming_the_leader() {
+    let c = Cluster::start(3).await;
+    let leader = c.leader_index();
+    let f = (leader + 1) % 3;
+    // The follower has heard from the leader once it applied the membership.
+    let follower = c.nodes[f].as_ref().unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while follower.api.node().metrics().current_leader.is_none() {
+        assert!(tokio::time::Instant::now() < deadline, "the follower never learned the leader");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let before = c.nodes[leader].as_ref().unwrap().api.node().state().read().state.allocations().count();
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", c.addrs[f]))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let req = pb::AllocateRequest { items: vec![item("direct", "default")], ..Default::default() };
+    let status = pb::allocator_client::AllocatorClient::new(channel).allocate(req).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    let meta = |key: &str| status.metadata().get(key).and_then(|v| v.to_str().ok()).map(str::to_string);
+    assert_eq!(meta("portmesh-error").as_deref(), Some("not_leader"), "{status:?}");
+    assert_eq!(meta("portmesh-leader"), Some(c.addrs[leader].clone()), "{status:?}");
+    let after = c.nodes[leader].as_ref().unwrap().api.node().state().read().state.allocations().count();
+    assert_eq!(before, after, "a refused allocation took a port");
+}

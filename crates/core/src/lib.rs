@@ -3,7 +3,8 @@
 //! This crate owns the domain (teams, pools, allocations, reservations, leases, sticky keys,
 //! cool-downs, revisions, events) and the single function that changes it, [`State::apply`].
 //!
-//! It does **not** own storage, networking, clocks or randomness from the environment:
+//! It does **not** own storage (nor how its types are persisted: `portmesh-store`'s `ondisk`),
+//! networking, clocks or randomness from the environment:
 //! - time enters only as [`ApplyCtx::now_ms`], stamped by the Raft leader into the log entry;
 //! - randomness comes from a generator seeded by the log index ([`ApplyCtx::index`]), so every
 //!   replica picks the same "random" port;

@@ -5,7 +5,9 @@
 
 //! Storage: the only crate that touches sled.
 //!
-//! Owns the on-disk layout (see `docs/architecture.md`, "Store"), the openraft type configuration,
+//! Owns the on-disk layout (see `docs/architecture.md`, "Store"), the persisted encoding of every
+//! data version ([`ondisk`]: what the log, the records and snapshots hold, converted to and from
+//! core's domain types), the openraft type configuration,
 //! the Raft log ([`LogStore`], a [`openraft::storage::RaftLogStorage`]) and the state machine
 //! store ([`StateMachineStore`], a [`openraft::storage::RaftStateMachine`]) with its snapshots.
 //! Does not own: what commands mean (that is `portmesh-core`), networking or timers.
@@ -50,7 +52,7 @@ openraft::declare_raft_types!(
 /// conflicts and allocation commands, and the service registry.
 pub const DATA_VERSION: u32 = 2;
 /// The oldest data version this build reads: directories of version 1 (0.1.0) are upgraded in
-/// place when opened (their records and log entries load through `portmesh_core::legacy`).
+/// place when opened (their records and log entries load through `ondisk::v1`).
 pub const OLDEST_READABLE_VERSION: u32 = 1;
 
 /// Errors opening a data directory.
