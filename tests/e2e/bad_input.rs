@@ -90,3 +90,70 @@ fn an_unreachable_node_is_named_with_what_was_tried() {
     assert!(String::from_utf8_lossy(&r.stderr).contains(&addr));
     assert!(h.info().is_none(), "--node never starts a local node");
 }
+
+/// Names have a length and a character set: an oversized or control-character name is refused
+/// at the boundary naming the field and the limit, never echoing the value, and nothing changes
+/// (before, 36 allocations with 120 KB service names made `ls` fail for everyone, and a newline
+/// in a service name forged a line in the node log and in `log`/`watch` output).
+#[test]
+fn oversized_and_control_character_names_are_refused_without_echoing_them() {
+    let h = Home::new();
+    h.pm(&["alloc", "kept"]).ok();
+    let before = snapshot(&h);
+    let huge = "s".repeat(120_000);
+    let team = "t".repeat(100_000);
+    // Arguments, environment, the message.
+    type Case<'a> = (Vec<&'a str>, Vec<(&'a str, &'a str)>, &'a str);
+    let cases: Vec<Case<'_>> = vec![
+        (vec!["alloc", &huge], vec![], "items.service: 120000 bytes, at most 63"),
+        (
+            vec!["alloc", "evil\nportmesh: forged"],
+            vec![],
+            "items.service: character '\\n' (at byte 4) is not allowed",
+        ),
+        (vec!["alloc", "x", "--key", "a key"], vec![], "items.key: character ' ' (at byte 1) is not allowed"),
+        (vec!["alloc", "x", "--env", "prod/x"], vec![], "items.env: character '/' (at byte 4)"),
+        (vec!["ls"], vec![("PORTMESH_TEAM", team.as_str())], "team: 100000 bytes, at most 63"),
+        (vec!["pools", "add", &huge, "30000-30010"], vec![], "name: 120000 bytes, at most 63"),
+        (vec!["register", "svc", "--port", "20100", "--tag", "a b"], vec![], "service.tags: character ' '"),
+    ];
+    for (args, env, msg) in &cases {
+        let mut cmd = h.cmd(args);
+        cmd.envs(env.iter().copied());
+        let out = cmd.output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{msg}: should fail");
+        assert!(stderr.contains(msg), "stderr lacks {msg:?}: {}", &stderr[..stderr.len().min(500)]);
+        assert!(stderr.len() < 1_000, "the error echoed the value ({} bytes)", stderr.len());
+        assert!(!stderr.contains("transport error"), "{stderr}");
+        assert_eq!(snapshot(&h), before, "{msg}: the state changed");
+    }
+    // The node log has no forged line either.
+    let log = std::fs::read_to_string(h.path().join("node.log")).unwrap();
+    assert!(!log.lines().any(|l| l.starts_with("portmesh: forged")), "{log}");
+}
+
+/// A holder's command line keeps what identifies the process and not its secrets: the parent
+/// of `portmesh alloc` here carries `--db-password=hunter2`, which must not reach listings, the
+/// audit log, the status page or the node's log.
+#[test]
+fn secrets_in_a_holders_command_line_are_not_recorded() {
+    let h = Home::new();
+    let script =
+        format!("{} alloc secret-holder; : --db-password=hunter2 API_TOKEN=tok3n", crate::support::BIN);
+    let run = std::process::Command::new("bash")
+        .args(["-c", &script])
+        .env("PORTMESH_HOME", h.path())
+        .env_remove("PORTMESH_NODE")
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "{run:?}");
+    let ls = h.pm(&["ls", "--json"]).ok().stdout;
+    let log = h.pm(&["log", "--json"]).ok().stdout;
+    let (_, status) = http_get(&h.http(), "/api/v1/status");
+    let node_log = std::fs::read_to_string(h.path().join("node.log")).unwrap();
+    for (what, text) in [("ls", &ls), ("log", &log), ("status", &status), ("node.log", &node_log)] {
+        assert!(!text.contains("hunter2") && !text.contains("tok3n"), "{what} shows a secret: {text}");
+    }
+    assert!(ls.contains("--db-password=***") && ls.contains("API_TOKEN=***"), "{ls}");
+}

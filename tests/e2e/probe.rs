@@ -36,3 +36,27 @@ fn check_reports_free_and_busy_with_the_owning_process() {
     assert_eq!(v["ports"][0]["free"], true);
     assert!(h.info().is_none(), "check is local: it starts no node");
 }
+
+/// The process a probe finds on a busy port is recorded without its secrets: a listener whose
+/// command line carries `--api-token=s3cr3t` shows up in the conflict as `--api-token=***`.
+#[test]
+fn a_conflicts_holder_is_recorded_without_its_secrets() {
+    let h = Home::new();
+    h.pm(&["pools", "add", "secret", "21010-21019"]).ok();
+    let port = (21010..21020).find(|p| port_is_free(*p)).expect("a free port in the test's pool");
+    let listener = format!(
+        "import socket,time; s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); \
+         s.bind(('127.0.0.1', {port})); s.listen(); time.sleep(60)"
+    );
+    let mut child =
+        std::process::Command::new("python3").args(["-c", &listener, "--api-token=s3cr3t"]).spawn().unwrap();
+    wait_until("the listener to listen", std::time::Duration::from_secs(10), || !port_is_free(port));
+    h.pm(&["alloc", "app", "--pool", "secret", "--port", &port.to_string(), "--strategy", "next"]).ok();
+    let log = h.pm(&["log", "--json"]).ok().stdout;
+    let conflict =
+        log.lines().find(|l| l.contains("\"conflict\"")).unwrap_or_else(|| panic!("no conflict: {log}"));
+    assert!(conflict.contains("--api-token=***"), "{conflict}");
+    assert!(!log.contains("s3cr3t"), "{log}");
+    let _ = child.kill();
+    let _ = child.wait();
+}

@@ -192,7 +192,8 @@ fn bad_registrations_name_the_problem_and_register_nothing() {
     h.pm(&["register", "api", "--port", "80"]).fails_with("port 80 is out of range");
     h.pm(&["register", "api", "--port", "a=18001", "--port", "a=18002"]).fails_with("names port \"a\" twice");
     h.pm(&["register", "api", "--port", "18001", "--check", "http"]).ok();
-    h.pm(&["register", "bad name", "--port", "18001"]).fails_with("service name \"bad name\" is not valid");
+    h.pm(&["register", "bad name", "--port", "18001"])
+        .fails_with("service.name: character ' ' (at byte 3) is not allowed");
     h.pm(&["register", "api", "--port", "18001", "--check", "ping"]).fails_with("write tcp, http:/PATH");
     h.pm(&["register", "api", "--port", "18001", "--check", "tcp", "--check-port", "admin"])
         .fails_with("the check names port \"admin\", but service \"api\" has ports: main");
@@ -200,6 +201,6 @@ fn bad_registrations_name_the_problem_and_register_nothing() {
         .fails_with("check interval 10 ms is too short");
     h.pm(&["register", "api", "--port", "18001", "--lease", "4242"]).fails_with("unknown lease 4242");
     h.pm(&["register", "api", "--port", "18001", "--project", "a b"])
-        .fails_with("project name \"a b\" is not valid");
+        .fails_with("service.project: character ' ' (at byte 1) is not allowed");
     assert_eq!(discover(&h, &["--all"]).len(), 1, "only the one valid registration");
 }

@@ -111,6 +111,7 @@ impl pb::allocator_server::Allocator for Api {
 
     async fn list(&self, req: Request<pb::ListRequest>) -> Result<pb::ListResponse> {
         let req = req.into_inner();
+        portmesh_proto::check_filters(&[("team", &req.team), ("pool", &req.pool)]).map_err(ApiError::from)?;
         self.inner.node.read_barrier(req.stale).await.map_err(ApiError::from)?;
         let sm = self.inner.node.state().read();
         let allocations = sm

@@ -43,8 +43,9 @@ pub(crate) struct Inner {
     pub(crate) metrics: Arc<crate::metrics::RequestMetrics>,
 }
 
-pub(crate) fn team(t: &str) -> String {
-    portmesh_core::team_or_default(t).to_string()
+/// The team a request names (checked), else the default team.
+pub(crate) fn team(t: &str) -> std::result::Result<String, ApiError> {
+    Ok(portmesh_proto::team(t)?)
 }
 
 pub(crate) fn unexpected(r: Response) -> ApiError {

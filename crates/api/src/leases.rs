@@ -37,7 +37,7 @@ impl pb::leases_server::Leases for Api {
         let out = async_stream(move |tx| async move {
             while let Some(msg) = incoming.next().await {
                 let reply = msg.and_then(|m| {
-                    let ttl = node.keep_alive(&team(&m.team), m.lease_id).map_err(ApiError::from)?;
+                    let ttl = node.keep_alive(&team(&m.team)?, m.lease_id).map_err(ApiError::from)?;
                     Ok(pb::LeaseKeepAliveResponse { lease_id: m.lease_id, ttl_ms: ttl.unwrap_or(0) })
                 });
                 let stop = reply.is_err();
@@ -57,7 +57,7 @@ impl pb::leases_server::Leases for Api {
         let node = &self.inner.node;
         // Leader only: the countdown lives there. The barrier also makes the read linearizable.
         node.read_barrier(false).await.map_err(ApiError::from)?;
-        let team = team(&req.team);
+        let team = team(&req.team)?;
         let sm = node.state().read();
         let Some(lease) = sm.state.lease(req.lease_id).filter(|l| l.team == team) else {
             return Err(ApiError::from(Rejection::UnknownLease { team, id: req.lease_id }).into());

@@ -12,6 +12,7 @@ use crate::{Api, ApiError};
 impl pb::pools_server::Pools for Api {
     async fn list(&self, req: Request<pb::ListPoolsRequest>) -> Result<pb::ListPoolsResponse> {
         let req = req.into_inner();
+        portmesh_proto::check_filters(&[("team", &req.team)]).map_err(ApiError::from)?;
         self.inner.node.read_barrier(req.stale).await.map_err(ApiError::from)?;
         let now = now_ms();
         let sm = self.inner.node.state().read();
@@ -35,7 +36,9 @@ impl pb::pools_server::Pools for Api {
     }
 
     async fn stats(&self, req: Request<pb::StatsRequest>) -> Result<pb::StatsResponse> {
-        Ok(tonic::Response::new(self.stats(&req.into_inner().team)))
+        let req = req.into_inner();
+        portmesh_proto::check_filters(&[("team", &req.team)]).map_err(ApiError::from)?;
+        Ok(tonic::Response::new(self.stats(&req.team)))
     }
 
     async fn remove(&self, req: Request<pb::RemovePoolRequest>) -> Result<pb::RemovePoolResponse> {

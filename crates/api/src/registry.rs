@@ -60,6 +60,13 @@ impl pb::registry_server::Registry for Api {
 
     async fn discover(&self, req: Request<pb::DiscoverRequest>) -> Result<pb::DiscoverResponse> {
         let req = req.into_inner();
+        let filters =
+            [("team", &req.team), ("name", &req.name), ("project", &req.project), ("env", &req.env)];
+        portmesh_proto::check_filters(&filters.map(|(f, v)| (f, v.as_str()))).map_err(ApiError::from)?;
+        req.tags
+            .iter()
+            .try_for_each(|t| portmesh_proto::check_filters(&[("tags", t)]))
+            .map_err(ApiError::from)?;
         self.node().read_barrier(req.stale).await.map_err(ApiError::from)?;
         let sm = self.node().state().read();
         let mut found: Vec<&Service> = sm.state.services().filter(|s| wanted(&req, s)).collect();

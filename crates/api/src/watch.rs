@@ -160,6 +160,8 @@ impl pb::watch_server::Watch for Api {
             }
             ms => Duration::from_millis(ms),
         };
+        portmesh_proto::check_filters(&[("team", &req.team), ("pool", &req.pool), ("service", &req.service)])
+            .map_err(ApiError::from)?;
         let reader = self.node().state().clone();
         let from = {
             let sm = reader.read();

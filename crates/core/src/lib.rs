@@ -30,6 +30,7 @@ mod rng;
 mod select;
 mod state;
 pub mod stats;
+pub mod text;
 mod types;
 
 pub use command::{

@@ -36,6 +36,6 @@ pub const ERROR_METADATA: &str = "portmesh-error";
 pub const OLDEST_REVISION_METADATA: &str = "portmesh-oldest-revision";
 
 pub use convert::{
-    Allocate, AtHost, BadRequest, MAX_REPORTED_BUSY, MAX_REPORTS, health_from_pb, required_port,
-    strategy_from_pb,
+    Allocate, AtHost, BadRequest, MAX_CHECK_COMMAND, MAX_REPORTED_BUSY, MAX_REPORTS, check_filters,
+    health_from_pb, required_port, strategy_from_pb, team,
 };

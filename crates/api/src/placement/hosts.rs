@@ -45,9 +45,7 @@ impl HostMap {
                 let holders = r
                     .holders
                     .into_iter()
-                    .filter_map(|h| {
-                        Some((u16::try_from(h.port).ok()?, Holder { pid: h.pid, command: h.command }))
-                    })
+                    .filter_map(|h| Some((u16::try_from(h.port).ok()?, Holder::new(h.pid, &h.command))))
                     .collect();
                 Some(Busy {
                     ports: r.busy.into_iter().filter_map(|p| u16::try_from(p).ok()).collect(),

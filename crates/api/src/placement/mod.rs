@@ -32,7 +32,7 @@ pub(crate) fn probe_here(ports: &[u16]) -> Busy {
     // Several listeners of one port (IPv4 and IPv6) are narrowed to one by `HostProbe::with_owners`.
     let holders = portmesh_probe::owners_of(&busy)
         .into_iter()
-        .filter_map(|(port, o)| Some((port, Holder { pid: o.pid?, command: o.command.unwrap_or_default() })))
+        .filter_map(|(port, o)| Some((port, Holder::new(o.pid?, o.command.as_deref().unwrap_or_default()))))
         .collect();
     Busy { ports: busy, holders }
 }

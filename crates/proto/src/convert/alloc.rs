@@ -2,7 +2,9 @@
 
 use portmesh_core as core;
 
-use super::{AtHost, BadRequest, command_of, holder, opt, pid_of, port, required_port};
+use super::{
+    AtHost, BadRequest, command_of, holder, name, opt, opt_key, opt_name, pid_of, port, required_port, team,
+};
 use crate::v1 as pb;
 
 /// Most ports a client may report busy in one allocation.
@@ -39,8 +41,9 @@ impl TryFrom<AtHost<'_, pb::AllocateRequest>> for Allocate {
                 ));
             }
         };
+        opt_key("host", &req.host)?;
         let batch = core::AllocateBatch {
-            team: core::team_or_default(&req.team).to_string(),
+            team: team(&req.team)?,
             host: if req.host.is_empty() { host.to_string() } else { req.host.clone() },
             lease,
             items: req.items.iter().map(core::AllocItem::try_from).collect::<Result<_, _>>()?,
@@ -55,6 +58,11 @@ impl TryFrom<&pb::AllocItem> for core::AllocItem {
     type Error = BadRequest;
 
     fn try_from(i: &pb::AllocItem) -> Result<Self, Self::Error> {
+        opt_name("items.pool", &i.pool)?;
+        name("items.service", &i.service)?;
+        opt_name("items.instance", &i.instance)?;
+        opt_name("items.env", &i.env)?;
+        opt_key("items.key", &i.key)?;
         Ok(core::AllocItem {
             pool: opt(&i.pool),
             service: i.service.clone(),
@@ -82,14 +90,17 @@ impl TryFrom<&pb::ReleaseRequest> for core::Command {
                     .collect::<Result<_, _>>()?;
                 core::ReleaseSelector::Ports(ports)
             }
-            (true, false) => core::ReleaseSelector::Key(req.key.clone()),
+            (true, false) => {
+                opt_key("key", &req.key)?;
+                core::ReleaseSelector::Key(req.key.clone())
+            }
             _ => {
                 return Err(BadRequest(
                     "name the ports to release or a key, not both and not neither".into(),
                 ));
             }
         };
-        Ok(core::Command::Release { team: core::team_or_default(&req.team).to_string(), selector })
+        Ok(core::Command::Release { team: team(&req.team)?, selector })
     }
 }
 
@@ -97,7 +108,10 @@ impl TryFrom<&pb::ReserveRequest> for core::Command {
     type Error = BadRequest;
 
     fn try_from(req: &pb::ReserveRequest) -> Result<Self, Self::Error> {
-        Ok(core::Command::Reserve { port: required_port(req.port, "port")?, reason: req.reason.clone() })
+        Ok(core::Command::Reserve {
+            port: required_port(req.port, "port")?,
+            reason: core::text::clean_text(&req.reason),
+        })
     }
 }
 

@@ -2,7 +2,7 @@
 
 use portmesh_core as core;
 
-use super::BadRequest;
+use super::{BadRequest, team};
 use crate::v1 as pb;
 
 /// A lease and the ports attached to it.
@@ -23,10 +23,7 @@ impl TryFrom<&pb::LeaseGrantRequest> for core::Command {
     type Error = BadRequest;
 
     fn try_from(req: &pb::LeaseGrantRequest) -> Result<Self, Self::Error> {
-        Ok(core::Command::GrantLease {
-            team: core::team_or_default(&req.team).to_string(),
-            ttl_ms: req.ttl_ms,
-        })
+        Ok(core::Command::GrantLease { team: team(&req.team)?, ttl_ms: req.ttl_ms })
     }
 }
 
@@ -34,9 +31,6 @@ impl TryFrom<&pb::LeaseRevokeRequest> for core::Command {
     type Error = BadRequest;
 
     fn try_from(req: &pb::LeaseRevokeRequest) -> Result<Self, Self::Error> {
-        Ok(core::Command::RevokeLease {
-            team: core::team_or_default(&req.team).to_string(),
-            id: req.lease_id,
-        })
+        Ok(core::Command::RevokeLease { team: team(&req.team)?, id: req.lease_id })
     }
 }

@@ -18,7 +18,7 @@ mod stats;
 use portmesh_core as core;
 
 pub use alloc::{Allocate, MAX_REPORTED_BUSY, strategy_from_pb};
-pub use registry::{MAX_REPORTS, health_from_pb};
+pub use registry::{MAX_CHECK_COMMAND, MAX_REPORTS, health_from_pb};
 
 /// A message as received by the node on `host`, for the conversions whose defaults come from
 /// the receiving node (an allocation or a registration is for this node's host unless it names
@@ -38,9 +38,42 @@ fn opt(s: &str) -> Option<String> {
     (!s.is_empty()).then(|| s.to_string())
 }
 
-/// The wire form of a holder is a pid (0: none) and a command line.
+/// The wire form of a holder is a pid (0: none) and a command line, recorded with its secrets
+/// masked and cut to size ([`core::Holder::new`]).
 fn holder(pid: u32, command: &str) -> Option<core::Holder> {
-    (pid != 0).then(|| core::Holder { pid, command: command.to_string() })
+    (pid != 0).then(|| core::Holder::new(pid, command))
+}
+
+impl From<core::text::TextError> for BadRequest {
+    fn from(e: core::text::TextError) -> Self {
+        BadRequest(e.to_string())
+    }
+}
+
+/// A name (team, pool, service, …): see `core::text` for the rule.
+fn name(field: &str, v: &str) -> Result<(), BadRequest> {
+    Ok(core::text::check_name(field, v)?)
+}
+
+/// A name that may be left empty (its default applies).
+fn opt_name(field: &str, v: &str) -> Result<(), BadRequest> {
+    if v.is_empty() { Ok(()) } else { name(field, v) }
+}
+
+/// A key (sticky key, service id, host) that may be left empty.
+fn opt_key(field: &str, v: &str) -> Result<(), BadRequest> {
+    if v.is_empty() { Ok(()) } else { Ok(core::text::check_key(field, v)?) }
+}
+
+/// The filters of a read (list, watch, discover, stats): empty, or a valid name.
+pub fn check_filters(filters: &[(&str, &str)]) -> Result<(), BadRequest> {
+    filters.iter().try_for_each(|(field, v)| opt_name(field, v))
+}
+
+/// A request's team: a valid name, or empty for the default team.
+pub fn team(v: &str) -> Result<String, BadRequest> {
+    opt_name("team", v)?;
+    Ok(core::team_or_default(v).to_string())
 }
 
 fn pid_of(h: &Option<core::Holder>) -> u32 {

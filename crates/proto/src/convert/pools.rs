@@ -2,7 +2,7 @@
 
 use portmesh_core as core;
 
-use super::BadRequest;
+use super::{BadRequest, name, team};
 use crate::v1 as pb;
 
 /// A pool and how much of it is in use.
@@ -24,11 +24,12 @@ impl TryFrom<&pb::AddPoolRequest> for core::Command {
     type Error = BadRequest;
 
     fn try_from(req: &pb::AddPoolRequest) -> Result<Self, Self::Error> {
+        name("name", &req.name)?;
         if req.ranges.is_empty() {
             return Err(BadRequest("ranges: give at least one range".into()));
         }
         Ok(core::Command::AddPool {
-            team: core::team_or_default(&req.team).to_string(),
+            team: team(&req.team)?,
             name: req.name.clone(),
             ranges: req.ranges.iter().map(TryInto::try_into).collect::<Result<_, _>>()?,
         })
@@ -39,10 +40,8 @@ impl TryFrom<&pb::RemovePoolRequest> for core::Command {
     type Error = BadRequest;
 
     fn try_from(req: &pb::RemovePoolRequest) -> Result<Self, Self::Error> {
-        Ok(core::Command::RemovePool {
-            team: core::team_or_default(&req.team).to_string(),
-            name: req.name.clone(),
-        })
+        name("name", &req.name)?;
+        Ok(core::Command::RemovePool { team: team(&req.team)?, name: req.name.clone() })
     }
 }
 

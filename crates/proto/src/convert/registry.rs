@@ -2,7 +2,9 @@
 
 use portmesh_core as core;
 
-use super::{AtHost, BadRequest, command_of, holder, opt, pid_of, required_port};
+use super::{
+    AtHost, BadRequest, command_of, holder, name, opt, opt_key, opt_name, pid_of, required_port, team,
+};
 use crate::v1 as pb;
 
 impl From<core::HealthStatus> for pb::HealthStatus {
@@ -27,6 +29,8 @@ pub fn health_from_pb(h: i32) -> Result<core::HealthStatus, BadRequest> {
     }
 }
 
+/// Longest command of a command check, in bytes.
+pub const MAX_CHECK_COMMAND: usize = 1024;
 /// Default interval of a health check that names none.
 const DEFAULT_CHECK_INTERVAL_MS: u64 = 10_000;
 /// Default timeout of a health check that names none (at most its interval).
@@ -36,6 +40,15 @@ impl TryFrom<&pb::HealthCheck> for core::HealthCheck {
     type Error = BadRequest;
 
     fn try_from(c: &pb::HealthCheck) -> Result<Self, Self::Error> {
+        opt_name("check.port_name", &c.port_name)?;
+        opt_key("check.path", &c.path)?;
+        opt_key("check.grpc_service", &c.grpc_service)?;
+        if c.command.len() > MAX_CHECK_COMMAND {
+            return Err(BadRequest(format!(
+                "check.command: {} bytes, at most {MAX_CHECK_COMMAND}",
+                c.command.len()
+            )));
+        }
         let kind = match pb::CheckType::try_from(c.r#type) {
             Ok(pb::CheckType::CheckTcp) => core::CheckKind::Tcp,
             Ok(pb::CheckType::CheckHttp) => {
@@ -145,6 +158,22 @@ impl TryFrom<AtHost<'_, pb::Service>> for core::Service {
         if svc.name.is_empty() {
             return Err(BadRequest("service.name: a service needs a name".into()));
         }
+        name("service.name", &svc.name)?;
+        opt_key("service.id", &svc.id)?;
+        opt_key("service.host", &svc.host)?;
+        for (field, v) in [
+            ("service.project", &svc.project),
+            ("service.env", &svc.env),
+            ("service.instance", &svc.instance),
+        ] {
+            opt_name(field, v)?;
+        }
+        svc.tags.iter().try_for_each(|t| name("service.tags", t))?;
+        svc.depends_on.iter().try_for_each(|d| name("service.depends_on", d))?;
+        for p in &svc.ports {
+            opt_name("service.ports.name", &p.name)?;
+            opt_name("service.ports.protocol", &p.protocol)?;
+        }
         let ports = svc
             .ports
             .iter()
@@ -163,7 +192,7 @@ impl TryFrom<AtHost<'_, pb::Service>> for core::Service {
             (true, None) => svc.name.clone(),
         };
         Ok(core::Service {
-            team: core::team_or_default(&svc.team).to_string(),
+            team: team(&svc.team)?,
             id,
             name: svc.name.clone(),
             project: opt(&svc.project),
@@ -202,8 +231,11 @@ impl TryFrom<&pb::DeregisterRequest> for core::Command {
 
     fn try_from(req: &pb::DeregisterRequest) -> Result<Self, Self::Error> {
         Ok(core::Command::Deregister {
-            team: core::team_or_default(&req.team).to_string(),
-            id: req.id.clone(),
+            team: team(&req.team)?,
+            id: {
+                core::text::check_key("id", &req.id)?;
+                req.id.clone()
+            },
         })
     }
 }
@@ -222,11 +254,13 @@ impl TryFrom<&pb::ReportHealthRequest> for core::Command {
             .reports
             .iter()
             .map(|r| {
+                core::text::check_key("reports.id", &r.id)?;
                 Ok(core::HealthUpdate {
-                    team: core::team_or_default(&r.team).to_string(),
+                    team: team(&r.team)?,
                     id: r.id.clone(),
                     status: health_from_pb(r.status)?,
-                    output: r.output.clone(),
+                    // Control characters would forge lines in logs and `watch` output.
+                    output: r.output.chars().map(|c| if c.is_control() { ' ' } else { c }).collect(),
                 })
             })
             .collect::<Result<_, BadRequest>>()?;
