@@ -405,6 +405,11 @@ pub struct ServeArgs {
     /// HTTP listen address for /healthz, /readyz and /api/v1/status.
     #[arg(long, env = "PORTMESH_HTTP")]
     pub http: Option<SocketAddr>,
+    /// A host name the HTTP server answers to besides IP addresses, `localhost`, this host's
+    /// name and the advertised host (repeat, or comma-separate in the variable). Browsers send
+    /// the name they resolved; unknown names are refused (DNS rebinding).
+    #[arg(long = "http-allow-host", env = "PORTMESH_HTTP_ALLOW_HOSTS", value_delimiter = ',')]
+    pub http_allow_hosts: Vec<String>,
     /// Address to advertise to clients and peers (default: the bound gRPC address).
     #[arg(long, env = "PORTMESH_ADVERTISE")]
     pub advertise: Option<String>,

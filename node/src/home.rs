@@ -19,11 +19,9 @@ pub struct NodeInfo {
 }
 
 pub fn write_info(home: &Path, info: &NodeInfo) -> io::Result<()> {
-    std::fs::create_dir_all(home)?;
-    let tmp = home.join(format!(".{INFO_FILE}.{}", std::process::id()));
+    portmesh_probe::private::create_dir(home)?;
     let body = serde_json::to_vec_pretty(info).map_err(io::Error::other)?;
-    std::fs::write(&tmp, body)?;
-    std::fs::rename(&tmp, home.join(INFO_FILE))
+    portmesh_probe::private::write(&home.join(INFO_FILE), &body)
 }
 
 /// The recorded node, if the file exists and parses.

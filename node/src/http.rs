@@ -13,7 +13,68 @@ use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-pub(crate) async fn serve(listener: TcpListener, api: Api, mut stop: watch::Receiver<bool>) {
+/// The names the HTTP server answers to. A browser sends the name it resolved in `Host`; a
+/// page on another site that rebinds its own DNS name to this node's address (DNS rebinding)
+/// still sends that name, so requests for unknown names are refused. IP addresses, `localhost`,
+/// this host's name and the advertised host are always allowed.
+#[derive(Debug, Clone)]
+pub(crate) struct AllowedHosts(std::sync::Arc<Vec<String>>);
+
+impl AllowedHosts {
+    pub(crate) fn new<'a>(names: impl IntoIterator<Item = &'a str>) -> Self {
+        let mut all = vec!["localhost".to_string()];
+        all.extend(names.into_iter().map(|n| strip_port(n).to_ascii_lowercase()).filter(|n| !n.is_empty()));
+        AllowedHosts(std::sync::Arc::new(all))
+    }
+
+    fn allows(&self, host: &str) -> bool {
+        let name = strip_port(host);
+        name.trim_start_matches('[').trim_end_matches(']').parse::<std::net::IpAddr>().is_ok()
+            || self.0.iter().any(|n| n.eq_ignore_ascii_case(name))
+    }
+}
+
+/// `name:port` or `[v6]:port` without the port.
+fn strip_port(host: &str) -> &str {
+    if let Some(rest) = host.strip_prefix('[') {
+        return rest.split_once(']').map_or(host, |(ip, _)| ip);
+    }
+    match host.rsplit_once(':') {
+        Some((name, port)) if !name.contains(':') && port.bytes().all(|b| b.is_ascii_digit()) => name,
+        _ => host,
+    }
+}
+
+async fn check_host(
+    State(hosts): State<AllowedHosts>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let host = req.headers().get(axum::http::header::HOST).and_then(|h| h.to_str().ok());
+    match host {
+        Some(h) if !hosts.allows(h) => {
+            let shown: String = h.chars().take(100).collect();
+            tracing::debug!(host = %shown, "HTTP request for an unknown host name refused");
+            (
+                StatusCode::FORBIDDEN,
+                format!(
+                    "host {shown:?} is not a name of this node: use its address, or start it with \
+                     --http-allow-host NAME\n"
+                ),
+            )
+                .into_response()
+        }
+        _ => next.run(req).await,
+    }
+}
+
+pub(crate) async fn serve(
+    listener: TcpListener,
+    api: Api,
+    hosts: AllowedHosts,
+    mut stop: watch::Receiver<bool>,
+) {
     let app = Router::new()
         .route("/", get(|| async { asset("text/html; charset=utf-8", DASHBOARD_HTML) }))
         .route("/dashboard.js", get(|| async { asset("text/javascript; charset=utf-8", DASHBOARD_JS) }))
@@ -22,7 +83,8 @@ pub(crate) async fn serve(listener: TcpListener, api: Api, mut stop: watch::Rece
         .route("/readyz", get(readyz))
         .route("/api/v1/status", get(status))
         .route("/metrics", get(metrics))
-        .with_state(api);
+        .with_state(api)
+        .layer(axum::middleware::from_fn_with_state(hosts, check_host));
     let res = axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             let _ = stop.wait_for(|s| *s).await;
@@ -161,4 +223,25 @@ async fn status(State(api): State<Api>) -> Json<Value> {
         "pools": pools, "allocations": allocations, "services": services, "recent_conflicts": conflicts,
         "recommendations": recommendations, "leases": leases, "now_ms": now,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_addresses_and_known_names_are_answered() {
+        let hosts = AllowedHosts::new(["laptop", "pm1.example.org:7400", "10.0.0.5:7400"]);
+        for ok in
+            ["127.0.0.1:7401", "[::1]:7401", "10.1.2.3", "localhost:7401", "LAPTOP:80", "pm1.example.org"]
+        {
+            assert!(hosts.allows(ok), "{ok}");
+        }
+        for bad in ["evil.example:7401", "localhost.evil.example", "pm1.example.org.evil", "laptop2"] {
+            assert!(!hosts.allows(bad), "{bad}");
+        }
+        assert_eq!(strip_port("[fe80::1]:80"), "fe80::1");
+        assert_eq!(strip_port("fe80::1"), "fe80::1");
+        assert_eq!(strip_port("name:80"), "name");
+    }
 }

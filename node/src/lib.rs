@@ -37,6 +37,9 @@ pub struct NodeConfig {
     pub listen: SocketAddr,
     /// HTTP listen address (health, readiness, status). `None`: no HTTP.
     pub http: Option<SocketAddr>,
+    /// Host names the HTTP server answers to besides IP addresses, `localhost`, this host's name
+    /// and the advertised host (a browser's `Host` header must be one of them: DNS rebinding).
+    pub http_allow_hosts: Vec<String>,
     /// Address peers and clients should use, if not the bound one.
     pub advertise: Option<String>,
     /// Start a new single-node cluster if this directory holds none.
@@ -60,6 +63,7 @@ impl NodeConfig {
             data_dir,
             listen,
             http: None,
+            http_allow_hosts: Vec::new(),
             advertise: None,
             bootstrap: false,
             join: None,
@@ -118,9 +122,13 @@ pub struct RunningNode {
 
 /// Starts a node: opens storage, starts Raft, binds and serves gRPC and HTTP.
 pub async fn start(cfg: NodeConfig) -> Result<RunningNode, NodeError> {
-    std::fs::create_dir_all(&cfg.data_dir)
+    portmesh_probe::private::create_dir(&cfg.data_dir)
         .map_err(|source| NodeError::Home { dir: cfg.data_dir.clone(), source })?;
     let store = Store::open(&cfg.data_dir, &cfg.store)?;
+    // The data directory is the owner's alone (0700, files 0600), also one an older release made.
+    if let Err(e) = portmesh_probe::private::restrict_tree(&cfg.data_dir) {
+        tracing::warn!(dir = %cfg.data_dir.display(), error = %e, "cannot restrict the data directory to its owner");
+    }
 
     let grpc_listener = TcpListener::bind(cfg.listen).await.map_err(|source| NodeError::Bind {
         what: "gRPC",
@@ -197,7 +205,11 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode, NodeError> {
     let grpc_task = tokio::spawn(grpc);
     let checks_task = tokio::spawn(checker::run_health_checks(api.clone(), shutdown.subscribe()));
     tokio::spawn(portmesh_api::count_events(api.clone(), shutdown.subscribe()));
-    let http_task = http_listener.map(|l| tokio::spawn(http::serve(l, api.clone(), shutdown.subscribe())));
+    let hosts = http::AllowedHosts::new(
+        [api.host(), &advertise].into_iter().chain(cfg.http_allow_hosts.iter().map(String::as_str)),
+    );
+    let http_task =
+        http_listener.map(|l| tokio::spawn(http::serve(l, api.clone(), hosts, shutdown.subscribe())));
 
     match (&cfg.join, initialized) {
         (Some(cluster), false) => join(cluster, &node, &advertise, cfg.leader_timeout).await?,

@@ -209,3 +209,26 @@ fn http_metrics_in_the_openmetrics_format_and_services_in_the_status() {
     assert_eq!(svc["ports"][0]["port"], 18001);
     assert!(v["allocations"][0]["pid"].as_u64().is_some(), "the holder is shown: {v}");
 }
+
+/// The local node's home and data are its owner's alone: directories 0700, files 0600, also a
+/// data directory that existed with looser modes (one an older release made).
+#[test]
+fn the_home_and_the_data_directory_are_readable_by_their_owner_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let h = Home::new();
+    let data = h.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    for dir in [h.path(), data.as_path()] {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    h.pm(&["alloc", "private"]).ok();
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    for dir in [h.path().to_path_buf(), data.clone(), data.join("sled")] {
+        assert_eq!(mode(&dir), 0o700, "{}", dir.display());
+    }
+    for file in
+        [h.path().join("node.json"), h.path().join("node.log"), data.join("sled/db"), data.join("sled/conf")]
+    {
+        assert_eq!(mode(&file), 0o600, "{}", file.display());
+    }
+}

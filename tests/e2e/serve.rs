@@ -70,3 +70,23 @@ fn listening_on_a_taken_address_names_it() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains(&format!("cannot listen for gRPC on {addr}")) && err.contains("--listen"), "{err}");
 }
+
+/// The HTTP server answers only to its own names and to IP addresses: a page elsewhere that
+/// rebinds its DNS name to the node's address (DNS rebinding) is refused, and so is any name
+/// not given with `--http-allow-host`.
+#[test]
+fn the_http_server_refuses_unknown_host_names() {
+    let h = Home::new();
+    let data = h.path().join("data");
+    let s = serve(&h, &data, &["--bootstrap", "--http-allow-host", "portmesh.team.example"]);
+    let port = s.http.rsplit_once(':').unwrap().1.to_string();
+    for host in [s.http.clone(), format!("localhost:{port}"), format!("portmesh.team.example:{port}")] {
+        let (code, _, body) = http_get_as(&s.http, &host, "/api/v1/status");
+        assert_eq!(code, 200, "{host}: {body}");
+    }
+    for host in [format!("attacker.example:{port}"), "localhost.attacker.example".to_string()] {
+        let (code, _, body) = http_get_as(&s.http, &host, "/api/v1/status");
+        assert_eq!(code, 403, "{host}: {body}");
+        assert!(body.contains("--http-allow-host"), "{body}");
+    }
+}

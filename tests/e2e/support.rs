@@ -209,9 +209,14 @@ pub fn http_get(addr: &str, path: &str) -> (u16, String) {
 
 /// Status code, response head (status line and headers) and body of `GET path`.
 pub fn http_get_with_head(addr: &str, path: &str) -> (u16, String, String) {
+    http_get_as(addr, addr, path)
+}
+
+/// A GET of `path` from `addr` naming `host` in the `Host` header.
+pub fn http_get_as(addr: &str, host: &str, path: &str) -> (u16, String, String) {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr).expect("connect http");
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").unwrap();
     let mut buf = String::new();
     s.read_to_string(&mut buf).unwrap();
     let code = buf.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);

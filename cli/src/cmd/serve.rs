@@ -7,6 +7,7 @@ use crate::args::ServeArgs;
 pub async fn serve(a: &ServeArgs) -> Result<()> {
     let mut cfg = portmesh_node::NodeConfig::new(a.data.clone(), a.listen);
     cfg.http = a.http;
+    cfg.http_allow_hosts = a.http_allow_hosts.clone();
     cfg.advertise = a.advertise.clone();
     cfg.bootstrap = a.bootstrap;
     cfg.join = a.join.clone();

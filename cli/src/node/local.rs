@@ -63,7 +63,7 @@ pub fn read_launch(home: &Path) -> Result<Option<Launch>> {
 pub fn write_launch(home: &Path, launch: Option<&Launch>) -> Result<()> {
     let path = home.join(LAUNCH_FILE);
     match launch {
-        Some(l) => std::fs::write(&path, serde_json::to_vec_pretty(l)?)
+        Some(l) => portmesh_probe::private::write(&path, &serde_json::to_vec_pretty(l)?)
             .with_context(|| format!("cannot write {}", path.display())),
         None => match std::fs::remove_file(&path) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
@@ -100,7 +100,7 @@ pub async fn connect_or_start() -> Result<Client> {
     if let Some(c) = try_recorded(&home).await {
         return Ok(c);
     }
-    std::fs::create_dir_all(&home)
+    portmesh_probe::private::create_dir(&home)
         .with_context(|| format!("cannot create portmesh home {}", home.display()))?;
     let lock_path = home.join("start.lock");
     let lock = File::create(&lock_path).with_context(|| format!("cannot create {}", lock_path.display()))?;
@@ -125,10 +125,7 @@ async fn start(home: &Path, join: Option<&str>) -> Result<Client> {
     let launch = read_launch(home)?;
     let exe = std::env::current_exe().context("cannot find the portmesh executable")?;
     let log_path = home.join("node.log");
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log_path)
+    let log = portmesh_probe::private::append(&log_path)
         .with_context(|| format!("cannot open {}", log_path.display()))?;
     let mut cmd = std::process::Command::new(exe);
     cmd.arg("serve").arg("--data").arg(home.join("data")).args(["--http", "127.0.0.1:0", "--home"]).arg(home);

@@ -19,9 +19,13 @@ pub async fn detach(cli: &Cli, c: &Client, a: &UpArgs, stack: &Stack) -> Result<
     let path = record::path(stack)?;
     let log = path.with_extension("log");
     if let Some(dir) = log.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        portmesh_probe::private::create_dir(dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
     }
-    let out = std::fs::File::create(&log).with_context(|| format!("cannot create {}", log.display()))?;
+    // A fresh log for this run, readable by its owner only.
+    let out = portmesh_probe::private::write(&log, b"")
+        .and_then(|()| portmesh_probe::private::append(&log))
+        .with_context(|| format!("cannot create {}", log.display()))?;
     let exe = std::env::current_exe().context("cannot find the portmesh binary")?;
     let mut cmd = tokio::process::Command::new(exe);
     cmd.arg("up").arg("--supervise").arg("-f").arg(&stack.file).arg("--env").arg(&stack.env);

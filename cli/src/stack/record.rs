@@ -53,15 +53,14 @@ pub fn read(path: &Path) -> Result<Option<StackRecord>> {
     }
 }
 
-/// Writes the record atomically (a temporary file renamed over it).
+/// Writes the record atomically, readable by its owner only.
 pub fn write(path: &Path, rec: &StackRecord) -> Result<()> {
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        portmesh_probe::private::create_dir(dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
     }
-    let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(rec)?)
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
+    portmesh_probe::private::write(path, &serde_json::to_vec_pretty(rec)?)
+        .with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// Whether `pid` is a `portmesh up` supervising a stack.

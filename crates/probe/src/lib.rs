@@ -21,6 +21,7 @@ use serde::Serialize;
 use socket2::{Domain, Protocol, Socket, Type};
 
 mod owner;
+pub mod private;
 pub mod process;
 
 pub use owner::{Owner, command_of, owners, owners_of};
