@@ -12,6 +12,7 @@ mod checker;
 mod home;
 mod http;
 mod metrics;
+mod wire;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -185,6 +186,7 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode, NodeError> {
 
     let mut stop = shutdown.subscribe();
     let grpc = tonic::transport::Server::builder()
+        .layer(wire::DecodeErrorsLayer)
         .add_service(health_service)
         .add_service(reflection)
         .add_service(api.allocator())

@@ -1603,3 +1603,60 @@ async fn a_follower_refuses_an_allocation_naming_the_leader() {
     let after = c.nodes[leader].as_ref().unwrap().api.node().state().read().state.allocations().count();
     assert_eq!(before, after, "a refused allocation took a port");
 }
+
+/// Sends raw bytes as the body of a unary call, whatever the method expects.
+#[derive(Debug, Clone, Copy, Default)]
+struct RawBytes;
+
+impl tonic::codec::Codec for RawBytes {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = RawBytes;
+    type Decoder = RawBytes;
+    fn encoder(&mut self) -> Self::Encoder {
+        RawBytes
+    }
+    fn decoder(&mut self) -> Self::Decoder {
+        RawBytes
+    }
+}
+
+impl tonic::codec::Encoder for RawBytes {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn encode(&mut self, item: Vec<u8>, dst: &mut tonic::codec::EncodeBuf<'_>) -> Result<(), tonic::Status> {
+        bytes::BufMut::put_slice(dst, &item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawBytes {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn decode(&mut self, src: &mut tonic::codec::DecodeBuf<'_>) -> Result<Option<Vec<u8>>, tonic::Status> {
+        let n = bytes::Buf::remaining(src);
+        Ok(Some(bytes::Buf::copy_to_bytes(src, n).to_vec()))
+    }
+}
+
+/// A body that is not the method's protobuf message is the caller's mistake: INVALID_ARGUMENT
+/// with the `invalid_argument` category (tonic alone says INTERNAL), and nothing changes.
+#[tokio::test]
+async fn a_malformed_protobuf_body_is_an_invalid_argument() {
+    let dir = tempfile::tempdir().unwrap();
+    let (node, client) = node_in(dir.path(), |_| {}).await;
+    let before = client.status().await.unwrap().revision;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", node.grpc_addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static("/portmesh.v1.Allocator/Allocate");
+    let status = grpc.unary(tonic::Request::new(vec![0xff, 0xff, 0xff]), path, RawBytes).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    let category = status.metadata().get("portmesh-error").and_then(|v| v.to_str().ok());
+    assert_eq!(category, Some("invalid_argument"), "{status:?}");
+    assert_eq!(client.status().await.unwrap().revision, before, "a malformed request changed the state");
+}
