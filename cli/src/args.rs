@@ -206,8 +206,8 @@ pub struct PortArgs {
     /// service, else default].
     #[arg(long)]
     pub pool: Option<String>,
-    /// Wanted port (of the first port).
-    #[arg(long)]
+    /// Wanted port (of the first port). Leave it out for any port of the pool.
+    #[arg(long, value_parser = parse_wanted_port)]
     pub port: Option<u16>,
     /// What to do if the wanted port is not free: sticky, next, random or fail.
     #[arg(long, default_value = "sticky")]
@@ -234,7 +234,7 @@ pub struct AllocArgs {
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub count: u32,
     /// Attach to a new lease with this TTL (e.g. 30s, 5m): the ports come back if it is not renewed.
-    #[arg(long, value_parser = humantime::parse_duration)]
+    #[arg(long, value_parser = parse_ttl)]
     pub ttl: Option<Duration>,
     /// Attach to an existing lease.
     #[arg(long, conflicts_with = "ttl")]
@@ -252,7 +252,7 @@ pub struct RunArgs {
     #[arg(long, value_delimiter = ',')]
     pub ports: Vec<String>,
     /// Lease TTL: if this wrapper dies, the ports come back this long after.
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "10s", value_parser = parse_ttl)]
     pub ttl: Duration,
     /// Bind the (first) port here and hand the socket over as fd 3 by the systemd
     /// socket-activation protocol (LISTEN_FDS, LISTEN_PID), e.g. `gunicorn --bind fd://3`.
@@ -434,6 +434,25 @@ pub struct ServeArgs {
     /// for allocations on this host) [default: the OS host name].
     #[arg(long, env = "PORTMESH_HOST_NAME")]
     pub host_name: Option<String>,
+}
+
+/// `--port`: a real port. 0 would silently mean "any port", which leaving the flag out says.
+fn parse_wanted_port(s: &str) -> Result<u16, String> {
+    match s.parse::<u16>() {
+        Ok(0) => Err("0 is not a port: leave --port out to take any port of the pool".into()),
+        Ok(p) => Ok(p),
+        Err(_) => Err(format!("{s:?} is not a port (1-65535)")),
+    }
+}
+
+/// `--ttl`: a lease's time to live. Zero would mean "no lease" on the wire, a permanent
+/// allocation the user asked to expire.
+fn parse_ttl(s: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(s) {
+        Ok(d) if d.is_zero() => Err("a lease of 0 would never expire: leave --ttl out for no lease".into()),
+        Ok(d) => Ok(d),
+        Err(e) => Err(format!("{s:?}: {e} (write e.g. 30s, 5m)")),
+    }
 }
 
 /// `--voters`: Raft clusters of 3 or 5 voters tolerate 1 or 2 failures.

@@ -1261,8 +1261,9 @@ async fn every_event_kind_reaches_a_watcher_in_order_across_a_leader_change() {
     ] {
         assert!(kinds.contains(&(k as i32)), "no {k:?} event among {} events", events.len());
     }
-    let conflict = events.iter().find_map(|e| e.conflict.as_ref()).unwrap();
-    assert_eq!(conflict.port, 10_990);
+    // The conflict the test made (the host's own programs may hold other ports of the pool).
+    let conflicts: Vec<u32> = events.iter().filter_map(|e| e.conflict.as_ref()).map(|c| c.port).collect();
+    assert!(conflicts.contains(&10_990), "{conflicts:?}");
     let health: Vec<(i32, i32)> = events
         .iter()
         .filter(|e| e.r#type == T::HealthChanged as i32 && e.service_id == checked.id)

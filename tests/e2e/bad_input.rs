@@ -76,6 +76,17 @@ fn malformed_arguments_are_usage_errors() {
     }
     let r = h.pm(&["alloc", "--strategy", "nearest"]);
     assert!(r.stderr.contains("use sticky, next, random or fail"), "{r:?}");
+    // `--ttl 0s` made a permanent allocation and told the user to renew "lease 0"; `--port 0`
+    // silently meant any port.
+    for (args, msg) in [
+        (&["alloc", "x", "--ttl", "0s"][..], "a lease of 0 would never expire: leave --ttl out for no lease"),
+        (&["run", "--ttl", "0s", "--", "true"], "a lease of 0 would never expire"),
+        (&["alloc", "x", "--port", "0"], "0 is not a port: leave --port out to take any port of the pool"),
+    ] {
+        let r = h.pm(args);
+        assert_eq!(r.code, 2, "{args:?}: {r:?}");
+        assert!(r.stderr.contains(msg), "{args:?}: {r:?}");
+    }
     assert!(h.info().is_none(), "usage errors start no node");
 }
 

@@ -146,12 +146,14 @@ fn the_dashboard_shows_services_pools_conflicts_and_recommendations_and_updates_
     }
     h.pm(&["register", "posts", "--port", "8500", "--project", "blog"]).ok();
     // Allocations, one under a lease; a conflict with a process holding a wanted port; a pool in
-    // the ephemeral range (a recommendation).
-    h.pm(&["alloc", "web", "--count", "3"]).ok();
-    h.pm(&["alloc", "ci", "--ttl", "10m", "--count", "2"]).ok();
-    let squatter = (8100..8200).find(|p| port_is_free(*p)).unwrap();
+    // the ephemeral range (a recommendation). From a pool of the test's own: what the host's own
+    // programs hold in the default pools must not change what the page shows.
+    h.pm(&["pools", "add", "dash", "20350-20389"]).ok();
+    h.pm(&["alloc", "web", "--pool", "dash", "--count", "3"]).ok();
+    h.pm(&["alloc", "ci", "--pool", "dash", "--ttl", "10m", "--count", "2"]).ok();
+    let squatter = (20370..20390).find(|p| port_is_free(*p)).unwrap();
     let _held = std::net::TcpListener::bind(("127.0.0.1", squatter)).unwrap();
-    let fallback = h.pm(&["alloc", "web", "--port", &squatter.to_string()]).ok().ports()[0];
+    let fallback = h.pm(&["alloc", "web", "--pool", "dash", "--port", &squatter.to_string()]).ok().ports()[0];
     assert_ne!(fallback, squatter);
     h.pm(&["pools", "add", "high", "40000-40099"]).ok();
 
@@ -199,7 +201,7 @@ fn the_dashboard_shows_services_pools_conflicts_and_recommendations_and_updates_
 
     // Live: a new allocation shows up on the same page, without a reload.
     b.eval("window.__portmeshMarker = 42");
-    let port = h.pm(&["alloc", "newcomer", "--pool", "db"]).ok().ports()[0];
+    let port = h.pm(&["alloc", "newcomer", "--pool", "dash"]).ok().ports()[0];
     wait_until("the new allocation on the page", Duration::from_secs(5), || {
         b.eval(&format!("document.querySelector('[data-port=\"{port}\"]') !== null")).as_bool() == Some(true)
     });

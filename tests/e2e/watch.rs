@@ -71,9 +71,12 @@ fn watch_replays_history_from_a_revision_then_follows_live_changes() {
 #[test]
 fn log_lists_assignments_releases_and_expiries_in_order_with_the_host() {
     let h = Home::new();
-    let p = h.pm(&["alloc", "api"]).ok().ports()[0];
+    // A pool of the test's own: listeners of the host's programs in the default pools would add
+    // conflicts to the log.
+    h.pm(&["pools", "add", "audit", "20720-20739"]).ok();
+    let p = h.pm(&["alloc", "api", "--pool", "audit"]).ok().ports()[0];
     h.pm(&["release", &p.to_string()]).ok();
-    let q = h.pm(&["alloc", "worker", "--ttl", "1s"]).ok().ports()[0];
+    let q = h.pm(&["alloc", "worker", "--pool", "audit", "--ttl", "1s"]).ok().ports()[0];
     wait_until("the 1 s lease to expire", Duration::from_secs(20), || h.live_ports().is_empty());
     let out = h.pm(&["log"]).ok();
     let lines: Vec<&str> = out.stdout.lines().collect();
