@@ -90,3 +90,35 @@ fn the_http_server_refuses_unknown_host_names() {
         assert!(body.contains("--http-allow-host"), "{body}");
     }
 }
+
+/// A write whose connection fails after it was sent is reported as of unknown outcome, naming
+/// the node and how to find out (before, the CLI printed a bare `transport error`, and the
+/// release had in fact been applied).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_cut_off_after_it_was_sent_is_of_unknown_outcome() {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    use portmesh_client::{Client, pb};
+    let h = Home::new();
+    let data = h.path().join("data");
+    let s = serve(&h, &data, &["--bootstrap"]);
+    let c = Client::connect(&s.grpc).await.unwrap();
+    let item = pb::AllocItem { service: "held".into(), ..Default::default() };
+    let port = c
+        .allocate(pb::AllocateRequest { items: vec![item], ..Default::default() })
+        .await
+        .unwrap()
+        .allocations[0]
+        .port;
+    let pid = Pid::from_raw(s.child.id() as i32);
+    kill(pid, Signal::SIGSTOP).unwrap();
+    let e = c.release(pb::ReleaseRequest { ports: vec![port], ..Default::default() }).await.unwrap_err();
+    kill(pid, Signal::SIGCONT).unwrap();
+    let msg = e.to_string();
+    assert!(
+        msg.contains(&format!("the node at {} stopped answering after the request was sent", s.grpc)),
+        "{msg}"
+    );
+    assert!(msg.contains("it may have been applied: check with `portmesh ls`"), "{msg}");
+    assert_eq!(e.kind(), Some("outcome_unknown"), "{e:?}");
+}

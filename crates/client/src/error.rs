@@ -22,6 +22,15 @@ pub enum ClientError {
     },
     #[error("invalid node address {addr:?}: {reason}")]
     BadAddress { addr: String, reason: String },
+    /// A write reached a node, which then stopped answering: it may or may not have been applied.
+    #[error(
+        "the node at {addr} stopped answering after the request was sent ({reason}); it may have been \
+         applied: check with `portmesh ls` or `portmesh log`{tried}"
+    )]
+    OutcomeUnknown { addr: String, reason: String, tried: String },
+    /// A read (or a call safe to repeat) found no node answering.
+    #[error("the node at {addr} stopped answering ({reason}){tried}")]
+    NoAnswer { addr: String, reason: String, tried: String },
 }
 
 impl ClientError {
@@ -33,10 +42,12 @@ impl ClientError {
         }
     }
 
-    /// The server's error category, e.g. `exhausted` or `not_found`.
+    /// The server's error category, e.g. `exhausted` or `not_found`; `outcome_unknown` for a
+    /// write cut off after it was sent.
     pub fn kind(&self) -> Option<&str> {
         match self {
             ClientError::Status { kind, .. } => kind.as_deref(),
+            ClientError::OutcomeUnknown { .. } => Some("outcome_unknown"),
             _ => None,
         }
     }

@@ -70,7 +70,12 @@ impl Client {
     {
         let deadline = tokio::time::Instant::now() + FOLLOW_BUDGET;
         let mut hop = 0usize;
+        let mut tried: Vec<String> = Vec::new();
         loop {
+            let addr = self.addr();
+            if !tried.contains(&addr) {
+                tried.push(addr.clone());
+            }
             let status = match tokio::time::timeout(CALL_TIMEOUT, f(self.channel())).await {
                 Ok(Ok(r)) => return Ok(r.into_inner()),
                 Ok(Err(s)) => s,
@@ -93,7 +98,21 @@ impl Client {
                     tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
                 );
             let unsent = transport && never_sent(&status);
-            let err = ClientError::from(status);
+            let err = if transport && !unsent {
+                // The connection failed with the request on it: name the node, and for a write
+                // say that its outcome is unknown.
+                let reason = error_chain(&status);
+                let tried = match tried.len() {
+                    1 => String::new(),
+                    _ => format!(" (tried {})", tried.join(", ")),
+                };
+                match retry {
+                    Retry::OnlyOnRedirect => ClientError::OutcomeUnknown { addr, reason, tried },
+                    Retry::Safe => ClientError::NoAnswer { addr, reason, tried },
+                }
+            } else {
+                ClientError::from(status)
+            };
             if tokio::time::Instant::now() >= deadline {
                 return Err(err);
             }

@@ -81,7 +81,7 @@ impl Oracle {
             Ok(r) => Outcome::Acked(r.allocations),
             // A failed connection, an unavailable node or a timeout: the write may have been
             // applied. Any other answer from a node (a portmesh category) means nothing was.
-            Err(e) if matches!(e.kind(), None | Some("unavailable" | "timeout")) => {
+            Err(e) if matches!(e.kind(), None | Some("unavailable" | "timeout" | "outcome_unknown")) => {
                 Outcome::Unknown { service: service.clone(), n, error: e.to_string() }
             }
             Err(e) => Outcome::Refused(e.to_string()),
