@@ -43,14 +43,25 @@ fn check_reports_free_and_busy_with_the_owning_process() {
 fn a_conflicts_holder_is_recorded_without_its_secrets() {
     let h = Home::new();
     h.pm(&["pools", "add", "secret", "21010-21019"]).ok();
-    let port = (21010..21020).find(|p| port_is_free(*p)).expect("a free port in the test's pool");
-    let listener = format!(
-        "import socket,time; s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); \
-         s.bind(('127.0.0.1', {port})); s.listen(); time.sleep(60)"
-    );
-    let mut child =
-        std::process::Command::new("python3").args(["-c", &listener, "--api-token=s3cr3t"]).spawn().unwrap();
-    wait_until("the listener to listen", std::time::Duration::from_secs(10), || !port_is_free(port));
+    // The listener takes the first port of the pool it can bind and says which.
+    let listener = "import socket,sys,time\n\
+        for p in range(21010, 21020):\n\
+        \x20   s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+        \x20   try: s.bind(('127.0.0.1', p))\n\
+        \x20   except OSError: continue\n\
+        \x20   s.listen(); print(p, flush=True); time.sleep(120)\n";
+    let mut child = std::process::Command::new("python3")
+        // The program comes from the environment, so the command line stays short (a recorded
+        // command line is cut at 256 bytes) and ends with the secret.
+        .args(["-c", "exec(__import__('os').environ['LISTENER'])", "--api-token=s3cr3t"])
+        .env("LISTENER", listener)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line)
+        .unwrap();
+    let port: u16 = line.trim().parse().unwrap_or_else(|_| panic!("the listener bound no port: {line:?}"));
     h.pm(&["alloc", "app", "--pool", "secret", "--port", &port.to_string(), "--strategy", "next"]).ok();
     let log = h.pm(&["log", "--json"]).ok().stdout;
     let conflict =
