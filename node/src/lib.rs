@@ -178,17 +178,23 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode, NodeError> {
 
     let (health, health_service) = tonic_health::server::health_reporter();
     let health_task = tokio::spawn(report_health(node.clone(), health));
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(portmesh_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .map_err(|e| NodeError::Raft(StartError::Config(format!("reflection: {e}"))))?;
+    // Reflection in both versions: grpc.reflection.v1, and v1alpha, the only one grpcurl before
+    // 1.9, Python's grpcio-reflection and several GUI clients speak.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(portmesh_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_error = |e| NodeError::Raft(StartError::Config(format!("reflection: {e}")));
+    let reflection_v1alpha = reflection().build_v1alpha().map_err(reflection_error)?;
+    let reflection = reflection().build_v1().map_err(reflection_error)?;
 
     let mut stop = shutdown.subscribe();
     let grpc = tonic::transport::Server::builder()
         .layer(wire::DecodeErrorsLayer)
         .add_service(health_service)
         .add_service(reflection)
+        .add_service(reflection_v1alpha)
         .add_service(api.allocator())
         .add_service(api.leases())
         .add_service(api.pools())
@@ -368,6 +374,21 @@ async fn join(addr: &str, node: &RaftNode, advertise: &str, timeout: Duration) -
 }
 
 /// Keeps the gRPC health status in line with whether this node knows a leader.
+/// The names gRPC health answers for, besides `""`: the node as a whole (`portmesh`) and each
+/// public service. All say SERVING exactly while this node knows a leader (it can serve
+/// writes), so a probe naming any of them (Kubernetes' gRPC readiness probe sends the name in
+/// the manifest) tells "part of a cluster with a leader" from "process up". Other names are
+/// NOT_FOUND.
+pub const HEALTH_NAMES: &[&str] = &[
+    "portmesh",
+    "portmesh.v1.Allocator",
+    "portmesh.v1.Leases",
+    "portmesh.v1.Pools",
+    "portmesh.v1.Cluster",
+    "portmesh.v1.Watch",
+    "portmesh.v1.Registry",
+];
+
 async fn report_health(node: RaftNode, reporter: tonic_health::server::HealthReporter) {
     let mut metrics = node.raft.metrics();
     loop {
@@ -378,6 +399,9 @@ async fn report_health(node: RaftNode, reporter: tonic_health::server::HealthRep
             tonic_health::ServingStatus::NotServing
         };
         reporter.set_service_status("", status).await;
+        for name in HEALTH_NAMES {
+            reporter.set_service_status(*name, status).await;
+        }
         if metrics.changed().await.is_err() {
             return;
         }

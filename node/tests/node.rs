@@ -1661,3 +1661,53 @@ async fn a_malformed_protobuf_body_is_an_invalid_argument() {
     assert_eq!(category, Some("invalid_argument"), "{status:?}");
     assert_eq!(client.status().await.unwrap().revision, before, "a malformed request changed the state");
 }
+
+/// Stock gRPC tools can talk to a node: reflection answers in v1alpha too (grpcurl before 1.9,
+/// Python's grpcio-reflection), and gRPC health knows the node and each service by name, so a
+/// readiness probe naming one is answered (and an unknown name is NOT_FOUND).
+#[tokio::test]
+async fn reflection_v1alpha_and_named_health_services_answer() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    use tonic_reflection::pb::v1alpha::ServerReflectionRequest;
+    use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1alpha::server_reflection_response::MessageResponse;
+
+    let dir = tempfile::tempdir().unwrap();
+    let (node, _client) = node_in(dir.path(), |_| {}).await;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", node.grpc_addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut refl = ServerReflectionClient::new(channel.clone());
+    let mut resp = refl.server_reflection_info(tokio_stream::iter([req])).await.unwrap().into_inner();
+    let msg = resp.next().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = msg.message_response else { panic!("{msg:?}") };
+    let listed: BTreeSet<String> = list.service.into_iter().map(|s| s.name).collect();
+
+    let mut health = HealthClient::new(channel);
+    for name in portmesh_node::HEALTH_NAMES {
+        assert!(
+            *name == "portmesh" || listed.contains(*name),
+            "{name} is no service of the node: {listed:?}"
+        );
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let r =
+                health.check(HealthCheckRequest { service: name.to_string() }).await.unwrap().into_inner();
+            if r.status() == ServingStatus::Serving {
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "{name} never SERVING");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let unknown = health.check(HealthCheckRequest { service: "nope.Nothing".into() }).await.unwrap_err();
+    assert_eq!(unknown.code(), tonic::Code::NotFound, "{unknown:?}");
+}
