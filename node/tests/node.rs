@@ -1711,3 +1711,19 @@ async fn reflection_v1alpha_and_named_health_services_answer() {
     let unknown = health.check(HealthCheckRequest { service: "nope.Nothing".into() }).await.unwrap_err();
     assert_eq!(unknown.code(), tonic::Code::NotFound, "{unknown:?}");
 }
+
+/// A watch from a revision the cluster has not reached waits for it, and its progress messages
+/// report no more than the node's own revision (a watch from 2^64−1 reported 2^64−2).
+#[tokio::test]
+async fn a_watch_from_the_future_invents_no_revision() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_node, client) = node_in(dir.path(), |_| {}).await;
+    let now = client.status().await.unwrap().revision;
+    let req = pb::WatchRequest { from_revision: u64::MAX, progress_interval_ms: 100, ..Default::default() };
+    let mut stream = client.watch(req).await.unwrap();
+    for _ in 0..2 {
+        let msg = stream.message().await.unwrap().expect("a progress message");
+        assert!(msg.progress && msg.events.is_empty(), "{msg:?}");
+        assert!(msg.revision <= now + 1, "progress at {} while the node is at {now}", msg.revision);
+    }
+}

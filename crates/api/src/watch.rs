@@ -132,7 +132,10 @@ async fn pump(
         tokio::select! {
             changed = applied.changed() => if changed.is_err() { return },
             _ = tokio::time::sleep_until(last_sent + every) => {
-                let msg = pb::WatchResponse { events: Vec::new(), revision: next - 1, progress: true };
+                // Delivered up to `next - 1`, but never a revision the cluster has not reached
+                // (a watch from a future revision waits for it; it does not invent it).
+                let at = reader.read().state.revision().min(next - 1);
+                let msg = pb::WatchResponse { events: Vec::new(), revision: at, progress: true };
                 if tx.send(Ok(msg)).await.is_err() {
                     return;
                 }
