@@ -232,3 +232,20 @@ fn the_home_and_the_data_directory_are_readable_by_their_owner_only() {
         assert_eq!(mode(&file), 0o600, "{}", file.display());
     }
 }
+
+/// A restarted local node keeps its addresses: the membership names the gRPC address, so a node
+/// that moved made `doctor` report the old address as a member that does not answer, after
+/// every `stop` or reboot; the dashboard's address stays bookmarkable.
+#[test]
+fn a_restarted_local_node_keeps_its_addresses() {
+    let h = Home::new();
+    h.pm(&["alloc", "before"]).ok();
+    let first = h.info().unwrap();
+    h.pm(&["stop"]).ok();
+    h.pm(&["alloc", "after"]).ok();
+    let second = h.info().unwrap();
+    assert_ne!(first["pid"], second["pid"], "a new process");
+    assert_eq!((&first["grpc"], &first["http"]), (&second["grpc"], &second["http"]), "{first} / {second}");
+    let doctor = h.pm(&["doctor"]);
+    assert!(!doctor.stdout.contains("does not answer from here"), "{doctor:?}");
+}

@@ -118,31 +118,69 @@ pub async fn connect_or_start() -> Result<Client> {
     client
 }
 
+/// File in the home that remembers where the single-node local node listened last (its gRPC
+/// and HTTP addresses), so a restarted node keeps them: the membership names the gRPC address,
+/// and people bookmark the dashboard.
+const LAST_FILE: &str = "local.json";
+
+/// Where the local node listened last.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct LastAddrs {
+    grpc: String,
+    http: Option<String>,
+}
+
+/// The remembered addresses, if both ports are free now.
+fn last_addrs(home: &Path) -> Option<LastAddrs> {
+    let last: LastAddrs = serde_json::from_slice(&std::fs::read(home.join(LAST_FILE)).ok()?).ok()?;
+    let free = |addr: &str| {
+        addr.parse::<std::net::SocketAddr>().is_ok_and(|a| portmesh_probe::is_free(a.port()).unwrap_or(false))
+    };
+    (free(&last.grpc) && last.http.as_deref().is_none_or(free)).then_some(last)
+}
+
 /// Starts `portmesh serve` detached, waits until it records its address and serves. With a
 /// launch record the node listens where it says (a member of a team cluster, joining `join` if
-/// given); without one it is a single-node cluster on loopback.
+/// given); without one it is a single-node cluster on loopback, on the addresses it had last
+/// time when they are free (else on new ones, remembered for the next start).
 async fn start(home: &Path, join: Option<&str>) -> Result<Client> {
-    let launch = read_launch(home)?;
+    if let Some(l) = read_launch(home)? {
+        let mut args = vec!["--listen".to_string(), l.listen.clone()];
+        if let Some(a) = &l.advertise {
+            args.extend(["--advertise".to_string(), a.clone()]);
+        }
+        if let Some(j) = join {
+            args.extend(["--join".to_string(), j.to_string()]);
+        }
+        return spawn_node(home, &args, "127.0.0.1:0").await;
+    }
+    let bootstrap = |grpc: &str| vec!["--listen".to_string(), grpc.to_string(), "--bootstrap".to_string()];
+    if let Some(last) = last_addrs(home) {
+        let http = last.http.as_deref().unwrap_or("127.0.0.1:0");
+        match spawn_node(home, &bootstrap(&last.grpc), http).await {
+            Ok(c) => return Ok(c),
+            // A port was taken between the look and the bind: start on new ones.
+            Err(e) => tracing::debug!(error = %e, "the local node could not start on its last addresses"),
+        }
+    }
+    let client = spawn_node(home, &bootstrap("127.0.0.1:0"), "127.0.0.1:0").await?;
+    if let Some(info) = read_info(home) {
+        let last = LastAddrs { grpc: info.grpc, http: info.http };
+        portmesh_probe::private::write(&home.join(LAST_FILE), &serde_json::to_vec_pretty(&last)?)
+            .with_context(|| format!("cannot write {}", home.join(LAST_FILE).display()))?;
+    }
+    Ok(client)
+}
+
+/// Spawns `portmesh serve` with `args` (listen, bootstrap or join) and waits until it serves.
+async fn spawn_node(home: &Path, args: &[String], http: &str) -> Result<Client> {
     let exe = std::env::current_exe().context("cannot find the portmesh executable")?;
     let log_path = home.join("node.log");
     let log = portmesh_probe::private::append(&log_path)
         .with_context(|| format!("cannot open {}", log_path.display()))?;
     let mut cmd = std::process::Command::new(exe);
-    cmd.arg("serve").arg("--data").arg(home.join("data")).args(["--http", "127.0.0.1:0", "--home"]).arg(home);
-    match &launch {
-        Some(l) => {
-            cmd.args(["--listen", &l.listen]);
-            if let Some(a) = &l.advertise {
-                cmd.args(["--advertise", a]);
-            }
-            if let Some(j) = join {
-                cmd.args(["--join", j]);
-            }
-        }
-        None => {
-            cmd.args(["--listen", "127.0.0.1:0", "--bootstrap"]);
-        }
-    }
+    cmd.arg("serve").arg("--data").arg(home.join("data")).args(["--http", http, "--home"]).arg(home);
+    cmd.args(args);
     cmd.env_remove("PORTMESH_NODE").stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
     // A session of its own: the node outlives this CLI and its terminal's Ctrl-C.
     // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
