@@ -434,3 +434,23 @@ fn a_supervisor_killed_with_sigkill_takes_its_services_along_and_down_cleans_up_
     assert_eq!(h.stack_ports(&["-f", f])["web"], port, "and the next up gets the same port");
     h.pm(&["down", "-f", f]).ok();
 }
+
+/// `up -d` says when a service did not get the port its file pins: the line went only to the
+/// stack's log before, and the terminal showed just the new port.
+#[test]
+fn a_detached_up_says_when_a_service_did_not_get_its_port() {
+    let h = home_with_pool("20390-20399");
+    let wanted = (20390..20400).find(|p| port_is_free(*p)).unwrap();
+    let _held = std::net::TcpListener::bind(("127.0.0.1", wanted)).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let f = project(
+        dir.path(),
+        &format!(
+            "project = \"moved\"\n[services.web]\ncommand = \"{SERVER}\"\npool = \"t\"\nport = {wanted}\ncheck = \"tcp\"\n"
+        ),
+    );
+    let f = f.to_str().unwrap();
+    let up = h.pm(&["up", "-d", "-f", f]).ok();
+    assert!(up.stderr.contains(&format!("port {wanted} is not free; web gets port")), "{up:?}");
+    h.pm(&["down", "-f", f]).ok();
+}

@@ -52,13 +52,8 @@ pub async fn allocate(c: &Client, stack: &Stack, kill_existing: bool) -> Result<
             for ((svc, name), al) in slots.iter().zip(&r.allocations) {
                 ports.entry(svc.clone()).or_default().push((name.clone(), al.port as u16));
             }
-            for svc in &stack.services {
-                let got = ports.get(&svc.name).and_then(|p| p.first()).map(|p| p.1);
-                if let (Some(w), Some(g)) = (svc.ports[0].wanted, got)
-                    && w != g
-                {
-                    eprintln!("portmesh: port {w} is not free; {} gets port {g} instead", svc.name);
-                }
+            for line in fallbacks(stack, &ports) {
+                eprintln!("portmesh: {line}");
             }
             return Ok((r.lease_id, ports));
         }
@@ -101,6 +96,21 @@ pub async fn allocate(c: &Client, stack: &Stack, kill_existing: bool) -> Result<
         }
     }
     bail!("internal error: allocation retried without an answer")
+}
+
+/// One line per service that wanted a port by number and got another one: the user set the
+/// port for a reason (a bookmark, an OAuth redirect), so a move is always said.
+pub fn fallbacks(stack: &Stack, got: &Ports) -> Vec<String> {
+    stack
+        .services
+        .iter()
+        .filter_map(|svc| {
+            let wanted = svc.ports.first()?.wanted?;
+            let got = got.get(&svc.name)?.first()?.1;
+            (wanted != got)
+                .then(|| format!("port {wanted} is not free; {} gets port {got} instead", svc.name))
+        })
+        .collect()
 }
 
 /// The ports a stack wants by number: (service, port).
