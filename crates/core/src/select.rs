@@ -129,12 +129,21 @@ impl Selector<'_> {
                     .chain(st.unallocated_ports(pool).filter(move |p| *p < w)),
             ),
             (Strategy::Sticky, Some(w)) => Box::new(
-                std::iter::once(w).chain(sticky.filter(|s| *s != w)).chain(st.unallocated_ports(pool)),
+                std::iter::once(w).chain(sticky.filter(|s| *s != w)).chain(Self::fresh_first(st, pool)),
             ),
             (Strategy::Random, Some(w)) => Box::new(std::iter::once(w)),
             (Strategy::Random, None) => Box::new(std::iter::empty()),
-            (_, None) => Box::new(st.unallocated_ports(pool)),
+            (_, None) => Box::new(Self::fresh_first(st, pool)),
         }
+    }
+
+    /// The pool's unallocated ports, those no sticky key remembers first (lowest first), then
+    /// the remembered ones: another key's last port is handed out only when nothing else is
+    /// free, so `up` tomorrow gets yesterday's port back even after its cool-down ended.
+    fn fresh_first<'p>(st: &'p State, pool: &'p Pool) -> impl Iterator<Item = u16> + 'p {
+        st.unallocated_ports(pool)
+            .filter(|p| !st.is_remembered(*p))
+            .chain(st.unallocated_ports(pool).filter(|p| st.is_remembered(*p)))
     }
 
     /// Chooses a port for one item (whose key has no live allocation).

@@ -108,6 +108,9 @@ pub struct State {
     live_keys: BTreeMap<(String, String), u16>,
     lease_ports: BTreeMap<u64, BTreeSet<u16>>,
     cooldown_order: BTreeSet<(u64, u16)>,
+    /// How many sticky keys remember each port (their last port): selection hands these out
+    /// last, so a key's port stays its own across `down`/`up` long after the cool-down.
+    remembered: BTreeMap<u16, u32>,
     /// Services attached to each lease: team, id.
     lease_services: BTreeMap<u64, BTreeSet<(String, String)>>,
     /// Records changed since the last [`State::take_dirty`].
@@ -149,6 +152,7 @@ impl State {
             live_keys: BTreeMap::new(),
             lease_ports: BTreeMap::new(),
             cooldown_order: BTreeSet::new(),
+            remembered: BTreeMap::new(),
             lease_services: BTreeMap::new(),
             dirty: BTreeSet::new(),
         }
@@ -183,9 +187,7 @@ impl State {
                 Record::Lease(l) => {
                     s.leases.insert(l.id, l);
                 }
-                Record::Sticky { team, key, port } => {
-                    s.sticky.insert((team, key), port);
-                }
+                Record::Sticky { team, key, port } => s.remember((team, key), port),
                 Record::Cooldown { port, cooldown } => {
                     s.cooldown_order.insert((cooldown.until_ms, port));
                     s.cooldowns.insert(port, cooldown);
@@ -315,6 +317,24 @@ impl State {
                 held.next_if_eq(p).is_none()
             })
         })
+    }
+
+    /// Records that sticky key `tk` now remembers `port` (and no longer its previous port).
+    pub(crate) fn remember(&mut self, tk: (String, String), port: u16) {
+        if let Some(old) = self.sticky.insert(tk, port)
+            && let Some(n) = self.remembered.get_mut(&old)
+        {
+            *n -= 1;
+            if *n == 0 {
+                self.remembered.remove(&old);
+            }
+        }
+        *self.remembered.entry(port).or_default() += 1;
+    }
+
+    /// Whether some sticky key remembers `port` as its last port.
+    pub fn is_remembered(&self, port: u16) -> bool {
+        self.remembered.contains_key(&port)
     }
 
     /// The port a sticky key last held (live or not).

@@ -109,7 +109,7 @@ impl State {
         if let Some(k) = &a.key {
             let tk = (a.team.clone(), k.clone());
             self.live_keys.insert(tk.clone(), port);
-            self.sticky.insert(tk, port);
+            self.remember(tk, port);
             self.dirty.insert(Key::Sticky(a.team.clone(), k.clone()));
         }
         if let Some(l) = a.lease_id {

@@ -265,6 +265,39 @@ fn sticky_key_is_idempotent_and_returns_after_release() {
     assert_eq!(h.one(keyed("api", "web", "shop/dev/a/api")), p);
 }
 
+/// Bug: "sticky ports move silently". Once a key's cool-down ended, "lowest free port" handed
+/// its remembered port to the next newcomer, and the key moved when it came back. Ports other
+/// keys remember now go last.
+#[test]
+fn a_keys_remembered_port_is_not_handed_to_others_after_its_cool_down() {
+    let mut h = Harness::new();
+    let a = h.one(keyed("web", "web", "projA/web"));
+    h.release(&[a]);
+    h.advance(120_000); // past the cool-down
+    let b = h.one(keyed("web", "web", "projB/web"));
+    assert_ne!(b, a, "a newcomer does not take another key's port");
+    let plain = h.one(in_pool("script", "web"));
+    assert!(plain != a && plain != b, "nor does an allocation without a key");
+    assert_eq!(h.one(keyed("web", "web", "projA/web")), a, "the key comes back to its port");
+}
+
+/// When nothing else is free, remembered ports are handed out after all (lowest first).
+#[test]
+fn remembered_ports_go_last_not_never() {
+    let mut h = Harness::new();
+    h.apply(Command::AddPool {
+        team: "default".into(),
+        name: "two".into(),
+        ranges: vec![PortRange::new(30000, 30001).unwrap()],
+    });
+    let a = h.one(keyed("a", "two", "ka"));
+    let b = h.one(keyed("b", "two", "kb"));
+    h.release(&[a, b]);
+    h.advance(120_000);
+    assert_eq!(h.one(in_pool("c", "two")), a.min(b));
+    assert!(h.st.is_remembered(a) && h.st.is_remembered(b));
+}
+
 #[test]
 fn sticky_falls_back_when_its_port_is_taken() {
     let mut h = Harness::new();
