@@ -23,9 +23,8 @@ pub async fn detach(cli: &Cli, c: &Client, a: &UpArgs, stack: &Stack) -> Result<
             .with_context(|| format!("cannot create {}", dir.display()))?;
     }
     // A fresh log for this run, readable by its owner only.
-    let out = portmesh_probe::private::write(&log, b"")
-        .and_then(|()| portmesh_probe::private::append(&log))
-        .with_context(|| format!("cannot create {}", log.display()))?;
+    let out =
+        portmesh_probe::private::create(&log).with_context(|| format!("cannot create {}", log.display()))?;
     let exe = std::env::current_exe().context("cannot find the portmesh binary")?;
     let mut cmd = tokio::process::Command::new(exe);
     cmd.arg("up").arg("--supervise").arg("-f").arg(&stack.file).arg("--env").arg(&stack.env);

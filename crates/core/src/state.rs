@@ -484,17 +484,14 @@ pub(crate) fn check_ttl(ttl_ms: u64) -> Result<(), Rejection> {
     if (MIN_TTL_MS..=MAX_TTL_MS).contains(&ttl_ms) { Ok(()) } else { Err(Rejection::BadTtl { ttl_ms }) }
 }
 
+/// The name rule of `crate::text` (the boundary checks it first; `apply` checks again).
 pub(crate) fn check_name(what: &str, name: &str) -> Result<(), Rejection> {
-    let ok = !name.is_empty()
-        && name.len() <= 63
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.');
-    if ok {
-        Ok(())
-    } else {
-        Err(Rejection::Invalid(format!(
-            "{what} name {name:?} is not valid: use 1-63 letters, digits, '-', '_' or '.'"
-        )))
-    }
+    crate::text::check_name(what, name).map_err(|_| {
+        Rejection::Invalid(format!(
+            "{what} name {name:?} is not valid: use 1-{} letters, digits, '-', '_' or '.'",
+            crate::text::MAX_NAME
+        ))
+    })
 }
 
 mod alloc;

@@ -66,10 +66,15 @@ pub fn check_key(field: &str, v: &str) -> Result<(), TextError> {
 /// Free text as kept: control characters (a forged log line's newline) become spaces, and the
 /// text is cut at [`MAX_TEXT`] bytes on a character boundary.
 pub fn clean_text(v: &str) -> String {
-    let mut out = String::with_capacity(v.len().min(MAX_TEXT));
+    clean_text_to(v, MAX_TEXT)
+}
+
+/// [`clean_text`] with its own limit of `max` bytes.
+pub fn clean_text_to(v: &str, max: usize) -> String {
+    let mut out = String::with_capacity(v.len().min(max));
     for c in v.chars() {
         let c = if c.is_control() { ' ' } else { c };
-        if out.len() + c.len_utf8() > MAX_TEXT {
+        if out.len() + c.len_utf8() > max {
             break;
         }
         out.push(c);

@@ -57,6 +57,13 @@ pub fn write(path: &Path, bytes: &[u8]) -> io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
+/// Creates (or empties) `path` for writing, readable by its owner only.
+pub fn create(path: &Path) -> io::Result<std::fs::File> {
+    let f = options().write(true).create(true).truncate(true).open(path)?;
+    set_mode(path, 0o600)?;
+    Ok(f)
+}
+
 /// Opens `path` for appending (a log), creating it readable by its owner only.
 pub fn append(path: &Path) -> io::Result<std::fs::File> {
     let f = options().create(true).append(true).open(path)?;

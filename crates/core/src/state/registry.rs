@@ -118,13 +118,10 @@ impl State {
     }
 }
 
-/// At most [`MAX_CHECK_OUTPUT`] bytes of a check's output, cut at a character boundary.
+/// At most [`MAX_CHECK_OUTPUT`] bytes of a check's output, cut at a character boundary, with
+/// control characters as spaces (the output goes into log lines and `watch` output).
 pub fn clip_output(s: &str) -> String {
-    let mut end = s.len().min(MAX_CHECK_OUTPUT);
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    s[..end].to_string()
+    crate::text::clean_text_to(s, MAX_CHECK_OUTPUT)
 }
 
 fn check_service(svc: &Service) -> Result<(), Rejection> {

@@ -259,8 +259,7 @@ impl TryFrom<&pb::ReportHealthRequest> for core::Command {
                     team: team(&r.team)?,
                     id: r.id.clone(),
                     status: health_from_pb(r.status)?,
-                    // Control characters would forge lines in logs and `watch` output.
-                    output: r.output.chars().map(|c| if c.is_control() { ' ' } else { c }).collect(),
+                    output: core::clip_output(&r.output),
                 })
             })
             .collect::<Result<_, BadRequest>>()?;
@@ -337,5 +336,39 @@ mod tests {
             panic!("not SetHealth")
         };
         assert_eq!((updates[0].team.as_str(), updates[0].status), ("default", core::HealthStatus::Passing));
+    }
+
+    #[test]
+    fn check_fields_and_report_ids_are_bounded() {
+        let check = |c: pb::HealthCheck| core::HealthCheck::try_from(&c).map(drop).unwrap_err().0;
+        let cmd = pb::HealthCheck {
+            r#type: pb::CheckType::CheckCommand as i32,
+            command: "x".repeat(MAX_CHECK_COMMAND + 1),
+            ..Default::default()
+        };
+        assert_eq!(check(cmd), "check.command: 1025 bytes, at most 1024");
+        let http = pb::HealthCheck {
+            r#type: pb::CheckType::CheckHttp as i32,
+            path: "/a b".into(),
+            ..Default::default()
+        };
+        assert!(check(http).starts_with("check.path: character ' '"));
+        let port = pb::HealthCheck {
+            r#type: pb::CheckType::CheckTcp as i32,
+            port_name: "a/b".into(),
+            ..Default::default()
+        };
+        assert!(check(port).starts_with("check.port_name: character '/'"));
+        let report = pb::HealthReport { id: "a\nb".into(), status: 1, ..Default::default() };
+        let e = core::Command::try_from(&pb::ReportHealthRequest { reports: vec![report] }).unwrap_err();
+        assert!(e.0.starts_with("reports.id: character '\\n'"), "{e}");
+        let report =
+            pb::HealthReport { id: "x".into(), status: 1, output: "ok\nforged".into(), ..Default::default() };
+        let core::Command::SetHealth { updates } =
+            core::Command::try_from(&pb::ReportHealthRequest { reports: vec![report] }).unwrap()
+        else {
+            panic!("not SetHealth")
+        };
+        assert_eq!(updates[0].output, "ok forged");
     }
 }
