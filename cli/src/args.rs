@@ -22,12 +22,69 @@ pub struct Cli {
     /// Print machine-readable JSON.
     #[arg(long, global = true)]
     pub json: bool,
+    /// The CA that signed the cluster's certificates: talk TLS to `--node` (for `serve`: the CA
+    /// whose members and clients this node trusts).
+    #[arg(long, global = true, env = "PORTMESH_TLS_CA", value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
+    /// This client's certificate, for clusters that require one (`serve --mtls`); for `serve`:
+    /// the node's certificate.
+    #[arg(long, global = true, env = "PORTMESH_TLS_CERT", value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert.
+    #[arg(long, global = true, env = "PORTMESH_TLS_KEY", value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
     /// Log lines (stderr) as text or as one JSON object each. Which lines: PORTMESH_LOG or
     /// RUST_LOG (e.g. `debug`, `portmesh_api=trace`); `info` for `serve`, none otherwise.
     #[arg(long, global = true, env = "PORTMESH_LOG_FORMAT", default_value = "text")]
     pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TlsCommand {
+    /// Make a CA (or use the one already in DIR) and issue a node certificate for the given
+    /// names and addresses, and a client certificate: DIR/ca.pem, ca.key, NAME.pem, NAME.key,
+    /// client.pem, client.key. Run it again with another --name to add a node; the files it
+    /// replaces are picked up by running nodes by themselves.
+    Init {
+        /// Where to write the files (created 0700; keys are 0600).
+        dir: PathBuf,
+        /// A DNS name the node certificate is valid for (repeat). `localhost` is always included.
+        #[arg(long = "host", value_name = "NAME")]
+        hosts: Vec<String>,
+        /// An IP address the node certificate is valid for (repeat). 127.0.0.1 and ::1 are always included.
+        #[arg(long = "ip", value_name = "ADDR")]
+        ips: Vec<std::net::IpAddr>,
+        /// The node certificate's file name: DIR/NAME.pem and DIR/NAME.key.
+        #[arg(long, default_value = "node", value_parser = parse_file_stem)]
+        name: String,
+        /// How long the node and client certificates are valid.
+        #[arg(long, default_value = "365d", value_parser = parse_validity)]
+        valid_for: Duration,
+    },
+}
+
+/// `tls init --name`: a plain file name, no directories.
+fn parse_file_stem(s: &str) -> Result<String, String> {
+    let ok = !s.is_empty()
+        && s.len() <= 64
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        && !s.starts_with('.');
+    if ok {
+        Ok(s.to_string())
+    } else {
+        Err("a file name of letters, digits, '-', '_' and '.' (at most 64)".into())
+    }
+}
+
+/// `tls init --valid-for`: a day to ten years.
+fn parse_validity(s: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(s) {
+        Ok(d) if d >= Duration::from_secs(86_400) && d <= Duration::from_secs(3650 * 86_400) => Ok(d),
+        Ok(_) => Err("between 1d and 3650d".into()),
+        Err(e) => Err(format!("{s:?}: {e} (write e.g. 365d)")),
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -127,6 +184,9 @@ pub enum Command {
     /// ports held with no lease or by processes that are gone, an unreachable or leaderless
     /// cluster, clock skew, the data directory's size. Exits 1 if anything is wrong.
     Doctor,
+    /// Certificates for a TLS cluster.
+    #[command(subcommand)]
+    Tls(TlsCommand),
     /// Register a service: where it listens and how to check it. Prints its id.
     Register(RegisterArgs),
     /// Remove a service registration.
@@ -434,6 +494,14 @@ pub struct ServeArgs {
     /// for allocations on this host) [default: the OS host name].
     #[arg(long, env = "PORTMESH_HOST_NAME")]
     pub host_name: Option<String>,
+    /// Require a client certificate signed by --tls-ca from every client (members always need a
+    /// node certificate to speak Raft, join or probe).
+    #[arg(long, env = "PORTMESH_MTLS")]
+    pub mtls: bool,
+    /// Serve plaintext on a non-loopback address (a network where everyone is trusted). Without
+    /// it, such a node needs --tls-cert, --tls-key and --tls-ca.
+    #[arg(long, env = "PORTMESH_INSECURE")]
+    pub insecure: bool,
 }
 
 /// `--port`: a real port. 0 would silently mean "any port", which leaving the flag out says.

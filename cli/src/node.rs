@@ -4,7 +4,7 @@
 pub mod local;
 
 use anyhow::{Result, anyhow};
-use portmesh_client::{Client, pb};
+use portmesh_client::{Client, ClientOptions, pb};
 
 use crate::args::Cli;
 
@@ -12,9 +12,32 @@ use crate::args::Cli;
 /// node, which is started if none runs.
 pub async fn connect(cli: &Cli) -> Result<Client> {
     match &cli.node {
-        Some(addr) => Ok(Client::connect(addr).await?),
+        Some(addr) => connect_to(cli, addr).await,
         None => local::connect_or_start().await,
     }
+}
+
+/// A client of the member at `addr` of the cluster `--node` names, with the command line's TLS.
+pub async fn connect_to(cli: &Cli, addr: &str) -> Result<Client> {
+    Ok(Client::connect_with(&[addr], options(cli)?).await?)
+}
+
+/// How the command line says to connect to `--node`: TLS with --tls-ca (and a client
+/// certificate with --tls-cert and --tls-key), else plaintext. The local node always speaks
+/// plaintext on loopback, so these apply only to `--node`.
+pub fn options(cli: &Cli) -> Result<ClientOptions> {
+    let tls = match (&cli.tls_ca, &cli.tls_cert) {
+        (Some(ca), _) => {
+            Some(portmesh_tls::ClientTls::load(ca, cli.tls_cert.as_deref(), cli.tls_key.as_deref())?)
+        }
+        (None, Some(_)) => {
+            return Err(anyhow!(
+                "--tls-cert (PORTMESH_TLS_CERT) needs --tls-ca (PORTMESH_TLS_CA): the CA that signed the cluster's certificates"
+            ));
+        }
+        (None, None) => None,
+    };
+    Ok(ClientOptions { tls })
 }
 
 /// Revokes `lease`, which releases its ports and registrations. A lease that is already gone

@@ -184,7 +184,10 @@ async fn report(api: &Api, cluster: &mut Option<Client>, updates: Vec<HealthUpda
     let client = match cluster {
         Some(c) => c,
         None => {
-            let c = Client::connect(&api.node().addr).await.map_err(|e| e.to_string())?;
+            let options = portmesh_client::ClientOptions { tls: api.node().peer_tls().current().1 };
+            let c = Client::connect_with(&[api.node().addr.as_str()], options)
+                .await
+                .map_err(|e| e.to_string())?;
             cluster.insert(c)
         }
     };

@@ -10,7 +10,6 @@ use axum::routing::get;
 use portmesh_api::Api;
 use portmesh_raft::now_ms;
 use serde_json::{Value, json};
-use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 /// The names the HTTP server answers to. A browser sends the name it resolved in `Host`; a
@@ -70,7 +69,7 @@ async fn check_host(
 }
 
 pub(crate) async fn serve(
-    listener: TcpListener,
+    listener: crate::transport::HttpIncoming,
     api: Api,
     hosts: AllowedHosts,
     mut stop: watch::Receiver<bool>,

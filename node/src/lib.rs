@@ -12,6 +12,7 @@ mod checker;
 mod home;
 mod http;
 mod metrics;
+mod transport;
 mod wire;
 
 use std::net::SocketAddr;
@@ -19,13 +20,12 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use portmesh_api::Api;
-use portmesh_proto::channel::{self, Purpose};
+use portmesh_proto::channel::{PeerTls, Purpose};
 use portmesh_raft::{RaftNode, RaftOptions, StartError};
 use portmesh_store::{Store, StoreError, StoreOptions};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tonic::transport::server::TcpIncoming;
 
 pub use home::{NodeInfo, read_info, write_info};
 
@@ -55,6 +55,8 @@ pub struct NodeConfig {
     pub leader_timeout: Duration,
     /// The name of this node's host, as allocations record it [default: the OS host name].
     pub host: Option<String>,
+    /// TLS for gRPC, HTTP and members' traffic (`None`: plaintext). Re-read when the files change.
+    pub tls: Option<portmesh_tls::NodeFiles>,
 }
 
 impl NodeConfig {
@@ -73,6 +75,7 @@ impl NodeConfig {
             store: StoreOptions::default(),
             leader_timeout: Duration::from_secs(30),
             host: None,
+            tls: None,
         }
     }
 }
@@ -88,6 +91,8 @@ pub enum NodeError {
         "cannot listen for {what} on {addr}: {source} (is another process using it? pick another with --{flag})"
     )]
     Bind { what: &'static str, addr: SocketAddr, flag: &'static str, source: std::io::Error },
+    #[error("TLS: {0}")]
+    Tls(#[from] portmesh_tls::TlsError),
     #[error("no leader after {0:?}: the node cannot serve writes")]
     NoLeader(Duration),
     #[error("cannot write the node's address file in {dir}: {source}")]
@@ -122,7 +127,17 @@ pub struct RunningNode {
 }
 
 /// Starts a node: opens storage, starts Raft, binds and serves gRPC and HTTP.
-pub async fn start(cfg: NodeConfig) -> Result<RunningNode, NodeError> {
+pub async fn start(mut cfg: NodeConfig) -> Result<RunningNode, NodeError> {
+    // Certificates first: a bad file is named before anything else happens.
+    let tls = cfg.tls.as_ref().map(portmesh_tls::NodeFiles::load).transpose()?;
+    cfg.raft.peer_tls = PeerTls::new(tls.as_ref().map(|t| t.client().clone()));
+    let (serving_tls, serving_tls_rx) = match tls {
+        Some(t) => {
+            let (tx, rx) = watch::channel(t);
+            (Some(tx), Some(rx))
+        }
+        None => (None, None),
+    };
     portmesh_probe::private::create_dir(&cfg.data_dir)
         .map_err(|source| NodeError::Home { dir: cfg.data_dir.clone(), source })?;
     let store = Store::open(&cfg.data_dir, &cfg.store)?;
@@ -190,7 +205,14 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode, NodeError> {
     let reflection = reflection().build_v1().map_err(reflection_error)?;
 
     let mut stop = shutdown.subscribe();
+    let grpc_incoming = transport::grpc_stream(transport::accept(
+        grpc_listener,
+        transport::Listener::Grpc,
+        serving_tls_rx.clone(),
+        shutdown.subscribe(),
+    ));
     let grpc = tonic::transport::Server::builder()
+        .layer(transport::MemberGateLayer)
         .layer(wire::DecodeErrorsLayer)
         .add_service(health_service)
         .add_service(reflection)
@@ -202,22 +224,28 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode, NodeError> {
         .add_service(api.watch())
         .add_service(api.registry())
         .add_service(portmesh_raft::RaftService::new(node.raft.clone()).server())
-        // Small request/response messages: without TCP_NODELAY, Nagle's algorithm and delayed
-        // ACKs stall each exchange by up to 40 ms.
-        .serve_with_incoming_shutdown(
-            TcpIncoming::from(grpc_listener).with_nodelay(Some(true)),
-            async move {
-                let _ = stop.wait_for(|s| *s).await;
-            },
-        );
+        // Accepted connections have TCP_NODELAY (transport::accept): small request/response
+        // messages would otherwise stall up to 40 ms on Nagle's algorithm and delayed ACKs.
+        .serve_with_incoming_shutdown(grpc_incoming, async move {
+            let _ = stop.wait_for(|s| *s).await;
+        });
     let grpc_task = tokio::spawn(grpc);
     let checks_task = tokio::spawn(checker::run_health_checks(api.clone(), shutdown.subscribe()));
     tokio::spawn(portmesh_api::count_events(api.clone(), shutdown.subscribe()));
     let hosts = http::AllowedHosts::new(
         [api.host(), &advertise].into_iter().chain(cfg.http_allow_hosts.iter().map(String::as_str)),
     );
-    let http_task =
-        http_listener.map(|l| tokio::spawn(http::serve(l, api.clone(), hosts, shutdown.subscribe())));
+    let http_task = match (http_listener, http_addr) {
+        (Some(l), Some(local)) => {
+            let rx = transport::accept(l, transport::Listener::Http, serving_tls_rx, shutdown.subscribe());
+            let incoming = transport::HttpIncoming { rx, local };
+            Some(tokio::spawn(http::serve(incoming, api.clone(), hosts, shutdown.subscribe())))
+        }
+        _ => None,
+    };
+    if let (Some(files), Some(serving)) = (cfg.tls.clone(), serving_tls) {
+        tokio::spawn(transport::reload(files, serving, node.peer_tls().clone(), shutdown.subscribe()));
+    }
 
     match (&cfg.join, initialized) {
         (Some(cluster), false) => join(cluster, &node, &advertise, cfg.leader_timeout).await?,
@@ -269,7 +297,7 @@ pub async fn start(cfg: NodeConfig) -> Result<RunningNode, NodeError> {
 /// one at `addr`. An unreachable `addr` is only logged: a member rejoins its cluster by itself.
 async fn same_cluster(addr: &str, node: &RaftNode) -> Result<(), NodeError> {
     use portmesh_proto::v1::{StatusRequest, cluster_client::ClusterClient};
-    let status = match channel::endpoint(addr, Purpose::Ask) {
+    let status = match node.peer_tls().endpoint(addr, Purpose::Ask) {
         Ok(ep) => match ep.connect().await {
             Ok(ch) => ClusterClient::new(ch).status(StatusRequest {}).await.map(|r| r.into_inner()).ok(),
             Err(_) => None,
@@ -317,7 +345,7 @@ async fn join(addr: &str, node: &RaftNode, advertise: &str, timeout: Duration) -
         if !tried.contains(&target) {
             tried.push(target.clone());
         }
-        let outcome: Result<(), String> = match channel::endpoint(&target, Purpose::Ask) {
+        let outcome: Result<(), String> = match node.peer_tls().endpoint(&target, Purpose::Ask) {
             Err(e) => Err(e.to_string()),
             Ok(ep) => match ep.connect().await {
                 Err(e) => Err(format!("cannot connect to {target}: {e}")),
@@ -341,9 +369,14 @@ async fn join(addr: &str, node: &RaftNode, advertise: &str, timeout: Duration) -
                         }
                         Err(s) => {
                             let answer = format!("{target} answered: {}", s.message());
+                            // Refusals end the attempts: another cluster's data, a bad
+                            // request, or a certificate the cluster does not accept.
                             if matches!(
                                 s.code(),
-                                tonic::Code::FailedPrecondition | tonic::Code::InvalidArgument
+                                tonic::Code::FailedPrecondition
+                                    | tonic::Code::InvalidArgument
+                                    | tonic::Code::Unauthenticated
+                                    | tonic::Code::PermissionDenied
                             ) {
                                 return Err(NodeError::Join {
                                     addr: addr.to_string(),

@@ -93,7 +93,8 @@ fn malformed_arguments_are_usage_errors() {
 #[test]
 fn an_unreachable_node_is_named_with_what_was_tried() {
     let h = Home::new();
-    let addr = format!("127.0.0.1:{}", closed_port());
+    let refusing = refusing_port();
+    let addr = format!("127.0.0.1:{}", refusing.port);
     for args in [&["--node", &addr, "ls"][..], &["--node", &addr, "alloc", "x"], &["--node", &addr, "stop"]] {
         h.pm(args).fails_with(&format!("cannot reach a portmesh node at {addr} (tried a gRPC connection"));
     }

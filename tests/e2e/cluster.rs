@@ -5,22 +5,28 @@
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
-use portmesh_client::{Client, pb};
+use portmesh_client::{Client, ClientOptions, pb};
 use portmesh_testkit as testkit;
 
 use crate::support::*;
 
-struct ProcCluster {
-    home: Home,
-    nodes: Vec<Option<Served>>,
-    addrs: Vec<String>,
+pub(crate) struct ProcCluster {
+    pub home: Home,
+    pub nodes: Vec<Option<Served>>,
+    pub addrs: Vec<String>,
     extra: Vec<String>,
+    /// How clients connect (TLS for a TLS cluster).
+    pub options: ClientOptions,
 }
 
 impl ProcCluster {
     /// `n` serve processes: the first bootstraps, the others join it; `extra` flags for all.
     fn start(n: usize, extra: &[&str]) -> ProcCluster {
-        let home = Home::new();
+        ProcCluster::start_in(Home::new(), n, extra, ClientOptions::default())
+    }
+
+    /// [`ProcCluster::start`] in `home`, its clients connecting with `options`.
+    pub fn start_in(home: Home, n: usize, extra: &[&str], options: ClientOptions) -> ProcCluster {
         let mut nodes = Vec::new();
         let mut addrs: Vec<String> = Vec::new();
         for i in 0..n {
@@ -36,31 +42,39 @@ impl ProcCluster {
             nodes.push(Some(s));
         }
         let extra = extra.iter().map(|s| s.to_string()).collect();
-        ProcCluster { home, nodes, addrs, extra }
+        ProcCluster { home, nodes, addrs, extra, options }
+    }
+
+    /// A client of node `addr`, connected as this cluster's clients are.
+    pub async fn client(&self, addr: &str) -> Client {
+        Client::connect_with(&[addr], self.options.clone()).await.unwrap()
     }
 
     /// Restarts node `i` on its data and its address, with no cluster flags.
-    fn restart(&mut self, i: usize) {
+    pub fn restart(&mut self, i: usize) {
         let data = self.home.path().join(format!("node{i}"));
         let extra: Vec<&str> = self.extra.iter().map(String::as_str).collect();
         let s = serve_at(&self.home, &data, &self.addrs[i], &extra);
         self.nodes[i] = Some(s);
     }
 
-    fn signal(&self, i: usize, sig: Signal) {
+    pub fn signal(&self, i: usize, sig: Signal) {
         let pid = self.nodes[i].as_ref().unwrap().child.id() as i32;
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig).unwrap();
     }
 
     /// Replaces the default pool by one big enough for every scenario's allocations.
-    async fn big_pool(&self) {
-        testkit::big_default_pool(&Client::connect(&self.addrs[0]).await.unwrap()).await;
+    pub async fn big_pool(&self) {
+        testkit::big_default_pool(&self.client(&self.addrs[0]).await).await;
     }
 
     /// Waits until the cluster holds at least `n` allocations (the load is under way).
-    async fn wait_for_load(&self, n: usize) {
+    pub async fn wait_for_load(&self, n: usize) {
         let refs: Vec<String> = self.live_addrs();
-        let admin = Client::connect_any(&refs.iter().map(String::as_str).collect::<Vec<_>>()).await.unwrap();
+        let admin =
+            Client::connect_with(&refs.iter().map(String::as_str).collect::<Vec<_>>(), self.options.clone())
+                .await
+                .unwrap();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         while admin
             .list(pb::ListRequest { stale: true, ..Default::default() })
@@ -73,17 +87,17 @@ impl ProcCluster {
         }
     }
 
-    fn live_addrs(&self) -> Vec<String> {
+    pub fn live_addrs(&self) -> Vec<String> {
         self.nodes.iter().zip(&self.addrs).filter(|(n, _)| n.is_some()).map(|(_, a)| a.clone()).collect()
     }
 
     /// Every live node's own view, once all agree; panics if they never do.
-    async fn converged(&self) -> Vec<testkit::View> {
-        testkit::converged(&self.live_addrs(), Duration::from_secs(30)).await
+    pub async fn converged(&self) -> Vec<testkit::View> {
+        testkit::converged_with(&self.live_addrs(), &self.options, Duration::from_secs(30)).await
     }
 
-    async fn leader_index(&self) -> usize {
-        let c = Client::connect(&self.live_addrs()[0]).await.unwrap();
+    pub async fn leader_index(&self) -> usize {
+        let c = self.client(&self.live_addrs()[0]).await;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         loop {
             let s = c.status().await.unwrap();

@@ -126,7 +126,8 @@ fn the_dashboard_shows_services_pools_conflicts_and_recommendations_and_updates_
     // A registered service that answers its check, one that does not, and one without a check.
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let api_port = listener.local_addr().unwrap().port().to_string();
-    let closed = closed_port().to_string();
+    let refusing = refusing_port();
+    let closed = refusing.port.to_string();
     for (name, port) in [("api", format!("http={api_port}")), ("db", closed)] {
         h.pm(&[
             "register",

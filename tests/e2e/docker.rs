@@ -85,7 +85,8 @@ impl Net {
         let mut args = vec!["run", "-d", "--name", &name, "--hostname", &name, "--network", &self.name];
         args.extend(["--ip", &ip, &self.image]);
         args.extend(["serve", "--data", "/data", "--listen", "0.0.0.0:7400", "--http", "0.0.0.0:7401"]);
-        args.extend(["--advertise", &advertise]);
+        // Plaintext inside a Docker network of the test's own (the TLS container tier is issue 16's).
+        args.extend(["--advertise", &advertise, "--insecure"]);
         if i == 0 {
             args.push("--bootstrap");
         } else {
@@ -234,6 +235,7 @@ fn docker_a_port_published_by_a_container_is_named_and_only_force_stops_it() {
     let name = format!("pm-force-{}", std::process::id());
     let _ = docker(&["rm", "-f", &name]);
     let publish = format!("127.0.0.1:{port}:7400");
+    let advertise = format!("127.0.0.1:{port}");
     docker(&[
         "run",
         "-d",
@@ -247,6 +249,9 @@ fn docker_a_port_published_by_a_container_is_named_and_only_force_stops_it() {
         "/data",
         "--listen",
         "0.0.0.0:7400",
+        "--advertise",
+        &advertise,
+        "--insecure",
         "--bootstrap",
     ])
     .unwrap();

@@ -19,5 +19,6 @@ mod probe;
 mod python;
 mod registry;
 mod serve;
+mod tls;
 mod watch;
 mod workflow;

@@ -111,7 +111,8 @@ fn doctor_is_quiet_on_a_healthy_host_and_names_each_problem_with_its_fix() {
     );
 
     // Unreachable: the address that was tried is named.
-    let closed = closed_port().to_string();
+    let refusing = refusing_port();
+    let closed = refusing.port.to_string();
     let addr = format!("127.0.0.1:{closed}");
     let r = h.pm(&["doctor", "--node", &addr]);
     assert_eq!(r.code, 1, "{r:?}");

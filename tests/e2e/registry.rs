@@ -74,8 +74,8 @@ fn discovery_filters_by_name_project_env_and_tags_and_hides_unhealthy() {
     assert_eq!(s["status"], "passing", "no check: passing");
 
     // A service with a check that fails is critical and hidden unless --all.
-    let dead = closed_port();
-    let port = dead.to_string();
+    let dead = refusing_port();
+    let port = dead.port.to_string();
     let down = reg(&["cache", "--port", &port, "--check", "tcp", "--interval", "100ms"]);
     wait_status(&h, &down, "critical");
     assert!(!ids(&discover(&h, &[])).contains(&down), "critical services are not discovered");

@@ -44,7 +44,7 @@ pub async fn status(c: &Client, json: bool) -> Result<()> {
 
 pub async fn stop(cli: &Cli) -> Result<()> {
     if let Some(addr) = &cli.node {
-        let c = Client::connect(addr).await?;
+        let c = node::connect_to(cli, addr).await?;
         let pid = c.status().await?.pid;
         c.shutdown().await?;
         println!("asked node at {addr} (pid {pid}) to stop");
@@ -58,11 +58,18 @@ pub async fn stop(cli: &Cli) -> Result<()> {
 }
 
 pub async fn join(
+    cli: &Cli,
     addr: &str,
     listen: Option<std::net::SocketAddr>,
     advertise: Option<String>,
-    json: bool,
 ) -> Result<()> {
+    let json = cli.json;
+    if cli.tls_ca.is_some() {
+        bail!(
+            "the local node speaks plaintext on loopback and cannot join a TLS cluster: run a member of it with \
+             `portmesh serve --join {addr} --tls-cert F --tls-key F --tls-ca F`"
+        );
+    }
     let member = Client::connect(addr).await?;
     let cluster = member.status().await.with_context(|| format!("asking {addr} for its cluster"))?;
     if cluster.cluster_id.is_empty() {
@@ -158,7 +165,7 @@ pub async fn leave(cli: &Cli, id: Option<u64>) -> Result<()> {
     let left = c.leave(pb::LeaveRequest { node_id: status.node_id }).await?;
     if cli.node.is_some() {
         // A node elsewhere: stop it; its data stays where it is.
-        Client::connect(&status.addr).await?.shutdown().await?;
+        c.member(&status.addr).await?.shutdown().await?;
         println!(
             "node {} left cluster {} and was asked to stop; {} members left",
             status.node_id,

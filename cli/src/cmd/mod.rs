@@ -17,11 +17,12 @@ mod registry;
 mod run;
 mod serve;
 mod stack;
+mod tls;
 
 use anyhow::Result;
 use portmesh_client::pb;
 
-use crate::args::{Cli, Command, ConfigCommand};
+use crate::args::{Cli, Command, ConfigCommand, TlsCommand};
 use crate::node;
 
 /// What a command wants the process to exit with, when it succeeded but has news.
@@ -36,11 +37,11 @@ pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
     let ok = |r: Result<()>| r.map(|()| 0);
     match &cli.command {
         // Commands that need no node, or manage the node themselves.
-        Command::Serve(a) => ok(serve::serve(a).await),
+        Command::Serve(a) => ok(serve::serve(&cli, a).await),
         Command::Check { ports } => ports::check(ports, json),
         Command::Stop => ok(cluster::stop(&cli).await),
         Command::Join { addr, listen, advertise } => {
-            ok(cluster::join(addr, *listen, advertise.clone(), json).await)
+            ok(cluster::join(&cli, addr, *listen, advertise.clone()).await)
         }
         Command::Leave { id } => ok(cluster::leave(&cli, *id).await),
         Command::Config(ConfigCommand::Show(p)) => stack::config_show(&cli, p),
@@ -49,6 +50,9 @@ pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Ps(p) => stack::ps(&cli, p).await,
         Command::Env(p) => stack::env(&cli, p).await,
         Command::Doctor => observe::doctor(&cli).await,
+        Command::Tls(TlsCommand::Init { dir, hosts, ips, name, valid_for }) => {
+            ok(tls::init(dir, hosts, ips, name, *valid_for, json))
+        }
         // Commands that talk to one node.
         Command::Run(a) => run::run(&node::connect(&cli).await?, team, a).await,
         Command::Alloc(a) => ok(ports::alloc(&node::connect(&cli).await?, team, a, json).await),

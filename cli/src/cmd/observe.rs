@@ -179,7 +179,7 @@ async fn check_cluster(c: &Client, out: &mut Vec<Finding>) {
             None,
         ));
     }
-    check_clocks(&s, out).await;
+    check_clocks(c, &s, out).await;
     if s.data_size_bytes > BIG_DATA {
         out.push(finding(
             Level::Warn,
@@ -198,16 +198,14 @@ async fn check_cluster(c: &Client, out: &mut Vec<Finding>) {
 }
 
 /// Each member's clock against ours, corrected by half the round trip.
-async fn check_clocks(s: &pb::StatusResponse, out: &mut Vec<Finding>) {
+async fn check_clocks(c: &Client, s: &pb::StatusResponse, out: &mut Vec<Finding>) {
     let mut worst: Option<(String, i64)> = None;
     for m in &s.members {
         let t0 = Instant::now();
         let sent = portmesh_core::unix_ms(std::time::SystemTime::now());
-        let answer = tokio::time::timeout(Duration::from_secs(3), async {
-            let c = Client::connect(&m.addr).await?;
-            c.status().await
-        })
-        .await;
+        let answer =
+            tokio::time::timeout(Duration::from_secs(3), async { c.member(&m.addr).await?.status().await })
+                .await;
         let rtt = t0.elapsed().as_millis() as u64;
         match answer {
             Ok(Ok(ms)) if ms.now_ms != 0 => {

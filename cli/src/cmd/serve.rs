@@ -1,11 +1,68 @@
 //! `serve`: run a node in the foreground.
 
-use anyhow::{Context, Result};
+use std::net::SocketAddr;
+use std::path::PathBuf;
 
-use crate::args::ServeArgs;
+use anyhow::{Context, Result, bail};
 
-pub async fn serve(a: &ServeArgs) -> Result<()> {
+use crate::args::{Cli, ServeArgs};
+
+/// The node's certificate files: all three of --tls-cert, --tls-key and --tls-ca, or none.
+fn node_files(cli: &Cli, mtls: bool) -> Result<Option<portmesh_tls::NodeFiles>> {
+    let file = |v: &Option<PathBuf>| v.clone();
+    match (file(&cli.tls_cert), file(&cli.tls_key), file(&cli.tls_ca)) {
+        (Some(cert), Some(key), Some(ca)) => Ok(Some(portmesh_tls::NodeFiles { cert, key, ca, mtls })),
+        (None, None, _) if !mtls => Ok(None),
+        (cert, key, ca) => {
+            let missing: Vec<&str> =
+                [("--tls-cert", cert.is_none()), ("--tls-key", key.is_none()), ("--tls-ca", ca.is_none())]
+                    .into_iter()
+                    .filter_map(|(flag, absent)| absent.then_some(flag))
+                    .collect();
+            bail!(
+                "a TLS node needs --tls-cert, --tls-key and --tls-ca{}: {} missing (`portmesh tls init DIR --host NAME` makes them)",
+                if mtls { " (--mtls checks clients against the CA)" } else { "" },
+                missing.join(", ")
+            )
+        }
+    }
+}
+
+/// Refuses addresses that would expose the node by mistake: plaintext on a non-loopback
+/// address (without --insecure), and a wildcard gRPC address nobody can be told to use.
+pub fn check_exposure(
+    listen: SocketAddr,
+    http: Option<SocketAddr>,
+    advertise: Option<&str>,
+    tls: bool,
+    insecure: bool,
+) -> Result<()> {
+    if listen.ip().is_unspecified() && advertise.is_none() {
+        bail!(
+            "--listen {listen} binds every address of this host, so members and clients cannot be told which one to use: \
+             pass --advertise HOST:{} with the address they reach this node at",
+            listen.port()
+        );
+    }
+    if !tls && !insecure {
+        for (flag, addr) in std::iter::once(("--listen", listen)).chain(http.map(|h| ("--http", h))) {
+            if !addr.ip().is_loopback() {
+                bail!(
+                    "{flag} {addr} is not a loopback address, and without TLS anyone who reaches it can take ports and change \
+                     the cluster: pass --tls-cert, --tls-key and --tls-ca (`portmesh tls init DIR --host NAME` makes them), \
+                     or --insecure on a network where everyone is trusted"
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+pub async fn serve(cli: &Cli, a: &ServeArgs) -> Result<()> {
+    let tls = node_files(cli, a.mtls)?;
+    check_exposure(a.listen, a.http, a.advertise.as_deref(), tls.is_some(), a.insecure)?;
     let mut cfg = portmesh_node::NodeConfig::new(a.data.clone(), a.listen);
+    cfg.tls = tls;
     cfg.http = a.http;
     cfg.http_allow_hosts = a.http_allow_hosts.clone();
     cfg.advertise = a.advertise.clone();
@@ -28,4 +85,34 @@ pub async fn serve(a: &ServeArgs) -> Result<()> {
     }
     node.wait().await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposure_needs_tls_or_insecure_and_a_wildcard_needs_advertise() {
+        let lo: SocketAddr = "127.0.0.1:7400".parse().unwrap();
+        let any: SocketAddr = "0.0.0.0:7400".parse().unwrap();
+        let lan: SocketAddr = "10.1.2.3:7400".parse().unwrap();
+        assert!(check_exposure(lo, Some("127.0.0.1:7401".parse().unwrap()), None, false, false).is_ok());
+        let e = check_exposure(any, None, None, true, false).unwrap_err().to_string();
+        assert!(
+            e.starts_with("--listen 0.0.0.0:7400 binds every address") && e.contains("--advertise HOST:7400"),
+            "{e}"
+        );
+        let e = check_exposure(lan, None, None, false, false).unwrap_err().to_string();
+        assert!(
+            e.starts_with("--listen 10.1.2.3:7400 is not a loopback address") && e.contains("--insecure"),
+            "{e}"
+        );
+        let e = check_exposure(lo, Some("0.0.0.0:7401".parse().unwrap()), None, false, false)
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("--http 0.0.0.0:7401 is not a loopback"), "{e}");
+        assert!(check_exposure(lan, None, None, true, false).is_ok());
+        assert!(check_exposure(lan, None, None, false, true).is_ok());
+        assert!(check_exposure(any, None, Some("10.1.2.3:7400"), false, true).is_ok());
+    }
 }

@@ -179,6 +179,13 @@ async fn spawn_node(home: &Path, args: &[String], http: &str) -> Result<Client> 
     let log = portmesh_probe::private::append(&log_path)
         .with_context(|| format!("cannot open {}", log_path.display()))?;
     let mut cmd = std::process::Command::new(exe);
+    // The local node speaks plaintext on loopback: certificates in the environment are for
+    // talking to a team cluster (`--node`), not the local node's own.
+    for var in
+        ["PORTMESH_TLS_CA", "PORTMESH_TLS_CERT", "PORTMESH_TLS_KEY", "PORTMESH_MTLS", "PORTMESH_INSECURE"]
+    {
+        cmd.env_remove(var);
+    }
     cmd.arg("serve").arg("--data").arg(home.join("data")).args(["--http", http, "--home"]).arg(home);
     cmd.args(args);
     cmd.env_remove("PORTMESH_NODE").stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);

@@ -115,7 +115,8 @@ async fn http_check(port: u16, path: &str) -> Outcome {
 async fn grpc_channel(port: u16) -> Result<Channel, String> {
     let mut why = String::new();
     for addr in loopback(port) {
-        let endpoint = channel::endpoint(&addr.to_string(), Purpose::Check).map_err(|e| e.to_string())?;
+        let endpoint =
+            channel::endpoint(&addr.to_string(), Purpose::Check, None).map_err(|e| e.to_string())?;
         match endpoint.connect().await {
             Ok(channel) => return Ok(channel),
             Err(e) if why.is_empty() => why = format!("grpc {addr}: {e}"),

@@ -22,6 +22,10 @@ pub enum ClientError {
     },
     #[error("invalid node address {addr:?}: {reason}")]
     BadAddress { addr: String, reason: String },
+    /// The connection failed in the TLS handshake, or the node requires TLS this client did not
+    /// speak: which mistake it was and what to do.
+    #[error("cannot connect to the portmesh node at {addr}: {problem}")]
+    Tls { addr: String, problem: portmesh_tls::Problem },
     /// A write reached a node, which then stopped answering: it may or may not have been applied.
     #[error(
         "the node at {addr} stopped answering after the request was sent ({reason}); it may have been \
@@ -48,6 +52,7 @@ impl ClientError {
         match self {
             ClientError::Status { kind, .. } => kind.as_deref(),
             ClientError::OutcomeUnknown { .. } => Some("outcome_unknown"),
+            ClientError::Tls { .. } => Some("tls"),
             _ => None,
         }
     }

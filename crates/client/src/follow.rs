@@ -9,7 +9,7 @@ use portmesh_proto::{ERROR_METADATA, LEADER_METADATA};
 use tonic::transport::Channel;
 
 use crate::error::error_chain;
-use crate::{CONNECT_TIMEOUT, Client, ClientError, Result};
+use crate::{CONNECT_TIMEOUT, Client, ClientError, ClientOptions, Result};
 
 /// How long one attempt of a call may wait for the node's answer (the node itself gives up on a
 /// write after its write timeout, 5 s by default, so an answer normally comes first).
@@ -22,13 +22,16 @@ const FOLLOW_BUDGET: Duration = Duration::from_secs(10);
 /// Pause before asking again while a cluster has no reachable leader.
 const PAUSE: Duration = Duration::from_millis(100);
 
-pub(crate) async fn open(addr: &str) -> Result<Channel> {
-    let endpoint = channel::endpoint(addr, Purpose::Client)
+pub(crate) async fn open(addr: &str, options: &ClientOptions) -> Result<Channel> {
+    let endpoint = channel::endpoint(addr, Purpose::Client, options.tls.as_ref())
         .map_err(|e| ClientError::BadAddress { addr: e.addr, reason: e.reason })?;
-    endpoint.connect().await.map_err(|e| ClientError::Unreachable {
-        addr: addr.to_string(),
-        timeout: CONNECT_TIMEOUT,
-        reason: error_chain(&e),
+    endpoint.connect().await.map_err(|e| match portmesh_tls::explain(&e) {
+        Some(problem) => ClientError::Tls { addr: addr.to_string(), problem },
+        None => ClientError::Unreachable {
+            addr: addr.to_string(),
+            timeout: CONNECT_TIMEOUT,
+            reason: error_chain(&e),
+        },
     })
 }
 
@@ -56,7 +59,7 @@ pub(crate) enum Retry {
 
 impl Client {
     async fn switch_to(&self, addr: &str) -> Result<()> {
-        let channel = open(addr).await?;
+        let channel = open(addr, &self.options).await?;
         *self.conn.lock().unwrap_or_else(|p| p.into_inner()) = (addr.to_string(), channel);
         Ok(())
     }
@@ -97,6 +100,12 @@ impl Client {
                     status.code(),
                     tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
                 );
+            // A node that refuses this client's certificate does so after the handshake seemed
+            // to succeed (TLS 1.3), at the first call: say which mistake it is; the call never
+            // reached a service, and repeating it cannot help.
+            if transport && let Some(problem) = portmesh_tls::explain(&status) {
+                return Err(ClientError::Tls { addr, problem });
+            }
             let unsent = transport && never_sent(&status);
             let err = if transport && !unsent {
                 // The connection failed with the request on it: name the node, and for a write

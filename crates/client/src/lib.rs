@@ -100,6 +100,15 @@ macro_rules! rpc {
 pub struct Client {
     conn: std::sync::Arc<std::sync::Mutex<(String, Channel)>>,
     endpoints: std::sync::Arc<Vec<String>>,
+    options: std::sync::Arc<ClientOptions>,
+}
+
+/// How a client connects: plaintext (the default, for the local node) or TLS.
+#[derive(Debug, Clone, Default)]
+pub struct ClientOptions {
+    /// TLS: the cluster's CA and, for clusters that require client certificates, this client's
+    /// certificate and key.
+    pub tls: Option<portmesh_tls::ClientTls>,
 }
 
 /// How often [`Client::allocate_here`] asks again after finding granted ports busy here.
@@ -113,13 +122,20 @@ impl Client {
 
     /// Connects to the first reachable of several nodes of one cluster.
     pub async fn connect_any(addrs: &[&str]) -> Result<Client> {
+        Client::connect_with(addrs, ClientOptions::default()).await
+    }
+
+    /// Connects to the first reachable of several nodes of one cluster, with `options` (TLS).
+    /// A TLS handshake that fails says why ([`ClientError::Tls`]).
+    pub async fn connect_with(addrs: &[&str], options: ClientOptions) -> Result<Client> {
         let mut last = None;
         for a in addrs {
-            match open(a).await {
+            match open(a, &options).await {
                 Ok(channel) => {
                     return Ok(Client {
                         conn: std::sync::Arc::new(std::sync::Mutex::new((a.to_string(), channel))),
                         endpoints: std::sync::Arc::new(addrs.iter().map(|s| s.to_string()).collect()),
+                        options: std::sync::Arc::new(options),
                     });
                 }
                 Err(e) => last = Some(e),
@@ -129,6 +145,12 @@ impl Client {
             addr: String::new(),
             reason: "no address given".into(),
         }))
+    }
+
+    /// A client of another node of the same cluster (a member's address from `status`), connected
+    /// the way this one is (the same TLS).
+    pub async fn member(&self, addr: &str) -> Result<Client> {
+        Client::connect_with(&[addr], (*self.options).clone()).await
     }
 
     /// The address of the node this client currently talks to.

@@ -5,7 +5,8 @@
 
 use std::time::Duration;
 
-use tonic::transport::Endpoint;
+use portmesh_tls::ClientTls;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
 /// What a channel is for. Each purpose sets how long a connection may take and how a peer
 /// that vanished without closing the connection (cut off, paused, its host gone) is noticed.
@@ -46,20 +47,35 @@ pub struct InvalidAddress {
     pub reason: String,
 }
 
-/// The URI of a node's gRPC endpoint: `host:port` becomes `http://host:port`; an address that
-/// already names a scheme is kept.
-pub fn endpoint_uri(addr: &str) -> String {
-    if addr.contains("://") { addr.to_string() } else { format!("http://{addr}") }
+/// The URI of a node's gRPC endpoint: `host:port` becomes `http://host:port` (`https://` with
+/// TLS); an address that already names a scheme is kept.
+pub fn endpoint_uri(addr: &str, tls: bool) -> String {
+    match (addr.contains("://"), tls) {
+        (true, _) => addr.to_string(),
+        (false, false) => format!("http://{addr}"),
+        (false, true) => format!("https://{addr}"),
+    }
 }
 
-/// The endpoint for `addr` (`host:port` or a URI) configured for `purpose`. Open it with
-/// `connect().await` (fails at once when nothing listens) or `connect_lazy()` (connects on the
-/// first call, and again after a connection broke).
-pub fn endpoint(addr: &str, purpose: Purpose) -> Result<Endpoint, InvalidAddress> {
-    let endpoint = Endpoint::from_shared(endpoint_uri(addr))
-        .map_err(|e| InvalidAddress { addr: addr.to_string(), reason: e.to_string() })?
+/// The endpoint for `addr` (`host:port` or a URI) configured for `purpose`, over TLS when `tls`
+/// is given (the node's certificate must chain to its CA and name the host in `addr`; its
+/// client certificate, if any, is presented). Open it with `connect().await` (fails at once
+/// when nothing listens) or `connect_lazy()` (connects on the first call, and again after a
+/// connection broke).
+pub fn endpoint(addr: &str, purpose: Purpose, tls: Option<&ClientTls>) -> Result<Endpoint, InvalidAddress> {
+    let invalid =
+        |e: &dyn std::fmt::Display| InvalidAddress { addr: addr.to_string(), reason: e.to_string() };
+    let mut endpoint = Endpoint::from_shared(endpoint_uri(addr, tls.is_some()))
+        .map_err(|e| invalid(&e))?
         .connect_timeout(CONNECT_TIMEOUT)
         .tcp_nodelay(true);
+    if let Some(tls) = tls {
+        let mut config = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(tls.ca_pem()));
+        if let Some((cert, key)) = tls.identity_pem() {
+            config = config.identity(Identity::from_pem(cert, key));
+        }
+        endpoint = endpoint.tls_config(config).map_err(|e| invalid(&e))?;
+    }
     Ok(match purpose.keep_alive() {
         Some(every) => {
             endpoint.http2_keep_alive_interval(every).keep_alive_timeout(every).keep_alive_while_idle(true)
@@ -68,19 +84,49 @@ pub fn endpoint(addr: &str, purpose: Purpose) -> Result<Endpoint, InvalidAddress
     })
 }
 
+/// The TLS a node speaks to other members with (`None`: plaintext), shared by everything in
+/// the node that opens a channel to a member and replaced when the node re-reads its
+/// certificate files. The generation tells a holder of cached channels to open new ones.
+#[derive(Debug, Clone, Default)]
+pub struct PeerTls(std::sync::Arc<std::sync::RwLock<(u64, Option<ClientTls>)>>);
+
+impl PeerTls {
+    /// Members are reached with `tls` (or in plaintext).
+    pub fn new(tls: Option<ClientTls>) -> Self {
+        PeerTls(std::sync::Arc::new(std::sync::RwLock::new((0, tls))))
+    }
+
+    /// The current generation and TLS.
+    pub fn current(&self) -> (u64, Option<ClientTls>) {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Replaces the TLS (renewed certificates) and starts a new generation.
+    pub fn replace(&self, tls: ClientTls) {
+        let mut slot = self.0.write().unwrap_or_else(|p| p.into_inner());
+        *slot = (slot.0 + 1, Some(tls));
+    }
+
+    /// An endpoint to member `addr` with the current TLS.
+    pub fn endpoint(&self, addr: &str, purpose: Purpose) -> Result<Endpoint, InvalidAddress> {
+        endpoint(addr, purpose, self.current().1.as_ref())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn addresses_become_uris_and_bad_ones_are_named() {
-        assert_eq!(endpoint_uri("127.0.0.1:7400"), "http://127.0.0.1:7400");
-        assert_eq!(endpoint_uri("https://node:7400"), "https://node:7400");
-        let e = endpoint("bad host:1", Purpose::Client).unwrap_err();
+        assert_eq!(endpoint_uri("127.0.0.1:7400", false), "http://127.0.0.1:7400");
+        assert_eq!(endpoint_uri("127.0.0.1:7400", true), "https://127.0.0.1:7400");
+        assert_eq!(endpoint_uri("https://node:7400", false), "https://node:7400");
+        let e = endpoint("bad host:1", Purpose::Client, None).unwrap_err();
         assert_eq!(e.addr, "bad host:1");
         assert!(e.to_string().starts_with("invalid address \"bad host:1\""), "{e}");
         for p in [Purpose::Peer, Purpose::Ask, Purpose::Client, Purpose::Check] {
-            let ep = endpoint("127.0.0.1:1", p).unwrap();
+            let ep = endpoint("127.0.0.1:1", p, None).unwrap();
             assert_eq!(ep.uri().to_string(), "http://127.0.0.1:1/");
         }
         assert!(Purpose::Peer.keep_alive() < Purpose::Client.keep_alive());
@@ -90,7 +136,7 @@ mod tests {
     async fn connecting_to_nothing_is_an_error() {
         // A port just released: nothing listens there, so the connection is refused.
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let r = endpoint(&format!("127.0.0.1:{port}"), Purpose::Ask).unwrap().connect().await;
+        let r = endpoint(&format!("127.0.0.1:{port}"), Purpose::Ask, None).unwrap().connect().await;
         assert!(r.is_err());
     }
 }

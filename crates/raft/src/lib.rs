@@ -25,6 +25,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use openraft::error::{CheckIsLeaderError, ClientWriteError, InitializeError, RaftError};
 use openraft::{BasicNode, ChangeMembers, Config, Raft, RaftMetrics, ServerState, SnapshotPolicy};
 use portmesh_core::{Command, Response};
+use portmesh_proto::channel::PeerTls;
 use portmesh_store::{StateReader, Store, StoreError, TypeConfig};
 use tokio::sync::watch;
 
@@ -55,6 +56,8 @@ pub struct RaftOptions {
     pub write_timeout: Duration,
     /// Test clusters only: the faults of the network between their nodes.
     pub faults: Option<Arc<faults::LinkFaults>>,
+    /// How this node reaches other members: TLS with its node certificate, or plaintext.
+    pub peer_tls: PeerTls,
 }
 
 impl Default for RaftOptions {
@@ -71,6 +74,7 @@ impl Default for RaftOptions {
             voters: 3,
             write_timeout: Duration::from_secs(5),
             faults: None,
+            peer_tls: PeerTls::default(),
         }
     }
 }
@@ -154,6 +158,7 @@ pub struct RaftNode {
     batcher: batcher::Batcher,
     max_voters: usize,
     write_timeout: Duration,
+    peer_tls: PeerTls,
     stop: watch::Sender<bool>,
 }
 
@@ -209,7 +214,7 @@ impl RaftNode {
         let raft = Raft::new(
             id,
             Arc::new(config),
-            network::GrpcNetwork::new(id, opts.faults.clone()),
+            network::GrpcNetwork::new(id, opts.faults.clone(), opts.peer_tls.clone()),
             store.log_store(),
             sm,
         )
@@ -220,10 +225,27 @@ impl RaftNode {
         let batcher = batcher::Batcher::start(raft.clone());
         let max_voters = opts.voters;
         let write_timeout = opts.write_timeout;
-        let node =
-            RaftNode { id, addr, raft, store, state, keeper, batcher, max_voters, write_timeout, stop };
+        let peer_tls = opts.peer_tls.clone();
+        let node = RaftNode {
+            id,
+            addr,
+            raft,
+            store,
+            state,
+            keeper,
+            batcher,
+            max_voters,
+            write_timeout,
+            peer_tls,
+            stop,
+        };
         tokio::spawn(keeper::run(node.clone(), node.stop.subscribe()));
         Ok(node)
+    }
+
+    /// How this node reaches other members (TLS or plaintext), for every channel it opens to one.
+    pub fn peer_tls(&self) -> &PeerTls {
+        &self.peer_tls
     }
 
     /// Makes this node the single voter of a new cluster. Harmless on a node that is already

@@ -18,7 +18,7 @@ use openraft::raft::{
     VoteRequest, VoteResponse,
 };
 use openraft::{BasicNode, RPCTypes, RaftNetwork, RaftNetworkFactory};
-use portmesh_proto::channel::{self, Purpose};
+use portmesh_proto::channel::{PeerTls, Purpose};
 use portmesh_proto::raft::v1 as rpb;
 use portmesh_store::{DATA_VERSION, TypeConfig};
 use serde::Serialize;
@@ -47,23 +47,34 @@ pub(crate) fn decode<T: DeserializeOwned>(m: &rpb::RaftMessage) -> Result<T, Str
 #[derive(Debug, Clone)]
 pub struct GrpcNetwork {
     id: u64,
-    channels: Arc<Mutex<HashMap<String, Channel>>>,
+    /// The channels, and the generation of the TLS they were opened with.
+    channels: Arc<Mutex<(u64, HashMap<String, Channel>)>>,
     faults: Option<Arc<LinkFaults>>,
+    tls: PeerTls,
 }
 
 impl GrpcNetwork {
-    /// The network of node `id`; `faults` (tests only) cuts, drops or delays its messages.
-    pub fn new(id: u64, faults: Option<Arc<LinkFaults>>) -> Self {
-        Self { id, channels: Arc::default(), faults }
+    /// The network of node `id`, reaching peers with `tls`; `faults` (tests only) cuts, drops or
+    /// delays its messages.
+    pub fn new(id: u64, faults: Option<Arc<LinkFaults>>, tls: PeerTls) -> Self {
+        Self { id, channels: Arc::default(), faults, tls }
     }
 
     fn channel(&self, addr: &str) -> Result<Channel, String> {
-        let mut map = self.channels.lock().unwrap_or_else(|p| p.into_inner());
+        let (generation, tls) = self.tls.current();
+        let mut guard = self.channels.lock().unwrap_or_else(|p| p.into_inner());
+        let (seen, map) = &mut *guard;
+        // Renewed certificates: new connections present the new ones.
+        if *seen != generation {
+            map.clear();
+            *seen = generation;
+        }
         if let Some(c) = map.get(addr) {
             return Ok(c.clone());
         }
-        let channel =
-            channel::endpoint(addr, Purpose::Peer).map_err(|e| format!("peer: {e}"))?.connect_lazy();
+        let channel = portmesh_proto::channel::endpoint(addr, Purpose::Peer, tls.as_ref())
+            .map_err(|e| format!("peer: {e}"))?
+            .connect_lazy();
         map.insert(addr.to_string(), channel.clone());
         Ok(channel)
     }

@@ -16,7 +16,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use portmesh_client::{Client, pb};
+use portmesh_client::{Client, ClientOptions, pb};
 
 /// Ports per allocation batch in [`load`].
 pub const BATCH: usize = 10;
@@ -123,13 +123,25 @@ pub async fn big_default_pool(client: &Client) {
 /// `default` through any of `addrs`. Every batch has its own service name (`{tag}-{client}-{i}`),
 /// so its atomicity can be checked.
 pub async fn load(addrs: &[String], clients: usize, batches: usize, tag: &str) -> Oracle {
+    load_with(addrs, &ClientOptions::default(), clients, batches, tag).await
+}
+
+/// [`load`], connecting with `options` (TLS).
+pub async fn load_with(
+    addrs: &[String],
+    options: &ClientOptions,
+    clients: usize,
+    batches: usize,
+    tag: &str,
+) -> Oracle {
     let mut tasks = Vec::new();
     for c in 0..clients {
         let addrs = addrs.to_vec();
         let tag = tag.to_string();
+        let options = options.clone();
         tasks.push(tokio::spawn(async move {
             let refs: Vec<&str> = addrs.iter().map(String::as_str).collect();
-            let client = Client::connect_any(&refs).await.unwrap();
+            let client = Client::connect_with(&refs, options).await.unwrap();
             let mut oracle = Oracle::default();
             for b in 0..batches {
                 let service = format!("{tag}-{c}-{b}");
@@ -168,15 +180,20 @@ pub struct View {
 
 /// Reads every node's own view; `None` for a node that does not answer.
 pub async fn views(addrs: &[String]) -> Vec<Option<View>> {
+    views_with(addrs, &ClientOptions::default()).await
+}
+
+/// [`views`], connecting with `options` (TLS).
+pub async fn views_with(addrs: &[String], options: &ClientOptions) -> Vec<Option<View>> {
     let mut out = Vec::new();
     for a in addrs {
-        out.push(view(a).await.ok());
+        out.push(view(a, options).await.ok());
     }
     out
 }
 
-async fn view(addr: &str) -> Result<View, portmesh_client::ClientError> {
-    let c = Client::connect(addr).await?;
+async fn view(addr: &str, options: &ClientOptions) -> Result<View, portmesh_client::ClientError> {
+    let c = Client::connect_with(&[addr], options.clone()).await?;
     let list = c.list(pb::ListRequest { stale: true, ..Default::default() }).await?;
     let pools = c.list_pools(pb::ListPoolsRequest { team: String::new(), stale: true }).await?.pools;
     Ok(View { addr: addr.to_string(), list, pools })
@@ -185,9 +202,14 @@ async fn view(addr: &str) -> Result<View, portmesh_client::ClientError> {
 /// Waits until every node in `addrs` answers with the same revision and allocations; panics
 /// after `timeout` naming each node's revision.
 pub async fn converged(addrs: &[String], timeout: Duration) -> Vec<View> {
+    converged_with(addrs, &ClientOptions::default(), timeout).await
+}
+
+/// [`converged`], connecting with `options` (TLS).
+pub async fn converged_with(addrs: &[String], options: &ClientOptions, timeout: Duration) -> Vec<View> {
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
-        let vs = views(addrs).await;
+        let vs = views_with(addrs, options).await;
         if vs.iter().all(Option::is_some) {
             let vs: Vec<View> = vs.into_iter().flatten().collect();
             let key = |v: &View| (v.list.revision, ports(v));
@@ -196,7 +218,7 @@ pub async fn converged(addrs: &[String], timeout: Duration) -> Vec<View> {
             }
         }
         if tokio::time::Instant::now() >= deadline {
-            let revs: Vec<String> = views(addrs)
+            let revs: Vec<String> = views_with(addrs, options)
                 .await
                 .iter()
                 .zip(addrs)

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use portmesh_core::Holder;
-use portmesh_proto::channel::{self, Purpose};
+use portmesh_proto::channel::Purpose;
 use portmesh_proto::v1 as pb;
 use portmesh_raft::RaftNode;
 use tonic::transport::Channel;
@@ -30,6 +30,8 @@ struct Known {
     /// Host name → (gRPC address, channel) of the member running there.
     by_host: HashMap<String, (String, Channel)>,
     refreshed: Option<Instant>,
+    /// The generation of the node's TLS the channels were opened with.
+    tls_generation: u64,
 }
 
 impl HostMap {
@@ -75,6 +77,13 @@ impl HostMap {
             .map(|(id, n)| (*id, n.addr.clone()))
             .collect();
         let mut known = self.known.lock().await;
+        let tls_generation = node.peer_tls().current().0;
+        if known.tls_generation != tls_generation {
+            // Renewed certificates: open new channels with them.
+            known.by_host.clear();
+            known.refreshed = None;
+            known.tls_generation = tls_generation;
+        }
         if let Some((addr, ch)) = known.by_host.get(host)
             && members.iter().any(|(_, a)| a == addr)
         {
@@ -85,7 +94,7 @@ impl HostMap {
         }
         known.refreshed = Some(Instant::now());
         let asks = members.into_iter().filter_map(|(_, addr)| {
-            let channel = channel::endpoint(&addr, Purpose::Ask).ok()?.connect_lazy();
+            let channel = node.peer_tls().endpoint(&addr, Purpose::Ask).ok()?.connect_lazy();
             Some(async move {
                 let mut client = pb::cluster_client::ClusterClient::new(channel.clone());
                 match tokio::time::timeout(ASK_TIMEOUT, client.status(pb::StatusRequest {})).await {

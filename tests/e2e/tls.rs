@@ -1,0 +1,141 @@
+//! A TLS cluster of real processes, its certificates made by `portmesh tls init`: clients set
+//! up by environment alone, the leader killed under load with nothing duplicated or lost, a node
+//! with another CA's certificate kept out, and the node refusing to expose itself in plaintext.
+
+use std::path::Path;
+
+use nix::sys::signal::Signal;
+use portmesh_client::ClientOptions;
+use portmesh_testkit as testkit;
+
+use crate::cluster::ProcCluster;
+use crate::support::*;
+
+/// `serve` flags for the node certificate `name` in `certs`.
+fn tls_flags(certs: &Path, name: &str) -> Vec<String> {
+    let f = |file: &str| certs.join(file).to_str().unwrap().to_string();
+    vec![
+        "--tls-cert".into(),
+        f(&format!("{name}.pem")),
+        "--tls-key".into(),
+        f(&format!("{name}.key")),
+        "--tls-ca".into(),
+        f("ca.pem"),
+    ]
+}
+
+fn options(certs: &Path) -> ClientOptions {
+    ClientOptions { tls: Some(portmesh_tls::ClientTls::load(&certs.join("ca.pem"), None, None).unwrap()) }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_cluster_from_tls_init_serves_env_configured_clients_and_survives_a_leader_kill() {
+    let home = Home::new();
+    let certs = home.path().join("certs");
+    let made =
+        home.pm(&["tls", "init", certs.to_str().unwrap(), "--host", "localhost", "--json"]).ok().json();
+    assert_eq!(made["ca_reused"], false);
+    let mode = |f: &str| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(certs.join(f)).unwrap().permissions().mode() & 0o777
+    };
+    assert_eq!((mode("ca.key"), mode("node.key"), mode("client.key")), (0o600, 0o600, 0o600));
+    // Again with another name: the same CA issues a second node certificate.
+    let again = home.pm(&["tls", "init", certs.to_str().unwrap(), "--name", "node-b", "--json"]).ok().json();
+    assert_eq!((again["ca_reused"].as_bool(), again["client_new"].as_bool()), (Some(true), Some(false)));
+
+    let flags = tls_flags(&certs, "node");
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let mut c = ProcCluster::start_in(home, 3, &flags, options(&certs));
+    c.big_pool().await;
+
+    // A CLI with nothing but the environment set.
+    let ca = certs.join("ca.pem");
+    let alloc = |service: &str| {
+        c.home
+            .cmd(&["alloc", service])
+            .env("PORTMESH_NODE", &c.addrs[1])
+            .env("PORTMESH_TLS_CA", &ca)
+            .output()
+            .unwrap()
+    };
+    let out = alloc("env-only");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // Without the CA the node says what is missing.
+    let plain = c.home.pm(&["--node", &c.addrs[0], "ls"]);
+    assert_ne!(plain.code, 0);
+    assert!(plain.stderr.contains("requires TLS") && plain.stderr.contains("PORTMESH_TLS_CA"), "{plain:?}");
+
+    // The fault scenario of the plaintext tier, over mTLS between members.
+    let (addrs, opts) = (c.addrs.clone(), c.options.clone());
+    let load = tokio::spawn(async move { testkit::load_with(&addrs, &opts, 32, 4, "tls").await });
+    let leader = c.leader_index().await;
+    c.wait_for_load(200).await;
+    c.signal(leader, Signal::SIGKILL);
+    drop(c.nodes[leader].take());
+    let oracle = load.await.unwrap();
+    eprintln!("kill -9 of a TLS leader under 32-client load: {}", oracle.summary());
+    assert!(oracle.acked() >= 600, "the cluster kept serving: {}", oracle.summary());
+    testkit::check_all(&c.converged().await, &oracle);
+    c.restart(leader);
+    let views = c.converged().await;
+    testkit::check_all(&views, &oracle);
+    assert_eq!(views.len(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_with_another_cas_certificate_cannot_join_and_the_term_stays() {
+    let home = Home::new();
+    let (certs, rogue) = (home.path().join("certs"), home.path().join("rogue"));
+    home.pm(&["tls", "init", certs.to_str().unwrap()]).ok();
+    home.pm(&["tls", "init", rogue.to_str().unwrap()]).ok();
+    let flags = tls_flags(&certs, "node");
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let c = ProcCluster::start_in(home, 1, &flags, options(&certs));
+    let before = c.client(&c.addrs[0]).await.status().await.unwrap();
+
+    // The rogue trusts the cluster's CA (it can verify the node) but holds another CA's certificate.
+    let mut rogue_flags = tls_flags(&rogue, "node");
+    rogue_flags[5] = certs.join("ca.pem").to_str().unwrap().to_string();
+    let data = c.home.path().join("rogue-data");
+    let mut args: Vec<&str> = vec!["serve", "--listen", "127.0.0.1:0", "--join", &c.addrs[0], "--data"];
+    let data_s = data.to_str().unwrap().to_string();
+    args.push(&data_s);
+    args.extend(rogue_flags.iter().map(String::as_str));
+    let out = c.home.cmd(&args).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the rogue must not join: {stderr}");
+    assert!(
+        stderr.contains("refused the client's certificate")
+            && stderr.contains("not signed by the cluster's CA"),
+        "{stderr}"
+    );
+
+    let after = c.client(&c.addrs[0]).await.status().await.unwrap();
+    assert_eq!((after.term, after.members.len(), after.revision), (before.term, 1, before.revision));
+}
+
+#[test]
+fn a_node_refuses_to_serve_plaintext_beyond_loopback_or_advertise_a_wildcard() {
+    let h = Home::new();
+    let data = h.path().join("data");
+    let data = data.to_str().unwrap();
+    let r = h.pm(&["serve", "--listen", "0.0.0.0:0", "--data", data, "--bootstrap"]);
+    assert_ne!(r.code, 0);
+    assert!(r.stderr.contains("binds every address") && r.stderr.contains("--advertise"), "{r:?}");
+    let r = h.pm(&[
+        "serve",
+        "--listen",
+        "0.0.0.0:0",
+        "--advertise",
+        "10.0.0.1:7400",
+        "--data",
+        data,
+        "--bootstrap",
+    ]);
+    assert_ne!(r.code, 0);
+    assert!(r.stderr.contains("is not a loopback address") && r.stderr.contains("--insecure"), "{r:?}");
+    let r = h.pm(&["serve", "--tls-cert", "x.pem", "--data", data]);
+    assert!(r.stderr.contains("--tls-key, --tls-ca missing"), "{r:?}");
+    assert!(!Path::new(data).exists(), "nothing was created by a refused start");
+}
