@@ -10,12 +10,19 @@ pub(crate) struct Deployment {
     pub(crate) addrs: Vec<String>,
     /// The member clients send to (the leader).
     pub(crate) leader: usize,
+    /// How clients connect (TLS for `start_portmesh_tls`).
+    pub(crate) options: ClientOptions,
     pub(crate) _dir: tempfile::TempDir,
 }
 
 impl Deployment {
     pub(crate) fn leader_addr(&self) -> &str {
         &self.addrs[self.leader]
+    }
+
+    /// A client of the leader, connected as this deployment's clients are.
+    pub(crate) async fn leader_client(&self) -> Result<Client> {
+        Ok(Client::connect_with(&[self.leader_addr()], self.options.clone()).await?)
     }
 
     pub(crate) fn pid(&self, i: usize) -> u32 {
@@ -80,7 +87,41 @@ where
 
 /// `nodes` portmesh processes on loopback: the first bootstraps, the others join it.
 pub(crate) async fn start_portmesh(bin: &Path, nodes: usize) -> Result<Deployment> {
+    start_portmesh_with(bin, nodes, false).await
+}
+
+/// [`start_portmesh`] with TLS: a CA made here, one node certificate for loopback, mutual TLS
+/// between members, clients trusting the CA.
+pub(crate) async fn start_portmesh_tls(bin: &Path, nodes: usize) -> Result<Deployment> {
+    start_portmesh_with(bin, nodes, true).await
+}
+
+/// Certificates for loopback nodes in `dir`: the `serve` flags, and the clients' options.
+fn loopback_certificates(dir: &Path) -> Result<(Vec<String>, ClientOptions)> {
+    use portmesh_tls::generate::{Authority, Spec};
+    let ca = Authority::new("portmesh-bench CA")?;
+    let node = ca.issue(&Spec::node(vec!["localhost".into()], vec!["127.0.0.1".parse()?]))?;
+    let path = |name: &str, text: &str| -> Result<String> {
+        let p = dir.join(name);
+        std::fs::write(&p, text)?;
+        Ok(p.display().to_string())
+    };
+    let flags = vec![
+        "--tls-cert".into(),
+        path("node.pem", &node.cert_pem)?,
+        "--tls-key".into(),
+        path("node.key", &node.key_pem)?,
+        "--tls-ca".into(),
+        path("ca.pem", ca.cert_pem())?,
+    ];
+    let tls = portmesh_tls::ClientTls::load(&dir.join("ca.pem"), None, None)?;
+    Ok((flags, ClientOptions { tls: Some(tls) }))
+}
+
+async fn start_portmesh_with(bin: &Path, nodes: usize, tls: bool) -> Result<Deployment> {
     let dir = tempfile::tempdir()?;
+    let (tls_flags, options) =
+        if tls { loopback_certificates(dir.path())? } else { (Vec::new(), ClientOptions::default()) };
     if std::env::var_os("PORTMESH_BENCH_KEEP").is_some() {
         println!("(node logs and data in {})", dir.path().display());
     }
@@ -94,7 +135,8 @@ pub(crate) async fn start_portmesh(bin: &Path, nodes: usize) -> Result<Deploymen
         cmd.args(["serve", "--listen", "127.0.0.1:0", "--data"])
             .arg(home.join("data"))
             .arg("--home")
-            .arg(&home);
+            .arg(&home)
+            .args(&tls_flags);
         match addrs.first() {
             None => cmd.arg("--bootstrap"),
             Some(first) => cmd.args(["--join", first]),
@@ -117,7 +159,7 @@ pub(crate) async fn start_portmesh(bin: &Path, nodes: usize) -> Result<Deploymen
         .await?;
         addrs.push(addr);
     }
-    let c = Client::connect(&addrs[0]).await?;
+    let c = Client::connect_with(&[addrs[0].as_str()], options.clone()).await?;
     c.add_pool(pb::AddPoolRequest {
         team: "default".into(),
         name: "bench".into(),
@@ -128,7 +170,7 @@ pub(crate) async fn start_portmesh(bin: &Path, nodes: usize) -> Result<Deploymen
     let leader_addr =
         s.members.iter().find(|m| m.id == s.leader_id).map(|m| m.addr.clone()).unwrap_or_default();
     let leader = addrs.iter().position(|a| *a == leader_addr).unwrap_or(0);
-    Ok(Deployment { children: children.into_iter().collect(), addrs, leader, _dir: dir })
+    Ok(Deployment { children: children.into_iter().collect(), addrs, leader, options, _dir: dir })
 }
 
 /// `nodes` etcd members on loopback, started together as one cluster.
@@ -187,7 +229,7 @@ pub(crate) async fn start_etcd(bin: &str, round: usize, nodes: usize) -> Result<
         }
     })
     .await?;
-    Ok(Deployment { children, addrs, leader, _dir: dir })
+    Ok(Deployment { children, addrs, leader, options: ClientOptions::default(), _dir: dir })
 }
 
 /// Kills the leader of a 3-node portmesh cluster under a steady writer and measures the time

@@ -28,6 +28,7 @@ pub(crate) async fn run_phase(
     system: System,
     work: Workload,
     addr: &str,
+    options: &ClientOptions,
     clients: usize,
     dur: Duration,
 ) -> Result<Phase> {
@@ -36,11 +37,17 @@ pub(crate) async fn run_phase(
     let mut tasks = Vec::new();
     for c in 0..clients {
         let addr = addr.to_string();
+        let options = options.clone();
         tasks.push(tokio::spawn(async move {
             match system {
                 System::Portmesh if work == Workload::KeepAlive => portmesh_keepalive(&addr, deadline).await,
                 System::Etcd if work == Workload::KeepAlive => etcd_keepalive(&addr, deadline).await,
-                System::Portmesh => portmesh_client_loop(&addr, work, c, deadline).await,
+                System::PortmeshTls if work == Workload::KeepAlive => {
+                    bail!("--tls-cost measures the fresh and reused workloads")
+                }
+                System::Portmesh | System::PortmeshTls => {
+                    portmesh_client_loop(&addr, &options, work, c, deadline).await
+                }
                 System::Etcd => etcd_client_loop(&addr, work, c, deadline).await,
             }
         }));
@@ -160,11 +167,12 @@ pub(crate) async fn etcd_keepalive(addr: &str, deadline: Instant) -> Result<Vec<
 
 pub(crate) async fn portmesh_client_loop(
     addr: &str,
+    options: &ClientOptions,
     work: Workload,
     c: usize,
     deadline: Instant,
 ) -> Result<Vec<Duration>> {
-    let client = Client::connect(addr).await?;
+    let client = Client::connect_with(&[addr], options.clone()).await?;
     let held = match work {
         Workload::Reused => {
             client.grant_lease(pb::LeaseGrantRequest { team: "default".into(), ttl_ms: 600_000 }).await?.id

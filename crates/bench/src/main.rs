@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use portmesh_client::{Client, pb};
+use portmesh_client::{Client, ClientOptions, pb};
 
 mod deploy;
 mod load;
@@ -72,6 +72,11 @@ struct Args {
     /// to the first acknowledged write after each kill.
     #[arg(long, default_value_t = 0)]
     failover: usize,
+    /// Compare portmesh with TLS (mutual TLS between members, clients trusting the CA) against
+    /// plaintext portmesh in the alternating rounds, instead of against etcd (workloads `fresh`
+    /// and `reused`).
+    #[arg(long)]
+    tls_cost: bool,
     /// Also compare a one-shot `portmesh alloc` with an empty Rust binary using `hyperfine -N`.
     #[arg(long)]
     startup: bool,
@@ -99,6 +104,7 @@ struct Args {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum System {
     Portmesh,
+    PortmeshTls,
     Etcd,
 }
 
@@ -106,6 +112,7 @@ impl System {
     fn name(self) -> &'static str {
         match self {
             System::Portmesh => "portmesh",
+            System::PortmeshTls => "tls",
             System::Etcd => "etcd",
         }
     }
@@ -170,7 +177,7 @@ struct Results {
 async fn main() -> Result<()> {
     let args = Args::parse();
     let dur = Duration::from_secs_f64(args.secs);
-    let with_etcd = args.etcd != "off";
+    let with_etcd = args.etcd != "off" && !args.tls_cost;
     let workloads: Vec<Workload> =
         args.workloads.iter().filter(|w| *w != "none").map(|w| Workload::parse(w)).collect::<Result<_>>()?;
     if workloads.is_empty() {
@@ -187,12 +194,16 @@ async fn main() -> Result<()> {
         if with_etcd {
             order.push(System::Etcd);
         }
+        if args.tls_cost {
+            order.push(System::PortmeshTls);
+        }
         if round % 2 == 1 {
             order.reverse();
         }
         for system in order {
             let d = match system {
                 System::Portmesh => start_portmesh(&args.portmesh, args.nodes).await?,
+                System::PortmeshTls => start_portmesh_tls(&args.portmesh, args.nodes).await?,
                 System::Etcd => start_etcd(&args.etcd, round, args.nodes).await?,
             };
             let pid = d.pid(d.leader);
@@ -207,10 +218,10 @@ async fn main() -> Result<()> {
             }
             for (work, c) in phases {
                 let before = match system {
-                    System::Portmesh => Some(Client::connect(d.leader_addr()).await?.status().await?),
-                    System::Etcd => None,
+                    System::Portmesh => Some(d.leader_client().await?.status().await?),
+                    System::PortmeshTls | System::Etcd => None,
                 };
-                let p = run_phase(system, work, d.leader_addr(), c, dur).await?;
+                let p = run_phase(system, work, d.leader_addr(), &d.options, c, dur).await?;
                 println!(
                     "round {} {:<8} {:<6} clients {:>3}: {:>8.0} op/s  p50 {} ms  p90 {} ms  p99 {} ms  ({} ops)",
                     round + 1,
@@ -230,7 +241,7 @@ async fn main() -> Result<()> {
                     p.pct(0.99).as_secs_f64() * 1e3,
                 ));
                 if let Some(b) = before {
-                    let a = Client::connect(d.leader_addr()).await?.status().await?;
+                    let a = d.leader_client().await?.status().await?;
                     let f = a.fsyncs.saturating_sub(b.fsyncs);
                     if c == max_clients && work == workloads[0] && f > 0 {
                         let e = a.entries_flushed.saturating_sub(b.entries_flushed) as f64 / f as f64;
@@ -248,20 +259,23 @@ async fn main() -> Result<()> {
             match system {
                 System::Portmesh => res.loaded_rss_kb.push(rss_kb(pid)),
                 System::Etcd => res.etcd_rss_kb.push(rss_kb(pid)),
+                System::PortmeshTls => {}
             }
         }
     }
 
     println!("\n# medians over {} round(s), {} node(s) each", args.rounds, args.nodes);
+    // The measured system and its baseline: portmesh vs etcd, or TLS vs plaintext portmesh.
+    let (a, b) = if args.tls_cost { ("tls", "portmesh") } else { ("portmesh", "etcd") };
     println!(
-        "| workload | clients | portmesh alloc/s | etcd alloc/s | ratio | portmesh p50/p90/p99 ms | etcd p50/p90/p99 ms |"
+        "| workload | clients | {a} alloc/s | {b} alloc/s | ratio | {a} p50/p90/p99 ms | {b} p50/p90/p99 ms |"
     );
     println!("|---|---:|---:|---:|---:|---:|---:|");
     let col = |v: &[Row], f: fn(&Row) -> f64| median(v.iter().map(f).collect());
     for w in &workloads {
         for &c in &args.clients {
-            let pm = res.rows.get(&("portmesh", *w, c)).cloned().unwrap_or_default();
-            let et = res.rows.get(&("etcd", *w, c)).cloned().unwrap_or_default();
+            let pm = res.rows.get(&(a, *w, c)).cloned().unwrap_or_default();
+            let et = res.rows.get(&(b, *w, c)).cloned().unwrap_or_default();
             // Ratio of medians over per-round ratios: same-round pairs cancel the machine's noise.
             let ratios: Vec<f64> = pm.iter().zip(&et).map(|(a, b)| a.0 / b.0).collect();
             println!(
@@ -278,6 +292,15 @@ async fn main() -> Result<()> {
                 col(&et, |r| r.3),
             );
         }
+    }
+    if let (Some(tls), Some(plain)) =
+        (res.rows.get(&("tls", Workload::Fresh, 1)), res.rows.get(&("portmesh", Workload::Fresh, 1)))
+    {
+        let extra: Vec<f64> = tls.iter().zip(plain).map(|(t, p)| t.1 - p.1).collect();
+        println!(
+            "\n1 client: TLS adds {:.3} ms to the allocation p50 (median of per-round differences)",
+            median(extra)
+        );
     }
     if let (Some(pm), Some(put)) =
         (res.rows.get(&("portmesh", Workload::Fresh, 1)), res.rows.get(&("etcd", Workload::Put, 1)))
