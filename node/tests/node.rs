@@ -1223,6 +1223,9 @@ async fn every_event_kind_reaches_a_watcher_in_order_across_a_leader_change() {
         .deregister(pb::DeregisterRequest { team: "default".into(), id: checked.id.to_string() })
         .await
         .unwrap();
+    // The node that applied the deregistration (the leader the client follows) is at least at
+    // its revision; under load the lease below may have expired before it.
+    let deregistered_at = client.status().await.unwrap().revision;
     // The 1 s lease expires under the new leader.
     // The revision to wait for is read from the node that applied the expiry (another node's
     // status may still lag behind it).
@@ -1236,7 +1239,7 @@ async fn every_event_kind_reaches_a_watcher_in_order_across_a_leader_change() {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    let last = expired_at.max(after.revision);
+    let last = expired_at.max(after.revision).max(deregistered_at);
     wait_seen(&mut seen, last).await;
     stop.send(()).unwrap();
     let events = task.await.unwrap();
