@@ -131,8 +131,9 @@ mod tests {
         assert_eq!(line, "ready\n");
         let reaper = std::thread::spawn(move || child.wait());
         assert_eq!(terminate(pid, Duration::from_millis(300)).await.unwrap(), Stopped::Killed(()));
-        assert!(!alive(pid));
+        // Reaped first: until its parent waits, a killed child is a zombie, which `alive` counts.
         assert_eq!(describe(reaper.join().unwrap().unwrap()), "killed by SIGKILL");
+        assert!(!alive(pid));
     }
 
     #[tokio::test]
