@@ -1,7 +1,9 @@
 //! Containers: the same binary in three containers on a Docker network this test creates, built
-//! from `deploy/Dockerfile` (FROM scratch plus the binary and its libraries: no image is pulled).
-//! One node is cut off with `docker network disconnect` under load and healed; the SPEC §3
-//! checkers then run against every node's state.
+//! from `deploy/Dockerfile` (FROM scratch plus the binary and its libraries: no image is pulled),
+//! with TLS on (certificates from `portmesh tls init` for the containers' addresses, copied in):
+//! clients and members speak TLS, members mutual TLS. One node is cut off with
+//! `docker network disconnect` under load and healed; the SPEC §3 checkers then run against
+//! every node's state.
 //!
 //! These tests need a Docker engine. They are `#[ignore]`d for a plain `cargo test`;
 //! `scripts/test` runs them when an engine answers and reports them as skipped, loudly, when
@@ -10,7 +12,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use portmesh_client::{Client, pb};
+use portmesh_client::{Client, ClientOptions, pb};
 use portmesh_testkit as testkit;
 
 use crate::support::BIN;
@@ -48,6 +50,10 @@ struct Net {
     prefix: String,
     containers: Vec<String>,
     image: String,
+    /// The CA and the node certificate for the containers' addresses (`tls init`).
+    certs: tempfile::TempDir,
+    /// How the test's clients connect: TLS with the CA.
+    options: ClientOptions,
 }
 
 impl Net {
@@ -59,7 +65,20 @@ impl Net {
             let octet = 30 + (std::process::id() + attempt * 7) % 200;
             let prefix = format!("172.29.{octet}");
             match docker(&["network", "create", "--subnet", &format!("{prefix}.0/24"), &name]) {
-                Ok(_) => return Net { name, prefix, containers: Vec::new(), image },
+                Ok(_) => {
+                    let certs = tempfile::tempdir().unwrap();
+                    let mut init = Command::new(BIN);
+                    init.args(["tls", "init"]).arg(certs.path());
+                    for i in 0..3 {
+                        init.args(["--ip", &format!("{prefix}.{}", 10 + i)]);
+                    }
+                    let out = init.output().unwrap();
+                    assert!(out.status.success(), "tls init: {}", String::from_utf8_lossy(&out.stderr));
+                    let tls =
+                        portmesh_tls::ClientTls::load(&certs.path().join("ca.pem"), None, None).unwrap();
+                    let options = ClientOptions { tls: Some(tls) };
+                    return Net { name, prefix, containers: Vec::new(), image, certs, options };
+                }
                 Err(e) => last = e,
             }
         }
@@ -78,15 +97,27 @@ impl Net {
         format!("{}-{i}", self.name)
     }
 
-    /// Starts node `i` in its own container; node 0 bootstraps, the others join it.
+    /// A client of node `i`, over TLS.
+    async fn client(&self, i: usize) -> Result<Client, portmesh_client::ClientError> {
+        Client::connect_with(&[self.addr(i).as_str()], self.options.clone()).await
+    }
+
+    /// Starts node `i` in its own container with TLS; node 0 bootstraps, the others join it.
     async fn start_node(&mut self, i: usize) {
         let (name, ip, advertise) = (self.container(i), self.ip(i), self.addr(i));
         let first = self.addr(0);
-        let mut args = vec!["run", "-d", "--name", &name, "--hostname", &name, "--network", &self.name];
+        let mut args = vec!["create", "--name", &name, "--hostname", &name, "--network", &self.name];
         args.extend(["--ip", &ip, &self.image]);
         args.extend(["serve", "--data", "/data", "--listen", "0.0.0.0:7400", "--http", "0.0.0.0:7401"]);
-        // Plaintext inside a Docker network of the test's own (the TLS container tier is issue 16's).
-        args.extend(["--advertise", &advertise, "--insecure"]);
+        args.extend(["--advertise", &advertise]);
+        args.extend([
+            "--tls-cert",
+            "/certs/node.pem",
+            "--tls-key",
+            "/certs/node.key",
+            "--tls-ca",
+            "/certs/ca.pem",
+        ]);
         if i == 0 {
             args.push("--bootstrap");
         } else {
@@ -94,9 +125,13 @@ impl Net {
         }
         docker(&args).unwrap();
         self.containers.push(name.clone());
+        // Copied in rather than mounted: the engine may not see this host's files.
+        let certs = format!("{}/.", self.certs.path().display());
+        docker(&["cp", &certs, &format!("{name}:/certs")]).unwrap();
+        docker(&["start", &name]).unwrap();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
         loop {
-            if let Ok(c) = Client::connect(&advertise).await
+            if let Ok(c) = self.client(i).await
                 && c.is_serving().await.unwrap_or(false)
             {
                 return;
@@ -134,7 +169,7 @@ async fn agreed_leader(net: &Net, from: &[usize], not: Option<u64>) -> (usize, u
         let mut seen = std::collections::BTreeSet::new();
         let mut addr = None;
         for &i in from {
-            match Client::connect(&net.addr(i)).await {
+            match net.client(i).await {
                 Ok(c) => match c.status().await {
                     Ok(s) => {
                         seen.insert(s.leader_id);
@@ -170,12 +205,12 @@ async fn docker_a_leader_cut_off_by_network_disconnect_is_replaced_and_nothing_i
         net.start_node(i).await;
     }
     let addrs: Vec<String> = (0..3).map(|i| net.addr(i)).collect();
-    let admin = Client::connect(&addrs[0]).await.unwrap();
+    let admin = net.client(0).await.unwrap();
     testkit::big_default_pool(&admin).await;
 
     let load = {
-        let addrs = addrs.clone();
-        tokio::spawn(async move { testkit::load(&addrs, 16, 20, "c").await })
+        let (addrs, options) = (addrs.clone(), net.options.clone());
+        tokio::spawn(async move { testkit::load_with(&addrs, &options, 16, 20, "c").await })
     };
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while admin
@@ -193,7 +228,8 @@ async fn docker_a_leader_cut_off_by_network_disconnect_is_replaced_and_nothing_i
     let others: Vec<usize> = (0..3).filter(|i| *i != leader).collect();
     let (new_leader, _) = agreed_leader(&net, &others, Some(old)).await;
     // The majority side takes writes while the old leader is cut off.
-    let during = Client::connect(&net.addr(new_leader))
+    let during = net
+        .client(new_leader)
         .await
         .unwrap()
         .allocate(pb::AllocateRequest {
@@ -214,7 +250,7 @@ async fn docker_a_leader_cut_off_by_network_disconnect_is_replaced_and_nothing_i
         oracle.summary()
     );
     assert!(oracle.acked() + oracle.unknown() >= 3_000, "{}", oracle.summary());
-    let views = testkit::converged(&addrs, Duration::from_secs(60)).await;
+    let views = testkit::converged_with(&addrs, &net.options, Duration::from_secs(60)).await;
     testkit::check_all(&views, &oracle);
     let port = during.allocations[0].port;
     assert!(

@@ -139,3 +139,29 @@ fn a_node_refuses_to_serve_plaintext_beyond_loopback_or_advertise_a_wildcard() {
     assert!(r.stderr.contains("--tls-key, --tls-ca missing"), "{r:?}");
     assert!(!Path::new(data).exists(), "nothing was created by a refused start");
 }
+
+#[test]
+fn sighup_rereads_the_certificates_and_the_node_keeps_serving() {
+    let h = Home::new();
+    let certs = h.path().join("certs");
+    h.pm(&["tls", "init", certs.to_str().unwrap()]).ok();
+    let log = h.path().join("serve.log");
+    let data = h.path().join("data");
+    let flags = tls_flags(&certs, "node");
+    let mut args: Vec<&str> =
+        vec!["serve", "--listen", "127.0.0.1:0", "--bootstrap", "--data", data.to_str().unwrap()];
+    args.extend(flags.iter().map(String::as_str));
+    let mut child = h.cmd(&args).stderr(std::fs::File::create(&log).unwrap()).spawn().unwrap();
+    let read = || std::fs::read_to_string(&log).unwrap_or_default();
+    wait_until("the node to listen", std::time::Duration::from_secs(20), || {
+        read().contains("portmesh node listening")
+    });
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    nix::sys::signal::kill(pid, Signal::SIGHUP).unwrap();
+    wait_until("the certificates to be re-read", std::time::Duration::from_secs(10), || {
+        read().contains("TLS certificates re-read")
+    });
+    assert!(process_runs(child.id() as i32), "SIGHUP re-reads, it does not stop the node");
+    let _ = child.kill();
+    let _ = child.wait();
+}

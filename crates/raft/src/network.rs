@@ -80,13 +80,14 @@ impl GrpcNetwork {
     }
 }
 
-/// A Raft client of one peer.
+/// A Raft client of one peer. The channel is looked up at each call, so that after renewed
+/// certificates the peer is reached on a new connection that presents them.
 #[derive(Debug)]
 pub struct GrpcPeer {
     id: u64,
     target: u64,
     addr: String,
-    client: Result<rpb::raft_client::RaftClient<Channel>, String>,
+    network: GrpcNetwork,
     faults: Option<Arc<LinkFaults>>,
 }
 
@@ -94,8 +95,13 @@ impl RaftNetworkFactory<TypeConfig> for GrpcNetwork {
     type Network = GrpcPeer;
 
     async fn new_client(&mut self, target: u64, node: &BasicNode) -> Self::Network {
-        let client = self.channel(&node.addr).map(rpb::raft_client::RaftClient::new);
-        GrpcPeer { id: self.id, target, addr: node.addr.clone(), client, faults: self.faults.clone() }
+        GrpcPeer {
+            id: self.id,
+            target,
+            addr: node.addr.clone(),
+            network: self.clone(),
+            faults: self.faults.clone(),
+        }
     }
 }
 
@@ -119,9 +125,9 @@ impl GrpcPeer {
         E: std::error::Error + DeserializeOwned,
     {
         let unreachable = |why: String| RPCError::Unreachable(Unreachable::new(&std::io::Error::other(why)));
-        let client = match &mut self.client {
-            Ok(c) => c,
-            Err(e) => return Err(unreachable(e.clone())),
+        let mut client = match self.network.channel(&self.addr) {
+            Ok(c) => rpb::raft_client::RaftClient::new(c),
+            Err(e) => return Err(unreachable(e)),
         };
         let msg = encode(req).map_err(|e| unreachable(format!("encoding a Raft message: {e}")))?;
         let verdict = match &self.faults {
