@@ -876,6 +876,48 @@ async fn wait_membership(c: &Cluster, voters: &BTreeSet<u64>, except: &[u64]) {
 /// 4 nodes with `--voters 3`: the fourth stays a learner. Removing a voter promotes the learner;
 /// removing the leader itself hands over to the rest; the last voter cannot be removed, nor can
 /// a node that is not a member; writes keep flowing after every change.
+/// Issue 15: with one member dead, the leader leaving would leave two voters of which one
+/// answers: the change is refused, naming the dead member, and nothing is stranded; removing the
+/// dead member first works, and then the leader may leave.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_membership_change_without_a_live_quorum_is_refused_and_names_who_is_missing() {
+    let mut c = Cluster::start_with(3, fast_raft).await;
+    let ids: Vec<u64> = (0..3).map(|i| c.id(i)).collect();
+    let all: BTreeSet<u64> = ids.iter().copied().collect();
+    wait_membership(&c, &all, &[]).await;
+    let client = c.client().await;
+    let leader = c.leader_index();
+    let dead = (0..3).find(|i| *i != leader).unwrap();
+    let dead_addr = c.addrs[dead].clone();
+    c.stop(dead).await;
+    let before = client.status().await.unwrap();
+
+    let err = client.leave(pb::LeaveRequest { node_id: ids[leader] }).await.unwrap_err();
+    assert_eq!(err.kind(), Some("failed_precondition"), "{err}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains(&format!("node {} at {dead_addr}", ids[dead])) && msg.contains("leave --id"),
+        "{msg}"
+    );
+    let after = client.status().await.unwrap();
+    assert_eq!(after.members.len(), 3, "nothing changed");
+    assert_eq!(after.revision, before.revision);
+    // Writes go on: the cluster was not stranded.
+    client
+        .allocate(pb::AllocateRequest { items: vec![item("still", "default")], ..Default::default() })
+        .await
+        .unwrap();
+
+    // The dead member first, then the leader.
+    client.leave(pb::LeaveRequest { node_id: ids[dead] }).await.unwrap();
+    let two: BTreeSet<u64> = all.iter().copied().filter(|i| *i != ids[dead]).collect();
+    wait_membership(&c, &two, &[ids[dead]]).await;
+    client
+        .allocate(pb::AllocateRequest { items: vec![item("after", "default")], ..Default::default() })
+        .await
+        .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn members_leave_voters_are_replaced_and_the_last_voter_stays() {
     let mut c = Cluster::start(4).await;

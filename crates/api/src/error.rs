@@ -63,9 +63,11 @@ impl From<ApiError> for Status {
                 ProposeError::Timeout(_) => (Code::DeadlineExceeded, "timeout"),
             },
             ApiError::Member(MemberError::NotMember { .. }) => (Code::NotFound, "not_found"),
-            ApiError::Member(MemberError::LastVoter { .. } | MemberError::ForeignCluster { .. }) => {
-                (Code::FailedPrecondition, "failed_precondition")
-            }
+            ApiError::Member(
+                MemberError::LastVoter { .. }
+                | MemberError::ForeignCluster { .. }
+                | MemberError::NoLiveQuorum { .. },
+            ) => (Code::FailedPrecondition, "failed_precondition"),
             ApiError::Compacted { .. } => (Code::OutOfRange, "compacted"),
             ApiError::Internal(_) => (Code::Internal, "internal"),
         };

@@ -119,9 +119,18 @@ pub enum MemberError {
          move that node's data directory aside to join this cluster with it"
     )]
     ForeignCluster { id: u64, addr: String, theirs: String, ours: String },
+    #[error(
+        "removing node {id} would leave the voters {after}, and a majority of them (and of today's \
+         voters) must answer for the change and every write after it, but {unreachable} did not answer \
+         within {timeout:?}: start them again, or remove them first (`portmesh leave --id N`)"
+    )]
+    NoLiveQuorum { id: u64, after: String, unreachable: String, timeout: Duration },
     #[error(transparent)]
     Raft(#[from] ProposeError),
 }
+
+/// How long a voter has to answer before a membership change counts it as unreachable.
+pub const LIVENESS_TIMEOUT: Duration = Duration::from_secs(1);
 
 fn leader_hint(id: &Option<u64>, addr: &Option<String>) -> String {
     match (id, addr) {
@@ -382,11 +391,53 @@ impl RaftNode {
         if let Some(successor) = learners.iter().max_by_key(|l| matched(l)) {
             next.insert(*successor);
         }
+        // The change commits under both configurations (joint consensus), and the cluster lives
+        // on under the new one: each needs a majority that answers now. A change without one
+        // would wait for its quorum and leave every later write waiting too.
+        let addr_of = |v: &u64| membership.get_node(v).map(|n| n.addr.clone()).unwrap_or_default();
+        let live = self.answering(voters.union(&next).copied().map(|v| (v, addr_of(&v))).collect()).await;
+        let majority = |set: &BTreeSet<u64>| set.iter().filter(|v| live.contains(v)).count() * 2 > set.len();
+        if !majority(&voters) || !majority(&next) {
+            let unreachable: Vec<String> = voters
+                .union(&next)
+                .filter(|v| !live.contains(v))
+                .map(|v| format!("node {v} at {}", addr_of(v)))
+                .collect();
+            return Err(MemberError::NoLiveQuorum {
+                id,
+                after: next.iter().map(u64::to_string).collect::<Vec<_>>().join(", "),
+                unreachable: unreachable.join(", "),
+                timeout: LIVENESS_TIMEOUT,
+            });
+        }
         self.raft
             .change_membership(ChangeMembers::ReplaceAllVoters(next), false)
             .await
             .map_err(write_error)?;
         Ok(())
+    }
+
+    /// Which of `members` (id, address) answer a status request within [`LIVENESS_TIMEOUT`]; this
+    /// node always counts.
+    async fn answering(&self, members: Vec<(u64, String)>) -> BTreeSet<u64> {
+        use portmesh_proto::v1::{StatusRequest, cluster_client::ClusterClient};
+        let asks = members.into_iter().map(|(id, addr)| async move {
+            if id == self.id {
+                return Some(id);
+            }
+            let ask = async {
+                let channel = self
+                    .peer_tls
+                    .endpoint(&addr, portmesh_proto::channel::Purpose::Ask)
+                    .ok()?
+                    .connect()
+                    .await
+                    .ok()?;
+                ClusterClient::new(channel).status(StatusRequest {}).await.ok()
+            };
+            tokio::time::timeout(LIVENESS_TIMEOUT, ask).await.ok().flatten().map(|_| id)
+        });
+        futures::future::join_all(asks).await.into_iter().flatten().collect()
     }
 
     /// Checks that a node holding data of cluster `theirs` (empty: none) may join this one.
