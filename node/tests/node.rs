@@ -876,6 +876,41 @@ async fn wait_membership(c: &Cluster, voters: &BTreeSet<u64>, except: &[u64]) {
 /// 4 nodes with `--voters 3`: the fourth stays a learner. Removing a voter promotes the learner;
 /// removing the leader itself hands over to the rest; the last voter cannot be removed, nor can
 /// a node that is not a member; writes keep flowing after every change.
+/// Issue 15: five voters, two dead for good: each is removed in turn (three of four, then three of
+/// three answer) and the cluster writes throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_voters_with_two_dead_shrink_to_three_and_keep_writing() {
+    let mut c = Cluster::start_with(5, |cfg| {
+        fast_raft(cfg);
+        cfg.raft.voters = 5;
+    })
+    .await;
+    let ids: Vec<u64> = (0..5).map(|i| c.id(i)).collect();
+    let all: BTreeSet<u64> = ids.iter().copied().collect();
+    wait_membership(&c, &all, &[]).await;
+    let leader = c.leader_index();
+    let dead: Vec<usize> = (0..5).filter(|i| *i != leader).take(2).collect();
+    for &d in &dead {
+        c.stop(d).await;
+    }
+    let client = c.client().await;
+    let mut voters = all.clone();
+    for &d in &dead {
+        client.leave(pb::LeaveRequest { node_id: ids[d] }).await.unwrap();
+        voters.remove(&ids[d]);
+        let gone: Vec<u64> = dead.iter().map(|i| ids[*i]).collect();
+        wait_membership(&c, &voters, &gone).await;
+        client
+            .allocate(pb::AllocateRequest {
+                items: vec![item(&format!("w{d}"), "default")],
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    assert_eq!(client.status().await.unwrap().members.len(), 3);
+}
+
 /// Issue 15: with one member dead, the leader leaving would leave two voters of which one
 /// answers: the change is refused, naming the dead member, and nothing is stranded; removing the
 /// dead member first works, and then the leader may leave.
