@@ -1,12 +1,21 @@
-//! Wire-level errors. A request body that is not the protobuf message its method takes is the
-//! caller's mistake, but tonic answers it as INTERNAL ("failed to decode Protobuf message"),
-//! which reads like a bug in the node. This layer relabels that answer INVALID_ARGUMENT with the
-//! `invalid_argument` category every other bad request carries. Nothing else is touched.
+//! Wire-level errors.
+//!
+//! - A request body that is not the protobuf message its method takes is the caller's mistake,
+//!   but tonic answers it as INTERNAL ("failed to decode Protobuf message"), which reads like a
+//!   bug in the node. This layer relabels that answer INVALID_ARGUMENT with the
+//!   `invalid_argument` category every other bad request carries.
+//! - A call that takes one request message (every portmesh method but `Leases.KeepAlive`) and
+//!   carries two or more is refused INVALID_ARGUMENT before the method runs: tonic alone applies
+//!   the first and silently drops the rest. The request body is read through [`OneMessage`],
+//!   which fails as soon as a second message starts; tonic reads to the end of the body before
+//!   it calls the method.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use bytes::{Buf, Bytes};
+use http_body::{Body, Frame, SizeHint};
 use portmesh_proto::ERROR_METADATA;
 use tonic::codegen::{Service, http};
 
@@ -28,7 +37,7 @@ pub(crate) struct DecodeErrors<S>(S);
 
 impl<S, ReqBody, ResBody> Service<http::Request<ReqBody>> for DecodeErrors<S>
 where
-    S: Service<http::Request<ReqBody>, Response = http::Response<ResBody>>,
+    S: Service<http::Request<OneMessage<ReqBody>>, Response = http::Response<ResBody>>,
     S::Future: Send + 'static,
     S::Error: Send + 'static,
     ResBody: Send + 'static,
@@ -42,12 +51,107 @@ where
     }
 
     fn call(&mut self, req: http::Request<ReqBody>) -> Self::Future {
-        let answer = self.0.call(req);
+        let single = takes_one_message(req.uri().path());
+        let answer = self.0.call(req.map(|body| OneMessage::new(body, single)));
         Box::pin(async move {
             let mut res = answer.await?;
             relabel(res.headers_mut());
             Ok(res)
         })
+    }
+}
+
+/// Whether the method at `path` takes exactly one request message.
+fn takes_one_message(path: &str) -> bool {
+    (path.starts_with("/portmesh.v1.") || path.starts_with("/portmesh.raft.v1."))
+        && path != "/portmesh.v1.Leases/KeepAlive"
+}
+
+/// A request body that fails when a second gRPC message starts in it (when `single`), so that a
+/// one-message call with more is refused before its method runs.
+#[derive(Debug)]
+pub(crate) struct OneMessage<B> {
+    inner: B,
+    single: bool,
+    /// Bytes left of the current message's 5-byte header, then of its payload.
+    header_left: usize,
+    header: [u8; 5],
+    payload_left: u64,
+    messages: u32,
+}
+
+impl<B> OneMessage<B> {
+    fn new(inner: B, single: bool) -> Self {
+        OneMessage { inner, single, header_left: 5, header: [0; 5], payload_left: 0, messages: 0 }
+    }
+
+    /// Follows the message framing through `chunk`: false once a second message starts.
+    fn track(&mut self, mut chunk: &[u8]) -> bool {
+        while !chunk.is_empty() {
+            if self.payload_left > 0 {
+                let n = chunk.len().min(usize::try_from(self.payload_left).unwrap_or(usize::MAX));
+                self.payload_left -= n as u64;
+                chunk = &chunk[n..];
+                continue;
+            }
+            if self.header_left == 5 {
+                self.messages += 1;
+                if self.messages > 1 {
+                    return false;
+                }
+            }
+            let at = 5 - self.header_left;
+            self.header[at] = chunk[0];
+            self.header_left -= 1;
+            chunk = &chunk[1..];
+            if self.header_left == 0 {
+                let h = self.header;
+                self.payload_left = u64::from(u32::from_be_bytes([h[1], h[2], h[3], h[4]]));
+                self.header_left = 5;
+            }
+        }
+        true
+    }
+}
+
+impl<B> Body for OneMessage<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<tonic::codegen::StdError>,
+{
+    type Data = Bytes;
+    type Error = tonic::codegen::StdError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if this.single
+                    && let Some(data) = frame.data_ref()
+                    && !this.track(data.chunk())
+                {
+                    let refused = tonic::Status::invalid_argument(
+                        "this method takes one request message, and the call carried more: send one per call",
+                    );
+                    return Poll::Ready(Some(Err(Box::new(refused))));
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -67,6 +171,29 @@ fn relabel(headers: &mut http::HeaderMap) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn frame(len: u32) -> Vec<u8> {
+        let mut f = vec![0u8];
+        f.extend(len.to_be_bytes());
+        f.extend(std::iter::repeat_n(7u8, len as usize));
+        f
+    }
+
+    #[test]
+    fn a_second_message_is_noticed_however_the_bytes_are_split() {
+        let one = frame(300);
+        let two: Vec<u8> = [frame(3), frame(0)].concat();
+        for split in [1usize, 2, 4, 5, 6, 7, 64] {
+            let mut b = OneMessage::new((), true);
+            assert!(one.chunks(split).all(|c| b.track(c)), "one message, chunks of {split}");
+            let mut b = OneMessage::new((), true);
+            assert!(!two.chunks(split).all(|c| b.track(c)), "two messages, chunks of {split}");
+        }
+        assert!(takes_one_message("/portmesh.v1.Allocator/Allocate"));
+        assert!(takes_one_message("/portmesh.v1.Watch/Watch"));
+        assert!(!takes_one_message("/portmesh.v1.Leases/KeepAlive"));
+        assert!(!takes_one_message("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"));
+    }
 
     #[test]
     fn only_decode_failures_are_relabelled() {

@@ -1722,6 +1722,32 @@ impl tonic::codec::Decoder for RawBytes {
 
 /// A body that is not the method's protobuf message is the caller's mistake: INVALID_ARGUMENT
 /// with the `invalid_argument` category (tonic alone says INTERNAL), and nothing changes.
+/// Issue 15: two request messages on a one-message call are refused before anything is applied
+/// (tonic alone applied the first and dropped the second).
+#[tokio::test]
+async fn two_messages_on_a_one_message_call_are_refused_and_change_nothing() {
+    use prost::Message;
+    let dir = tempfile::tempdir().unwrap();
+    let (node, client) = node_in(dir.path(), |_| {}).await;
+    let before = client.status().await.unwrap().revision;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", node.grpc_addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static("/portmesh.v1.Allocator/Allocate");
+    let one =
+        pb::AllocateRequest { items: vec![item("twice", "default")], ..Default::default() }.encode_to_vec();
+    let two = tokio_stream::iter(vec![one.clone(), one]);
+    let status = grpc.client_streaming(tonic::Request::new(two), path, RawBytes).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("takes one request message"), "{status:?}");
+    assert_eq!(client.status().await.unwrap().revision, before, "nothing was applied");
+    assert!(client.list(pb::ListRequest::default()).await.unwrap().allocations.is_empty());
+}
+
 #[tokio::test]
 async fn a_malformed_protobuf_body_is_an_invalid_argument() {
     let dir = tempfile::tempdir().unwrap();
