@@ -256,3 +256,29 @@ async fn a_member_without_its_quorum_is_not_ready_and_doctor_says_so() {
         "{r:?}"
     );
 }
+
+/// Issue 15: a member down is one line in the leader's log when it goes, not lines per request
+/// or per retry (openraft's own retry lines are filtered out by the node's default filter).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_down_is_one_log_line_not_one_per_request() {
+    let mut c = ProcCluster::start(3, &[]);
+    let leader = c.leader_index().await;
+    let f = (leader + 1) % 3;
+    let log = c.nodes[leader].as_ref().unwrap().later.clone();
+    let before = log.lock().unwrap().len();
+    c.signal(f, Signal::SIGKILL);
+    drop(c.nodes[f].take());
+    let since = || log.lock().unwrap()[before..].to_vec();
+    let down_lines = || since().iter().filter(|l| l.contains("member unreachable")).count();
+    wait_until("the leader to log the member as unreachable", Duration::from_secs(20), || down_lines() >= 1);
+    let client = c.client(&c.addrs[leader]).await;
+    for i in 0..50 {
+        let item = pb::AllocItem { service: format!("q{i}"), pool: "default".into(), ..Default::default() };
+        client.allocate(pb::AllocateRequest { items: vec![item], ..Default::default() }).await.unwrap();
+        client.list(pb::ListRequest::default()).await.unwrap();
+    }
+    let lines = since();
+    let noisy: Vec<&String> = lines.iter().filter(|l| l.contains("ERROR") || l.contains("WARN")).collect();
+    assert_eq!(down_lines(), 1, "one line for the member going: {lines:#?}");
+    assert!(noisy.len() <= 2, "100 requests with a member down log no more warnings: {noisy:#?}");
+}

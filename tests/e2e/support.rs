@@ -280,7 +280,10 @@ pub struct Served {
     pub grpc: String,
     /// The HTTP address (`--http 127.0.0.1:0` as bound).
     pub http: String,
+    /// Its log lines until it listened.
     pub log: Vec<String>,
+    /// Its log lines after that, as they come.
+    pub later: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Drop for Served {
@@ -320,6 +323,12 @@ pub fn serve_at(h: &Home, data: &Path, listen: &str, extra: &[&str]) -> Served {
             break (field("grpc="), http);
         }
     };
-    std::thread::spawn(move || for _ in lines {});
-    Served { child, grpc, http, log }
+    let later = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = later.clone();
+    std::thread::spawn(move || {
+        for line in lines.map_while(Result::ok) {
+            sink.lock().unwrap().push(line);
+        }
+    });
+    Served { child, grpc, http, log, later }
 }

@@ -51,13 +51,29 @@ pub struct GrpcNetwork {
     channels: Arc<Mutex<(u64, HashMap<String, Channel>)>>,
     faults: Option<Arc<LinkFaults>>,
     tls: PeerTls,
+    /// Peers whose last RPC failed: logged once when they go, once when they are back.
+    down: Arc<Mutex<std::collections::HashSet<u64>>>,
 }
 
 impl GrpcNetwork {
     /// The network of node `id`, reaching peers with `tls`; `faults` (tests only) cuts, drops or
     /// delays its messages.
     pub fn new(id: u64, faults: Option<Arc<LinkFaults>>, tls: PeerTls) -> Self {
-        Self { id, channels: Arc::default(), faults, tls }
+        Self { id, channels: Arc::default(), faults, tls, down: Arc::default() }
+    }
+
+    /// Records how an RPC to `target` went (`Some(error)`: it did not reach it), logging a line
+    /// only when that changes. openraft itself logs every failed attempt (several lines every
+    /// 200 ms per unreachable peer); the node's default filter silences those.
+    fn note(&self, target: u64, addr: &str, failure: Option<String>) {
+        let mut down = self.down.lock().unwrap_or_else(|p| p.into_inner());
+        match failure {
+            Some(error) if down.insert(target) => {
+                tracing::warn!(member = target, %addr, %error, "member unreachable; Raft keeps trying it (logged again when it answers)");
+            }
+            None if down.remove(&target) => tracing::info!(member = target, %addr, "member reachable again"),
+            _ => {}
+        }
     }
 
     fn channel(&self, addr: &str) -> Result<Channel, String> {
@@ -114,6 +130,26 @@ enum Rpc {
 
 impl GrpcPeer {
     async fn call<Req, Resp, E>(
+        &mut self,
+        rpc: Rpc,
+        req: &Req,
+        option: &RPCOption,
+    ) -> Result<Resp, RPCError<u64, BasicNode, E>>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
+        let result = self.attempt(rpc, req, option).await;
+        let failure = match &result {
+            Ok(_) | Err(RPCError::RemoteError(_)) => None,
+            Err(e) => Some(e.to_string()),
+        };
+        self.network.note(self.target, &self.addr, failure);
+        result
+    }
+
+    async fn attempt<Req, Resp, E>(
         &mut self,
         rpc: Rpc,
         req: &Req,
