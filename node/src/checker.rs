@@ -29,6 +29,17 @@ use tokio::time::Instant;
 
 /// How often the checker looks for due checks.
 const TICK: Duration = Duration::from_millis(50);
+/// How often a check runs, at most, while its service starts or fails (its own interval applies
+/// once it passes): recovery and failure show within a second, and a healthy service is asked
+/// only at its interval (10 s by default), so its access log stays readable.
+pub(crate) const FAST: Duration = Duration::from_millis(500);
+
+/// When the next check of a service is due: at its interval while it passes with no failure
+/// since, else at most [`FAST`] later.
+pub(crate) fn check_every(check: &HealthCheck, status: HealthStatus, failures: u32) -> Duration {
+    let interval = Duration::from_millis(check.interval_ms);
+    if status == HealthStatus::Passing && failures == 0 { interval } else { interval.min(FAST) }
+}
 /// How long to wait before sending a transition again that has not shown up in the state.
 const RESEND_AFTER: Duration = Duration::from_secs(1);
 /// How long the cluster may take to accept a report.
@@ -125,7 +136,7 @@ pub async fn run_health_checks(api: Api, mut shutdown: watch::Receiver<bool>) {
             }
             if !t.running && t.next_due <= now {
                 t.running = true;
-                t.next_due = now + Duration::from_millis(check.interval_ms);
+                t.next_due = now + check_every(&check, svc.status, t.failures);
                 running.spawn(async move { (id.clone(), now, portmesh_checks::run(&check, port).await) });
             }
             if let Some((status, output)) = &t.seen
@@ -217,6 +228,31 @@ async fn report(api: &Api, cluster: &mut Option<Client>, updates: Vec<HealthUpda
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn checks_are_fast_while_starting_or_failing_and_at_their_interval_while_passing() {
+        let check = |ms| HealthCheck {
+            kind: portmesh_core::CheckKind::Tcp,
+            port: None,
+            interval_ms: ms,
+            timeout_ms: 2_000,
+            failures: 1,
+        };
+        let s = Duration::from_secs;
+        assert_eq!(check_every(&check(10_000), HealthStatus::Passing, 0), s(10));
+        assert_eq!(check_every(&check(10_000), HealthStatus::Unknown, 0), FAST);
+        assert_eq!(
+            check_every(&check(10_000), HealthStatus::Passing, 1),
+            FAST,
+            "a first failure is confirmed quickly"
+        );
+        assert_eq!(check_every(&check(10_000), HealthStatus::Critical, 3), FAST);
+        assert_eq!(
+            check_every(&check(100), HealthStatus::Critical, 3),
+            Duration::from_millis(100),
+            "never slower than asked"
+        );
+    }
     use portmesh_core::CheckKind;
 
     fn check(kind: CheckKind) -> HealthCheck {

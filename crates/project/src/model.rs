@@ -124,9 +124,11 @@ pub struct ServiceSettings {
 /// The built-in defaults for environment `env`: development environments fail fast, production
 /// gives services time.
 pub fn builtin(env: &str) -> Settings {
+    // The check interval applies while a service passes; the node checks every 500 ms while it
+    // starts or fails, so a dev stack notices a crash within a second of the first failed check.
     let (ready, stop, interval) = match env {
         "prod" | "production" | "staging" => (120, 30, 10_000),
-        _ => (30, 5, 500),
+        _ => (30, 5, 10_000),
     };
     Settings {
         team: Some(portmesh_core::DEFAULT_TEAM.into()),

@@ -138,8 +138,15 @@ fn every_layer_overrides_the_one_below_and_is_named_as_the_origin() {
     assert_eq!(api.ready_timeout, Duration::from_secs(180));
     assert_eq!(r.stack.service("web").unwrap().ready_timeout, Duration::from_secs(180));
     assert!(r.origin("services.api.command").unwrap().ends_with("[env.prod]"));
-    let dev_check = load(&opts(&f)).unwrap().stack.service("api").unwrap().check_interval;
-    assert!(api.check_interval > dev_check, "prod checks less often than dev");
+    let dev = load(&opts(&f)).unwrap();
+    assert!(
+        api.ready_timeout > dev.stack.service("api").unwrap().ready_timeout,
+        "prod waits longer than dev"
+    );
+    // A passing service is checked every 10 s in every environment (the node checks every 500 ms
+    // while a service starts or fails).
+    assert_eq!(api.check_interval, Duration::from_secs(10));
+    assert_eq!(dev.stack.service("api").unwrap().check_interval, Duration::from_secs(10));
 
     // [instances.b] over [env.…]; PORTMESH_ENV selects when --env is absent.
     let mut o = opts(&f);
