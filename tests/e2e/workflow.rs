@@ -250,6 +250,25 @@ fn two_instances_run_side_by_side_and_a_second_up_needs_kill_existing() {
     let after = h.supervisors();
     assert_eq!(after.len(), 2);
     assert_ne!(before, after, "instance a has a new supervisor");
+
+    // Issue 17: --force --kill-existing wanting the other instance's port is refused before the
+    // running instance a is stopped, and names the stack holding the port.
+    let r = h
+        .cmd(&["up", "-d", "-f", f, "--instance", "a", "--force", "--kill-existing"])
+        .env("WEB_PORT", b.to_string())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&r.stderr);
+    assert!(!r.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!("port {b} wanted by web is allocated to the running stack twin/dev/b"))
+            && stderr.contains("portmesh down")
+            && stderr.contains("nothing was stopped"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("stopping the earlier up"), "nothing was stopped: {stderr}");
+    assert_eq!(h.supervisors(), after, "instance a still runs");
+    assert_eq!(http_get(&format!("127.0.0.1:{a}"), "/").0, 200);
     h.pm(&["down", "-f", f, "--instance", "a"]).ok();
     h.pm(&["down", "-f", f, "--instance", "b"]).ok();
     assert!(h.live_ports().is_empty());

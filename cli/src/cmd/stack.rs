@@ -51,6 +51,10 @@ async fn up_here(cli: &Cli, a: &UpArgs, report: &mut Option<std::fs::File>) -> R
     let path = record::path(&stack)?;
     // A detached up does these in the foreground, where the user sees what they end.
     if !a.supervise {
+        if a.force {
+            // Before anything is stopped: a port allocated to another stack is not ours to take.
+            stacks::ports::refuse_others_allocations(&c, &stack).await?;
+        }
         if let Some(st) = record::read(&path)? {
             if record::supervisor_runs(st.supervisor) {
                 if !a.kill_existing {
@@ -65,7 +69,7 @@ async fn up_here(cli: &Cli, a: &UpArgs, report: &mut Option<std::fs::File>) -> R
             stacks::stop_recorded(&c, &st, &path, stacks::stop_budget(&stack)).await?;
         }
         if a.force {
-            stacks::ports::free_wanted_ports(&c, &stack).await?;
+            stacks::ports::free_wanted_ports(&stack).await?;
         }
         if a.detach {
             return detach::detach(cli, &c, a, &stack).await;

@@ -157,24 +157,45 @@ async fn local_holder(port: u16) -> Option<String> {
     Some(o.to_string())
 }
 
-/// `--force`: ends whatever holds a port the stack wants and waits until the port is free.
-pub async fn free_wanted_ports(c: &Client, stack: &Stack) -> Result<()> {
+/// `--force` ends processes, never other holders' allocations: refuses, before anything is
+/// stopped (an earlier up of this stack included), when a port the stack wants is allocated to
+/// someone else, naming the holder and what to do.
+pub async fn refuse_others_allocations(c: &Client, stack: &Stack) -> Result<()> {
     let ours: Vec<String> =
         stack.services.iter().flat_map(|s| s.ports.iter().map(|p| stack.key(&s.name, &p.name))).collect();
     let live =
         c.list(pb::ListRequest { team: String::new(), pool: String::new(), stale: true }).await?.allocations;
     for (svc, port) in wanted_ports(stack) {
         if let Some(al) = live.iter().find(|al| al.port == u32::from(port) && !ours.contains(&al.key)) {
-            bail!(
-                "port {port} wanted by {} is allocated to {} (team {}, host {}); --force ends processes, not other \
-                 holders' allocations: release it there (`portmesh release {port} --team {}`) first",
-                svc.name,
-                if al.key.is_empty() { &al.service } else { &al.key },
-                al.team,
-                al.host,
-                al.team
-            );
+            // A stack's key is `project/env/instance/service/port`.
+            let parts: Vec<&str> = al.key.split('/').collect();
+            let what = if parts.len() == 5 {
+                let scope = parts[..3].join("/");
+                format!(
+                    "the running stack {scope} (service {}); --force ends processes, not other stacks: stop it with \
+                     `portmesh down` in its project, or want another port",
+                    parts[3]
+                )
+            } else {
+                format!(
+                    "{} (team {}, host {}); --force ends processes, not other holders' allocations: release it there \
+                     (`portmesh release {port} --team {}`) first",
+                    if al.key.is_empty() { &al.service } else { &al.key },
+                    al.team,
+                    al.host,
+                    al.team
+                )
+            };
+            bail!("port {port} wanted by {} is allocated to {what}; nothing was stopped", svc.name);
         }
+    }
+    Ok(())
+}
+
+/// `--force`: ends whatever process holds a port the stack wants and waits until the port is
+/// free (allocations were checked first: [`refuse_others_allocations`]).
+pub async fn free_wanted_ports(stack: &Stack) -> Result<()> {
+    for (svc, port) in wanted_ports(stack) {
         let owners = tokio::task::spawn_blocking(move || portmesh_probe::owners(port)).await?;
         if owners.is_empty() && portmesh_probe::is_free(port).unwrap_or(true) {
             continue;
