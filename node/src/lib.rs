@@ -212,8 +212,7 @@ pub async fn start(mut cfg: NodeConfig) -> Result<RunningNode, NodeError> {
         shutdown.subscribe(),
     ));
     let grpc = tonic::transport::Server::builder()
-        .layer(transport::MemberGateLayer)
-        .layer(wire::DecodeErrorsLayer)
+        .layer(wire::WireLayer)
         .add_service(health_service)
         .add_service(reflection)
         .add_service(reflection_v1alpha)

@@ -8,11 +8,10 @@
 //!   speak no TLS) and gets UNAUTHENTICATED, saying the node requires TLS, for everything else;
 //!   a plaintext HTTP client gets `400` saying to use `https://`.
 //! - A peer that presents a node certificate of the cluster's CA is a member; only members may
-//!   speak Raft, join, or probe ([`MemberGate`]).
+//!   speak Raft, join, or probe ([`refusal`], applied by the wire layer, `crate::wire`).
 //! - The certificate files are re-read when they change (checked every [`RELOAD_EVERY`]) or on
 //!   SIGHUP; new connections use the new certificates, established ones go on.
 
-use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -24,7 +23,6 @@ use portmesh_tls::{NodeFiles, NodeTls, Peer};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
-use tonic::codegen::{Service, http};
 
 /// How long a client has to send its first byte and finish the TLS handshake.
 pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -387,47 +385,6 @@ pub(crate) fn refusal(info: Option<&ConnInfo>, path: &str) -> Option<tonic::Stat
         )));
     }
     None
-}
-
-/// Refuses calls their connection may not make ([`refusal`]) before they reach a service.
-#[derive(Debug, Clone, Copy, Default)]
-pub(crate) struct MemberGateLayer;
-
-impl<S> tower_layer::Layer<S> for MemberGateLayer {
-    type Service = MemberGate<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        MemberGate(inner)
-    }
-}
-
-/// See [`MemberGateLayer`].
-#[derive(Debug, Clone)]
-pub(crate) struct MemberGate<S>(S);
-
-impl<S, ReqBody> Service<http::Request<ReqBody>> for MemberGate<S>
-where
-    S: Service<http::Request<ReqBody>, Response = http::Response<tonic::body::Body>>,
-    S::Future: Send + 'static,
-    S::Error: Send + 'static,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<S::Response, S::Error>> + Send>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.0.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: http::Request<ReqBody>) -> Self::Future {
-        if let Some(status) = refusal(req.extensions().get::<ConnInfo>(), req.uri().path()) {
-            let mut res = status.into_http::<tonic::body::Body>();
-            res.headers_mut()
-                .insert(portmesh_proto::ERROR_METADATA, http::HeaderValue::from_static("unauthorized"));
-            return Box::pin(async move { Ok(res) });
-        }
-        Box::pin(self.0.call(req))
-    }
 }
 
 #[cfg(test)]

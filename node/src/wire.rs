@@ -1,5 +1,8 @@
-//! Wire-level errors.
+//! The wire layer: what is checked of every gRPC request before a service sees it, and of
+//! every answer after.
 //!
+//! - A call its connection may not make (plaintext to a TLS node, Raft from a non-member, …:
+//!   `transport::refusal`) is answered there, with the error the connection's state calls for.
 //! - A request body that is not the protobuf message its method takes is the caller's mistake,
 //!   but tonic answers it as INTERNAL ("failed to decode Protobuf message"), which reads like a
 //!   bug in the node. This layer relabels that answer INVALID_ARGUMENT with the
@@ -19,28 +22,27 @@ use http_body::{Body, Frame, SizeHint};
 use portmesh_proto::ERROR_METADATA;
 use tonic::codegen::{Service, http};
 
-/// Wraps the gRPC router in [`DecodeErrors`].
+/// Wraps the gRPC router in [`Wire`].
 #[derive(Debug, Clone, Copy, Default)]
-pub(crate) struct DecodeErrorsLayer;
+pub(crate) struct WireLayer;
 
-impl<S> tower_layer::Layer<S> for DecodeErrorsLayer {
-    type Service = DecodeErrors<S>;
+impl<S> tower_layer::Layer<S> for WireLayer {
+    type Service = Wire<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        DecodeErrors(inner)
+        Wire(inner)
     }
 }
 
 /// See the module docs.
 #[derive(Debug, Clone)]
-pub(crate) struct DecodeErrors<S>(S);
+pub(crate) struct Wire<S>(S);
 
-impl<S, ReqBody, ResBody> Service<http::Request<ReqBody>> for DecodeErrors<S>
+impl<S, ReqBody> Service<http::Request<ReqBody>> for Wire<S>
 where
-    S: Service<http::Request<OneMessage<ReqBody>>, Response = http::Response<ResBody>>,
+    S: Service<http::Request<OneMessage<ReqBody>>, Response = http::Response<tonic::body::Body>>,
     S::Future: Send + 'static,
     S::Error: Send + 'static,
-    ResBody: Send + 'static,
 {
     type Response = S::Response;
     type Error = S::Error;
@@ -51,7 +53,13 @@ where
     }
 
     fn call(&mut self, req: http::Request<ReqBody>) -> Self::Future {
-        let single = takes_one_message(req.uri().path());
+        let path = req.uri().path();
+        if let Some(status) = crate::transport::refusal(req.extensions().get(), path) {
+            let mut res = status.into_http::<tonic::body::Body>();
+            res.headers_mut().insert(ERROR_METADATA, http::HeaderValue::from_static("unauthorized"));
+            return Box::pin(async move { Ok(res) });
+        }
+        let single = takes_one_message(path);
         let answer = self.0.call(req.map(|body| OneMessage::new(body, single)));
         Box::pin(async move {
             let mut res = answer.await?;

@@ -1720,8 +1720,21 @@ impl tonic::codec::Decoder for RawBytes {
     }
 }
 
-/// A body that is not the method's protobuf message is the caller's mistake: INVALID_ARGUMENT
-/// with the `invalid_argument` category (tonic alone says INTERNAL), and nothing changes.
+/// A raw gRPC client of `node` and the path of `Allocator.Allocate`, for bodies no typed client
+/// would send.
+async fn raw_allocate(
+    node: &RunningNode,
+) -> (tonic::client::Grpc<tonic::transport::Channel>, tonic::codegen::http::uri::PathAndQuery) {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", node.grpc_addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    (grpc, tonic::codegen::http::uri::PathAndQuery::from_static("/portmesh.v1.Allocator/Allocate"))
+}
+
 /// Issue 15: two request messages on a one-message call are refused before anything is applied
 /// (tonic alone applied the first and dropped the second).
 #[tokio::test]
@@ -1730,14 +1743,7 @@ async fn two_messages_on_a_one_message_call_are_refused_and_change_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let (node, client) = node_in(dir.path(), |_| {}).await;
     let before = client.status().await.unwrap().revision;
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", node.grpc_addr))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut grpc = tonic::client::Grpc::new(channel);
-    grpc.ready().await.unwrap();
-    let path = tonic::codegen::http::uri::PathAndQuery::from_static("/portmesh.v1.Allocator/Allocate");
+    let (mut grpc, path) = raw_allocate(&node).await;
     let one =
         pb::AllocateRequest { items: vec![item("twice", "default")], ..Default::default() }.encode_to_vec();
     let two = tokio_stream::iter(vec![one.clone(), one]);
@@ -1748,19 +1754,14 @@ async fn two_messages_on_a_one_message_call_are_refused_and_change_nothing() {
     assert!(client.list(pb::ListRequest::default()).await.unwrap().allocations.is_empty());
 }
 
+/// A body that is not the method's protobuf message is the caller's mistake: INVALID_ARGUMENT
+/// with the `invalid_argument` category (tonic alone says INTERNAL), and nothing changes.
 #[tokio::test]
 async fn a_malformed_protobuf_body_is_an_invalid_argument() {
     let dir = tempfile::tempdir().unwrap();
     let (node, client) = node_in(dir.path(), |_| {}).await;
     let before = client.status().await.unwrap().revision;
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", node.grpc_addr))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut grpc = tonic::client::Grpc::new(channel);
-    grpc.ready().await.unwrap();
-    let path = tonic::codegen::http::uri::PathAndQuery::from_static("/portmesh.v1.Allocator/Allocate");
+    let (mut grpc, path) = raw_allocate(&node).await;
     let status = grpc.unary(tonic::Request::new(vec![0xff, 0xff, 0xff]), path, RawBytes).await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
     let category = status.metadata().get("portmesh-error").and_then(|v| v.to_str().ok());
