@@ -243,7 +243,15 @@ pub async fn start(mut cfg: NodeConfig) -> Result<RunningNode, NodeError> {
         _ => None,
     };
     if let (Some(files), Some(serving)) = (cfg.tls.clone(), serving_tls) {
-        tokio::spawn(transport::reload(files, serving, node.peer_tls().clone(), shutdown.subscribe()));
+        // SIGHUP is taken over here, before the node says it listens.
+        let hangup = transport::hangup();
+        tokio::spawn(transport::reload(
+            files,
+            serving,
+            node.peer_tls().clone(),
+            hangup,
+            shutdown.subscribe(),
+        ));
     }
 
     match (&cfg.join, initialized) {

@@ -283,6 +283,25 @@ impl axum::serve::Listener for HttpIncoming {
     }
 }
 
+/// SIGHUP, listened for from the moment it is made (so it is made before the node says it
+/// listens: a SIGHUP before that would end the process).
+#[cfg(unix)]
+pub(crate) type Hangup = Option<tokio::signal::unix::Signal>;
+#[cfg(not(unix))]
+pub(crate) type Hangup = Option<()>;
+
+/// Starts listening for SIGHUP.
+pub(crate) fn hangup() -> Hangup {
+    #[cfg(unix)]
+    {
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok()
+    }
+    #[cfg(not(unix))]
+    {
+        None
+    }
+}
+
 /// Re-reads the certificate files when they change or on SIGHUP, until `stop`. New TLS goes to
 /// the listeners (`serving`) and to every channel the node opens to members (`peers`). Files
 /// that cannot be used are reported once, and the node keeps the certificates it has.
@@ -290,12 +309,11 @@ pub(crate) async fn reload(
     files: NodeFiles,
     serving: watch::Sender<NodeTls>,
     peers: PeerTls,
+    mut hangup: Hangup,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut stamp = files.stamp();
     let mut failing = false;
-    #[cfg(unix)]
-    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
     loop {
         let asked = async {
             #[cfg(unix)]
