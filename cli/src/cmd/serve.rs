@@ -1,7 +1,6 @@
 //! `serve`: run a node in the foreground.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 
@@ -9,8 +8,7 @@ use crate::args::{Cli, ServeArgs};
 
 /// The node's certificate files: all three of --tls-cert, --tls-key and --tls-ca, or none.
 fn node_files(cli: &Cli, mtls: bool) -> Result<Option<portmesh_tls::NodeFiles>> {
-    let file = |v: &Option<PathBuf>| v.clone();
-    match (file(&cli.tls_cert), file(&cli.tls_key), file(&cli.tls_ca)) {
+    match (cli.tls_cert.clone(), cli.tls_key.clone(), cli.tls_ca.clone()) {
         (Some(cert), Some(key), Some(ca)) => Ok(Some(portmesh_tls::NodeFiles { cert, key, ca, mtls })),
         (None, None, _) if !mtls => Ok(None),
         (cert, key, ca) => {

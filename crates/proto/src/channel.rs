@@ -96,7 +96,12 @@ impl PeerTls {
         PeerTls(std::sync::Arc::new(std::sync::RwLock::new((0, tls))))
     }
 
-    /// The current generation and TLS.
+    /// The current generation: cheap, for holders of cached channels to check on every call.
+    pub fn generation(&self) -> u64 {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).0
+    }
+
+    /// The current generation and TLS (a copy of the PEMs: for opening a channel, not per call).
     pub fn current(&self) -> (u64, Option<ClientTls>) {
         self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
     }

@@ -77,7 +77,8 @@ impl GrpcNetwork {
     }
 
     fn channel(&self, addr: &str) -> Result<Channel, String> {
-        let (generation, tls) = self.tls.current();
+        // Per Raft RPC: only the generation is read here; the TLS is copied only to open a channel.
+        let generation = self.tls.generation();
         let mut guard = self.channels.lock().unwrap_or_else(|p| p.into_inner());
         let (seen, map) = &mut *guard;
         // Renewed certificates: new connections present the new ones.
@@ -88,9 +89,8 @@ impl GrpcNetwork {
         if let Some(c) = map.get(addr) {
             return Ok(c.clone());
         }
-        let channel = portmesh_proto::channel::endpoint(addr, Purpose::Peer, tls.as_ref())
-            .map_err(|e| format!("peer: {e}"))?
-            .connect_lazy();
+        let channel =
+            self.tls.endpoint(addr, Purpose::Peer).map_err(|e| format!("peer: {e}"))?.connect_lazy();
         map.insert(addr.to_string(), channel.clone());
         Ok(channel)
     }

@@ -94,7 +94,8 @@ impl NodeFiles {
     /// Reads the files and builds the node's configurations. Fails, naming the file, when one
     /// cannot be read or parsed, or the key is not the certificate's.
     pub fn load(&self) -> Result<NodeTls, TlsError> {
-        let chain = certificates("certificate file", &self.cert, &read("certificate file", &self.cert)?)?;
+        let cert_pem = read("certificate file", &self.cert)?;
+        let chain = certificates("certificate file", &self.cert, &cert_pem)?;
         let key_pem = read("key file", &self.key)?;
         let key = private_key(&self.key, &key_pem)?;
         let ca_pem = read("CA file", &self.ca)?;
@@ -120,11 +121,8 @@ impl NodeFiles {
         };
         let grpc = server(&[b"h2"])?;
         let http = server(&[b"http/1.1"])?;
-        let client = ClientTls {
-            ca_path: self.ca.clone(),
-            ca_pem,
-            identity: Some(Identity { cert_pem: read("certificate file", &self.cert)?, key_pem }),
-        };
+        let client =
+            ClientTls { ca_path: self.ca.clone(), ca_pem, identity: Some(Identity { cert_pem, key_pem }) };
         Ok(NodeTls { grpc, http, roots, client, mtls: self.mtls })
     }
 }

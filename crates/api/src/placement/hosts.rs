@@ -77,7 +77,7 @@ impl HostMap {
             .map(|(id, n)| (*id, n.addr.clone()))
             .collect();
         let mut known = self.known.lock().await;
-        let tls_generation = node.peer_tls().current().0;
+        let tls_generation = node.peer_tls().generation();
         if known.tls_generation != tls_generation {
             // Renewed certificates: open new channels with them.
             known.by_host.clear();
