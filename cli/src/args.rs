@@ -33,12 +33,55 @@ pub struct Cli {
     /// The private key of --tls-cert.
     #[arg(long, global = true, env = "PORTMESH_TLS_KEY", value_name = "FILE")]
     pub tls_key: Option<PathBuf>,
+    /// The token to call a cluster that runs with authentication (`serve --auth`). Prefer
+    /// PORTMESH_TOKEN or --token-file: a flag's value shows in the process list.
+    #[arg(long, global = true, env = "PORTMESH_TOKEN", hide_env_values = true, value_name = "TOKEN")]
+    pub token: Option<String>,
+    /// A file holding the token (e.g. a node's DATA/admin.token).
+    #[arg(long, global = true, env = "PORTMESH_TOKEN_FILE", value_name = "FILE", conflicts_with = "token")]
+    pub token_file: Option<PathBuf>,
     /// Log lines (stderr) as text or as one JSON object each. Which lines: PORTMESH_LOG or
     /// RUST_LOG (e.g. `debug`, `portmesh_api=trace`); `info` for `serve`, none otherwise.
     #[arg(long, global = true, env = "PORTMESH_LOG_FORMAT", default_value = "text")]
     pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Make a token and print it (the only time it is shown). A member token acts on one team
+    /// (--team); an admin token on everything; a join token lets nodes join (`serve --join ADDR
+    /// --join-token T`).
+    Create {
+        /// member, admin or join.
+        #[arg(long, default_value = "member", value_parser = ["member", "admin", "join"])]
+        role: String,
+        /// Short for --role join.
+        #[arg(long, conflicts_with = "role")]
+        join: bool,
+        /// Lifetime, e.g. 90d [default: none; join tokens 24h].
+        #[arg(long, value_parser = parse_token_ttl)]
+        ttl: Option<Duration>,
+        /// How many nodes a join token lets in [default: 1].
+        #[arg(long)]
+        uses: Option<u32>,
+    },
+    /// List tokens (never their secrets).
+    Ls,
+    /// Revoke a token by id: calls with it are refused from now on.
+    Revoke { id: String },
+}
+
+/// `token create --ttl`: a lifetime, at least a second.
+fn parse_token_ttl(s: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(s) {
+        Ok(d) if d < Duration::from_secs(1) => {
+            Err("a token lives at least 1s: leave --ttl out for no expiry".into())
+        }
+        Ok(d) => Ok(d),
+        Err(e) => Err(format!("{s:?}: {e} (write e.g. 12h, 90d)")),
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -187,6 +230,9 @@ pub enum Command {
     /// Certificates for a TLS cluster.
     #[command(subcommand)]
     Tls(TlsCommand),
+    /// Tokens of a cluster that runs with authentication (`serve --auth`; admin token needed).
+    #[command(subcommand)]
+    Token(TokenCommand),
     /// Register a service: where it listens and how to check it. Prints its id.
     Register(RegisterArgs),
     /// Remove a service registration.
@@ -502,6 +548,14 @@ pub struct ServeArgs {
     /// it, such a node needs --tls-cert, --tls-key and --tls-ca.
     #[arg(long, env = "PORTMESH_INSECURE")]
     pub insecure: bool,
+    /// Ask every caller for a token (needs TLS). With --bootstrap, the first admin token is
+    /// written to DATA/admin.token (0600), once.
+    #[arg(long, env = "PORTMESH_AUTH")]
+    pub auth: bool,
+    /// The join token (`portmesh token create --join`) a node joining a cluster with
+    /// authentication presents with --join. Prefer PORTMESH_JOIN_TOKEN: a flag shows in `ps`.
+    #[arg(long, env = "PORTMESH_JOIN_TOKEN", hide_env_values = true, requires = "join")]
+    pub join_token: Option<String>,
 }
 
 /// `--port`: a real port. 0 would silently mean "any port", which leaving the flag out says.

@@ -37,7 +37,19 @@ pub fn options(cli: &Cli) -> Result<ClientOptions> {
         }
         (None, None) => None,
     };
-    Ok(ClientOptions { tls })
+    Ok(ClientOptions { tls, token: token(cli)? })
+}
+
+/// The token the command line gives: --token or PORTMESH_TOKEN, else the file --token-file or
+/// PORTMESH_TOKEN_FILE names.
+pub fn token(cli: &Cli) -> Result<Option<String>> {
+    if let Some(t) = &cli.token {
+        return Ok(Some(t.trim().to_string()));
+    }
+    let Some(path) = &cli.token_file else { return Ok(None) };
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| anyhow!("cannot read the token file {} (--token-file): {e}", path.display()))?;
+    Ok(Some(text.trim().to_string()))
 }
 
 /// Revokes `lease`, which releases its ports and registrations. A lease that is already gone

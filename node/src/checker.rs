@@ -84,7 +84,7 @@ impl Tracker {
 pub async fn run_health_checks(api: Api, mut shutdown: watch::Receiver<bool>) {
     let mut trackers: HashMap<Id, Tracker> = HashMap::new();
     let mut running: JoinSet<(Id, Instant, Outcome)> = JoinSet::new();
-    let mut cluster: Option<Client> = None;
+    let mut cluster: Option<(u64, Client)> = None;
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     // This host's services with a check, read again only when the applied state moved.
@@ -191,15 +191,23 @@ fn checked_port(svc: &Service) -> Option<u16> {
 
 /// Sends transitions to the leader: the one way any request reaches it, the client library's
 /// (ask this node; a follower names the leader, and the client follows it).
-async fn report(api: &Api, cluster: &mut Option<Client>, updates: Vec<HealthUpdate>) -> Result<(), String> {
+/// The client is kept with the TLS generation it was made with and made again once the node's
+/// certificates were renewed (members present their node certificate: no token needed).
+async fn report(
+    api: &Api,
+    cluster: &mut Option<(u64, Client)>,
+    updates: Vec<HealthUpdate>,
+) -> Result<(), String> {
+    let peer_tls = api.node().peer_tls();
     let client = match cluster {
-        Some(c) => c,
-        None => {
-            let options = portmesh_client::ClientOptions { tls: api.node().peer_tls().current().1 };
+        Some((generation, c)) if *generation == peer_tls.generation() => c,
+        _ => {
+            let (generation, tls) = peer_tls.current();
+            let options = portmesh_client::ClientOptions { tls, token: None };
             let c = Client::connect_with(&[api.node().addr.as_str()], options)
                 .await
                 .map_err(|e| e.to_string())?;
-            cluster.insert(c)
+            &mut cluster.insert((generation, c)).1
         }
     };
     let reports = updates

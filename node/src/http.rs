@@ -7,7 +7,7 @@ use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
-use portmesh_api::Api;
+use portmesh_api::{Api, Caller};
 use portmesh_raft::now_ms;
 use serde_json::{Value, json};
 use tokio::sync::watch;
@@ -107,8 +107,26 @@ fn asset(content_type: &'static str, body: &'static str) -> axum::response::Resp
         .into_response()
 }
 
-async fn metrics(State(api): State<Api>) -> axum::response::Response {
+/// Who asks, from the `Authorization` header; `Err` holds why the caller is refused.
+fn caller(api: &Api, headers: &axum::http::HeaderMap) -> Result<Caller, String> {
+    let token = headers.get(axum::http::header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    api.authenticate(token, false).map_err(|s| s.message().to_string())
+}
+
+/// The answer to a caller refused by [`caller`].
+fn unauthorized(why: String) -> axum::response::Response {
     use axum::response::IntoResponse;
+    (StatusCode::UNAUTHORIZED, [(axum::http::header::WWW_AUTHENTICATE, "Bearer")], format!("{why}\n"))
+        .into_response()
+}
+
+async fn metrics(State(api): State<Api>, headers: axum::http::HeaderMap) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    match caller(&api, &headers) {
+        Ok(Caller::Anyone | Caller::Member | Caller::Admin { .. }) => {}
+        Ok(_) => return (StatusCode::FORBIDDEN, "/metrics needs an admin token\n").into_response(),
+        Err(why) => return unauthorized(why),
+    }
     match crate::metrics::render(&api) {
         Ok(text) => {
             ([(axum::http::header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response()
@@ -138,13 +156,26 @@ async fn readyz(State(api): State<Api>) -> (StatusCode, String) {
 /// How long `/readyz` waits for the read barrier.
 const READY_WITHIN: std::time::Duration = std::time::Duration::from_secs(2);
 
-async fn status(State(api): State<Api>) -> Json<Value> {
+/// The status page's data. A member token sees its own team only (pools, allocations,
+/// conflicts, services, leases, recommendations); the membership is the same for everyone.
+async fn status(State(api): State<Api>, headers: axum::http::HeaderMap) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let team = match caller(&api, &headers) {
+        Ok(Caller::Team { team, .. }) => Some(team),
+        Ok(Caller::Join { .. }) => {
+            return (StatusCode::FORBIDDEN, "a join token may only join a node\n").into_response();
+        }
+        Ok(_) => None,
+        Err(why) => return unauthorized(why),
+    };
+    let mine = |t: &str| team.as_deref().is_none_or(|own| own == t);
     let s = api.status();
     let now = now_ms();
     let sm = api.node().state().read();
     let st = &sm.state;
     let pools: Vec<Value> = st
         .pools()
+        .filter(|p| mine(&p.team))
         .map(|p| {
             let u = st.pool_usage(p, now);
             json!({
@@ -156,6 +187,7 @@ async fn status(State(api): State<Api>) -> Json<Value> {
         .collect();
     let allocations: Vec<Value> = st
         .allocations()
+        .filter(|a| mine(&a.team))
         .map(|a| {
             json!({
                 "port": a.port, "team": a.team, "pool": a.pool, "service": a.service, "host": a.host,
@@ -169,7 +201,7 @@ async fn status(State(api): State<Api>) -> Json<Value> {
         .events_since(0)
         .rev()
         .filter_map(|e| match &e.kind {
-            portmesh_core::EventKind::Conflict(c) => Some(json!({
+            portmesh_core::EventKind::Conflict(c) if mine(&c.team) => Some(json!({
                 "port": c.port, "team": c.team, "pool": c.pool, "service": c.service, "host": c.host,
                 "pid": c.holder.as_ref().map(|h| h.pid),
                 "command": c.holder.as_ref().map(|h| h.command.as_str()),
@@ -181,6 +213,7 @@ async fn status(State(api): State<Api>) -> Json<Value> {
         .collect();
     let services: Vec<Value> = st
         .services()
+        .filter(|svc| mine(&svc.team))
         .map(|svc| {
             let ports: Vec<Value> = svc
                 .ports
@@ -199,6 +232,7 @@ async fn status(State(api): State<Api>) -> Json<Value> {
         .collect();
     let leases: Vec<Value> = st
         .leases()
+        .filter(|l| mine(&l.team))
         .map(|l| {
             let remaining = api.node().lease_remaining(l.id).unwrap_or(l.remaining_ms);
             json!({
@@ -209,7 +243,7 @@ async fn status(State(api): State<Api>) -> Json<Value> {
         .collect();
     drop(sm);
     let recommendations: Vec<Value> = api
-        .stats("")
+        .stats(team.as_deref().unwrap_or_default())
         .recommendations
         .iter()
         .map(|r| json!({"rule": r.rule, "reason": r.reason, "command": r.command}))
@@ -222,6 +256,7 @@ async fn status(State(api): State<Api>) -> Json<Value> {
         "pools": pools, "allocations": allocations, "services": services, "recent_conflicts": conflicts,
         "recommendations": recommendations, "leases": leases, "now_ms": now,
     }))
+    .into_response()
 }
 
 #[cfg(test)]

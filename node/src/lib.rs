@@ -8,6 +8,7 @@
 
 #![cfg_attr(not(test), deny(unused_crate_dependencies))]
 
+mod auth;
 mod checker;
 mod home;
 mod http;
@@ -57,6 +58,12 @@ pub struct NodeConfig {
     pub host: Option<String>,
     /// TLS for gRPC, HTTP and members' traffic (`None`: plaintext). Re-read when the files change.
     pub tls: Option<portmesh_tls::NodeFiles>,
+    /// Ask callers for tokens (`serve --auth`). A node that bootstraps with it writes an admin
+    /// token to `DATA/admin.token`. Needs `tls`: tokens are bearer secrets, and members prove
+    /// themselves with certificates.
+    pub auth: bool,
+    /// The join token a joining node presents (`serve --join ADDR --join-token T`).
+    pub join_token: Option<String>,
 }
 
 impl NodeConfig {
@@ -76,6 +83,8 @@ impl NodeConfig {
             leader_timeout: Duration::from_secs(30),
             host: None,
             tls: None,
+            auth: false,
+            join_token: None,
         }
     }
 }
@@ -93,6 +102,8 @@ pub enum NodeError {
     Bind { what: &'static str, addr: SocketAddr, flag: &'static str, source: std::io::Error },
     #[error("TLS: {0}")]
     Tls(#[from] portmesh_tls::TlsError),
+    #[error("authentication: {0}")]
+    Auth(String),
     #[error("no leader after {0:?}: the node cannot serve writes")]
     NoLeader(Duration),
     #[error("cannot write the node's address file in {dir}: {source}")]
@@ -189,6 +200,7 @@ pub async fn start(mut cfg: NodeConfig) -> Result<RunningNode, NodeError> {
         cfg.data_dir.display().to_string(),
         http_addr.map(|a| a.to_string()).unwrap_or_default(),
         shutdown.clone(),
+        cfg.auth || cfg.join_token.is_some(),
     );
 
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -212,7 +224,7 @@ pub async fn start(mut cfg: NodeConfig) -> Result<RunningNode, NodeError> {
         shutdown.subscribe(),
     ));
     let grpc = tonic::transport::Server::builder()
-        .layer(wire::WireLayer)
+        .layer(wire::WireLayer(api.clone()))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(reflection_v1alpha)
@@ -222,6 +234,7 @@ pub async fn start(mut cfg: NodeConfig) -> Result<RunningNode, NodeError> {
         .add_service(api.cluster())
         .add_service(api.watch())
         .add_service(api.registry())
+        .add_service(api.tokens())
         .add_service(portmesh_raft::RaftService::new(node.raft.clone()).server())
         // Accepted connections have TCP_NODELAY (transport::accept): small request/response
         // messages would otherwise stall up to 40 ms on Nagle's algorithm and delayed ACKs.
@@ -255,7 +268,9 @@ pub async fn start(mut cfg: NodeConfig) -> Result<RunningNode, NodeError> {
     }
 
     match (&cfg.join, initialized) {
-        (Some(cluster), false) => join(cluster, &node, &advertise, cfg.leader_timeout).await?,
+        (Some(cluster), false) => {
+            join(cluster, &node, &advertise, cfg.join_token.as_deref(), cfg.leader_timeout).await?
+        }
         (Some(cluster), true) => same_cluster(cluster, &node).await?,
         _ => {}
     }
@@ -265,6 +280,9 @@ pub async fn start(mut cfg: NodeConfig) -> Result<RunningNode, NodeError> {
             .metrics(|m| m.current_leader.is_some(), "a leader is known")
             .await
             .map_err(|_| NodeError::NoLeader(cfg.leader_timeout))?;
+    }
+    if cfg.auth && cfg.bootstrap && cfg.join.is_none() {
+        auth::first_admin_token(&api, &cfg.data_dir, cfg.leader_timeout).await?;
     }
     tracing::info!(
         node_id = node.id,
@@ -342,7 +360,13 @@ async fn same_cluster(addr: &str, node: &RaftNode) -> Result<(), NodeError> {
 /// Asks the cluster at `addr` to add this node, following redirects to the leader and retrying
 /// while an election runs, for at most `timeout`. A refusal (another cluster's data, a bad
 /// request) ends the attempts at once.
-async fn join(addr: &str, node: &RaftNode, advertise: &str, timeout: Duration) -> Result<(), NodeError> {
+async fn join(
+    addr: &str,
+    node: &RaftNode,
+    advertise: &str,
+    token: Option<&str>,
+    timeout: Duration,
+) -> Result<(), NodeError> {
     use portmesh_proto::v1::{JoinRequest, cluster_client::ClusterClient};
     let id = node.id;
     let deadline = tokio::time::Instant::now() + timeout;
@@ -357,11 +381,19 @@ async fn join(addr: &str, node: &RaftNode, advertise: &str, timeout: Duration) -
             Ok(ep) => match ep.connect().await {
                 Err(e) => Err(format!("cannot connect to {target}: {e}")),
                 Ok(ch) => {
-                    let req = JoinRequest {
+                    let mut req = tonic::Request::new(JoinRequest {
                         node_id: id,
                         addr: advertise.to_string(),
                         cluster_id: node.cluster_id(),
-                    };
+                    });
+                    if let Some(t) = token {
+                        let value = format!("Bearer {t}").parse().map_err(|_| NodeError::Join {
+                            addr: addr.to_string(),
+                            reason: "the join token holds characters no token has".into(),
+                            tried: tried.join(", "),
+                        })?;
+                        req.metadata_mut().insert(portmesh_api::auth::AUTHORIZATION, value);
+                    }
                     match ClusterClient::new(ch).join(req).await {
                         Ok(r) => {
                             let r = r.into_inner();

@@ -357,14 +357,15 @@ fn members_only(path: &str) -> bool {
         || path == "/portmesh.v1.Cluster/Probe"
 }
 
-/// Methods that change who is in the cluster or stop a node: until tokens say who is an
-/// administrator, on a TLS node they need a client certificate of the cluster's CA.
+/// Methods that change who is in the cluster or stop a node: on a TLS node without
+/// authentication they need a client certificate of the cluster's CA (with authentication, an
+/// admin token: `Api::gate`).
 fn needs_certificate(path: &str) -> bool {
     path == "/portmesh.v1.Cluster/Leave" || path == "/portmesh.v1.Cluster/Shutdown"
 }
 
-/// Why a call on this connection is refused, if it is.
-pub(crate) fn refusal(info: Option<&ConnInfo>, path: &str) -> Option<tonic::Status> {
+/// Why a call on this connection is refused, if it is. `auth`: the node asks for tokens.
+pub(crate) fn refusal(info: Option<&ConnInfo>, path: &str, auth: bool) -> Option<tonic::Status> {
     let info = info?;
     if !info.node_tls {
         return None;
@@ -397,7 +398,7 @@ pub(crate) fn refusal(info: Option<&ConnInfo>, path: &str) -> Option<tonic::Stat
             "only members of the cluster may call {path}: it needs a node certificate signed by the cluster's CA"
         )));
     }
-    if needs_certificate(path) && !matches!(info.peer, Peer::Client | Peer::Member) {
+    if !auth && needs_certificate(path) && !matches!(info.peer, Peer::Client | Peer::Member) {
         return Some(tonic::Status::permission_denied(format!(
             "{path} needs a client certificate signed by the cluster's CA (--tls-cert and --tls-key)"
         )));
@@ -419,42 +420,49 @@ mod tests {
         let alloc = "/portmesh.v1.Allocator/Allocate";
         let health = "/grpc.health.v1.Health/Check";
         // A plaintext node refuses nothing here (tokens decide, when on).
-        assert!(refusal(Some(&info(false, false, Peer::Anonymous)), append).is_none());
-        assert!(refusal(None, append).is_none());
+        assert!(refusal(Some(&info(false, false, Peer::Anonymous)), append, false).is_none());
+        assert!(refusal(None, append, false).is_none());
         // Plaintext on a TLS node: health only.
         let plain = info(true, false, Peer::Anonymous);
-        assert!(refusal(Some(&plain), health).is_none());
-        let s = refusal(Some(&plain), alloc).unwrap();
+        assert!(refusal(Some(&plain), health, false).is_none());
+        let s = refusal(Some(&plain), alloc, false).unwrap();
         assert_eq!(s.code(), tonic::Code::Unauthenticated);
         assert!(s.message().contains("requires TLS") && s.message().contains("--tls-ca"));
         // TLS without a certificate: clients' calls yes, members' and admin calls no.
         let anonymous = info(true, true, Peer::Anonymous);
-        assert!(refusal(Some(&anonymous), alloc).is_none());
+        assert!(refusal(Some(&anonymous), alloc, false).is_none());
         for path in [append, "/portmesh.v1.Cluster/Join", "/portmesh.v1.Cluster/Probe"] {
-            let s = refusal(Some(&anonymous), path).unwrap();
+            let s = refusal(Some(&anonymous), path, false).unwrap();
             assert_eq!(s.code(), tonic::Code::PermissionDenied);
             assert!(s.message().contains("node certificate"), "{}", s.message());
         }
-        let s = refusal(Some(&anonymous), "/portmesh.v1.Cluster/Leave").unwrap();
+        let s = refusal(Some(&anonymous), "/portmesh.v1.Cluster/Leave", false).unwrap();
         assert!(s.message().contains("client certificate"));
+        // With authentication, an admin token decides that (the gate), not a certificate.
+        assert!(refusal(Some(&anonymous), "/portmesh.v1.Cluster/Leave", true).is_none());
         // A client certificate: Leave yes, Raft no. A member: everything.
         let client = info(true, true, Peer::Client);
-        assert!(refusal(Some(&client), "/portmesh.v1.Cluster/Shutdown").is_none());
-        assert!(refusal(Some(&client), append).is_some());
+        assert!(refusal(Some(&client), "/portmesh.v1.Cluster/Shutdown", false).is_none());
+        assert!(refusal(Some(&client), append, false).is_some());
         let member = info(true, true, Peer::Member);
-        assert!(refusal(Some(&member), append).is_none());
-        assert!(refusal(Some(&member), "/portmesh.v1.Cluster/Join").is_none());
+        assert!(refusal(Some(&member), append, false).is_none());
+        assert!(refusal(Some(&member), "/portmesh.v1.Cluster/Join", false).is_none());
         // A certificate the node refused: health only, and the reason in the message.
         let refused = info(true, true, Peer::Refused("its certificate has expired: renew it".into()));
-        assert!(refusal(Some(&refused), health).is_none());
-        let s = refusal(Some(&refused), alloc).unwrap();
+        assert!(refusal(Some(&refused), health, false).is_none());
+        let s = refusal(Some(&refused), alloc, false).unwrap();
         assert_eq!(s.code(), tonic::Code::Unauthenticated);
         assert!(s.message().contains("expired"), "{}", s.message());
         // --mtls: no certificate, no calls but health.
         let no_cert = ConnInfo { mtls: true, ..info(true, true, Peer::Anonymous) };
-        assert!(refusal(Some(&no_cert), health).is_none());
-        assert!(refusal(Some(&no_cert), alloc).unwrap().message().contains("requires a client certificate"));
-        assert!(refusal(Some(&ConnInfo { mtls: true, ..client }), alloc).is_none());
+        assert!(refusal(Some(&no_cert), health, false).is_none());
+        assert!(
+            refusal(Some(&no_cert), alloc, false)
+                .unwrap()
+                .message()
+                .contains("requires a client certificate")
+        );
+        assert!(refusal(Some(&ConnInfo { mtls: true, ..client }), alloc, false).is_none());
         assert!(http_refusal(&no_cert).unwrap().contains("--mtls"));
         assert!(http_refusal(&refused).unwrap().contains("expired"));
         assert!(http_refusal(&anonymous).is_none());

@@ -3,6 +3,9 @@
 //!
 //! - A call its connection may not make (plaintext to a TLS node, Raft from a non-member, …:
 //!   `transport::refusal`) is answered there, with the error the connection's state calls for.
+//! - A call its token may not make (`Api::gate`: none where one is needed, a member token on an
+//!   admin method, …) likewise; the caller it found goes into the request for the methods
+//!   that check a team.
 //! - A request body that is not the protobuf message its method takes is the caller's mistake,
 //!   but tonic answers it as INTERNAL ("failed to decode Protobuf message"), which reads like a
 //!   bug in the node. This layer relabels that answer INVALID_ARGUMENT with the
@@ -19,24 +22,28 @@ use std::task::{Context, Poll};
 
 use bytes::{Buf, Bytes};
 use http_body::{Body, Frame, SizeHint};
+use portmesh_api::Api;
+use portmesh_api::auth::AUTHORIZATION;
 use portmesh_proto::ERROR_METADATA;
+
+use crate::transport::ConnInfo;
 use tonic::codegen::{Service, http};
 
 /// Wraps the gRPC router in [`Wire`].
-#[derive(Debug, Clone, Copy, Default)]
-pub(crate) struct WireLayer;
+#[derive(Debug, Clone)]
+pub(crate) struct WireLayer(pub(crate) Api);
 
 impl<S> tower_layer::Layer<S> for WireLayer {
     type Service = Wire<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        Wire(inner)
+        Wire(inner, self.0.clone())
     }
 }
 
 /// See the module docs.
 #[derive(Debug, Clone)]
-pub(crate) struct Wire<S>(S);
+pub(crate) struct Wire<S>(S, Api);
 
 impl<S, ReqBody> Service<http::Request<ReqBody>> for Wire<S>
 where
@@ -52,14 +59,25 @@ where
         self.0.poll_ready(cx)
     }
 
-    fn call(&mut self, req: http::Request<ReqBody>) -> Self::Future {
+    fn call(&mut self, mut req: http::Request<ReqBody>) -> Self::Future {
         let path = req.uri().path();
-        if let Some(status) = crate::transport::refusal(req.extensions().get(), path) {
-            let mut res = status.into_http::<tonic::body::Body>();
-            res.headers_mut().insert(ERROR_METADATA, http::HeaderValue::from_static("unauthorized"));
-            return Box::pin(async move { Ok(res) });
-        }
+        let info: Option<&ConnInfo> = req.extensions().get();
+        let member = info.is_some_and(|i| i.peer == portmesh_tls::Peer::Member);
+        let token = req.headers().get(AUTHORIZATION).and_then(|v| v.to_str().ok());
+        let gate = match crate::transport::refusal(info, path, self.1.auth_on()) {
+            Some(refused) => Err(refused),
+            None => self.1.gate(path, token, member),
+        };
+        let caller = match gate {
+            Ok(caller) => caller,
+            Err(status) => {
+                let mut res = status.into_http::<tonic::body::Body>();
+                res.headers_mut().insert(ERROR_METADATA, http::HeaderValue::from_static("unauthorized"));
+                return Box::pin(async move { Ok(res) });
+            }
+        };
         let single = takes_one_message(path);
+        req.extensions_mut().insert(caller);
         let answer = self.0.call(req.map(|body| OneMessage::new(body, single)));
         Box::pin(async move {
             let mut res = answer.await?;

@@ -4,7 +4,7 @@
 #![allow(clippy::unwrap_used)]
 
 use std::net::{IpAddr, Ipv4Addr};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -12,68 +12,11 @@ use std::time::Duration;
 use portmesh_client::{Client, ClientError, ClientOptions, pb};
 use portmesh_node::{NodeConfig, RunningNode, start};
 use portmesh_proto::raft::v1 as rpb;
-use portmesh_tls::generate::{Authority, Issued, Spec};
+mod pki;
+
+use pki::{Pki, loopback};
+use portmesh_tls::generate::{Authority, Spec};
 use portmesh_tls::{ClientTls, NodeFiles, Problem};
-
-fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
-    let p = dir.join(name);
-    std::fs::write(&p, text).unwrap();
-    p
-}
-
-fn loopback() -> Spec {
-    Spec::node(vec!["localhost".into()], vec![IpAddr::V4(Ipv4Addr::LOCALHOST)])
-}
-
-/// A CA and its files in a temp dir.
-struct Pki {
-    dir: tempfile::TempDir,
-    ca: Authority,
-}
-
-impl Pki {
-    fn new() -> Pki {
-        let dir = tempfile::tempdir().unwrap();
-        let ca = Authority::new("test CA").unwrap();
-        write(dir.path(), "ca.pem", ca.cert_pem());
-        Pki { dir, ca }
-    }
-
-    fn ca_path(&self) -> PathBuf {
-        self.dir.path().join("ca.pem")
-    }
-
-    fn files(&self, name: &str, issued: &Issued) -> (PathBuf, PathBuf) {
-        (
-            write(self.dir.path(), &format!("{name}.pem"), &issued.cert_pem),
-            write(self.dir.path(), &format!("{name}.key"), &issued.key_pem),
-        )
-    }
-
-    fn node_files(&self, name: &str, spec: &Spec, mtls: bool) -> NodeFiles {
-        let (cert, key) = self.files(name, &self.ca.issue(spec).unwrap());
-        NodeFiles { cert, key, ca: self.ca_path(), mtls }
-    }
-
-    /// Client options trusting this CA, with a client certificate of `from` if given.
-    fn client(&self, from: Option<&Authority>) -> ClientOptions {
-        let identity = from.map(|ca| {
-            self.files(&format!("client{}", rand_suffix()), &ca.issue(&Spec::client("c")).unwrap())
-        });
-        let tls = ClientTls::load(
-            &self.ca_path(),
-            identity.as_ref().map(|i| i.0.as_path()),
-            identity.as_ref().map(|i| i.1.as_path()),
-        )
-        .unwrap();
-        ClientOptions { tls: Some(tls) }
-    }
-}
-
-fn rand_suffix() -> usize {
-    static N: AtomicUsize = AtomicUsize::new(0);
-    N.fetch_add(1, Ordering::Relaxed)
-}
 
 async fn tls_node(dir: &Path, files: NodeFiles) -> RunningNode {
     let mut cfg = NodeConfig::new(dir.to_path_buf(), "127.0.0.1:0".parse().unwrap());
@@ -169,7 +112,7 @@ async fn mtls_needs_a_client_certificate_of_the_cluster_ca() {
     let old = pki.ca.issue(&Spec { valid_for: Duration::ZERO, ..Spec::client("old") }).unwrap();
     let (cert, key) = pki.files("old", &old);
     let tls = ClientTls::load(&pki.ca_path(), Some(&cert), Some(&key)).unwrap();
-    let e = first_call(&node, ClientOptions { tls: Some(tls) }).await.to_string();
+    let e = first_call(&node, ClientOptions { tls: Some(tls), token: None }).await.to_string();
     assert!(e.contains("expired"), "{e}");
     let c = connect(&node, pki.client(Some(&pki.ca))).await.unwrap();
     let r = c

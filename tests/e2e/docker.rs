@@ -76,7 +76,7 @@ impl Net {
                     assert!(out.status.success(), "tls init: {}", String::from_utf8_lossy(&out.stderr));
                     let tls =
                         portmesh_tls::ClientTls::load(&certs.path().join("ca.pem"), None, None).unwrap();
-                    let options = ClientOptions { tls: Some(tls) };
+                    let options = ClientOptions { tls: Some(tls), token: None };
                     return Net { name, prefix, containers: Vec::new(), image, certs, options };
                 }
                 Err(e) => last = e,

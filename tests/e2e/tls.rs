@@ -25,7 +25,10 @@ fn tls_flags(certs: &Path, name: &str) -> Vec<String> {
 }
 
 fn options(certs: &Path) -> ClientOptions {
-    ClientOptions { tls: Some(portmesh_tls::ClientTls::load(&certs.join("ca.pem"), None, None).unwrap()) }
+    ClientOptions {
+        tls: Some(portmesh_tls::ClientTls::load(&certs.join("ca.pem"), None, None).unwrap()),
+        token: None,
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -164,4 +167,100 @@ fn sighup_rereads_the_certificates_and_the_node_keeps_serving() {
     assert!(process_runs(child.id() as i32), "SIGHUP re-reads, it does not stop the node");
     let _ = child.kill();
     let _ = child.wait();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_auth_cluster_from_the_cli_scopes_team_tokens_and_never_shows_a_token() {
+    let home = Home::new();
+    let certs = home.path().join("certs");
+    home.pm(&["tls", "init", certs.to_str().unwrap()]).ok();
+
+    // Tokens over plaintext would be readable on the path: --auth needs TLS.
+    let data = home.path().join("plain");
+    let plain = home.pm(&[
+        "serve",
+        "--auth",
+        "--bootstrap",
+        "--listen",
+        "127.0.0.1:0",
+        "--data",
+        data.to_str().unwrap(),
+    ]);
+    assert_ne!(plain.code, 0);
+    assert!(plain.stderr.contains("--auth needs TLS"), "{plain:?}");
+
+    let mut flags = tls_flags(&certs, "node");
+    flags.push("--auth".into());
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let c = ProcCluster::start_in(home, 1, &flags, options(&certs));
+    let admin_file = c.home.path().join("node0").join("admin.token");
+    let admin_token = std::fs::read_to_string(&admin_file).unwrap().trim().to_string();
+    let ca = certs.join("ca.pem");
+    let seen = std::cell::RefCell::new(Vec::new());
+    let run = |token: (&str, &str), args: &[&str]| {
+        let out = c
+            .home
+            .cmd(args)
+            .env("PORTMESH_NODE", &c.addrs[0])
+            .env("PORTMESH_TLS_CA", &ca)
+            .env(token.0, token.1)
+            .output()
+            .unwrap();
+        let r = (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        );
+        seen.borrow_mut().push(format!("{args:?}\n{}\n{}", r.1, r.2));
+        r
+    };
+    let admin = ("PORTMESH_TOKEN_FILE", admin_file.to_str().unwrap());
+
+    let (code, _, err) = run(admin, &["pools", "add", "p", "20760-20764", "--team", "teama"]);
+    assert_eq!(code, 0, "{err}");
+    // The token alone on stdout (what it is on stderr): the one place a secret is printed.
+    let (code, member, err) = run(admin, &["--team", "teama", "token", "create"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("member token") && err.contains("for team teama"), "{err}");
+    seen.borrow_mut().pop();
+    let member = member.trim().to_string();
+    let as_member = ("PORTMESH_TOKEN", member.as_str());
+
+    let (code, port, err) = run(as_member, &["--team", "teama", "alloc", "web", "--pool", "p"]);
+    assert_eq!(code, 0, "{err}");
+    assert!((20760..=20764).contains(&port.trim().parse::<u16>().unwrap()), "{port}");
+    let (code, _, err) = run(as_member, &["--team", "teamb", "ls"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("acts for team \"teama\" only"), "{err}");
+    let (code, _, err) = run(as_member, &["token", "ls"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("needs an admin token"), "{err}");
+    let (code, _, err) = run(("PORTMESH_NOTHING", ""), &["ls"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("this cluster requires a token") && err.contains("PORTMESH_TOKEN"), "{err}");
+    let (code, listed, err) = run(admin, &["token", "ls", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let listed: serde_json::Value = serde_json::from_str(&listed).unwrap();
+    let roles: Vec<&str> =
+        listed["tokens"].as_array().unwrap().iter().map(|t| t["role"].as_str().unwrap()).collect();
+    assert_eq!(roles.len(), 2, "{listed}");
+    assert!(roles.contains(&"admin") && roles.contains(&"member"));
+    let member_id = &member[4..20];
+    let (code, _, err) = run(admin, &["token", "revoke", member_id]);
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = run(as_member, &["--team", "teama", "ls"]);
+    assert_ne!(code, 0);
+    assert!(err.contains(&format!("token {member_id} is not valid here")), "{err}");
+
+    // A planted token: no output above (but `token create`'s own line) and no line the node
+    // logged holds either secret.
+    let node = c.nodes[0].as_ref().unwrap();
+    let mut logged = node.log.clone();
+    logged.extend(node.later.lock().unwrap().iter().cloned());
+    assert!(logged.iter().any(|l| l.contains("token created")), "the node logs what happens: {logged:#?}");
+    for secret in [&member[21..], &admin_token[21..]] {
+        for text in seen.borrow().iter().chain(&logged) {
+            assert!(!text.contains(secret), "a token's secret was shown: {text}");
+        }
+    }
 }

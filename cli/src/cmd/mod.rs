@@ -18,6 +18,7 @@ mod run;
 mod serve;
 mod stack;
 mod tls;
+mod tokens;
 
 use anyhow::Result;
 use portmesh_client::pb;
@@ -54,6 +55,7 @@ pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
             ok(tls::init(dir, hosts, ips, name, *valid_for, json))
         }
         // Commands that talk to one node.
+        Command::Token(t) => ok(tokens::token(&node::connect(&cli).await?, team, t, json).await),
         Command::Run(a) => run::run(&node::connect(&cli).await?, team, a).await,
         Command::Alloc(a) => ok(ports::alloc(&node::connect(&cli).await?, team, a, json).await),
         Command::Release(r) => ok(ports::release(&node::connect(&cli).await?, team, r, json).await),

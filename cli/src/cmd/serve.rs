@@ -59,6 +59,13 @@ pub fn check_exposure(
 pub async fn serve(cli: &Cli, a: &ServeArgs) -> Result<()> {
     let tls = node_files(cli, a.mtls)?;
     check_exposure(a.listen, a.http, a.advertise.as_deref(), tls.is_some(), a.insecure)?;
+    if (a.auth || a.join_token.is_some()) && tls.is_none() {
+        bail!(
+            "--auth{} needs TLS (--tls-cert, --tls-key, --tls-ca): tokens are bearer secrets that plaintext would show to \
+             anyone on the path, and members prove themselves with node certificates",
+            if a.auth { "" } else { " (implied by --join-token)" }
+        );
+    }
     let mut cfg = portmesh_node::NodeConfig::new(a.data.clone(), a.listen);
     cfg.tls = tls;
     cfg.http = a.http;
@@ -71,6 +78,8 @@ pub async fn serve(cli: &Cli, a: &ServeArgs) -> Result<()> {
     cfg.raft.keep_after_snapshot = cfg.raft.keep_after_snapshot.min(a.snapshot_every / 10);
     cfg.home = a.home.clone();
     cfg.host = a.host_name.clone();
+    cfg.auth = a.auth;
+    cfg.join_token = a.join_token.clone();
     let node = portmesh_node::start(cfg).await.context("starting the node")?;
     let (lo, hi) = portmesh_probe::ephemeral_range();
     for p in node.api.node().state().read().state.pools() {

@@ -179,11 +179,19 @@ async fn spawn_node(home: &Path, args: &[String], http: &str) -> Result<Client> 
     let log = portmesh_probe::private::append(&log_path)
         .with_context(|| format!("cannot open {}", log_path.display()))?;
     let mut cmd = std::process::Command::new(exe);
-    // The local node speaks plaintext on loopback: certificates in the environment are for
-    // talking to a team cluster (`--node`), not the local node's own.
-    for var in
-        ["PORTMESH_TLS_CA", "PORTMESH_TLS_CERT", "PORTMESH_TLS_KEY", "PORTMESH_MTLS", "PORTMESH_INSECURE"]
-    {
+    // The local node speaks plaintext on loopback with no tokens: certificates and tokens in the
+    // environment are for talking to a team cluster (`--node`), not the local node's own.
+    for var in [
+        "PORTMESH_TLS_CA",
+        "PORTMESH_TLS_CERT",
+        "PORTMESH_TLS_KEY",
+        "PORTMESH_MTLS",
+        "PORTMESH_INSECURE",
+        "PORTMESH_TOKEN",
+        "PORTMESH_TOKEN_FILE",
+        "PORTMESH_AUTH",
+        "PORTMESH_JOIN_TOKEN",
+    ] {
         cmd.env_remove(var);
     }
     cmd.arg("serve").arg("--data").arg(home.join("data")).args(["--http", http, "--home"]).arg(home);

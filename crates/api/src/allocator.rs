@@ -71,7 +71,10 @@ impl Api {
 impl pb::allocator_server::Allocator for Api {
     async fn allocate(&self, req: Request<pb::AllocateRequest>) -> Result<pb::AllocateResponse> {
         let start = std::time::Instant::now();
-        let answer = self.allocate_timed(req.into_inner()).await;
+        let answer = match self.scoped(req) {
+            Ok(req) => self.allocate_timed(req).await,
+            Err(refused) => Err(refused),
+        };
         let (outcome, ports) = match &answer {
             Ok(r) => ("ok", r.allocations.iter().zip(&r.existing).filter(|(_, e)| !**e).count()),
             Err(s) => (crate::metrics::outcome_of(s), 0),
@@ -81,7 +84,7 @@ impl pb::allocator_server::Allocator for Api {
     }
 
     async fn release(&self, req: Request<pb::ReleaseRequest>) -> Result<pb::ReleaseResponse> {
-        let req = req.into_inner();
+        let req = self.scoped(req)?;
         match self.propose_request(&req).await? {
             Response::Released { allocations, revision } => Ok(tonic::Response::new(pb::ReleaseResponse {
                 released: allocations.iter().map(Into::into).collect(),
@@ -110,7 +113,7 @@ impl pb::allocator_server::Allocator for Api {
     }
 
     async fn list(&self, req: Request<pb::ListRequest>) -> Result<pb::ListResponse> {
-        let req = req.into_inner();
+        let req = self.scoped(req)?;
         portmesh_proto::check_filters(&[("team", &req.team), ("pool", &req.pool)]).map_err(ApiError::from)?;
         self.inner.node.read_barrier(req.stale).await.map_err(ApiError::from)?;
         let sm = self.inner.node.state().read();

@@ -41,6 +41,15 @@ pub(crate) struct Inner {
     /// `Cluster.Probe` requests served (probes this node ran for other members).
     pub(crate) probes_served: std::sync::atomic::AtomicU64,
     pub(crate) metrics: Arc<crate::metrics::RequestMetrics>,
+    /// Started with `--auth`: callers need tokens even before the state holds one.
+    pub(crate) auth: bool,
+}
+
+/// Resolves once the node is shutting down: streams end then, since a graceful shutdown waits
+/// for every open stream.
+pub(crate) async fn stopping(shutdown: &mut watch::Receiver<bool>) {
+    // The guard `wait_for` returns is not `Send`: dropped here, before any other await.
+    let _ = shutdown.wait_for(|s| *s).await.map(|_| ());
 }
 
 /// The team a request names (checked), else the default team.
@@ -67,6 +76,7 @@ impl Api {
         data_dir: String,
         http_addr: String,
         shutdown: ShutdownHandle,
+        auth: bool,
     ) -> Self {
         Api {
             inner: Arc::new(Inner {
@@ -79,6 +89,7 @@ impl Api {
                 hosts: crate::placement::HostMap::default(),
                 probes_served: std::sync::atomic::AtomicU64::new(0),
                 metrics: Arc::default(),
+                auth,
             }),
         }
     }
@@ -129,6 +140,10 @@ impl Api {
 
     pub fn cluster(&self) -> pb::cluster_server::ClusterServer<Self> {
         pb::cluster_server::ClusterServer::new(self.clone())
+    }
+
+    pub fn tokens(&self) -> pb::tokens_server::TokensServer<Self> {
+        pb::tokens_server::TokensServer::new(self.clone())
     }
 
     /// The node's status, as `Cluster.Status` and the HTTP status page report it.

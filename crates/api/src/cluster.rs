@@ -17,12 +17,20 @@ impl pb::cluster_server::Cluster for Api {
     }
 
     async fn join(&self, req: Request<pb::JoinRequest>) -> Result<pb::JoinResponse> {
+        let join_token = match crate::auth::caller(&req) {
+            Some(crate::auth::Caller::Join { id }) => Some(id.clone()),
+            _ => None,
+        };
         let req = req.into_inner();
         if req.node_id == 0 || req.addr.is_empty() {
             return Err(ApiError::from(BadRequest("join needs the node's id and address".into())).into());
         }
         let node = &self.inner.node;
         node.admit(req.node_id, &req.addr, &req.cluster_id).map_err(ApiError::from)?;
+        if let Some(id) = join_token {
+            // Spent before the change: two nodes racing with a single-use token, one gets in.
+            self.propose(portmesh_core::Command::UseToken { id }).await?;
+        }
         tracing::info!(node_id = req.node_id, addr = %req.addr, "adding a member");
         let voter = node.add_member(req.node_id, req.addr).await.map_err(ApiError::from)?;
         let s = Api::status(self);

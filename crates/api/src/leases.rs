@@ -8,7 +8,7 @@ use portmesh_proto::v1 as pb;
 use tokio_stream::StreamExt;
 use tonic::{Request, Status, Streaming};
 
-use crate::api::{Result, team, unexpected};
+use crate::api::{Result, stopping, team, unexpected};
 use crate::{Api, ApiError};
 
 type KeepAliveStream =
@@ -17,7 +17,7 @@ type KeepAliveStream =
 #[tonic::async_trait]
 impl pb::leases_server::Leases for Api {
     async fn grant(&self, req: Request<pb::LeaseGrantRequest>) -> Result<pb::LeaseGrantResponse> {
-        let req = req.into_inner();
+        let req = self.scoped(req)?;
         match self.propose_request(&req).await? {
             Response::LeaseGranted(l) => {
                 Ok(tonic::Response::new(pb::LeaseGrantResponse { lease: Some((&l, []).into()) }))
@@ -32,12 +32,22 @@ impl pb::leases_server::Leases for Api {
         &self,
         req: Request<Streaming<pb::LeaseKeepAliveRequest>>,
     ) -> Result<Self::KeepAliveStream> {
+        let caller = crate::auth::caller(&req).cloned();
         let mut incoming = req.into_inner();
-        let node = self.inner.node.clone();
+        let api = self.clone();
+        let mut shutdown = self.inner.shutdown.subscribe();
         let out = async_stream(move |tx| async move {
-            while let Some(msg) = incoming.next().await {
+            loop {
+                // The node stops: end the stream (graceful shutdown waits for open streams).
+                let msg = tokio::select! {
+                    m = incoming.next() => m,
+                    () = stopping(&mut shutdown) => None,
+                };
+                let Some(msg) = msg else { break };
                 let reply = msg.and_then(|m| {
-                    let ttl = node.keep_alive(&team(&m.team)?, m.lease_id).map_err(ApiError::from)?;
+                    let acts_for = api.act_as(caller.as_ref(), &m.team)?;
+                    let ttl =
+                        api.inner.node.keep_alive(&team(&acts_for)?, m.lease_id).map_err(ApiError::from)?;
                     Ok(pb::LeaseKeepAliveResponse { lease_id: m.lease_id, ttl_ms: ttl.unwrap_or(0) })
                 });
                 let stop = reply.is_err();
@@ -53,7 +63,7 @@ impl pb::leases_server::Leases for Api {
         &self,
         req: Request<pb::LeaseTimeToLiveRequest>,
     ) -> Result<pb::LeaseTimeToLiveResponse> {
-        let req = req.into_inner();
+        let req = self.scoped(req)?;
         let node = &self.inner.node;
         // Leader only: the countdown lives there. The barrier also makes the read linearizable.
         node.read_barrier(false).await.map_err(ApiError::from)?;
@@ -73,7 +83,7 @@ impl pb::leases_server::Leases for Api {
     }
 
     async fn revoke(&self, req: Request<pb::LeaseRevokeRequest>) -> Result<pb::LeaseRevokeResponse> {
-        let req = req.into_inner();
+        let req = self.scoped(req)?;
         match self.propose_request(&req).await? {
             Response::LeaseRevoked { released, revision, .. } => {
                 Ok(tonic::Response::new(pb::LeaseRevokeResponse {

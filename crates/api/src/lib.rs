@@ -10,6 +10,7 @@
 
 mod allocator;
 mod api;
+pub mod auth;
 mod cluster;
 mod error;
 mod leases;
@@ -17,9 +18,11 @@ pub mod metrics;
 mod placement;
 mod pools;
 mod registry;
+mod tokens;
 mod watch;
 
 pub use api::{Api, ShutdownHandle};
+pub use auth::Caller;
 pub use error::ApiError;
 pub use metrics::{RequestMetrics, count_events};
 

@@ -11,7 +11,7 @@ use crate::{Api, ApiError};
 #[tonic::async_trait]
 impl pb::pools_server::Pools for Api {
     async fn list(&self, req: Request<pb::ListPoolsRequest>) -> Result<pb::ListPoolsResponse> {
-        let req = req.into_inner();
+        let req = self.scoped(req)?;
         portmesh_proto::check_filters(&[("team", &req.team)]).map_err(ApiError::from)?;
         self.inner.node.read_barrier(req.stale).await.map_err(ApiError::from)?;
         let now = now_ms();
@@ -36,7 +36,7 @@ impl pb::pools_server::Pools for Api {
     }
 
     async fn stats(&self, req: Request<pb::StatsRequest>) -> Result<pb::StatsResponse> {
-        let req = req.into_inner();
+        let req = self.scoped(req)?;
         portmesh_proto::check_filters(&[("team", &req.team)]).map_err(ApiError::from)?;
         Ok(tonic::Response::new(self.stats(&req.team)))
     }

@@ -30,7 +30,7 @@ impl Api {
 #[tonic::async_trait]
 impl pb::registry_server::Registry for Api {
     async fn register(&self, req: Request<pb::RegisterRequest>) -> Result<pb::RegisterResponse> {
-        let cmd = Command::try_from(AtHost { msg: &req.into_inner(), host: self.host() })
+        let cmd = Command::try_from(AtHost { msg: &self.scoped(req)?, host: self.host() })
             .map_err(ApiError::from)?;
         match self.propose(cmd).await? {
             Response::Registered { service, replaced, revision } => {
@@ -46,7 +46,7 @@ impl pb::registry_server::Registry for Api {
     }
 
     async fn deregister(&self, req: Request<pb::DeregisterRequest>) -> Result<pb::DeregisterResponse> {
-        match self.propose_request(&req.into_inner()).await? {
+        match self.propose_request(&self.scoped(req)?).await? {
             Response::Deregistered { service, revision } => {
                 tracing::info!(team = %service.team, id = %service.id, revision, "deregistered");
                 Ok(tonic::Response::new(pb::DeregisterResponse {
@@ -59,7 +59,7 @@ impl pb::registry_server::Registry for Api {
     }
 
     async fn discover(&self, req: Request<pb::DiscoverRequest>) -> Result<pb::DiscoverResponse> {
-        let req = req.into_inner();
+        let req = self.scoped(req)?;
         let filters =
             [("team", &req.team), ("name", &req.name), ("project", &req.project), ("env", &req.env)];
         portmesh_proto::check_filters(&filters.map(|(f, v)| (f, v.as_str()))).map_err(ApiError::from)?;

@@ -15,6 +15,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tonic::{Request, Status};
 
+use crate::api::stopping;
 use crate::{Api, ApiError};
 
 /// Events scanned per message (a message always ends at a revision boundary, so it may hold a
@@ -103,6 +104,7 @@ async fn pump(
     filter: Filter,
     every: Duration,
     tx: mpsc::Sender<Result<pb::WatchResponse, Status>>,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut applied = reader.applied_index();
     let mut last_sent = Instant::now();
@@ -142,6 +144,15 @@ async fn pump(
                 last_sent = Instant::now();
             }
             _ = tx.closed() => return,
+            // The node stops: end the stream, or its graceful shutdown would wait for it forever.
+            () = stopping(&mut shutdown) => {
+                let mut gone = Status::unavailable(format!(
+                    "this node is shutting down: watch again from revision {next} on another member"
+                ));
+                gone.metadata_mut().insert(crate::ERROR_METADATA, tonic::metadata::MetadataValue::from_static("unavailable"));
+                let _ = tx.send(Err(gone)).await;
+                return;
+            }
         }
     }
 }
@@ -151,7 +162,7 @@ impl pb::watch_server::Watch for Api {
     type WatchStream = WatchStream;
 
     async fn watch(&self, req: Request<pb::WatchRequest>) -> Result<tonic::Response<WatchStream>, Status> {
-        let req = req.into_inner();
+        let req = self.scoped(req)?;
         let every = match req.progress_interval_ms {
             0 => DEFAULT_PROGRESS,
             ms if Duration::from_millis(ms) < MIN_PROGRESS => {
@@ -175,9 +186,10 @@ impl pb::watch_server::Watch for Api {
         let filter = Filter { team: req.team, pool: req.pool, service: req.service };
         let (tx, rx) = mpsc::channel(4);
         let open = crate::metrics::StreamGuard::new(self.metrics().clone());
+        let shutdown = self.inner.shutdown.subscribe();
         tokio::spawn(async move {
             let _open = open;
-            pump(reader, from, filter, every, tx).await;
+            pump(reader, from, filter, every, tx, shutdown).await;
         });
         Ok(tonic::Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
     }

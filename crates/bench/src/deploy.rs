@@ -115,7 +115,7 @@ fn loopback_certificates(dir: &Path) -> Result<(Vec<String>, ClientOptions)> {
         path("ca.pem", ca.cert_pem())?,
     ];
     let tls = portmesh_tls::ClientTls::load(&dir.join("ca.pem"), None, None)?;
-    Ok((flags, ClientOptions { tls: Some(tls) }))
+    Ok((flags, ClientOptions { tls: Some(tls), token: None }))
 }
 
 async fn start_portmesh_with(bin: &Path, nodes: usize, tls: bool) -> Result<Deployment> {

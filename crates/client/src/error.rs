@@ -22,6 +22,11 @@ pub enum ClientError {
     },
     #[error("invalid node address {addr:?}: {reason}")]
     BadAddress { addr: String, reason: String },
+    /// The token holds what no token holds (a line break, a non-ASCII character): not sent.
+    #[error(
+        "the token given holds characters no portmesh token has: check --token, --token-file or PORTMESH_TOKEN"
+    )]
+    BadToken,
     /// The connection failed in the TLS handshake, or the node requires TLS this client did not
     /// speak: which mistake it was and what to do.
     #[error("cannot connect to the portmesh node at {addr}: {problem}")]

@@ -68,7 +68,7 @@ impl Client {
     /// for at most [`FOLLOW_BUDGET`] — long enough to ride out an election.
     pub(crate) async fn call<T, F, Fut>(&self, retry: Retry, f: F) -> Result<T>
     where
-        F: Fn(Channel) -> Fut,
+        F: Fn(crate::Conn) -> Fut,
         Fut: std::future::Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
     {
         let deadline = tokio::time::Instant::now() + FOLLOW_BUDGET;

@@ -101,14 +101,65 @@ pub struct Client {
     conn: std::sync::Arc<std::sync::Mutex<(String, Channel)>>,
     endpoints: std::sync::Arc<Vec<String>>,
     options: std::sync::Arc<ClientOptions>,
+    bearer: Bearer,
 }
 
-/// How a client connects: plaintext (the default, for the local node) or TLS.
-#[derive(Debug, Clone, Default)]
+/// How a client connects: plaintext (the default, for the local node) or TLS, with or without a
+/// token.
+#[derive(Clone, Default)]
 pub struct ClientOptions {
     /// TLS: the cluster's CA and, for clusters that require client certificates, this client's
     /// certificate and key.
     pub tls: Option<portmesh_tls::ClientTls>,
+    /// The bearer token sent with every call, for clusters that run with authentication.
+    pub token: Option<String>,
+}
+
+impl std::fmt::Debug for ClientOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The token is a secret: never printed.
+        f.debug_struct("ClientOptions")
+            .field("tls", &self.tls)
+            .field("token", &self.token.as_ref().map(|_| "(set)"))
+            .finish()
+    }
+}
+
+/// What every call goes through: the connection and the token it carries.
+pub type Conn = tonic::service::interceptor::InterceptedService<Channel, Bearer>;
+
+/// Puts the client's token into every call (`authorization: Bearer <token>`).
+#[derive(Clone, Default)]
+pub struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl Bearer {
+    fn new(token: Option<&str>) -> Result<Bearer> {
+        let Some(token) = token.map(str::trim).filter(|t| !t.is_empty()) else {
+            return Ok(Bearer(None));
+        };
+        let mut value: tonic::metadata::MetadataValue<tonic::metadata::Ascii> =
+            format!("Bearer {token}").parse().map_err(|_| ClientError::BadToken)?;
+        value.set_sensitive(true);
+        Ok(Bearer(Some(value)))
+    }
+}
+
+impl std::fmt::Debug for Bearer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() { "Bearer(set)" } else { "Bearer(none)" })
+    }
+}
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(
+        &mut self,
+        mut req: tonic::Request<()>,
+    ) -> std::result::Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
 }
 
 /// How often [`Client::allocate_here`] asks again after finding granted ports busy here.
@@ -128,6 +179,7 @@ impl Client {
     /// Connects to the first reachable of several nodes of one cluster, with `options` (TLS).
     /// A TLS handshake that fails says why ([`ClientError::Tls`]).
     pub async fn connect_with(addrs: &[&str], options: ClientOptions) -> Result<Client> {
+        let bearer = Bearer::new(options.token.as_deref())?;
         let mut last = None;
         for a in addrs {
             match open(a, &options).await {
@@ -136,6 +188,7 @@ impl Client {
                         conn: std::sync::Arc::new(std::sync::Mutex::new((a.to_string(), channel))),
                         endpoints: std::sync::Arc::new(addrs.iter().map(|s| s.to_string()).collect()),
                         options: std::sync::Arc::new(options),
+                        bearer,
                     });
                 }
                 Err(e) => last = Some(e),
@@ -158,8 +211,9 @@ impl Client {
         self.conn.lock().unwrap_or_else(|p| p.into_inner()).0.clone()
     }
 
-    fn channel(&self) -> Channel {
-        self.conn.lock().unwrap_or_else(|p| p.into_inner()).1.clone()
+    fn channel(&self) -> Conn {
+        let channel = self.conn.lock().unwrap_or_else(|p| p.into_inner()).1.clone();
+        Conn::new(channel, self.bearer.clone())
     }
 
     pub async fn allocate(&self, req: pb::AllocateRequest) -> Result<pb::AllocateResponse> {
@@ -344,6 +398,23 @@ impl Client {
     pub async fn leave(&self, req: pb::LeaveRequest) -> Result<Vec<pb::Member>> {
         let r = rpc!(self, Retry::OnlyOnRedirect, cluster_client::ClusterClient, leave, req)?;
         Ok(r.members)
+    }
+
+    /// Creates a token (admin only); the reply holds the token, shown this once.
+    pub async fn create_token(&self, req: pb::CreateTokenRequest) -> Result<pb::CreateTokenResponse> {
+        rpc!(self, Retry::OnlyOnRedirect, tokens_client::TokensClient, create, req)
+    }
+
+    /// The cluster's tokens, without their secrets (admin only).
+    pub async fn list_tokens(&self) -> Result<Vec<pb::TokenInfo>> {
+        Ok(rpc!(self, Retry::Safe, tokens_client::TokensClient, list, pb::ListTokensRequest {})?.tokens)
+    }
+
+    /// Revokes a token by id (admin only).
+    pub async fn revoke_token(&self, id: &str) -> Result<()> {
+        let req = pb::RevokeTokenRequest { id: id.to_string() };
+        rpc!(self, Retry::OnlyOnRedirect, tokens_client::TokensClient, revoke, req)?;
+        Ok(())
     }
 
     /// Follows the state's changes from `req.from_revision` (see the `Watch` service). To resume

@@ -4,7 +4,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::rejection::Rejection;
 use crate::types::{
-    Allocation, HealthUpdate, Holder, Lease, Pool, PortRange, Reservation, Service, Strategy,
+    Allocation, HealthUpdate, Holder, Lease, Pool, PortRange, Reservation, Service, Strategy, Token,
 };
 
 /// The application payload of one Raft log entry: the commands proposed together (group
@@ -95,6 +95,17 @@ pub enum Command {
     },
     /// Allocate one or more ports, all or nothing.
     Allocate(AllocateBatch),
+    /// Add a token (its digest; `created_ms` is set by `apply`). An id in use is refused.
+    AddToken(Box<Token>),
+    /// Remove a token. The last admin token cannot go: that would lock everyone out.
+    RevokeToken {
+        id: String,
+    },
+    /// Spend one use of a token (a join): refused when it is unknown, expired or used up; the
+    /// last use removes it.
+    UseToken {
+        id: String,
+    },
 }
 
 /// One atomic allocation request: every item gets a port or none does.
@@ -252,6 +263,13 @@ pub enum Response {
         /// How many updates changed a status.
         changed: usize,
         revision: u64,
+    },
+    TokenAdded(Box<Token>),
+    TokenRevoked {
+        id: String,
+    },
+    TokenUsed {
+        id: String,
     },
 }
 

@@ -104,6 +104,17 @@ pub enum Rejection {
     NeedProbe { port: u16 },
     #[error("no service {id:?} is registered in team {team:?}; `portmesh discover --all` lists them")]
     UnknownService { team: String, id: String },
+    #[error("unknown token {id:?}: it was revoked, used up or never existed; `portmesh token ls` lists them")]
+    UnknownToken { id: String },
+    #[error("token {id:?} expired; ask an admin for a new one (`portmesh token create`)")]
+    TokenExpired { id: String },
+    #[error("token {id:?} already exists")]
+    TokenExists { id: String },
+    #[error(
+        "token {id:?} is the last admin token: revoking it would lock every admin out; \
+         create another with `portmesh token create --role admin` first"
+    )]
+    LastAdminToken { id: String },
 }
 
 impl Rejection {
@@ -119,16 +130,20 @@ impl Rejection {
             | Self::NotAllocated { .. }
             | Self::UnknownKey { .. }
             | Self::NotReserved { .. }
-            | Self::UnknownService { .. } => "not_found",
-            Self::RangeOverlap(_) | Self::PoolExists { .. } | Self::AlreadyReserved { .. } => {
-                "already_exists"
-            }
+            | Self::UnknownService { .. }
+            | Self::UnknownToken { .. } => "not_found",
+            Self::RangeOverlap(_)
+            | Self::PoolExists { .. }
+            | Self::AlreadyReserved { .. }
+            | Self::TokenExists { .. } => "already_exists",
             Self::PoolExhausted { .. } => "exhausted",
             Self::ReserveAllocated { .. }
             | Self::PortOutsidePools { .. }
             | Self::PortNotInPool { .. }
             | Self::PortUnavailable { .. }
-            | Self::PoolInUse { .. } => "failed_precondition",
+            | Self::PoolInUse { .. }
+            | Self::TokenExpired { .. }
+            | Self::LastAdminToken { .. } => "failed_precondition",
             Self::NeedProbe { .. } => "retry",
         }
     }

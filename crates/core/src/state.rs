@@ -15,7 +15,7 @@ use crate::rng::SplitMix64;
 use crate::select::{Pick, PlanWidth, Selector};
 use crate::types::{
     Allocation, CheckKind, Conflict, Cooldown, Event, EventKind, HealthStatus, HealthUpdate, Lease, Pool,
-    PortRange, ReleaseCause, Reservation, Service, default_pools,
+    PortRange, ReleaseCause, Reservation, Role, Service, Token, default_pools,
 };
 use crate::{
     DEFAULT_COOLDOWN_MS, DEFAULT_TEAM, EVENT_RETENTION, MAX_BATCH, MAX_CHECK_OUTPUT, MAX_SERVICE_PORTS,
@@ -45,6 +45,8 @@ pub enum Key {
     Event(u64, u32),
     /// A registered service: team, id.
     Service(String, String),
+    /// A token: its id.
+    Token(String),
 }
 
 /// One record of the state, owned. A state is exactly the set of its records; the store
@@ -60,6 +62,7 @@ pub enum Record {
     Service(Box<Service>),
     Alloc(Allocation),
     Event(Event),
+    Token(Box<Token>),
 }
 
 impl Record {
@@ -74,6 +77,7 @@ impl Record {
             Record::Cooldown { port, .. } => Key::Cooldown(*port),
             Record::Event(e) => Key::Event(e.revision, e.seq),
             Record::Service(svc) => Key::Service(svc.team.clone(), svc.id.clone()),
+            Record::Token(t) => Key::Token(t.id.clone()),
         }
     }
 }
@@ -104,6 +108,8 @@ pub struct State {
     cooldowns: BTreeMap<u16, Cooldown>,
     events: VecDeque<Event>,
     services: BTreeMap<(String, String), Service>,
+    /// Tokens by id (digests only).
+    tokens: BTreeMap<String, Token>,
     // Derived indexes, rebuilt on load.
     live_keys: BTreeMap<(String, String), u16>,
     lease_ports: BTreeMap<u64, BTreeSet<u16>>,
@@ -149,6 +155,7 @@ impl State {
             cooldowns: BTreeMap::new(),
             events: VecDeque::new(),
             services: BTreeMap::new(),
+            tokens: BTreeMap::new(),
             live_keys: BTreeMap::new(),
             lease_ports: BTreeMap::new(),
             cooldown_order: BTreeSet::new(),
@@ -194,6 +201,9 @@ impl State {
                 }
                 Record::Event(e) => s.events.push_back(e),
                 Record::Service(svc) => s.insert_service_unmarked(*svc),
+                Record::Token(t) => {
+                    s.tokens.insert(t.id.clone(), *t);
+                }
             }
         }
         if !has_meta {
@@ -218,6 +228,7 @@ impl State {
             .chain(self.cooldowns.iter().map(|(p, c)| Record::Cooldown { port: *p, cooldown: c.clone() }))
             .chain(self.events.iter().cloned().map(Record::Event))
             .chain(self.services.values().map(|svc| Record::Service(Box::new(svc.clone()))))
+            .chain(self.tokens.values().map(|t| Record::Token(Box::new(t.clone()))))
     }
 
     /// The current value of one record, `None` if it no longer exists.
@@ -244,6 +255,7 @@ impl State {
             Key::Service(t, id) => {
                 self.services.get(&(t.clone(), id.clone())).map(|svc| Record::Service(Box::new(svc.clone())))
             }
+            Key::Token(id) => self.tokens.get(id).map(|t| Record::Token(Box::new(t.clone()))),
         }
     }
 
@@ -361,6 +373,20 @@ impl State {
         self.lease_services.get(&id).into_iter().flatten().filter_map(|k| self.services.get(k))
     }
 
+    pub fn token(&self, id: &str) -> Option<&Token> {
+        self.tokens.get(id)
+    }
+
+    pub fn tokens(&self) -> impl Iterator<Item = &Token> {
+        self.tokens.values()
+    }
+
+    /// Whether the cluster runs with authentication: it does from its first admin token on (and
+    /// the last admin token cannot be revoked, so it never turns off by itself).
+    pub fn auth_on(&self) -> bool {
+        self.tokens.values().any(|t| t.role == Role::Admin)
+    }
+
     /// Events with revision `>= from`, oldest first.
     pub fn events_since(&self, from: u64) -> impl DoubleEndedIterator<Item = &Event> {
         let start = self.events.partition_point(|e| e.revision < from);
@@ -439,6 +465,9 @@ impl State {
             Command::Register(svc) => self.register(ctx, svc),
             Command::Deregister { team, id } => self.deregister(ctx, team, id),
             Command::SetHealth { updates } => Ok(self.set_health(ctx, updates)),
+            Command::AddToken(t) => self.add_token(ctx, t),
+            Command::RevokeToken { id } => self.revoke_token(id),
+            Command::UseToken { id } => self.use_token(ctx, id),
         };
         result.unwrap_or_else(Response::Rejected)
     }
@@ -500,3 +529,4 @@ mod pools;
 mod registry;
 #[cfg(test)]
 mod tests;
+mod tokens;

@@ -505,6 +505,71 @@ pub enum EventKind {
     },
 }
 
+/// What a token may do (see `docs/security.md`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Role {
+    /// Acts on its own team only: allocate, release, renew, register, discover, list, watch.
+    Member,
+    /// Everything: every team, pools, reservations, membership, tokens, shutdown.
+    Admin,
+    /// Only joins one node to the cluster (`serve --join ADDR --join-token T`).
+    Join,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Member => "member",
+            Role::Admin => "admin",
+            Role::Join => "join",
+        }
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Role {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "member" => Ok(Role::Member),
+            "admin" => Ok(Role::Admin),
+            "join" => Ok(Role::Join),
+            _ => Err("use member, admin or join".into()),
+        }
+    }
+}
+
+/// A bearer token as the replicated state keeps it: its public id and the SHA-256 digest of its
+/// secret, never the secret (the node that created it handed that out once).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Token {
+    /// Public, unique: shown by `token ls`, named by `token revoke`, and the first part of the
+    /// token string so a node finds the record without comparing secrets.
+    pub id: String,
+    pub digest: [u8; 32],
+    pub role: Role,
+    /// The team a member token acts for; empty for admin and join tokens.
+    pub team: String,
+    pub created_ms: u64,
+    /// Refused from this time on (wall-clock ms since the epoch); `None`: never.
+    pub expires_ms: Option<u64>,
+    /// Uses left (join tokens: each join uses one); `None`: unlimited.
+    pub uses_left: Option<u32>,
+}
+
+impl Token {
+    /// Whether the token is past its expiry at `now_ms`.
+    pub fn expired(&self, now_ms: u64) -> bool {
+        self.expires_ms.is_some_and(|e| e <= now_ms)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

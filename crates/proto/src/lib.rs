@@ -36,6 +36,7 @@ pub const ERROR_METADATA: &str = "portmesh-error";
 pub const OLDEST_REVISION_METADATA: &str = "portmesh-oldest-revision";
 
 pub use convert::{
-    Allocate, AtHost, BadRequest, MAX_CHECK_COMMAND, MAX_REPORTED_BUSY, MAX_REPORTS, check_filters,
-    health_from_pb, required_port, strategy_from_pb, team,
+    Allocate, AtHost, BadRequest, JOIN_TOKEN_TTL_MS, MAX_CHECK_COMMAND, MAX_JOIN_USES, MAX_REPORTED_BUSY,
+    MAX_REPORTS, MAX_TOKEN_TTL_MS, TokenSpec, check_filters, health_from_pb, required_port, strategy_from_pb,
+    team,
 };

@@ -12,6 +12,7 @@
 //! | `c`    | cool-down: port             |
 //! | `e`    | event: revision, seq (BE)   |
 //! | `v`    | service: team `\0` id       |
+//! | `t`    | token: id                   |
 //! | `!`    | Raft bookkeeping (`!applied`, `!membership`) |
 
 use portmesh_core::Key;
@@ -47,6 +48,11 @@ pub(crate) fn encode(key: &Key) -> Vec<u8> {
             v
         }
         Key::Service(t, id) => two(b'v', t, id),
+        Key::Token(id) => {
+            let mut v = vec![b't'];
+            v.extend_from_slice(id.as_bytes());
+            v
+        }
     }
 }
 

@@ -121,9 +121,31 @@ function set(id, html) {
   if (el.innerHTML !== html) el.innerHTML = html;
 }
 
+// A cluster with authentication wants a token: asked for in the page, kept for this tab only.
+const TOKEN_KEY = "portmesh-token";
+
+function authHeaders() {
+  const t = sessionStorage.getItem(TOKEN_KEY);
+  return t ? { Authorization: `Bearer ${t}` } : {};
+}
+
+document.getElementById("token-form").addEventListener("submit", (e) => {
+  e.preventDefault();
+  const input = document.getElementById("token");
+  sessionStorage.setItem(TOKEN_KEY, input.value.trim());
+  input.value = "";
+  refresh();
+});
+
 async function refresh() {
   try {
-    const r = await fetch("/api/v1/status", { cache: "no-store" });
+    const r = await fetch("/api/v1/status", { cache: "no-store", headers: authHeaders() });
+    const form = document.getElementById("token-form");
+    form.hidden = r.status !== 401;
+    if (r.status === 401) {
+      set("cluster", `<strong class="no-leader">token needed</strong> (${esc((await r.text()).trim())})`);
+      return;
+    }
     if (!r.ok) throw new Error(`HTTP ${r.status}`);
     const s = await r.json();
     set("cluster", renderCluster(s));

@@ -14,11 +14,13 @@ mod leases;
 mod pools;
 mod registry;
 mod stats;
+mod tokens;
 
 use portmesh_core as core;
 
 pub use alloc::{Allocate, MAX_REPORTED_BUSY, strategy_from_pb};
 pub use registry::{MAX_CHECK_COMMAND, MAX_REPORTS, health_from_pb};
+pub use tokens::{JOIN_TOKEN_TTL_MS, MAX_JOIN_USES, MAX_TOKEN_TTL_MS, TokenSpec};
 
 /// A message as received by the node on `host`, for the conversions whose defaults come from
 /// the receiving node (an allocation or a registration is for this node's host unless it names

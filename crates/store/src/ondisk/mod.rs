@@ -20,7 +20,7 @@ pub mod v1;
 
 use portmesh_core::{
     self as core, AllocateBatch, Allocation, Cooldown, Event, HealthUpdate, Lease, Meta, Pool, PortRange,
-    ReleaseSelector, Reservation, Service,
+    ReleaseSelector, Reservation, Service, Token,
 };
 use serde::{Deserialize, Serialize};
 
@@ -95,6 +95,13 @@ pub enum LogCommand {
         updates: Vec<HealthUpdate>,
     },
     Allocate(AllocateBatch),
+    AddToken(Box<Token>),
+    RevokeToken {
+        id: String,
+    },
+    UseToken {
+        id: String,
+    },
 }
 
 impl From<core::Command> for LogCommand {
@@ -115,6 +122,9 @@ impl From<core::Command> for LogCommand {
             C::Register(s) => LogCommand::Register(s),
             C::Deregister { team, id } => LogCommand::Deregister { team, id },
             C::SetHealth { updates } => LogCommand::SetHealth { updates },
+            C::AddToken(t) => LogCommand::AddToken(t),
+            C::RevokeToken { id } => LogCommand::RevokeToken { id },
+            C::UseToken { id } => LogCommand::UseToken { id },
         }
     }
 }
@@ -138,6 +148,9 @@ impl From<LogCommand> for core::Command {
             LogCommand::Register(s) => C::Register(s),
             LogCommand::Deregister { team, id } => C::Deregister { team, id },
             LogCommand::SetHealth { updates } => C::SetHealth { updates },
+            LogCommand::AddToken(t) => C::AddToken(t),
+            LogCommand::RevokeToken { id } => C::RevokeToken { id },
+            LogCommand::UseToken { id } => C::UseToken { id },
         }
     }
 }
@@ -165,6 +178,7 @@ pub enum StoredRecord {
     Service(Box<Service>),
     Alloc(Allocation),
     Event(Event),
+    Token(Box<Token>),
 }
 
 impl From<core::Record> for StoredRecord {
@@ -180,6 +194,7 @@ impl From<core::Record> for StoredRecord {
             R::Service(s) => StoredRecord::Service(s),
             R::Alloc(a) => StoredRecord::Alloc(a),
             R::Event(e) => StoredRecord::Event(e),
+            R::Token(t) => StoredRecord::Token(t),
         }
     }
 }
@@ -199,6 +214,7 @@ impl From<StoredRecord> for core::Record {
             StoredRecord::Service(s) => R::Service(s),
             StoredRecord::Alloc(a) => R::Alloc(a),
             StoredRecord::Event(e) => R::Event(e),
+            StoredRecord::Token(t) => R::Token(t),
         }
     }
 }
@@ -293,6 +309,18 @@ mod tests {
         assert_eq!((grants[0].allocation.port, &grants[0].allocation.holder), (8000, &None));
     }
 
+    fn token() -> Token {
+        Token {
+            id: "0123456789abcdef".into(),
+            digest: [9; 32],
+            role: core::Role::Member,
+            team: "teama".into(),
+            created_ms: 5,
+            expires_ms: Some(6),
+            uses_left: None,
+        }
+    }
+
     /// The variant positions are the format: today's records and commands keep theirs, and
     /// every current shape round-trips.
     #[test]
@@ -304,6 +332,7 @@ mod tests {
             (Record::Meta(State::new().meta().clone()), 0u8),
             (Record::Sticky { team: "t".into(), key: "k".into(), port: 8000 }, 5),
             (Record::Alloc(alloc.clone()), 9),
+            (Record::Token(Box::new(token())), 11),
         ] {
             let bytes = postcard::to_allocvec(&StoredRecord::from(rec.clone())).unwrap();
             assert_eq!(bytes[0], position, "{rec:?}");
@@ -322,6 +351,9 @@ mod tests {
             (core::Command::SetCooldown { ms: 5 }, 10),
             (core::Command::Deregister { team: "t".into(), id: "x".into() }, 12),
             (core::Command::Allocate(batch), 14),
+            (core::Command::AddToken(Box::new(token())), 15),
+            (core::Command::RevokeToken { id: "t".into() }, 16),
+            (core::Command::UseToken { id: "t".into() }, 17),
         ] {
             let req = core::Request { time_ms: 9, commands: vec![cmd.clone()] };
             let bytes = postcard::to_allocvec(&LogRequest::from(req.clone())).unwrap();
