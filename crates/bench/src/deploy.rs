@@ -87,13 +87,14 @@ where
 
 /// `nodes` portmesh processes on loopback: the first bootstraps, the others join it.
 pub(crate) async fn start_portmesh(bin: &Path, nodes: usize) -> Result<Deployment> {
-    start_portmesh_with(bin, nodes, false).await
+    start_portmesh_with(bin, nodes, false, false).await
 }
 
 /// [`start_portmesh`] with TLS: a CA made here, one node certificate for loopback, mutual TLS
-/// between members, clients trusting the CA.
-pub(crate) async fn start_portmesh_tls(bin: &Path, nodes: usize) -> Result<Deployment> {
-    start_portmesh_with(bin, nodes, true).await
+/// between members, clients trusting the CA. With `auth`, the nodes run with `--auth` (the
+/// others join with a join token) and clients send the first admin token.
+pub(crate) async fn start_portmesh_tls(bin: &Path, nodes: usize, auth: bool) -> Result<Deployment> {
+    start_portmesh_with(bin, nodes, true, auth).await
 }
 
 /// Certificates for loopback nodes in `dir`: the `serve` flags, and the clients' options.
@@ -118,10 +119,14 @@ fn loopback_certificates(dir: &Path) -> Result<(Vec<String>, ClientOptions)> {
     Ok((flags, ClientOptions { tls: Some(tls), token: None }))
 }
 
-async fn start_portmesh_with(bin: &Path, nodes: usize, tls: bool) -> Result<Deployment> {
+async fn start_portmesh_with(bin: &Path, nodes: usize, tls: bool, auth: bool) -> Result<Deployment> {
     let dir = tempfile::tempdir()?;
-    let (tls_flags, options) =
+    let (mut tls_flags, mut options) =
         if tls { loopback_certificates(dir.path())? } else { (Vec::new(), ClientOptions::default()) };
+    if auth {
+        tls_flags.push("--auth".into());
+    }
+    let mut join_token = None;
     if std::env::var_os("PORTMESH_BENCH_KEEP").is_some() {
         println!("(node logs and data in {})", dir.path().display());
     }
@@ -141,6 +146,9 @@ async fn start_portmesh_with(bin: &Path, nodes: usize, tls: bool) -> Result<Depl
             None => cmd.arg("--bootstrap"),
             Some(first) => cmd.args(["--join", first]),
         };
+        if let Some(t) = &join_token {
+            cmd.env("PORTMESH_JOIN_TOKEN", t);
+        }
         let child = cmd
             .env("PORTMESH_LOG", "warn")
             .stdout(Stdio::null())
@@ -157,6 +165,15 @@ async fn start_portmesh_with(bin: &Path, nodes: usize, tls: bool) -> Result<Depl
             }
         })
         .await?;
+        if auth && i == 0 {
+            // The first admin token, then a join token for the others.
+            let token = std::fs::read_to_string(home.join("data").join("admin.token"))?;
+            options.token = Some(token.trim().to_string());
+            let c = Client::connect_with(&[addr.as_str()], options.clone()).await?;
+            let uses = u32::try_from(nodes.saturating_sub(1).max(1))?;
+            let req = pb::CreateTokenRequest { role: "join".into(), uses, ..Default::default() };
+            join_token = Some(c.create_token(req).await?.secret);
+        }
         addrs.push(addr);
     }
     let c = Client::connect_with(&[addrs[0].as_str()], options.clone()).await?;

@@ -77,6 +77,10 @@ struct Args {
     /// and `reused`).
     #[arg(long)]
     tls_cost: bool,
+    /// With --tls-cost: the TLS nodes also run with `--auth` and clients send a token, so the
+    /// comparison is TLS + tokens against plaintext without.
+    #[arg(long, requires = "tls_cost")]
+    auth: bool,
     /// Also compare a one-shot `portmesh alloc` with an empty Rust binary using `hyperfine -N`.
     #[arg(long)]
     startup: bool,
@@ -203,7 +207,7 @@ async fn main() -> Result<()> {
         for system in order {
             let d = match system {
                 System::Portmesh => start_portmesh(&args.portmesh, args.nodes).await?,
-                System::PortmeshTls => start_portmesh_tls(&args.portmesh, args.nodes).await?,
+                System::PortmeshTls => start_portmesh_tls(&args.portmesh, args.nodes, args.auth).await?,
                 System::Etcd => start_etcd(&args.etcd, round, args.nodes).await?,
             };
             let pid = d.pid(d.leader);
