@@ -173,11 +173,13 @@ async fn team_tokens_act_on_their_own_team_only_and_refusals_change_nothing() {
         }
         assert_eq!(admin.status().await.unwrap().revision, revision, "{caller} changed the state");
     }
-    for (method, outcome) in team_calls(&a, "teama").await {
-        assert!(
-            !matches!(code(&outcome), Some(Code::PermissionDenied | Code::Unauthenticated)),
-            "team a on team a: {method}: {outcome:?}"
-        );
+    for (caller, c, team) in [("team a on team a", &a, "teama"), ("the admin on team b", &admin, "teamb")] {
+        for (method, outcome) in team_calls(c, team).await {
+            assert!(
+                !matches!(code(&outcome), Some(Code::PermissionDenied | Code::Unauthenticated)),
+                "{caller}: {method}: {outcome:?}"
+            );
+        }
     }
 
     // A member token naming no team acts on (and reads) its own: team b's port is not there.
@@ -199,8 +201,12 @@ async fn team_tokens_act_on_their_own_team_only_and_refusals_change_nothing() {
             "{method}: {msg}"
         );
     }
+    for (method, outcome) in admin_calls(&nobody).await {
+        assert_eq!(code(&outcome), Some(Code::Unauthenticated), "no token: {method}");
+    }
     let e = a.shutdown().await.unwrap_err();
     assert!(e.to_string().contains("needs an admin token"), "{e}");
+    assert_eq!(nobody.shutdown().await.unwrap_err().kind(), Some("unauthorized"));
     assert_eq!(admin.status().await.unwrap().revision, revision);
     assert!(a.is_serving().await.unwrap(), "health answers anyone, and the node still runs");
 

@@ -26,9 +26,12 @@ impl ProcCluster {
     }
 
     /// [`ProcCluster::start`] in `home`, its clients connecting with `options`.
-    pub fn start_in(home: Home, n: usize, extra: &[&str], options: ClientOptions) -> ProcCluster {
+    /// With `--auth` among `extra` (and TLS), clients send the first node's admin token and the
+    /// others join with a join token made with it.
+    pub fn start_in(home: Home, n: usize, extra: &[&str], mut options: ClientOptions) -> ProcCluster {
         let mut nodes = Vec::new();
         let mut addrs: Vec<String> = Vec::new();
+        let mut join_token = String::new();
         for i in 0..n {
             let data = home.path().join(format!("node{i}"));
             let mut flags: Vec<&str> = extra.to_vec();
@@ -36,8 +39,30 @@ impl ProcCluster {
                 flags.push("--bootstrap");
             } else {
                 flags.extend(["--join", addrs[0].as_str()]);
+                if !join_token.is_empty() {
+                    flags.extend(["--join-token", join_token.as_str()]);
+                }
             }
             let s = serve(&home, &data, &flags);
+            drop(flags);
+            if i == 0 && extra.contains(&"--auth") {
+                let admin = data.join("admin.token");
+                options.token = Some(std::fs::read_to_string(&admin).unwrap().trim().to_string());
+            }
+            if i == 0 && n > 1 && extra.contains(&"--auth") {
+                let admin = data.join("admin.token");
+                let ca = options.tls.as_ref().expect("--auth needs TLS").ca_path();
+                let uses = (n - 1).to_string();
+                let made = home
+                    .cmd(&["token", "create", "--join", "--uses", &uses])
+                    .env("PORTMESH_NODE", &s.grpc)
+                    .env("PORTMESH_TLS_CA", ca)
+                    .env("PORTMESH_TOKEN_FILE", &admin)
+                    .output()
+                    .unwrap();
+                assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+                join_token = String::from_utf8_lossy(&made.stdout).trim().to_string();
+            }
             addrs.push(s.grpc.clone());
             nodes.push(Some(s));
         }

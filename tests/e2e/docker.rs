@@ -1,6 +1,7 @@
 //! Containers: the same binary in three containers on a Docker network this test creates, built
 //! from `deploy/Dockerfile` (FROM scratch plus the binary and its libraries: no image is pulled),
-//! with TLS on (certificates from `portmesh tls init` for the containers' addresses, copied in):
+//! with TLS and tokens on (certificates from `portmesh tls init` for the containers' addresses,
+//! copied in; the first node's admin token copied out, the others joining with a join token):
 //! clients and members speak TLS, members mutual TLS. One node is cut off with
 //! `docker network disconnect` under load and healed; the SPEC §3 checkers then run against
 //! every node's state.
@@ -52,8 +53,10 @@ struct Net {
     image: String,
     /// The CA and the node certificate for the containers' addresses (`tls init`).
     certs: tempfile::TempDir,
-    /// How the test's clients connect: TLS with the CA.
+    /// How the test's clients connect: TLS with the CA, and the first node's admin token.
     options: ClientOptions,
+    /// The join token the other nodes present (made with the admin token once node 0 serves).
+    join_token: String,
 }
 
 impl Net {
@@ -77,7 +80,15 @@ impl Net {
                     let tls =
                         portmesh_tls::ClientTls::load(&certs.path().join("ca.pem"), None, None).unwrap();
                     let options = ClientOptions { tls: Some(tls), token: None };
-                    return Net { name, prefix, containers: Vec::new(), image, certs, options };
+                    return Net {
+                        name,
+                        prefix,
+                        containers: Vec::new(),
+                        image,
+                        certs,
+                        options,
+                        join_token: String::new(),
+                    };
                 }
                 Err(e) => last = e,
             }
@@ -102,7 +113,8 @@ impl Net {
         Client::connect_with(&[self.addr(i).as_str()], self.options.clone()).await
     }
 
-    /// Starts node `i` in its own container with TLS; node 0 bootstraps, the others join it.
+    /// Starts node `i` in its own container with TLS and tokens (`--auth`); node 0 bootstraps,
+    /// the others join it with a join token.
     async fn start_node(&mut self, i: usize) {
         let (name, ip, advertise) = (self.container(i), self.ip(i), self.addr(i));
         let first = self.addr(0);
@@ -117,11 +129,13 @@ impl Net {
             "/certs/node.key",
             "--tls-ca",
             "/certs/ca.pem",
+            "--auth",
         ]);
+        let join_token = self.join_token.clone();
         if i == 0 {
             args.push("--bootstrap");
         } else {
-            args.extend(["--join", &first]);
+            args.extend(["--join", &first, "--join-token", &join_token]);
         }
         docker(&args).unwrap();
         self.containers.push(name.clone());
@@ -133,6 +147,7 @@ impl Net {
         loop {
             if let Ok(c) = self.client(i).await
                 && c.is_serving().await.unwrap_or(false)
+                && (i > 0 || self.first_tokens(&name).await)
             {
                 return;
             }
@@ -141,6 +156,26 @@ impl Net {
                 panic!("container {name} did not serve within 60 s; its log:\n{logs}");
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Once node 0 wrote and committed its admin token: the clients' token and a join token for
+    /// the others. False while not yet.
+    async fn first_tokens(&mut self, container: &str) -> bool {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("admin.token");
+        if docker(&["cp", &format!("{container}:/data/admin.token"), file.to_str().unwrap()]).is_err() {
+            return false;
+        }
+        self.options.token = Some(std::fs::read_to_string(&file).unwrap().trim().to_string());
+        let Ok(c) = self.client(0).await else { return false };
+        let req = pb::CreateTokenRequest { role: "join".into(), uses: 2, ..Default::default() };
+        match c.create_token(req).await {
+            Ok(made) => {
+                self.join_token = made.secret;
+                true
+            }
+            Err(_) => false,
         }
     }
 

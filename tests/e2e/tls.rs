@@ -1,6 +1,7 @@
 //! A TLS cluster of real processes, its certificates made by `portmesh tls init`: clients set
-//! up by environment alone, the leader killed under load with nothing duplicated or lost, a node
-//! with another CA's certificate kept out, and the node refusing to expose itself in plaintext.
+//! up by environment alone, the leader of a cluster with tokens killed under load with nothing
+//! duplicated or lost, a node with another CA's certificate kept out, the node refusing to
+//! expose itself in plaintext, and tokens from the command line.
 
 use std::path::Path;
 
@@ -47,10 +48,13 @@ async fn a_tls_cluster_from_tls_init_serves_env_configured_clients_and_survives_
     let again = home.pm(&["tls", "init", certs.to_str().unwrap(), "--name", "node-b", "--json"]).ok().json();
     assert_eq!((again["ca_reused"].as_bool(), again["client_new"].as_bool()), (Some(true), Some(false)));
 
-    let flags = tls_flags(&certs, "node");
+    // With tokens on: clients send the admin token, the others join with a join token.
+    let mut flags = tls_flags(&certs, "node");
+    flags.push("--auth".into());
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     let mut c = ProcCluster::start_in(home, 3, &flags, options(&certs));
     c.big_pool().await;
+    let admin_file = c.home.path().join("node0").join("admin.token");
 
     // A CLI with nothing but the environment set.
     let ca = certs.join("ca.pem");
@@ -59,6 +63,7 @@ async fn a_tls_cluster_from_tls_init_serves_env_configured_clients_and_survives_
             .cmd(&["alloc", service])
             .env("PORTMESH_NODE", &c.addrs[1])
             .env("PORTMESH_TLS_CA", &ca)
+            .env("PORTMESH_TOKEN_FILE", &admin_file)
             .output()
             .unwrap()
     };
