@@ -29,6 +29,8 @@ mod keys;
 mod log_store;
 pub mod ondisk;
 mod sm_store;
+mod watermark;
+pub use watermark::WATERMARK_FILE;
 
 use std::io::Cursor;
 use std::path::{Path, PathBuf};
@@ -72,6 +74,16 @@ pub enum StoreError {
     Open { dir: PathBuf, source: sled::Error },
     #[error("data directory {dir} is damaged: {what}")]
     Corrupt { dir: PathBuf, what: String },
+    /// sled opened the directory with less than it once made durable (see `watermark`).
+    #[error(
+        "data directory {dir} is damaged: {why} (the watermark in {dir}/watermark says what it held). Serving it would \
+         hand out ports and revisions twice. A member of a cluster: move the directory aside, `portmesh leave --id N` \
+         the old node and join a fresh one (it catches up from the others). A single node: restore a backup. If this \
+         is a backup you restored on purpose, delete {dir}/watermark"
+    )]
+    Damaged { dir: PathBuf, why: String },
+    #[error("cannot open the watermark of data directory {dir}: {source}")]
+    Watermark { dir: PathBuf, source: std::io::Error },
     #[error("I/O error on data directory {dir}: {source}")]
     Io { dir: PathBuf, source: sled::Error },
     #[error("cannot start the log flusher thread for {dir}: {source}")]
@@ -130,11 +142,23 @@ pub(crate) struct Inner {
     pub(crate) snap: sled::Tree,
     pub(crate) stats: Arc<StoreStats>,
     pub(crate) flusher: flusher::Flusher,
+    /// What this directory had made durable (see `watermark`).
+    pub(crate) watermark: Arc<watermark::Watermark>,
 }
 
 const META_VERSION: &[u8] = b"data_version";
-const META_NODE_ID: &[u8] = b"node_id";
+pub(crate) const META_NODE_ID: &[u8] = b"node_id";
 const META_CLUSTER_ID: &[u8] = b"cluster_id";
+
+impl Inner {
+    /// Makes everything written so far durable (one fsync) and records the watermark of it.
+    pub(crate) fn flush(&self) -> Result<(), sled::Error> {
+        let mark = self.watermark.current();
+        self.db.flush()?;
+        self.watermark.record(mark);
+        Ok(())
+    }
+}
 
 impl Store {
     /// Opens (creating if needed) the data directory `dir`.
@@ -150,16 +174,24 @@ impl Store {
         let io = |source| StoreError::Io { dir: dir.to_path_buf(), source };
         let tree = |name: &str| db.open_tree(name).map_err(io);
         let stats = Arc::new(StoreStats::default());
+        let (meta, sm) = (tree("meta")?, tree("sm")?);
+        let (watermark, kept) = watermark::Watermark::open(dir, meta.clone(), sm.clone())
+            .map_err(|source| StoreError::Watermark { dir: dir.to_path_buf(), source })?;
+        if let Some(why) = kept.and_then(|k| k.behind(&watermark::Mark::of(&meta, &sm))) {
+            return Err(StoreError::Damaged { dir: dir.to_path_buf(), why });
+        }
+        let watermark = Arc::new(watermark);
         let inner = Inner {
-            flusher: flusher::Flusher::start(db.clone(), stats.clone())
+            flusher: flusher::Flusher::start(db.clone(), stats.clone(), watermark.clone())
                 .map_err(|source| StoreError::Thread { dir: dir.to_path_buf(), source })?,
             dir: dir.to_path_buf(),
-            meta: tree("meta")?,
+            meta,
             log: tree("log")?,
-            sm: tree("sm")?,
+            sm,
             snap: tree("snap")?,
             db,
             stats,
+            watermark,
         };
         let readable = |v: &[u8]| {
             <[u8; 4]>::try_from(v)
@@ -172,7 +204,7 @@ impl Store {
             Some(v) if let Some(old) = readable(v.as_ref()) => {
                 tracing::info!(dir = %dir.display(), from = old, to = DATA_VERSION, "upgrading the data directory");
                 inner.meta.insert(META_VERSION, &DATA_VERSION.to_be_bytes()).map_err(io)?;
-                inner.db.flush().map_err(io)?;
+                inner.flush().map_err(io)?;
             }
             Some(v) => {
                 let found = match <[u8; 4]>::try_from(v.as_ref()) {
@@ -195,7 +227,7 @@ impl Store {
                     });
                 }
                 inner.meta.insert(META_VERSION, &DATA_VERSION.to_be_bytes()).map_err(io)?;
-                inner.db.flush().map_err(io)?;
+                inner.flush().map_err(io)?;
             }
         }
         Ok(Store { inner: Arc::new(inner) })
@@ -220,7 +252,7 @@ impl Store {
     /// Records this directory's node id, durably.
     pub fn set_node_id(&self, id: u64) -> Result<(), StoreError> {
         self.inner.meta.insert(META_NODE_ID, &id.to_be_bytes()).map_err(|source| self.io(source))?;
-        self.inner.db.flush().map_err(|source| self.io(source))?;
+        self.inner.flush().map_err(|source| self.io(source))?;
         Ok(())
     }
 
@@ -238,7 +270,7 @@ impl Store {
     /// Records the cluster this directory's data belongs to, durably.
     pub fn set_cluster_id(&self, id: &str) -> Result<(), StoreError> {
         self.inner.meta.insert(META_CLUSTER_ID, id.as_bytes()).map_err(|source| self.io(source))?;
-        self.inner.db.flush().map_err(|source| self.io(source))?;
+        self.inner.flush().map_err(|source| self.io(source))?;
         Ok(())
     }
 
@@ -267,7 +299,7 @@ impl Store {
 
     /// Flushes everything to disk (used at shutdown).
     pub fn flush(&self) -> Result<(), StoreError> {
-        self.inner.db.flush().map(|_| ()).map_err(|source| self.io(source))
+        self.inner.flush().map_err(|source| self.io(source))
     }
 }
 

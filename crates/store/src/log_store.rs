@@ -12,7 +12,7 @@ use serde::de::DeserializeOwned;
 
 use crate::{Inner, TypeConfig};
 
-const VOTE: &[u8] = b"vote";
+pub(crate) const VOTE: &[u8] = b"vote";
 const PURGED: &[u8] = b"last_purged";
 const COMMITTED: &[u8] = b"committed";
 
@@ -50,7 +50,9 @@ impl LogStore {
 
     /// Makes everything written so far durable (one fsync), counting `entries` for the stats.
     async fn flush(&self, entries: u64) -> Result<(), sled::Error> {
+        let mark = self.inner.watermark.current();
         self.inner.db.flush_async().await?;
+        self.inner.watermark.record(mark);
         self.inner.stats.flushes.fetch_add(1, Ordering::Relaxed);
         self.inner.stats.entries_flushed.fetch_add(entries, Ordering::Relaxed);
         Ok(())

@@ -166,7 +166,7 @@ impl StateMachineStore {
             .insert(SNAP_CURRENT, b)
             .map_err(|e| StorageIOError::write_snapshot(sig.clone(), &e))?;
         // Durable before the log may be purged up to it.
-        self.inner.db.flush().map_err(|e| StorageIOError::write_snapshot(sig, &e))?;
+        self.inner.flush().map_err(|e| StorageIOError::write_snapshot(sig, &e))?;
         Ok(())
     }
 }

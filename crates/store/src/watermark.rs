@@ -1,0 +1,209 @@
+//! The watermark: what this directory had made durable, kept beside sled (`DATA/watermark`), so
+//! that a directory sled opens with less than it once held is refused instead of served.
+//!
+//! sled checks its own segments and, finding a damaged one, recovers up to the last good write:
+//! a flipped byte or a truncated file comes back as an *older* state, with no error. Served, that
+//! state hands out ports already handed out and revisions already used (fencing tokens twice), and
+//! a member whose log and vote went back can break Raft's safety. The watermark remembers four
+//! numbers that never go down — the node id, the vote's term, the applied log index and the
+//! state's revision — and [`Store::open`](crate::Store::open) compares them with what sled holds.
+//!
+//! When it is written: after every flush, from values read *before* the flush started (a flush
+//! makes everything written before it durable), so it never claims more than sled holds on disk.
+//! It is not fsynced by itself: a write lost in a crash only leaves an older watermark, which
+//! checks less, never wrongly. Two slots are written in turn, each with its own checksum, so a
+//! write torn by a crash spoils one slot and the other still holds the previous mark.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::Mutex;
+
+use openraft::{LogId, Vote};
+use portmesh_core::Key;
+
+use crate::log_store::decode;
+use crate::ondisk::StoredRecord;
+
+/// File name inside the data directory.
+pub const WATERMARK_FILE: &str = "watermark";
+const MAGIC: &[u8; 4] = b"PMW1";
+const SLOT: usize = 48;
+
+/// The numbers that only grow.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Mark {
+    pub(crate) node_id: u64,
+    pub(crate) term: u64,
+    pub(crate) applied: u64,
+    pub(crate) revision: u64,
+}
+
+impl Mark {
+    fn encode(&self, seq: u64) -> [u8; SLOT] {
+        let mut b = [0u8; SLOT];
+        b[..4].copy_from_slice(MAGIC);
+        for (i, v) in [seq, self.node_id, self.term, self.applied, self.revision].into_iter().enumerate() {
+            b[4 + 8 * i..12 + 8 * i].copy_from_slice(&v.to_be_bytes());
+        }
+        let crc = crc32fast::hash(&b[..44]);
+        b[44..].copy_from_slice(&crc.to_be_bytes());
+        b
+    }
+
+    /// The mark in a slot and its sequence number, if the slot is whole.
+    fn decode(b: &[u8]) -> Option<(u64, Mark)> {
+        if b.len() != SLOT || &b[..4] != MAGIC || crc32fast::hash(&b[..44]).to_be_bytes() != b[44..] {
+            return None;
+        }
+        let n = |i: usize| u64::from_be_bytes(b[4 + 8 * i..12 + 8 * i].try_into().unwrap_or([0; 8]));
+        Some((n(0), Mark { node_id: n(1), term: n(2), applied: n(3), revision: n(4) }))
+    }
+
+    /// What sled holds now (fields it cannot read count as 0: they then check nothing).
+    pub(crate) fn of(meta: &sled::Tree, sm: &sled::Tree) -> Mark {
+        let get = |t: &sled::Tree, k: &[u8]| t.get(k).ok().flatten();
+        let node_id = get(meta, crate::META_NODE_ID)
+            .and_then(|b| <[u8; 8]>::try_from(b.as_ref()).ok())
+            .map_or(0, u64::from_be_bytes);
+        let term = get(meta, crate::log_store::VOTE)
+            .and_then(|b| decode::<Vote<u64>>(&b).ok())
+            .map_or(0, |v| v.leader_id().term);
+        let applied = get(sm, crate::keys::APPLIED)
+            .and_then(|b| decode::<Option<LogId<u64>>>(&b).ok())
+            .flatten()
+            .map_or(0, |l| l.index);
+        let revision = get(sm, &crate::keys::encode(&Key::Meta))
+            .and_then(|b| decode::<StoredRecord>(&b).ok())
+            .and_then(|r| match r {
+                StoredRecord::Meta(m) => Some(m.revision),
+                _ => None,
+            })
+            .unwrap_or(0);
+        Mark { node_id, term, applied, revision }
+    }
+
+    /// Why `held` (what sled holds) is less than this mark, if it is.
+    pub(crate) fn behind(&self, held: &Mark) -> Option<String> {
+        if self.node_id != 0 && held.node_id != self.node_id {
+            return Some(if held.node_id == 0 {
+                format!("it no longer holds its node id (node {} wrote it)", self.node_id)
+            } else {
+                format!("it holds node id {}, but node {} wrote it", held.node_id, self.node_id)
+            });
+        }
+        let went_back = |what: &str, held: u64, kept: u64| {
+            (held < kept).then(|| format!("its {what} went back from {kept} to {held}"))
+        };
+        went_back("state revision", held.revision, self.revision)
+            .or_else(|| went_back("applied log index", held.applied, self.applied))
+            .or_else(|| went_back("Raft term (its vote)", held.term, self.term))
+    }
+}
+
+/// The watermark file of an open data directory.
+#[derive(Debug)]
+pub(crate) struct Watermark {
+    file: Mutex<(File, u64)>,
+    meta: sled::Tree,
+    sm: sled::Tree,
+}
+
+impl Watermark {
+    /// Opens (creating if needed) `dir`'s watermark and reads the last mark it holds, if any.
+    pub(crate) fn open(
+        dir: &Path,
+        meta: sled::Tree,
+        sm: sled::Tree,
+    ) -> io::Result<(Watermark, Option<Mark>)> {
+        let path = dir.join(WATERMARK_FILE);
+        let file = {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o600)
+                .open(&path)?
+        };
+        let mut buf = vec![0u8; 2 * SLOT];
+        let n = file.read_at(&mut buf, 0)?;
+        buf.truncate(n);
+        let last = buf.chunks(SLOT).filter_map(Mark::decode).max_by_key(|(seq, _)| *seq);
+        if last.is_none() && n > 0 {
+            tracing::warn!(file = %path.display(), "the watermark file holds no whole mark; it checks nothing this time");
+        }
+        let seq = last.map_or(0, |(s, _)| s);
+        Ok((Watermark { file: Mutex::new((file, seq)), meta, sm }, last.map(|(_, m)| m)))
+    }
+
+    /// What sled holds now: read before a flush, recorded after it.
+    pub(crate) fn current(&self) -> Mark {
+        Mark::of(&self.meta, &self.sm)
+    }
+
+    /// Records `mark` (read before a flush that has now completed) in the next slot.
+    pub(crate) fn record(&self, mark: Mark) {
+        let mut guard = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        let (file, seq) = &mut *guard;
+        *seq += 1;
+        let slot = (*seq % 2) * SLOT as u64;
+        if let Err(e) = file.write_all_at(&mark.encode(*seq), slot) {
+            // Only the check at the next start is weaker; the data itself is unharmed.
+            tracing::warn!(error = %e, "cannot write the watermark");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_round_trip_and_a_torn_slot_is_ignored() {
+        let m = Mark { node_id: 7, term: 3, applied: 120, revision: 40 };
+        let b = m.encode(9);
+        assert_eq!(Mark::decode(&b), Some((9, m)));
+        for i in [0, 5, 20, 47] {
+            let mut torn = b;
+            torn[i] ^= 0x40;
+            assert_eq!(Mark::decode(&torn), None, "byte {i}");
+        }
+        assert_eq!(Mark::decode(&b[..40]), None);
+    }
+
+    #[test]
+    fn behind_names_what_went_back() {
+        let kept = Mark { node_id: 7, term: 3, applied: 120, revision: 40 };
+        assert_eq!(kept.behind(&kept), None);
+        assert_eq!(kept.behind(&Mark { term: 5, applied: 130, revision: 41, ..kept }), None);
+        let e = kept.behind(&Mark { revision: 16, ..kept }).unwrap();
+        assert_eq!(e, "its state revision went back from 40 to 16");
+        assert!(kept.behind(&Mark { applied: 100, ..kept }).unwrap().contains("applied log index"));
+        assert!(kept.behind(&Mark { term: 2, ..kept }).unwrap().contains("term"));
+        assert!(kept.behind(&Mark::default()).unwrap().contains("no longer holds its node id"));
+        assert!(Mark::default().behind(&kept).is_none(), "an empty mark checks nothing");
+    }
+
+    #[test]
+    fn the_newest_whole_slot_wins() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        let (meta, sm) = (db.open_tree("meta").unwrap(), db.open_tree("sm").unwrap());
+        let (w, last) = Watermark::open(dir.path(), meta.clone(), sm.clone()).unwrap();
+        assert_eq!(last, None);
+        let (a, b) = (Mark { revision: 1, ..Mark::default() }, Mark { revision: 2, ..Mark::default() });
+        w.record(a);
+        w.record(b);
+        drop(w);
+        let (_, last) = Watermark::open(dir.path(), meta.clone(), sm.clone()).unwrap();
+        assert_eq!(last, Some(b));
+        // The newer slot torn: the older one stands.
+        let f = std::fs::OpenOptions::new().write(true).open(dir.path().join(WATERMARK_FILE)).unwrap();
+        f.write_all_at(&[0xff; 8], 0).unwrap();
+        let (_, last) = Watermark::open(dir.path(), meta, sm).unwrap();
+        assert_eq!(last, Some(a));
+    }
+}

@@ -1,0 +1,180 @@
+//! A damaged data directory is never served as if it were whole. A node makes real sled files
+//! (allocations through gRPC), stops, and copies of its directory are damaged the ways disks and
+//! people damage files: a flipped byte, a truncated file, a run of garbage. Opening each copy must
+//! either refuse (naming the damage) or come back with everything the node had: never an older
+//! state, which would hand out ports and revisions twice.
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+
+use portmesh_client::{Client, pb};
+use portmesh_node::{NodeConfig, NodeError, start};
+use portmesh_store::{Store, StoreError, StoreOptions};
+
+/// What a node held when it stopped: its revision and its allocated ports.
+struct Held {
+    revision: u64,
+    ports: Vec<u16>,
+}
+
+async fn make_data(dir: &Path, n: usize) -> Held {
+    let mut cfg = NodeConfig::new(dir.to_path_buf(), "127.0.0.1:0".parse().unwrap());
+    cfg.bootstrap = true;
+    let node = start(cfg).await.unwrap();
+    let c = Client::connect(&node.grpc_addr.to_string()).await.unwrap();
+    c.add_pool(pb::AddPoolRequest {
+        team: "default".into(),
+        name: "big".into(),
+        ranges: vec![pb::PortRange { start: 40000, end: 44999 }],
+    })
+    .await
+    .unwrap();
+    for i in 0..n {
+        let item = pb::AllocItem { service: format!("s{i}"), pool: "big".into(), ..Default::default() };
+        c.allocate(pb::AllocateRequest { items: vec![item], ..Default::default() }).await.unwrap();
+    }
+    let listed = c.list(pb::ListRequest::default()).await.unwrap();
+    drop(c);
+    node.shutdown_handle().send_replace(true);
+    node.wait().await;
+    Held { revision: listed.revision, ports: listed.allocations.iter().map(|a| a.port as u16).collect() }
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let target = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &target);
+        } else {
+            std::fs::copy(e.path(), target).unwrap();
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Damage {
+    Flip(f64),
+    Truncate(f64),
+    Garbage(f64),
+}
+
+fn damage(db: &Path, d: Damage) {
+    let mut bytes = std::fs::read(db).unwrap();
+    let at = |f: f64| ((bytes.len() as f64 * f) as usize).min(bytes.len().saturating_sub(1));
+    match d {
+        Damage::Flip(f) => {
+            let i = at(f);
+            bytes[i] ^= 0x5a;
+        }
+        Damage::Truncate(f) => bytes.truncate(at(f)),
+        Damage::Garbage(f) => {
+            let i = at(f);
+            let end = (i + 4096).min(bytes.len());
+            let mut x = 0x9e37_79b9_u32;
+            for b in &mut bytes[i..end] {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                *b = x as u8;
+            }
+        }
+    }
+    std::fs::write(db, bytes).unwrap();
+}
+
+/// What opening a damaged copy gave: refused (with why), or the state it came back with.
+enum Opened {
+    Refused(String),
+    Whole,
+    Older { revision: u64, ports: usize },
+}
+
+fn open(dir: &Path, held: &Held) -> Opened {
+    let store = match Store::open(dir, &StoreOptions::default()) {
+        Ok(s) => s,
+        Err(e) => return Opened::Refused(e.to_string()),
+    };
+    let sm = match store.state_machine() {
+        Ok(sm) => sm,
+        Err(e) => return Opened::Refused(e.to_string()),
+    };
+    let reader = sm.reader();
+    let st = &reader.read().state;
+    let ports = held.ports.iter().filter(|p| st.allocation(**p).is_some()).count();
+    if st.revision() == held.revision && ports == held.ports.len() {
+        Opened::Whole
+    } else {
+        Opened::Older { revision: st.revision(), ports }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_data_directory_is_refused_never_served_older() {
+    let original = tempfile::tempdir().unwrap();
+    let held = make_data(original.path(), 300).await;
+    assert!(held.revision >= 300 && held.ports.len() == 300);
+
+    let mut kinds = vec![
+        Damage::Flip(0.05),
+        Damage::Flip(0.5),
+        Damage::Truncate(0.5),
+        Damage::Truncate(0.1),
+        Damage::Truncate(0.0),
+        Damage::Garbage(0.3),
+        Damage::Garbage(0.8),
+    ];
+    // And flips and garbage at spread offsets (a fixed sequence: the same cases every run).
+    let mut x = 0x2545_f491_4f6c_dd1d_u64;
+    for i in 0..24 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let f = (x % 10_000) as f64 / 10_000.0;
+        kinds.push(if i % 2 == 0 { Damage::Flip(f) } else { Damage::Garbage(f) });
+    }
+    let (mut refused, mut whole) = (0, 0);
+    for d in kinds {
+        let copy = tempfile::tempdir().unwrap();
+        copy_dir(original.path(), copy.path());
+        damage(&copy.path().join("sled").join("db"), d);
+        match open(copy.path(), &held) {
+            Opened::Refused(why) => {
+                assert!(
+                    why.contains("damaged") || why.contains("corrupt") || why.contains("sled"),
+                    "{d:?}: {why}"
+                );
+                refused += 1;
+            }
+            Opened::Whole => whole += 1,
+            Opened::Older { revision, ports } => panic!(
+                "{d:?}: served an older state: revision {revision} of {}, {ports} of {} allocations",
+                held.revision,
+                held.ports.len()
+            ),
+        }
+    }
+    eprintln!("damaged copies: {refused} refused, {whole} came back whole");
+    assert!(refused >= 5, "the named kinds of damage are noticed");
+
+    // A node on a damaged directory does not start; the message says what went back and what to
+    // do. The undamaged original still starts with everything.
+    let copy = tempfile::tempdir().unwrap();
+    copy_dir(original.path(), copy.path());
+    damage(&copy.path().join("sled").join("db"), Damage::Truncate(0.5));
+    let mut cfg = NodeConfig::new(copy.path().to_path_buf(), "127.0.0.1:0".parse().unwrap());
+    cfg.bootstrap = true;
+    match start(cfg).await {
+        Err(NodeError::Store(e @ StoreError::Damaged { .. })) => {
+            let msg = e.to_string();
+            assert!(
+                msg.contains("went back from") && msg.contains("leave --id") && msg.contains("backup"),
+                "{msg}"
+            );
+        }
+        Err(other) => panic!("refused, but not as damaged: {other}"),
+        Ok(_) => panic!("a node started on a directory truncated to half"),
+    }
+    assert!(matches!(open(original.path(), &held), Opened::Whole));
+}
