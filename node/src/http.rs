@@ -78,7 +78,7 @@ pub(crate) async fn serve(
         .route("/", get(|| async { asset("text/html; charset=utf-8", DASHBOARD_HTML) }))
         .route("/dashboard.js", get(|| async { asset("text/javascript; charset=utf-8", DASHBOARD_JS) }))
         .route("/dashboard.css", get(|| async { asset("text/css; charset=utf-8", DASHBOARD_CSS) }))
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/api/v1/status", get(status))
         .route("/metrics", get(metrics))
@@ -134,6 +134,15 @@ async fn metrics(State(api): State<Api>, headers: axum::http::HeaderMap) -> axum
         Err(e) => {
             (StatusCode::INTERNAL_SERVER_ERROR, format!("encoding the metrics failed: {e}\n")).into_response()
         }
+    }
+}
+
+/// Live while Raft runs: after a storage failure stopped it, 503 with the cause (the node is
+/// shutting down then; a supervisor starts it again).
+async fn healthz(State(api): State<Api>) -> (StatusCode, String) {
+    match &api.node().metrics().running_state {
+        Ok(()) => (StatusCode::OK, "ok\n".into()),
+        Err(fatal) => (StatusCode::SERVICE_UNAVAILABLE, format!("Raft stopped: {fatal}\n")),
     }
 }
 

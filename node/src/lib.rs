@@ -18,6 +18,7 @@ mod wire;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use portmesh_api::Api;
@@ -104,6 +105,13 @@ pub enum NodeError {
     Tls(#[from] portmesh_tls::TlsError),
     #[error("authentication: {0}")]
     Auth(String),
+    /// Raft stopped on its own (a storage failure: a full or failing disk): the node cannot
+    /// write again in this process, so it stopped; a supervisor (or the next CLI command, for
+    /// the local node) starts it again once the cause is gone.
+    #[error(
+        "the node stopped because Raft stopped: {0}. Fix the cause (free disk space, check the disk) and start it again"
+    )]
+    RaftStopped(String),
     #[error("no leader after {0:?}: the node cannot serve writes")]
     NoLeader(Duration),
     #[error("cannot write the node's address file in {dir}: {source}")]
@@ -132,6 +140,8 @@ pub struct RunningNode {
     grpc_task: JoinHandle<Result<(), tonic::transport::Error>>,
     http_task: Option<JoinHandle<()>>,
     health_task: JoinHandle<()>,
+    /// Why the node stopped on its own, if it did (see [`NodeError::RaftStopped`]).
+    failure: Arc<std::sync::Mutex<Option<String>>>,
     /// Runs the health checks of this host's registered services.
     checks_task: JoinHandle<()>,
     home: Option<PathBuf>,
@@ -204,7 +214,8 @@ pub async fn start(mut cfg: NodeConfig) -> Result<RunningNode, NodeError> {
     );
 
     let (health, health_service) = tonic_health::server::health_reporter();
-    let health_task = tokio::spawn(report_health(node.clone(), health));
+    let failure = Arc::new(std::sync::Mutex::new(None));
+    let health_task = tokio::spawn(report_health(node.clone(), health, shutdown.clone(), failure.clone()));
     // Reflection in both versions: grpc.reflection.v1, and v1alpha, the only one grpcurl before
     // 1.9, Python's grpcio-reflection and several GUI clients speak.
     let reflection = || {
@@ -313,6 +324,7 @@ pub async fn start(mut cfg: NodeConfig) -> Result<RunningNode, NodeError> {
         grpc_task,
         http_task,
         health_task,
+        failure,
         checks_task,
         home: cfg.home,
     })
@@ -461,10 +473,33 @@ pub const HEALTH_NAMES: &[&str] = &[
     "portmesh.v1.Registry",
 ];
 
-async fn report_health(node: RaftNode, reporter: tonic_health::server::HealthReporter) {
+///
+/// Raft stopping on its own (openraft stops at a storage error: a full or failing disk) is told
+/// here too: NOT_SERVING, one ERROR line naming the cause, and the node shuts down, since this
+/// process can write no more (its metrics would otherwise go on naming a leader).
+async fn report_health(
+    node: RaftNode,
+    reporter: tonic_health::server::HealthReporter,
+    shutdown: watch::Sender<bool>,
+    failure: Arc<std::sync::Mutex<Option<String>>>,
+) {
     let mut metrics = node.raft.metrics();
     loop {
-        let serving = metrics.borrow_and_update().current_leader.is_some();
+        let (leader, stopped) = {
+            let m = metrics.borrow_and_update();
+            (m.current_leader.is_some(), m.running_state.as_ref().err().map(ToString::to_string))
+        };
+        if let Some(why) = stopped {
+            tracing::error!(error = %why, "Raft stopped: this node cannot write any more; shutting down (start it again once the cause is fixed)");
+            *failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
+            reporter.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+            for name in HEALTH_NAMES {
+                reporter.set_service_status(*name, tonic_health::ServingStatus::NotServing).await;
+            }
+            shutdown.send_replace(true);
+            return;
+        }
+        let serving = leader;
         let status = if serving {
             tonic_health::ServingStatus::Serving
         } else {
@@ -487,9 +522,9 @@ impl RunningNode {
     }
 
     /// Runs until shutdown is requested (SIGTERM, SIGINT, the `Cluster.Shutdown` RPC or the
-    /// handle), then shuts down gracefully: stop serving, stop Raft, flush storage, remove the
-    /// address file.
-    pub async fn wait(self) {
+    /// handle) or Raft stops on its own, then shuts down gracefully: stop serving, stop Raft,
+    /// flush storage, remove the address file. `Err` when Raft stopped on its own.
+    pub async fn wait(self) -> Result<(), NodeError> {
         let mut stop = self.shutdown.subscribe();
         tokio::select! {
             _ = stop.wait_for(|s| *s) => {}
@@ -513,6 +548,10 @@ impl RunningNode {
             home::remove_info_if_ours(home);
         }
         tracing::info!(node_id = node.id, "portmesh node stopped");
+        match self.failure.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            Some(why) => Err(NodeError::RaftStopped(why)),
+            None => Ok(()),
+        }
     }
 }
 

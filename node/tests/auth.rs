@@ -350,7 +350,7 @@ async fn start_joining(
 
 async fn stop(node: RunningNode) {
     node.shutdown_handle().send_replace(true);
-    node.wait().await;
+    node.wait().await.unwrap();
 }
 
 /// `GET path` over HTTPS, trusting the test CA: status code and body.

@@ -36,7 +36,7 @@ async fn make_data(dir: &Path, n: usize) -> Held {
     let listed = c.list(pb::ListRequest::default()).await.unwrap();
     drop(c);
     node.shutdown_handle().send_replace(true);
-    node.wait().await;
+    node.wait().await.unwrap();
     Held { revision: listed.revision, ports: listed.allocations.iter().map(|a| a.port as u16).collect() }
 }
 

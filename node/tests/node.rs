@@ -229,7 +229,7 @@ async fn lease_countdowns_resume_from_the_checkpoint_after_a_restart() {
     .await;
     drop(client);
     node.shutdown_handle().send_replace(true);
-    node.wait().await;
+    node.wait().await.unwrap();
 
     // Reopen the same directory (waiting for the old handles to let go of sled's lock).
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
@@ -357,7 +357,7 @@ impl Cluster {
     async fn stop(&mut self, i: usize) {
         let n = self.nodes[i].take().unwrap();
         n.shutdown_handle().send_replace(true);
-        n.wait().await;
+        n.wait().await.unwrap();
     }
 
     async fn wait_leader_other_than(&self, old: u64) -> usize {
@@ -1049,7 +1049,7 @@ async fn a_node_holding_another_clusters_data_is_refused_naming_both_ids() {
 
     // The node with foreign data refuses to start with --join to the team.
     other.shutdown_handle().send_replace(true);
-    other.wait().await;
+    other.wait().await.unwrap();
     let mut cfg = NodeConfig::new(other_dir.path().to_path_buf(), "127.0.0.1:0".parse().unwrap());
     fast_raft(&mut cfg);
     cfg.join = Some(team.addrs[0].clone());

@@ -122,3 +122,104 @@ async fn a_write_cut_off_after_it_was_sent_is_of_unknown_outcome() {
     assert!(msg.contains("it may have been applied: check with `portmesh ls`"), "{msg}");
     assert_eq!(e.kind(), Some("outcome_unknown"), "{e:?}");
 }
+
+/// A tmpfs of `size` mounted on `dir` for as long as the value lives.
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    fn mount(dir: &std::path::Path, size: &str) -> SmallDisk {
+        std::fs::create_dir_all(dir).unwrap();
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "mount: {}", String::from_utf8_lossy(&out.stderr));
+        SmallDisk(dir.to_path_buf())
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// A full disk: writes fail with the cause, the node says it can write no more and stops (before,
+/// it went on answering healthy and serving with a leader while no write could succeed until a
+/// restart). Started again once space is freed, it holds every acknowledged allocation and writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_stops_the_node_truthfully_and_a_restart_after_freeing_space_recovers() {
+    let root = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata("/proc/self").unwrap()) == 0;
+    if !root {
+        eprintln!(
+            "!! SKIPPED: a_full_disk_stops_the_node…: mounting a small tmpfs needs root; this test did NOT run"
+        );
+        return;
+    }
+    use portmesh_client::{Client, pb};
+    let h = Home::new();
+    let disk = SmallDisk::mount(&h.path().join("small"), "3m");
+    let filler = disk.0.join("filler");
+    std::fs::write(&filler, vec![7u8; 1_200_000]).unwrap();
+    let data = disk.0.join("data");
+    let mut s = serve(&h, &data, &["--bootstrap"]);
+    let c = Client::connect(&s.grpc).await.unwrap();
+    let range = pb::PortRange { start: 45000, end: 49999 };
+    c.add_pool(pb::AddPoolRequest { team: "default".into(), name: "fill".into(), ranges: vec![range] })
+        .await
+        .unwrap();
+    let mut acked: Vec<u32> = Vec::new();
+    let mut error = None;
+    'fill: for round in 0..200 {
+        for b in 0..50 {
+            let items = (0..10)
+                .map(|i| pb::AllocItem {
+                    service: format!("f{round}x{b}x{i}"),
+                    pool: "fill".into(),
+                    ..Default::default()
+                })
+                .collect();
+            match c.allocate(pb::AllocateRequest { items, ..Default::default() }).await {
+                Ok(r) => acked.extend(r.allocations.iter().map(|a| a.port)),
+                Err(e) if e.kind() == Some("exhausted") => break,
+                Err(e) => {
+                    error = Some(e.to_string());
+                    break 'fill;
+                }
+            }
+        }
+        // The pool is full: give everything back (writes too) and go on.
+        let ports = std::mem::take(&mut acked);
+        if let Err(e) = c.release(pb::ReleaseRequest { ports, ..Default::default() }).await {
+            error = Some(e.to_string());
+            break;
+        }
+    }
+    let error = error.expect("the disk never filled");
+    eprintln!("first failed write: {error}");
+    drop(c);
+    // The node stops by itself, non-zero, with one line naming the cause.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(st) = s.child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(std::time::Instant::now() < deadline, "the node went on running after its disk filled");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(!status.success(), "a node that cannot write exits non-zero: {status}");
+    let later = s.later.lock().unwrap().join("\n");
+    assert!(later.contains("Raft stopped") && later.contains("cannot write any more"), "{later}");
+
+    // Space freed: it starts again, with every acknowledged allocation, and writes again.
+    std::fs::remove_file(&filler).unwrap();
+    let s2 = serve(&h, &data, &[]);
+    let c = Client::connect(&s2.grpc).await.unwrap();
+    let held = c.list(pb::ListRequest::default()).await.unwrap();
+    for p in &acked {
+        assert!(held.allocations.iter().any(|a| a.port == *p), "acknowledged port {p} lost");
+    }
+    let item = pb::AllocItem { service: "after".into(), pool: "fill".into(), ..Default::default() };
+    c.allocate(pb::AllocateRequest { items: vec![item], ..Default::default() }).await.unwrap();
+}

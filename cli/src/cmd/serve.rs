@@ -90,7 +90,7 @@ pub async fn serve(cli: &Cli, a: &ServeArgs) -> Result<()> {
             }
         }
     }
-    node.wait().await;
+    node.wait().await?;
     Ok(())
 }
 
