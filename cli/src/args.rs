@@ -488,6 +488,10 @@ pub struct ReleaseArgs {
     /// Revoke this lease, releasing everything attached.
     #[arg(long)]
     pub lease: Option<u64>,
+    /// Release it even if a running process holds it under a lease (`up`, `run`): the process
+    /// keeps listening on a port portmesh may then hand to someone else.
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[derive(Debug, Subcommand)]

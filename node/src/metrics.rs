@@ -85,7 +85,19 @@ pub(crate) fn render(api: &Api) -> Result<String, std::fmt::Error> {
         "Id of the leader this node knows (0: none)",
         s.leader_id as i64,
     );
-    gauge(&mut r, "portmesh_raft_is_leader", "1 if this node leads", i64::from(s.leader_id == s.node_id));
+    let running = api.node().metrics().running_state.is_ok();
+    gauge(
+        &mut r,
+        "portmesh_raft_running",
+        "1 while Raft runs; 0 once it stopped on a storage error (the node then shuts down)",
+        i64::from(running),
+    );
+    gauge(
+        &mut r,
+        "portmesh_raft_is_leader",
+        "1 if this node leads",
+        i64::from(running && s.leader_id == s.node_id),
+    );
     gauge(&mut r, "portmesh_raft_commit_index", "Highest log index known committed", s.commit_index as i64);
     gauge(&mut r, "portmesh_raft_applied_index", "Highest log index applied", s.applied_index as i64);
     gauge(&mut r, "portmesh_raft_members", "Members of the cluster", s.members.len() as i64);

@@ -155,6 +155,17 @@ async fn a_damaged_data_directory_is_refused_never_served_older() {
             ),
         }
     }
+    // A missing file.
+    for gone in ["db", "conf"] {
+        let copy = tempfile::tempdir().unwrap();
+        copy_dir(original.path(), copy.path());
+        std::fs::remove_file(copy.path().join("sled").join(gone)).unwrap();
+        match open(copy.path(), &held) {
+            Opened::Refused(_) => refused += 1,
+            Opened::Whole => whole += 1,
+            Opened::Older { revision, .. } => panic!("without sled/{gone}: served revision {revision}"),
+        }
+    }
     eprintln!("damaged copies: {refused} refused, {whole} came back whole");
     assert!(refused >= 5, "the named kinds of damage are noticed");
 

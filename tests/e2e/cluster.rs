@@ -307,3 +307,57 @@ async fn a_member_down_is_one_log_line_not_one_per_request() {
     assert_eq!(down_lines(), 1, "one line for the member going: {lines:#?}");
     assert!(noisy.len() <= 2, "100 requests with a member down log no more warnings: {noisy:#?}");
 }
+
+/// A member whose data directory was damaged refuses to start, and what its message says to do
+/// works: move the directory aside, remove the old member, join a fresh one, which catches up
+/// from the others with everything the cluster acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_member_refuses_to_start_and_a_fresh_one_rejoins_with_everything() {
+    let mut c = ProcCluster::start(3, &[]);
+    c.big_pool().await;
+    let client = c.client(&c.addrs[0]).await;
+    for i in 0..150 {
+        let item = pb::AllocItem { service: format!("d{i}"), ..Default::default() };
+        client.allocate(pb::AllocateRequest { items: vec![item], ..Default::default() }).await.unwrap();
+    }
+    let before = c.converged().await;
+    let leader = c.leader_index().await;
+    let f = (leader + 1) % 3;
+    let status = c.client(&c.addrs[f]).await.status().await.unwrap();
+    c.signal(f, Signal::SIGTERM);
+    c.nodes[f].take().unwrap().child.wait().unwrap();
+
+    // Damaged: half of its sled file gone.
+    let dir = c.home.path().join(format!("node{f}"));
+    let db = dir.join("sled").join("db");
+    let len = std::fs::metadata(&db).unwrap().len();
+    std::fs::OpenOptions::new().write(true).open(&db).unwrap().set_len(len / 2).unwrap();
+    let mut child = c
+        .home
+        .cmd(&["serve", "--listen", &c.addrs[f], "--data", dir.to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until("the damaged member to give up", Duration::from_secs(30), || {
+        child.try_wait().unwrap().is_some()
+    });
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a damaged member must not start: {stderr}");
+    assert!(stderr.contains("is damaged") && stderr.contains("leave --id"), "{stderr}");
+
+    // What the message says: aside, leave, join fresh.
+    std::fs::rename(&dir, c.home.path().join(format!("node{f}-damaged"))).unwrap();
+    let id = status.node_id.to_string();
+    c.home.pm(&["--node", &c.addrs[leader], "leave", "--id", &id]).ok();
+    let fresh = serve(&c.home, &c.home.path().join("fresh"), &["--join", &c.addrs[leader]]);
+    c.addrs[f] = fresh.grpc.clone();
+    c.nodes[f] = Some(fresh);
+    let after = c.converged().await;
+    assert_eq!(after.len(), 3);
+    let ports = |v: &testkit::View| v.list.allocations.iter().map(|a| a.port).collect::<Vec<_>>();
+    for v in &after {
+        assert_eq!(ports(v), ports(&before[0]), "{} lacks what the cluster acknowledged", v.addr);
+    }
+}

@@ -72,9 +72,10 @@ fn doctor_is_quiet_on_a_healthy_host_and_names_each_problem_with_its_fix() {
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     };
     let loose = gone("alloc loose --pool t");
+    let loose2 = gone("alloc loose2 --pool t");
     let leased = gone("alloc leased --pool t --ttl 1h");
     let port = (20750..20770)
-        .find(|p| port_is_free(*p) && p.to_string() != loose && p.to_string() != leased)
+        .find(|p| port_is_free(*p) && ![&loose, &loose2, &leased].contains(&&p.to_string()))
         .unwrap();
     let mut squatter = squat(port);
 
@@ -89,15 +90,28 @@ fn doctor_is_quiet_on_a_healthy_host_and_names_each_problem_with_its_fix() {
         ),
         "{out}"
     );
+    // One line per kind, the ports listed, one command that cleans up.
+    let mut two = [loose.parse::<u16>().unwrap(), loose2.parse::<u16>().unwrap()];
+    two.sort_unstable();
     assert!(
-        out.contains(&format!("port {loose} (service loose, team default) is held with no lease by pid")),
+        out.contains(&format!(
+            "2 port(s) of team default held with no lease by processes that no longer run: {}, {}",
+            two[0], two[1]
+        )),
         "{out}"
     );
-    assert!(out.contains(&format!("fix: portmesh release {loose} --team default")), "{out}");
-    assert!(out.contains(&format!("holds port {leased} (service leased) for pid")), "{out}");
+    assert!(out.contains(&format!("fix: portmesh release {} {} --team default", two[0], two[1])), "{out}");
+    assert!(
+        out.contains("1 stale lease(s) of team default hold ports for processes that no longer run"),
+        "{out}"
+    );
+    assert!(out.contains(&format!("(port {leased})")), "{out}");
     assert!(out.contains("fix: portmesh release --lease"), "{out}");
     assert!(
-        out.contains(&format!("port {port} lies in a pool but is held by pid {}", squatter.id())),
+        out.contains(&format!(
+            "1 port(s) lie in pools but are held by processes with no allocation for them: {port} (pid {}",
+            squatter.id()
+        )),
         "{out}"
     );
     assert!(out.contains(&format!("fix: portmesh reserve {port}")), "{out}");

@@ -44,6 +44,18 @@ fn run_sets_the_port_variables_fills_its_arguments_and_exits_with_the_childs_sta
     assert!(h.live_ports().is_empty(), "released on exit");
     assert!(services_of(&h).is_empty(), "deregistered on exit");
 
+    // The variables well-known servers read by themselves, and the port said on stderr.
+    let r = h.pm(&["run", "--pool", "t", "--", "sh", "-c", "echo $PORT $FLASK_RUN_PORT $UVICORN_PORT"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    let words: Vec<&str> = r.stdout.split_whitespace().collect();
+    assert_eq!((words.len(), words[1], words[2]), (3, words[0], words[0]), "{r:?}");
+    assert!(r.stderr.contains(&format!("portmesh: sh runs on port {}", words[0])), "{r:?}");
+    // A socket handed over (fd://) without --fd: caught before anything is taken or started.
+    let r = h.pm(&["run", "--pool", "t", "--", "gunicorn", "--bind", "fd://3", "app:app"]);
+    assert_ne!(r.code, 0);
+    assert!(r.stderr.contains("--fd is not given: add --fd"), "{r:?}");
+    assert!(h.live_ports().is_empty(), "nothing taken");
+
     let r = h.pm(&["run", "--pool", "t", "--", "sh", "-c", "echo {port.nope}"]);
     assert_ne!(r.code, 0);
     assert!(r.stderr.contains("no port named \"nope\""), "{r:?}");
@@ -472,4 +484,34 @@ fn a_detached_up_says_when_a_service_did_not_get_its_port() {
     let up = h.pm(&["up", "-d", "-f", f]).ok();
     assert!(up.stderr.contains(&format!("port {wanted} is not free; web gets port")), "{up:?}");
     h.pm(&["down", "-f", f]).ok();
+}
+
+#[test]
+fn release_of_a_port_a_running_process_holds_is_refused_unless_forced() {
+    let h = home_with_pool("20780-20789");
+    let mut child = h
+        .cmd(&["run", "--pool", "t", "--service", "held", "--", "sleep", "600"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until("the registration", Duration::from_secs(10), || services_of(&h).len() == 1);
+    let port = h.live_ports()[0].to_string();
+    let r = h.pm(&["release", &port]);
+    assert_ne!(r.code, 0, "{r:?}");
+    assert!(
+        r.stderr.contains(&format!("port {port} is held by held")) && r.stderr.contains("--force"),
+        "{r:?}"
+    );
+    assert_eq!(h.live_ports().len(), 1, "nothing released");
+    // By its key too.
+    let key =
+        h.pm(&["ls", "--json"]).ok().json()["allocations"][0]["key"].as_str().unwrap_or_default().to_string();
+    if !key.is_empty() {
+        assert_ne!(h.pm(&["release", "--key", &key]).code, 0);
+    }
+    h.pm(&["release", &port, "--force"]).ok();
+    assert!(h.live_ports().is_empty());
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
+    child.wait().unwrap();
 }

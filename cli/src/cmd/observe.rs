@@ -1,5 +1,6 @@
 //! `stats` and `doctor`: what the cluster's history says, and what could bite on this host.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
@@ -295,29 +296,52 @@ async fn check_holders(c: &Client, host: &str, pools: &[pb::Pool], out: &mut Vec
     let mut fine = true;
     let this_host = portmesh_probe::hostname();
     let here = |h: &str| h == host || h == this_host;
+    // One finding per kind (and team), with the ports listed and one command that cleans up.
+    let mut no_lease: BTreeMap<&str, Vec<u32>> = BTreeMap::new();
+    let mut stale: BTreeMap<&str, BTreeMap<u64, Vec<u32>>> = BTreeMap::new();
     for a in live.allocations.iter().filter(|a| here(&a.host) && a.pid != 0) {
         if crate::process::alive(a.pid) {
             continue;
         }
         fine = false;
-        let what = if a.key.is_empty() { format!("service {}", a.service) } else { format!("key {}", a.key) };
         match a.lease_id {
-            0 => out.push(finding(
-                Level::Warn,
-                "holders",
-                format!("port {} ({what}, team {}) is held with no lease by pid {}, which no longer runs", a.port, a.team, a.pid),
-                Some(format!("portmesh release {} --team {}", a.port, a.team)),
-            )),
-            l => out.push(finding(
-                Level::Warn,
-                "leases",
-                format!(
-                    "stale lease {l}: it holds port {} ({what}) for pid {}, which no longer runs; it ends when its TTL runs out",
-                    a.port, a.pid
-                ),
-                Some(format!("portmesh release --lease {l} --team {}", a.team)),
-            )),
+            0 => no_lease.entry(&a.team).or_default().push(a.port),
+            l => stale.entry(&a.team).or_default().entry(l).or_default().push(a.port),
         }
+    }
+    for (team, ports) in &no_lease {
+        let list: Vec<String> = ports.iter().map(ToString::to_string).collect();
+        out.push(finding(
+            Level::Warn,
+            "holders",
+            format!(
+                "{} port(s) of team {team} held with no lease by processes that no longer run: {}",
+                ports.len(),
+                shortened(&list)
+            ),
+            Some(format!("portmesh release {} --team {team}", list.join(" "))),
+        ));
+    }
+    for (team, leases) in &stale {
+        let described: Vec<String> = leases
+            .iter()
+            .map(|(l, ports)| {
+                format!("{l} (port {})", ports.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "))
+            })
+            .collect();
+        let fix: Vec<String> =
+            leases.keys().map(|l| format!("portmesh release --lease {l} --team {team}")).collect();
+        out.push(finding(
+            Level::Warn,
+            "leases",
+            format!(
+                "{} stale lease(s) of team {team} hold ports for processes that no longer run: {}; they end when \
+                 their TTL runs out",
+                leases.len(),
+                shortened(&described)
+            ),
+            Some(fix.join(" && ")),
+        ));
     }
     // Listeners inside pools that portmesh did not hand out: each allocation near them is probed
     // and skipped; a reservation says so once and for all.
@@ -331,21 +355,26 @@ async fn check_holders(c: &Client, host: &str, pools: &[pb::Pool], out: &mut Vec
         .collect();
     let owners =
         tokio::task::spawn_blocking(move || portmesh_probe::owners_of(&ports)).await.unwrap_or_default();
-    let mut seen = std::collections::BTreeSet::new();
+    let mut foreign: BTreeMap<u16, String> = BTreeMap::new();
     for (port, o) in owners {
-        if !seen.insert(port) {
-            continue;
-        }
+        foreign.entry(port).or_insert_with(|| o.to_string());
+    }
+    if !foreign.is_empty() {
         fine = false;
-        let who = o.to_string();
+        let described: Vec<String> = foreign.iter().map(|(p, who)| format!("{p} ({who})")).collect();
+        let fix: Vec<String> = foreign
+            .iter()
+            .map(|(p, who)| format!("portmesh reserve {p} --reason \"used by {}\"", who.replace('"', "'")))
+            .collect();
         out.push(finding(
             Level::Warn,
             "holders",
-            format!("port {port} lies in a pool but is held by {who}, which holds no allocation for it"),
-            Some(format!(
-                "portmesh reserve {port} --reason \"used by {}\" (or stop that process)",
-                who.replace('"', "'")
-            )),
+            format!(
+                "{} port(s) lie in pools but are held by processes with no allocation for them: {}",
+                foreign.len(),
+                shortened(&described)
+            ),
+            Some(format!("{} (or stop those processes)", fix.join(" && "))),
         ));
     }
     if fine {
@@ -356,4 +385,13 @@ async fn check_holders(c: &Client, host: &str, pools: &[pb::Pool], out: &mut Vec
             None,
         ));
     }
+}
+
+/// A list as a finding shows it: the first 20, then how many more.
+fn shortened(items: &[String]) -> String {
+    const SHOWN: usize = 20;
+    if items.len() <= SHOWN {
+        return items.join(", ");
+    }
+    format!("{}, and {} more", items[..SHOWN].join(", "), items.len() - SHOWN)
 }

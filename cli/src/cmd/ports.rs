@@ -64,6 +64,9 @@ fn parent_pid() -> u32 {
 }
 
 pub async fn release(c: &Client, team: &str, r: &ReleaseArgs, json: bool) -> Result<()> {
+    if !r.force {
+        refuse_live_holders(c, team, r).await?;
+    }
     let released = if let Some(id) = r.lease {
         c.revoke_lease(pb::LeaseRevokeRequest { team: team.into(), lease_id: id }).await?.released
     } else {
@@ -81,6 +84,36 @@ pub async fn release(c: &Client, team: &str, r: &ReleaseArgs, json: bool) -> Res
         for a in &released {
             println!("{}", a.port);
         }
+    }
+    Ok(())
+}
+
+/// Refuses to release a port that a process on this host still holds under a live lease (a
+/// stack's `up`, a `portmesh run`): it would go on listening on a port handed to the next asker.
+async fn refuse_live_holders(c: &Client, team: &str, r: &ReleaseArgs) -> Result<()> {
+    let listed = c.list(pb::ListRequest { team: team.to_string(), ..Default::default() }).await?;
+    let here = portmesh_probe::hostname();
+    let wanted = |a: &pb::Allocation| match (&r.key, r.lease) {
+        (_, Some(lease)) => a.lease_id == lease,
+        (Some(key), None) => &a.key == key,
+        (None, None) => r.ports.contains(&(a.port as u16)),
+    };
+    let held = listed.allocations.iter().find(|a| {
+        wanted(a) && a.lease_id != 0 && a.pid != 0 && a.host == here && portmesh_probe::process::alive(a.pid)
+    });
+    if let Some(a) = held {
+        let (who, stop) = match crate::stack::ports::stack_of(&a.key) {
+            Some((scope, service)) => {
+                (format!("the running stack {scope} (service {service})"), "`portmesh down` in its project")
+            }
+            None => (format!("{} (pid {}, {})", a.service, a.pid, a.command), "end that process"),
+        };
+        anyhow::bail!(
+            "port {} is held by {who} under lease {}: releasing it would hand the port to someone else while the \
+             process still listens. Stop it first ({stop}), or pass --force",
+            a.port,
+            a.lease_id
+        );
     }
     Ok(())
 }

@@ -33,6 +33,12 @@ pub async fn run(c: &Client, team: &str, a: &RunArgs) -> Result<i32> {
             bail!("--ports: port name {name:?} appears twice");
         }
     }
+    if !a.fd && a.command.iter().any(|arg| arg.contains("fd://")) {
+        bail!(
+            "the command binds a socket portmesh hands over (fd://), but --fd is not given: add --fd \
+             (`portmesh run --fd -- gunicorn --bind fd://3 …`), or let the server bind {{port}} itself"
+        );
+    }
     let command_line = a.command.join(" ");
     let items = alloc_items(&service, &a.want, &names);
     let r = c
@@ -52,6 +58,8 @@ pub async fn run(c: &Client, team: &str, a: &RunArgs) -> Result<i32> {
         && wanted != *got
     {
         eprintln!("portmesh: port {wanted} is not free; {service} gets port {got} instead");
+    } else if let Some((_, got)) = ports.first() {
+        eprintln!("portmesh: {service} runs on port {got}");
     }
     let result = supervise_one(c, team, a, &service, lease, &ports, &command_line).await;
     if let Err(e) = node::end_lease(c, team, lease).await {
@@ -80,12 +88,12 @@ async fn supervise_one(
         args.push(fill(arg, service, ports).with_context(|| format!("argument {arg:?}"))?);
     }
     let var = portmesh_project::var_name(service);
-    let mut vars = vec![
-        ("PORT".to_string(), main_port.to_string()),
+    let mut vars = portmesh_project::main_port_vars(main_port);
+    vars.extend([
         (format!("{var}_PORT"), main_port.to_string()),
         ("PORTMESH_LEASE".to_string(), lease.to_string()),
         ("PORTMESH_SERVICE".to_string(), service.to_string()),
-    ];
+    ]);
     for (name, port) in ports {
         let n = portmesh_project::var_name(name);
         vars.push((format!("PORT_{n}"), port.to_string()));

@@ -167,14 +167,10 @@ pub async fn refuse_others_allocations(c: &Client, stack: &Stack) -> Result<()> 
         c.list(pb::ListRequest { team: String::new(), pool: String::new(), stale: true }).await?.allocations;
     for (svc, port) in wanted_ports(stack) {
         if let Some(al) = live.iter().find(|al| al.port == u32::from(port) && !ours.contains(&al.key)) {
-            // A stack's key is `project/env/instance/service/port`.
-            let parts: Vec<&str> = al.key.split('/').collect();
-            let what = if parts.len() == 5 {
-                let scope = parts[..3].join("/");
+            let what = if let Some((scope, service)) = stack_of(&al.key) {
                 format!(
-                    "the running stack {scope} (service {}); --force ends processes, not other stacks: stop it with \
-                     `portmesh down` in its project, or want another port",
-                    parts[3]
+                    "the running stack {scope} (service {service}); --force ends processes, not other stacks: stop it \
+                     with `portmesh down` in its project, or want another port"
                 )
             } else {
                 format!(
@@ -229,4 +225,11 @@ pub async fn free_wanted_ports(stack: &Stack) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The stack (`project/env/instance`) and service an allocation's key names, if it is a stack's
+/// key (`project/env/instance/service/port`).
+pub(crate) fn stack_of(key: &str) -> Option<(String, &str)> {
+    let parts: Vec<&str> = key.split('/').collect();
+    (parts.len() == 5).then(|| (parts[..3].join("/"), parts[3]))
 }

@@ -18,7 +18,7 @@ pub mod template;
 
 pub use layers::{Options, Resolved, load};
 pub use model::{Dur, Extends, ServiceSettings, Settings, builtin};
-pub use stack::{PortDef, Ports, ServiceDef, Stack};
+pub use stack::{PortDef, Ports, ServiceDef, Stack, main_port_vars};
 
 /// The name of a project file when none is given.
 pub const DEFAULT_FILE: &str = "portmesh.toml";

@@ -62,6 +62,17 @@ pub struct Stack {
 
 const DEFAULT_PORT_NAME: &str = "main";
 
+/// The variables a server's main port is passed in: `PORT`, and the ones well-known servers read
+/// by themselves, so that `portmesh run -- flask run` listens where it should with no
+/// `--port {port}`: `FLASK_RUN_PORT` (`flask run`), `UVICORN_PORT` (uvicorn). gunicorn reads
+/// `PORT` itself.
+pub fn main_port_vars(port: u16) -> Vec<(String, String)> {
+    ["PORT", "FLASK_RUN_PORT", "UVICORN_PORT"]
+        .into_iter()
+        .map(|k| (k.to_string(), port.to_string()))
+        .collect()
+}
+
 impl Stack {
     pub(crate) fn build(
         s: Settings,
@@ -307,13 +318,13 @@ impl Stack {
         out
     }
 
-    /// Everything `svc` is started with: the stack's port variables, `PORT` and `PORT_<NAME>` of
-    /// its own ports, `PORTMESH_PROJECT/ENV/INSTANCE/SERVICE`, then its own `env` (which wins).
+    /// Everything `svc` is started with: the stack's port variables, `PORT` (and the variables of
+    /// [`main_port_vars`]) and `PORT_<NAME>` of its own ports, `PORTMESH_PROJECT/ENV/INSTANCE/SERVICE`, then its own `env` (which wins).
     pub fn vars(&self, svc: &ServiceDef, ports: &Ports) -> Result<Vec<(String, String)>, String> {
         let mut out = self.port_vars(ports);
         if let Some(own) = ports.get(&svc.name) {
             if let Some((_, first)) = own.first() {
-                out.push(("PORT".into(), first.to_string()));
+                out.extend(main_port_vars(*first));
             }
             for (name, p) in own {
                 out.push((format!("PORT_{}", var_name(name)), p.to_string()));
