@@ -90,6 +90,10 @@ impl NodeConfig {
     }
 }
 
+/// Streams a client opened and reset before this node accepted them, allowed per connection
+/// (see the server builder in [`start`]).
+const MAX_PENDING_RESETS: usize = 4096;
+
 /// Errors starting a node, each naming what it was doing and where.
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
@@ -235,6 +239,12 @@ pub async fn start(mut cfg: NodeConfig) -> Result<RunningNode, NodeError> {
         shutdown.subscribe(),
     ));
     let grpc = tonic::transport::Server::builder()
+        // Calls a client gave up on while this node was stalled (paused, or its disk slow) arrive
+        // as opened-then-reset streams when it reads again. h2 counts those toward its guard
+        // against reset floods (CVE-2023-44487) and, past 20 on one connection, sends
+        // `GOAWAY too_many_resets`, failing every other call on it. A bound stays, raised above
+        // what a stall of a busy connection produces.
+        .http2_max_pending_accept_reset_streams(Some(MAX_PENDING_RESETS))
         .layer(wire::WireLayer(api.clone()))
         .add_service(health_service)
         .add_service(reflection)

@@ -223,3 +223,45 @@ async fn a_full_disk_stops_the_node_truthfully_and_a_restart_after_freeing_space
     let item = pb::AllocItem { service: "after".into(), pool: "fill".into(), ..Default::default() };
     c.allocate(pb::AllocateRequest { items: vec![item], ..Default::default() }).await.unwrap();
 }
+
+/// Calls that clients give up on while a node is paused (SIGSTOP past their timeout: a stalled
+/// leader) are reset before the node reads them. Resumed, the node must not count those resets
+/// as an attack and tear the shared connection down (hyper's `GOAWAY too_many_resets`, after 20),
+/// failing every other call on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_cut_off_while_a_node_was_paused_do_not_fail_the_others_on_the_connection() {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    let h = Home::new();
+    let s = serve(&h, &h.path().join("paused"), &["--bootstrap"]);
+    let c = portmesh_client::Client::connect(&s.grpc).await.unwrap();
+    c.status().await.unwrap();
+    let pid = Pid::from_raw(s.child.id() as i32);
+    kill(pid, Signal::SIGSTOP).unwrap();
+    // Calls that wait, on the same connection.
+    let waiting: Vec<_> = (0..10)
+        .map(|_| {
+            let c = c.clone();
+            tokio::spawn(async move { c.status().await.map(|_| ()) })
+        })
+        .collect();
+    // Calls that give up after 200 ms: each is reset while the node cannot read.
+    let cut: Vec<_> = (0..60)
+        .map(|_| {
+            let c = c.clone();
+            tokio::spawn(async move {
+                tokio::time::timeout(Duration::from_millis(200), c.status()).await.is_err()
+            })
+        })
+        .collect();
+    for t in cut {
+        assert!(t.await.unwrap(), "a paused node answered");
+    }
+    kill(pid, Signal::SIGCONT).unwrap();
+    for t in waiting {
+        let r =
+            tokio::time::timeout(Duration::from_secs(10), t).await.expect("no answer after the node resumed");
+        r.unwrap().expect("a call sharing the connection failed after the node resumed");
+    }
+    drop(s);
+}
