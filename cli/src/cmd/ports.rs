@@ -88,25 +88,41 @@ pub async fn release(c: &Client, team: &str, r: &ReleaseArgs, json: bool) -> Res
     Ok(())
 }
 
-/// Refuses to release a port that a process on this host still holds under a live lease (a
-/// stack's `up`, a `portmesh run`): it would go on listening on a port handed to the next asker.
+/// Refuses to release a port whose lease a running service on this host holds — one that `up`
+/// or `portmesh run` started and registered: it would go on listening on a port handed to the
+/// next asker. Ports taken with `alloc` are the caller's to release.
 async fn refuse_live_holders(c: &Client, team: &str, r: &ReleaseArgs) -> Result<()> {
     let listed = c.list(pb::ListRequest { team: team.to_string(), ..Default::default() }).await?;
+    let services = c
+        .discover(pb::DiscoverRequest {
+            team: team.to_string(),
+            include_unhealthy: true,
+            ..Default::default()
+        })
+        .await?
+        .services;
     let here = portmesh_probe::hostname();
+    let running = |lease: u64| {
+        services.iter().find(|s| {
+            s.lease_id == lease && s.pid != 0 && s.host == here && portmesh_probe::process::alive(s.pid)
+        })
+    };
     let wanted = |a: &pb::Allocation| match (&r.key, r.lease) {
         (_, Some(lease)) => a.lease_id == lease,
         (Some(key), None) => &a.key == key,
         (None, None) => r.ports.contains(&(a.port as u16)),
     };
-    let held = listed.allocations.iter().find(|a| {
-        wanted(a) && a.lease_id != 0 && a.pid != 0 && a.host == here && portmesh_probe::process::alive(a.pid)
-    });
-    if let Some(a) = held {
+    let held = listed
+        .allocations
+        .iter()
+        .filter(|a| wanted(a) && a.lease_id != 0)
+        .find_map(|a| running(a.lease_id).map(|svc| (a, svc)));
+    if let Some((a, svc)) = held {
         let (who, stop) = match crate::stack::ports::stack_of(&a.key) {
             Some((scope, service)) => {
                 (format!("the running stack {scope} (service {service})"), "`portmesh down` in its project")
             }
-            None => (format!("{} (pid {}, {})", a.service, a.pid, a.command), "end that process"),
+            None => (format!("{} (pid {}, {})", svc.name, svc.pid, svc.command), "end `portmesh run`"),
         };
         anyhow::bail!(
             "port {} is held by {who} under lease {}: releasing it would hand the port to someone else while the \
