@@ -7,7 +7,6 @@
 mod pki;
 
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
 use pki::{Pki, loopback};
@@ -42,6 +41,14 @@ fn code(r: &Result<(), ClientError>) -> Option<Code> {
         Err(ClientError::Status { code, .. }) => Some(*code),
         Err(other) => panic!("not a status: {other}"),
     }
+}
+
+/// One port of pool `p` of `team` for `service`.
+async fn alloc_one(c: &Client, team: &str, service: &str) -> pb::AllocateResponse {
+    let item = pb::AllocItem { service: service.into(), pool: "p".into(), ..Default::default() };
+    c.allocate(pb::AllocateRequest { team: team.into(), items: vec![item], ..Default::default() })
+        .await
+        .unwrap()
 }
 
 async fn create(admin: &Client, role: &str, team: &str) -> String {
@@ -139,16 +146,7 @@ async fn team_tokens_act_on_their_own_team_only_and_refusals_change_nothing() {
     let nobody = client(&node, &pki, None).await;
     let flipped = if b_token.ends_with('0') { '1' } else { '0' };
     let forged = client(&node, &pki, Some(&format!("{}{flipped}", &b_token[..b_token.len() - 1]))).await;
-    let b_port = b
-        .allocate(pb::AllocateRequest {
-            team: "teamb".into(),
-            items: vec![pb::AllocItem { service: "db".into(), pool: "p".into(), ..Default::default() }],
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .allocations[0]
-        .port;
+    let b_port = alloc_one(&b, "teamb", "db").await.allocations[0].port;
 
     // Every team-scoped method: refused on another team, without a token or with a forged one,
     // and nothing changes; allowed on the caller's own team.
@@ -213,22 +211,8 @@ async fn team_tokens_act_on_their_own_team_only_and_refusals_change_nothing() {
     // A watcher with team a's token sees team a's events only.
     let mut events =
         a.watch(pb::WatchRequest { from_revision: revision, ..Default::default() }).await.unwrap();
-    b.allocate(pb::AllocateRequest {
-        team: "teamb".into(),
-        items: vec![pb::AllocItem { service: "b2".into(), pool: "p".into(), ..Default::default() }],
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let a_rev = a
-        .allocate(pb::AllocateRequest {
-            team: "teama".into(),
-            items: vec![pb::AllocItem { service: "a2".into(), pool: "p".into(), ..Default::default() }],
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .revision;
+    alloc_one(&b, "teamb", "b2").await;
+    let a_rev = alloc_one(&a, "teama", "a2").await.revision;
     'seen: loop {
         let msg =
             tokio::time::timeout(Duration::from_secs(10), events.message()).await.unwrap().unwrap().unwrap();
@@ -355,23 +339,8 @@ async fn stop(node: RunningNode) {
 
 /// `GET path` over HTTPS, trusting the test CA: status code and body.
 async fn https_get(pki: &Pki, addr: std::net::SocketAddr, path: &str, token: Option<&str>) -> (u16, String) {
-    use rustls_pki_types::pem::PemObject;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio_rustls::rustls;
-    let mut roots = rustls::RootCertStore::empty();
-    let ca = std::fs::read(pki.ca_path()).unwrap();
-    for c in rustls_pki_types::CertificateDer::pem_slice_iter(&ca) {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
-    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp).await.unwrap();
+    let mut tls = pki::tls_connect(pki, addr, "localhost").await;
     let auth = token.map(|t| format!("Authorization: Bearer {}\r\n", t.trim())).unwrap_or_default();
     let req = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n{auth}Connection: close\r\n\r\n");
     tls.write_all(req.as_bytes()).await.unwrap();

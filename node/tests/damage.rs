@@ -40,19 +40,6 @@ async fn make_data(dir: &Path, n: usize) -> Held {
     Held { revision: listed.revision, ports: listed.allocations.iter().map(|a| a.port as u16).collect() }
 }
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        let target = to.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &target);
-        } else {
-            std::fs::copy(e.path(), target).unwrap();
-        }
-    }
-}
-
 #[derive(Debug, Clone, Copy)]
 enum Damage {
     Flip(f64),
@@ -137,7 +124,7 @@ async fn a_damaged_data_directory_is_refused_never_served_older() {
     let (mut refused, mut whole) = (0, 0);
     for d in kinds {
         let copy = tempfile::tempdir().unwrap();
-        copy_dir(original.path(), copy.path());
+        portmesh_testkit::copy_dir(original.path(), copy.path());
         damage(&copy.path().join("sled").join("db"), d);
         match open(copy.path(), &held) {
             Opened::Refused(why) => {
@@ -158,7 +145,7 @@ async fn a_damaged_data_directory_is_refused_never_served_older() {
     // A missing file.
     for gone in ["db", "conf"] {
         let copy = tempfile::tempdir().unwrap();
-        copy_dir(original.path(), copy.path());
+        portmesh_testkit::copy_dir(original.path(), copy.path());
         std::fs::remove_file(copy.path().join("sled").join(gone)).unwrap();
         match open(copy.path(), &held) {
             Opened::Refused(_) => refused += 1,
@@ -172,7 +159,7 @@ async fn a_damaged_data_directory_is_refused_never_served_older() {
     // A node on a damaged directory does not start; the message says what went back and what to
     // do. The undamaged original still starts with everything.
     let copy = tempfile::tempdir().unwrap();
-    copy_dir(original.path(), copy.path());
+    portmesh_testkit::copy_dir(original.path(), copy.path());
     damage(&copy.path().join("sled").join("db"), Damage::Truncate(0.5));
     let mut cfg = NodeConfig::new(copy.path().to_path_buf(), "127.0.0.1:0".parse().unwrap());
     cfg.bootstrap = true;

@@ -269,15 +269,6 @@ fn rustls_pki_types_der(pem: &str) -> Vec<u8> {
 
 /// The certificate the node at `addr` presents to a new connection now.
 async fn served_certificate(addr: &str, pki: &Pki) -> Vec<u8> {
-    let mut roots = portmesh_tls::rustls::RootCertStore::empty();
-    roots.add(rustls_pki_types::CertificateDer::from(rustls_pki_types_der(pki.ca.cert_pem()))).unwrap();
-    let config = portmesh_tls::rustls::ClientConfig::builder_with_provider(portmesh_tls::provider())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let name = rustls_pki_types::ServerName::try_from("127.0.0.1").unwrap();
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp).await.unwrap();
+    let tls = pki::tls_connect(pki, addr, "127.0.0.1").await;
     tls.get_ref().1.peer_certificates().unwrap()[0].to_vec()
 }

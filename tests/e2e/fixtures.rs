@@ -8,24 +8,14 @@ use serde_json::Value;
 
 use crate::support::{Home, serve};
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), &target).unwrap();
-        }
-    }
-}
-
 /// Boots a copy of fixture `name` and checks what `make-data-dir` put into it.
 fn boots_with_everything_it_held(name: &str) {
     let h = Home::new();
     let data = h.path().join("data");
-    copy_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(name), &data);
+    portmesh_testkit::copy_dir(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(name),
+        &data,
+    );
     // No --bootstrap: the directory already belongs to a cluster, which it must come back to.
     let s = serve(&h, &data, &[]);
     let pm = |args: &[&str]| {

@@ -102,6 +102,20 @@ impl Oracle {
     }
 }
 
+/// Copies directory `from` (files and subdirectories) to `to`: a data directory as it was.
+pub fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).expect("create the copy");
+    for entry in std::fs::read_dir(from).expect("read the directory") {
+        let entry = entry.expect("read an entry");
+        let target = to.join(entry.file_name());
+        if entry.file_type().expect("an entry's type").is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).expect("copy a file");
+        }
+    }
+}
+
 /// Replaces team `default`'s pool `default` by 20000–24999, big enough for every allocation a
 /// fault scenario makes (the tests' own range: no host program is expected there).
 pub async fn big_default_pool(client: &Client) {

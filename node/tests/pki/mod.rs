@@ -69,3 +69,24 @@ pub fn rand_suffix() -> usize {
     static N: AtomicUsize = AtomicUsize::new(0);
     N.fetch_add(1, Ordering::Relaxed)
 }
+
+/// A TLS connection to `addr` trusting this CA, checking the server's name `name`.
+pub async fn tls_connect(
+    pki: &Pki,
+    addr: impl tokio::net::ToSocketAddrs,
+    name: &'static str,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = portmesh_tls::rustls::RootCertStore::empty();
+    roots
+        .add(rustls_pki_types::CertificateDer::from_pem_slice(pki.ca.cert_pem().as_bytes()).unwrap())
+        .unwrap();
+    let config = portmesh_tls::rustls::ClientConfig::builder_with_provider(portmesh_tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from(name).unwrap();
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(config)).connect(name, tcp).await.unwrap()
+}
