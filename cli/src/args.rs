@@ -186,6 +186,13 @@ pub enum Command {
     Pools(PoolsCommand),
     /// Show the node: id, leader, term, members with roles, commit and applied index.
     Status,
+    /// Ask the node's gRPC health service (no token needed; plaintext is answered even by a TLS
+    /// node): exits 0 when SERVING, 1 otherwise. For container HEALTHCHECKs and exec probes.
+    Health {
+        /// The health name: `portmesh` (part of a cluster with a leader, the default) or `""`.
+        #[arg(long, default_value = "portmesh")]
+        service: String,
+    },
     /// Run a node in the foreground.
     Serve(ServeArgs),
     /// Shut the local node (or the one at --node) down gracefully.

@@ -31,7 +31,10 @@ fn docker(args: &[&str]) -> Result<String, String> {
 fn image() -> String {
     let meta = std::fs::metadata(BIN).unwrap();
     let mtime = meta.modified().unwrap().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
-    let tag = format!("portmesh-test:{}-{mtime}", meta.len());
+    // The Dockerfile is part of the image: a changed one makes another tag.
+    let dockerfile = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/Dockerfile")).unwrap();
+    let sum = dockerfile.iter().fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(*b)));
+    let tag = format!("portmesh-test:{}-{mtime}-{sum:08x}", meta.len());
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/build-image");
     let out = Command::new(script).args([BIN, &tag]).output().unwrap();
     assert!(out.status.success(), "building the image: {}", String::from_utf8_lossy(&out.stderr));
@@ -351,5 +354,126 @@ fn docker_a_port_published_by_a_container_is_named_and_only_force_stops_it() {
     let _ = docker(&["rm", "-f", &name]);
     if let Err(e) = result {
         std::panic::resume_unwind(e);
+    }
+}
+
+/// `deploy/compose.yaml` run by the real `docker-compose` (Debian's 1.29 here), on the image of
+/// the binary under test, on a /24 of this test's own; `down -v` when dropped.
+struct Compose {
+    project: String,
+    net: String,
+}
+
+impl Compose {
+    fn file() -> String {
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/compose.yaml").to_string()
+    }
+
+    fn run(&self, args: &[&str]) -> Result<String, String> {
+        let out = Command::new("docker-compose")
+            .args(["-f", &Compose::file(), "-p", &self.project])
+            .args(args)
+            .env("PORTMESH_IMAGE", image())
+            .env("PORTMESH_NET", &self.net)
+            .output()
+            .map_err(|e| format!("docker-compose: {e}"))?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+        } else {
+            Err(format!("docker-compose {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()))
+        }
+    }
+
+    /// Brings the cluster up on the first free /24 of a few tried.
+    fn up() -> Compose {
+        let project = format!("pmcompose{}", std::process::id());
+        let mut last = String::new();
+        for attempt in 0..20u32 {
+            let net = format!("172.28.{}", 30 + (std::process::id() + attempt * 11) % 200);
+            let c = Compose { project: project.clone(), net };
+            match c.run(&["up", "-d"]) {
+                Ok(_) => return c,
+                Err(e) => {
+                    let _ = c.run(&["down", "-v"]);
+                    last = e;
+                }
+            }
+        }
+        panic!("docker-compose up failed: {last}");
+    }
+
+    fn addr(&self, i: usize) -> String {
+        format!("{}.{}:7400", self.net, 11 + i)
+    }
+
+    fn container(&self, i: usize) -> String {
+        self.run(&["ps", "-q", &format!("pm{}", i + 1)]).unwrap()
+    }
+}
+
+impl Drop for Compose {
+    fn drop(&mut self) {
+        let _ = self.run(&["down", "-v"]);
+    }
+}
+
+/// Allocates one port through member `i`, retrying while the cluster (re)elects.
+async fn alloc_through(c: &Compose, i: usize, service: &str) -> u32 {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(client) = Client::connect(&c.addr(i)).await {
+            let item = pb::AllocItem { service: service.into(), key: service.into(), ..Default::default() };
+            if let Ok(r) =
+                client.allocate(pb::AllocateRequest { items: vec![item], ..Default::default() }).await
+            {
+                return r.allocations[0].port;
+            }
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no allocation through pm{} within 60 s", i + 1);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a Docker engine: scripts/test runs it when one answers"]
+async fn docker_compose_file_runs_a_cluster_that_survives_its_leader_stopping_and_a_down_up() {
+    let c = Compose::up();
+    // Through each member.
+    let mut ports = Vec::new();
+    for i in 0..3 {
+        ports.push(alloc_through(&c, i, &format!("via{i}")).await);
+    }
+    // Healthy by the image's HEALTHCHECK (the compose file's), once a leader is known.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    for i in 0..3 {
+        let id = c.container(i);
+        while docker(&["inspect", "--format", "{{.State.Health.Status}}", &id]).unwrap() != "healthy" {
+            assert!(tokio::time::Instant::now() < deadline, "pm{} never became healthy", i + 1);
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+    // The leader's container stopped: the others go on.
+    let s = Client::connect(&c.addr(0)).await.unwrap().status().await.unwrap();
+    let leader_addr = s.members.iter().find(|m| m.id == s.leader_id).unwrap().addr.clone();
+    let leader = (0..3).find(|i| c.addr(*i) == leader_addr).unwrap();
+    c.run(&["stop", &format!("pm{}", leader + 1)]).unwrap();
+    let other = (leader + 1) % 3;
+    ports.push(alloc_through(&c, other, "after-stop").await);
+    c.run(&["start", &format!("pm{}", leader + 1)]).unwrap();
+    let addrs: Vec<String> = (0..3).map(|i| c.addr(i)).collect();
+    let views = testkit::converged_with(&addrs, &ClientOptions::default(), Duration::from_secs(60)).await;
+    assert_eq!(views.len(), 3);
+    // down, up: the volumes keep the data.
+    c.run(&["down"]).unwrap();
+    c.run(&["up", "-d"]).unwrap();
+    let views = testkit::converged_with(&addrs, &ClientOptions::default(), Duration::from_secs(90)).await;
+    for v in &views {
+        for p in &ports {
+            assert!(
+                v.list.allocations.iter().any(|a| a.port == *p),
+                "{} lost port {p} across down/up",
+                v.addr
+            );
+        }
     }
 }

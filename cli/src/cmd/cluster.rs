@@ -8,6 +8,14 @@ use crate::args::Cli;
 use crate::node::{self, local};
 use crate::render::print_or_json;
 
+/// `health`: SERVING (exit 0) or not (exit 1), as the node's gRPC health says for `service`.
+pub async fn health(c: &Client, service: &str, json: bool) -> Result<i32> {
+    let serving = c.health(service).await?;
+    let word = if serving { "SERVING" } else { "NOT_SERVING" };
+    print_or_json(json, word, || serde_json::json!({"service": service, "serving": serving}));
+    Ok(if serving { 0 } else { 1 })
+}
+
 pub async fn status(c: &Client, json: bool) -> Result<()> {
     let s = &c.status().await?;
     if json {

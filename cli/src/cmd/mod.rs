@@ -74,6 +74,7 @@ pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Unreserve { port } => ok(ports::unreserve(&node::connect(&cli).await?, *port, json).await),
         Command::Pools(p) => ok(pools::pools(&node::connect(&cli).await?, team, p, json).await),
         Command::Status => ok(cluster::status(&node::connect(&cli).await?, json).await),
+        Command::Health { service } => cluster::health(&node::connect(&cli).await?, service, json).await,
         Command::Log { follow, all_teams } => {
             ok(events::log(&node::connect(&cli).await?, scope(*all_teams), *follow, json).await)
         }

@@ -430,8 +430,14 @@ impl Client {
 
     /// Whether the node reports SERVING on the standard gRPC health service.
     pub async fn is_serving(&self) -> Result<bool> {
+        self.health("").await
+    }
+
+    /// Whether the node reports SERVING for `service` on gRPC health (`""`: the node; `portmesh`
+    /// or a service name: part of a cluster with a leader).
+    pub async fn health(&self, service: &str) -> Result<bool> {
         let mut h = HealthClient::new(self.channel());
-        let r = h.check(HealthCheckRequest { service: String::new() }).await?.into_inner();
+        let r = h.check(HealthCheckRequest { service: service.to_string() }).await?.into_inner();
         Ok(r.status == ServingStatus::Serving as i32)
     }
 }
