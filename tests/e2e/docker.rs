@@ -80,6 +80,17 @@ impl Net {
                     }
                     let out = init.output().unwrap();
                     assert!(out.status.success(), "tls init: {}", String::from_utf8_lossy(&out.stderr));
+                    // The image's node runs as uid 65532 and `docker cp` makes root the owner:
+                    // the copies must be readable by others (these keys live and die with the
+                    // test's containers).
+                    use std::os::unix::fs::PermissionsExt;
+                    let readable = |p: &std::path::Path, mode| {
+                        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap()
+                    };
+                    readable(certs.path(), 0o755);
+                    for f in std::fs::read_dir(certs.path()).unwrap() {
+                        readable(&f.unwrap().path(), 0o644);
+                    }
                     let tls =
                         portmesh_tls::ClientTls::load(&certs.path().join("ca.pem"), None, None).unwrap();
                     let options = ClientOptions { tls: Some(tls), token: None };
@@ -452,6 +463,13 @@ async fn docker_compose_file_runs_a_cluster_that_survives_its_leader_stopping_an
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
     }
+    // The node runs unprivileged.
+    assert_eq!(docker(&["inspect", "--format", "{{.Config.User}}", &image()]).unwrap(), "65532:65532");
+    let top = docker(&["top", &c.container(0), "-o", "pid,uid"]).unwrap();
+    assert!(
+        top.lines().skip(1).all(|l| l.split_whitespace().nth(1) == Some("65532")),
+        "processes run as: {top}"
+    );
     // The leader's container stopped: the others go on.
     let s = Client::connect(&c.addr(0)).await.unwrap().status().await.unwrap();
     let leader_addr = s.members.iter().find(|m| m.id == s.leader_id).unwrap().addr.clone();
