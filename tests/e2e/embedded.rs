@@ -12,6 +12,13 @@ fn alloc_web_on_a_fresh_home_starts_a_node_and_prints_one_port() {
     let ports = r.ports();
     assert_eq!(ports.len(), 1, "{r:?}");
     assert!((8000..=8999).contains(&ports[0]), "web pool: {ports:?}");
+    // Held until released: it says how, and how not to leak one next time.
+    assert!(r.stderr.contains(&format!("held until released (`portmesh release {}`)", ports[0])), "{r:?}");
+    // The README's main job: a sticky key, the same port on every run, and nothing more to say.
+    let first = h.pm(&["alloc", "web", "--key", "quickstart/web"]).ok();
+    let again = h.pm(&["alloc", "web", "--key", "quickstart/web"]).ok();
+    assert_eq!(first.ports(), again.ports());
+    assert!(!again.stderr.contains("held until released"), "{again:?}");
     let pid = h.node_pid().expect("node recorded its address");
     assert_eq!(h.node_processes(), [pid]);
 

@@ -48,6 +48,14 @@ pub async fn alloc(c: &Client, team: &str, a: &AllocArgs, json: bool) -> Result<
                 fmt_dur(ttl),
                 r.lease_id
             );
+        } else if a.lease.is_none() && a.want.key.is_none() && r.existing.iter().any(|e| !e) {
+            // Held until released: say how, and how not to leak it next time.
+            let ports: Vec<String> = r.allocations.iter().map(|al| al.port.to_string()).collect();
+            eprintln!(
+                "held until released (`portmesh release {}`); --ttl 10m gives it back by itself if not renewed, \
+                 --key NAME gets the same port again next time",
+                ports.join(" ")
+            );
         }
     }
     Ok(())
