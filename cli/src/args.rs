@@ -237,6 +237,9 @@ pub enum Command {
     /// Certificates for a TLS cluster.
     #[command(subcommand)]
     Tls(TlsCommand),
+    /// Print a shell completion script: `portmesh completions bash > /etc/bash_completion.d/portmesh`
+    /// (zsh: into a directory of `$fpath` as `_portmesh`; fish: `~/.config/fish/completions/`).
+    Completions { shell: clap_complete::Shell },
     /// Tokens of a cluster that runs with authentication (`serve --auth`; admin token needed).
     #[command(subcommand)]
     Token(TokenCommand),

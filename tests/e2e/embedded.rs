@@ -256,3 +256,19 @@ fn a_restarted_local_node_keeps_its_addresses() {
     let doctor = h.pm(&["doctor"]);
     assert!(!doctor.stdout.contains("does not answer from here"), "{doctor:?}");
 }
+
+#[test]
+fn completions_cover_every_command_for_each_shell() {
+    let h = Home::new();
+    let bash = h.pm(&["completions", "bash"]).ok().stdout;
+    assert!(bash.contains("_portmesh()") && bash.contains("complete -F _portmesh"), "{bash}");
+    for cmd in ["alloc", "release", "up", "down", "token", "doctor", "health"] {
+        assert!(bash.contains(cmd), "bash completion lacks {cmd}");
+    }
+    assert!(h.pm(&["completions", "zsh"]).ok().stdout.starts_with("#compdef portmesh"));
+    assert!(h.pm(&["completions", "fish"]).ok().stdout.contains("complete -c portmesh"));
+    let bad = h.pm(&["completions", "tcsh"]);
+    assert_ne!(bad.code, 0);
+    assert!(bad.stderr.contains("bash") && bad.stderr.contains("zsh"), "names the shells it knows: {bad:?}");
+    assert!(h.node_pid().is_none(), "completions start no node");
+}

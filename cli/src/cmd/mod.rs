@@ -40,6 +40,16 @@ pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
         // Commands that need no node, or manage the node themselves.
         Command::Serve(a) => ok(serve::serve(&cli, a).await),
         Command::Check { ports } => ports::check(ports, json),
+        Command::Completions { shell } => {
+            // Generated into memory: clap_complete panics on a failed write (a closed pipe).
+            let mut cmd = <crate::args::Cli as clap::CommandFactory>::command();
+            let mut script = Vec::new();
+            clap_complete::generate(*shell, &mut cmd, "portmesh", &mut script);
+            match std::io::Write::write_all(&mut std::io::stdout(), &script) {
+                Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+                _ => Ok(0),
+            }
+        }
         Command::Stop => ok(cluster::stop(&cli).await),
         Command::Join { addr, listen, advertise } => {
             ok(cluster::join(&cli, addr, *listen, advertise.clone()).await)
