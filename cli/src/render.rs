@@ -14,6 +14,38 @@ pub fn print_or_json(json: bool, text: &str, value: impl FnOnce() -> serde_json:
     }
 }
 
+/// Rows as aligned columns, each as wide as its widest cell (a long key no longer pushes the
+/// columns after it out of line). Columns in `right` are right-aligned (numbers). No trailing
+/// spaces.
+pub fn table(header: &[&str], rows: &[Vec<String>], right: &[usize]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let mut out = String::new();
+        for (i, (cell, w)) in cells.iter().zip(&widths).enumerate() {
+            if i > 0 {
+                out.push(' ');
+            }
+            let pad = w - cell.chars().count();
+            if right.contains(&i) {
+                out.push_str(&" ".repeat(pad));
+                out.push_str(cell);
+            } else {
+                out.push_str(cell);
+                out.push_str(&" ".repeat(pad));
+            }
+        }
+        out.trim_end().to_string()
+    };
+    let mut lines = vec![line(header.to_vec())];
+    lines.extend(rows.iter().map(|r| line(r.iter().map(String::as_str).collect())));
+    lines.join("\n")
+}
+
 pub fn fmt_dur(d: Duration) -> String {
     humantime::format_duration(Duration::from_millis(d.as_millis() as u64)).to_string()
 }
@@ -224,4 +256,23 @@ pub fn event_text(e: &pb::Event) -> String {
         _ => String::new(),
     };
     format!("{:>8}  {:<16} {what}", e.revision, event_type(e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_long_cell_widens_its_column_and_the_others_stay_in_line() {
+        let rows = vec![
+            vec!["8000".to_string(), "flaskr/dev/default/web/main".to_string(), "7".to_string()],
+            vec!["8001".to_string(), "-".to_string(), "12".to_string()],
+        ];
+        let t = table(&["PORT", "KEY", "REV"], &rows, &[2]);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines[0], "PORT KEY                         REV");
+        assert_eq!(lines[1], "8000 flaskr/dev/default/web/main   7");
+        assert_eq!(lines[2], "8001 -                            12");
+        assert!(lines.iter().all(|l| l.len() == lines[0].len()), "{t}");
+    }
 }

@@ -20,22 +20,23 @@ pub async fn pools(c: &Client, team: &str, p: &PoolsCommand, json: bool) -> Resu
                     .collect();
                 println!("{}", json!({"pools": list}));
             } else {
-                println!(
-                    "{:<10} {:<10} {:<24} {:>6} {:>6} {:>8} {:>8}",
-                    "TEAM", "POOL", "RANGES", "SIZE", "USED", "RESERVED", "COOLING"
-                );
-                for p in &r.pools {
-                    println!(
-                        "{:<10} {:<10} {:<24} {:>6} {:>6} {:>8} {:>8}",
-                        p.team,
-                        p.name,
-                        ranges_text(&p.ranges),
-                        p.size,
-                        p.allocated,
-                        p.reserved,
-                        p.cooling
-                    );
-                }
+                let rows: Vec<Vec<String>> = r
+                    .pools
+                    .iter()
+                    .map(|p| {
+                        vec![
+                            p.team.clone(),
+                            p.name.clone(),
+                            ranges_text(&p.ranges),
+                            p.size.to_string(),
+                            p.allocated.to_string(),
+                            p.reserved.to_string(),
+                            p.cooling.to_string(),
+                        ]
+                    })
+                    .collect();
+                let header = ["TEAM", "POOL", "RANGES", "SIZE", "USED", "RESERVED", "COOLING"];
+                println!("{}", crate::render::table(&header, &rows, &[3, 4, 5, 6]));
             }
             Ok(())
         }

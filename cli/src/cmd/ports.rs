@@ -157,18 +157,26 @@ pub async fn ls(c: &Client, req: pb::ListRequest, json: bool) -> Result<()> {
     if r.allocations.is_empty() {
         println!("no live allocations");
     } else {
-        println!(
-            "{:<6} {:<10} {:<8} {:<16} {:<16} {:<24} {:>6} {:>6}",
-            "PORT", "TEAM", "POOL", "SERVICE", "HOST", "KEY", "LEASE", "REV"
-        );
-        for a in &r.allocations {
-            let lease = if a.lease_id == 0 { "-".to_string() } else { a.lease_id.to_string() };
-            let key = if a.key.is_empty() { "-" } else { &a.key };
-            println!(
-                "{:<6} {:<10} {:<8} {:<16} {:<16} {:<24} {:>6} {:>6}",
-                a.port, a.team, a.pool, a.service, a.host, key, lease, a.revision
-            );
-        }
+        let rows: Vec<Vec<String>> = r
+            .allocations
+            .iter()
+            .map(|a| {
+                let dash = |s: &str| if s.is_empty() { "-".to_string() } else { s.to_string() };
+                let lease = if a.lease_id == 0 { "-".to_string() } else { a.lease_id.to_string() };
+                vec![
+                    a.port.to_string(),
+                    a.team.clone(),
+                    a.pool.clone(),
+                    a.service.clone(),
+                    a.host.clone(),
+                    dash(&a.key),
+                    lease,
+                    a.revision.to_string(),
+                ]
+            })
+            .collect();
+        let header = ["PORT", "TEAM", "POOL", "SERVICE", "HOST", "KEY", "LEASE", "REV"];
+        println!("{}", crate::render::table(&header, &rows, &[6, 7]));
     }
     for x in &r.reservations {
         let reason = if x.reason.is_empty() { String::new() } else { format!(" ({})", x.reason) };
