@@ -24,7 +24,8 @@ fn stats_reports_usage_and_recommendations_in_text_json_and_the_status_api() {
     let t = s["pools"].as_array().unwrap().iter().find(|p| p["name"] == "t").unwrap().clone();
     assert_eq!((t["size"].as_u64(), t["in_use"].as_u64(), t["peak"].as_u64()), (Some(10), Some(8), Some(8)));
     assert_eq!(t["allocations"], 8);
-    assert!(t["exhaustion_ms"].as_u64().is_some(), "{t}");
+    // Seconds of history: no forecast (it needs an hour and a growth of 10 ports).
+    assert!(t["exhaustion_ms"].is_null(), "{t}");
     let recs = s["recommendations"].as_array().unwrap();
     let widen = recs.iter().find(|r| r["rule"] == "widen").unwrap_or_else(|| panic!("{s}"));
     assert!(widen["reason"].as_str().unwrap().contains("80 % full"), "{widen}");
@@ -107,13 +108,12 @@ fn doctor_is_quiet_on_a_healthy_host_and_names_each_problem_with_its_fix() {
     );
     assert!(out.contains(&format!("(port {leased})")), "{out}");
     assert!(out.contains("fix: portmesh release --lease"), "{out}");
+    // (Other programs of this host may hold ports of the ephemeral-range pool: not counted here.)
     assert!(
-        out.contains(&format!(
-            "1 port(s) lie in pools but are held by processes with no allocation for them: {port} (pid {}",
-            squatter.id()
-        )),
+        out.contains("port(s) lie in pools but are held by processes with no allocation for them: "),
         "{out}"
     );
+    assert!(out.contains(&format!("{port} (pid {}", squatter.id())), "{out}");
     assert!(out.contains(&format!("fix: portmesh reserve {port}")), "{out}");
     assert!(out.contains("4 problem(s) found"), "{out}");
 

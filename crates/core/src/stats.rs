@@ -66,6 +66,11 @@ pub const WIDEN_AT: f64 = 0.8;
 /// node would predict exhaustion within hours).
 pub const WIDEN_WITHIN_MS: u64 = 24 * 3600 * 1000;
 pub const WIDEN_RATE_FROM: f64 = 0.5;
+/// Exhaustion is predicted only from at least this much history...
+pub const FORECAST_MIN_HISTORY_MS: u64 = 3600 * 1000;
+/// ...in which the pool grew by at least this many ports: a few allocations right after a start
+/// say nothing about a rate (4 of 1,000 ports after 2.5 minutes predicted "runs out in 10h 37m").
+pub const FORECAST_MIN_GROWTH: u32 = 10;
 /// A port found taken this often by programs portmesh did not start should be reserved.
 pub const RESERVE_AFTER: u32 = 3;
 /// Ports macOS's AirPlay Receiver listens on.
@@ -77,6 +82,7 @@ pub fn stats(state: &State, team: Option<&str>, now_ms: u64, ephemeral: (u16, u1
     let wanted = |t: &str| team.is_none_or(|w| w == t);
     let events: Vec<_> = state.events_since(0).collect();
     let first_ms = events.first().map_or(now_ms, |e| e.at_ms);
+    let history_ms = now_ms.saturating_sub(first_ms);
     // At least a minute, so a burst right after start is not extrapolated wildly.
     let window_ms = now_ms.saturating_sub(first_ms).max(60_000);
 
@@ -138,7 +144,8 @@ pub fn stats(state: &State, team: Option<&str>, now_ms: u64, ephemeral: (u16, u1
         let net = f64::from(t.allocs) - f64::from(t.releases);
         let net_per_hour = net * 3_600_000.0 / window_ms as f64;
         let free = u.size.saturating_sub(u.allocated + u.reserved);
-        let exhaustion_ms = (net > 0.0).then(|| (f64::from(free) * window_ms as f64 / net) as u64);
+        let enough = history_ms >= FORECAST_MIN_HISTORY_MS && net >= f64::from(FORECAST_MIN_GROWTH);
+        let exhaustion_ms = enough.then(|| (f64::from(free) * window_ms as f64 / net) as u64);
         let used = f64::from(u.allocated + u.reserved) / f64::from(u.size.max(1));
         let soon = used >= WIDEN_RATE_FROM && exhaustion_ms.is_some_and(|ms| ms < WIDEN_WITHIN_MS);
         if used >= WIDEN_AT || soon {

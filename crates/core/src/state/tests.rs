@@ -1167,6 +1167,14 @@ mod stats {
         let p = s.pools.iter().find(|p| p.name == "small").unwrap();
         assert_eq!((p.in_use, p.peak, p.allocations, p.releases), (3, 6, 7, 4));
         assert!(p.net_per_hour > 0.0);
+        // Minutes of history and a growth of 3 ports predict nothing.
+        assert_eq!(p.exhaustion_ms, None, "{p:?}");
+        // An hour later, 10 more: now a rate worth extrapolating.
+        h.add_pool("default", "big", "20100-20199");
+        h.advance(crate::stats::FORECAST_MIN_HISTORY_MS);
+        h.ports((0..10).map(|i| in_pool(&format!("b{i}"), "big")).collect());
+        let s = of(&h);
+        let p = s.pools.iter().find(|p| p.name == "big").unwrap();
         assert!(p.exhaustion_ms.is_some_and(|ms| ms > 0), "{p:?}");
     }
 
@@ -1189,7 +1197,8 @@ mod stats {
         h.add_pool("default", "big", "20000-20099");
         h.ports((0..10).map(|i| in_pool(&format!("b{i}"), "big")).collect());
         assert!(!rules(&of(&h)).contains(&"widen"), "{:?}", of(&h).recommendations);
-        // ...but a pool half full and still growing runs out within a day.
+        // ...but a pool half full and still growing, over an hour, runs out within a day.
+        h.advance(crate::stats::FORECAST_MIN_HISTORY_MS);
         h.ports((10..60).map(|i| in_pool(&format!("b{i}"), "big")).collect());
         let r = of(&h).recommendations.into_iter().find(|r| r.rule == "widen").expect("widen by rate");
         assert!(r.reason.contains("runs out in about"), "{r:?}");
