@@ -114,7 +114,7 @@ async fn a_damaged_data_directory_is_refused_never_served_older() {
     ];
     // And flips and garbage at spread offsets (a fixed sequence: the same cases every run).
     let mut x = 0x2545_f491_4f6c_dd1d_u64;
-    for i in 0..24 {
+    for i in 0..48 {
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;

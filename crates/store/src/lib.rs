@@ -76,7 +76,7 @@ pub enum StoreError {
     Corrupt { dir: PathBuf, what: String },
     /// sled opened the directory with less than it once made durable (see `watermark`).
     #[error(
-        "data directory {dir} is damaged: {why} (the watermark in {dir}/watermark says what it held). Serving it would \
+        "data directory {dir} is damaged: {why}. Serving it would \
          hand out ports and revisions twice. A member of a cluster: move the directory aside, `portmesh leave --id N` \
          the old node and join a fresh one (it catches up from the others). A single node: restore a backup. If this \
          is a backup you restored on purpose, delete {dir}/watermark"
@@ -150,6 +150,22 @@ const META_VERSION: &[u8] = b"data_version";
 pub(crate) const META_NODE_ID: &[u8] = b"node_id";
 const META_CLUSTER_ID: &[u8] = b"cluster_id";
 
+/// Runs `f`, turning a panic into [`StoreError::Damaged`]. sled 0.34 panics (an `unwrap` while
+/// re-encoding its recovered page table) on some damaged files instead of returning an error; a
+/// node must refuse such a directory with a message, not crash with a backtrace. The default
+/// panic hook has printed the panic by then; what follows is the message that says what to do.
+fn unpanicked<T>(dir: &Path, f: impl FnOnce() -> Result<T, StoreError>) -> Result<T, StoreError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|panic| {
+        let what = panic
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| panic.downcast_ref::<&str>().copied())
+            .unwrap_or("no message");
+        let what: String = what.chars().take(200).collect();
+        Err(StoreError::Damaged { dir: dir.to_path_buf(), why: format!("sled failed reading it ({what})") })
+    })
+}
+
 impl Inner {
     /// Makes everything written so far durable (one fsync) and records the watermark of it.
     pub(crate) fn flush(&self) -> Result<(), sled::Error> {
@@ -163,6 +179,10 @@ impl Inner {
 impl Store {
     /// Opens (creating if needed) the data directory `dir`.
     pub fn open(dir: &Path, opts: &StoreOptions) -> Result<Store, StoreError> {
+        unpanicked(dir, || Store::open_unguarded(dir, opts))
+    }
+
+    fn open_unguarded(dir: &Path, opts: &StoreOptions) -> Result<Store, StoreError> {
         let db = sled::Config::new()
             .path(dir.join("sled"))
             .cache_capacity(opts.cache_bytes)
@@ -178,6 +198,8 @@ impl Store {
         let (watermark, kept) = watermark::Watermark::open(dir, meta.clone(), sm.clone())
             .map_err(|source| StoreError::Watermark { dir: dir.to_path_buf(), source })?;
         if let Some(why) = kept.and_then(|k| k.behind(&watermark::Mark::of(&meta, &sm))) {
+            let why =
+                format!("{why} (its watermark, {}, says what it held)", dir.join(WATERMARK_FILE).display());
             return Err(StoreError::Damaged { dir: dir.to_path_buf(), why });
         }
         let watermark = Arc::new(watermark);
@@ -285,7 +307,7 @@ impl Store {
 
     /// The state-machine half, loaded from disk.
     pub fn state_machine(&self) -> Result<StateMachineStore, StoreError> {
-        StateMachineStore::load(self.inner.clone())
+        unpanicked(&self.inner.dir, || StateMachineStore::load(self.inner.clone()))
     }
 
     pub fn stats(&self) -> &StoreStats {

@@ -171,3 +171,21 @@ fn node_and_cluster_ids_survive_a_reopen() {
     assert_eq!(store.node_id().unwrap(), Some(7));
     assert_eq!(store.cluster_id().unwrap().as_deref(), Some("c0ffee"));
 }
+
+/// sled 0.34 panics on some damaged files while it opens them (seen in CI: an `unwrap` while
+/// re-encoding its recovered page table); the store turns that into a refusal that names the
+/// directory and says what to do.
+#[test]
+fn a_panic_inside_sled_is_a_damaged_directory_not_a_crash() {
+    let dir = TempDir::new().unwrap();
+    let e = crate::unpanicked(dir.path(), || -> Result<(), StoreError> { panic!("invalid page state") })
+        .unwrap_err();
+    assert!(matches!(e, StoreError::Damaged { .. }), "{e:?}");
+    let msg = e.to_string();
+    assert!(
+        msg.contains(&dir.path().display().to_string())
+            && msg.contains("sled failed reading it (invalid page state)"),
+        "{msg}"
+    );
+    assert!(msg.contains("leave --id") && msg.contains("restore a backup"), "{msg}");
+}
