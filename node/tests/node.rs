@@ -1834,3 +1834,34 @@ async fn a_watch_from_the_future_invents_no_revision() {
         assert!(msg.revision <= now + 1, "progress at {} while the node is at {now}", msg.revision);
     }
 }
+
+/// A joining node that stops answering after it asked to join (here: nobody at its address)
+/// is left a learner, not made a voter that every later write would wait for; the answer says
+/// so, bounded in time, and what it says to do works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_joiner_that_does_not_answer_is_not_made_a_voter() {
+    let c = Cluster::start_with(1, |cfg| cfg.raft.catch_up_timeout = Duration::from_secs(2)).await;
+    let ch = tonic::transport::Endpoint::from_shared(format!("http://{}", c.addrs[0]))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let req = pb::JoinRequest { node_id: 77, addr: "127.0.0.1:1".into(), cluster_id: String::new() };
+    let err = pb::cluster_client::ClusterClient::new(ch).join(req).await.unwrap_err();
+    assert!(started.elapsed() < Duration::from_secs(10), "bounded: {:?}", started.elapsed());
+    assert!(
+        err.message().contains("node 77 at 127.0.0.1:1 was added as a learner but does not answer")
+            && err.message().contains("leave --id 77"),
+        "{err:?}"
+    );
+    let api = &c.nodes[0].as_ref().unwrap().api;
+    let m = api.status().members;
+    assert!(m.iter().any(|m| m.id == 77 && m.role == "learner"), "{m:?}");
+    // Writes go on (the single voter is still a majority), and the advice works.
+    let client = portmesh_client::Client::connect(&c.addrs[0]).await.unwrap();
+    let item = pb::AllocItem { service: "after".into(), ..Default::default() };
+    client.allocate(pb::AllocateRequest { items: vec![item], ..Default::default() }).await.unwrap();
+    client.leave(pb::LeaveRequest { node_id: 77 }).await.unwrap();
+    assert_eq!(api.status().members.len(), 1);
+}

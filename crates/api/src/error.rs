@@ -60,7 +60,9 @@ impl From<ApiError> for Status {
             ApiError::Raft(p) | ApiError::Member(MemberError::Raft(p)) => match p {
                 ProposeError::NotLeader { .. } => (Code::Unavailable, "not_leader"),
                 ProposeError::Unavailable(_) => (Code::Unavailable, "unavailable"),
-                ProposeError::Timeout(_) => (Code::DeadlineExceeded, "timeout"),
+                ProposeError::Timeout(_) | ProposeError::MembershipTimeout(_) => {
+                    (Code::DeadlineExceeded, "timeout")
+                }
             },
             ApiError::Member(MemberError::NotMember { .. }) => (Code::NotFound, "not_found"),
             ApiError::Member(

@@ -54,6 +54,9 @@ pub struct RaftOptions {
     /// How long a write or a linearizable read may wait for a quorum before the caller gets a
     /// timeout (a leader cut off from the others cannot commit; its callers must not hang).
     pub write_timeout: Duration,
+    /// How long a joining node may take to catch up as a learner before `Cluster.Join` answers
+    /// that the change's outcome is unknown (it is in the membership; it may still catch up).
+    pub catch_up_timeout: Duration,
     /// Test clusters only: the faults of the network between their nodes.
     pub faults: Option<Arc<faults::LinkFaults>>,
     /// How this node reaches other members: TLS with its node certificate, or plaintext.
@@ -73,6 +76,7 @@ impl Default for RaftOptions {
             expiry_batch: 1_000,
             voters: 3,
             write_timeout: Duration::from_secs(5),
+            catch_up_timeout: Duration::from_secs(60),
             faults: None,
             peer_tls: PeerTls::default(),
         }
@@ -102,6 +106,13 @@ pub enum ProposeError {
          a write's outcome is unknown: check with `portmesh ls` before retrying it"
     )]
     Timeout(Duration),
+    /// A membership change was not confirmed in time. It may still complete.
+    #[error(
+        "the membership change was not confirmed within {0:?}: its outcome is unknown (it may still complete); \
+         check with `portmesh status` before retrying, and remove a member that never caught up with \
+         `portmesh leave --id N`"
+    )]
+    MembershipTimeout(Duration),
 }
 
 /// Why a membership change was refused.
@@ -167,6 +178,7 @@ pub struct RaftNode {
     batcher: batcher::Batcher,
     max_voters: usize,
     write_timeout: Duration,
+    catch_up_timeout: Duration,
     peer_tls: PeerTls,
     stop: watch::Sender<bool>,
 }
@@ -234,6 +246,7 @@ impl RaftNode {
         let batcher = batcher::Batcher::start(raft.clone());
         let max_voters = opts.voters;
         let write_timeout = opts.write_timeout;
+        let catch_up_timeout = opts.catch_up_timeout;
         let peer_tls = opts.peer_tls.clone();
         let node = RaftNode {
             id,
@@ -245,6 +258,7 @@ impl RaftNode {
             batcher,
             max_voters,
             write_timeout,
+            catch_up_timeout,
             peer_tls,
             stop,
         };
@@ -349,7 +363,11 @@ impl RaftNode {
     /// node is a voter.
     pub async fn add_member(&self, id: u64, addr: String) -> Result<bool, ProposeError> {
         self.ensure_leader()?;
-        self.raft.add_learner(id, BasicNode { addr }, true).await.map_err(write_error)?;
+        self.bounded(
+            self.catch_up_timeout,
+            self.raft.add_learner(id, BasicNode { addr: addr.clone() }, true),
+        )
+        .await?;
         let voters: BTreeSet<u64> = self.metrics().membership_config.membership().voter_ids().collect();
         if voters.contains(&id) {
             return Ok(true);
@@ -357,9 +375,17 @@ impl RaftNode {
         if voters.len() >= self.max_voters {
             return Ok(false);
         }
+        // A voter that does not answer would be needed for every commit after the change (in a
+        // one-node cluster, at once): it stays a learner until it answers.
+        if !self.answering(vec![(id, addr.clone())]).await.contains(&id) {
+            return Err(ProposeError::Unavailable(format!(
+                "node {id} at {addr} was added as a learner but does not answer, so it was not made a voter \
+                 (every write would wait for it): start it, or remove it with `portmesh leave --id {id}`"
+            )));
+        }
         let mut next = voters;
         next.insert(id);
-        self.raft.change_membership(next, false).await.map_err(write_error)?;
+        self.bounded(self.write_timeout, self.raft.change_membership(next, false)).await?;
         Ok(true)
     }
 
@@ -374,7 +400,7 @@ impl RaftNode {
         let learners: BTreeSet<u64> = membership.learner_ids().collect();
         if learners.contains(&id) {
             let change = ChangeMembers::RemoveNodes(BTreeSet::from([id]));
-            self.raft.change_membership(change, false).await.map_err(write_error)?;
+            self.bounded(self.write_timeout, self.raft.change_membership(change, false)).await?;
             return Ok(());
         }
         if !voters.contains(&id) {
@@ -410,11 +436,25 @@ impl RaftNode {
                 timeout: LIVENESS_TIMEOUT,
             });
         }
-        self.raft
-            .change_membership(ChangeMembers::ReplaceAllVoters(next), false)
-            .await
-            .map_err(write_error)?;
+        self.bounded(
+            self.write_timeout,
+            self.raft.change_membership(ChangeMembers::ReplaceAllVoters(next), false),
+        )
+        .await?;
         Ok(())
+    }
+
+    /// A membership change given at most `limit`: a change whose quorum went away (or whose
+    /// learner never answers) would otherwise hold its caller forever.
+    async fn bounded<T>(
+        &self,
+        limit: Duration,
+        change: impl std::future::Future<Output = Result<T, RaftError<u64, ClientWriteError<u64, BasicNode>>>>,
+    ) -> Result<T, ProposeError> {
+        tokio::time::timeout(limit, change)
+            .await
+            .map_err(|_| ProposeError::MembershipTimeout(limit))?
+            .map_err(write_error)
     }
 
     /// Which of `members` (id, address) answer a status request within [`LIVENESS_TIMEOUT`]; this
