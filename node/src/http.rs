@@ -110,7 +110,7 @@ fn asset(content_type: &'static str, body: &'static str) -> axum::response::Resp
 /// Who asks, from the `Authorization` header; `Err` holds why the caller is refused.
 fn caller(api: &Api, headers: &axum::http::HeaderMap) -> Result<Caller, String> {
     let token = headers.get(axum::http::header::AUTHORIZATION).and_then(|v| v.to_str().ok());
-    api.authenticate(token, false).map_err(|s| s.message().to_string())
+    api.authenticate(api.auth_on(), token, false).map_err(|s| s.message().to_string())
 }
 
 /// The answer to a caller refused by [`caller`].

@@ -64,9 +64,10 @@ where
         let info: Option<&ConnInfo> = req.extensions().get();
         let member = info.is_some_and(|i| i.peer == portmesh_tls::Peer::Member);
         let token = req.headers().get(AUTHORIZATION).and_then(|v| v.to_str().ok());
-        let gate = match crate::transport::refusal(info, path, self.1.auth_on()) {
+        let auth = self.1.auth_on();
+        let gate = match crate::transport::refusal(info, path, auth) {
             Some(refused) => Err(refused),
-            None => self.1.gate(path, token, member),
+            None => self.1.gate(auth, path, token, member),
         };
         let caller = match gate {
             Ok(caller) => caller,

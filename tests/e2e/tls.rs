@@ -257,6 +257,20 @@ async fn an_auth_cluster_from_the_cli_scopes_team_tokens_and_never_shows_a_token
     assert_ne!(code, 0);
     assert!(err.contains(&format!("token {member_id} is not valid here")), "{err}");
 
+    // Bad input: named, and nothing changes.
+    let (code, _, err) = run(("PORTMESH_TOKEN", "pmt_a\nb"), &["ls"]);
+    assert!(code != 0 && err.contains("holds characters no portmesh token has"), "{err}");
+    let (code, _, err) = run(admin, &["token", "revoke", "0000000000000000"]);
+    assert!(code != 0 && err.contains("unknown token \"0000000000000000\""), "{err}");
+    let (code, _, err) = run(admin, &["token", "create", "--ttl", "0s"]);
+    assert!(code != 0 && err.contains("a token lives at least 1s"), "{err}");
+    let (code, _, err) = run(admin, &["token", "create", "--role", "join", "--uses", "5000"]);
+    assert!(code != 0 && err.contains("uses: 5000 is too many"), "{err}");
+    let (_, listed_after, _) = run(admin, &["token", "ls", "--json"]);
+    let count =
+        |v: &str| serde_json::from_str::<serde_json::Value>(v).unwrap()["tokens"].as_array().unwrap().len();
+    assert_eq!(count(&listed_after), 1, "only the admin token is left: {listed_after}");
+
     // A planted token: no output above (but `token create`'s own line) and no line the node
     // logged holds either secret.
     let node = c.nodes[0].as_ref().unwrap();

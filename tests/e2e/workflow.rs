@@ -490,7 +490,7 @@ fn a_detached_up_says_when_a_service_did_not_get_its_port() {
 fn release_of_a_port_a_running_process_holds_is_refused_unless_forced() {
     let h = home_with_pool("20780-20789");
     let mut child = h
-        .cmd(&["run", "--pool", "t", "--service", "held", "--", "sleep", "600"])
+        .cmd(&["run", "--pool", "t", "--service", "held", "--key", "held/main", "--", "sleep", "600"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -504,12 +504,14 @@ fn release_of_a_port_a_running_process_holds_is_refused_unless_forced() {
         "{r:?}"
     );
     assert_eq!(h.live_ports().len(), 1, "nothing released");
-    // By its key too.
-    let key =
-        h.pm(&["ls", "--json"]).ok().json()["allocations"][0]["key"].as_str().unwrap_or_default().to_string();
-    if !key.is_empty() {
-        assert_ne!(h.pm(&["release", "--key", &key]).code, 0);
-    }
+    // By its key, and by its lease, too.
+    let r = h.pm(&["release", "--key", "held/main"]);
+    assert!(r.code != 0 && r.stderr.contains("--force"), "{r:?}");
+    let lease =
+        h.pm(&["ls", "--json"]).ok().json()["allocations"][0]["lease_id"].as_u64().unwrap().to_string();
+    let r = h.pm(&["release", "--lease", &lease]);
+    assert!(r.code != 0 && r.stderr.contains("--force"), "{r:?}");
+    assert_eq!(h.live_ports().len(), 1, "nothing released");
     h.pm(&["release", &port, "--force"]).ok();
     assert!(h.live_ports().is_empty());
     kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();

@@ -219,9 +219,10 @@ impl Api {
 
     /// Who calls, from the bearer token (if any) and whether the connection is a member's. A
     /// token, when present, decides (so a joining node's join token counts); a member without
-    /// one is [`Caller::Member`]. Refusals never echo the token.
-    pub fn authenticate(&self, token: Option<&str>, member: bool) -> Result<Caller, Status> {
-        if !self.auth_on() {
+    /// one is [`Caller::Member`]. `auth` is [`Api::auth_on`], read once per call by the caller
+    /// (the wire layer needs it too). Refusals never echo the token.
+    pub fn authenticate(&self, auth: bool, token: Option<&str>, member: bool) -> Result<Caller, Status> {
+        if !auth {
             return Ok(Caller::Anyone);
         }
         let token = token.map(bearer).filter(|t| !t.is_empty());
@@ -257,12 +258,12 @@ impl Api {
 
     /// Authenticates a call to the method at `path` and checks the right it needs (see
     /// [`need`]); team rights are checked again by the method, which knows the team.
-    pub fn gate(&self, path: &str, token: Option<&str>, member: bool) -> Result<Caller, Status> {
+    pub fn gate(&self, auth: bool, path: &str, token: Option<&str>, member: bool) -> Result<Caller, Status> {
         let need = need(path);
         if need == Need::Nothing {
             return Ok(Caller::Anyone);
         }
-        let caller = self.authenticate(token, member)?;
+        let caller = self.authenticate(auth, token, member)?;
         let allowed = match (&caller, need) {
             (Caller::Anyone, _) | (_, Need::Nothing) => true,
             (Caller::Member, Need::Join) => false,
