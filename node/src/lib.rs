@@ -391,6 +391,11 @@ async fn join(
 ) -> Result<(), NodeError> {
     use portmesh_proto::v1::{JoinRequest, cluster_client::ClusterClient};
     let id = node.id;
+    let bearer = portmesh_client::Bearer::new(token).map_err(|e| NodeError::Join {
+        addr: addr.to_string(),
+        reason: format!("--join-token: {e}"),
+        tried: String::new(),
+    })?;
     let deadline = tokio::time::Instant::now() + timeout;
     let mut target = addr.to_string();
     let mut tried: Vec<String> = Vec::new();
@@ -408,14 +413,7 @@ async fn join(
                         addr: advertise.to_string(),
                         cluster_id: node.cluster_id(),
                     });
-                    if let Some(t) = token {
-                        let value = format!("Bearer {t}").parse().map_err(|_| NodeError::Join {
-                            addr: addr.to_string(),
-                            reason: "the join token holds characters no token has".into(),
-                            tried: tried.join(", "),
-                        })?;
-                        req.metadata_mut().insert(portmesh_api::auth::AUTHORIZATION, value);
-                    }
+                    bearer.apply(&mut req);
                     match ClusterClient::new(ch).join(req).await {
                         Ok(r) => {
                             let r = r.into_inner();

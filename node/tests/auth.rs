@@ -301,6 +301,11 @@ async fn a_node_joins_only_with_a_join_token_and_a_single_use_token_lets_one_in(
     let e = start_joining(dirs[4].path(), &pki, &first, &member).await.unwrap_err().to_string();
     assert!(e.contains("needs a join token"), "{e}");
 
+    // A join token no token could be: refused before anything is sent.
+    let bad_dir = tempfile::tempdir().unwrap();
+    let e = start_joining(bad_dir.path(), &pki, &first, "pmt_a\nb").await.unwrap_err().to_string();
+    assert!(e.contains("--join-token") && e.contains("holds characters no portmesh token has"), "{e}");
+
     // A single-use join token: one node gets in, the next is refused.
     let join = create(&admin, "join", "").await;
     let second = start_joining(dirs[2].path(), &pki, &first, &join).await.unwrap();

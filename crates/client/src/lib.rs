@@ -133,7 +133,10 @@ pub type Conn = tonic::service::interceptor::InterceptedService<Channel, Bearer>
 pub struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
 
 impl Bearer {
-    fn new(token: Option<&str>) -> Result<Bearer> {
+    /// The interceptor for `token` (none: calls carry no token). A token with characters no
+    /// token has (a line break, non-ASCII) is [`ClientError::BadToken`]. The value is marked
+    /// sensitive, so it is kept out of HTTP/2 header compression tables and debug output.
+    pub fn new(token: Option<&str>) -> Result<Bearer> {
         let Some(token) = token.map(str::trim).filter(|t| !t.is_empty()) else {
             return Ok(Bearer(None));
         };
@@ -150,14 +153,21 @@ impl std::fmt::Debug for Bearer {
     }
 }
 
+impl Bearer {
+    /// Puts the token into one request (for calls made without [`Client`], e.g. a node's join).
+    pub fn apply<T>(&self, req: &mut tonic::Request<T>) {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+    }
+}
+
 impl tonic::service::Interceptor for Bearer {
     fn call(
         &mut self,
         mut req: tonic::Request<()>,
     ) -> std::result::Result<tonic::Request<()>, tonic::Status> {
-        if let Some(v) = &self.0 {
-            req.metadata_mut().insert("authorization", v.clone());
-        }
+        self.apply(&mut req);
         Ok(req)
     }
 }
