@@ -287,6 +287,11 @@ pub enum Command {
         /// (behind NAT, or when listening on 0.0.0.0).
         #[arg(long)]
         advertise: Option<String>,
+        /// The join token (`portmesh token create --role join`) a cluster with authentication
+        /// asks a new member for. Prefer PORTMESH_JOIN_TOKEN: a flag shows in `ps`. A TLS
+        /// cluster also needs --tls-ca, --tls-cert and --tls-key: this machine's node certificate.
+        #[arg(long, env = "PORTMESH_JOIN_TOKEN", hide_env_values = true)]
+        join_token: Option<String>,
     },
     /// Run a server on port(s) held for it: allocate under a lease, register it, start CMD with
     /// PORT set and {port} replaced in its arguments, keep the lease alive, pass signals on,

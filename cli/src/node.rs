@@ -13,7 +13,7 @@ use crate::args::Cli;
 pub async fn connect(cli: &Cli) -> Result<Client> {
     match &cli.node {
         Some(addr) => connect_to(cli, addr).await,
-        None => local::connect_or_start().await,
+        None => local::connect_or_start(token(cli)?.as_deref()).await,
     }
 }
 

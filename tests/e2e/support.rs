@@ -22,7 +22,7 @@ pub struct Run {
 }
 
 impl Run {
-    fn from(o: Output) -> Run {
+    pub fn of(o: Output) -> Run {
         Run {
             code: o.status.code().unwrap_or(-1),
             stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
@@ -80,7 +80,7 @@ impl Home {
     }
 
     pub fn pm(&self, args: &[&str]) -> Run {
-        Run::from(self.cmd(args).output().expect("run portmesh"))
+        Run::of(self.cmd(args).output().expect("run portmesh"))
     }
 
     /// The node's record in this home.

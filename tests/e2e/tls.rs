@@ -283,3 +283,85 @@ async fn an_auth_cluster_from_the_cli_scopes_team_tokens_and_never_shows_a_token
         }
     }
 }
+
+#[test]
+fn a_laptop_joins_a_tls_cluster_with_tokens_by_join_token_and_keeps_its_tls_across_restarts() {
+    let team = Home::new();
+    let certs = team.path().join("certs");
+    team.pm(&["tls", "init", certs.to_str().unwrap()]).ok();
+    team.pm(&["tls", "init", certs.to_str().unwrap(), "--name", "laptop"]).ok();
+    let data = team.path().join("team");
+    let mut flags = tls_flags(&certs, "node");
+    flags.extend(["--auth".into(), "--bootstrap".into()]);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let node = serve(&team, &data, &flags);
+    let admin_file = data.join("admin.token");
+    let (ca, cert, key) = (certs.join("ca.pem"), certs.join("laptop.pem"), certs.join("laptop.key"));
+    let as_admin = |h: &Home, args: &[&str]| {
+        let mut c = h.cmd(args);
+        c.env("PORTMESH_TLS_CA", &ca).env("PORTMESH_TOKEN_FILE", &admin_file);
+        Run::of(c.output().unwrap())
+    };
+    let team_status = || as_admin(&team, &["status", "--json", "--node", &node.grpc]).ok().json();
+    let before = team_status();
+
+    // The laptop's node certificate, by environment; the join token too.
+    let laptop = Home::new();
+    let solo = laptop.pm(&["status", "--json"]).ok().json();
+    let join = |token: Option<&str>, cert_too: bool| {
+        let mut c = laptop.cmd(&["join", &node.grpc]);
+        c.env("PORTMESH_TLS_CA", &ca);
+        if cert_too {
+            c.env("PORTMESH_TLS_CERT", &cert).env("PORTMESH_TLS_KEY", &key);
+        }
+        if let Some(t) = token {
+            c.env("PORTMESH_JOIN_TOKEN", t);
+        }
+        Run::of(c.output().unwrap())
+    };
+    // Without a node certificate, and without a join token: refused, named, nothing changed.
+    join(None, false).fails_with("joining a TLS cluster needs this machine's node certificate");
+    join(None, true)
+        .fails_with("asks new members for a join token: pass --join-token or PORTMESH_JOIN_TOKEN");
+    assert_eq!(laptop.pm(&["status", "--json"]).ok().json()["cluster_id"], solo["cluster_id"]);
+    assert_eq!(team_status()["members"].as_array().unwrap().len(), 1);
+    assert_eq!(team_status()["revision"], before["revision"]);
+
+    let token = as_admin(&team, &["--node", &node.grpc, "token", "create", "--role", "join"]).ok();
+    let token = token.stdout.trim().to_string();
+    let out = join(Some(&token), true).ok();
+    assert!(
+        out.stdout.contains(&format!("joined cluster {}", before["cluster_id"].as_str().unwrap())),
+        "{out:?}"
+    );
+    let launch = std::fs::read_to_string(laptop.path().join("launch.json")).unwrap();
+    assert!(launch.contains("laptop.pem") && !launch.contains(&token[21..]), "{launch}");
+
+    // The laptop's commands reach its node over TLS with its certificate, no flags; what they
+    // do is the team's state.
+    let port = laptop.pm(&["alloc", "shared"]).ok().ports()[0];
+    let listed = as_admin(&team, &["ls", "--json", "--node", &node.grpc]).ok().json();
+    assert!(listed["allocations"].as_array().unwrap().iter().any(|a| a["port"] == port), "{listed}");
+    // A plaintext client is refused by the laptop's node: it serves TLS only.
+    let addr = laptop.pm(&["status", "--json"]).ok().json()["addr"].as_str().unwrap().to_string();
+    let plain = team.pm(&["--node", &addr, "ls"]);
+    assert!(plain.code != 0 && plain.stderr.contains("requires TLS"), "{plain:?}");
+
+    // A restart keeps the node, its address and its TLS.
+    let was = laptop.pm(&["status", "--json"]).ok().json();
+    laptop.pm(&["stop"]).ok();
+    let again = laptop.pm(&["status", "--json"]).ok().json();
+    assert_eq!((&again["node_id"], &again["addr"]), (&was["node_id"], &was["addr"]));
+    assert_eq!(again["members"].as_array().unwrap().len(), 2);
+    let log = std::fs::read_to_string(laptop.path().join("node.log")).unwrap();
+    assert!(!log.contains(&token[21..]), "the join token's secret is in the node log");
+
+    // Leaving through its own node: the team is back to one member, the laptop to plaintext.
+    assert!(laptop.pm(&["leave"]).ok().stdout.contains("left cluster"));
+    wait_until("the team to forget the laptop", std::time::Duration::from_secs(10), || {
+        team_status()["members"].as_array().unwrap().len() == 1
+    });
+    let fresh = laptop.pm(&["status", "--json"]).ok().json();
+    assert_ne!(fresh["cluster_id"], before["cluster_id"]);
+    assert!(!laptop.path().join("launch.json").exists());
+}

@@ -70,24 +70,18 @@ pub async fn join(
     addr: &str,
     listen: Option<std::net::SocketAddr>,
     advertise: Option<String>,
+    join_token: Option<&str>,
 ) -> Result<()> {
     let json = cli.json;
-    if cli.tls_ca.is_some() {
-        bail!(
-            "the local node speaks plaintext on loopback and cannot join a TLS cluster: run a member of it with \
-             `portmesh serve --join {addr} --tls-cert F --tls-key F --tls-ca F`"
-        );
-    }
-    let member = Client::connect(addr).await?;
+    let tls = launch_tls(cli)?;
+    let member = node::connect_to(cli, addr).await?;
     let cluster = member.status().await.with_context(|| format!("asking {addr} for its cluster"))?;
     if cluster.cluster_id.is_empty() {
         bail!(
             "the node at {addr} belongs to no cluster yet: start it with --bootstrap, or join another member"
         );
     }
-    let home = local::home()?;
-    if let Some(info) = portmesh_node::read_info(&home)
-        && let Ok(c) = Client::connect(&info.grpc).await
+    if let Some(c) = local::running(None).await?
         && let Ok(s) = c.status().await
         && s.cluster_id == cluster.cluster_id
         && s.members.iter().any(|m| m.id == s.node_id)
@@ -95,6 +89,7 @@ pub async fn join(
         println!("the local node {} is already a member of cluster {}", s.node_id, s.cluster_id);
         return Ok(());
     }
+    let home = local::home()?;
     local::stop_local().await?;
     let listen = match listen {
         Some(l) => l,
@@ -115,9 +110,9 @@ pub async fn join(
     let moved = local::move_data_aside(&home, "before-join")?;
     local::write_launch(
         &home,
-        Some(&local::Launch { listen: listen.to_string(), advertise: advertise.clone() }),
+        Some(&local::Launch { listen: listen.to_string(), advertise: advertise.clone(), tls: tls.clone() }),
     )?;
-    let joined = match local::start_joining(addr).await {
+    let joined = match local::start_joining(addr, join_token).await {
         Ok(c) => c,
         Err(e) => {
             // Leave the home as it was: the single-node launch and the old data.
@@ -126,12 +121,18 @@ pub async fn join(
                 let _ = std::fs::remove_dir_all(home.join("data"));
                 let _ = std::fs::rename(from, home.join("data"));
             }
+            if join_token.is_none() && format!("{e:#}").contains("needs a join token") {
+                return Err(e.context(format!(
+                    "the cluster at {addr} asks new members for a join token: pass --join-token or \
+                     PORTMESH_JOIN_TOKEN (an admin makes one with `portmesh token create --role join`)"
+                )));
+            }
             return Err(e.context(format!("joining the cluster at {addr}")));
         }
     };
     let s = joined.status().await?;
     // Keep the port picked at the first start: the members know this node by its address.
-    local::write_launch(&home, Some(&local::Launch { listen: s.addr.clone(), advertise }))?;
+    local::write_launch(&home, Some(&local::Launch { listen: s.addr.clone(), advertise, tls }))?;
     let role =
         s.members.iter().find(|m| m.id == s.node_id).map_or("learner", |m| m.role.as_str()).to_string();
     print_or_json(
@@ -194,6 +195,30 @@ pub async fn leave(cli: &Cli, id: Option<u64>) -> Result<()> {
         moved.map(|m| format!("; its data is kept in {}", m.display())).unwrap_or_default()
     );
     Ok(())
+}
+
+/// The local node's certificate files for joining a TLS cluster: with --tls-ca, this machine's
+/// node certificate and key too (a member proves itself with one), as absolute paths.
+fn launch_tls(cli: &Cli) -> Result<Option<local::LaunchTls>> {
+    let Some(ca) = &cli.tls_ca else { return Ok(None) };
+    let (Some(cert), Some(key)) = (&cli.tls_cert, &cli.tls_key) else {
+        bail!(
+            "joining a TLS cluster needs this machine's node certificate as well as the CA: pass --tls-cert and --tls-key \
+             (PORTMESH_TLS_CERT, PORTMESH_TLS_KEY) with one the cluster's CA signed, e.g. made by \
+             `portmesh tls init DIR --name NAME --host THIS_HOST` in the cluster's certificate directory"
+        );
+    };
+    let absolute = |flag: &str, p: &std::path::Path| {
+        std::fs::canonicalize(p).with_context(|| format!("{flag} {}: cannot read it", p.display()))
+    };
+    let tls = local::LaunchTls {
+        cert: absolute("--tls-cert", cert)?,
+        key: absolute("--tls-key", key)?,
+        ca: absolute("--tls-ca", ca)?,
+    };
+    // Loaded once here so a wrong file is named now, not in the node's log.
+    portmesh_tls::ClientTls::load(&tls.ca, Some(&tls.cert), Some(&tls.key))?;
+    Ok(Some(tls))
 }
 
 /// The address of this machine that `target` is reached from (no packet is sent).

@@ -51,8 +51,8 @@ pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
             }
         }
         Command::Stop => ok(cluster::stop(&cli).await),
-        Command::Join { addr, listen, advertise } => {
-            ok(cluster::join(&cli, addr, *listen, advertise.clone()).await)
+        Command::Join { addr, listen, advertise, join_token } => {
+            ok(cluster::join(&cli, addr, *listen, advertise.clone(), join_token.as_deref()).await)
         }
         Command::Leave { id } => ok(cluster::leave(&cli, *id).await),
         Command::Config(ConfigCommand::Show(p)) => stack::config_show(&cli, p),

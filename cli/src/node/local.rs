@@ -13,8 +13,8 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
-use portmesh_client::Client;
-use portmesh_node::read_info;
+use portmesh_client::{Client, ClientOptions};
+use portmesh_node::{NodeInfo, read_info};
 
 /// How long a freshly started node may take to serve.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -30,10 +30,25 @@ pub fn home() -> Result<PathBuf> {
     Ok(base.join("portmesh"))
 }
 
+/// A client of the local node `info` records: plaintext on loopback, or, once the node joined a
+/// TLS cluster, TLS to its advertised address with the node's own certificate (whoever can read
+/// its key is that member already) and `token`, which then narrows what the calls may do.
+async fn client_of(home: &Path, info: &NodeInfo, token: Option<&str>) -> Result<Client> {
+    let Some(Launch { advertise, tls: Some(tls), .. }) = read_launch(home)? else {
+        return Ok(Client::connect(&info.grpc).await?);
+    };
+    let options = ClientOptions {
+        tls: Some(portmesh_tls::ClientTls::load(&tls.ca, Some(&tls.cert), Some(&tls.key))?),
+        token: token.map(str::to_string),
+    };
+    let addr = advertise.as_deref().unwrap_or(&info.grpc);
+    Ok(Client::connect_with(&[addr], options).await?)
+}
+
 /// A client of the recorded local node, if one answers as healthy.
-async fn try_recorded(home: &Path) -> Option<Client> {
+async fn try_recorded(home: &Path, token: Option<&str>) -> Option<Client> {
     let info = read_info(home)?;
-    let client = Client::connect(&info.grpc).await.ok()?;
+    let client = client_of(home, &info, token).await.ok()?;
     client.is_serving().await.ok()?.then_some(client)
 }
 
@@ -41,12 +56,24 @@ async fn try_recorded(home: &Path) -> Option<Client> {
 const LAUNCH_FILE: &str = "launch.json";
 
 /// How the local node is started when it is a member of a team cluster (`portmesh join`):
-/// reachable by the other members on `listen`, announced to them as `advertise`. Without this
-/// file the local node is a single-node cluster on loopback.
+/// reachable by the other members on `listen`, announced to them as `advertise`, over TLS with
+/// `tls` when the cluster uses it. Without this file the local node is a single-node cluster on
+/// loopback.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Launch {
     pub listen: String,
     pub advertise: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<LaunchTls>,
+}
+
+/// The local node's certificate files (absolute paths, read where they are: renewing them in
+/// place needs no restart): a node certificate of the cluster's CA, its key, and the CA.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LaunchTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
 }
 
 pub fn read_launch(home: &Path) -> Result<Option<Launch>> {
@@ -89,15 +116,21 @@ pub fn move_data_aside(home: &Path, why: &str) -> Result<Option<PathBuf>> {
 }
 
 /// Starts the local node as a new member of the cluster at `cluster` (its data directory must
-/// be empty) and waits until it serves.
-pub async fn start_joining(cluster: &str) -> Result<Client> {
-    start(&home()?, Some(cluster)).await
+/// be empty), presenting `join_token` if the cluster asks for one, and waits until it serves.
+pub async fn start_joining(cluster: &str, join_token: Option<&str>) -> Result<Client> {
+    start(&home()?, Some(Joining { cluster, token: join_token }), None).await
 }
 
-/// Connects to the local node, starting it if none answers.
-pub async fn connect_or_start() -> Result<Client> {
+/// A client of the local node if it runs and answers (`token` as in [`connect_or_start`]).
+pub async fn running(token: Option<&str>) -> Result<Option<Client>> {
+    Ok(try_recorded(&home()?, token).await)
+}
+
+/// Connects to the local node, starting it if none answers. `token` is sent only when the
+/// local node is a member of a TLS cluster (one with tokens may ask for it).
+pub async fn connect_or_start(token: Option<&str>) -> Result<Client> {
     let home = home()?;
-    if let Some(c) = try_recorded(&home).await {
+    if let Some(c) = try_recorded(&home, token).await {
         return Ok(c);
     }
     portmesh_probe::private::create_dir(&home)
@@ -110,10 +143,10 @@ pub async fn connect_or_start() -> Result<Client> {
     .await?
     .with_context(|| format!("cannot lock {}", lock_path.display()))?;
     // Another CLI may have started it while we waited for the lock.
-    if let Some(c) = try_recorded(&home).await {
+    if let Some(c) = try_recorded(&home, token).await {
         return Ok(c);
     }
-    let client = start(&home, None).await;
+    let client = start(&home, None, token).await;
     drop(lock);
     client
 }
@@ -139,31 +172,44 @@ fn last_addrs(home: &Path) -> Option<LastAddrs> {
     (free(&last.grpc) && last.http.as_deref().is_none_or(free)).then_some(last)
 }
 
+/// The cluster a starting local node joins, and the join token it presents.
+#[derive(Clone, Copy)]
+struct Joining<'a> {
+    cluster: &'a str,
+    token: Option<&'a str>,
+}
+
 /// Starts `portmesh serve` detached, waits until it records its address and serves. With a
 /// launch record the node listens where it says (a member of a team cluster, joining `join` if
 /// given); without one it is a single-node cluster on loopback, on the addresses it had last
 /// time when they are free (else on new ones, remembered for the next start).
-async fn start(home: &Path, join: Option<&str>) -> Result<Client> {
+async fn start(home: &Path, join: Option<Joining<'_>>, token: Option<&str>) -> Result<Client> {
     if let Some(l) = read_launch(home)? {
         let mut args = vec!["--listen".to_string(), l.listen.clone()];
         if let Some(a) = &l.advertise {
             args.extend(["--advertise".to_string(), a.clone()]);
         }
-        if let Some(j) = join {
-            args.extend(["--join".to_string(), j.to_string()]);
+        if let Some(tls) = &l.tls {
+            for (flag, path) in [("--tls-cert", &tls.cert), ("--tls-key", &tls.key), ("--tls-ca", &tls.ca)] {
+                args.extend([flag.to_string(), path.display().to_string()]);
+            }
         }
-        return spawn_node(home, &args, "127.0.0.1:0").await;
+        if let Some(j) = join {
+            args.extend(["--join".to_string(), j.cluster.to_string()]);
+        }
+        let join_token = join.and_then(|j| j.token);
+        return spawn_node(home, &args, "127.0.0.1:0", join_token, token).await;
     }
     let bootstrap = |grpc: &str| vec!["--listen".to_string(), grpc.to_string(), "--bootstrap".to_string()];
     if let Some(last) = last_addrs(home) {
         let http = last.http.as_deref().unwrap_or("127.0.0.1:0");
-        match spawn_node(home, &bootstrap(&last.grpc), http).await {
+        match spawn_node(home, &bootstrap(&last.grpc), http, None, None).await {
             Ok(c) => return Ok(c),
             // A port was taken between the look and the bind: start on new ones.
             Err(e) => tracing::debug!(error = %e, "the local node could not start on its last addresses"),
         }
     }
-    let client = spawn_node(home, &bootstrap("127.0.0.1:0"), "127.0.0.1:0").await?;
+    let client = spawn_node(home, &bootstrap("127.0.0.1:0"), "127.0.0.1:0", None, None).await?;
     if let Some(info) = read_info(home) {
         let last = LastAddrs { grpc: info.grpc, http: info.http };
         portmesh_probe::private::write(&home.join(LAST_FILE), &serde_json::to_vec_pretty(&last)?)
@@ -173,14 +219,23 @@ async fn start(home: &Path, join: Option<&str>) -> Result<Client> {
 }
 
 /// Spawns `portmesh serve` with `args` (listen, bootstrap or join) and waits until it serves.
-async fn spawn_node(home: &Path, args: &[String], http: &str) -> Result<Client> {
+/// A join token goes to the node through its environment, never its arguments (`ps` shows
+/// those); `token` is what the CLI then calls it with.
+async fn spawn_node(
+    home: &Path,
+    args: &[String],
+    http: &str,
+    join_token: Option<&str>,
+    token: Option<&str>,
+) -> Result<Client> {
     let exe = std::env::current_exe().context("cannot find the portmesh executable")?;
     let log_path = home.join("node.log");
     let log = portmesh_probe::private::append(&log_path)
         .with_context(|| format!("cannot open {}", log_path.display()))?;
     let mut cmd = std::process::Command::new(exe);
-    // The local node speaks plaintext on loopback with no tokens: certificates and tokens in the
-    // environment are for talking to a team cluster (`--node`), not the local node's own.
+    // Certificates and tokens in the environment are for talking to a team cluster (`--node`),
+    // not the local node's own: it speaks plaintext on loopback, or, once it joined a TLS
+    // cluster, uses the files its launch record names (passed as arguments above).
     for var in [
         "PORTMESH_TLS_CA",
         "PORTMESH_TLS_CERT",
@@ -196,6 +251,9 @@ async fn spawn_node(home: &Path, args: &[String], http: &str) -> Result<Client> 
     }
     cmd.arg("serve").arg("--data").arg(home.join("data")).args(["--http", http, "--home"]).arg(home);
     cmd.args(args);
+    if let Some(t) = join_token {
+        cmd.env("PORTMESH_JOIN_TOKEN", t);
+    }
     cmd.env_remove("PORTMESH_NODE").stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
     // A session of its own: the node outlives this CLI and its terminal's Ctrl-C.
     // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
@@ -207,7 +265,7 @@ async fn spawn_node(home: &Path, args: &[String], http: &str) -> Result<Client> 
     let deadline = Instant::now() + START_TIMEOUT;
     loop {
         if let Some(info) = read_info(home).filter(|i| i.pid == pid)
-            && let Ok(c) = Client::connect(&info.grpc).await
+            && let Ok(c) = client_of(home, &info, token).await
             && c.is_serving().await.unwrap_or(false)
         {
             // Reap the child in the background if it ever exits while we still run.
@@ -241,7 +299,7 @@ fn tail(path: &Path) -> String {
 pub async fn stop_local() -> Result<Option<u32>> {
     let home = home()?;
     let Some(info) = read_info(&home) else { return Ok(None) };
-    match Client::connect(&info.grpc).await {
+    match client_of(&home, &info, None).await {
         Ok(c) => c.shutdown().await?,
         Err(_) => {
             // Recorded but not answering: a stale record of a node that died.
