@@ -176,3 +176,46 @@ async fn a_damaged_data_directory_is_refused_never_served_older() {
     }
     assert!(matches!(open(original.path(), &held), Opened::Whole));
 }
+
+/// A disk that dies under a running node (injected by the store's test hook: every fsync fails):
+/// the write in flight fails, the node stops itself naming the storage error instead of staying
+/// "healthy", and a restart once the disk works again holds every acknowledged write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_disk_fails_stops_naming_it_and_loses_nothing_acknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    let held = make_data(dir.path(), 20).await;
+    let mut cfg = NodeConfig::new(dir.path().to_path_buf(), "127.0.0.1:0".parse().unwrap());
+    cfg.http = Some("127.0.0.1:0".parse().unwrap());
+    let node = start(cfg).await.unwrap();
+    let c = Client::connect(&node.grpc_addr.to_string()).await.unwrap();
+    assert!(c.health("portmesh.v1.Allocator").await.unwrap());
+    let item = || pb::AllocItem { service: "late".into(), pool: "big".into(), ..Default::default() };
+    let acked = c.allocate(pb::AllocateRequest { items: vec![item()], ..Default::default() }).await.unwrap();
+
+    node.api.node().store.inject_flush_failures(true);
+    let e = c
+        .allocate(pb::AllocateRequest { items: vec![item(), item()], ..Default::default() })
+        .await
+        .expect_err("a write on a dead disk cannot be acknowledged");
+    eprintln!("the write on a dead disk: {e}");
+    match node.wait().await {
+        Err(NodeError::RaftStopped(why)) => {
+            assert!(why.contains("injected storage failure"), "the cause is named: {why}")
+        }
+        other => panic!("the node must stop itself on a storage failure, not {other:?}"),
+    }
+
+    // The disk works again (a new store has no injected failure): nothing acknowledged is lost.
+    let mut held = held;
+    held.ports.extend(acked.allocations.iter().map(|a| a.port as u16));
+    held.revision = acked.revision;
+    match open(dir.path(), &held) {
+        Opened::Whole => {}
+        Opened::Older { revision, ports } => {
+            // The refused write may have reached sled before its fsync failed: newer is fine,
+            // older is not.
+            assert!(revision >= held.revision && ports == held.ports.len(), "lost: {revision}, {ports}")
+        }
+        Opened::Refused(why) => panic!("a directory whose fsync failed is not damaged: {why}"),
+    }
+}

@@ -106,12 +106,33 @@ impl LeaseKeeper {
     }
 }
 
+/// Writes every lease's remaining TTL into the log (as the leader counts it now).
+async fn checkpoint(node: &RaftNode) {
+    let keeper = &node.keeper;
+    let remaining = keeper.snapshot_remaining();
+    for chunk in remaining.chunks(keeper.opts.expiry_batch.max(1)) {
+        if let Err(e) = node.propose(Command::CheckpointLeases { remaining: chunk.to_vec() }).await {
+            tracing::warn!(error = %e, "lease checkpoint failed");
+            break;
+        }
+    }
+}
+
+/// A leader that stops on purpose checkpoints first (within `limit`), so the next leader's
+/// countdowns start from now rather than from up to a checkpoint interval ago.
+pub(crate) async fn last_checkpoint(node: &RaftNode, limit: std::time::Duration) {
+    if node.is_leader() && node.keeper.lock().term.is_some() {
+        let _ = tokio::time::timeout(limit, checkpoint(node)).await;
+    }
+}
+
 /// The leader-duty loop: reconcile, expire, checkpoint. Runs until `stop` turns true.
 pub(crate) async fn run(node: RaftNode, mut stop: watch::Receiver<bool>) {
     let keeper = node.keeper.clone();
     let mut tick = tokio::time::interval(keeper.opts.lease_tick);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_checkpoint = Instant::now();
+    let checkpoint_every = keeper.opts.checkpoint_every();
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -141,15 +162,9 @@ pub(crate) async fn run(node: RaftNode, mut stop: watch::Receiver<bool>) {
             }
         }
 
-        if last_checkpoint.elapsed() >= keeper.opts.lease_checkpoint {
+        if last_checkpoint.elapsed() >= checkpoint_every {
             last_checkpoint = Instant::now();
-            let remaining = keeper.snapshot_remaining();
-            for chunk in remaining.chunks(keeper.opts.expiry_batch.max(1)) {
-                if let Err(e) = node.propose(Command::CheckpointLeases { remaining: chunk.to_vec() }).await {
-                    tracing::warn!(error = %e, "lease checkpoint failed");
-                    break;
-                }
-            }
+            checkpoint(&node).await;
         }
     }
 }

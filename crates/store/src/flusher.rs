@@ -31,7 +31,6 @@ pub(crate) struct Flusher {
 impl Flusher {
     /// Starts the flusher thread. It ends when the last `Flusher` handle is dropped.
     pub(crate) fn start(
-        db: sled::Db,
         stats: Arc<StoreStats>,
         watermark: Arc<crate::watermark::Watermark>,
     ) -> std::io::Result<Flusher> {
@@ -40,11 +39,7 @@ impl Flusher {
             while let Ok(first) = rx.recv() {
                 let mut jobs = vec![first];
                 jobs.extend(rx.try_iter());
-                let mark = watermark.current();
-                let res = db.flush();
-                if res.is_ok() {
-                    watermark.record(mark);
-                }
+                let res = watermark.flush();
                 let entries: u64 = jobs.iter().map(|j| j.1).sum();
                 stats.flushes.fetch_add(1, Ordering::Relaxed);
                 stats.entries_flushed.fetch_add(entries, Ordering::Relaxed);

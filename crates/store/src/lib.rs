@@ -169,10 +169,7 @@ fn unpanicked<T>(dir: &Path, f: impl FnOnce() -> Result<T, StoreError>) -> Resul
 impl Inner {
     /// Makes everything written so far durable (one fsync) and records the watermark of it.
     pub(crate) fn flush(&self) -> Result<(), sled::Error> {
-        let mark = self.watermark.current();
-        self.db.flush()?;
-        self.watermark.record(mark);
-        Ok(())
+        self.watermark.flush()
     }
 }
 
@@ -195,7 +192,7 @@ impl Store {
         let tree = |name: &str| db.open_tree(name).map_err(io);
         let stats = Arc::new(StoreStats::default());
         let (meta, sm) = (tree("meta")?, tree("sm")?);
-        let (watermark, kept) = watermark::Watermark::open(dir, meta.clone(), sm.clone())
+        let (watermark, kept) = watermark::Watermark::open(dir, db.clone(), meta.clone(), sm.clone())
             .map_err(|source| StoreError::Watermark { dir: dir.to_path_buf(), source })?;
         if let Some(why) = kept.and_then(|k| k.behind(&watermark::Mark::of(&meta, &sm))) {
             let why =
@@ -204,7 +201,7 @@ impl Store {
         }
         let watermark = Arc::new(watermark);
         let inner = Inner {
-            flusher: flusher::Flusher::start(db.clone(), stats.clone(), watermark.clone())
+            flusher: flusher::Flusher::start(stats.clone(), watermark.clone())
                 .map_err(|source| StoreError::Thread { dir: dir.to_path_buf(), source })?,
             dir: dir.to_path_buf(),
             meta,
@@ -322,6 +319,13 @@ impl Store {
     /// Flushes everything to disk (used at shutdown).
     pub fn flush(&self) -> Result<(), StoreError> {
         self.inner.flush().map_err(|source| self.io(source))
+    }
+
+    /// Test hook: while `on`, every flush (the Raft log's, the vote's, a snapshot's) fails with an
+    /// I/O error, as on a disk that died; nothing is written to the watermark meanwhile.
+    #[cfg(feature = "fault-injection")]
+    pub fn inject_flush_failures(&self, on: bool) {
+        self.inner.watermark.fail_flushes(on);
     }
 }
 

@@ -50,9 +50,7 @@ impl LogStore {
 
     /// Makes everything written so far durable (one fsync), counting `entries` for the stats.
     async fn flush(&self, entries: u64) -> Result<(), sled::Error> {
-        let mark = self.inner.watermark.current();
-        self.inner.db.flush_async().await?;
-        self.inner.watermark.record(mark);
+        self.inner.watermark.flush_async().await?;
         self.inner.stats.flushes.fetch_add(1, Ordering::Relaxed);
         self.inner.stats.entries_flushed.fetch_add(entries, Ordering::Relaxed);
         Ok(())

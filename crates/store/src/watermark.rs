@@ -102,18 +102,23 @@ impl Mark {
     }
 }
 
-/// The watermark file of an open data directory.
+/// The watermark file of an open data directory, and the one way the store makes its writes
+/// durable: [`Watermark::flush`] (or `flush_async`) reads the mark, fsyncs sled, records the mark.
 #[derive(Debug)]
 pub(crate) struct Watermark {
     file: Mutex<(File, u64)>,
+    db: sled::Db,
     meta: sled::Tree,
     sm: sled::Tree,
+    /// Test hook (`Store::inject_flush_failures`): every flush fails as a dead disk's would.
+    failing: std::sync::atomic::AtomicBool,
 }
 
 impl Watermark {
     /// Opens (creating if needed) `dir`'s watermark and reads the last mark it holds, if any.
     pub(crate) fn open(
         dir: &Path,
+        db: sled::Db,
         meta: sled::Tree,
         sm: sled::Tree,
     ) -> io::Result<(Watermark, Option<Mark>)> {
@@ -136,16 +141,42 @@ impl Watermark {
             tracing::warn!(file = %path.display(), "the watermark file holds no whole mark; it checks nothing this time");
         }
         let seq = last.map_or(0, |(s, _)| s);
-        Ok((Watermark { file: Mutex::new((file, seq)), meta, sm }, last.map(|(_, m)| m)))
+        let failing = std::sync::atomic::AtomicBool::new(false);
+        Ok((Watermark { file: Mutex::new((file, seq)), db, meta, sm, failing }, last.map(|(_, m)| m)))
     }
 
-    /// What sled holds now: read before a flush, recorded after it.
-    pub(crate) fn current(&self) -> Mark {
-        Mark::of(&self.meta, &self.sm)
+    /// Makes everything written to sled so far durable (one fsync) and records the mark of it.
+    pub(crate) fn flush(&self) -> Result<(), sled::Error> {
+        let mark = self.current()?;
+        self.db.flush()?;
+        self.record(mark);
+        Ok(())
+    }
+
+    /// [`Watermark::flush`] without blocking the runtime's thread.
+    pub(crate) async fn flush_async(&self) -> Result<(), sled::Error> {
+        let mark = self.current()?;
+        self.db.flush_async().await?;
+        self.record(mark);
+        Ok(())
+    }
+
+    /// Turns the injected flush failure on or off (see `Store::inject_flush_failures`).
+    pub(crate) fn fail_flushes(&self, on: bool) {
+        self.failing.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// What sled holds now: read before a flush, recorded after it. Fails while the test hook
+    /// injects flush failures.
+    fn current(&self) -> Result<Mark, sled::Error> {
+        if self.failing.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(sled::Error::Io(io::Error::other("injected storage failure (test hook)")));
+        }
+        Ok(Mark::of(&self.meta, &self.sm))
     }
 
     /// Records `mark` (read before a flush that has now completed) in the next slot.
-    pub(crate) fn record(&self, mark: Mark) {
+    fn record(&self, mark: Mark) {
         let mut guard = self.file.lock().unwrap_or_else(|p| p.into_inner());
         let (file, seq) = &mut *guard;
         *seq += 1;
@@ -192,18 +223,18 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let db = sled::Config::new().temporary(true).open().unwrap();
         let (meta, sm) = (db.open_tree("meta").unwrap(), db.open_tree("sm").unwrap());
-        let (w, last) = Watermark::open(dir.path(), meta.clone(), sm.clone()).unwrap();
+        let (w, last) = Watermark::open(dir.path(), db.clone(), meta.clone(), sm.clone()).unwrap();
         assert_eq!(last, None);
         let (a, b) = (Mark { revision: 1, ..Mark::default() }, Mark { revision: 2, ..Mark::default() });
         w.record(a);
         w.record(b);
         drop(w);
-        let (_, last) = Watermark::open(dir.path(), meta.clone(), sm.clone()).unwrap();
+        let (_, last) = Watermark::open(dir.path(), db.clone(), meta.clone(), sm.clone()).unwrap();
         assert_eq!(last, Some(b));
         // The newer slot torn: the older one stands.
         let f = std::fs::OpenOptions::new().write(true).open(dir.path().join(WATERMARK_FILE)).unwrap();
         f.write_all_at(&[0xff; 8], 0).unwrap();
-        let (_, last) = Watermark::open(dir.path(), meta, sm).unwrap();
+        let (_, last) = Watermark::open(dir.path(), db.clone(), meta, sm).unwrap();
         assert_eq!(last, Some(a));
     }
 }
