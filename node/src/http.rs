@@ -137,8 +137,8 @@ async fn metrics(State(api): State<Api>, headers: axum::http::HeaderMap) -> axum
     }
 }
 
-/// Live while Raft runs: after a storage failure stopped it, 503 with the cause (the node is
-/// shutting down then; a supervisor starts it again).
+/// Live while Raft runs, as gRPC health's `""` says: after a storage failure stopped it, 503 with
+/// the cause (the node is shutting down then; a supervisor starts it again).
 async fn healthz(State(api): State<Api>) -> (StatusCode, String) {
     match &api.node().metrics().running_state {
         Ok(()) => (StatusCode::OK, "ok\n".into()),
@@ -147,7 +147,8 @@ async fn healthz(State(api): State<Api>) -> (StatusCode, String) {
 }
 
 /// Ready when this node knows a leader and has applied what the leader committed (a read
-/// barrier: the leader confirms its commit index with a quorum, this node applies up to it).
+/// barrier: the leader confirms its commit index with a quorum, this node applies up to it),
+/// as gRPC health's named services say (`portmesh`, `portmesh.v1.Allocator`, ...).
 async fn readyz(State(api): State<Api>) -> (StatusCode, String) {
     if api.node().leader().is_none() {
         return (StatusCode::SERVICE_UNAVAILABLE, "no leader known\n".into());

@@ -1915,3 +1915,41 @@ async fn a_joiner_that_does_not_answer_is_not_made_a_voter() {
     client.leave(pb::LeaveRequest { node_id: 77 }).await.unwrap();
     assert_eq!(api.status().members.len(), 1);
 }
+
+/// Health semantics (issue 16): gRPC health `""` is liveness (the process serves), a named
+/// service is readiness (a leader known, the log applied, and a leader's quorum confirmed). A
+/// leader cut off from its followers goes on naming itself leader, but stops being ready while
+/// staying live; healed, it is ready again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn liveness_stays_while_readiness_follows_the_quorum() {
+    let c = Cluster::start(3).await;
+    let ids: Vec<u64> = (0..3).map(|i| c.id(i)).collect();
+    wait_membership(&c, &ids.iter().copied().collect(), &[]).await;
+    let leader = c.leader_index();
+    let client = portmesh_client::Client::connect(&c.addrs[leader]).await.unwrap();
+    let health = |name: &'static str| {
+        let client = client.clone();
+        async move { client.health(name).await.unwrap() }
+    };
+    assert!(health("").await && health("portmesh").await && health("portmesh.v1.Allocator").await);
+    let unknown = client.health("no.such.Service").await;
+    assert!(unknown.is_err(), "an unknown name is NOT_FOUND, not an answer: {unknown:?}");
+
+    let followers: Vec<u64> = ids.iter().copied().filter(|i| *i != ids[leader]).collect();
+    c.net.partition(&[ids[leader]], &followers);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while health("portmesh").await {
+        assert!(tokio::time::Instant::now() < deadline, "a leader without its quorum stayed ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(c.nodes[leader].as_ref().unwrap().api.node().is_leader(), "it still names itself leader");
+    assert!(health("").await, "not ready, but live: no reason to restart it");
+    assert!(!health("portmesh.v1.Leases").await);
+
+    c.net.heal();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !health("portmesh").await {
+        assert!(tokio::time::Instant::now() < deadline, "never ready again after healing");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

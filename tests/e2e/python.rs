@@ -44,3 +44,38 @@ fn the_python_client_allocates_keeps_its_lease_past_the_ttl_and_watches() {
     let ls = h.pm(&["ls", "--json", "--node", &node.grpc]).ok().json();
     assert!(ls["allocations"].as_array().unwrap().is_empty());
 }
+
+/// Issue 16: stock gRPC tooling works against a node with no portmesh stubs: the standard health
+/// client (grpcio-health-checking) sees liveness and readiness, and a reflection client that
+/// speaks only `grpc.reflection.v1alpha` (grpcio-reflection) lists the services and resolves a
+/// service's methods.
+#[test]
+fn stock_grpc_health_and_v1alpha_reflection_clients_work() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/python-client");
+    let setup = Command::new(format!("{dir}/setup.sh")).output().expect("run setup.sh");
+    assert!(setup.status.success(), "setup.sh failed: {}", String::from_utf8_lossy(&setup.stderr));
+    let python = String::from_utf8_lossy(&setup.stdout).lines().last().unwrap().to_string();
+
+    let h = Home::new();
+    let node = serve(&h, &h.path().join("data"), &["--bootstrap"]);
+    let out = Command::new(&python)
+        .args(["stock_tools.py", "--node", &node.grpc])
+        .current_dir(dir)
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "stock_tools.py failed: {out:?}");
+    let seen: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        seen["health"],
+        serde_json::json!({"": "SERVING", "portmesh": "SERVING", "no.such.Service": "NOT_FOUND"}),
+        "{seen}"
+    );
+    let services: Vec<&str> =
+        seen["services"].as_array().unwrap().iter().map(|s| s.as_str().unwrap()).collect();
+    for s in ["portmesh.v1.Allocator", "portmesh.v1.Leases", "grpc.health.v1.Health"] {
+        assert!(services.contains(&s), "reflection lists {s}: {services:?}");
+    }
+    let methods = &seen["allocator_methods"];
+    assert!(methods.as_array().unwrap().iter().any(|m| m == "Allocate"), "{methods}");
+}

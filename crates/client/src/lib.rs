@@ -438,13 +438,15 @@ impl Client {
         Ok(())
     }
 
-    /// Whether the node reports SERVING on the standard gRPC health service.
+    /// Whether the node is ready: gRPC health says SERVING for `portmesh` (it knows a leader and
+    /// has applied its log).
     pub async fn is_serving(&self) -> Result<bool> {
-        self.health("").await
+        self.health("portmesh").await
     }
 
-    /// Whether the node reports SERVING for `service` on gRPC health (`""`: the node; `portmesh`
-    /// or a service name: part of a cluster with a leader).
+    /// Whether the node reports SERVING for `service` on gRPC health (`""`: the process serves,
+    /// liveness; `portmesh` or a service name: part of a cluster with a leader and caught up,
+    /// readiness).
     pub async fn health(&self, service: &str) -> Result<bool> {
         let mut h = HealthClient::new(self.channel());
         let r = h.check(HealthCheckRequest { service: service.to_string() }).await?.into_inner();
