@@ -539,7 +539,7 @@ pub struct ServeArgs {
     #[arg(long, env = "PORTMESH_ADVERTISE")]
     pub advertise: Option<String>,
     /// Start a new single-node cluster if the data directory holds none.
-    #[arg(long, conflicts_with = "join")]
+    #[arg(long, env = "PORTMESH_BOOTSTRAP", conflicts_with = "join")]
     pub bootstrap: bool,
     /// Join the cluster of the member at ADDR if the data directory holds none (a restarted
     /// member rejoins by itself; the flag is then ignored).
@@ -547,10 +547,19 @@ pub struct ServeArgs {
     pub join: Option<String>,
     /// Joining nodes become voters while the cluster has fewer voters than this; the rest stay
     /// learners.
-    #[arg(long, default_value_t = 3, value_parser = parse_voters)]
+    #[arg(long, env = "PORTMESH_VOTERS", default_value_t = 3, value_parser = parse_voters)]
     pub voters: usize,
+    /// The cluster's well-known members, by the addresses they advertise (HOST:PORT, repeat or
+    /// comma-separate): a StatefulSet's first pods. With no cluster in the data directory and
+    /// neither --bootstrap nor --join, the first seed creates the cluster once no other seed
+    /// holds one, and every other node joins a seed that does; a node that is not a seed leaves
+    /// the cluster when it stops and empties its data directory (docs/deployment.md).
+    #[arg(long, env = "PORTMESH_SEEDS", value_delimiter = ',', value_parser = parse_seed,
+          conflicts_with_all = ["bootstrap", "join"])]
+    pub seeds: Vec<String>,
     /// Take a snapshot of the state (and purge the log behind it) every this many log entries.
-    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(100..))]
+    #[arg(long, env = "PORTMESH_SNAPSHOT_EVERY", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(100..))]
     pub snapshot_every: u64,
     /// Record this node's addresses in DIR/node.json so local CLIs find it.
     #[arg(long)]
@@ -571,9 +580,10 @@ pub struct ServeArgs {
     /// written to DATA/admin.token (0600), once.
     #[arg(long, env = "PORTMESH_AUTH")]
     pub auth: bool,
-    /// The join token (`portmesh token create --join`) a node joining a cluster with
-    /// authentication presents with --join. Prefer PORTMESH_JOIN_TOKEN: a flag shows in `ps`.
-    #[arg(long, env = "PORTMESH_JOIN_TOKEN", hide_env_values = true, requires = "join")]
+    /// The join token (`portmesh token create --role join`) a node joining a cluster with
+    /// authentication presents (with --join or --seeds). Prefer PORTMESH_JOIN_TOKEN: a flag
+    /// shows in `ps`.
+    #[arg(long, env = "PORTMESH_JOIN_TOKEN", hide_env_values = true)]
     pub join_token: Option<String>,
 }
 
@@ -593,6 +603,18 @@ fn parse_ttl(s: &str) -> Result<Duration, String> {
         Ok(d) if d.is_zero() => Err("a lease of 0 would never expire: leave --ttl out for no lease".into()),
         Ok(d) => Ok(d),
         Err(e) => Err(format!("{s:?}: {e} (write e.g. 30s, 5m)")),
+    }
+}
+
+/// `--seeds`: HOST:PORT, as the seed advertises itself.
+fn parse_seed(s: &str) -> Result<String, String> {
+    match s.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0) => {
+            Ok(s.to_string())
+        }
+        _ => Err(format!(
+            "{s:?} is not HOST:PORT (a seed's advertised address, e.g. portmesh-0.portmesh:7400)"
+        )),
     }
 }
 

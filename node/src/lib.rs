@@ -13,6 +13,7 @@ mod checker;
 mod home;
 mod http;
 mod metrics;
+mod seeds;
 mod transport;
 mod wire;
 
@@ -65,6 +66,13 @@ pub struct NodeConfig {
     pub auth: bool,
     /// The join token a joining node presents (`serve --join ADDR --join-token T`).
     pub join_token: Option<String>,
+    /// The advertised addresses of the cluster's well-known members (a StatefulSet's first
+    /// pods). A node with no cluster that has neither `bootstrap` nor `join` decides from them
+    /// (see `seeds`); a node not among them leaves the cluster when it stops and empties its
+    /// data directory (a scaled-down pod takes nothing with it).
+    pub seeds: Vec<String>,
+    /// How long a node with `seeds` waits for a seed that holds a cluster before it gives up.
+    pub seed_timeout: Duration,
 }
 
 impl NodeConfig {
@@ -86,6 +94,8 @@ impl NodeConfig {
             tls: None,
             auth: false,
             join_token: None,
+            seeds: Vec::new(),
+            seed_timeout: Duration::from_secs(120),
         }
     }
 }
@@ -132,6 +142,11 @@ pub enum NodeError {
          it was removed; move {dir} aside to join again as a new node"
     )]
     Removed { id: u64, cluster: String, addr: String, members: String, dir: PathBuf },
+    #[error(
+        "no cluster to join or create after {waited:?} of asking the seeds: {why}. Start the other seeds (and check \
+         that their names resolve), or start this node with --bootstrap or --join ADDR"
+    )]
+    Seeds { waited: Duration, why: String },
 }
 
 /// A started node. Drive it with [`RunningNode::wait`].
@@ -149,6 +164,9 @@ pub struct RunningNode {
     /// Runs the health checks of this host's registered services.
     checks_task: JoinHandle<()>,
     home: Option<PathBuf>,
+    /// Not a seed of a cluster with seeds: leave it at shutdown and empty `data_dir`.
+    leave_on_stop: bool,
+    data_dir: PathBuf,
 }
 
 /// Starts a node: opens storage, starts Raft, binds and serves gRPC and HTTP.
@@ -288,21 +306,32 @@ pub async fn start(mut cfg: NodeConfig) -> Result<RunningNode, NodeError> {
         ));
     }
 
-    match (&cfg.join, initialized) {
+    let mut bootstrapped = cfg.bootstrap && cfg.join.is_none();
+    let mut join_at = cfg.join.clone();
+    if !initialized && !bootstrapped && join_at.is_none() && !cfg.seeds.is_empty() {
+        match seeds::decide(&node, &cfg.seeds, &advertise, cfg.seed_timeout).await? {
+            seeds::Start::Bootstrap => {
+                node.bootstrap().await?;
+                bootstrapped = true;
+            }
+            seeds::Start::Join(seed) => join_at = Some(seed),
+        }
+    }
+    match (&join_at, initialized) {
         (Some(cluster), false) => {
             join(cluster, &node, &advertise, cfg.join_token.as_deref(), cfg.leader_timeout).await?
         }
         (Some(cluster), true) => same_cluster(cluster, &node).await?,
         _ => {}
     }
-    if initialized || cfg.join.is_some() {
+    if initialized || join_at.is_some() || bootstrapped {
         node.raft
             .wait(Some(cfg.leader_timeout))
             .metrics(|m| m.current_leader.is_some(), "a leader is known")
             .await
             .map_err(|_| NodeError::NoLeader(cfg.leader_timeout))?;
     }
-    if cfg.auth && cfg.bootstrap && cfg.join.is_none() {
+    if cfg.auth && bootstrapped {
         auth::first_admin_token(&api, &cfg.data_dir, cfg.leader_timeout).await?;
     }
     tracing::info!(
@@ -337,6 +366,8 @@ pub async fn start(mut cfg: NodeConfig) -> Result<RunningNode, NodeError> {
         failure,
         checks_task,
         home: cfg.home,
+        leave_on_stop: !cfg.seeds.is_empty() && !cfg.seeds.contains(&advertise),
+        data_dir: cfg.data_dir,
     })
 }
 
@@ -573,9 +604,13 @@ impl RunningNode {
         self.health_task.abort();
         self.checks_task.abort();
         let node = self.api.node().clone();
+        let left = self.leave_on_stop && leave(&node).await;
         node.shutdown().await;
         if let Err(e) = node.store.flush() {
             tracing::error!(error = %e, "flushing storage at shutdown failed");
+        }
+        if left {
+            empty_dir(&self.data_dir);
         }
         if let Some(home) = &self.home {
             home::remove_info_if_ours(home);
@@ -584,6 +619,71 @@ impl RunningNode {
         match self.failure.lock().unwrap_or_else(|p| p.into_inner()).take() {
             Some(why) => Err(NodeError::RaftStopped(why)),
             None => Ok(()),
+        }
+    }
+}
+
+/// A node that is not a seed leaves the cluster as it stops (a StatefulSet scaled down): the
+/// leader removes it. Returns whether it left; a node that could not leave stays a member and
+/// keeps its data (it rejoins at its next start, or `portmesh leave --id N` removes it).
+async fn leave(node: &RaftNode) -> bool {
+    use portmesh_proto::v1::{LeaveRequest, cluster_client::ClusterClient};
+    let id = node.id;
+    let outcome = async {
+        if node.is_leader() {
+            return node.remove_member(id).await.map_err(|e| e.to_string());
+        }
+        let m = node.metrics();
+        let leader = m.current_leader.ok_or("no leader known")?;
+        let addr = m
+            .membership_config
+            .membership()
+            .get_node(&leader)
+            .map(|n| n.addr.clone())
+            .ok_or("leader unknown")?;
+        let ch = node
+            .peer_tls()
+            .endpoint(&addr, Purpose::Ask)
+            .map_err(|e| e.to_string())?
+            .connect()
+            .await
+            .map_err(|e| e.to_string())?;
+        ClusterClient::new(ch)
+            .leave(LeaveRequest { node_id: id })
+            .await
+            .map(|_| ())
+            .map_err(|s| s.message().to_string())
+    };
+    match tokio::time::timeout(Duration::from_secs(10), outcome).await {
+        Ok(Ok(())) => {
+            tracing::info!(
+                node_id = id,
+                "not a seed: left the cluster; its data directory is emptied, and its next start joins as a new member"
+            );
+            true
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(node_id = id, error = %e, "not a seed, but could not leave the cluster; it stays a member and keeps its data");
+            false
+        }
+        Err(_) => {
+            tracing::warn!(
+                node_id = id,
+                "not a seed, but leaving the cluster took over 10 s; it stays a member and keeps its data"
+            );
+            false
+        }
+    }
+}
+
+/// Removes what `dir` holds (not `dir`: it may be a volume's mount point).
+fn empty_dir(dir: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for e in entries.flatten() {
+        let path = e.path();
+        let gone = if path.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) };
+        if let Err(err) = gone {
+            tracing::warn!(path = %path.display(), error = %err, "cannot empty the data directory");
         }
     }
 }

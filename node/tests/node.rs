@@ -1953,3 +1953,83 @@ async fn liveness_stays_while_readiness_follows_the_quorum() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// `--seeds` (issue 16, a StatefulSet's start logic): three seeds started together with the same
+/// configuration make one cluster (the first creates it, the others join); a node that is not a
+/// seed joins and, when it stops, leaves and empties its data directory; the first seed
+/// recreated without its data joins the running cluster in its old place instead of creating a
+/// second cluster.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seeds_make_one_cluster_and_a_first_seed_without_data_rejoins_it() {
+    logs();
+    let port = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let addrs: Vec<String> = (0..4).map(|_| format!("127.0.0.1:{}", port())).collect();
+    let mut seeds: Vec<String> = addrs[..3].to_vec();
+    seeds.push("nobody.invalid:7400".into()); // never resolves: a pod that does not exist
+    let config = |i: usize, dir: &std::path::Path| {
+        let mut cfg = NodeConfig::new(dir.to_path_buf(), addrs[i].parse().unwrap());
+        fast_raft(&mut cfg);
+        cfg.seeds = seeds.clone();
+        cfg.seed_timeout = Duration::from_secs(30);
+        cfg
+    };
+    let dirs: Vec<tempfile::TempDir> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
+    let (a, b, c) = tokio::join!(
+        start(config(0, dirs[0].path())),
+        start(config(1, dirs[1].path())),
+        start(config(2, dirs[2].path()))
+    );
+    let mut nodes = vec![a.unwrap(), b.unwrap(), c.unwrap()];
+    let cluster = nodes[0].api.status().cluster_id;
+    assert!(!cluster.is_empty());
+    let members = |n: &RunningNode| {
+        let mut m: Vec<(u64, String)> =
+            n.api.status().members.iter().map(|m| (m.id, m.addr.clone())).collect();
+        m.sort();
+        m
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while members(&nodes[0]).len() != 3 || nodes.iter().any(|n| n.api.status().cluster_id != cluster) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the seeds never made one cluster: {:?}",
+            members(&nodes[0])
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // A node that is not a seed joins, and leaves (emptying its data) when it stops.
+    let extra = start(config(3, dirs[3].path())).await.unwrap();
+    assert_eq!(extra.api.status().cluster_id, cluster);
+    assert!(members(&nodes[0]).iter().any(|m| m.1 == addrs[3]));
+    extra.shutdown_handle().send_replace(true);
+    extra.wait().await.unwrap();
+    assert!(!members(&nodes[0]).iter().any(|m| m.1 == addrs[3]), "it left: {:?}", members(&nodes[0]));
+    assert_eq!(std::fs::read_dir(dirs[3].path()).unwrap().count(), 0, "its data directory is empty");
+
+    // The first seed loses its data: it joins the cluster again in its old place.
+    let old_id = nodes[0].api.node().id;
+    let first = nodes.remove(0);
+    first.shutdown_handle().send_replace(true);
+    first.wait().await.unwrap();
+    let fresh = tempfile::tempdir().unwrap();
+    let again = start(config(0, fresh.path())).await.unwrap();
+    assert_eq!(again.api.status().cluster_id, cluster, "joined, not a second cluster");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let m = members(&nodes[0]);
+        if m.len() == 3
+            && !m.iter().any(|(id, _)| *id == old_id)
+            && m.iter().any(|(id, _)| *id == again.api.node().id)
+        {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the new node never took the old one's place: {m:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let client = portmesh_client::Client::connect(&addrs[0]).await.unwrap();
+    client
+        .allocate(pb::AllocateRequest { items: vec![item("after", "default")], ..Default::default() })
+        .await
+        .unwrap();
+}

@@ -66,6 +66,9 @@ pub async fn serve(cli: &Cli, a: &ServeArgs) -> Result<()> {
             if a.auth { "" } else { " (implied by --join-token)" }
         );
     }
+    if a.join_token.is_some() && a.join.is_none() && a.seeds.is_empty() {
+        bail!("--join-token (PORTMESH_JOIN_TOKEN) is for joining: it needs --join ADDR or --seeds");
+    }
     let mut cfg = portmesh_node::NodeConfig::new(a.data.clone(), a.listen);
     cfg.tls = tls;
     cfg.http = a.http;
@@ -80,6 +83,7 @@ pub async fn serve(cli: &Cli, a: &ServeArgs) -> Result<()> {
     cfg.host = a.host_name.clone();
     cfg.auth = a.auth;
     cfg.join_token = a.join_token.clone();
+    cfg.seeds = a.seeds.clone();
     let node = portmesh_node::start(cfg).await.context("starting the node")?;
     let (lo, hi) = portmesh_probe::ephemeral_range();
     for p in node.api.node().state().read().state.pools() {

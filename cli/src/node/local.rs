@@ -233,28 +233,22 @@ async fn spawn_node(
     let log = portmesh_probe::private::append(&log_path)
         .with_context(|| format!("cannot open {}", log_path.display()))?;
     let mut cmd = std::process::Command::new(exe);
-    // Certificates and tokens in the environment are for talking to a team cluster (`--node`),
-    // not the local node's own: it speaks plaintext on loopback, or, once it joined a TLS
-    // cluster, uses the files its launch record names (passed as arguments above).
-    for var in [
-        "PORTMESH_TLS_CA",
-        "PORTMESH_TLS_CERT",
-        "PORTMESH_TLS_KEY",
-        "PORTMESH_MTLS",
-        "PORTMESH_INSECURE",
-        "PORTMESH_TOKEN",
-        "PORTMESH_TOKEN_FILE",
-        "PORTMESH_AUTH",
-        "PORTMESH_JOIN_TOKEN",
-    ] {
-        cmd.env_remove(var);
+    // The local node is configured by its arguments alone: `PORTMESH_*` settings in the
+    // environment are for this CLI or for talking to a team cluster (`--node`: certificates,
+    // tokens), and a `serve` setting there (PORTMESH_JOIN, PORTMESH_SEEDS, ...) would change or
+    // break the local node. Once it joined a TLS cluster, its certificates come from the launch
+    // record (passed as arguments above). Only the log filter is kept.
+    for (var, _) in std::env::vars_os() {
+        if var.to_str().is_some_and(|v| v.starts_with("PORTMESH_") && v != "PORTMESH_LOG") {
+            cmd.env_remove(var);
+        }
     }
     cmd.arg("serve").arg("--data").arg(home.join("data")).args(["--http", http, "--home"]).arg(home);
     cmd.args(args);
     if let Some(t) = join_token {
         cmd.env("PORTMESH_JOIN_TOKEN", t);
     }
-    cmd.env_remove("PORTMESH_NODE").stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
+    cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
     // A session of its own: the node outlives this CLI and its terminal's Ctrl-C.
     // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
     unsafe {

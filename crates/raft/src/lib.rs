@@ -381,10 +381,51 @@ impl RaftNode {
             self.raft.add_learner(id, BasicNode { addr: addr.clone() }, true),
         )
         .await?;
-        let voters: BTreeSet<u64> = self.metrics().membership_config.membership().voter_ids().collect();
+        let membership = self.metrics().membership_config.membership().clone();
+        let voters: BTreeSet<u64> = membership.voter_ids().collect();
         if voters.contains(&id) {
             return Ok(true);
         }
+        // Another member at this very address is gone for good: its address now answers as this
+        // node (a StatefulSet pod recreated without its volume). This node takes its place.
+        let replaced: BTreeSet<u64> = membership
+            .nodes()
+            .filter(|(other, n)| **other != id && n.addr == addr)
+            .map(|(o, _)| *o)
+            .collect();
+        if !replaced.is_empty() {
+            let was_voter = replaced.iter().any(|r| voters.contains(r));
+            tracing::info!(node_id = id, %addr, replaced = ?replaced, "a new node at a member's address takes its place");
+            let mut next: BTreeSet<u64> = voters.difference(&replaced).copied().collect();
+            if was_voter {
+                next.insert(id);
+            }
+            if next != voters {
+                self.bounded(
+                    self.write_timeout,
+                    self.raft.change_membership(ChangeMembers::ReplaceAllVoters(next), false),
+                )
+                .await?;
+            }
+            let learners: BTreeSet<u64> = self
+                .metrics()
+                .membership_config
+                .membership()
+                .learner_ids()
+                .filter(|l| replaced.contains(l))
+                .collect();
+            if !learners.is_empty() {
+                self.bounded(
+                    self.write_timeout,
+                    self.raft.change_membership(ChangeMembers::RemoveNodes(learners), false),
+                )
+                .await?;
+            }
+            if was_voter {
+                return Ok(true);
+            }
+        }
+        let voters: BTreeSet<u64> = self.metrics().membership_config.membership().voter_ids().collect();
         if voters.len() >= self.max_voters {
             return Ok(false);
         }
