@@ -67,6 +67,10 @@ pub enum TokenCommand {
         #[arg(long)]
         uses: Option<u32>,
     },
+    /// Print a new token without asking a node: for a cluster set up from Secrets, where the
+    /// node that creates it registers `serve --admin-token-file` as its first admin token and
+    /// `--join-token` as a standing join token (docs/deployment.md, "Kubernetes").
+    Mint,
     /// List tokens (never their secrets).
     Ls,
     /// Revoke a token by id: calls with it are refused from now on.
@@ -581,10 +585,17 @@ pub struct ServeArgs {
     #[arg(long, env = "PORTMESH_AUTH")]
     pub auth: bool,
     /// The join token (`portmesh token create --role join`) a node joining a cluster with
-    /// authentication presents (with --join or --seeds). Prefer PORTMESH_JOIN_TOKEN: a flag
-    /// shows in `ps`.
+    /// authentication presents (with --join or --seeds). The node that creates the cluster
+    /// (--bootstrap, or the first seed) with --auth registers it instead, as a standing join
+    /// token (no expiry, no use limit): one Secret for every pod. Prefer PORTMESH_JOIN_TOKEN: a
+    /// flag shows in `ps`.
     #[arg(long, env = "PORTMESH_JOIN_TOKEN", hide_env_values = true)]
     pub join_token: Option<String>,
+    /// A file holding the first admin token of a cluster this node creates with --auth (made
+    /// with `portmesh token mint`, e.g. kept in a Secret) [default: one is made and written to
+    /// DATA/admin.token].
+    #[arg(long, env = "PORTMESH_ADMIN_TOKEN_FILE", value_name = "FILE")]
+    pub admin_token_file: Option<PathBuf>,
 }
 
 /// `--port`: a real port. 0 would silently mean "any port", which leaving the flag out says.

@@ -150,6 +150,12 @@ async fn healthz(State(api): State<Api>) -> (StatusCode, String) {
 /// barrier: the leader confirms its commit index with a quorum, this node applies up to it),
 /// as gRPC health's named services say (`portmesh`, `portmesh.v1.Allocator`, ...).
 async fn readyz(State(api): State<Api>) -> (StatusCode, String) {
+    if api.node().cluster_id().is_empty() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not part of a cluster yet (joining, or waiting for its seeds)\n".into(),
+        );
+    }
     if api.node().leader().is_none() {
         return (StatusCode::SERVICE_UNAVAILABLE, "no leader known\n".into());
     }

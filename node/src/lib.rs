@@ -30,6 +30,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+pub use auth::new_token;
 pub use home::{NodeInfo, read_info, write_info};
 
 /// Everything needed to start a node.
@@ -64,8 +65,12 @@ pub struct NodeConfig {
     /// token to `DATA/admin.token`. Needs `tls`: tokens are bearer secrets, and members prove
     /// themselves with certificates.
     pub auth: bool,
-    /// The join token a joining node presents (`serve --join ADDR --join-token T`).
+    /// The join token a joining node presents (`serve --join ADDR --join-token T`). The node
+    /// that creates a cluster with `auth` registers it as a standing join token instead.
     pub join_token: Option<String>,
+    /// The first admin token of a cluster this node creates with `auth`, when given (else one
+    /// is made and written to `DATA/admin.token`).
+    pub admin_token: Option<String>,
     /// The advertised addresses of the cluster's well-known members (a StatefulSet's first
     /// pods). A node with no cluster that has neither `bootstrap` nor `join` decides from them
     /// (see `seeds`); a node not among them leaves the cluster when it stops and empties its
@@ -94,6 +99,7 @@ impl NodeConfig {
             tls: None,
             auth: false,
             join_token: None,
+            admin_token: None,
             seeds: Vec::new(),
             seed_timeout: Duration::from_secs(120),
         }
@@ -332,7 +338,14 @@ pub async fn start(mut cfg: NodeConfig) -> Result<RunningNode, NodeError> {
             .map_err(|_| NodeError::NoLeader(cfg.leader_timeout))?;
     }
     if cfg.auth && bootstrapped {
-        auth::first_admin_token(&api, &cfg.data_dir, cfg.leader_timeout).await?;
+        // The join token first: once the admin token is in, the cluster is set up and a join
+        // token an admin revoked later must stay revoked across restarts.
+        if let Some(t) = &cfg.join_token
+            && !api.node().state().read().state.auth_on()
+        {
+            auth::standing_join_token(&api, t, cfg.leader_timeout).await?;
+        }
+        auth::first_admin_token(&api, &cfg.data_dir, cfg.admin_token.as_deref(), cfg.leader_timeout).await?;
     }
     tracing::info!(
         node_id = node.id,
@@ -474,11 +487,18 @@ async fn join(
                                     tried: tried.join(", "),
                                 });
                             }
-                            // A follower names the leader: ask it next.
-                            if let Some(leader) =
-                                s.metadata().get(portmesh_api::LEADER_METADATA).and_then(|v| v.to_str().ok())
+                            // A follower names the leader: ask it next. Unless it names this
+                            // node's own address: a member that was here before this node (it
+                            // is gone; the others have not noticed yet). Ask the first address
+                            // again once they elected another.
+                            match s
+                                .metadata()
+                                .get(portmesh_api::LEADER_METADATA)
+                                .and_then(|v| v.to_str().ok())
                             {
-                                target = leader.to_string();
+                                Some(leader) if leader == advertise => target = addr.to_string(),
+                                Some(leader) => target = leader.to_string(),
+                                None => {}
                             }
                             Err(answer)
                         }
@@ -498,8 +518,9 @@ async fn join(
 
 /// The names gRPC health answers for besides `""`: the node as a whole (`portmesh`) and each
 /// public service. `""` is liveness: SERVING while the process serves and its Raft runs. The
-/// names are readiness: SERVING exactly while this node knows a leader and has applied what it
-/// holds of the log (within [`READY_LAG`] entries), so a probe naming any of them (Kubernetes'
+/// names are readiness: SERVING exactly while this node belongs to a cluster (a joining node:
+/// once it caught up), knows a leader and has applied what it holds of the log (within
+/// [`READY_LAG`] entries), so a probe naming any of them (Kubernetes'
 /// gRPC readiness probe sends the name in the manifest) tells "part of a cluster with a leader,
 /// caught up" from "process up". Other names are NOT_FOUND. `/healthz` and `/readyz` mean the
 /// same.
@@ -535,8 +556,12 @@ async fn report_health(
     let mut check = tokio::time::interval(QUORUM_CHECK);
     check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut quorum_ok = true;
+    // A joining node knows the leader (it replicates to it) before it has caught up and been
+    // told the cluster's id: it is ready once it has.
+    let mut in_cluster = false;
     let mut was = None;
     loop {
+        in_cluster = in_cluster || !node.cluster_id().is_empty();
         let (ready, leading, stopped) = {
             let m = metrics.borrow_and_update();
             let applied = m.last_applied.map_or(0, |l| l.index);
@@ -554,7 +579,7 @@ async fn report_health(
             shutdown.send_replace(true);
             return;
         }
-        let ready = ready && (!leading || quorum_ok);
+        let ready = ready && in_cluster && (!leading || quorum_ok);
         if was != Some(ready) {
             was = Some(ready);
             let status = if ready {

@@ -18,7 +18,7 @@ use portmesh_testkit as testkit;
 
 use crate::support::BIN;
 
-fn docker(args: &[&str]) -> Result<String, String> {
+pub(crate) fn docker(args: &[&str]) -> Result<String, String> {
     let out = Command::new("docker").args(args).output().map_err(|e| format!("docker: {e}"))?;
     if out.status.success() {
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
@@ -28,7 +28,7 @@ fn docker(args: &[&str]) -> Result<String, String> {
 }
 
 /// The image of the binary under test, built once per build of the binary.
-fn image() -> String {
+pub(crate) fn image() -> String {
     let meta = std::fs::metadata(BIN).unwrap();
     let mtime = meta.modified().unwrap().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
     // The Dockerfile is part of the image: a changed one makes another tag.

@@ -12,6 +12,7 @@ mod docker;
 mod embedded;
 mod fixtures;
 mod flask;
+mod k8s;
 mod leases;
 mod membership;
 mod observe;

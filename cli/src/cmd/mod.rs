@@ -64,6 +64,7 @@ pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Tls(TlsCommand::Init { dir, hosts, ips, name, valid_for }) => {
             ok(tls::init(dir, hosts, ips, name, *valid_for, json))
         }
+        Command::Token(crate::args::TokenCommand::Mint) => ok(tokens::mint(json)),
         // Commands that talk to one node.
         Command::Token(t) => ok(tokens::token(&node::connect(&cli).await?, team, t, json).await),
         Command::Run(a) => run::run(&node::connect(&cli).await?, team, a).await,

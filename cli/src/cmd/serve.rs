@@ -66,9 +66,26 @@ pub async fn serve(cli: &Cli, a: &ServeArgs) -> Result<()> {
             if a.auth { "" } else { " (implied by --join-token)" }
         );
     }
-    if a.join_token.is_some() && a.join.is_none() && a.seeds.is_empty() {
-        bail!("--join-token (PORTMESH_JOIN_TOKEN) is for joining: it needs --join ADDR or --seeds");
+    if a.join_token.is_some() && a.join.is_none() && a.seeds.is_empty() && !(a.bootstrap && a.auth) {
+        bail!(
+            "--join-token (PORTMESH_JOIN_TOKEN) is for joining (--join ADDR or --seeds), or, with --bootstrap --auth, \
+             the standing join token the new cluster registers"
+        );
     }
+    if a.admin_token_file.is_some() && !a.auth {
+        bail!(
+            "--admin-token-file (PORTMESH_ADMIN_TOKEN_FILE) is the first admin token of a cluster with --auth: add --auth"
+        );
+    }
+    let admin_token = match &a.admin_token_file {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read --admin-token-file {}", path.display()))?
+                .trim()
+                .to_string(),
+        ),
+        None => None,
+    };
     let mut cfg = portmesh_node::NodeConfig::new(a.data.clone(), a.listen);
     cfg.tls = tls;
     cfg.http = a.http;
@@ -83,6 +100,7 @@ pub async fn serve(cli: &Cli, a: &ServeArgs) -> Result<()> {
     cfg.host = a.host_name.clone();
     cfg.auth = a.auth;
     cfg.join_token = a.join_token.clone();
+    cfg.admin_token = admin_token;
     cfg.seeds = a.seeds.clone();
     let node = portmesh_node::start(cfg).await.context("starting the node")?;
     let (lo, hi) = portmesh_probe::ephemeral_range();

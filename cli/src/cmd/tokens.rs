@@ -9,8 +9,20 @@ use serde_json::json;
 use crate::args::TokenCommand;
 use crate::render::fmt_dur;
 
+/// `token mint`: a fresh token, known to no cluster until one registers it.
+pub fn mint(json: bool) -> Result<()> {
+    let token = portmesh_node::new_token()?;
+    if json {
+        println!("{}", json!({"token": token}));
+    } else {
+        println!("{token}");
+    }
+    Ok(())
+}
+
 pub async fn token(c: &Client, team: &str, cmd: &TokenCommand, json: bool) -> Result<()> {
     match cmd {
+        TokenCommand::Mint => mint(json),
         TokenCommand::Create { role, join, ttl, uses } => {
             let role = if *join { "join" } else { role.as_str() };
             let req = pb::CreateTokenRequest {
