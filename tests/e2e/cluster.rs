@@ -377,3 +377,119 @@ async fn a_damaged_member_refuses_to_start_and_a_fresh_one_rejoins_with_everythi
         assert_eq!(ports(v), ports(&before[0]), "{} lacks what the cluster acknowledged", v.addr);
     }
 }
+
+/// Issue 16: a rolling restart, as Kubernetes' rolling update does it (one member at a time,
+/// SIGTERM, the leader last, each back and ready before the next goes), while clients allocate
+/// under leases of their own and keep other leases alive: zero errors returned to a caller (the
+/// client library's retries are its own business) and zero leases lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_restart_under_load_fails_no_request_and_loses_no_lease() {
+    let mut c = ProcCluster::start(3, &[]);
+    c.big_pool().await;
+    let addrs = c.addrs.clone();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let progress = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+
+    // Kept leases, renewed by the client helper throughout.
+    let keeper = Client::connect_any(&addrs.iter().map(String::as_str).collect::<Vec<_>>()).await.unwrap();
+    let ttl = Duration::from_secs(5);
+    let mut kept = Vec::new();
+    for _ in 0..20 {
+        let lease = keeper
+            .grant_lease(pb::LeaseGrantRequest { team: "default".into(), ttl_ms: ttl.as_millis() as u64 })
+            .await
+            .unwrap();
+        kept.push((lease.id, keeper.keep_lease("default", lease.id, ttl)));
+    }
+
+    // Writers: each allocation under a lease of its own, renewed once, until told to stop.
+    let mut writers = Vec::new();
+    for w in 0..8 {
+        let (addrs, stop, progress) = (addrs.clone(), stop.clone(), progress.clone());
+        writers.push(tokio::spawn(async move {
+            let refs: Vec<&str> = addrs.iter().map(String::as_str).collect();
+            let client = Client::connect_any(&refs).await.unwrap();
+            let (mut done, mut failed) = (0usize, Vec::new());
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                i += 1;
+                let item = pb::AllocItem {
+                    service: format!("roll-{w}-{i}"),
+                    pool: "default".into(),
+                    ..Default::default()
+                };
+                let req = pb::AllocateRequest { items: vec![item], ttl_ms: 60_000, ..Default::default() };
+                match client.allocate(req).await {
+                    Ok(r) => {
+                        let renew =
+                            pb::LeaseKeepAliveRequest { team: "default".into(), lease_id: r.lease_id };
+                        match client.keep_alive_once(renew).await {
+                            Ok(Some(_)) => {
+                                done += 1;
+                                progress.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            }
+                            Ok(None) => {
+                                failed.push(format!("lease {} of roll-{w}-{i} gone at once", r.lease_id))
+                            }
+                            Err(e) => failed.push(format!("renew roll-{w}-{i}: {e}")),
+                        }
+                    }
+                    Err(e) => failed.push(format!("allocate roll-{w}-{i}: {e}")),
+                }
+            }
+            (done, failed)
+        }));
+    }
+
+    // The rolling restart: followers first, the leader last.
+    let leader = c.leader_index().await;
+    let order: Vec<usize> = (0..3).filter(|i| *i != leader).chain([leader]).collect();
+    let written = || progress.load(std::sync::atomic::Ordering::Relaxed);
+    for i in order {
+        // Under load: the writers have moved on since the last restart.
+        let from = written();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while written() < from + 50 {
+            assert!(tokio::time::Instant::now() < deadline, "the writers stalled before node {i}'s restart");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        c.signal(i, Signal::SIGTERM);
+        let mut gone = c.nodes[i].take().unwrap();
+        let status = gone.child.wait().unwrap();
+        assert!(status.success(), "node {i} stopped cleanly on SIGTERM: {status:?}");
+        c.restart(i);
+        let client = c.client(&c.addrs[i]).await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while !client.health("portmesh").await.unwrap_or(false) {
+            assert!(tokio::time::Instant::now() < deadline, "node {i} never ready after its restart");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let from = written();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while written() < from + 50 {
+        assert!(tokio::time::Instant::now() < deadline, "the writers stalled after the restarts");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (mut done, mut failed) = (0, Vec::new());
+    for w in writers {
+        let (d, f) = w.await.unwrap();
+        done += d;
+        failed.extend(f);
+    }
+    eprintln!(
+        "rolling restart of 3 members under 8 writers: {done} allocations and renewals, {} failed",
+        failed.len()
+    );
+    assert!(failed.is_empty(), "requests failed during the rolling restart: {failed:#?}");
+    assert!(done >= 200, "the writers kept writing: {done}");
+    for (id, k) in &kept {
+        assert!(k.lost_now().is_none(), "kept lease {id} was lost: {:?}", k.lost_now());
+        let t = keeper
+            .time_to_live(pb::LeaseTimeToLiveRequest { team: "default".into(), lease_id: *id })
+            .await
+            .unwrap();
+        assert!(t.lease.is_some_and(|l| l.remaining_ms > 0), "kept lease {id} is there");
+    }
+}

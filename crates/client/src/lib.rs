@@ -325,16 +325,18 @@ impl Client {
                         .keep_alive(tokio_stream::iter([req]))
                         .await?
                         .into_inner();
-                    let reply = stream.message().await?;
-                    Ok(tonic::Response::new(reply))
+                    match stream.message().await? {
+                        Some(reply) => Ok(tonic::Response::new(reply)),
+                        // A node that is stopping ends its streams: ask another (a renewal is
+                        // safe to repeat).
+                        None => Err(tonic::Status::unavailable(
+                            "the node ended the keep-alive stream without a reply (it is stopping)",
+                        )),
+                    }
                 }
             })
             .await?;
-        match first {
-            Some(r) if r.ttl_ms > 0 => Ok(Some(Duration::from_millis(r.ttl_ms))),
-            Some(_) => Ok(None),
-            None => Err(missing("keep-alive reply")),
-        }
+        Ok((first.ttl_ms > 0).then(|| Duration::from_millis(first.ttl_ms)))
     }
 
     /// The lease as the leader counts it, with what is attached.
