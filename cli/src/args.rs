@@ -153,11 +153,16 @@ pub enum Command {
     Alloc(AllocArgs),
     /// Release ports, a sticky key's port, or everything attached to a lease.
     Release(ReleaseArgs),
-    /// Renew a lease once.
+    /// Renew a lease once, or with --keep for as long as standard input stays open.
     Renew {
         /// Lease id.
         #[arg(long)]
         lease: u64,
+        /// Keep renewing (every third of the TTL) until standard input closes, then revoke the
+        /// lease: a program holds ports for its lifetime by keeping this running on a pipe, and
+        /// the ports come back when it ends, however it ends. Exits 1 if the lease is lost.
+        #[arg(long)]
+        keep: bool,
     },
     /// List live allocations and reservations.
     Ls {

@@ -38,8 +38,14 @@ fn main() {
             std::process::exit(1);
         }
     };
+    let json = cli.json;
     let code = match runtime.block_on(cmd::dispatch(cli)) {
         Ok(code) => code,
+        Err(e) if json => {
+            // For programs (the Python package): the message and its category, one JSON line.
+            eprintln!("{}", serde_json::json!({"error": format!("{e:#}"), "kind": error_kind(&e)}));
+            1
+        }
         Err(e) => {
             eprintln!("portmesh: error: {e:#}");
             1
@@ -53,6 +59,20 @@ fn main() {
 /// log nothing unless `PORTMESH_LOG` or `RUST_LOG` (an `EnvFilter` directive such as `debug` or
 /// `portmesh_api=trace`) asks, which also keeps a one-shot command from paying for building a
 /// filter.
+/// The category of a failed command, as `--json` reports it: the node's (`exhausted`,
+/// `not_found`, `failed_precondition`, ...), `unreachable` when no node answered, `error` for
+/// anything else (bad arguments, files).
+fn error_kind(e: &anyhow::Error) -> String {
+    use portmesh_client::ClientError;
+    let client = e.chain().find_map(|c| c.downcast_ref::<ClientError>());
+    match client {
+        Some(c) if c.kind().is_some() => c.kind().unwrap_or_default().to_string(),
+        Some(ClientError::Unreachable { .. } | ClientError::NoAnswer { .. }) => "unreachable".into(),
+        Some(ClientError::Status { code, .. }) => format!("{code:?}").to_lowercase(),
+        _ => "error".into(),
+    }
+}
+
 fn init_tracing(serving: bool, format: args::LogFormat) {
     let from_env =
         ["PORTMESH_LOG", "RUST_LOG"].iter().find_map(|v| std::env::var(v).ok().filter(|v| !v.is_empty()));

@@ -70,7 +70,10 @@ pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Run(a) => run::run(&node::connect(&cli).await?, team, a).await,
         Command::Alloc(a) => ok(ports::alloc(&node::connect(&cli).await?, team, a, json).await),
         Command::Release(r) => ok(ports::release(&node::connect(&cli).await?, team, r, json).await),
-        Command::Renew { lease } => ok(ports::renew(&node::connect(&cli).await?, team, *lease, json).await),
+        Command::Renew { lease, keep: false } => {
+            ok(ports::renew(&node::connect(&cli).await?, team, *lease, json).await)
+        }
+        Command::Renew { lease, keep: true } => ports::keep(&node::connect(&cli).await?, team, *lease).await,
         Command::Ls { pool, all_teams, stale } => {
             let req = pb::ListRequest {
                 team: scope(*all_teams).to_string(),

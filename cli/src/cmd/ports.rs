@@ -227,6 +227,32 @@ pub async fn renew(c: &Client, team: &str, lease: u64, json: bool) -> Result<()>
     }
 }
 
+/// `renew --keep`: renews until standard input closes, then revokes the lease.
+pub async fn keep(c: &Client, team: &str, lease: u64) -> Result<ExitCode> {
+    let Some(ttl) =
+        c.keep_alive_once(pb::LeaseKeepAliveRequest { team: team.into(), lease_id: lease }).await?
+    else {
+        bail!("lease {lease} no longer exists in team {team:?} (it expired or was revoked)");
+    };
+    let mut keeper = c.keep_lease(team, lease, ttl);
+    // Standard input read to its end on a thread of its own: EOF is the owner going away.
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let _ = std::io::copy(&mut std::io::stdin().lock(), &mut std::io::sink());
+        let _ = tx.send(());
+    });
+    tokio::select! {
+        _ = rx => {
+            crate::node::end_lease(c, team, lease).await?;
+            Ok(0)
+        }
+        lost = keeper.lost() => {
+            eprintln!("portmesh: error: lease {lease} was lost: {lost}");
+            Ok(1)
+        }
+    }
+}
+
 pub async fn reserve(c: &Client, port: u16, reason: &str, json: bool) -> Result<()> {
     let r = c.reserve(pb::ReserveRequest { port: port.into(), reason: reason.into() }).await?;
     print_or_json(

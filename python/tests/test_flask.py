@@ -1,0 +1,107 @@
+"""The Flask extension with real Flask, in an app factory."""
+
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.request
+
+import pytest
+from flask import Flask
+
+import portmesh
+from conftest import in_pool
+from portmesh.flask import PortMesh
+
+pm = PortMesh()
+
+
+def create_app(**config):
+    app = Flask("shop")
+    app.config.update(config)
+    pm.init_app(app)
+    return app
+
+
+def test_an_app_factory_gets_its_sticky_port_registered_and_its_dependencies_urls(pool):
+    cache_port = portmesh.port("cache", pool=pool, key="shop/cache")
+    rid = portmesh.register("cache", cache_port)
+    app = create_app(
+        PORTMESH_POOL=pool,
+        PORTMESH_KEY="shop/web",
+        PORTMESH_URLS={"CACHE_REDIS_URL": "redis://localhost:{cache.port}/0"},
+    )
+    port = app.config["PORTMESH_PORT"]
+    state = app.extensions["portmesh"]
+    assert in_pool(port) and state.port == port and state.held is not None
+    assert app.config["CACHE_REDIS_URL"] == f"redis://localhost:{cache_port}/0"
+    # Registered under the app's name (not healthy yet: nothing serves there in this test).
+    assert [s.port for s in portmesh.discover("shop", all=True)] == [port]
+    # The same project and key get the same port back once this app lets it go.
+    state.release()
+    assert portmesh.discover("shop", all=True) == [], "the registration went with the lease"
+    again = create_app(PORTMESH_POOL=pool, PORTMESH_KEY="shop/web", PORTMESH_REGISTER=False)
+    assert again.config["PORTMESH_PORT"] == port
+    again.extensions["portmesh"].release()
+    portmesh.deregister(rid)
+    portmesh.release(cache_port)
+
+
+def test_under_portmesh_run_it_takes_the_port_it_is_given_and_holds_nothing(monkeypatch):
+    monkeypatch.setenv("PORTMESH_SERVICE", "shop")
+    monkeypatch.setenv("PORT", "31148")
+    monkeypatch.setenv("DB_PORT", "31147")
+    app = create_app(PORTMESH_URLS={"SQLALCHEMY_DATABASE_URI": "postgresql://localhost:{db.port}/shop"})
+    assert app.config["PORTMESH_PORT"] == 31148
+    assert app.extensions["portmesh"].held is None
+    assert app.config["SQLALCHEMY_DATABASE_URI"] == "postgresql://localhost:31147/shop"
+
+
+def test_the_reloaders_child_takes_its_parents_port(monkeypatch):
+    monkeypatch.setenv("WERKZEUG_RUN_MAIN", "true")
+    monkeypatch.setenv("PORTMESH_FLASK_PORT", "31146")
+    app = create_app()
+    assert app.config["PORTMESH_PORT"] == 31146 and app.extensions["portmesh"].held is None
+
+
+def test_a_missing_dependency_is_named_and_nothing_is_held(pool):
+    with pytest.raises(portmesh.NotFound) as e:
+        create_app(PORTMESH_POOL=pool, PORTMESH_KEY="shop/x", PORTMESH_URLS={"DB": "x://{nosuch.port}"})
+    assert "service 'nosuch'" in str(e.value)
+    with pytest.raises(portmesh.NotFound):
+        portmesh.release(key="shop/x")
+
+
+def test_app_run_serves_on_the_held_port_and_the_port_comes_back_when_it_is_killed(pool):
+    server = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            from flask import Flask
+            from portmesh.flask import PortMesh
+            app = Flask("served")
+            app.config.update(PORTMESH_POOL={pool!r}, PORTMESH_KEY="served/web", PORTMESH_HEALTHZ=True)
+            PortMesh(app)
+            app.run()
+        """)],
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            found = portmesh.discover("served")
+            if found:
+                try:
+                    body = urllib.request.urlopen(f"http://127.0.0.1:{found[0].port}/healthz", timeout=2).read()
+                    break
+                except OSError:
+                    pass
+            assert time.monotonic() < deadline, "the app never served on its registered port"
+            time.sleep(0.1)
+        assert body == b"ok\n" and in_pool(found[0].port)
+    finally:
+        server.send_signal(signal.SIGKILL)
+        server.wait()
+    deadline = time.monotonic() + 15
+    while portmesh.discover("served", all=True):
+        assert time.monotonic() < deadline, "the registration outlived the killed app"
+        time.sleep(0.1)
