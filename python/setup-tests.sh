@@ -9,7 +9,7 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/.." && pwd)
-venv=$root/target/python-venv
+venv=${CARGO_TARGET_DIR:-$root/target}/python-venv
 stamp=$venv/.portmesh-tools
 if [ ! -f "$stamp" ] || [ "$here/requirements-test.txt" -nt "$stamp" ]; then
     python3 -m venv "$venv" >&2

@@ -87,7 +87,12 @@ fn stock_grpc_health_and_v1alpha_reflection_clients_work() {
 #[test]
 fn the_python_package_installs_with_pip_passes_its_tests_and_its_wheel_needs_no_rust() {
     let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
-    let setup = Command::new(format!("{root}/python/setup-tests.sh")).output().expect("run setup-tests.sh");
+    // The build's own target directory, so maturin reuses what Cargo built for the tests.
+    let target = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).parent().unwrap().to_path_buf();
+    let setup = Command::new(format!("{root}/python/setup-tests.sh"))
+        .env("CARGO_TARGET_DIR", &target)
+        .output()
+        .expect("run setup-tests.sh");
     assert!(setup.status.success(), "setup-tests.sh failed: {}", String::from_utf8_lossy(&setup.stderr));
     let python = String::from_utf8_lossy(&setup.stdout).lines().last().unwrap().to_string();
     let bin = std::path::Path::new(&python).parent().unwrap().to_path_buf();
@@ -129,7 +134,7 @@ fn the_python_package_installs_with_pip_passes_its_tests_and_its_wheel_needs_no_
         .args(["build", "--profile", "dev", "--out"])
         .arg(&wheels)
         .current_dir(format!("{root}/python"))
-        .env("CARGO_TARGET_DIR", format!("{root}/target"))
+        .env("CARGO_TARGET_DIR", &target)
         .output()
         .unwrap();
     assert!(built.status.success(), "maturin build: {}", String::from_utf8_lossy(&built.stderr));
