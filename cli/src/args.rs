@@ -330,7 +330,7 @@ pub enum Command {
 }
 
 /// Where a port comes from and what to do when the wanted one is taken (`alloc` and `run`).
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct PortArgs {
     /// Pool to draw from [default: the pool holding --port, else the pool named like the
     /// service, else default].
@@ -343,7 +343,8 @@ pub struct PortArgs {
     #[arg(long, default_value = "sticky")]
     pub strategy: portmesh_core::Strategy,
     /// Sticky key: the same key gets the same port back (several ports: the key suffixed /0, /1,
-    /// … for `alloc --count`, /NAME for `run --ports`).
+    /// … for `alloc --count`, /NAME for `run --ports`). `run` defaults to PROJECT/SERVICE
+    /// (PROJECT: PORTMESH_PROJECT, else the working directory's name).
     #[arg(long)]
     pub key: Option<String>,
     /// Instance name.

@@ -9,6 +9,16 @@ use crate::args::PortArgs;
 
 /// The items of one allocation: a port per name, the first at the wanted port; with a key and
 /// several names, each key is suffixed `/NAME`.
+/// The sticky key `run` uses when none is given: `PROJECT/SERVICE`, PROJECT being
+/// `PORTMESH_PROJECT` or the name of the working directory (the Python package's default too), so
+/// the same command run from the same project gets the same port next time.
+pub fn default_key(service: &str) -> String {
+    let project = std::env::var("PORTMESH_PROJECT").ok().filter(|p| !p.is_empty()).or_else(|| {
+        std::env::current_dir().ok().and_then(|d| d.file_name().map(|n| n.to_string_lossy().into_owned()))
+    });
+    format!("{}/{service}", project.unwrap_or_else(|| "default".into()))
+}
+
 pub fn alloc_items(service: &str, w: &PortArgs, names: &[String]) -> Vec<pb::AllocItem> {
     names
         .iter()

@@ -517,3 +517,34 @@ fn release_of_a_port_a_running_process_holds_is_refused_unless_forced() {
     kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
     child.wait().unwrap();
 }
+
+/// Issue 17: `run` is sticky by default, keyed by project (the working directory's name, or
+/// PORTMESH_PROJECT) and service: the same command from the same project gets its port back;
+/// another project's does not take it.
+#[test]
+fn run_is_sticky_by_default_per_project_and_service() {
+    let h = home_with_pool("20790-20799");
+    let dirs = tempfile::tempdir().unwrap();
+    let (shop, blog) = (dirs.path().join("shop"), dirs.path().join("blog"));
+    std::fs::create_dir_all(&shop).unwrap();
+    std::fs::create_dir_all(&blog).unwrap();
+    let port_of = |dir: &std::path::Path, project: Option<&str>| {
+        let mut cmd = h.cmd(&["run", "--pool", "t", "--service", "web", "--", "true"]);
+        cmd.current_dir(dir).env_remove("PORTMESH_PROJECT");
+        if let Some(p) = project {
+            cmd.env("PORTMESH_PROJECT", p);
+        }
+        let out = cmd.output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(out.status.success(), "{stderr}");
+        let port = stderr.split("runs on port ").nth(1).unwrap().trim().parse::<u16>().unwrap();
+        assert!((20790..=20799).contains(&port), "{stderr}");
+        port
+    };
+    let first = port_of(&shop, None);
+    assert_eq!(port_of(&shop, None), first, "the same project's service gets its port back");
+    let other = port_of(&blog, None);
+    assert_ne!(other, first, "another project's service does not take a remembered port");
+    assert_eq!(port_of(&blog, Some("shop")), first, "PORTMESH_PROJECT names the project");
+    assert!(h.live_ports().is_empty(), "each run released what it held");
+}

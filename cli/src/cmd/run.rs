@@ -14,7 +14,7 @@ use crate::process::{
     self,
     spawn::{self, Output, Program, Spec},
 };
-use crate::requests::{alloc_items, check_pb};
+use crate::requests::{alloc_items, check_pb, default_key};
 
 pub async fn run(c: &Client, team: &str, a: &RunArgs) -> Result<i32> {
     let service = match &a.service {
@@ -40,7 +40,12 @@ pub async fn run(c: &Client, team: &str, a: &RunArgs) -> Result<i32> {
         );
     }
     let command_line = a.command.join(" ");
-    let items = alloc_items(&service, &a.want, &names);
+    // Sticky unless told otherwise: the project's service gets its port back next time.
+    let mut want = a.want.clone();
+    if want.key.is_none() {
+        want.key = Some(default_key(&service));
+    }
+    let items = alloc_items(&service, &want, &names);
     let r = c
         .allocate_here(pb::AllocateRequest {
             team: team.to_string(),
