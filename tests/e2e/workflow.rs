@@ -547,4 +547,19 @@ fn run_is_sticky_by_default_per_project_and_service() {
     assert_ne!(other, first, "another project's service does not take a remembered port");
     assert_eq!(port_of(&blog, Some("shop")), first, "PORTMESH_PROJECT names the project");
     assert!(h.live_ports().is_empty(), "each run released what it held");
+
+    // Two runs of the same project's service at once (two terminals, parallel CI jobs) never
+    // share a port: the second takes a sticky slot of its own.
+    let mut running = h.cmd(&["run", "--pool", "t", "--service", "web", "--", "sleep", "30"]);
+    let mut running = running.current_dir(&shop).env_remove("PORTMESH_PROJECT").spawn().unwrap();
+    wait_until("the first run to hold its port", std::time::Duration::from_secs(10), || {
+        h.live_ports().contains(&first)
+    });
+    let second = port_of(&shop, None);
+    assert_ne!(second, first, "a concurrent run got the port another run holds");
+    assert_eq!(port_of(&shop, None), second, "and its slot is sticky too");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(running.id() as i32), nix::sys::signal::Signal::SIGINT)
+        .unwrap();
+    running.wait().unwrap();
+    assert_eq!(port_of(&shop, None), first, "the first slot again once it is free");
 }

@@ -16,6 +16,9 @@ use crate::process::{
 };
 use crate::requests::{alloc_items, check_pb, default_key};
 
+/// Concurrent runs of one project's service that each get a sticky slot of their own.
+const MAX_SLOTS: u32 = 32;
+
 pub async fn run(c: &Client, team: &str, a: &RunArgs) -> Result<i32> {
     let service = match &a.service {
         Some(s) => s.clone(),
@@ -40,22 +43,39 @@ pub async fn run(c: &Client, team: &str, a: &RunArgs) -> Result<i32> {
         );
     }
     let command_line = a.command.join(" ");
-    // Sticky unless told otherwise: the project's service gets its port back next time.
-    let mut want = a.want.clone();
-    if want.key.is_none() {
-        want.key = Some(default_key(&service));
-    }
-    let items = alloc_items(&service, &want, &names);
-    let r = c
-        .allocate_here(pb::AllocateRequest {
-            team: team.to_string(),
-            items,
-            ttl_ms: a.ttl.as_millis() as u64,
-            pid: std::process::id(),
-            command: command_line.clone(),
-            ..Default::default()
-        })
-        .await?;
+    // Sticky unless told otherwise: the project's service gets its port back next time. A
+    // second run of it at the same time (another terminal, a parallel CI job) must not share
+    // the port the first one holds: it takes the next slot, PROJECT/SERVICE#2, and so on.
+    let base = a.want.key.is_none().then(|| default_key(&service));
+    let mut slot = 1;
+    let r = loop {
+        let mut want = a.want.clone();
+        if let Some(base) = &base {
+            want.key = Some(if slot == 1 { base.clone() } else { format!("{base}#{slot}") });
+        }
+        let r = c
+            .allocate_here(pb::AllocateRequest {
+                team: team.to_string(),
+                items: alloc_items(&service, &want, &names),
+                ttl_ms: a.ttl.as_millis() as u64,
+                pid: std::process::id(),
+                command: command_line.clone(),
+                ..Default::default()
+            })
+            .await?;
+        let ours = r.allocations.iter().all(|al| al.lease_id == r.lease_id);
+        if ours || base.is_none() {
+            break r;
+        }
+        node::end_lease(c, team, r.lease_id).await?;
+        if slot == MAX_SLOTS {
+            bail!(
+                "{MAX_SLOTS} runs of {} hold their ports at once: give this one a key of its own (--key)",
+                base.as_deref().unwrap_or_default()
+            );
+        }
+        slot += 1;
+    };
     let lease = r.lease_id;
     let ports: Vec<(String, u16)> =
         names.iter().cloned().zip(r.allocations.iter().map(|al| al.port as u16)).collect();
