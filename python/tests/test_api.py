@@ -115,3 +115,16 @@ def held_ports():
     from portmesh import _cli
 
     return {int(a["port"]) for a in _cli.run(["ls"]).get("allocations", [])}
+
+
+def test_two_processes_holding_the_same_service_never_share_a_port(pool, tmp_path):
+    os.chdir(tmp_path)
+    first = portmesh.hold("shared", ttl=5, pool=pool)
+    code = f"import portmesh; h = portmesh.hold('shared', ttl=5, pool={pool!r}); print(h.port, h.key)"
+    other = child(code)
+    assert other.returncode == 0, other.stderr
+    port, key = other.stdout.split()
+    assert int(port) != first.port and key == f"{tmp_path.name}/shared#2"
+    again = child(code)
+    assert again.stdout.split()[0] == port, "the second slot is sticky too"
+    first.release()

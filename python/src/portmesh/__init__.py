@@ -197,6 +197,9 @@ class Held:
 
 _held: List[Held] = []
 
+#: Concurrent holders of one project's service that each get a sticky slot of their own.
+_MAX_SLOTS = 32
+
 
 @atexit.register
 def _release_all() -> None:
@@ -216,12 +219,24 @@ def hold(
     node: Optional[str] = None,
 ) -> Held:
     """A sticky port for `service` under a lease of `ttl` seconds, kept alive for the life of
-    this process (a context manager too). If the process is killed, the lease lapses within
-    `ttl` and the port comes back."""
-    chosen = key if key is not None else default_key(service)
-    args = _alloc_args(service, pool=pool, key=chosen, want=want, strategy=strategy, ttl=ttl, lease=None)
-    reply = _cli.run(args, team=team, node=node)
-    lease_id = int(reply["lease_id"])
+    this process (a context manager too). When the process ends, however it ends, the lease is
+    revoked and the port comes back. Without `key`, a second process holding the same service of
+    the same project at the same time takes a sticky slot of its own (``PROJECT/SERVICE#2``, ...),
+    as ``portmesh run`` does, rather than share the first one's port."""
+    base = key if key is not None else default_key(service)
+    for slot in range(1, _MAX_SLOTS + 1):
+        chosen = base if slot == 1 or key is not None else f"{base}#{slot}"
+        args = _alloc_args(service, pool=pool, key=chosen, want=want, strategy=strategy, ttl=ttl, lease=None)
+        reply = _cli.run(args, team=team, node=node)
+        lease_id = int(reply["lease_id"])
+        if key is not None or all(int(a.get("lease_id") or 0) == lease_id for a in reply["allocations"]):
+            break
+        # The slot's port is held by another process: our new lease holds nothing; let it go.
+        _cli.run(["release", "--lease", str(lease_id)], team=team, node=node)
+    else:
+        raise FailedPrecondition(
+            f"{_MAX_SLOTS} processes hold {base!r} at once: give this one a key of its own", kind="failed_precondition"
+        )
     held = Held(
         port=int(reply["allocations"][0]["port"]),
         lease_id=lease_id,
