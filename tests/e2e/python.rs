@@ -5,21 +5,28 @@ use std::process::Command;
 
 use crate::support::*;
 
-#[test]
-fn the_python_client_allocates_keeps_its_lease_past_the_ttl_and_watches() {
+/// Runs `SCRIPT --node ADDR ARGS` of `examples/python-client` in the venv its setup script makes,
+/// against a fresh node.
+fn run_example(script: &str, args: &[&str]) -> (std::process::Output, Home, Served) {
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/python-client");
     let setup = Command::new(format!("{dir}/setup.sh")).output().expect("run setup.sh");
     assert!(setup.status.success(), "setup.sh failed: {}", String::from_utf8_lossy(&setup.stderr));
     let python = String::from_utf8_lossy(&setup.stdout).lines().last().unwrap().to_string();
-
     let h = Home::new();
     let node = serve(&h, &h.path().join("data"), &["--bootstrap"]);
     let out = Command::new(&python)
-        .args(["demo.py", "--node", &node.grpc, "--ttl", "1.5"])
+        .args([script, "--node", &node.grpc])
+        .args(args)
         .current_dir(dir)
         .env("PYTHONDONTWRITEBYTECODE", "1")
         .output()
         .unwrap();
+    (out, h, node)
+}
+
+#[test]
+fn the_python_client_allocates_keeps_its_lease_past_the_ttl_and_watches() {
+    let (out, h, node) = run_example("demo.py", &["--ttl", "1.5"]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "demo.py failed: {out:?}");
     let steps: Vec<serde_json::Value> = stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
@@ -51,19 +58,7 @@ fn the_python_client_allocates_keeps_its_lease_past_the_ttl_and_watches() {
 /// service's methods.
 #[test]
 fn stock_grpc_health_and_v1alpha_reflection_clients_work() {
-    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/python-client");
-    let setup = Command::new(format!("{dir}/setup.sh")).output().expect("run setup.sh");
-    assert!(setup.status.success(), "setup.sh failed: {}", String::from_utf8_lossy(&setup.stderr));
-    let python = String::from_utf8_lossy(&setup.stdout).lines().last().unwrap().to_string();
-
-    let h = Home::new();
-    let node = serve(&h, &h.path().join("data"), &["--bootstrap"]);
-    let out = Command::new(&python)
-        .args(["stock_tools.py", "--node", &node.grpc])
-        .current_dir(dir)
-        .env("PYTHONDONTWRITEBYTECODE", "1")
-        .output()
-        .unwrap();
+    let (out, _h, _node) = run_example("stock_tools.py", &[]);
     assert!(out.status.success(), "stock_tools.py failed: {out:?}");
     let seen: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(
