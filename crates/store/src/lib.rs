@@ -322,8 +322,10 @@ impl Store {
     }
 
     /// Test hook: while `on`, every flush (the Raft log's, the vote's, a snapshot's) fails with an
-    /// I/O error, as on a disk that died; nothing is written to the watermark meanwhile.
-    #[cfg(feature = "fault-injection")]
+    /// I/O error, as on a disk that died; nothing is written to the watermark meanwhile. Always
+    /// compiled (a cargo feature would give the test build other dependencies than the binary
+    /// the Python package's test builds, and rebuild half the workspace); nothing else calls it.
+    #[doc(hidden)]
     pub fn inject_flush_failures(&self, on: bool) {
         self.inner.watermark.fail_flushes(on);
     }

@@ -162,7 +162,6 @@ impl Watermark {
     }
 
     /// Turns the injected flush failure on or off (see `Store::inject_flush_failures`).
-    #[cfg(feature = "fault-injection")]
     pub(crate) fn fail_flushes(&self, on: bool) {
         self.failing.store(on, std::sync::atomic::Ordering::Relaxed);
     }
