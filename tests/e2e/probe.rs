@@ -35,6 +35,20 @@ fn check_reports_free_and_busy_with_the_owning_process() {
     let v = h.pm(&["check", &free.to_string(), "--json"]).ok().json();
     assert_eq!(v["ports"][0]["free"], true);
     assert!(h.info().is_none(), "check is local: it starts no node");
+
+    // With a node running, a port portmesh handed out is named with its service, key and team
+    // beside the process that listens there.
+    h.pm(&["pools", "add", "chk", "21020-21029"]).ok();
+    let held = h.pm(&["alloc", "web", "--pool", "chk", "--key", "shop/web"]).ok().ports()[0];
+    let _listening = TcpListener::bind(("127.0.0.1", held)).unwrap();
+    let r = h.pm(&["check", &held.to_string()]);
+    assert!(
+        r.stdout.contains(&format!("{held} busy pid {}", std::process::id()))
+            && r.stdout.contains("allocated by portmesh to service web (team default, key shop/web)"),
+        "{r:?}"
+    );
+    let v = h.pm(&["check", &held.to_string(), "--json"]).json();
+    assert_eq!(v["ports"][0]["portmesh"]["key"], "shop/web", "{v}");
 }
 
 /// The process a probe finds on a busy port is recorded without its secrets: a listener whose

@@ -39,7 +39,15 @@ pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
     match &cli.command {
         // Commands that need no node, or manage the node themselves.
         Command::Serve(a) => ok(serve::serve(&cli, a).await),
-        Command::Check { ports } => ports::check(ports, json),
+        Command::Check { ports } => {
+            // Who in portmesh holds them: the node named, else the local node if one runs (a
+            // check starts none).
+            let holders = match &cli.node {
+                Some(addr) => Some(node::connect_to(&cli, addr).await?),
+                None => node::local::running(node::token(&cli)?.as_deref()).await?,
+            };
+            ports::check(holders.as_ref(), ports, json).await
+        }
         Command::Completions { shell } => {
             // Generated into memory: clap_complete panics on a failed write (a closed pipe).
             let mut cmd = <crate::args::Cli as clap::CommandFactory>::command();

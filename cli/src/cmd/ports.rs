@@ -185,25 +185,46 @@ pub async fn ls(c: &Client, req: pb::ListRequest, json: bool) -> Result<()> {
     Ok(())
 }
 
-pub fn check(ports: &[u16], json: bool) -> Result<ExitCode> {
+pub async fn check(node: Option<&Client>, ports: &[u16], json: bool) -> Result<ExitCode> {
+    // The allocations of this host, every team's, when a node answers: a busy port's portmesh
+    // holder (its service, key and team) is named beside the process.
+    let here = portmesh_probe::hostname();
+    let held: Vec<pb::Allocation> = match node {
+        Some(c) => c
+            .list(pb::ListRequest { stale: true, ..Default::default() })
+            .await
+            .map(|l| l.allocations.into_iter().filter(|a| a.host == here).collect())
+            .unwrap_or_default(),
+        None => Vec::new(),
+    };
     let mut busy = false;
     let mut out = Vec::new();
     for &p in ports {
         let c = portmesh_probe::check(p).with_context(|| format!("probing port {p}"))?;
         busy |= !c.free;
+        let mine = held.iter().find(|a| a.port == u32::from(p));
         if json {
-            out.push(serde_json::to_value(&c)?);
+            let mut v = serde_json::to_value(&c)?;
+            if let Some(a) = mine {
+                v["portmesh"] = json!({"service": a.service, "key": (!a.key.is_empty()).then_some(&a.key),
+                                        "team": a.team, "lease_id": (a.lease_id != 0).then_some(a.lease_id)});
+            }
+            out.push(v);
             continue;
         }
+        let allocated = mine.map(|a| {
+            let key = if a.key.is_empty() { String::new() } else { format!(", key {}", a.key) };
+            format!(" - allocated by portmesh to service {} (team {}{key})", a.service, a.team)
+        });
         if c.free {
-            println!("{p} free");
+            println!("{p} free{}", allocated.unwrap_or_default());
         } else if c.owners.is_empty() {
-            println!("{p} busy (owner not visible)");
+            println!("{p} busy (owner not visible){}", allocated.unwrap_or_default());
         } else {
             for o in &c.owners {
                 let pid = o.pid.map_or("pid ?".to_string(), |p| format!("pid {p}"));
                 let cmd = o.command.clone().unwrap_or_else(|| "?".into());
-                println!("{p} busy {pid} {cmd} ({})", o.addr);
+                println!("{p} busy {pid} {cmd} ({}){}", o.addr, allocated.clone().unwrap_or_default());
             }
         }
     }
