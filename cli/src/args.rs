@@ -318,6 +318,14 @@ pub enum Command {
     /// Project files.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Write a commented portmesh.toml for the project in this directory: its Flask app (an app
+    /// factory or a module-level app), and a Redis or PostgreSQL service when requirements.txt
+    /// or pyproject.toml names one.
+    Init {
+        /// Replace an existing portmesh.toml.
+        #[arg(long)]
+        force: bool,
+    },
     /// Remove this machine's local node (or the node at --node) from its cluster cleanly: the
     /// node is removed from the membership, stopped, and its data moved aside; the next command
     /// starts a fresh single-node local node. With --id, remove that member instead (e.g. a

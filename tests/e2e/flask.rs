@@ -158,3 +158,41 @@ fn up_starts_a_real_redis_before_the_flask_app_that_uses_it() {
     ok(&mut pm(&h, &path, &["down", "-f", &file]));
     assert!(port_is_free(ports["cache"]) && port_is_free(ports["app"]));
 }
+
+/// Issue 17: `portmesh init` in a Flask project with an app factory writes a portmesh.toml that
+/// `up` runs as it is; without one, `up` says to run `init`; an existing file is not replaced
+/// unless asked.
+#[test]
+fn init_writes_a_project_file_that_up_runs_for_a_flask_app_factory() {
+    let (h, path) = flask_home(&[("web", "20830-20839")]);
+    let dir = tempfile::tempdir().unwrap();
+    let project = dir.path().join("greet");
+    std::fs::create_dir_all(project.join("greet")).unwrap();
+    std::fs::write(
+        project.join("greet/__init__.py"),
+        "from flask import Flask\n\ndef create_app():\n    app = Flask(__name__)\n    app.add_url_rule('/', 'hi', lambda: 'hi')\n    return app\n",
+    )
+    .unwrap();
+    std::fs::write(project.join("requirements.txt"), "flask\n").unwrap();
+    let out = pm(&h, &path, &["up", "-d"]).current_dir(&project).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("`portmesh init` writes one"), "{out:?}");
+
+    let said = ok(pm(&h, &path, &["init"]).current_dir(&project));
+    assert!(said.contains("for project \"greet\": web (the Flask app greet:create_app)"), "{said}");
+    let file = std::fs::read_to_string(project.join("portmesh.toml")).unwrap();
+    assert!(file.contains("flask --app greet:create_app run --port {port}"), "{file}");
+    let again = pm(&h, &path, &["init"]).current_dir(&project).output().unwrap();
+    assert!(
+        !again.status.success() && String::from_utf8_lossy(&again.stderr).contains("--force"),
+        "{again:?}"
+    );
+
+    ok(pm(&h, &path, &["up", "-d"]).current_dir(&project));
+    let ps = ok(pm(&h, &path, &["ps", "--json"]).current_dir(&project));
+    let ps: serde_json::Value = serde_json::from_str(&ps).unwrap();
+    let port = ps["services"][0]["ports"][0]["port"].as_u64().unwrap() as u16;
+    assert!((20830..=20839).contains(&port), "{ps}");
+    assert_eq!(get(port, "/"), (200, "hi".to_string()));
+    ok(pm(&h, &path, &["down"]).current_dir(&project));
+}

@@ -10,6 +10,7 @@
 
 mod cluster;
 mod events;
+mod init;
 mod observe;
 mod pools;
 mod ports;
@@ -64,6 +65,7 @@ pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
         }
         Command::Leave { id } => ok(cluster::leave(&cli, *id).await),
         Command::Config(ConfigCommand::Show(p)) => stack::config_show(&cli, p),
+        Command::Init { force } => ok(init::init(*force, json)),
         Command::Up(a) => stack::up(&cli, a).await,
         Command::Down(p) => stack::down(&cli, p).await,
         Command::Ps(p) => stack::ps(&cli, p).await,

@@ -47,7 +47,7 @@ fn find_project_file() -> Result<PathBuf> {
     let here = std::env::current_dir().context("cannot read the current directory")?;
     here.ancestors().map(|d| d.join(portmesh_project::DEFAULT_FILE)).find(|f| f.is_file()).ok_or_else(|| {
         anyhow!(
-            "no {} in {} or a parent directory: write one (examples/templates/ has starters) or pass -f FILE",
+            "no {} in {} or a parent directory: `portmesh init` writes one for this project, or pass -f FILE",
             portmesh_project::DEFAULT_FILE,
             here.display()
         )
