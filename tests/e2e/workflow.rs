@@ -563,3 +563,37 @@ fn run_is_sticky_by_default_per_project_and_service() {
     running.wait().unwrap();
     assert_eq!(port_of(&shop, None), first, "the first slot again once it is free");
 }
+
+/// Issue 17 item 10: `ps` right after `up -d` shows the health `up` saw (not "unknown" until
+/// the node's first check), and after a service crashed the reason the stack stopped.
+#[test]
+fn ps_shows_health_as_up_saw_it_and_why_a_stack_stopped() {
+    let h = home_with_pool("20840-20849");
+    let dir = tempfile::tempdir().unwrap();
+    let f = project(
+        dir.path(),
+        &format!(
+            "project = \"crashy\"\ncheck_interval = \"1h\"\n[services.web]\ncommand = \"{SERVER}\"\npool = \"t\"\ncheck = \"tcp\"\n"
+        ),
+    );
+    let f = f.to_str().unwrap();
+    h.pm(&["up", "-d", "-f", f]).ok();
+    let ps = h.pm(&["ps", "-f", f, "--json"]).ok().json();
+    assert_eq!(
+        (ps["phase"].as_str(), ps["services"][0]["status"].as_str()),
+        (Some("up"), Some("passing")),
+        "{ps}"
+    );
+    let server = ps["services"][0]["pid"].as_u64().unwrap() as i32;
+    kill(Pid::from_raw(server), Signal::SIGKILL).unwrap();
+    wait_until("the stack to stop", Duration::from_secs(20), || {
+        h.pm(&["ps", "-f", f, "--json"]).ok().json()["phase"] == "failed"
+    });
+    let ps = h.pm(&["ps", "-f", f]).ok();
+    assert!(ps.stdout.contains("crashy/dev/default (failed: service web killed by SIGKILL"), "{ps:?}");
+    assert!(h.live_ports().is_empty(), "its ports came back");
+    // The next up starts it again; down after a failure says it is down.
+    h.pm(&["up", "-d", "-f", f]).ok();
+    assert_eq!(h.pm(&["ps", "-f", f, "--json"]).ok().json()["phase"], "up");
+    h.pm(&["down", "-f", f]).ok();
+}

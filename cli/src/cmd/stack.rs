@@ -85,13 +85,25 @@ async fn up_here(cli: &Cli, a: &UpArgs, report: &mut Option<std::fs::File>) -> R
         lease,
         phase: "starting".into(),
         services: Vec::new(),
+        reason: None,
     };
     record::write(&path, &rec)?;
     let outcome = runner::supervise_stack(&c, &stack, lease, &ports, &mut rec, &path, report, started).await;
     if let Err(e) = node::end_lease(&c, &stack.team, lease).await {
         eprintln!("portmesh: {e:#}; the ports come back when it runs out");
     }
-    let _ = std::fs::remove_file(&path);
+    match &outcome {
+        // Why a stack that was up stopped stays for `ps` (a detached stack's terminal is gone);
+        // an `up` that failed while starting said why where it was run (`up -d` too).
+        Err(e) if rec.phase == "up" => {
+            rec.phase = "failed".into();
+            rec.reason = Some(format!("{e:#}"));
+            let _ = record::write(&path, &rec);
+        }
+        _ => {
+            let _ = std::fs::remove_file(&path);
+        }
+    }
     outcome
 }
 
@@ -126,6 +138,8 @@ pub async fn ps(cli: &Cli, p: &ProjectArgs) -> Result<i32> {
         found.iter().filter(|s| s.instance == stack.instance_name()).map(|s| (s.name.as_str(), s)).collect();
     let now = portmesh_core::unix_ms(std::time::SystemTime::now());
     let phase = st.as_ref().map_or("down", |s| s.phase.as_str());
+    let reason = st.as_ref().and_then(|s| s.reason.as_deref());
+    let up = phase == "up";
     let rows: Vec<PsRow<'_>> = stack
         .services
         .iter()
@@ -134,7 +148,13 @@ pub async fn ps(cli: &Cli, p: &ProjectArgs) -> Result<i32> {
             let local = st.as_ref().and_then(|st| st.services.iter().find(|s| s.name == svc.name));
             PsRow {
                 name: &svc.name,
-                status: reg.map_or("stopped", |r| health(r.status())),
+                status: match reg.map(|r| r.status()) {
+                    // Not checked by the node yet, but `up` saw it pass its check before it
+                    // reported the stack up.
+                    Some(pb::HealthStatus::Unknown) if up => "passing",
+                    Some(s) => health(s),
+                    None => "stopped",
+                },
                 ports: match (reg, local) {
                     (Some(r), _) => r.ports.iter().map(|p| (p.name.clone(), p.port as u16)).collect(),
                     (None, Some(l)) => l.ports.clone(),
@@ -157,10 +177,16 @@ pub async fn ps(cli: &Cli, p: &ProjectArgs) -> Result<i32> {
                 })
             })
             .collect();
-        println!("{}", json!({"scope": stack.scope(), "phase": phase, "services": services}));
+        println!(
+            "{}",
+            json!({"scope": stack.scope(), "phase": phase, "reason": reason, "services": services})
+        );
         return Ok(0);
     }
-    println!("{} ({phase})", stack.scope());
+    match reason {
+        Some(why) => println!("{} ({phase}: {why})", stack.scope()),
+        None => println!("{} ({phase})", stack.scope()),
+    }
     println!("{:<16} {:<9} {:<24} {:<8} UPTIME", "SERVICE", "STATUS", "PORTS", "PID");
     for r in rows {
         println!(

@@ -16,9 +16,12 @@ pub struct StackRecord {
     /// The `portmesh up` process supervising the stack.
     pub supervisor: u32,
     pub lease: u64,
-    /// starting or up.
+    /// starting, up, or failed (the stack stopped on its own: `reason` says why; `ps` shows it
+    /// until the next `up` or `down`).
     pub phase: String,
     pub services: Vec<ServiceRecord>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 /// One started service of a stack.
