@@ -542,9 +542,10 @@ pub struct ServeArgs {
     /// Data directory.
     #[arg(long, env = "PORTMESH_DATA", default_value = "./portmesh-data")]
     pub data: PathBuf,
-    /// gRPC listen address (loopback unless told otherwise).
-    #[arg(long, env = "PORTMESH_LISTEN", default_value = "127.0.0.1:7400")]
-    pub listen: SocketAddr,
+    /// gRPC listen address [default: 127.0.0.1:7400; with only PORT set, as container
+    /// platforms do, 0.0.0.0:$PORT].
+    #[arg(long, env = "PORTMESH_LISTEN")]
+    pub listen: Option<SocketAddr>,
     /// HTTP listen address for /healthz, /readyz and /api/v1/status.
     #[arg(long, env = "PORTMESH_HTTP")]
     pub http: Option<SocketAddr>,

@@ -56,9 +56,25 @@ pub fn check_exposure(
     Ok(())
 }
 
+/// Where gRPC listens: --listen (PORTMESH_LISTEN), else `0.0.0.0:$PORT` when the platform sets
+/// PORT (the container convention), else loopback port 7400.
+fn listen_address(flag: Option<SocketAddr>, port_var: Option<&str>) -> Result<SocketAddr> {
+    if let Some(l) = flag {
+        return Ok(l);
+    }
+    match port_var.filter(|p| !p.is_empty()) {
+        Some(p) => match p.parse::<u16>() {
+            Ok(port) if port != 0 => Ok(SocketAddr::from(([0, 0, 0, 0], port))),
+            _ => bail!("PORT={p:?} is not a port (1-65535): fix it, or pass --listen ADDR"),
+        },
+        None => Ok(SocketAddr::from(([127, 0, 0, 1], 7400))),
+    }
+}
+
 pub async fn serve(cli: &Cli, a: &ServeArgs) -> Result<()> {
     let tls = node_files(cli, a.mtls)?;
-    check_exposure(a.listen, a.http, a.advertise.as_deref(), tls.is_some(), a.insecure)?;
+    let listen = listen_address(a.listen, std::env::var("PORT").ok().as_deref())?;
+    check_exposure(listen, a.http, a.advertise.as_deref(), tls.is_some(), a.insecure)?;
     if (a.auth || a.join_token.is_some()) && tls.is_none() {
         bail!(
             "--auth{} needs TLS (--tls-cert, --tls-key, --tls-ca): tokens are bearer secrets that plaintext would show to \
@@ -86,7 +102,7 @@ pub async fn serve(cli: &Cli, a: &ServeArgs) -> Result<()> {
         ),
         None => None,
     };
-    let mut cfg = portmesh_node::NodeConfig::new(a.data.clone(), a.listen);
+    let mut cfg = portmesh_node::NodeConfig::new(a.data.clone(), listen);
     cfg.tls = tls;
     cfg.http = a.http;
     cfg.http_allow_hosts = a.http_allow_hosts.clone();
@@ -119,6 +135,20 @@ pub async fn serve(cli: &Cli, a: &ServeArgs) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn port_from_the_platform_binds_every_address_unless_listen_says_otherwise() {
+        let lo: SocketAddr = "127.0.0.1:7400".parse().unwrap();
+        assert_eq!(listen_address(None, None).unwrap(), lo);
+        assert_eq!(listen_address(None, Some("")).unwrap(), lo);
+        assert_eq!(listen_address(None, Some("8080")).unwrap(), "0.0.0.0:8080".parse().unwrap());
+        let given: SocketAddr = "10.0.0.1:9000".parse().unwrap();
+        assert_eq!(listen_address(Some(given), Some("8080")).unwrap(), given);
+        for bad in ["0", "http", "70000"] {
+            let e = listen_address(None, Some(bad)).unwrap_err().to_string();
+            assert!(e.starts_with(&format!("PORT={bad:?} is not a port")), "{e}");
+        }
+    }
 
     #[test]
     fn exposure_needs_tls_or_insecure_and_a_wildcard_needs_advertise() {
