@@ -19,6 +19,18 @@ pub fn default_key(service: &str) -> String {
     format!("{}/{service}", project.unwrap_or_else(|| "default".into()))
 }
 
+/// `--port` below the pools' range, said in the flag's words before the node is asked (it would
+/// name the request's field, `items.port`).
+pub fn check_wanted(w: &PortArgs) -> anyhow::Result<()> {
+    match w.port {
+        Some(p) if p < portmesh_core::MIN_PORT => anyhow::bail!(
+            "--port {p}: port {p} is out of range: ports must lie in {}-65535 (below are the system's privileged ports)",
+            portmesh_core::MIN_PORT
+        ),
+        _ => Ok(()),
+    }
+}
+
 pub fn alloc_items(service: &str, w: &PortArgs, names: &[String]) -> Vec<pb::AllocItem> {
     names
         .iter()

@@ -20,7 +20,7 @@ fn bad_inputs_are_refused_with_specific_messages_and_change_nothing() {
     let rev_before = h.pm(&["status", "--json"]).ok().json()["revision"].clone();
 
     let cases: &[(&[&str], &str)] = &[
-        (&["alloc", "x", "--port", "80"], "port 80 is out of range: ports must lie in 1024-65535"),
+        (&["alloc", "x", "--port", "80"], "--port 80: port 80 is out of range: ports must lie in 1024-65535"),
         (&["alloc", "x", "--port", "30000"], "port 30000 is outside the pools of team \"default\""),
         (&["alloc", "x", "--pool", "nosuch"], "unknown pool \"nosuch\" in team \"default\""),
         (&["alloc", "x", "--team", "ghosts"], "unknown team \"ghosts\""),

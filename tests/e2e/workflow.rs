@@ -342,7 +342,7 @@ fn bad_projects_take_no_port_and_start_nothing() {
         (
             "unknown pool",
             format!("project = \"x\"\n[services.a]\ncommand = \"{run}\"\npool = \"nope\"\n"),
-            "unknown pool \"nope\"",
+            "line 4: services.a.pool: unknown pool \"nope\"",
         ),
         (
             "cycle",

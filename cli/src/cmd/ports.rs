@@ -11,6 +11,7 @@ use crate::render::{alloc_json, fmt_dur, print_or_json};
 use crate::requests::alloc_items;
 
 pub async fn alloc(c: &Client, team: &str, a: &AllocArgs, json: bool) -> Result<()> {
+    crate::requests::check_wanted(&a.want)?;
     let service = a
         .service
         .clone()

@@ -42,6 +42,7 @@ pub async fn run(c: &Client, team: &str, a: &RunArgs) -> Result<i32> {
              (`portmesh run --fd -- gunicorn --bind fd://3 …`), or let the server bind {{port}} itself"
         );
     }
+    crate::requests::check_wanted(&a.want)?;
     let command_line = a.command.join(" ");
     // Sticky unless told otherwise: the project's service gets its port back next time. A
     // second run of it at the same time (another terminal, a parallel CI job) must not share

@@ -88,7 +88,12 @@ pub async fn detach(cli: &Cli, c: &Client, a: &UpArgs, stack: &Stack) -> Result<
         }
         Some(("failed", why)) => {
             let _ = child.wait().await;
-            bail!("{why} (output in {})", log.display())
+            // The services' output only helps if some service got to write any.
+            let wrote = std::fs::metadata(&log).is_ok_and(|m| m.len() > 0);
+            if wrote {
+                bail!("{why} (output in {})", log.display())
+            }
+            bail!("{why}")
         }
         _ => {
             let status = child.wait().await?;

@@ -125,7 +125,19 @@ pub async fn explain_refusal(c: &Client, stack: &Stack, e: anyhow::Error) -> any
         .await
         .map(|r| r.allocations)
         .unwrap_or_default();
-    let mut lines = vec![format!("{e:#}")];
+    // A pool the node does not know: said at the line of the file that names it.
+    let said = format!("{e:#}");
+    let unknown_pool = stack
+        .services
+        .iter()
+        .find(|s| s.pool.as_deref().is_some_and(|p| said.contains(&format!("unknown pool {p:?}"))));
+    let mut lines = vec![match unknown_pool {
+        Some(s) => format!(
+            "{}: {said}",
+            portmesh_project::where_set(&stack.file, &format!("services.{}.pool", s.name))
+        ),
+        None => said,
+    }];
     for (svc, port) in wanted_ports(stack) {
         if svc.strategy != Strategy::Fail {
             continue;

@@ -139,7 +139,16 @@ pub fn load(opts: &Options) -> Result<Resolved, ProjectError> {
         }
     }
     let resolved = Resolved { stack: Stack::default(), layers, merged };
-    let origin = |key: &str| resolved.origin(key).unwrap_or(&main).to_string();
+    let origin = |key: &str| {
+        let layer = resolved.origin_layer(key);
+        let label = layer.map_or(main.as_str(), |l| l.label.as_str());
+        // The key itself, else the service or section it belongs to.
+        let file = match layer {
+            Some(l) => l.path.as_deref(),
+            None => Some(opts.file.as_path()),
+        };
+        at_line(label, file, key)
+    };
     let stack = Stack::build(settings, env, instance, &opts.file, &origin)?;
     Ok(Resolved { stack, ..resolved })
 }
@@ -147,8 +156,12 @@ pub fn load(opts: &Options) -> Result<Resolved, ProjectError> {
 impl Resolved {
     /// The layer that gave the value at dotted `key`, e.g. `services.api.port`.
     pub fn origin(&self, key: &str) -> Option<&str> {
+        self.origin_layer(key).map(|l| l.label.as_str())
+    }
+
+    fn origin_layer(&self, key: &str) -> Option<&Layer> {
         let path: Vec<&str> = key.split('.').collect();
-        self.layers.iter().rev().find(|l| lookup(&l.dict, &path).is_some()).map(|l| l.label.as_str())
+        self.layers.iter().rev().find(|l| lookup(&l.dict, &path).is_some())
     }
 
     /// The layers, lowest first.
@@ -369,29 +382,95 @@ fn describe(err: figment::Error, layers: &[Layer]) -> ProjectError {
                     Some(n) => format!("did you mean {n:?}?"),
                     None => format!("known keys here: {}", expected.join(", ")),
                 };
-                let line = layers
-                    .iter()
-                    .find(|l| l.label == source)
-                    .and_then(|l| l.path.as_deref())
-                    .and_then(|p| line_of(p, field))
-                    .map(|n| format!(" (line {n})"))
-                    .unwrap_or_default();
-                format!("unknown key {field:?}{line}; {hint}")
+                format!("unknown key {field:?}; {hint}")
+            }
+            Kind::InvalidType(actual, expected) => {
+                format!("{actual} where {} belongs", in_words(expected))
             }
             other => other.to_string(),
         };
-        out.push(format!("{source}: {}: {what}", path.join(".")));
+        let key = path.join(".");
+        let file = layers.iter().find(|l| l.label == source).and_then(|l| l.path.as_deref());
+        out.push(format!("{}: {key}: {what}", at_line(&source, file, &key)));
     }
     ProjectError::invalid(out.join("\n"))
 }
 
-/// The first line of `path` that sets `key` (`key = …` or `"key" = …`).
-fn line_of(path: &Path, key: &str) -> Option<usize> {
-    let text = std::fs::read_to_string(path).ok()?;
-    text.lines()
-        .position(|l| {
-            let l = l.trim_start().trim_start_matches('"');
-            l.strip_prefix(key).is_some_and(|r| r.trim_start_matches('"').trim_start().starts_with('='))
-        })
-        .map(|i| i + 1)
+/// What a type is, in the words of a project file.
+fn in_words(expected: &str) -> String {
+    let e = expected.trim_start_matches("a ").trim_start_matches("an ");
+    match e {
+        "u8" | "u16" | "u32" | "u64" | "usize" | "i8" | "i16" | "i32" | "i64" | "isize" => {
+            "a whole number (written without quotes)".into()
+        }
+        "bool" | "boolean" => "true or false (without quotes)".into(),
+        "string" | "str" | "char" => "text in quotes".into(),
+        "sequence" => "a list, [\"a\", \"b\"]".into(),
+        "map" | "dict" => "a table".into(),
+        _ => expected.to_string(),
+    }
+}
+
+/// `FILE, line N: KEY` for a message about dotted `key` of project file `file` (the line when
+/// the file shows where it is set).
+pub fn where_set(file: &Path, key: &str) -> String {
+    format!("{}: {key}", at_line(&file.display().to_string(), Some(file), key))
+}
+
+/// `LABEL, line N` when `file` shows where `key` is set, else `LABEL`.
+pub(crate) fn at_line(label: &str, file: Option<&Path>, key: &str) -> String {
+    match file.and_then(|f| locate(f, key)) {
+        Some(n) => format!("{label}, line {n}"),
+        None => label.to_string(),
+    }
+}
+
+/// The line of `file` that sets dotted `key` (`services.web.port`): the key's own line inside
+/// its table (`[services.web]` then `port = …`), else the line of the table itself
+/// (`[services.web.env]`, or the nearest enclosing one that is there), else the first line that
+/// sets the last part of the key anywhere.
+fn locate(file: &Path, key: &str) -> Option<usize> {
+    let text = std::fs::read_to_string(file).ok()?;
+    let header = |l: &str| -> Option<String> {
+        let l = l.trim();
+        let inner = l
+            .strip_prefix("[[")
+            .and_then(|r| r.strip_suffix("]]"))
+            .or_else(|| l.strip_prefix('[')?.strip_suffix(']'))?;
+        Some(inner.split('.').map(|p| p.trim().trim_matches('"')).collect::<Vec<_>>().join("."))
+    };
+    let sets = |l: &str, k: &str| {
+        let l = l.trim_start();
+        let l = l.strip_prefix('"').map_or(l, |r| r);
+        l.strip_prefix(k).is_some_and(|r| r.trim_start_matches('"').trim_start().starts_with('='))
+    };
+    let parts: Vec<&str> = key.split('.').collect();
+    // Every split of the key into TABLE and the key set inside it, longest table first.
+    for cut in (0..parts.len()).rev() {
+        let (table, rest) = (parts[..cut].join("."), parts[cut..].join("."));
+        let mut current = String::new();
+        for (i, l) in text.lines().enumerate() {
+            if let Some(h) = header(l) {
+                if h == key {
+                    return Some(i + 1);
+                }
+                current = h;
+            } else if current == table && sets(l, &rest) {
+                return Some(i + 1);
+            }
+        }
+    }
+    // A table under the key (`[service.a]` for an unknown key `service`).
+    let under = format!("{key}.");
+    if let Some(i) = text.lines().position(|l| header(l).is_some_and(|h| h.starts_with(&under))) {
+        return Some(i + 1);
+    }
+    for cut in (1..parts.len()).rev() {
+        let table = parts[..cut].join(".");
+        if let Some(i) = text.lines().position(|l| header(l).as_deref() == Some(table.as_str())) {
+            return Some(i + 1);
+        }
+    }
+    let last = parts.last()?;
+    text.lines().position(|l| sets(l, last)).map(|i| i + 1)
 }

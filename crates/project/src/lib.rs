@@ -16,7 +16,7 @@ mod model;
 mod stack;
 pub mod template;
 
-pub use layers::{Options, Resolved, load};
+pub use layers::{Options, Resolved, load, where_set};
 pub use model::{Dur, Extends, ServiceSettings, Settings, builtin};
 pub use stack::{PortDef, Ports, ServiceDef, Stack, main_port_vars};
 

@@ -242,12 +242,12 @@ fn every_bad_project_gets_a_message_that_says_what_and_where() {
         (
             "project = \"p\"\n[services.api]\ncommand = \"x\"\ndepends_on = [\"dbb\"]\n[services.db]\ncommand = \"x\"\n",
             "",
-            &["services.api.depends_on", "no service \"dbb\"", "did you mean \"db\"?"],
+            &["portmesh.toml, line 4: services.api.depends_on", "no service \"dbb\"", "did you mean \"db\"?"],
         ),
         (
             "project = \"p\"\n[services.api]\ncommand = \"x\"\n[services.api.env]\nDATABASE_URL = \"postgresql://{host}:{postgres.port}/p\"\n[services.db]\ncommand = \"x\"\n",
             "",
-            &["services.api.env.DATABASE_URL", "{postgres.port…} names no service of project p"],
+            &["line 5: services.api.env.DATABASE_URL", "{postgres.port…} names no service of project p"],
         ),
         (
             "project = \"p\"\n[services.api]\ncommand = \"run {port.admin}\"\n",
@@ -258,7 +258,7 @@ fn every_bad_project_gets_a_message_that_says_what_and_where() {
         (
             "project = \"p\"\n[services.api]\ncommand = \"x\"\nport = 80\n",
             "",
-            &["services.api.port", "1024-65535"],
+            &["line 4: services.api.port", "1024-65535"],
         ),
         ("project = \"p\"\n[services.api]\ncommand = \"x\"\nport = 70000\n", "", &["1024-65535"]),
         (
@@ -269,7 +269,7 @@ fn every_bad_project_gets_a_message_that_says_what_and_where() {
         (
             "project = \"p\"\n[services.api]\ncommand = \"x\"\ncheck = \"udp\"\n",
             "",
-            &["services.api.check", "write tcp"],
+            &["line 4: services.api.check", "write tcp"],
         ),
         (
             "project = \"p\"\n[services.api]\ncommand = \"x\"\ncheck = \"tcp\"\ncheck_port = \"grpc\"\n",
@@ -282,6 +282,20 @@ fn every_bad_project_gets_a_message_that_says_what_and_where() {
             &["appears twice"],
         ),
         ("project = \"p\"\n[services.api]\ncommand = \"x\"\nports = [\"a=x\"]\n", "", &["NAME=PORT"]),
+        // A type mistake in the file's words, at its line; an unknown table at its header.
+        (
+            "project = \"p\"\n\n[services.api]\ncommand = \"x\"\nport = \"8080\"\n",
+            "",
+            &[
+                "line 5: services.api.port",
+                "string \"8080\" where a whole number (written without quotes) belongs",
+            ],
+        ),
+        (
+            "project = \"p\"\n\n[service.api]\ncommand = \"x\"\n",
+            "",
+            &["line 3: service: unknown key \"service\"", "did you mean \"services\"?"],
+        ),
         (
             "project = \"p\"\n[services.api]\ncommand = \"x\"\nports = [\"a=6000\"]\nport = 6001\n",
             "",
