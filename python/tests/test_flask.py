@@ -1,5 +1,6 @@
 """The Flask extension with real Flask, in an app factory."""
 
+import os
 import signal
 import subprocess
 import sys
@@ -105,3 +106,42 @@ def test_app_run_serves_on_the_held_port_and_the_port_comes_back_when_it_is_kill
     while portmesh.discover("served", all=True):
         assert time.monotonic() < deadline, "the registration outlived the killed app"
         time.sleep(0.1)
+
+
+def test_under_gunicorn_with_a_handed_over_socket_the_app_takes_the_port_run_gives(pool, tmp_path):
+    (tmp_path / "gapp.py").write_text(textwrap.dedent("""
+        from flask import Flask
+        from portmesh.flask import PortMesh
+
+        def create_app():
+            app = Flask("gapp")
+            app.config["PORTMESH_HEALTHZ"] = True
+            PortMesh(app)
+            app.add_url_rule("/port", "port", lambda: str(app.config["PORTMESH_PORT"]))
+            return app
+    """))
+    bin_dir = os.path.dirname(sys.executable)
+    run = subprocess.Popen(
+        [os.path.join(bin_dir, "portmesh"), "run", "--fd", "--pool", pool, "--service", "gapp", "--key", "g/gapp",
+         "--", os.path.join(bin_dir, "gunicorn"), "--bind", "fd://3", "--chdir", str(tmp_path), "gapp:create_app()"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        line = run.stderr.readline()
+        assert "gapp runs on port " in line, line
+        port = int(line.rsplit(" ", 1)[1])
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                body = urllib.request.urlopen(f"http://127.0.0.1:{port}/port", timeout=2).read()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "gunicorn never served on the handed-over socket"
+                time.sleep(0.1)
+        assert body == str(port).encode(), "the extension took the port `portmesh run` gave, and held nothing else"
+        assert [s.port for s in portmesh.discover("gapp", all=True)] == [port], "registered once, by run"
+    finally:
+        run.send_signal(signal.SIGINT)
+        run.wait(timeout=30)
