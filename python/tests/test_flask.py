@@ -145,3 +145,39 @@ def test_under_gunicorn_with_a_handed_over_socket_the_app_takes_the_port_run_giv
     finally:
         run.send_signal(signal.SIGINT)
         run.wait(timeout=30)
+
+
+def test_an_asgi_app_under_uvicorn_reads_its_port_from_the_stack_env(pool, tmp_path):
+    (tmp_path / "asgi.py").write_text(textwrap.dedent("""
+        import portmesh
+        from starlette.applications import Starlette
+        from starlette.responses import PlainTextResponse
+        from starlette.routing import Route
+
+        env = portmesh.stack_env()
+        app = Starlette(routes=[Route("/port", lambda request: PlainTextResponse(f"{env.service} {env.port}"))])
+    """))
+    bin_dir = os.path.dirname(sys.executable)
+    run = subprocess.Popen(
+        [os.path.join(bin_dir, "portmesh"), "run", "--fd", "--pool", pool, "--service", "asgi", "--key", "a/asgi",
+         "--", os.path.join(bin_dir, "uvicorn"), "--fd", "3", "--app-dir", str(tmp_path), "asgi:app"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        line = run.stderr.readline()
+        assert "asgi runs on port " in line, line
+        port = int(line.rsplit(" ", 1)[1])
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                body = urllib.request.urlopen(f"http://127.0.0.1:{port}/port", timeout=2).read()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "uvicorn never served on the handed-over socket"
+                time.sleep(0.1)
+        assert body == f"asgi {port}".encode()
+    finally:
+        run.send_signal(signal.SIGINT)
+        run.wait(timeout=30)
