@@ -181,3 +181,46 @@ def test_an_asgi_app_under_uvicorn_reads_its_port_from_the_stack_env(pool, tmp_p
     finally:
         run.send_signal(signal.SIGINT)
         run.wait(timeout=30)
+
+
+def test_flask_caching_finds_redis_through_portmesh_urls_with_no_code_change(pool):
+    # A real Redis on a port portmesh holds and registers (its setup is the Flask examples' own).
+    root = os.path.join(os.path.dirname(__file__), "..", "..")
+    redis_server = subprocess.run(
+        [os.path.join(root, "examples", "flask-cache", "setup.sh")], capture_output=True, text=True, check=True
+    ).stdout.split()[-1]
+    bin_dir = os.path.dirname(sys.executable)
+    redis = subprocess.Popen(
+        [os.path.join(bin_dir, "portmesh"), "run", "--pool", pool, "--service", "redis", "--key", "c/redis",
+         "--check", "tcp", "--", redis_server, "--port", "{port}", "--bind", "127.0.0.1", "--save", ""],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        port = int(redis.stderr.readline().rsplit(" ", 1)[1])
+        deadline = time.monotonic() + 30
+        while not portmesh.discover("redis"):
+            assert time.monotonic() < deadline, "redis never became healthy"
+            time.sleep(0.1)
+
+        from flask_caching import Cache
+
+        cache = Cache()
+        app = Flask("cached")
+        app.config.update(
+            CACHE_TYPE="RedisCache",
+            PORTMESH_POOL=pool,
+            PORTMESH_KEY="c/web",
+            PORTMESH_URLS={"CACHE_REDIS_URL": "redis://127.0.0.1:{redis.port}/0"},
+        )
+        pm.init_app(app)
+        cache.init_app(app)  # reads CACHE_REDIS_URL as it was filled
+        assert app.config["CACHE_REDIS_URL"] == f"redis://127.0.0.1:{port}/0"
+        with app.app_context():
+            cache.set("greeting", "hello")
+            assert cache.get("greeting") == "hello"
+        app.extensions["portmesh"].release()
+    finally:
+        redis.send_signal(signal.SIGINT)
+        redis.wait(timeout=30)
