@@ -18,6 +18,32 @@ from portmesh.flask import PortMesh
 pm = PortMesh()
 
 
+def run_fd(pool, service, program, *args):
+    """`portmesh run --fd` of `program` (from this venv) as `service`: the process and its port."""
+    bin_dir = os.path.dirname(sys.executable)
+    run = subprocess.Popen(
+        [os.path.join(bin_dir, "portmesh"), "run", "--fd", "--pool", pool, "--service", service,
+         "--key", f"fd/{service}", "--", os.path.join(bin_dir, program), *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    line = run.stderr.readline()
+    assert f"{service} runs on port " in line, line
+    return run, int(line.rsplit(" ", 1)[1])
+
+
+def get_when_served(port, path):
+    """The body of GET `path` once something serves on `port` (30 s at most)."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            return urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2).read()
+        except OSError:
+            assert time.monotonic() < deadline, f"nothing served on port {port}"
+            time.sleep(0.1)
+
+
 def create_app(**config):
     app = Flask("shop")
     app.config.update(config)
@@ -120,26 +146,9 @@ def test_under_gunicorn_with_a_handed_over_socket_the_app_takes_the_port_run_giv
             app.add_url_rule("/port", "port", lambda: str(app.config["PORTMESH_PORT"]))
             return app
     """))
-    bin_dir = os.path.dirname(sys.executable)
-    run = subprocess.Popen(
-        [os.path.join(bin_dir, "portmesh"), "run", "--fd", "--pool", pool, "--service", "gapp", "--key", "g/gapp",
-         "--", os.path.join(bin_dir, "gunicorn"), "--bind", "fd://3", "--chdir", str(tmp_path), "gapp:create_app()"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    run, port = run_fd(pool, "gapp", "gunicorn", "--bind", "fd://3", "--chdir", str(tmp_path), "gapp:create_app()")
     try:
-        line = run.stderr.readline()
-        assert "gapp runs on port " in line, line
-        port = int(line.rsplit(" ", 1)[1])
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                body = urllib.request.urlopen(f"http://127.0.0.1:{port}/port", timeout=2).read()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "gunicorn never served on the handed-over socket"
-                time.sleep(0.1)
+        body = get_when_served(port, "/port")
         assert body == str(port).encode(), "the extension took the port `portmesh run` gave, and held nothing else"
         assert [s.port for s in portmesh.discover("gapp", all=True)] == [port], "registered once, by run"
     finally:
@@ -157,26 +166,9 @@ def test_an_asgi_app_under_uvicorn_reads_its_port_from_the_stack_env(pool, tmp_p
         env = portmesh.stack_env()
         app = Starlette(routes=[Route("/port", lambda request: PlainTextResponse(f"{env.service} {env.port}"))])
     """))
-    bin_dir = os.path.dirname(sys.executable)
-    run = subprocess.Popen(
-        [os.path.join(bin_dir, "portmesh"), "run", "--fd", "--pool", pool, "--service", "asgi", "--key", "a/asgi",
-         "--", os.path.join(bin_dir, "uvicorn"), "--fd", "3", "--app-dir", str(tmp_path), "asgi:app"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    run, port = run_fd(pool, "asgi", "uvicorn", "--fd", "3", "--app-dir", str(tmp_path), "asgi:app")
     try:
-        line = run.stderr.readline()
-        assert "asgi runs on port " in line, line
-        port = int(line.rsplit(" ", 1)[1])
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                body = urllib.request.urlopen(f"http://127.0.0.1:{port}/port", timeout=2).read()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "uvicorn never served on the handed-over socket"
-                time.sleep(0.1)
+        body = get_when_served(port, "/port")
         assert body == f"asgi {port}".encode()
     finally:
         run.send_signal(signal.SIGINT)
