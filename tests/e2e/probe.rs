@@ -85,3 +85,25 @@ fn a_conflicts_holder_is_recorded_without_its_secrets() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// Issue 17: a sticky port never moves silently. When a key's last port is busy on the host (or
+/// taken), the allocation says so in one line: the old port, who holds it, the new port.
+#[test]
+fn a_sticky_key_that_gets_another_port_says_which_and_who_holds_its_old_one() {
+    let h = Home::new();
+    h.pm(&["pools", "add", "mv", "20850-20859"]).ok();
+    let first = h.pm(&["alloc", "web", "--pool", "mv", "--key", "shop/web"]).ok().ports()[0];
+    h.pm(&["release", "--key", "shop/web"]).ok();
+    let _squatter = TcpListener::bind(("127.0.0.1", first)).unwrap();
+    let r = h.pm(&["alloc", "web", "--pool", "mv", "--key", "shop/web"]).ok();
+    let second = r.ports()[0];
+    assert_ne!(second, first);
+    assert!(
+        r.stderr.contains(&format!("web's port {first} is held by pid {}", std::process::id()))
+            && r.stderr.contains(&format!("it gets port {second} this time")),
+        "{r:?}"
+    );
+    // Kept, it says nothing.
+    let again = h.pm(&["alloc", "web", "--pool", "mv", "--key", "shop/web"]).ok();
+    assert!(!again.stderr.contains("this time"), "{again:?}");
+}

@@ -32,6 +32,9 @@ pub async fn alloc(c: &Client, team: &str, a: &AllocArgs, json: bool) -> Result<
         ..Default::default()
     };
     let r = c.allocate_here(req).await?;
+    for line in crate::stack::ports::moves(c, &r).await {
+        eprintln!("portmesh: {line}");
+    }
     if json {
         let list: Vec<_> = r.allocations.iter().map(alloc_json).collect();
         println!(

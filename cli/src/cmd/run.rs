@@ -78,6 +78,9 @@ pub async fn run(c: &Client, team: &str, a: &RunArgs) -> Result<i32> {
         slot += 1;
     };
     let lease = r.lease_id;
+    for line in crate::stack::ports::moves(c, &r).await {
+        eprintln!("portmesh: {line}");
+    }
     let ports: Vec<(String, u16)> =
         names.iter().cloned().zip(r.allocations.iter().map(|al| al.port as u16)).collect();
     if let (Some(wanted), Some((_, got))) = (a.want.port, ports.first())

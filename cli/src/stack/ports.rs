@@ -52,7 +52,7 @@ pub async fn allocate(c: &Client, stack: &Stack, kill_existing: bool) -> Result<
             for ((svc, name), al) in slots.iter().zip(&r.allocations) {
                 ports.entry(svc.clone()).or_default().push((name.clone(), al.port as u16));
             }
-            for line in fallbacks(stack, &ports) {
+            for line in fallbacks(stack, &ports).into_iter().chain(moves(c, &r).await) {
                 eprintln!("portmesh: {line}");
             }
             return Ok((r.lease_id, ports));
@@ -157,6 +157,44 @@ pub async fn explain_refusal(c: &Client, stack: &Stack, e: anyhow::Error) -> any
         }
     }
     anyhow!(lines.join("\n  "))
+}
+
+/// One line per allocation of `r` whose sticky key got another port than last time: the old
+/// port, the new one, and who holds the old one (a sticky port never moves silently).
+pub async fn moves(c: &Client, r: &pb::AllocateResponse) -> Vec<String> {
+    let moved: Vec<(&pb::Allocation, u16)> = r
+        .allocations
+        .iter()
+        .zip(&r.moved_from)
+        .filter_map(|(al, old)| u16::try_from(*old).ok().filter(|o| *o != 0).map(|o| (al, o)))
+        .collect();
+    if moved.is_empty() {
+        return Vec::new();
+    }
+    let live = c
+        .list(pb::ListRequest { stale: true, ..Default::default() })
+        .await
+        .map(|l| l.allocations)
+        .unwrap_or_default();
+    let mut lines = Vec::new();
+    for (al, old) in moved {
+        let who = match live.iter().find(|a| a.port == u32::from(old)) {
+            Some(a) => {
+                let by = if a.key.is_empty() {
+                    format!("service {}", a.service)
+                } else {
+                    format!("key {}", a.key)
+                };
+                format!("held by {by} (team {}, host {}{})", a.team, a.host, holder(a.pid, &a.command))
+            }
+            None => match local_holder(old).await {
+                Some(h) => format!("held by {h}"),
+                None => "not available (reserved, or cooling down for another key)".to_string(),
+            },
+        };
+        lines.push(format!("{}'s port {old} is {who}; it gets port {} this time", al.service, al.port));
+    }
+    lines
 }
 
 /// Who listens on `port` on this host, for a message.

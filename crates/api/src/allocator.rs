@@ -31,6 +31,7 @@ impl Api {
                 self.log_conflicts_and_fallbacks(&req, &grants, revision);
                 Ok(pb::AllocateResponse {
                     existing: grants.iter().map(|g| g.existing).collect(),
+                    moved_from: grants.iter().map(|g| g.moved_from.map_or(0, u32::from)).collect(),
                     allocations: grants.iter().map(|g| (&g.allocation).into()).collect(),
                     lease_id,
                     revision,

@@ -203,6 +203,10 @@ pub struct Grant {
     pub allocation: Allocation,
     /// True when a live allocation of the same sticky key was returned (idempotent retry).
     pub existing: bool,
+    /// The port the sticky key had last, when it got another one this time (its old port was
+    /// taken, reserved or busy).
+    #[serde(default)]
+    pub moved_from: Option<u16>,
 }
 
 /// The outcome of applying one entry.

@@ -66,7 +66,7 @@ impl State {
             match plan {
                 Plan::Existing(port) => {
                     if let Some(a) = self.allocations.get(&port) {
-                        grants.push(Grant { allocation: a.clone(), existing: true });
+                        grants.push(Grant { allocation: a.clone(), existing: true, moved_from: None });
                     }
                 }
                 Plan::New(item, pick) => {
@@ -95,9 +95,12 @@ impl State {
                         revision,
                         holder: batch.holder.clone(),
                     };
+                    let last =
+                        item.key.as_ref().and_then(|k| self.sticky.get(&(batch.team.clone(), k.clone())));
+                    let moved_from = last.copied().filter(|p| *p != pick.port);
                     self.insert_allocation(a.clone());
                     self.emit(revision, now, EventKind::Allocated(a.clone()));
-                    grants.push(Grant { allocation: a, existing: false });
+                    grants.push(Grant { allocation: a, existing: false, moved_from });
                 }
             }
         }

@@ -281,6 +281,28 @@ fn a_keys_remembered_port_is_not_handed_to_others_after_its_cool_down() {
     assert_eq!(h.one(keyed("web", "web", "projA/web")), a, "the key comes back to its port");
 }
 
+/// A key that gets another port than its last one is told which one it had: the client says so.
+#[test]
+fn a_key_that_moves_is_told_its_old_port() {
+    let mut h = Harness::new();
+    let a = h.one(keyed("web", "web", "projA/web"));
+    h.release(&[a]);
+    h.apply(Command::Reserve { port: a, reason: "nginx".into() });
+    let moved = match h.alloc(vec![keyed("web", "web", "projA/web")]) {
+        Response::Allocated { grants, .. } => grants[0].clone(),
+        other => panic!("{other:?}"),
+    };
+    assert_ne!(moved.allocation.port, a);
+    assert_eq!(moved.moved_from, Some(a));
+    let b = moved.allocation.port;
+    h.release(&[b]);
+    let kept = match h.alloc(vec![keyed("web", "web", "projA/web")]) {
+        Response::Allocated { grants, .. } => grants[0].clone(),
+        other => panic!("{other:?}"),
+    };
+    assert_eq!((kept.allocation.port, kept.moved_from), (b, None), "back on its (new) last port: no move");
+}
+
 /// When nothing else is free, remembered ports are handed out after all (lowest first).
 #[test]
 fn remembered_ports_go_last_not_never() {
