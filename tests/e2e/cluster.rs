@@ -305,12 +305,21 @@ async fn a_member_down_is_one_log_line_not_one_per_request() {
     c.converged().await;
     let leader = c.leader_index().await;
     let f = (leader + 1) % 3;
+    let status = admin.status().await.unwrap();
+    let gone = status.members.iter().find(|m| m.addr == c.addrs[f]).unwrap().id;
     let log = c.nodes[leader].as_ref().unwrap().later.clone();
     let before = log.lock().unwrap().len();
     c.signal(f, Signal::SIGKILL);
     drop(c.nodes[f].take());
     let since = || log.lock().unwrap()[before..].to_vec();
-    let down_lines = || since().iter().filter(|l| l.contains("member unreachable")).count();
+    // The killed member's lines (a live member's one slow answer on a loaded machine is another
+    // state change, logged once too, and counted among the warnings below).
+    let down_lines = || {
+        since()
+            .iter()
+            .filter(|l| l.contains("member unreachable") && l.contains(&format!("member={gone} ")))
+            .count()
+    };
     wait_until("the leader to log the member as unreachable", Duration::from_secs(20), || down_lines() >= 1);
     let client = c.client(&c.addrs[leader]).await;
     for i in 0..50 {
@@ -321,7 +330,7 @@ async fn a_member_down_is_one_log_line_not_one_per_request() {
     let lines = since();
     let noisy: Vec<&String> = lines.iter().filter(|l| l.contains("ERROR") || l.contains("WARN")).collect();
     assert_eq!(down_lines(), 1, "one line for the member going: {lines:#?}");
-    assert!(noisy.len() <= 2, "100 requests with a member down log no more warnings: {noisy:#?}");
+    assert!(noisy.len() <= 3, "100 requests with a member down log no more warnings: {noisy:#?}");
 }
 
 /// A member whose data directory was damaged refuses to start, and what its message says to do
