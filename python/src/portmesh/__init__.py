@@ -15,11 +15,15 @@ PORTMESH_TLS_CERT / PORTMESH_TLS_KEY, PORTMESH_TOKEN / PORTMESH_TOKEN_FILE. Fail
 :class:`PortmeshError` subclasses carrying the node's message and category.
 """
 
+from __future__ import annotations
+
 import atexit
 import os
-import threading
-from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+
+# Annotations only (postponed): `typing` costs ~12 ms at import, paid on every start of an app.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Dict, List, Optional, Tuple
 
 from . import _cli
 from .errors import (
@@ -60,16 +64,17 @@ __all__ = [
 ]
 
 
-def _version() -> str:
-    try:
-        from importlib.metadata import version
+def __getattr__(name: str) -> Any:
+    # `portmesh.__version__`, read from the installed package's metadata only when asked for:
+    # importlib.metadata costs tens of milliseconds at import, on every start of an app.
+    if name == "__version__":
+        try:
+            from importlib.metadata import version
 
-        return version("portmesh")
-    except Exception:  # not installed (run from a source tree)
-        return "0+unknown"
-
-
-__version__ = _version()
+            return version("portmesh")
+        except Exception:  # not installed (run from a source tree)
+            return "0+unknown"
+    raise AttributeError(f"module 'portmesh' has no attribute {name!r}")
 
 
 def default_key(service: str) -> str:
@@ -158,18 +163,23 @@ def release(
     return [int(a["port"]) for a in reply.get("released", [])]
 
 
-@dataclass
 class Held:
     """A port held under a lease that a keeper process renews for as long as this process runs.
     The lease ends (and the port comes back) on :meth:`release`, at interpreter exit, or when this
     process dies in any way, since the keeper then sees its standard input close."""
 
-    port: int
-    lease_id: int
-    service: str
-    key: str
-    _keeper: Any = field(repr=False, default=None)
-    _lock: Any = field(repr=False, default_factory=threading.Lock)
+    def __init__(self, port: int, lease_id: int, service: str, key: str, keeper: Any = None) -> None:
+        import threading
+
+        self.port = port
+        self.lease_id = lease_id
+        self.service = service
+        self.key = key
+        self._keeper = keeper
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"Held(port={self.port}, lease_id={self.lease_id}, service={self.service!r}, key={self.key!r})"
 
     def alive(self) -> bool:
         """Whether the lease is still kept (False once released, or if the keeper lost it)."""
@@ -242,22 +252,46 @@ def hold(
         lease_id=lease_id,
         service=service,
         key=chosen,
-        _keeper=_cli.keeper(lease_id, team=team, node=node),
+        keeper=_cli.keeper(lease_id, team=team, node=node),
     )
     _held.append(held)
     return held
 
 
-@dataclass(frozen=True)
-class Service:
-    """A registered service: where it listens and how healthy it is."""
+class _Record:
+    """A small immutable record: fields set once, compared and shown by value."""
 
+    __slots__: Tuple[str, ...] = ()
+
+    def __init__(self, **values: Any) -> None:
+        for k in self.__slots__:
+            object.__setattr__(self, k, values.get(k))
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"{type(self).__name__} is read-only")
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and all(getattr(self, k) == getattr(other, k) for k in self.__slots__)
+
+    def __hash__(self) -> int:
+        return hash(tuple(repr(getattr(self, k)) for k in self.__slots__))
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={getattr(self, k)!r}" for k in self.__slots__)
+        return f"{type(self).__name__}({fields})"
+
+
+class Service(_Record):
+    """A registered service: where it listens and how healthy it is (`name`, `id`, `host`,
+    `ports` by name, `status`, `tags`)."""
+
+    __slots__ = ("name", "id", "host", "ports", "status", "tags")
     name: str
     id: str
     host: str
     ports: Dict[str, int]
     status: str
-    tags: Tuple[str, ...] = ()
+    tags: Tuple[str, ...]
 
     @property
     def port(self) -> int:
@@ -333,11 +367,11 @@ def _hostname() -> str:
     return socket.gethostname()
 
 
-@dataclass(frozen=True)
-class StackEnv:
+class StackEnv(_Record):
     """What `portmesh up` or `portmesh run` told this process: its service, main port, named
     ports and lease. `service` is None when the process was started some other way."""
 
+    __slots__ = ("service", "port", "ports", "lease_id", "project", "env")
     service: Optional[str]
     port: Optional[int]
     ports: Dict[str, int]

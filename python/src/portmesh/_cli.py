@@ -5,13 +5,16 @@ as the CLI does, and honours the same variables (PORTMESH_NODE, PORTMESH_TEAM, P
 PORTMESH_TLS_CA/CERT/KEY, PORTMESH_TOKEN, PORTMESH_TOKEN_FILE).
 """
 
+from __future__ import annotations
+
 import json
 import os
-import shutil
 import subprocess
 import sys
-import sysconfig
-from typing import Any, Dict, List, Optional
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Dict, List, Optional
 
 from .errors import PortmeshError, error_for
 
@@ -22,6 +25,9 @@ def find_binary() -> str:
     explicit = os.environ.get("PORTMESH_BIN")
     if explicit:
         return explicit
+    import shutil
+    import sysconfig
+
     name = "portmesh.exe" if sys.platform == "win32" else "portmesh"
     candidates = [os.path.join(sysconfig.get_path("scripts"), name)]
     user_scheme = "nt_user" if sys.platform == "win32" else "posix_user"

@@ -1,6 +1,10 @@
 """Errors: the node's message, and its category as a class to catch."""
 
-from typing import Dict, Type
+from __future__ import annotations
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Dict, Type
 
 
 class PortmeshError(Exception):

@@ -34,12 +34,17 @@ takes the port its parent holds instead of a second one. ``flask run`` binds the
 ``FLASK_RUN_PORT``.
 """
 
+from __future__ import annotations
+
 import functools
 import os
 import re
-from typing import Any, Dict, Optional
 
 import portmesh
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Dict, Optional
 
 #: Where a parent process (the reloader's) leaves the port it holds for its serving child.
 _INHERITED = "PORTMESH_FLASK_PORT"
