@@ -38,7 +38,9 @@ fn main() {
             std::process::exit(1);
         }
     };
-    let json = cli.json;
+    // Errors as JSON for programs: with --json, or PORTMESH_ERROR_FORMAT=json when a program
+    // reads the plain answer but wants the error's category (the Python package's fast path).
+    let json = cli.json || std::env::var_os("PORTMESH_ERROR_FORMAT").is_some_and(|v| v == "json");
     let code = match runtime.block_on(cmd::dispatch(cli)) {
         Ok(code) => code,
         Err(e) if json => {

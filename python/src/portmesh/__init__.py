@@ -131,8 +131,8 @@ def port(
     :class:`PortUnavailable`, :class:`NodeUnreachable`, ... with the node's message.
     """
     args = _alloc_args(service, pool=pool, key=key, want=want, strategy=strategy, ttl=ttl, lease=lease)
-    reply = _cli.run(args, team=team, node=node)
-    return int(reply["allocations"][0]["port"])
+    # The plain answer (one port per line) needs no JSON parser: the common call stays cheap.
+    return int(_cli.run_plain(args, team=team, node=node).split()[0])
 
 
 def ports(*services: str, pool: Optional[str] = None, team: Optional[str] = None) -> Dict[str, int]:
