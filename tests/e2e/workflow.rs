@@ -484,6 +484,27 @@ fn a_detached_up_says_when_a_service_did_not_get_its_port() {
     let up = h.pm(&["up", "-d", "-f", f]).ok();
     assert!(up.stderr.contains(&format!("port {wanted} is not free; web gets port")), "{up:?}");
     h.pm(&["down", "-f", f]).ok();
+
+    // A service with no pinned port whose sticky port is taken since last time: the terminal of
+    // `up -d` names the old port, who holds it, and the new one.
+    let g = project(
+        &dir.path().join("sticky"),
+        &format!(
+            "project = \"sticky\"\n[services.web]\ncommand = \"{SERVER}\"\npool = \"t\"\ncheck = \"tcp\"\n"
+        ),
+    );
+    let g = g.to_str().unwrap();
+    h.pm(&["up", "-d", "-f", g]).ok();
+    let last = h.stack_ports(&["-f", g])["web"];
+    h.pm(&["down", "-f", g]).ok();
+    let _squatter = std::net::TcpListener::bind(("127.0.0.1", last)).unwrap();
+    let up = h.pm(&["up", "-d", "-f", g]).ok();
+    assert!(
+        up.stderr.contains(&format!("web's port {last} is held by pid {}", std::process::id()))
+            && up.stderr.contains("this time"),
+        "{up:?}"
+    );
+    h.pm(&["down", "-f", g]).ok();
 }
 
 #[test]

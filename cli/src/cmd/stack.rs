@@ -76,7 +76,7 @@ async fn up_here(cli: &Cli, a: &UpArgs, report: &mut Option<std::fs::File>) -> R
         }
     }
     let started = Instant::now();
-    let (lease, ports) = stacks::ports::allocate(&c, &stack, a.kill_existing).await?;
+    let (lease, ports, notes) = stacks::ports::allocate(&c, &stack, a.kill_existing).await?;
     let mut rec = record::StackRecord {
         scope: stack.scope(),
         team: stack.team.clone(),
@@ -86,6 +86,7 @@ async fn up_here(cli: &Cli, a: &UpArgs, report: &mut Option<std::fs::File>) -> R
         phase: "starting".into(),
         services: Vec::new(),
         reason: None,
+        notes,
     };
     record::write(&path, &rec)?;
     let outcome = runner::supervise_stack(&c, &stack, lease, &ports, &mut rec, &path, report, started).await;

@@ -75,10 +75,9 @@ pub async fn detach(cli: &Cli, c: &Client, a: &UpArgs, stack: &Stack) -> Result<
                 st.supervisor,
                 log.display()
             );
-            // The supervisor said it in its log; the user of `up -d` sees only this terminal.
-            let got: portmesh_project::Ports =
-                st.services.iter().map(|s| (s.name.clone(), s.ports.clone())).collect();
-            for line in super::ports::fallbacks(stack, &got) {
+            // The supervisor said it in its log; the user of `up -d` sees only this terminal:
+            // every port that differs from the wanted or last one.
+            for line in &st.notes {
                 eprintln!("portmesh: {line}");
             }
             for s in &st.services {

@@ -15,7 +15,10 @@ use crate::render::holder;
 const FREE_POLL: Duration = Duration::from_millis(100);
 
 /// Allocates every port of the stack in one batch under a new lease.
-pub async fn allocate(c: &Client, stack: &Stack, kill_existing: bool) -> Result<(u64, Ports)> {
+/// Allocates every port of `stack` in one batch under one lease. Returns the lease, the ports,
+/// and the lines it printed about ports that differ from what the stack wanted or had last (a
+/// detached `up` shows them in the terminal that started it).
+pub async fn allocate(c: &Client, stack: &Stack, kill_existing: bool) -> Result<(u64, Ports, Vec<String>)> {
     let mut slots = Vec::new();
     let mut items = Vec::new();
     for svc in &stack.services {
@@ -52,10 +55,11 @@ pub async fn allocate(c: &Client, stack: &Stack, kill_existing: bool) -> Result<
             for ((svc, name), al) in slots.iter().zip(&r.allocations) {
                 ports.entry(svc.clone()).or_default().push((name.clone(), al.port as u16));
             }
-            for line in fallbacks(stack, &ports).into_iter().chain(moves(c, &r).await) {
+            let said: Vec<String> = fallbacks(stack, &ports).into_iter().chain(moves(c, &r).await).collect();
+            for line in &said {
                 eprintln!("portmesh: {line}");
             }
-            return Ok((r.lease_id, ports));
+            return Ok((r.lease_id, ports, said));
         }
         // Some keys are still live under another holder: give back what this attempt took.
         let _ = c
@@ -100,7 +104,7 @@ pub async fn allocate(c: &Client, stack: &Stack, kill_existing: bool) -> Result<
 
 /// One line per service that wanted a port by number and got another one: the user set the
 /// port for a reason (a bookmark, an OAuth redirect), so a move is always said.
-pub fn fallbacks(stack: &Stack, got: &Ports) -> Vec<String> {
+fn fallbacks(stack: &Stack, got: &Ports) -> Vec<String> {
     stack
         .services
         .iter()

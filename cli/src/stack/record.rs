@@ -22,6 +22,10 @@ pub struct StackRecord {
     pub services: Vec<ServiceRecord>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// What the allocation said about ports that differ from the wanted or last ones, for a
+    /// detached `up` to show in the terminal that started it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
 }
 
 /// One started service of a stack.
