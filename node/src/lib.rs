@@ -10,8 +10,10 @@
 
 mod auth;
 mod checker;
+mod health;
 mod home;
 mod http;
+mod membership;
 mod metrics;
 mod seeds;
 mod transport;
@@ -23,7 +25,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use portmesh_api::Api;
-use portmesh_proto::channel::{PeerTls, Purpose};
+use portmesh_proto::channel::PeerTls;
 use portmesh_raft::{RaftNode, RaftOptions, StartError};
 use portmesh_store::{Store, StoreError, StoreOptions};
 use tokio::net::TcpListener;
@@ -31,6 +33,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 pub use auth::new_token;
+pub use health::{HEALTH_NAMES, READY_LAG};
 pub use home::{NodeInfo, read_info, write_info};
 
 /// Everything needed to start a node.
@@ -243,7 +246,8 @@ pub async fn start(mut cfg: NodeConfig) -> Result<RunningNode, NodeError> {
 
     let (health, health_service) = tonic_health::server::health_reporter();
     let failure = Arc::new(std::sync::Mutex::new(None));
-    let health_task = tokio::spawn(report_health(node.clone(), health, shutdown.clone(), failure.clone()));
+    let health_task =
+        tokio::spawn(health::report_health(node.clone(), health, shutdown.clone(), failure.clone()));
     // Reflection in both versions: grpc.reflection.v1, and v1alpha, the only one grpcurl before
     // 1.9, Python's grpcio-reflection and several GUI clients speak.
     let reflection = || {
@@ -325,9 +329,10 @@ pub async fn start(mut cfg: NodeConfig) -> Result<RunningNode, NodeError> {
     }
     match (&join_at, initialized) {
         (Some(cluster), false) => {
-            join(cluster, &node, &advertise, cfg.join_token.as_deref(), cfg.leader_timeout).await?
+            membership::join(cluster, &node, &advertise, cfg.join_token.as_deref(), cfg.leader_timeout)
+                .await?
         }
-        (Some(cluster), true) => same_cluster(cluster, &node).await?,
+        (Some(cluster), true) => membership::same_cluster(cluster, &node).await?,
         _ => {}
     }
     if initialized || join_at.is_some() || bootstrapped {
@@ -384,226 +389,6 @@ pub async fn start(mut cfg: NodeConfig) -> Result<RunningNode, NodeError> {
     })
 }
 
-/// A restarted member given `--join` again: it already belongs to a cluster, which must be the
-/// one at `addr`. An unreachable `addr` is only logged: a member rejoins its cluster by itself.
-async fn same_cluster(addr: &str, node: &RaftNode) -> Result<(), NodeError> {
-    use portmesh_proto::v1::{StatusRequest, cluster_client::ClusterClient};
-    let status = match node.peer_tls().endpoint(addr, Purpose::Ask) {
-        Ok(ep) => match ep.connect().await {
-            Ok(ch) => ClusterClient::new(ch).status(StatusRequest {}).await.map(|r| r.into_inner()).ok(),
-            Err(_) => None,
-        },
-        Err(_) => None,
-    };
-    let Some(status) = status else {
-        tracing::info!(%addr, "already a member of a cluster; --join ignored ({addr} did not answer)");
-        return Ok(());
-    };
-    let ours = node.cluster_id();
-    if ours.is_empty() && status.members.iter().any(|m| m.id == node.id) {
-        node.store.set_cluster_id(&status.cluster_id)?;
-    } else if !status.cluster_id.is_empty() && status.cluster_id != ours {
-        return Err(NodeError::ForeignCluster {
-            dir: node.store.dir().to_path_buf(),
-            ours: if ours.is_empty() { "(unknown)".into() } else { ours },
-            addr: addr.to_string(),
-            theirs: status.cluster_id,
-        });
-    }
-    if !status.members.iter().any(|m| m.id == node.id) {
-        return Err(NodeError::Removed {
-            id: node.id,
-            cluster: status.cluster_id,
-            addr: addr.to_string(),
-            members: status.members.iter().map(|m| m.id.to_string()).collect::<Vec<_>>().join(", "),
-            dir: node.store.dir().to_path_buf(),
-        });
-    }
-    tracing::info!(cluster_id = %node.cluster_id(), "already a member of this cluster; --join ignored");
-    Ok(())
-}
-
-/// Asks the cluster at `addr` to add this node, following redirects to the leader and retrying
-/// while an election runs, for at most `timeout`. A refusal (another cluster's data, a bad
-/// request) ends the attempts at once.
-async fn join(
-    addr: &str,
-    node: &RaftNode,
-    advertise: &str,
-    token: Option<&str>,
-    timeout: Duration,
-) -> Result<(), NodeError> {
-    use portmesh_proto::v1::{JoinRequest, cluster_client::ClusterClient};
-    let id = node.id;
-    let bearer = portmesh_client::Bearer::new(token).map_err(|e| NodeError::Join {
-        addr: addr.to_string(),
-        reason: format!("--join-token: {e}"),
-        tried: String::new(),
-    })?;
-    let deadline = tokio::time::Instant::now() + timeout;
-    let mut target = addr.to_string();
-    let mut tried: Vec<String> = Vec::new();
-    loop {
-        if !tried.contains(&target) {
-            tried.push(target.clone());
-        }
-        let outcome: Result<(), String> = match node.peer_tls().endpoint(&target, Purpose::Ask) {
-            Err(e) => Err(e.to_string()),
-            Ok(ep) => match ep.connect().await {
-                Err(e) => Err(format!("cannot connect to {target}: {e}")),
-                Ok(ch) => {
-                    let mut req = tonic::Request::new(JoinRequest {
-                        node_id: id,
-                        addr: advertise.to_string(),
-                        cluster_id: node.cluster_id(),
-                    });
-                    bearer.apply(&mut req);
-                    match ClusterClient::new(ch).join(req).await {
-                        Ok(r) => {
-                            let r = r.into_inner();
-                            node.store.set_cluster_id(&r.cluster_id)?;
-                            tracing::info!(
-                                leader = r.leader_id,
-                                voter = r.voter,
-                                cluster_id = %r.cluster_id,
-                                "joined the cluster"
-                            );
-                            return Ok(());
-                        }
-                        Err(s) => {
-                            let answer = format!("{target} answered: {}", s.message());
-                            // Refusals end the attempts: another cluster's data, a bad
-                            // request, or a certificate the cluster does not accept.
-                            if matches!(
-                                s.code(),
-                                tonic::Code::FailedPrecondition
-                                    | tonic::Code::InvalidArgument
-                                    | tonic::Code::Unauthenticated
-                                    | tonic::Code::PermissionDenied
-                            ) {
-                                return Err(NodeError::Join {
-                                    addr: addr.to_string(),
-                                    reason: answer,
-                                    tried: tried.join(", "),
-                                });
-                            }
-                            // A follower names the leader: ask it next. Unless it names this
-                            // node's own address: a member that was here before this node (it
-                            // is gone; the others have not noticed yet). Ask the first address
-                            // again once they elected another.
-                            match s
-                                .metadata()
-                                .get(portmesh_api::LEADER_METADATA)
-                                .and_then(|v| v.to_str().ok())
-                            {
-                                Some(leader) if leader == advertise => target = addr.to_string(),
-                                Some(leader) => target = leader.to_string(),
-                                None => {}
-                            }
-                            Err(answer)
-                        }
-                    }
-                }
-            },
-        };
-        if let Err(reason) = outcome {
-            if tokio::time::Instant::now() > deadline {
-                return Err(NodeError::Join { addr: addr.to_string(), reason, tried: tried.join(", ") });
-            }
-            tracing::debug!(%reason, "join attempt failed; retrying");
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
-}
-
-/// The names gRPC health answers for besides `""`: the node as a whole (`portmesh`) and each
-/// public service. `""` is liveness: SERVING while the process serves and its Raft runs. The
-/// names are readiness: SERVING exactly while this node belongs to a cluster (a joining node:
-/// once it caught up), knows a leader and has applied what it holds of the log (within
-/// [`READY_LAG`] entries), so a probe naming any of them (Kubernetes'
-/// gRPC readiness probe sends the name in the manifest) tells "part of a cluster with a leader,
-/// caught up" from "process up". Other names are NOT_FOUND. `/healthz` and `/readyz` mean the
-/// same.
-pub const HEALTH_NAMES: &[&str] = &[
-    "portmesh",
-    "portmesh.v1.Allocator",
-    "portmesh.v1.Leases",
-    "portmesh.v1.Pools",
-    "portmesh.v1.Cluster",
-    "portmesh.v1.Watch",
-    "portmesh.v1.Registry",
-];
-
-/// Log entries a ready node may hold unapplied: entries in flight under load, not a node that
-/// replays or catches up a long log.
-pub const READY_LAG: u64 = 1024;
-
-/// Keeps the gRPC health status in line with the node's state (see [`HEALTH_NAMES`]).
-///
-/// Raft stopping on its own (openraft stops at a storage error: a full or failing disk) is told
-/// here too: NOT_SERVING, one ERROR line naming the cause, and the node shuts down, since this
-/// process can write no more (its metrics would otherwise go on naming a leader).
-async fn report_health(
-    node: RaftNode,
-    reporter: tonic_health::server::HealthReporter,
-    shutdown: watch::Sender<bool>,
-    failure: Arc<std::sync::Mutex<Option<String>>>,
-) {
-    let mut metrics = node.raft.metrics();
-    reporter.set_service_status("", tonic_health::ServingStatus::Serving).await;
-    // A leader cut off from its quorum goes on naming itself (openraft 0.9 has no check-quorum):
-    // while leading, the quorum is confirmed every QUORUM_CHECK.
-    let mut check = tokio::time::interval(QUORUM_CHECK);
-    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut quorum_ok = true;
-    // A joining node knows the leader (it replicates to it) before it has caught up and been
-    // told the cluster's id: it is ready once it has.
-    let mut in_cluster = false;
-    let mut was = None;
-    loop {
-        in_cluster = in_cluster || !node.cluster_id().is_empty();
-        let (ready, leading, stopped) = {
-            let m = metrics.borrow_and_update();
-            let applied = m.last_applied.map_or(0, |l| l.index);
-            let behind = m.last_log_index.unwrap_or(0).saturating_sub(applied);
-            let stopped = m.running_state.as_ref().err().map(ToString::to_string);
-            (m.current_leader.is_some() && behind <= READY_LAG, m.current_leader == Some(node.id), stopped)
-        };
-        if let Some(why) = stopped {
-            tracing::error!(error = %why, "Raft stopped: this node cannot write any more; shutting down (start it again once the cause is fixed)");
-            *failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
-            reporter.set_service_status("", tonic_health::ServingStatus::NotServing).await;
-            for name in HEALTH_NAMES {
-                reporter.set_service_status(*name, tonic_health::ServingStatus::NotServing).await;
-            }
-            shutdown.send_replace(true);
-            return;
-        }
-        let ready = ready && in_cluster && (!leading || quorum_ok);
-        if was != Some(ready) {
-            was = Some(ready);
-            let status = if ready {
-                tonic_health::ServingStatus::Serving
-            } else {
-                tonic_health::ServingStatus::NotServing
-            };
-            for name in HEALTH_NAMES {
-                reporter.set_service_status(*name, status).await;
-            }
-        }
-        tokio::select! {
-            changed = metrics.changed() => if changed.is_err() { return },
-            _ = check.tick() => {
-                quorum_ok = !node.is_leader()
-                    || matches!(tokio::time::timeout(QUORUM_CHECK, node.read_barrier(false)).await, Ok(Ok(_)));
-            }
-        }
-    }
-}
-
-/// How often a leader confirms it still has its quorum, for readiness.
-const QUORUM_CHECK: Duration = Duration::from_secs(1);
-
 impl RunningNode {
     /// A handle that shuts the node down when set to `true`.
     pub fn shutdown_handle(&self) -> watch::Sender<bool> {
@@ -629,13 +414,13 @@ impl RunningNode {
         self.health_task.abort();
         self.checks_task.abort();
         let node = self.api.node().clone();
-        let left = self.leave_on_stop && leave(&node).await;
+        let left = self.leave_on_stop && seeds::leave(&node).await;
         node.shutdown().await;
         if let Err(e) = node.store.flush() {
             tracing::error!(error = %e, "flushing storage at shutdown failed");
         }
         if left {
-            empty_dir(&self.data_dir);
+            seeds::empty_dir(&self.data_dir);
         }
         if let Some(home) = &self.home {
             home::remove_info_if_ours(home);
@@ -644,71 +429,6 @@ impl RunningNode {
         match self.failure.lock().unwrap_or_else(|p| p.into_inner()).take() {
             Some(why) => Err(NodeError::RaftStopped(why)),
             None => Ok(()),
-        }
-    }
-}
-
-/// A node that is not a seed leaves the cluster as it stops (a StatefulSet scaled down): the
-/// leader removes it. Returns whether it left; a node that could not leave stays a member and
-/// keeps its data (it rejoins at its next start, or `portmesh leave --id N` removes it).
-async fn leave(node: &RaftNode) -> bool {
-    use portmesh_proto::v1::{LeaveRequest, cluster_client::ClusterClient};
-    let id = node.id;
-    let outcome = async {
-        if node.is_leader() {
-            return node.remove_member(id).await.map_err(|e| e.to_string());
-        }
-        let m = node.metrics();
-        let leader = m.current_leader.ok_or("no leader known")?;
-        let addr = m
-            .membership_config
-            .membership()
-            .get_node(&leader)
-            .map(|n| n.addr.clone())
-            .ok_or("leader unknown")?;
-        let ch = node
-            .peer_tls()
-            .endpoint(&addr, Purpose::Ask)
-            .map_err(|e| e.to_string())?
-            .connect()
-            .await
-            .map_err(|e| e.to_string())?;
-        ClusterClient::new(ch)
-            .leave(LeaveRequest { node_id: id })
-            .await
-            .map(|_| ())
-            .map_err(|s| s.message().to_string())
-    };
-    match tokio::time::timeout(Duration::from_secs(10), outcome).await {
-        Ok(Ok(())) => {
-            tracing::info!(
-                node_id = id,
-                "not a seed: left the cluster; its data directory is emptied, and its next start joins as a new member"
-            );
-            true
-        }
-        Ok(Err(e)) => {
-            tracing::warn!(node_id = id, error = %e, "not a seed, but could not leave the cluster; it stays a member and keeps its data");
-            false
-        }
-        Err(_) => {
-            tracing::warn!(
-                node_id = id,
-                "not a seed, but leaving the cluster took over 10 s; it stays a member and keeps its data"
-            );
-            false
-        }
-    }
-}
-
-/// Removes what `dir` holds (not `dir`: it may be a volume's mount point).
-fn empty_dir(dir: &std::path::Path) {
-    let Ok(entries) = std::fs::read_dir(dir) else { return };
-    for e in entries.flatten() {
-        let path = e.path();
-        let gone = if path.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) };
-        if let Err(err) = gone {
-            tracing::warn!(path = %path.display(), error = %err, "cannot empty the data directory");
         }
     }
 }

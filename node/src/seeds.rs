@@ -128,6 +128,71 @@ fn describe(seeds: &[&String], seen: &[Seen]) -> String {
     if parts.is_empty() { "there is no other seed".into() } else { parts.join("; ") }
 }
 
+/// A node that is not a seed leaves the cluster as it stops (a StatefulSet scaled down): the
+/// leader removes it. Returns whether it left; a node that could not leave stays a member and
+/// keeps its data (it rejoins at its next start, or `portmesh leave --id N` removes it).
+pub(crate) async fn leave(node: &RaftNode) -> bool {
+    use portmesh_proto::v1::{LeaveRequest, cluster_client::ClusterClient};
+    let id = node.id;
+    let outcome = async {
+        if node.is_leader() {
+            return node.remove_member(id).await.map_err(|e| e.to_string());
+        }
+        let m = node.metrics();
+        let leader = m.current_leader.ok_or("no leader known")?;
+        let addr = m
+            .membership_config
+            .membership()
+            .get_node(&leader)
+            .map(|n| n.addr.clone())
+            .ok_or("leader unknown")?;
+        let ch = node
+            .peer_tls()
+            .endpoint(&addr, Purpose::Ask)
+            .map_err(|e| e.to_string())?
+            .connect()
+            .await
+            .map_err(|e| e.to_string())?;
+        ClusterClient::new(ch)
+            .leave(LeaveRequest { node_id: id })
+            .await
+            .map(|_| ())
+            .map_err(|s| s.message().to_string())
+    };
+    match tokio::time::timeout(Duration::from_secs(10), outcome).await {
+        Ok(Ok(())) => {
+            tracing::info!(
+                node_id = id,
+                "not a seed: left the cluster; its data directory is emptied, and its next start joins as a new member"
+            );
+            true
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(node_id = id, error = %e, "not a seed, but could not leave the cluster; it stays a member and keeps its data");
+            false
+        }
+        Err(_) => {
+            tracing::warn!(
+                node_id = id,
+                "not a seed, but leaving the cluster took over 10 s; it stays a member and keeps its data"
+            );
+            false
+        }
+    }
+}
+
+/// Removes what `dir` holds (not `dir`: it may be a volume's mount point).
+pub(crate) fn empty_dir(dir: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for e in entries.flatten() {
+        let path = e.path();
+        let gone = if path.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) };
+        if let Err(err) = gone {
+            tracing::warn!(path = %path.display(), error = %err, "cannot empty the data directory");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
