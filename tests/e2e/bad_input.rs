@@ -87,6 +87,26 @@ fn malformed_arguments_are_usage_errors() {
         assert_eq!(r.code, 2, "{args:?}: {r:?}");
         assert!(r.stderr.contains(msg), "{args:?}: {r:?}");
     }
+    // `serve`'s new settings: each refused by name before a data directory is made.
+    let data = h.path().join("never");
+    let d = data.to_str().unwrap();
+    for (args, code, msg) in [
+        (&["serve", "--data", d, "--seeds", "portmesh-0"][..], 2, "\"portmesh-0\" is not HOST:PORT"),
+        (&["serve", "--data", d, "--seeds", "a:1", "--bootstrap"], 2, "cannot be used with"),
+        (
+            &["serve", "--data", d, "--join-token", "pmt_x"],
+            1,
+            "--join-token (PORTMESH_JOIN_TOKEN) is for joining",
+        ),
+        (&["serve", "--data", d, "--admin-token-file", "/nonexistent"], 1, "add --auth"),
+    ] {
+        let r = h.pm(args);
+        assert_eq!(r.code, code, "{args:?}: {r:?}");
+        assert!(r.stderr.contains(msg), "{args:?}: {r:?}");
+    }
+    let r = h.cmd(&["serve", "--data", d]).env("PORT", "http").output().unwrap();
+    assert!(String::from_utf8_lossy(&r.stderr).contains("PORT=\"http\" is not a port"), "{r:?}");
+    assert!(!data.exists(), "a refused serve makes no data directory");
     assert!(h.info().is_none(), "usage errors start no node");
 }
 

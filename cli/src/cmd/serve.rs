@@ -72,16 +72,6 @@ fn listen_address(flag: Option<SocketAddr>, port_var: Option<&str>) -> Result<So
 }
 
 pub async fn serve(cli: &Cli, a: &ServeArgs) -> Result<()> {
-    let tls = node_files(cli, a.mtls)?;
-    let listen = listen_address(a.listen, std::env::var("PORT").ok().as_deref())?;
-    check_exposure(listen, a.http, a.advertise.as_deref(), tls.is_some(), a.insecure)?;
-    if (a.auth || a.join_token.is_some()) && tls.is_none() {
-        bail!(
-            "--auth{} needs TLS (--tls-cert, --tls-key, --tls-ca): tokens are bearer secrets that plaintext would show to \
-             anyone on the path, and members prove themselves with node certificates",
-            if a.auth { "" } else { " (implied by --join-token)" }
-        );
-    }
     if a.join_token.is_some() && a.join.is_none() && a.seeds.is_empty() && !(a.bootstrap && a.auth) {
         bail!(
             "--join-token (PORTMESH_JOIN_TOKEN) is for joining (--join ADDR or --seeds), or, with --bootstrap --auth, \
@@ -91,6 +81,16 @@ pub async fn serve(cli: &Cli, a: &ServeArgs) -> Result<()> {
     if a.admin_token_file.is_some() && !a.auth {
         bail!(
             "--admin-token-file (PORTMESH_ADMIN_TOKEN_FILE) is the first admin token of a cluster with --auth: add --auth"
+        );
+    }
+    let tls = node_files(cli, a.mtls)?;
+    let listen = listen_address(a.listen, std::env::var("PORT").ok().as_deref())?;
+    check_exposure(listen, a.http, a.advertise.as_deref(), tls.is_some(), a.insecure)?;
+    if (a.auth || a.join_token.is_some()) && tls.is_none() {
+        bail!(
+            "--auth{} needs TLS (--tls-cert, --tls-key, --tls-ca): tokens are bearer secrets that plaintext would show to \
+             anyone on the path, and members prove themselves with node certificates",
+            if a.auth { "" } else { " (implied by --join-token)" }
         );
     }
     let admin_token = match &a.admin_token_file {
