@@ -11,6 +11,11 @@ root=$(cd "$here/../.." && pwd)
 venv=${1:-$root/target/python-client-venv}
 stamp=$venv/.portmesh-ready
 proto=$root/proto/portmesh/v1/portmesh.proto
+# One setup at a time: tests that use the client run at once, and two pip installs into one new
+# venv break each other.
+mkdir -p "$(dirname "$venv")"
+exec 9>"$venv.lock"
+flock 9
 if [ ! -f "$stamp" ] || [ "$proto" -nt "$stamp" ] || [ "$here/requirements.txt" -nt "$stamp" ]; then
     python3 -m venv "$venv" >&2
     "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$here/requirements.txt" >&2
