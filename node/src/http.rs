@@ -201,6 +201,14 @@ async fn status(State(api): State<Api>, headers: axum::http::HeaderMap) -> axum:
             })
         })
         .collect();
+    // Ports a browser can open: the services' web ports, by host and port.
+    let web: std::collections::HashMap<(&str, u16), &str> = st
+        .services()
+        .filter(|svc| mine(&svc.team))
+        .flat_map(|svc| {
+            svc.ports.iter().filter_map(move |p| Some(((svc.host.as_str(), p.port), web_scheme(svc, p)?)))
+        })
+        .collect();
     let allocations: Vec<Value> = st
         .allocations()
         .filter(|a| mine(&a.team))
@@ -210,6 +218,8 @@ async fn status(State(api): State<Api>, headers: axum::http::HeaderMap) -> axum:
                 "key": a.key, "lease_id": a.lease_id, "revision": a.revision, "created_ms": a.created_ms,
                 "pid": a.holder.as_ref().map(|h| h.pid),
                 "command": a.holder.as_ref().map(|h| h.command.as_str()),
+                "holder_gone": holder_gone(a, api.host()),
+                "web": web.get(&(a.host.as_str(), a.port)).copied().or((a.pool == "web").then_some("http")),
             })
         })
         .collect();
@@ -234,7 +244,7 @@ async fn status(State(api): State<Api>, headers: axum::http::HeaderMap) -> axum:
             let ports: Vec<Value> = svc
                 .ports
                 .iter()
-                .map(|p| json!({"name": p.name, "port": p.port, "protocol": p.protocol}))
+                .map(|p| json!({"name": p.name, "port": p.port, "protocol": p.protocol, "web": web_scheme(svc, p)}))
                 .collect();
             json!({
                 "team": svc.team, "id": svc.id, "name": svc.name, "project": svc.project, "env": svc.env,
@@ -254,6 +264,7 @@ async fn status(State(api): State<Api>, headers: axum::http::HeaderMap) -> axum:
             json!({
                 "id": l.id, "team": l.team, "ttl_ms": l.ttl_ms, "remaining_ms": remaining,
                 "granted_ms": l.granted_ms, "ports": st.lease_ports(l.id).collect::<Vec<_>>(),
+                "at_risk": lease_at_risk(remaining, l.ttl_ms),
             })
         })
         .collect();
@@ -267,12 +278,38 @@ async fn status(State(api): State<Api>, headers: axum::http::HeaderMap) -> axum:
     let members: Vec<Value> =
         s.members.iter().map(|m| json!({"id": m.id, "addr": m.addr, "role": m.role})).collect();
     Json(json!({
-        "node_id": s.node_id, "leader_id": s.leader_id, "term": s.term, "members": members,
+        "node_id": s.node_id, "host": api.host(), "leader_id": s.leader_id, "term": s.term, "members": members,
         "commit_index": s.commit_index, "applied_index": s.applied_index, "revision": s.revision,
         "pools": pools, "allocations": allocations, "services": services, "recent_conflicts": conflicts,
         "recommendations": recommendations, "leases": leases, "now_ms": now,
     }))
     .into_response()
+}
+
+/// The scheme a browser opens a service's port with, if it is a web port: its protocol says
+/// `http` or `https`, it is named `http`, `https` or `web`, or an HTTP check probes it.
+fn web_scheme(svc: &portmesh_core::Service, port: &portmesh_core::ServicePort) -> Option<&'static str> {
+    let said = |w: &str| port.protocol.eq_ignore_ascii_case(w) || port.name.eq_ignore_ascii_case(w);
+    if said("https") {
+        return Some("https");
+    }
+    let checked = svc.check.as_ref().is_some_and(|c| {
+        matches!(c.kind, portmesh_core::CheckKind::Http { .. })
+            && c.port.as_deref().map_or(svc.main_port() == Some(port.port), |n| n == port.name)
+    });
+    (said("http") || said("web") || checked).then_some("http")
+}
+
+/// A lease is at risk once less than half its TTL is left: a kept lease is renewed every third
+/// of its TTL, so a healthy one never is.
+fn lease_at_risk(remaining_ms: u64, ttl_ms: u64) -> bool {
+    remaining_ms < ttl_ms / 2
+}
+
+/// Whether the process an allocation was handed to is known to have ended: only on this
+/// node's own host, where its processes can be seen.
+fn holder_gone(a: &portmesh_core::Allocation, host: &str) -> bool {
+    a.host == host && a.holder.as_ref().is_some_and(|h| h.pid != 0 && !portmesh_probe::process::alive(h.pid))
 }
 
 #[cfg(test)]
@@ -293,5 +330,65 @@ mod tests {
         assert_eq!(strip_port("[fe80::1]:80"), "fe80::1");
         assert_eq!(strip_port("fe80::1"), "fe80::1");
         assert_eq!(strip_port("name:80"), "name");
+    }
+
+    #[test]
+    fn web_ports_are_named_so_or_checked_over_http() {
+        use portmesh_core::{CheckKind, HealthCheck, Service, ServicePort};
+        let port = |name: &str, port, protocol: &str| ServicePort {
+            name: name.into(),
+            port,
+            protocol: protocol.into(),
+        };
+        let check = |kind, port: Option<&str>| HealthCheck {
+            kind,
+            port: port.map(Into::into),
+            interval_ms: 1000,
+            timeout_ms: 1000,
+            failures: 3,
+        };
+        let svc = |ports: Vec<ServicePort>, check: Option<HealthCheck>| Service {
+            team: "default".into(),
+            id: "x".into(),
+            name: "x".into(),
+            project: None,
+            env: None,
+            instance: None,
+            host: "h".into(),
+            ports,
+            tags: vec![],
+            check,
+            depends_on: vec![],
+            status: portmesh_core::HealthStatus::Passing,
+            output: String::new(),
+            lease_id: None,
+            holder: None,
+            registered_ms: 0,
+            revision: 1,
+            status_ms: 0,
+        };
+        let http = || Some(check(CheckKind::Http { path: "/".into() }, None));
+        // An HTTP check on the main port (the first), or on the port it names.
+        let s = svc(vec![port("main", 8000, ""), port("debug", 8001, "")], http());
+        assert_eq!((web_scheme(&s, &s.ports[0]), web_scheme(&s, &s.ports[1])), (Some("http"), None));
+        let named = Some(check(CheckKind::Http { path: "/".into() }, Some("debug")));
+        let s = svc(vec![port("main", 8000, ""), port("debug", 8001, "")], named);
+        assert_eq!((web_scheme(&s, &s.ports[0]), web_scheme(&s, &s.ports[1])), (None, Some("http")));
+        // Named or declared so; a TCP check says nothing.
+        let s = svc(
+            vec![port("web", 1, ""), port("https", 2, ""), port("a", 3, "HTTP"), port("db", 4, "tcp")],
+            Some(check(CheckKind::Tcp, None)),
+        );
+        let got: Vec<_> = s.ports.iter().map(|p| web_scheme(&s, p)).collect();
+        assert_eq!(got, [Some("http"), Some("https"), Some("http"), None]);
+    }
+
+    #[test]
+    fn a_lease_is_at_risk_below_half_its_ttl() {
+        // Renewed every third of its TTL: never below two thirds while kept.
+        assert!(!lease_at_risk(20_000, 30_000));
+        assert!(!lease_at_risk(15_000, 30_000));
+        assert!(lease_at_risk(14_999, 30_000));
+        assert!(lease_at_risk(0, 30_000));
     }
 }

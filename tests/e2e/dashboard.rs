@@ -157,6 +157,13 @@ fn the_dashboard_shows_services_pools_conflicts_and_recommendations_and_updates_
     let fallback = h.pm(&["alloc", "web", "--pool", "dash", "--port", &squatter.to_string()]).ok().ports()[0];
     assert_ne!(fallback, squatter);
     h.pm(&["pools", "add", "high", "40000-40099"]).ok();
+    // A port handed to a process that ended with no lease (a shell that ran `alloc` and left):
+    // leaked.
+    let mut sh = std::process::Command::new("sh");
+    sh.args(["-c", "\"$0\" alloc leak --pool dash; true", BIN]).env("PORTMESH_HOME", h.path());
+    let out = sh.output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let leaked: u16 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
 
     let url = format!("http://{}/", h.http());
     let mut b = Browser::start(&url);
@@ -179,9 +186,15 @@ fn the_dashboard_shows_services_pools_conflicts_and_recommendations_and_updates_
             pools: [...document.querySelectorAll('[data-pool]')].map(e => e.dataset.pool),
             ports: [...document.querySelectorAll('[data-port]')].map(e => Number(e.dataset.port)),
             leases: document.querySelectorAll('[data-lease]').length,
+            leaseText: document.getElementById('leases').innerText,
+            leaked: [...document.querySelectorAll('[data-leaked]')].map(e => Number(e.dataset.port)),
+            leakedMark: document.querySelector('[data-leaked] .badge')?.textContent,
+            apiLink: document.querySelector('[data-service=api] a[data-link]')?.href,
+            dbLinks: document.querySelectorAll('[data-service=db] a').length,
             conflicts: document.getElementById('conflicts').innerText,
             rules: [...document.querySelectorAll('[data-rule]')].map(e => e.dataset.rule),
             recHidden: document.getElementById('recommendations-section').hidden,
+            tokenShown: getComputedStyle(document.getElementById('token-form')).display !== 'none',
         })",
     );
     let v: Value = serde_json::from_str(shown.as_str().unwrap()).unwrap();
@@ -193,12 +206,22 @@ fn the_dashboard_shows_services_pools_conflicts_and_recommendations_and_updates_
     let live = h.live_ports();
     assert_eq!(v["ports"].as_array().unwrap().len(), live.len(), "{v}");
     assert!(v["ports"].as_array().unwrap().contains(&json!(fallback)));
-    assert_eq!(v["leases"], 1);
+    // Leases: only those at risk; the 10-minute one is renewed in time.
+    assert_eq!(v["leases"], 0, "{v}");
+    assert!(v["leaseText"].as_str().unwrap().contains("1 lease, all renewed on time"), "{v}");
+    // Leaked: only the port whose holder ended with no lease, marked so.
+    assert_eq!(v["leaked"], json!([leaked]), "{v}");
+    assert_eq!(v["leakedMark"], "leaked", "{v}");
+    // A web port is a link to the service, under the name the page was opened with; a port
+    // checked over TCP with no web name is not.
+    assert_eq!(v["apiLink"], format!("http://127.0.0.1:{api_port}/"), "{v}");
+    assert_eq!(v["dbLinks"], 0, "{v}");
     let conflicts = v["conflicts"].as_str().unwrap();
     assert!(conflicts.contains(&squatter.to_string()), "the conflict names the port: {conflicts}");
     assert!(conflicts.contains(&format!("pid {}", std::process::id())), "and its holder: {conflicts}");
     assert_eq!(v["rules"], json!(["ephemeral"]), "{v}");
     assert_eq!(v["recHidden"], false);
+    assert_eq!(v["tokenShown"], false, "a node without --auth asks for no token: {v}");
 
     // Live: a new allocation shows up on the same page, without a reload.
     b.eval("window.__portmeshMarker = 42");
@@ -207,6 +230,15 @@ fn the_dashboard_shows_services_pools_conflicts_and_recommendations_and_updates_
         b.eval(&format!("document.querySelector('[data-port=\"{port}\"]') !== null")).as_bool() == Some(true)
     });
     assert_eq!(b.eval("window.__portmeshMarker"), json!(42), "the page was not reloaded");
+
+    // A lease with less than half its TTL left shows up; the kept 10-minute one still does not.
+    let risky = h.pm(&["alloc", "risky", "--pool", "dash", "--ttl", "8s", "--json"]).ok();
+    let lease = risky.json()["lease_id"].as_u64().unwrap();
+    wait_until("the lease at risk on the page", Duration::from_secs(8), || {
+        b.eval(&format!("document.querySelector('[data-lease=\"{lease}\"]') !== null")).as_bool()
+            == Some(true)
+    });
+    assert_eq!(b.eval("document.querySelectorAll('[data-lease]').length"), json!(1));
 
     // It fits a phone: no sideways scrolling at 390 px.
     b.call(

@@ -18,6 +18,16 @@ function holder(pid, command) {
   return `pid ${esc(pid)}${command ? ` <code>${esc(command)}</code>` : ""}`;
 }
 
+// A port as a link to what listens there, when it is a web port (the node says which): a port on
+// the node's own host opens under the name this page was opened with.
+function port(p, web, host, s) {
+  const text = `<span class="mono">${p}</span>`;
+  if (!web) return text;
+  const name = host === s.host ? location.hostname : host;
+  const where = name.includes(":") ? `[${name}]` : name;
+  return `<a href="${esc(web)}://${esc(where)}:${p}/" target="_blank" rel="noopener" data-link="${p}">${text}</a>`;
+}
+
 function table(head, rows, optional = []) {
   const th = head.map((h, i) => `<th${optional.includes(i) ? ' class="optional"' : ""}>${h}</th>`).join("");
   const body = rows
@@ -54,7 +64,7 @@ function renderServices(s) {
           attrs: ` data-service="${esc(svc.name)}"`,
           cells: [
             `<strong>${esc(svc.name)}</strong>`,
-            svc.ports.map((p) => `${esc(p.name)}=<span class="mono">${p.port}</span>`).join(" "),
+            svc.ports.map((p) => `${esc(p.name)}=${port(p.port, p.web, svc.host, s)}`).join(" "),
             `<span class="badge ${esc(svc.status)}">${esc(svc.status)}</span>`,
             ago(s.now_ms - svc.registered_ms),
             holder(svc.pid, svc.command),
@@ -84,9 +94,11 @@ function renderPools(s) {
     .join("");
 }
 
+// Only leases at risk (less than half their TTL left: kept ones are renewed every third of it).
 function renderLeases(s) {
-  const list = [...s.leases].sort((a, b) => a.remaining_ms - b.remaining_ms).slice(0, 10);
-  if (!list.length) return '<p class="empty">no leases</p>';
+  const list = s.leases.filter((l) => l.at_risk).sort((a, b) => a.remaining_ms - b.remaining_ms).slice(0, 10);
+  if (!s.leases.length) return '<p class="empty">no leases</p>';
+  if (!list.length) return `<p class="empty">${s.leases.length} lease${s.leases.length === 1 ? "" : "s"}, all renewed on time</p>`;
   return table(
     ["lease", "expires in", "ttl", "ports"],
     list.map((l) => ({ attrs: ` data-lease="${l.id}"`, cells: [`<span class="mono">${l.id}</span>`, ago(l.remaining_ms), ago(l.ttl_ms), l.ports.join(", ")] })),
@@ -98,10 +110,17 @@ function renderAllocations(s) {
   const rows = [...s.allocations]
     .sort((a, b) => a.port - b.port)
     .map((a) => ({
-      attrs: ` data-port="${a.port}"`,
-      cells: [`<span class="mono">${a.port}</span>`, esc(a.service), esc(a.pool), esc(a.host), holder(a.pid, a.command), a.lease_id ? `<span class="mono">${a.lease_id}</span>` : "", esc(a.key || "")],
+      attrs: ` data-port="${a.port}"${a.holder_gone && !a.lease_id ? " data-leaked" : ""}`,
+      cells: [port(a.port, a.web, a.host, s), `${esc(a.service)}${mark(a)}`, esc(a.pool), esc(a.host), holder(a.pid, a.command), a.lease_id ? `<span class="mono">${a.lease_id}</span>` : "", esc(a.key || "")],
     }));
   return table(["port", "service", "pool", "host", "holder", "lease", "key"], rows, [4, 6]);
+}
+
+// An allocation whose process ended is marked: leaked when no lease will ever free it.
+function mark(a) {
+  if (!a.holder_gone) return "";
+  if (a.lease_id) return ' <span class="badge warning" title="its process ended; the port comes back when its lease is not renewed">holder gone</span>';
+  return ` <span class="badge critical" title="its process ended and no lease will free the port: portmesh release ${a.port}">leaked</span>`;
 }
 
 function renderConflicts(s) {
