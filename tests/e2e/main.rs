@@ -21,5 +21,6 @@ mod python;
 mod registry;
 mod serve;
 mod tls;
+mod upgrade;
 mod watch;
 mod workflow;
