@@ -84,6 +84,11 @@ struct Args {
     /// Also compare a one-shot `portmesh alloc` with an empty Rust binary using `hyperfine -N`.
     #[arg(long)]
     startup: bool,
+    /// The Python package at start-up: `python/bench/startup.py` (--rounds x 10 rounds) in the
+    /// venv `python/setup-tests.sh` makes (the package installed with `pip install ./python`,
+    /// its `portmesh` built in the dev profile, as its tests use it).
+    #[arg(long)]
+    python: bool,
     /// The developer workflow: `portmesh run -- /bin/true` against /bin/true and an empty Rust
     /// binary (`hyperfine -N`), and `portmesh up -d` of a 5-service stack (--rounds x 3 times).
     #[arg(long)]
@@ -357,6 +362,9 @@ async fn scale_runs(args: &Args, dur: Duration) -> Result<()> {
     }
     if args.workflow {
         workflow(&args.portmesh, args.rounds * 3).await?;
+    }
+    if args.python {
+        python_startup(args.rounds * 10)?;
     }
     let etcd = (args.etcd != "off").then_some(args.etcd.as_str());
     if args.rss_allocations > 0 {

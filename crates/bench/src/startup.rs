@@ -99,3 +99,25 @@ pub(crate) async fn startup(bin: &Path) -> Result<()> {
     );
     Ok(())
 }
+
+/// `python/bench/startup.py` in the package's test venv: what `import portmesh; port()` and the
+/// Flask extension add at start-up (it prints its own table).
+pub(crate) fn python_startup(rounds: usize) -> Result<()> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let setup =
+        Command::new(root.join("python/setup-tests.sh")).output().context("running python/setup-tests.sh")?;
+    if !setup.status.success() {
+        bail!("python/setup-tests.sh failed: {}", String::from_utf8_lossy(&setup.stderr));
+    }
+    let stdout = String::from_utf8_lossy(&setup.stdout);
+    let python = stdout.lines().last().context("python/setup-tests.sh printed no interpreter")?;
+    let status = Command::new(python)
+        .arg(root.join("python/bench/startup.py"))
+        .args(["--rounds", &rounds.to_string()])
+        .status()
+        .context("running python/bench/startup.py")?;
+    if !status.success() {
+        bail!("python/bench/startup.py failed");
+    }
+    Ok(())
+}
