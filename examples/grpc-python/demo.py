@@ -9,7 +9,7 @@ import argparse
 import json
 import time
 
-from portmesh_client import Client, event_name
+from grpc_api import Client, event_name
 
 
 def main():

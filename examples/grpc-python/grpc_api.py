@@ -1,4 +1,6 @@
-"""A small portmesh client for CI scripts: allocate under a lease, keep it alive, watch changes.
+"""The portmesh gRPC API spoken directly, with stubs generated from the proto: allocate under a
+lease, keep it alive on one stream, watch changes. What a program in any language with gRPC does
+(Python programs use the `portmesh` package instead: docs/python.md).
 
 Stubs are generated from proto/portmesh/v1/portmesh.proto by setup.sh (grpcio-tools); the
 comments in that file are the API reference. This client follows the leader the way the protocol

@@ -2,13 +2,13 @@
 # Prepares the Python client: a venv with grpcio and grpcio-tools from PyPI (pinned), and stubs
 # generated from the portmesh protos. Idempotent and quick when already prepared.
 #
-#   examples/python-client/setup.sh [VENV]      (default: target/python-client-venv)
+#   examples/grpc-python/setup.sh [VENV]      (default: target/grpc-python-venv)
 #
 # Prints the venv's python on the last line.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
-venv=${1:-$root/target/python-client-venv}
+venv=${1:-$root/target/grpc-python-venv}
 stamp=$venv/.portmesh-ready
 proto=$root/proto/portmesh/v1/portmesh.proto
 # One setup at a time: tests that use the client run at once, and two pip installs into one new
