@@ -100,18 +100,13 @@ def test_a_missing_dependency_is_named_and_nothing_is_held(pool):
         portmesh.release(key="shop/x")
 
 
+EXAMPLE = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "flask-factory", "app.py")
+
+
 def test_app_run_serves_on_the_held_port_and_the_port_comes_back_when_it_is_killed(pool):
-    server = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(f"""
-            from flask import Flask
-            from portmesh.flask import PortMesh
-            app = Flask("served")
-            app.config.update(PORTMESH_POOL={pool!r}, PORTMESH_KEY="served/web", PORTMESH_HEALTHZ=True)
-            PortMesh(app)
-            app.run()
-        """)],
-        stderr=subprocess.DEVNULL,
-    )
+    # examples/flask-factory/app.py, as its docstring says to run it.
+    env = dict(os.environ, FLASK_PORTMESH_POOL=pool, FLASK_PORTMESH_KEY="served/web", FLASK_PORTMESH_SERVICE="served")
+    server = subprocess.Popen([sys.executable, EXAMPLE], env=env, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 30
         while True:
@@ -125,6 +120,8 @@ def test_app_run_serves_on_the_held_port_and_the_port_comes_back_when_it_is_kill
             assert time.monotonic() < deadline, "the app never served on its registered port"
             time.sleep(0.1)
         assert body == b"ok\n" and in_pool(found[0].port)
+        page = urllib.request.urlopen(f"http://127.0.0.1:{found[0].port}/", timeout=2).read()
+        assert f'"port":{found[0].port}'.encode() in page.replace(b" ", b""), page
     finally:
         server.send_signal(signal.SIGKILL)
         server.wait()
