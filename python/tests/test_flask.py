@@ -213,3 +213,26 @@ def test_flask_caching_finds_redis_through_portmesh_urls_with_no_code_change(poo
     finally:
         redis.send_signal(signal.SIGINT)
         redis.wait(timeout=30)
+
+
+def test_a_plain_flask_run_holds_and_registers_nothing_and_says_how_to_get_the_apps_port(pool):
+    # A port of the tests' pool, free again: where `flask run` is told to listen.
+    port = portmesh.port("flask-cli", pool=pool)
+    portmesh.release(port)
+    flask = os.path.join(os.path.dirname(sys.executable), "flask")
+    env = dict(os.environ, FLASK_PORTMESH_POOL=pool, FLASK_PORTMESH_SERVICE="cli-served")
+    server = subprocess.Popen(
+        [flask, "--app", f"{EXAMPLE}:create_app", "run", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        page = get_when_served(port, "/")
+        assert f'"port":{port}'.encode() in page.replace(b" ", b""), page
+        assert portmesh.discover("cli-served", all=True) == []
+    finally:
+        server.terminate()
+        _, err = server.communicate(timeout=15)
+    assert f"`flask run` listens on port {port}" in err and "portmesh run -- flask run" in err, err

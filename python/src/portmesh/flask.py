@@ -30,8 +30,10 @@ How it gets the port: under ``portmesh up`` or ``portmesh run`` it takes the one
 holds the app's sticky port under a lease kept for the life of the process, registers the service,
 and ``app.run()`` listens there unless given another port. With the reloader, the serving child
 takes the port its parent holds instead of a second one. ``flask run`` binds the port it was told
-(``--port``, ``FLASK_RUN_PORT``): run it as ``portmesh run -- flask run``, which sets
-``FLASK_RUN_PORT``.
+(``--port``, ``FLASK_RUN_PORT``, else 5000), which no extension can change: under a plain
+``flask run`` the extension takes that port as the app's, holds and registers nothing (a
+registration would point at a port nobody serves), and says on stderr to run ``portmesh run --
+flask run`` instead, which sets ``FLASK_RUN_PORT`` to the app's sticky port.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+import sys
 
 import portmesh
 
@@ -89,9 +92,19 @@ class PortMesh:
         }
         held: Optional[portmesh.Held] = None
         registration: Optional[str] = None
+        flask_run = _flask_run_port()
         if stack.service and stack.port:
             # Under `portmesh up` / `portmesh run`: they hold, register and release.
             port = stack.port
+        elif flask_run is not None:
+            # A plain `flask run`: it binds the port it was told, whatever is held here.
+            port = flask_run
+            if os.environ.get("WERKZEUG_RUN_MAIN") != "true":
+                sys.stderr.write(
+                    f"portmesh: `flask run` listens on port {port}, the one it was told (--port, FLASK_RUN_PORT, "
+                    "else 5000), so nothing is held or registered: for the app's own port run "
+                    "`portmesh run -- flask run`\n"
+                )
         elif os.environ.get("WERKZEUG_RUN_MAIN") == "true" and os.environ.get(_INHERITED, "").isdigit():
             # The reloader's serving child: its parent holds the port.
             port = int(os.environ[_INHERITED])
@@ -121,6 +134,18 @@ class PortMesh:
 
         app.run = run
         app.extensions["portmesh"] = state
+
+
+def _flask_run_port() -> Optional[int]:
+    """The port ``flask run`` binds when it is the one loading the app (its click command's
+    ``port``), else None."""
+    click = sys.modules.get("click")
+    ctx = click.get_current_context(silent=True) if click is not None else None
+    while ctx is not None:
+        if ctx.info_name == "run" and isinstance(ctx.params.get("port"), int):
+            return int(ctx.params["port"])
+        ctx = ctx.parent
+    return None
 
 
 _REF = re.compile(r"\{([A-Za-z0-9_.-]+)\.port(?:_([A-Za-z0-9_]+))?\}")
