@@ -25,6 +25,7 @@
 #![cfg_attr(not(test), deny(unused_crate_dependencies))]
 
 mod command;
+mod portset;
 mod rejection;
 mod rng;
 mod select;

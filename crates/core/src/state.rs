@@ -96,7 +96,8 @@ pub struct PoolUsage {
 /// Invariants (checked by `check_invariants` in tests after every step):
 /// - `allocations` holds at most one allocation per port, each inside a pool of its team;
 /// - no allocated port is reserved; pools never overlap;
-/// - `live_keys`, `lease_ports` and `cooldown_order` are exact indexes of the primary maps.
+/// - `live_keys`, `lease_ports`, `cooldown_order` and `allocated` are exact indexes of the
+///   primary maps.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct State {
     meta: Meta,
@@ -117,6 +118,9 @@ pub struct State {
     /// How many sticky keys remember each port (their last port): selection hands these out
     /// last, so a key's port stays its own across `down`/`up` long after the cool-down.
     remembered: BTreeMap<u16, u32>,
+    /// The ports `allocations` holds, as a bitmap: the lowest free port of a pool is found
+    /// 64 ports a step.
+    allocated: crate::portset::PortSet,
     /// Services attached to each lease: team, id.
     lease_services: BTreeMap<u64, BTreeSet<(String, String)>>,
     /// Records changed since the last [`State::take_dirty`].
@@ -160,6 +164,7 @@ impl State {
             lease_ports: BTreeMap::new(),
             cooldown_order: BTreeSet::new(),
             remembered: BTreeMap::new(),
+            allocated: crate::portset::PortSet::default(),
             lease_services: BTreeMap::new(),
             dirty: BTreeSet::new(),
         }
@@ -186,6 +191,7 @@ impl State {
                     if let Some(l) = a.lease_id {
                         s.lease_ports.entry(l).or_default().insert(a.port);
                     }
+                    s.allocated.insert(a.port);
                     s.allocations.insert(a.port, a);
                 }
                 Record::Reservation(r) => {
@@ -319,16 +325,11 @@ impl State {
         self.lease_ports.get(&id).into_iter().flatten().copied()
     }
 
-    /// The ports of `pool` that no allocation holds, ascending. Walks the allocations alongside
-    /// the pool's ranges: a run of allocated ports costs a comparison each, not a lookup.
+    /// The ports of `pool` that no allocation holds, ascending. Reads the allocated-port
+    /// bitmap: a run of 64 allocated ports costs one step, so the lowest free port of a pool
+    /// with 50,000 allocations is found in ~800 steps, not 50,000.
     pub fn unallocated_ports<'a>(&'a self, pool: &'a Pool) -> impl Iterator<Item = u16> + 'a {
-        pool.ranges.iter().flat_map(move |r| {
-            let mut held = self.allocations.range(r.start()..=r.end()).map(|(p, _)| *p).peekable();
-            r.ports().filter(move |p| {
-                while held.next_if(|h| h < p).is_some() {}
-                held.next_if_eq(p).is_none()
-            })
-        })
+        pool.ranges.iter().flat_map(move |r| self.allocated.absent(r.start(), r.end()))
     }
 
     /// Records that sticky key `tk` now remembers `port` (and no longer its previous port).

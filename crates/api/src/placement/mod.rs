@@ -3,11 +3,14 @@
 //! propose the batch with what the probe found busy; the state machine re-checks the plan and
 //! asks for another round if the state moved under it.
 
+mod busy;
 mod hosts;
 
+pub(crate) use busy::BusyMemory;
 pub(crate) use hosts::HostMap;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
 
 use portmesh_core::{AllocateBatch, Command, Holder, HostProbe, PlanWidth, Rejection, Response};
 use portmesh_raft::now_ms;
@@ -49,6 +52,12 @@ impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(self.1, Ordering::Relaxed);
     }
+}
+
+/// The ports `batch` asks for by number, and its keys' last ports: always probed afresh.
+fn asked_for(state: &portmesh_core::State, batch: &AllocateBatch) -> Vec<u16> {
+    let sticky = |key: &String| state.sticky_port(&batch.team, key);
+    batch.items.iter().flat_map(|i| i.port.into_iter().chain(i.key.as_ref().and_then(sticky))).collect()
 }
 
 impl Api {
@@ -95,15 +104,26 @@ impl Api {
         };
         for round in 0..MAX_ROUNDS {
             let seed = now_ms() ^ ((round as u64) << 48);
-            let candidates = {
+            let (candidates, asked) = {
                 let sm = inner.node.state().read();
-                sm.state.plan(&batch, now_ms(), width, seed)
+                let asked = asked_for(&sm.state, &batch);
+                (sm.state.plan(&batch, now_ms(), width, seed), asked)
             };
-            let (Busy { mut ports, holders }, probed) = self.probe_host(&batch.host, &candidates).await;
-            ports.extend_from_slice(reported);
+            let (known, unknown) = inner.busy.split(&batch.host, &candidates, &asked, Instant::now());
+            let (Busy { mut ports, mut holders }, probed) = if unknown.is_empty() {
+                (Busy::default(), true)
+            } else {
+                self.probe_host(&batch.host, &unknown).await
+            };
+            inner.busy.found(&batch.host, &ports, &holders, Instant::now());
             if !ports.is_empty() {
                 tracing::info!(host = %batch.host, busy = ?ports, "ports busy on the host will be skipped");
             }
+            for (port, holder) in known {
+                ports.push(port);
+                holders.extend(holder.map(|h| (port, h)));
+            }
+            ports.extend_from_slice(reported);
             let mut checked = candidates;
             checked.extend_from_slice(reported);
             batch.probe = Some(HostProbe::new(checked, ports).with_owners(holders));

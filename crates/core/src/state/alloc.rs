@@ -122,6 +122,7 @@ impl State {
             self.cooldown_order.remove(&(c.until_ms, port));
             self.dirty.insert(Key::Cooldown(port));
         }
+        self.allocated.insert(port);
         self.allocations.insert(port, a);
         self.dirty.insert(Key::Alloc(port));
     }
@@ -135,6 +136,7 @@ impl State {
         now: u64,
     ) -> Option<Allocation> {
         let a = self.allocations.remove(&port)?;
+        self.allocated.remove(port);
         self.dirty.insert(Key::Alloc(port));
         if let Some(k) = &a.key {
             self.live_keys.remove(&(a.team.clone(), k.clone()));

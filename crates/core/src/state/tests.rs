@@ -136,6 +136,9 @@ fn check_invariants(st: &State) {
             assert!(st.lease(l).is_some(), "allocation {} attached to missing lease {l}", a.port);
         }
     }
+    // The allocated-port bitmap is an exact index of the allocations.
+    assert!(st.allocations().all(|a| st.allocated.contains(a.port)));
+    assert_eq!(st.allocated.absent(0, u16::MAX).count(), 65_536 - st.allocations().count());
     for svc in st.services() {
         if let Some(l) = svc.lease_id {
             assert!(st.lease(l).is_some(), "service {} attached to missing lease {l}", svc.id);
