@@ -105,6 +105,11 @@ struct Args {
     /// 64,512: one port each).
     #[arg(long, default_value_t = 0)]
     rss_allocations: usize,
+    /// Throughput as the state grows: fill to each of these numbers of live leased allocations
+    /// (e.g. 0,10000,30000,50000) and run the `fresh` workload at the largest of --clients at
+    /// each (portmesh only).
+    #[arg(long, value_delimiter = ',')]
+    state_sizes: Vec<usize>,
     /// Watch fan-out at these numbers of watchers (e.g. 100,1000), --rounds rounds of --secs.
     #[arg(long, value_delimiter = ',')]
     watchers: Vec<usize>,
@@ -369,6 +374,10 @@ async fn scale_runs(args: &Args, dur: Duration) -> Result<()> {
     let etcd = (args.etcd != "off").then_some(args.etcd.as_str());
     if args.rss_allocations > 0 {
         scale::rss_allocations(&args.portmesh, etcd, args.nodes, args.rss_allocations).await?;
+    }
+    if !args.state_sizes.is_empty() {
+        let clients = args.clients.iter().copied().max().unwrap_or(16);
+        scale::state_sizes(&args.portmesh, args.nodes, &args.state_sizes, clients, dur).await?;
     }
     if !args.watchers.is_empty() {
         scale::watch_fanout(&args.portmesh, etcd, args.nodes, &args.watchers, args.rounds, dur).await?;

@@ -102,30 +102,13 @@ fn pool_for(pools: &[(String, usize)], mut i: usize) -> Option<&str> {
     None
 }
 
-pub async fn rss_allocations(
-    bin: &std::path::Path,
-    etcd: Option<&str>,
-    nodes: usize,
-    n: usize,
-) -> Result<()> {
-    println!("\n# RSS with {n} live allocations, each under its own lease ({nodes} node(s))");
-    let d = start_portmesh(bin, nodes).await?;
-    let c = Client::connect(d.leader_addr()).await?;
-    let pools = add_scale_pools(&c).await?;
-    let capacity: usize = pools.iter().map(|p| p.1).sum();
-    if n > capacity {
-        bail!(
-            "{n} allocations do not fit: ports 1024-65535 hold {capacity} once the pools are laid out \
-             (every allocation is a distinct port)"
-        );
-    }
-    let before = member_rss(&d);
-    let t = Instant::now();
-    let pools = Arc::new(pools);
-    let addr = d.leader_addr().to_string();
-    let clients = fill_clients(&addr).await?;
-    fan_out(n, move |c, i| {
+/// Allocations `from..to` of a fill: each a distinct port under its own 1 h lease, from the
+/// scale pools in order, on `FILL_CLIENTS` clients.
+async fn fill(addr: &str, pools: Arc<Vec<(String, usize)>>, from: usize, to: usize) -> Result<()> {
+    let clients = fill_clients(addr).await?;
+    fan_out(to - from, move |c, j| {
         let (clients, pools) = (clients.clone(), pools.clone());
+        let i = from + j;
         async move {
             // The pool the index falls in, else the next ones (ports busy on this host leave a
             // pool short of its size).
@@ -154,7 +137,80 @@ pub async fn rss_allocations(
             bail!("every pool is full")
         }
     })
-    .await?;
+    .await
+}
+
+/// Throughput as the state grows (issue 19): fills a cluster to each of `sizes` live leased
+/// allocations (distinct ports: the fill rate of each step is the rate of taking fresh ports),
+/// then runs the `fresh` workload (a sticky key per client, a new lease per allocation) at
+/// `clients` for `dur` and reports both.
+pub async fn state_sizes(
+    bin: &std::path::Path,
+    nodes: usize,
+    sizes: &[usize],
+    clients: usize,
+    dur: Duration,
+) -> Result<()> {
+    println!(
+        "
+# throughput as the state grows ({nodes} node(s), {clients} clients, {} s phases)",
+        dur.as_secs_f64()
+    );
+    let d = start_portmesh(bin, nodes).await?;
+    let c = Client::connect(d.leader_addr()).await?;
+    let pools = Arc::new(add_scale_pools(&c).await?);
+    let mut live = 0;
+    let mut first = None;
+    for &size in sizes {
+        let fill_rate = if size > live {
+            let t = Instant::now();
+            fill(d.leader_addr(), pools.clone(), live, size).await?;
+            let rate = (size - live) as f64 / t.elapsed().as_secs_f64();
+            live = size;
+            format!("{rate:.0}/s")
+        } else {
+            "-".into()
+        };
+        let p = crate::run_phase(
+            crate::System::Portmesh,
+            crate::Workload::Fresh,
+            d.leader_addr(),
+            &d.options,
+            clients,
+            dur,
+        )
+        .await?;
+        let base = *first.get_or_insert(p.rate());
+        println!(
+            "{size:>6} live: fresh ports {fill_rate:>8} (filling to here, 16 clients); sticky-key workload {:>6.0}/s ({:.2}x the empty state), p50 {:.2} ms",
+            p.rate(),
+            p.rate() / base,
+            p.pct(0.5).as_secs_f64() * 1e3
+        );
+    }
+    Ok(())
+}
+
+pub async fn rss_allocations(
+    bin: &std::path::Path,
+    etcd: Option<&str>,
+    nodes: usize,
+    n: usize,
+) -> Result<()> {
+    println!("\n# RSS with {n} live allocations, each under its own lease ({nodes} node(s))");
+    let d = start_portmesh(bin, nodes).await?;
+    let c = Client::connect(d.leader_addr()).await?;
+    let pools = add_scale_pools(&c).await?;
+    let capacity: usize = pools.iter().map(|p| p.1).sum();
+    if n > capacity {
+        bail!(
+            "{n} allocations do not fit: ports 1024-65535 hold {capacity} once the pools are laid out \
+             (every allocation is a distinct port)"
+        );
+    }
+    let before = member_rss(&d);
+    let t = Instant::now();
+    fill(d.leader_addr(), Arc::new(pools), 0, n).await?;
     let live = c.list(pb::ListRequest::default()).await?.allocations.len();
     // Let follower apply and allocator caches settle.
     tokio::time::sleep(Duration::from_secs(3)).await;

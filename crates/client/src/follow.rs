@@ -35,14 +35,20 @@ pub(crate) async fn open(addr: &str, options: &ClientOptions) -> Result<Channel>
     })
 }
 
-/// Whether a failed call never reached a node: no connection could be made, so nothing was
-/// sent and repeating it elsewhere is safe.
+/// Whether a failed call never reached a node, so that repeating it elsewhere is safe: no
+/// connection could be made, or the connection closed while the request still waited in the
+/// client's queue (hyper reports that as *canceled*: "connection closed" — the request was never
+/// written; a node shutting down gracefully closes its connections this way). A request cut off
+/// after it was written is a different error, whose outcome stays unknown.
 fn never_sent(status: &tonic::Status) -> bool {
     let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(status);
     while let Some(e) = source {
         if let Some(io) = e.downcast_ref::<std::io::Error>()
             && io.kind() == std::io::ErrorKind::ConnectionRefused
         {
+            return true;
+        }
+        if e.downcast_ref::<hyper::Error>().is_some_and(hyper::Error::is_canceled) {
             return true;
         }
         source = e.source();
