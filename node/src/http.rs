@@ -209,6 +209,15 @@ async fn status(State(api): State<Api>, headers: axum::http::HeaderMap) -> axum:
             svc.ports.iter().filter_map(move |p| Some(((svc.host.as_str(), p.port), web_scheme(svc, p)?)))
         })
         .collect();
+    // Whether each holder still runs, asked once per process (many allocations share one), and
+    // only on this node's host, where its processes can be seen.
+    let mut running: std::collections::HashMap<u32, bool> = std::collections::HashMap::new();
+    let mut holder_gone = |a: &portmesh_core::Allocation| match &a.holder {
+        Some(h) if h.pid != 0 && a.host == api.host() => {
+            !*running.entry(h.pid).or_insert_with(|| portmesh_probe::process::alive(h.pid))
+        }
+        _ => false,
+    };
     let allocations: Vec<Value> = st
         .allocations()
         .filter(|a| mine(&a.team))
@@ -218,7 +227,7 @@ async fn status(State(api): State<Api>, headers: axum::http::HeaderMap) -> axum:
                 "key": a.key, "lease_id": a.lease_id, "revision": a.revision, "created_ms": a.created_ms,
                 "pid": a.holder.as_ref().map(|h| h.pid),
                 "command": a.holder.as_ref().map(|h| h.command.as_str()),
-                "holder_gone": holder_gone(a, api.host()),
+                "holder_gone": holder_gone(a),
                 "web": web.get(&(a.host.as_str(), a.port)).copied().or((a.pool == "web").then_some("http")),
             })
         })
@@ -304,12 +313,6 @@ fn web_scheme(svc: &portmesh_core::Service, port: &portmesh_core::ServicePort) -
 /// of its TTL, so a healthy one never is.
 fn lease_at_risk(remaining_ms: u64, ttl_ms: u64) -> bool {
     remaining_ms < ttl_ms / 2
-}
-
-/// Whether the process an allocation was handed to is known to have ended: only on this
-/// node's own host, where its processes can be seen.
-fn holder_gone(a: &portmesh_core::Allocation, host: &str) -> bool {
-    a.host == host && a.holder.as_ref().is_some_and(|h| h.pid != 0 && !portmesh_probe::process::alive(h.pid))
 }
 
 #[cfg(test)]

@@ -105,6 +105,13 @@ fn pool_for(pools: &[(String, usize)], mut i: usize) -> Option<&str> {
 /// Allocations `from..to` of a fill: each a distinct port under its own 1 h lease, from the
 /// scale pools in order, on `FILL_CLIENTS` clients.
 async fn fill(addr: &str, pools: Arc<Vec<(String, usize)>>, from: usize, to: usize) -> Result<()> {
+    let capacity: usize = pools.iter().map(|p| p.1).sum();
+    if to > capacity {
+        bail!(
+            "{to} allocations do not fit: ports 1024-65535 hold {capacity} once the pools are laid out \
+             (every allocation is a distinct port)"
+        );
+    }
     let clients = fill_clients(addr).await?;
     fan_out(to - from, move |c, j| {
         let (clients, pools) = (clients.clone(), pools.clone());
@@ -152,8 +159,7 @@ pub async fn state_sizes(
     dur: Duration,
 ) -> Result<()> {
     println!(
-        "
-# throughput as the state grows ({nodes} node(s), {clients} clients, {} s phases)",
+        "\n# throughput as the state grows ({nodes} node(s), {clients} clients, {} s phases)",
         dur.as_secs_f64()
     );
     let d = start_portmesh(bin, nodes).await?;
@@ -182,7 +188,7 @@ pub async fn state_sizes(
         .await?;
         let base = *first.get_or_insert(p.rate());
         println!(
-            "{size:>6} live: fresh ports {fill_rate:>8} (filling to here, 16 clients); sticky-key workload {:>6.0}/s ({:.2}x the empty state), p50 {:.2} ms",
+            "{size:>6} live: fresh ports {fill_rate:>8} (filling to here, {FILL_CLIENTS} clients); sticky-key workload {:>6.0}/s ({:.2}x the empty state), p50 {:.2} ms",
             p.rate(),
             p.rate() / base,
             p.pct(0.5).as_secs_f64() * 1e3
@@ -201,13 +207,6 @@ pub async fn rss_allocations(
     let d = start_portmesh(bin, nodes).await?;
     let c = Client::connect(d.leader_addr()).await?;
     let pools = add_scale_pools(&c).await?;
-    let capacity: usize = pools.iter().map(|p| p.1).sum();
-    if n > capacity {
-        bail!(
-            "{n} allocations do not fit: ports 1024-65535 hold {capacity} once the pools are laid out \
-             (every allocation is a distinct port)"
-        );
-    }
     let before = member_rss(&d);
     let t = Instant::now();
     fill(d.leader_addr(), Arc::new(pools), 0, n).await?;

@@ -24,14 +24,14 @@ pub(crate) const BUSY_FOR: Duration = Duration::from_secs(10);
 /// skips it; the log says it once a minute).
 pub(crate) const LOG_EVERY: Duration = Duration::from_secs(60);
 
-/// A port on a host.
-type HostPort = (String, u16);
+/// A host's ports found busy: when, and who held each.
+type Found = HashMap<u16, (Instant, Option<Holder>)>;
 
-/// Remembered busy ports, by host.
+/// Remembered busy ports, by host: when each was found busy, and its holder.
 #[derive(Debug, Default)]
 pub(crate) struct BusyMemory {
-    seen: Mutex<HashMap<HostPort, (Instant, Option<Holder>)>>,
-    logged: Mutex<HashMap<HostPort, Instant>>,
+    seen: Mutex<HashMap<String, Found>>,
+    logged: Mutex<HashMap<String, HashMap<u16, Instant>>>,
 }
 
 impl BusyMemory {
@@ -45,10 +45,11 @@ impl BusyMemory {
         now: Instant,
     ) -> (Vec<(u16, Option<Holder>)>, Vec<u16>) {
         let mut seen = self.seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        seen.retain(|_, (at, _)| now.duration_since(*at) < BUSY_FOR);
+        let Some(ports) = seen.get_mut(host) else { return (Vec::new(), candidates.to_vec()) };
+        ports.retain(|_, (at, _)| now.duration_since(*at) < BUSY_FOR);
         let (mut known, mut probe) = (Vec::new(), Vec::new());
         for &port in candidates {
-            match seen.get(&(host.to_string(), port)) {
+            match ports.get(&port) {
                 Some((_, holder)) if !always_probe.contains(&port) => known.push((port, holder.clone())),
                 _ => probe.push(port),
             }
@@ -62,20 +63,20 @@ impl BusyMemory {
             return;
         }
         let mut seen = self.seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let ports = seen.entry(host.to_string()).or_default();
         for &port in busy {
             let holder = holders.iter().find(|(p, _)| *p == port).map(|(_, h)| h.clone());
-            seen.insert((host.to_string(), port), (now, holder));
+            ports.insert(port, (now, holder));
         }
     }
-}
 
-impl BusyMemory {
     /// Whether a conflict on `port` of `host` is to be logged now: not if it was within
     /// [`LOG_EVERY`].
     pub(crate) fn log_now(&self, host: &str, port: u16, now: Instant) -> bool {
         let mut logged = self.logged.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        logged.retain(|_, at| now.duration_since(*at) < LOG_EVERY);
-        match logged.entry((host.to_string(), port)) {
+        let ports = logged.entry(host.to_string()).or_default();
+        ports.retain(|_, at| now.duration_since(*at) < LOG_EVERY);
+        match ports.entry(port) {
             std::collections::hash_map::Entry::Occupied(_) => false,
             std::collections::hash_map::Entry::Vacant(v) => {
                 v.insert(now);
