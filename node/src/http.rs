@@ -269,7 +269,7 @@ async fn status(State(api): State<Api>, headers: axum::http::HeaderMap) -> axum:
         .leases()
         .filter(|l| mine(&l.team))
         .map(|l| {
-            let remaining = api.node().lease_remaining(l.id).unwrap_or(l.remaining_ms);
+            let remaining = api.node().lease_remaining(l.id).unwrap_or_else(|| st.lease_remaining_ms(l));
             json!({
                 "id": l.id, "team": l.team, "ttl_ms": l.ttl_ms, "remaining_ms": remaining,
                 "granted_ms": l.granted_ms, "ports": st.lease_ports(l.id).collect::<Vec<_>>(),

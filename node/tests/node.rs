@@ -224,7 +224,7 @@ async fn lease_countdowns_resume_from_the_checkpoint_after_a_restart() {
     let lease =
         client.grant_lease(pb::LeaseGrantRequest { team: "default".into(), ttl_ms: 60_000 }).await.unwrap();
     applied_until(&node, "a checkpoint below the TTL", Duration::from_secs(10), |s| {
-        s.lease(lease.id).is_some_and(|l| l.remaining_ms < 59_500)
+        s.lease(lease.id).is_some_and(|l| s.lease_remaining_ms(l) < 59_500)
     })
     .await;
     drop(client);
@@ -249,7 +249,10 @@ async fn lease_countdowns_resume_from_the_checkpoint_after_a_restart() {
             Err(e) => panic!("{e}"),
         }
     };
-    let checkpointed = node2.api.node().state().read().state.lease(lease.id).map(|l| l.remaining_ms).unwrap();
+    let checkpointed = {
+        let sm = node2.api.node().state().read();
+        sm.state.lease(lease.id).map(|l| sm.state.lease_remaining_ms(l)).unwrap()
+    };
     assert!(checkpointed < 59_500, "the checkpoint was persisted: {checkpointed}");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let remaining = loop {
@@ -691,7 +694,10 @@ async fn a_kept_lease_survives_three_leader_changes_and_countdowns_resume_from_c
         let leader = c.wait_leader_other_than(old_id).await;
         // The new leader counts the abandoned lease down from its checkpoint, not a fresh TTL.
         let n = c.nodes[leader].as_ref().unwrap().api.node().clone();
-        let checkpointed = n.state().read().state.lease(abandoned.id).map(|l| l.remaining_ms).unwrap();
+        let checkpointed = {
+            let sm = n.state().read();
+            sm.state.lease(abandoned.id).map(|l| sm.state.lease_remaining_ms(l)).unwrap()
+        };
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         let remaining = loop {
             if let Some(r) = n.lease_remaining(abandoned.id) {
@@ -747,7 +753,7 @@ async fn a_lease_abandoned_before_a_failover_expires_within_the_documented_bound
         c.nodes[leader].as_ref().unwrap(),
         "a checkpoint of the lease",
         Duration::from_secs(10),
-        |s| s.lease(lease.id).is_some_and(|l| l.remaining_ms < ttl.as_millis() as u64),
+        |s| s.lease(lease.id).is_some_and(|l| s.lease_remaining_ms(l) < ttl.as_millis() as u64),
     )
     .await;
     let opts =

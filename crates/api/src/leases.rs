@@ -20,7 +20,7 @@ impl pb::leases_server::Leases for Api {
         let req = self.scoped(req)?;
         match self.propose_request(&req).await? {
             Response::LeaseGranted(l) => {
-                Ok(tonic::Response::new(pb::LeaseGrantResponse { lease: Some((&l, []).into()) }))
+                Ok(tonic::Response::new(pb::LeaseGrantResponse { lease: Some((&l, l.ttl_ms, []).into()) }))
             }
             other => Err(unexpected(other).into()),
         }
@@ -73,10 +73,8 @@ impl pb::leases_server::Leases for Api {
             return Err(ApiError::from(Rejection::UnknownLease { team, id: req.lease_id }).into());
         };
         let ports: Vec<u16> = sm.state.lease_ports(lease.id).collect();
-        let mut out = pb::Lease::from((lease, ports.iter().copied()));
-        if let Some(left) = node.lease_remaining(lease.id) {
-            out.remaining_ms = left;
-        }
+        let remaining = node.lease_remaining(lease.id).unwrap_or_else(|| sm.state.lease_remaining_ms(lease));
+        let out = pb::Lease::from((lease, remaining, ports.iter().copied()));
         let allocations = ports.iter().filter_map(|p| sm.state.allocation(*p)).map(Into::into).collect();
         let services = sm.state.lease_services(lease.id).map(Into::into).collect();
         Ok(tonic::Response::new(pb::LeaseTimeToLiveResponse { lease: Some(out), allocations, services }))

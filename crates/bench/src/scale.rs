@@ -367,15 +367,17 @@ pub async fn soak(bin: &std::path::Path, nodes: usize, n: usize, ttl: Duration, 
     let mut peak = vec![0.0f64; d.addrs.len()];
     while Instant::now() < deadline {
         tokio::time::sleep(Duration::from_secs(10)).await;
-        for (p, now) in peak.iter_mut().zip(member_rss(&d)) {
-            *p = p.max(now);
+        let rss = member_rss(&d);
+        for (p, now) in peak.iter_mut().zip(&rss) {
+            *p = p.max(*now);
         }
         println!(
-            "  {:>4.0} s: {} renewals, {} answered gone, {} LEASE_EXPIRED events",
+            "  {:>4.0} s: {} renewals, {} answered gone, {} LEASE_EXPIRED events; RSS {} MB",
             secs - deadline.saturating_duration_since(Instant::now()).as_secs_f64(),
             renewed.load(Ordering::Relaxed),
             lost.load(Ordering::Relaxed),
-            expired.load(Ordering::Relaxed)
+            expired.load(Ordering::Relaxed),
+            fmt_mb(&rss)
         );
     }
     for t in tasks {

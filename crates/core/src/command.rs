@@ -70,8 +70,11 @@ pub enum Command {
         team: String,
         id: u64,
     },
-    /// Leader-only: the remaining TTL of each lease as the leader's countdown sees it.
+    /// Leader-only: the lease clock as the leader's countdown reads it now (it only moves
+    /// forward: an older or repeated reading changes nothing), and the remaining TTL of each
+    /// lease whose deadline moved (renewed) since the last checkpoint.
     CheckpointLeases {
+        clock_ms: u64,
         remaining: Vec<(u64, u64)>,
     },
     /// Leader-only: these leases ran out. Ids no longer present are ignored (exactly once).

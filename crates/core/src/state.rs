@@ -29,6 +29,10 @@ pub struct Meta {
     pub revision: u64,
     pub next_lease_id: u64,
     pub cooldown_ms: u64,
+    /// The lease clock: milliseconds of lease countdown the leaders have checkpointed so far.
+    /// A lease's deadline is a reading of this clock, so a checkpoint moves the clock and
+    /// rewrites only the leases that were renewed (see `Lease::deadline_ms`).
+    pub lease_clock_ms: u64,
 }
 
 /// Names one persisted record. The store maps each key to a sled key and writes what
@@ -150,7 +154,7 @@ impl State {
 
     fn empty() -> Self {
         Self {
-            meta: Meta { revision: 0, next_lease_id: 1, cooldown_ms: DEFAULT_COOLDOWN_MS },
+            meta: Meta { revision: 0, next_lease_id: 1, cooldown_ms: DEFAULT_COOLDOWN_MS, lease_clock_ms: 0 },
             pools: BTreeMap::new(),
             allocations: BTreeMap::new(),
             reservations: BTreeMap::new(),
@@ -320,6 +324,11 @@ impl State {
         self.leases.values()
     }
 
+    /// A lease's remaining TTL as of the last checkpoint: its deadline less the lease clock.
+    pub fn lease_remaining_ms(&self, lease: &Lease) -> u64 {
+        lease.deadline_ms.saturating_sub(self.meta.lease_clock_ms).min(lease.ttl_ms)
+    }
+
     /// Ports attached to a lease.
     pub fn lease_ports(&self, id: u64) -> impl Iterator<Item = u16> + '_ {
         self.lease_ports.get(&id).into_iter().flatten().copied()
@@ -455,7 +464,7 @@ impl State {
             Command::RemovePool { team, name } => self.remove_pool(ctx, team, name),
             Command::GrantLease { team, ttl_ms } => self.grant_lease(ctx, team, *ttl_ms),
             Command::RevokeLease { team, id } => self.revoke_lease(ctx, team, *id),
-            Command::CheckpointLeases { remaining } => Ok(self.checkpoint(remaining)),
+            Command::CheckpointLeases { clock_ms, remaining } => Ok(self.checkpoint(*clock_ms, remaining)),
             Command::ExpireLeases { ids } => Ok(self.expire(ctx, ids)),
             Command::SetCooldown { ms } => {
                 self.meta.cooldown_ms = *ms;

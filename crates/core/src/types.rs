@@ -245,15 +245,19 @@ pub struct Reservation {
     pub revision: u64,
 }
 
-/// A lease. Its countdown runs on the leader; the state machine keeps the remaining TTL as of the
-/// last checkpoint so a new leader resumes rather than restarts it (see `docs/architecture.md`).
+/// A lease. Its countdown runs on the leader; the state machine keeps its deadline as of the last
+/// checkpoint so a new leader resumes rather than restarts it (see `docs/architecture.md`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Lease {
     pub id: u64,
     pub team: String,
     pub ttl_ms: u64,
-    /// Remaining TTL at the last checkpoint (or the TTL at grant).
-    pub remaining_ms: u64,
+    /// When it runs out, on the lease clock (`Meta::lease_clock_ms`): the clock at grant plus
+    /// the TTL, or at the checkpoint after a renewal plus the TTL then left. The clock advances
+    /// with every checkpoint, so a lease nobody renews needs no rewrite to count down.
+    /// (Data written before the lease clock existed holds the remaining TTL here, with the clock
+    /// at 0: the same reading.)
+    pub deadline_ms: u64,
     pub granted_ms: u64,
     pub revision: u64,
 }

@@ -3,14 +3,18 @@
 //! Policy (see `docs/architecture.md`, "Leases"):
 //! - Only the leader counts down. Renewals (`KeepAlive`) touch its in-memory deadlines only; they
 //!   are not Raft writes.
-//! - Every `lease_checkpoint` the leader writes each lease's remaining TTL into the log
-//!   (`CheckpointLeases`). A new leader starts every countdown from the last checkpointed value,
+//! - Every `lease_checkpoint` the leader writes into the log (`CheckpointLeases`) the lease clock
+//!   as it reads it (the clock it found at takeover plus the time it has led) and the remaining
+//!   TTL of each lease renewed since the last checkpoint. A lease's deadline is a reading of that
+//!   clock, so a lease nobody renews counts down with the clock and is not rewritten: the entry
+//!   and the records rewritten grow with the renewals, not with the leases.
+//! - A new leader starts every countdown from the last checkpoint (deadline less clock),
 //!   measured from the moment it took over, so it neither expires a lease that was being kept
 //!   alive nor extends a dead one by more than one checkpoint interval plus an election timeout.
 //! - Expiry re-checks leadership with a quorum first, then proposes `ExpireLeases` in batches of at
 //!   most `expiry_batch`; the state machine ignores ids already gone, so each lease ends once.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 
 use portmesh_core::Command;
@@ -31,6 +35,20 @@ struct KeeperState {
     /// The term in which these deadlines were set; cleared on any change of leadership.
     term: Option<u64>,
     deadlines: HashMap<u64, Instant>,
+    /// The lease clock at takeover and the instant it was read: the clock now reads
+    /// `clock + (now - at)`.
+    clock: Option<(u64, Instant)>,
+    /// Leases renewed since the last checkpoint.
+    moved: HashSet<u64>,
+}
+
+impl KeeperState {
+    fn clear(&mut self) {
+        self.term = None;
+        self.deadlines.clear();
+        self.clock = None;
+        self.moved.clear();
+    }
 }
 
 impl LeaseKeeper {
@@ -50,6 +68,7 @@ impl LeaseKeeper {
             Some(d) if *d <= now => None,
             _ => {
                 k.deadlines.insert(id, now + std::time::Duration::from_millis(ttl_ms));
+                k.moved.insert(id);
                 Some(ttl_ms)
             }
         }
@@ -67,11 +86,14 @@ impl LeaseKeeper {
         let sm = node.state().read();
         let mut k = self.lock();
         if k.term != Some(term) {
+            k.clear();
             k.term = Some(term);
-            k.deadlines.clear();
+            k.clock = Some((sm.state.meta().lease_clock_ms, now));
         }
         for l in sm.state.leases() {
-            k.deadlines.entry(l.id).or_insert_with(|| now + std::time::Duration::from_millis(l.remaining_ms));
+            k.deadlines
+                .entry(l.id)
+                .or_insert_with(|| now + std::time::Duration::from_millis(sm.state.lease_remaining_ms(l)));
         }
         if k.deadlines.len() != sm.state.leases().count() {
             k.deadlines.retain(|id, _| sm.state.lease(*id).is_some());
@@ -87,32 +109,53 @@ impl LeaseKeeper {
         ids
     }
 
-    fn snapshot_remaining(&self) -> Vec<(u64, u64)> {
+    /// What a checkpoint writes now: the lease clock and the remaining TTL of the leases renewed
+    /// since the last one (taken out of `moved`; [`LeaseKeeper::moved_again`] puts them back if
+    /// the write fails). `None` before the first reconcile of a term.
+    fn take_checkpoint(&self) -> Option<(u64, Vec<(u64, u64)>)> {
         let now = Instant::now();
-        let mut v: Vec<(u64, u64)> = self
-            .lock()
-            .deadlines
-            .iter()
-            .map(|(id, d)| (*id, d.saturating_duration_since(now).as_millis() as u64))
+        let mut k = self.lock();
+        let (clock, at) = k.clock?;
+        let clock_ms = clock + now.saturating_duration_since(at).as_millis() as u64;
+        let moved = std::mem::take(&mut k.moved);
+        let mut v: Vec<(u64, u64)> = moved
+            .into_iter()
+            .filter_map(|id| k.deadlines.get(&id).map(|d| (id, d.saturating_duration_since(now).as_millis() as u64)))
             .collect();
         v.sort_unstable();
-        v
+        Some((clock_ms, v))
+    }
+
+    /// A checkpoint of these leases was not written: the next one writes them.
+    fn moved_again(&self, ids: impl IntoIterator<Item = u64>) {
+        self.lock().moved.extend(ids);
     }
 
     fn forget_term(&self) {
-        let mut k = self.lock();
-        k.term = None;
-        k.deadlines.clear();
+        self.lock().clear();
     }
 }
 
-/// Writes every lease's remaining TTL into the log (as the leader counts it now).
+/// Writes the lease clock and the remaining TTL of every lease renewed since the last checkpoint
+/// into the log (as the leader counts them now). Every entry carries the clock, and applying
+/// one twice changes nothing, so a write whose outcome is unknown is simply written again.
 async fn checkpoint(node: &RaftNode) {
     let keeper = &node.keeper;
-    let remaining = keeper.snapshot_remaining();
-    for chunk in remaining.chunks(keeper.opts.expiry_batch.max(1)) {
-        if let Err(e) = node.propose(Command::CheckpointLeases { remaining: chunk.to_vec() }).await {
-            tracing::warn!(error = %e, "lease checkpoint failed");
+    let Some((clock_ms, remaining)) = keeper.take_checkpoint() else { return };
+    if remaining.is_empty() && node.state().read().state.leases().next().is_none() {
+        return; // nothing counts down
+    }
+    let batch = keeper.opts.expiry_batch.max(1);
+    let mut chunks: Vec<Vec<(u64, u64)>> = remaining.chunks(batch).map(<[_]>::to_vec).collect();
+    if chunks.is_empty() {
+        chunks.push(Vec::new()); // the clock alone
+    }
+    let mut chunks = chunks.into_iter();
+    while let Some(chunk) = chunks.next() {
+        let ids: Vec<u64> = chunk.iter().map(|(id, _)| *id).collect();
+        if let Err(e) = node.propose(Command::CheckpointLeases { clock_ms, remaining: chunk }).await {
+            tracing::warn!(error = %e, "lease checkpoint failed; the next one writes these leases");
+            keeper.moved_again(ids.into_iter().chain(chunks.flatten().map(|(id, _)| id)));
             break;
         }
     }

@@ -53,8 +53,10 @@ openraft::declare_raft_types!(
 /// The data version this build writes. Version 2 (0.2.0) added holders to allocations,
 /// conflicts and allocation commands, and the service registry; version 3 added tokens (new
 /// record and command variants only: a version 2 directory loads unchanged, and a build that
-/// knows only version 2 refuses a version 3 directory instead of failing on a token record).
-pub const DATA_VERSION: u32 = 3;
+/// knows only version 2 refuses a version 3 directory instead of failing on a token record);
+/// version 4 added the lease clock (a new `Meta` record and checkpoint command; the old ones
+/// still load, with the clock at 0). See `ondisk` for the table.
+pub const DATA_VERSION: u32 = 4;
 /// The oldest data version this build reads: directories of versions 1 (0.1.0) and 2 are
 /// upgraded in place when opened (version 1 records and log entries load through `ondisk::v1`).
 pub const OLDEST_READABLE_VERSION: u32 = 1;

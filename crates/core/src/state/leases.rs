@@ -7,7 +7,8 @@ impl State {
     pub(super) fn insert_lease(&mut self, revision: u64, now: u64, team: &str, ttl_ms: u64) -> Lease {
         let id = self.meta.next_lease_id;
         self.meta.next_lease_id += 1;
-        let lease = Lease { id, team: team.into(), ttl_ms, remaining_ms: ttl_ms, granted_ms: now, revision };
+        let deadline_ms = self.meta.lease_clock_ms + ttl_ms;
+        let lease = Lease { id, team: team.into(), ttl_ms, deadline_ms, granted_ms: now, revision };
         self.leases.insert(id, lease.clone());
         self.dirty.insert(Key::Lease(id));
         self.dirty.insert(Key::Meta);
@@ -63,11 +64,16 @@ impl State {
         Ok(Response::LeaseRevoked { id, released, revision })
     }
 
-    pub(super) fn checkpoint(&mut self, remaining: &[(u64, u64)]) -> Response {
+    pub(super) fn checkpoint(&mut self, clock_ms: u64, remaining: &[(u64, u64)]) -> Response {
+        if clock_ms > self.meta.lease_clock_ms {
+            self.meta.lease_clock_ms = clock_ms;
+            self.dirty.insert(Key::Meta);
+        }
+        let clock = self.meta.lease_clock_ms;
         let mut n = 0;
         for &(id, ms) in remaining {
             if let Some(l) = self.leases.get_mut(&id) {
-                l.remaining_ms = ms.min(l.ttl_ms);
+                l.deadline_ms = clock + ms.min(l.ttl_ms);
                 self.dirty.insert(Key::Lease(id));
                 n += 1;
             }

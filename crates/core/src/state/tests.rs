@@ -662,13 +662,38 @@ fn checkpoint_records_remaining_ttl() {
     else {
         panic!()
     };
+    let remaining = |h: &Harness| h.st.lease(l.id).map(|l| h.st.lease_remaining_ms(l));
+    assert_eq!(remaining(&h), Some(9_000));
     assert_eq!(
-        h.apply(Command::CheckpointLeases { remaining: vec![(l.id, 4_000), (77, 1)] }),
+        h.apply(Command::CheckpointLeases { clock_ms: 1_000, remaining: vec![(l.id, 4_000), (77, 1)] }),
         Response::Checkpointed { leases: 1 }
     );
-    assert_eq!(h.st.lease(l.id).map(|l| l.remaining_ms), Some(4_000));
-    h.apply(Command::CheckpointLeases { remaining: vec![(l.id, 50_000)] });
-    assert_eq!(h.st.lease(l.id).map(|l| l.remaining_ms), Some(9_000), "never above the TTL");
+    assert_eq!(remaining(&h), Some(4_000));
+
+    // A lease nobody renewed counts down with the clock alone: its record is not rewritten.
+    h.st.take_dirty();
+    assert_eq!(h.apply(Command::CheckpointLeases { clock_ms: 3_000, remaining: vec![] }), Response::Checkpointed {
+        leases: 0
+    });
+    assert_eq!(remaining(&h), Some(2_000));
+    assert_eq!(h.st.take_dirty(), BTreeSet::from([Key::Meta]), "only the clock is rewritten");
+
+    // The clock never goes back: an older or repeated reading changes nothing.
+    h.apply(Command::CheckpointLeases { clock_ms: 2_000, remaining: vec![] });
+    assert_eq!((h.st.meta().lease_clock_ms, remaining(&h)), (3_000, Some(2_000)));
+    assert!(h.st.take_dirty().is_empty());
+
+    // A lease granted later starts from the clock as it stands.
+    let Response::LeaseGranted(k) = h.apply(Command::GrantLease { team: "default".into(), ttl_ms: 5_000 })
+    else {
+        panic!()
+    };
+    assert_eq!((k.deadline_ms, h.st.lease_remaining_ms(&k)), (8_000, 5_000));
+
+    h.apply(Command::CheckpointLeases { clock_ms: 3_000, remaining: vec![(l.id, 50_000)] });
+    assert_eq!(remaining(&h), Some(9_000), "never above the TTL");
+    h.apply(Command::CheckpointLeases { clock_ms: 20_000, remaining: vec![] });
+    assert_eq!(remaining(&h), Some(0), "past its deadline: 0, not an underflow");
 }
 
 #[test]

@@ -5,14 +5,14 @@ use portmesh_core as core;
 use super::{BadRequest, team};
 use crate::v1 as pb;
 
-/// A lease and the ports attached to it.
-impl<P: IntoIterator<Item = u16>> From<(&core::Lease, P)> for pb::Lease {
-    fn from((l, ports): (&core::Lease, P)) -> Self {
+/// A lease, its remaining TTL and the ports attached to it.
+impl<P: IntoIterator<Item = u16>> From<(&core::Lease, u64, P)> for pb::Lease {
+    fn from((l, remaining_ms, ports): (&core::Lease, u64, P)) -> Self {
         pb::Lease {
             id: l.id,
             team: l.team.clone(),
             ttl_ms: l.ttl_ms,
-            remaining_ms: l.remaining_ms,
+            remaining_ms,
             revision: l.revision,
             ports: ports.into_iter().map(u32::from).collect(),
         }

@@ -10,6 +10,8 @@
 //! |---|---|---|
 //! | 1 | 0.1.0 | first format ([`v1`]) |
 //! | 2 | 0.2.0 on | holders on allocations and conflicts, probe owners on allocation batches (new variants `Alloc`, `Event`, `Allocate`), services |
+//! | 3 | 0.2.0 on | tokens (new variants `Token`, `AddToken`, `RevokeToken`, `UseToken`) |
+//! | 4 | 0.2.0 on | the lease clock: `Meta` with `lease_clock_ms` (new variant `Meta`), checkpoints that carry the clock and only renewed leases (new variant `CheckpointLeasesAt`) |
 //!
 //! Where a change goes: when a persisted core type changes shape, copy its old shape into a new
 //! `vN` module (with a `From` into the current type), give the enum here a new variant for the
@@ -77,6 +79,7 @@ pub enum LogCommand {
         team: String,
         id: u64,
     },
+    /// A checkpoint as data versions 1 to 3 logged it: every lease's remaining TTL, no clock.
     CheckpointLeases {
         remaining: Vec<(u64, u64)>,
     },
@@ -102,6 +105,10 @@ pub enum LogCommand {
     UseToken {
         id: String,
     },
+    CheckpointLeasesAt {
+        clock_ms: u64,
+        remaining: Vec<(u64, u64)>,
+    },
 }
 
 impl From<core::Command> for LogCommand {
@@ -116,7 +123,7 @@ impl From<core::Command> for LogCommand {
             C::RemovePool { team, name } => LogCommand::RemovePool { team, name },
             C::GrantLease { team, ttl_ms } => LogCommand::GrantLease { team, ttl_ms },
             C::RevokeLease { team, id } => LogCommand::RevokeLease { team, id },
-            C::CheckpointLeases { remaining } => LogCommand::CheckpointLeases { remaining },
+            C::CheckpointLeases { clock_ms, remaining } => LogCommand::CheckpointLeasesAt { clock_ms, remaining },
             C::ExpireLeases { ids } => LogCommand::ExpireLeases { ids },
             C::SetCooldown { ms } => LogCommand::SetCooldown { ms },
             C::Register(s) => LogCommand::Register(s),
@@ -142,7 +149,9 @@ impl From<LogCommand> for core::Command {
             LogCommand::RemovePool { team, name } => C::RemovePool { team, name },
             LogCommand::GrantLease { team, ttl_ms } => C::GrantLease { team, ttl_ms },
             LogCommand::RevokeLease { team, id } => C::RevokeLease { team, id },
-            LogCommand::CheckpointLeases { remaining } => C::CheckpointLeases { remaining },
+            // The clock stays where it is: the remaining TTLs are read against it.
+            LogCommand::CheckpointLeases { remaining } => C::CheckpointLeases { clock_ms: 0, remaining },
+            LogCommand::CheckpointLeasesAt { clock_ms, remaining } => C::CheckpointLeases { clock_ms, remaining },
             LogCommand::ExpireLeases { ids } => C::ExpireLeases { ids },
             LogCommand::SetCooldown { ms } => C::SetCooldown { ms },
             LogCommand::Register(s) => C::Register(s),
@@ -158,7 +167,8 @@ impl From<LogCommand> for core::Command {
 /// [`core::Record`] as persisted in the `sm` tree and in snapshots.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum StoredRecord {
-    Meta(Meta),
+    /// `Meta` as data versions 1 to 3 wrote it.
+    MetaV1(v1::MetaV1),
     Pool(Pool),
     /// An allocation as 0.1.0 wrote it.
     AllocV1(v1::AllocationV1),
@@ -179,6 +189,7 @@ pub enum StoredRecord {
     Alloc(Allocation),
     Event(Event),
     Token(Box<Token>),
+    Meta(Meta),
 }
 
 impl From<core::Record> for StoredRecord {
@@ -203,6 +214,7 @@ impl From<StoredRecord> for core::Record {
     fn from(r: StoredRecord) -> Self {
         use core::Record as R;
         match r {
+            StoredRecord::MetaV1(m) => R::Meta(m.into()),
             StoredRecord::Meta(m) => R::Meta(m),
             StoredRecord::Pool(p) => R::Pool(p),
             StoredRecord::AllocV1(a) => R::Alloc(a.into()),
@@ -309,6 +321,30 @@ mod tests {
         assert_eq!((grants[0].allocation.port, &grants[0].allocation.holder), (8000, &None));
     }
 
+    /// A `Meta` record and a lease checkpoint as data versions 1 to 3 wrote them load with the
+    /// lease clock at 0, so every lease's stored value still reads as its remaining TTL.
+    #[test]
+    fn data_written_before_the_lease_clock_still_loads() {
+        let old = v1::MetaV1 { revision: 7, next_lease_id: 3, cooldown_ms: 100 };
+        let mut bytes = vec![0u8];
+        bytes.extend(postcard::to_allocvec(&old).unwrap());
+        let Record::Meta(meta) = postcard::from_bytes::<StoredRecord>(&bytes).unwrap().into() else {
+            panic!("not a meta record")
+        };
+        assert_eq!((meta.revision, meta.next_lease_id, meta.cooldown_ms, meta.lease_clock_ms), (7, 3, 100, 0));
+        let lease =
+            Lease { id: 2, team: "default".into(), ttl_ms: 9_000, deadline_ms: 9_000, granted_ms: 1, revision: 5 };
+        let mut st = State::from_records([Record::Meta(meta), Record::Lease(lease)]);
+        // Variant 8: the old checkpoint, every lease's remaining TTL against the clock as it is.
+        let mut bytes = vec![8u8];
+        bytes.extend(postcard::to_allocvec(&vec![(2u64, 4_000u64)]).unwrap());
+        let cmd: core::Command = postcard::from_bytes::<LogCommand>(&bytes).unwrap().into();
+        assert_eq!(cmd, core::Command::CheckpointLeases { clock_ms: 0, remaining: vec![(2, 4_000)] });
+        st.apply(ApplyCtx { now_ms: 2, index: 9, seq: 0 }, &cmd);
+        let l = st.lease(2).unwrap();
+        assert_eq!((st.meta().lease_clock_ms, st.lease_remaining_ms(l)), (0, 4_000));
+    }
+
     fn token() -> Token {
         Token {
             id: "0123456789abcdef".into(),
@@ -329,7 +365,7 @@ mod tests {
         let holder = Some(Holder { pid: 7, command: "make".into() });
         let alloc = Allocation { holder: holder.clone(), ..alloc };
         for (rec, position) in [
-            (Record::Meta(State::new().meta().clone()), 0u8),
+            (Record::Meta(State::new().meta().clone()), 12u8),
             (Record::Sticky { team: "t".into(), key: "k".into(), port: 8000 }, 5),
             (Record::Alloc(alloc.clone()), 9),
             (Record::Token(Box::new(token())), 11),
@@ -354,6 +390,7 @@ mod tests {
             (core::Command::AddToken(Box::new(token())), 15),
             (core::Command::RevokeToken { id: "t".into() }, 16),
             (core::Command::UseToken { id: "t".into() }, 17),
+            (core::Command::CheckpointLeases { clock_ms: 5, remaining: vec![(1, 2)] }, 18),
         ] {
             let req = core::Request { time_ms: 9, commands: vec![cmd.clone()] };
             let bytes = postcard::to_allocvec(&LogRequest::from(req.clone())).unwrap();

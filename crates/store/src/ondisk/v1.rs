@@ -5,7 +5,7 @@
 use serde::{Deserialize, Serialize};
 
 use portmesh_core::{
-    AllocItem, AllocateBatch, Allocation, Conflict, Event, EventKind, HostProbe, LeaseSpec, Pool,
+    AllocItem, AllocateBatch, Allocation, Conflict, Event, EventKind, HostProbe, LeaseSpec, Meta, Pool,
     ReleaseCause, Reservation,
 };
 
@@ -133,5 +133,20 @@ impl From<AllocateBatchV1> for AllocateBatch {
             probe: b.probe.map(|p| HostProbe { checked: p.checked, busy: p.busy, owners: Vec::new() }),
             holder: None,
         }
+    }
+}
+
+/// `Meta` as data versions 1 to 3 wrote it (no lease clock: every lease's deadline field held
+/// its remaining TTL, which is the same reading with the clock at 0).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MetaV1 {
+    pub revision: u64,
+    pub next_lease_id: u64,
+    pub cooldown_ms: u64,
+}
+
+impl From<MetaV1> for Meta {
+    fn from(m: MetaV1) -> Self {
+        Meta { revision: m.revision, next_lease_id: m.next_lease_id, cooldown_ms: m.cooldown_ms, lease_clock_ms: 0 }
     }
 }
