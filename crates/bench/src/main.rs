@@ -172,8 +172,9 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// One phase's figures: allocations per second, then p50, p90 and p99 latency in ms.
-type Row = (f64, f64, f64, f64);
+/// One phase's figures: allocations per second, p50, p90 and p99 latency in ms, then the CPU
+/// time (user + system, summed over all members) per 1,000 allocations in ms.
+type Row = (f64, f64, f64, f64, f64);
 
 #[derive(Default)]
 struct Results {
@@ -235,9 +236,11 @@ async fn main() -> Result<()> {
                     System::Portmesh => Some(d.leader_client().await?.status().await?),
                     System::PortmeshTls | System::Etcd => None,
                 };
+                let cpu_before = d.members_cpu_ms();
                 let p = run_phase(system, work, d.leader_addr(), &d.options, c, dur).await?;
+                let cpu = (d.members_cpu_ms() - cpu_before) * 1000.0 / p.ops.max(1) as f64;
                 println!(
-                    "round {} {:<8} {:<6} clients {:>3}: {:>8.0} op/s  p50 {} ms  p90 {} ms  p99 {} ms  ({} ops)",
+                    "round {} {:<8} {:<6} clients {:>3}: {:>8.0} op/s  p50 {} ms  p90 {} ms  p99 {} ms  ({} ops, CPU {cpu:.0} ms per 1,000)",
                     round + 1,
                     system.name(),
                     work.name(),
@@ -253,6 +256,7 @@ async fn main() -> Result<()> {
                     p.pct(0.5).as_secs_f64() * 1e3,
                     p.pct(0.9).as_secs_f64() * 1e3,
                     p.pct(0.99).as_secs_f64() * 1e3,
+                    cpu,
                 ));
                 if let Some(b) = before {
                     let a = d.leader_client().await?.status().await?;
@@ -282,9 +286,9 @@ async fn main() -> Result<()> {
     // The measured system and its baseline: portmesh vs etcd, or TLS vs plaintext portmesh.
     let (a, b) = if args.tls_cost { ("tls", "portmesh") } else { ("portmesh", "etcd") };
     println!(
-        "| workload | clients | {a} alloc/s | {b} alloc/s | ratio | {a} p50/p90/p99 ms | {b} p50/p90/p99 ms |"
+        "| workload | clients | {a} alloc/s | {b} alloc/s | ratio | {a} p50/p90/p99 ms | {b} p50/p90/p99 ms | CPU ms per 1,000 {a} / {b} | CPU ratio |"
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     let col = |v: &[Row], f: fn(&Row) -> f64| median(v.iter().map(f).collect());
     for w in &workloads {
         for &c in &args.clients {
@@ -292,8 +296,9 @@ async fn main() -> Result<()> {
             let et = res.rows.get(&(b, *w, c)).cloned().unwrap_or_default();
             // Ratio of medians over per-round ratios: same-round pairs cancel the machine's noise.
             let ratios: Vec<f64> = pm.iter().zip(&et).map(|(a, b)| a.0 / b.0).collect();
+            let cpu_ratios: Vec<f64> = pm.iter().zip(&et).map(|(a, b)| a.4 / b.4).collect();
             println!(
-                "| {} | {c} | {:.0} | {:.0} | {:.2}× | {:.2} / {:.2} / {:.2} | {:.2} / {:.2} / {:.2} |",
+                "| {} | {c} | {:.0} | {:.0} | {:.2}× | {:.2} / {:.2} / {:.2} | {:.2} / {:.2} / {:.2} | {:.0} / {:.0} | {:.2}× |",
                 w.name(),
                 col(&pm, |r| r.0),
                 col(&et, |r| r.0),
@@ -304,6 +309,9 @@ async fn main() -> Result<()> {
                 col(&et, |r| r.1),
                 col(&et, |r| r.2),
                 col(&et, |r| r.3),
+                col(&pm, |r| r.4),
+                col(&et, |r| r.4),
+                median(cpu_ratios),
             );
         }
     }

@@ -170,13 +170,16 @@ pub async fn state_sizes(
     for &size in sizes {
         let fill_rate = if size > live {
             let t = Instant::now();
+            let cpu = d.members_cpu_ms();
             fill(d.leader_addr(), pools.clone(), live, size).await?;
             let rate = (size - live) as f64 / t.elapsed().as_secs_f64();
+            let cpu = (d.members_cpu_ms() - cpu) * 1000.0 / (size - live) as f64;
             live = size;
-            format!("{rate:.0}/s")
+            format!("{rate:.0}/s (CPU {cpu:.0} ms per 1,000)")
         } else {
             "-".into()
         };
+        let cpu = d.members_cpu_ms();
         let p = crate::run_phase(
             crate::System::Portmesh,
             crate::Workload::Fresh,
@@ -186,9 +189,10 @@ pub async fn state_sizes(
             dur,
         )
         .await?;
+        let cpu = (d.members_cpu_ms() - cpu) * 1000.0 / p.ops.max(1) as f64;
         let base = *first.get_or_insert(p.rate());
         println!(
-            "{size:>6} live: fresh ports {fill_rate:>8} (filling to here, {FILL_CLIENTS} clients); sticky-key workload {:>6.0}/s ({:.2}x the empty state), p50 {:.2} ms",
+            "{size:>6} live: fresh ports {fill_rate:>8} (filling to here, {FILL_CLIENTS} clients); sticky-key workload {:>6.0}/s ({:.2}x the empty state), p50 {:.2} ms, CPU {cpu:.0} ms per 1,000",
             p.rate(),
             p.rate() / base,
             p.pct(0.5).as_secs_f64() * 1e3

@@ -120,7 +120,9 @@ impl LeaseKeeper {
         let moved = std::mem::take(&mut k.moved);
         let mut v: Vec<(u64, u64)> = moved
             .into_iter()
-            .filter_map(|id| k.deadlines.get(&id).map(|d| (id, d.saturating_duration_since(now).as_millis() as u64)))
+            .filter_map(|id| {
+                k.deadlines.get(&id).map(|d| (id, d.saturating_duration_since(now).as_millis() as u64))
+            })
             .collect();
         v.sort_unstable();
         Some((clock_ms, v))

@@ -101,7 +101,10 @@ fn unknown_data_version_is_refused_naming_the_directory() {
     }
     let err = Store::open(dir.path(), &StoreOptions::default()).unwrap_err().to_string();
     assert!(err.contains(&dir.path().display().to_string()), "{err}");
-    assert!(err.contains("version 7") && err.contains(&format!("reads versions 1 to {}", crate::DATA_VERSION)), "{err}");
+    assert!(
+        err.contains("version 7") && err.contains(&format!("reads versions 1 to {}", crate::DATA_VERSION)),
+        "{err}"
+    );
 }
 
 /// A directory written by 0.1.0 (data version 1) opens, is marked the current version, and its records

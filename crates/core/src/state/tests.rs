@@ -672,9 +672,10 @@ fn checkpoint_records_remaining_ttl() {
 
     // A lease nobody renewed counts down with the clock alone: its record is not rewritten.
     h.st.take_dirty();
-    assert_eq!(h.apply(Command::CheckpointLeases { clock_ms: 3_000, remaining: vec![] }), Response::Checkpointed {
-        leases: 0
-    });
+    assert_eq!(
+        h.apply(Command::CheckpointLeases { clock_ms: 3_000, remaining: vec![] }),
+        Response::Checkpointed { leases: 0 }
+    );
     assert_eq!(remaining(&h), Some(2_000));
     assert_eq!(h.st.take_dirty(), BTreeSet::from([Key::Meta]), "only the clock is rewritten");
 

@@ -123,7 +123,9 @@ impl From<core::Command> for LogCommand {
             C::RemovePool { team, name } => LogCommand::RemovePool { team, name },
             C::GrantLease { team, ttl_ms } => LogCommand::GrantLease { team, ttl_ms },
             C::RevokeLease { team, id } => LogCommand::RevokeLease { team, id },
-            C::CheckpointLeases { clock_ms, remaining } => LogCommand::CheckpointLeasesAt { clock_ms, remaining },
+            C::CheckpointLeases { clock_ms, remaining } => {
+                LogCommand::CheckpointLeasesAt { clock_ms, remaining }
+            }
             C::ExpireLeases { ids } => LogCommand::ExpireLeases { ids },
             C::SetCooldown { ms } => LogCommand::SetCooldown { ms },
             C::Register(s) => LogCommand::Register(s),
@@ -151,7 +153,9 @@ impl From<LogCommand> for core::Command {
             LogCommand::RevokeLease { team, id } => C::RevokeLease { team, id },
             // The clock stays where it is: the remaining TTLs are read against it.
             LogCommand::CheckpointLeases { remaining } => C::CheckpointLeases { clock_ms: 0, remaining },
-            LogCommand::CheckpointLeasesAt { clock_ms, remaining } => C::CheckpointLeases { clock_ms, remaining },
+            LogCommand::CheckpointLeasesAt { clock_ms, remaining } => {
+                C::CheckpointLeases { clock_ms, remaining }
+            }
             LogCommand::ExpireLeases { ids } => C::ExpireLeases { ids },
             LogCommand::SetCooldown { ms } => C::SetCooldown { ms },
             LogCommand::Register(s) => C::Register(s),
@@ -331,9 +335,18 @@ mod tests {
         let Record::Meta(meta) = postcard::from_bytes::<StoredRecord>(&bytes).unwrap().into() else {
             panic!("not a meta record")
         };
-        assert_eq!((meta.revision, meta.next_lease_id, meta.cooldown_ms, meta.lease_clock_ms), (7, 3, 100, 0));
-        let lease =
-            Lease { id: 2, team: "default".into(), ttl_ms: 9_000, deadline_ms: 9_000, granted_ms: 1, revision: 5 };
+        assert_eq!(
+            (meta.revision, meta.next_lease_id, meta.cooldown_ms, meta.lease_clock_ms),
+            (7, 3, 100, 0)
+        );
+        let lease = Lease {
+            id: 2,
+            team: "default".into(),
+            ttl_ms: 9_000,
+            deadline_ms: 9_000,
+            granted_ms: 1,
+            revision: 5,
+        };
         let mut st = State::from_records([Record::Meta(meta), Record::Lease(lease)]);
         // Variant 8: the old checkpoint, every lease's remaining TTL against the clock as it is.
         let mut bytes = vec![8u8];

@@ -147,6 +147,11 @@ pub struct MetaV1 {
 
 impl From<MetaV1> for Meta {
     fn from(m: MetaV1) -> Self {
-        Meta { revision: m.revision, next_lease_id: m.next_lease_id, cooldown_ms: m.cooldown_ms, lease_clock_ms: 0 }
+        Meta {
+            revision: m.revision,
+            next_lease_id: m.next_lease_id,
+            cooldown_ms: m.cooldown_ms,
+            lease_clock_ms: 0,
+        }
     }
 }
