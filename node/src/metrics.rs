@@ -128,6 +128,11 @@ pub(crate) fn render(api: &Api) -> Result<String, std::fmt::Error> {
     );
     r.register("portmesh_watch_streams", "Open Watch streams", m.watch_streams.clone());
     r.register(
+        "portmesh_watch_events_encoded",
+        "Events converted to their wire form for watchers (once per event, however many watchers send it)",
+        m.watch_events_encoded.clone(),
+    );
+    r.register(
         "portmesh_events",
         "Events this node applied since start, by kind (lease_granted, lease_expired, conflict, ...)",
         m.events.clone(),

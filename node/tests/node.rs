@@ -1891,6 +1891,47 @@ async fn a_watch_from_the_future_invents_no_revision() {
     }
 }
 
+/// Watchers of one node share the conversion of each event to its wire form: 24 watchers (a
+/// third filtered on a service) each get what they asked for, in order, and every event of the
+/// writes was encoded once, not once per watcher.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watchers_share_one_encoding_of_each_event() {
+    let c = Cluster::start(1).await;
+    let api = c.nodes[0].as_ref().unwrap().api.clone();
+    let client = c.client().await;
+    let mut watchers = Vec::new();
+    for i in 0..24 {
+        let service = if i % 3 == 0 { "a".to_owned() } else { String::new() };
+        let req = pb::WatchRequest { service: service.clone(), ..Default::default() };
+        let stream = Client::connect(&c.addrs[0]).await.unwrap().watch(req).await.unwrap();
+        watchers.push((service, collect_watch(stream)));
+    }
+    let before = api.node().state().read().state.revision();
+    let encoded_before = api.metrics().watch_events_encoded.get();
+    let one =
+        |service: &str| pb::AllocateRequest { items: vec![item(service, "default")], ..Default::default() };
+    let a = client.allocate(one("a")).await.unwrap().allocations[0].port;
+    client.allocate(one("b")).await.unwrap();
+    client.release(pb::ReleaseRequest { ports: vec![a], ..Default::default() }).await.unwrap();
+    let (after, written) = {
+        let sm = api.node().state().read();
+        (sm.state.revision(), sm.state.events_since(before + 1).count() as u64)
+    };
+    assert!(written >= 3, "three writes, {written} events");
+    for (service, (mut seen, task, stop)) in watchers {
+        wait_seen(&mut seen, after).await;
+        stop.send(()).unwrap();
+        let events = task.await.unwrap();
+        in_order(&events);
+        let services: Vec<&str> =
+            events.iter().filter_map(|e| e.allocation.as_ref()).map(|a| a.service.as_str()).collect();
+        let want: &[&str] = if service.is_empty() { &["a", "b", "a"] } else { &["a", "a"] };
+        assert_eq!(services, want, "watcher filtered on {service:?}");
+    }
+    let encoded = api.metrics().watch_events_encoded.get() - encoded_before;
+    assert_eq!(encoded, written, "{written} events were encoded {encoded} times for 24 watchers");
+}
+
 /// A joining node that stops answering after it asked to join (here: nobody at its address)
 /// is left a learner, not made a voter that every later write would wait for; the answer says
 /// so, bounded in time, and what it says to do works.

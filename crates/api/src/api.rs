@@ -45,6 +45,8 @@ pub(crate) struct Inner {
     pub(crate) metrics: Arc<crate::metrics::RequestMetrics>,
     /// Started with `--auth`: callers need tokens even before the state holds one.
     pub(crate) auth: bool,
+    /// Events in their wire form, encoded once for all watchers (see `watch.rs`).
+    pub(crate) wire_events: Arc<crate::watch::WireEvents>,
 }
 
 /// Resolves once the node is shutting down: streams end then, since a graceful shutdown waits
@@ -80,6 +82,8 @@ impl Api {
         shutdown: ShutdownHandle,
         auth: bool,
     ) -> Self {
+        let metrics = Arc::<crate::metrics::RequestMetrics>::default();
+        let wire_events = Arc::new(crate::watch::WireEvents::new(metrics.watch_events_encoded.clone()));
         Api {
             inner: Arc::new(Inner {
                 node,
@@ -91,8 +95,9 @@ impl Api {
                 busy: crate::placement::BusyMemory::default(),
                 hosts: crate::placement::HostMap::default(),
                 probes_served: std::sync::atomic::AtomicU64::new(0),
-                metrics: Arc::default(),
+                metrics,
                 auth,
+                wire_events,
             }),
         }
     }

@@ -25,5 +25,6 @@ pub use api::{Api, ShutdownHandle};
 pub use auth::Caller;
 pub use error::ApiError;
 pub use metrics::{RequestMetrics, count_events};
+pub use watch::WatchServer;
 
 pub use portmesh_proto::{ERROR_METADATA, LEADER_METADATA, OLDEST_REVISION_METADATA};

@@ -38,6 +38,9 @@ pub struct RequestMetrics {
     pub ports_allocated: Counter,
     /// Open `Watch` streams.
     pub watch_streams: Gauge,
+    /// Events converted to their wire form for watchers: once per event while it is among the
+    /// newest (`watch.rs`), however many watchers send it.
+    pub watch_events_encoded: Counter,
     /// Events this node applied, by kind: `allocated`, `released`, `expired` (released because a
     /// lease ended), `conflict`, `lease_granted`, `lease_revoked`, `lease_expired`, …
     pub events: Family<KindLabels, Counter>,
@@ -51,6 +54,7 @@ impl Default for RequestMetrics {
             allocate_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
             ports_allocated: Counter::default(),
             watch_streams: Gauge::default(),
+            watch_events_encoded: Counter::default(),
             events: Family::default(),
         }
     }
