@@ -1776,10 +1776,11 @@ impl tonic::codec::Decoder for RawBytes {
     }
 }
 
-/// A raw gRPC client of `node` and the path of `Allocator.Allocate`, for bodies no typed client
-/// would send.
-async fn raw_allocate(
+/// A raw gRPC client of `node` and `path` (e.g. `/portmesh.v1.Allocator/Allocate`), for bodies
+/// and methods no typed client would send.
+async fn raw_call(
     node: &RunningNode,
+    path: &'static str,
 ) -> (tonic::client::Grpc<tonic::transport::Channel>, tonic::codegen::http::uri::PathAndQuery) {
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", node.grpc_addr))
         .unwrap()
@@ -1788,7 +1789,7 @@ async fn raw_allocate(
         .unwrap();
     let mut grpc = tonic::client::Grpc::new(channel);
     grpc.ready().await.unwrap();
-    (grpc, tonic::codegen::http::uri::PathAndQuery::from_static("/portmesh.v1.Allocator/Allocate"))
+    (grpc, tonic::codegen::http::uri::PathAndQuery::from_static(path))
 }
 
 /// Issue 15: two request messages on a one-message call are refused before anything is applied
@@ -1799,7 +1800,7 @@ async fn two_messages_on_a_one_message_call_are_refused_and_change_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let (node, client) = node_in(dir.path(), |_| {}).await;
     let before = client.status().await.unwrap().revision;
-    let (mut grpc, path) = raw_allocate(&node).await;
+    let (mut grpc, path) = raw_call(&node, "/portmesh.v1.Allocator/Allocate").await;
     let one =
         pb::AllocateRequest { items: vec![item("twice", "default")], ..Default::default() }.encode_to_vec();
     let two = tokio_stream::iter(vec![one.clone(), one]);
@@ -1817,12 +1818,35 @@ async fn a_malformed_protobuf_body_is_an_invalid_argument() {
     let dir = tempfile::tempdir().unwrap();
     let (node, client) = node_in(dir.path(), |_| {}).await;
     let before = client.status().await.unwrap().revision;
-    let (mut grpc, path) = raw_allocate(&node).await;
+    let (mut grpc, path) = raw_call(&node, "/portmesh.v1.Allocator/Allocate").await;
     let status = grpc.unary(tonic::Request::new(vec![0xff, 0xff, 0xff]), path, RawBytes).await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
     let category = status.metadata().get("portmesh-error").and_then(|v| v.to_str().ok());
     assert_eq!(category, Some("invalid_argument"), "{status:?}");
     assert_eq!(client.status().await.unwrap().revision, before, "a malformed request changed the state");
+}
+
+/// The hand-written `Watch` service refuses what the generated ones refuse: a method it does not
+/// have is UNIMPLEMENTED naming the path, and a body that is not a `WatchRequest` is
+/// INVALID_ARGUMENT with its category; neither opens a stream.
+#[tokio::test]
+async fn the_watch_service_refuses_unknown_methods_and_malformed_requests() {
+    let dir = tempfile::tempdir().unwrap();
+    let (node, _client) = node_in(dir.path(), |_| {}).await;
+    let streams = || node.api.metrics().watch_streams.get();
+
+    let (mut grpc, path) = raw_call(&node, "/portmesh.v1.Watch/Subscribe").await;
+    let status = grpc.unary(tonic::Request::new(Vec::new()), path, RawBytes).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unimplemented, "{status:?}");
+    assert!(status.message().contains("/portmesh.v1.Watch/Subscribe"), "{status:?}");
+
+    let (mut grpc, path) = raw_call(&node, "/portmesh.v1.Watch/Watch").await;
+    let status =
+        grpc.server_streaming(tonic::Request::new(vec![0xff, 0xff, 0xff]), path, RawBytes).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    let category = status.metadata().get("portmesh-error").and_then(|v| v.to_str().ok());
+    assert_eq!(category, Some("invalid_argument"), "{status:?}");
+    assert_eq!(streams(), 0, "a refused watch left a stream open");
 }
 
 /// Stock gRPC tools can talk to a node: reflection answers in v1alpha too (grpcurl before 1.9,
