@@ -149,6 +149,40 @@ pub(crate) struct Inner {
     pub(crate) flusher: flusher::Flusher,
     /// What this directory had made durable (see `watermark`).
     pub(crate) watermark: Arc<watermark::Watermark>,
+    /// Declared last so that it drops after every sled handle above (see [`Released`]).
+    _released: Released,
+}
+
+/// Waits, when the store is dropped, until sled's lock on the directory is free, so that a
+/// dropped store can be opened again at once in the same process (a restart, a test).
+///
+/// sled's background writer keeps a reference to the open database file for a moment after the
+/// flush that waited for it has returned; the file (and its `flock`) is closed only when that
+/// task ends. Seen in CI under load: a reopen right after a drop failed with "could not acquire
+/// lock". Polling `flock` is the only way to observe that release; it is bounded.
+#[derive(Debug)]
+struct Released {
+    lock_file: PathBuf,
+}
+
+impl Drop for Released {
+    fn drop(&mut self) {
+        const PATIENCE: std::time::Duration = std::time::Duration::from_secs(5);
+        let Ok(file) = std::fs::File::open(&self.lock_file) else { return };
+        let start = std::time::Instant::now();
+        loop {
+            match file.try_lock() {
+                Ok(()) => return,
+                Err(std::fs::TryLockError::WouldBlock) if start.elapsed() < PATIENCE => {
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+                Err(e) => {
+                    tracing::warn!(file = %self.lock_file.display(), error = %e, "the data directory's lock is still held after closing it");
+                    return;
+                }
+            }
+        }
+    }
 }
 
 const META_VERSION: &[u8] = b"data_version";
@@ -216,6 +250,7 @@ impl Store {
             db,
             stats,
             watermark,
+            _released: Released { lock_file: dir.join("sled").join("db") },
         };
         let readable = |v: &[u8]| {
             <[u8; 4]>::try_from(v)
