@@ -365,12 +365,8 @@ pub async fn start(mut cfg: NodeConfig) -> Result<RunningNode, NodeError> {
             "members and clients are told the advertised address, not the bound one");
     }
     if let Some(home) = &cfg.home {
-        let info = NodeInfo {
-            grpc: grpc_addr.to_string(),
-            http: http_addr.map(|a| a.to_string()),
-            pid: std::process::id(),
-            node_id: node.id,
-        };
+        let info =
+            NodeInfo::of_this_process(grpc_addr.to_string(), http_addr.map(|a| a.to_string()), node.id);
         write_info(home, &info).map_err(|source| NodeError::Home { dir: home.clone(), source })?;
     }
     Ok(RunningNode {

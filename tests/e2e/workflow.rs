@@ -585,6 +585,21 @@ fn run_is_sticky_by_default_per_project_and_service() {
     assert_eq!(port_of(&shop, None), first, "the first slot again once it is free");
 }
 
+/// A command that ends before its registration is answered has its lease revoked at the same
+/// time as the registration is applied (one round trip at exit, not two). Whichever the node
+/// applies first, nothing may stay registered or held: many short runs in a row attack that.
+#[test]
+fn short_runs_leave_nothing_registered_or_held() {
+    let h = home_with_pool("20800-20809");
+    for i in 0..20 {
+        let r = h.pm(&["run", "--pool", "t", "--service", "quick", "--check", "tcp", "--", "true"]);
+        assert_eq!(r.code, 0, "run {i}: {r:?}");
+        assert!(!r.stderr.contains("could not"), "run {i}: {r:?}");
+    }
+    assert!(h.live_ports().is_empty(), "every run released its port");
+    assert!(services_of(&h).is_empty(), "no registration outlived its run");
+}
+
 /// Issue 17 item 10: `ps` right after `up -d` shows the health `up` saw (not "unknown" until
 /// the node's first check), and after a service crashed the reason the stack stopped.
 #[test]

@@ -90,11 +90,21 @@ pub async fn run(c: &Client, team: &str, a: &RunArgs) -> Result<i32> {
     } else if let Some((_, got)) = ports.first() {
         eprintln!("portmesh: {service} runs on port {got}");
     }
-    let result = supervise_one(c, team, a, &service, lease, &ports, &command_line).await;
-    if let Err(e) = node::end_lease(c, team, lease).await {
+    let (result, ended) = match supervise_one(c, team, a, &service, lease, &ports, &command_line).await {
+        Ok(Exit { code, lease_ended: Some(ended) }) => (Ok(code), ended),
+        other => (other.map(|e| e.code), node::end_lease(c, team, lease).await),
+    };
+    if let Err(e) = ended {
         eprintln!("portmesh: {e:#}; its ports come back when it runs out");
     }
     result
+}
+
+/// How the command ended: its exit code, and the outcome of ending its lease if that was done
+/// already (see `supervise_one`).
+struct Exit {
+    code: i32,
+    lease_ended: Option<Result<()>>,
 }
 
 async fn supervise_one(
@@ -105,7 +115,7 @@ async fn supervise_one(
     lease: u64,
     ports: &[(String, u16)],
     command_line: &str,
-) -> Result<i32> {
+) -> Result<Exit> {
     let main_port = ports[0].1;
     let mut keeper = c.keep_lease(team, lease, a.ttl);
     let socket = match a.fd {
@@ -172,7 +182,13 @@ async fn supervise_one(
             }
             status = proc.wait() => {
                 if !registered {
-                    let _ = (&mut registering).await;
+                    // The command ended before its registration was answered (a short command):
+                    // end the lease at the same time instead of after it, so that exiting costs
+                    // one round trip, not two. Whichever the node applies first, nothing stays
+                    // registered: a registration on a revoked lease is refused, and revoking a
+                    // lease removes its registrations.
+                    let (_, ended) = tokio::join!(&mut registering, node::end_lease(c, team, lease));
+                    return Ok(Exit { code: process::exit_code(status), lease_ended: Some(ended) });
                 }
                 break status;
             }
@@ -185,7 +201,7 @@ async fn supervise_one(
             }
         }
     };
-    Ok(process::exit_code(status))
+    Ok(Exit { code: process::exit_code(status), lease_ended: None })
 }
 
 /// `{port}`, `{port.NAME}`, `{SERVICE.port…}` (this service's), `{host}` and `{service}`.

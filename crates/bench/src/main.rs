@@ -84,6 +84,10 @@ struct Args {
     /// Also compare a one-shot `portmesh alloc` with an empty Rust binary using `hyperfine -N`.
     #[arg(long)]
     startup: bool,
+    /// With --startup or --workflow: also time this (older) portmesh binary's one-shot commands,
+    /// in the same rounds in alternating order, and print new/old ratios.
+    #[arg(long)]
+    startup_against: Option<PathBuf>,
     /// The Python package at start-up: `python/bench/startup.py` (--rounds x 10 rounds) in the
     /// venv `python/setup-tests.sh` makes (the package installed with `pip install ./python`,
     /// its `portmesh` built in the dev profile, as its tests use it).
@@ -371,10 +375,10 @@ async fn main() -> Result<()> {
 /// The start-up, workflow, lease and watch scale benchmarks asked for (see `scale.rs`).
 async fn scale_runs(args: &Args, dur: Duration) -> Result<()> {
     if args.startup {
-        startup(&args.portmesh).await?;
+        startup(&args.portmesh, args.startup_against.as_deref(), args.rounds).await?;
     }
     if args.workflow {
-        workflow(&args.portmesh, args.rounds * 3).await?;
+        workflow(&args.portmesh, args.startup_against.as_deref(), args.rounds, args.rounds * 3).await?;
     }
     if args.python {
         python_startup(args.rounds * 10)?;

@@ -15,11 +15,12 @@ pub(crate) fn build_empty(dir: &Path) -> Result<PathBuf> {
     Ok(empty)
 }
 
-/// Runs `hyperfine -N` on `commands` (with `home` as PORTMESH_HOME); the mean of each, in ms.
-pub(crate) fn hyperfine(dir: &Path, home: &Path, commands: &[String]) -> Result<Vec<f64>> {
+/// Runs `hyperfine -N` on `commands` (with `home` as PORTMESH_HOME), `runs` times each; the
+/// median of each, in ms (the median: this machine is shared, and one slow run moves a mean).
+pub(crate) fn hyperfine(dir: &Path, home: &Path, commands: &[String], runs: usize) -> Result<Vec<f64>> {
     let json = dir.join("hyperfine.json");
     let status = Command::new("hyperfine")
-        .args(["-N", "--warmup", "20", "--runs", "300", "--export-json"])
+        .args(["-N", "--style", "none", "--warmup", "10", "--runs", &runs.to_string(), "--export-json"])
         .arg(&json)
         .args(commands)
         .env("PORTMESH_HOME", home)
@@ -29,27 +30,108 @@ pub(crate) fn hyperfine(dir: &Path, home: &Path, commands: &[String]) -> Result<
         bail!("hyperfine failed");
     }
     let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json)?)?;
-    Ok((0..commands.len()).map(|i| v["results"][i]["mean"].as_f64().unwrap_or(f64::NAN) * 1e3).collect())
+    Ok((0..commands.len()).map(|i| v["results"][i]["median"].as_f64().unwrap_or(f64::NAN) * 1e3).collect())
+}
+
+/// A local node in `home`, as a developer has one: started by the CLI itself (`alloc`), stopped
+/// (`stop`) when dropped.
+struct LocalNode<'a> {
+    bin: &'a Path,
+    home: PathBuf,
+}
+
+impl<'a> LocalNode<'a> {
+    fn start(bin: &'a Path, home: PathBuf) -> Result<LocalNode<'a>> {
+        let out = Command::new(bin).args(["alloc", "warm-up"]).env("PORTMESH_HOME", &home).output()?;
+        if !out.status.success() {
+            bail!("starting a local node: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(LocalNode { bin, home })
+    }
+}
+
+impl Drop for LocalNode<'_> {
+    fn drop(&mut self) {
+        let _ = Command::new(self.bin).arg("stop").env("PORTMESH_HOME", &self.home).output();
+    }
+}
+
+/// Times `args` run by `bin` (and by `against`, if given) against the warm local node in `home`,
+/// with hyperfine, next to an empty Rust binary (and `extra`, timed alike), over `rounds` rounds
+/// in alternating order. Prints each round and returns the medians over rounds, in the order
+/// empty, extra, bin, against.
+fn alternate(
+    dir: &Path,
+    home: &Path,
+    extra: Option<&str>,
+    cmds: &[String],
+    rounds: usize,
+) -> Result<Vec<f64>> {
+    let empty = build_empty(dir)?.display().to_string();
+    let mut all: Vec<String> = std::iter::once(empty).chain(extra.map(str::to_string)).collect();
+    all.extend(cmds.iter().cloned());
+    let mut per: Vec<Vec<f64>> = vec![Vec::new(); all.len()];
+    for round in 0..rounds.max(1) {
+        let mut order: Vec<usize> = (0..all.len()).collect();
+        if round % 2 == 1 {
+            order.reverse();
+        }
+        let cmds: Vec<String> = order.iter().map(|&i| all[i].clone()).collect();
+        let got = hyperfine(dir, home, &cmds, 100)?;
+        let mut line = format!("  round {}:", round + 1);
+        for (k, &i) in order.iter().enumerate() {
+            per[i].push(got[k]);
+        }
+        for (i, c) in all.iter().enumerate() {
+            line.push_str(&format!(" [{}] {:.2} ms", short(c), per[i][round]));
+        }
+        println!("{line}");
+    }
+    Ok(per.into_iter().map(median).collect())
+}
+
+/// A command as printed: the binary's file name and the arguments.
+fn short(cmd: &str) -> String {
+    let mut words = cmd.split(' ');
+    let bin = words.next().map(|b| Path::new(b).file_name().map(|f| f.to_string_lossy().into_owned()));
+    std::iter::once(bin.flatten().unwrap_or_default())
+        .chain(words.map(str::to_string))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// `portmesh run -- /bin/true` (its cost over /bin/true, against an empty Rust binary's start-up)
-/// and `portmesh up -d` of five services that are ready at once, against a warm node.
-pub(crate) async fn workflow(bin: &Path, ups: usize) -> Result<()> {
+/// with the local node a developer has, and `portmesh up -d` of five services that are ready at
+/// once, against a warm node. With `against`, that binary's `run` too, in alternating rounds.
+pub(crate) async fn workflow(bin: &Path, against: Option<&Path>, rounds: usize, ups: usize) -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let empty = build_empty(dir.path())?;
-    let server = start_portmesh(bin, 1).await?;
-    let node = server.leader_addr().to_string();
     let home = dir.path().join("home");
-    let run = format!("{} --node {node} run -- /bin/true", bin.display());
-    let means = hyperfine(dir.path(), &home, &["/bin/true".to_string(), empty.display().to_string(), run])?;
-    let (t, e, r) = (means[0], means[1], means[2]);
+    let _local = LocalNode::start(bin, home.clone())?;
+    let cmds: Vec<String> =
+        std::iter::once(bin).chain(against).map(|b| format!("{} run -- /bin/true", b.display())).collect();
     println!(
-        "\nrun: /bin/true {t:.2} ms, empty Rust binary {e:.2} ms, `portmesh run -- /bin/true` {r:.2} ms: \
+        "
+run -- /bin/true (local node, hyperfine medians, {rounds} rounds of 100 runs):"
+    );
+    let m = alternate(dir.path(), &home, Some("/bin/true"), &cmds, rounds)?;
+    let (e, t, r) = (m[0], m[1], m[2]);
+    println!(
+        "run: /bin/true {t:.2} ms, empty Rust binary {e:.2} ms, `portmesh run -- /bin/true` {r:.2} ms: \
          run adds {:.2} ms = {:.2}× the empty binary's start-up",
         r - t,
         (r - t) / e
     );
+    if let Some(old) = m.get(3) {
+        println!(
+            "run against {}: adds {:.2} ms; new/old {:.2}×",
+            short(&cmds[1]),
+            old - t,
+            (r - t) / (old - t)
+        );
+    }
 
+    let server = start_portmesh(bin, 1).await?;
+    let node = server.leader_addr().to_string();
     let project = dir.path().join("portmesh.toml");
     let mut text = String::from("project = \"bench\"\n");
     for i in 1..=5 {
@@ -85,18 +167,37 @@ pub(crate) async fn workflow(bin: &Path, ups: usize) -> Result<()> {
     Ok(())
 }
 
-/// One-shot `portmesh alloc` against a warm node vs an empty Rust binary, with `hyperfine -N`.
-pub(crate) async fn startup(bin: &Path) -> Result<()> {
+/// One-shot `portmesh alloc` against a warm node vs an empty Rust binary, with `hyperfine -N`:
+/// through the local node (found by its `node.json`, as a developer's CLI finds it) and through
+/// `--node ADDR` (as a CI job names its cluster). With `against`, that binary's too, in
+/// alternating rounds.
+pub(crate) async fn startup(bin: &Path, against: Option<&Path>, rounds: usize) -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let empty = build_empty(dir.path())?;
+    let home = dir.path().join("home");
+    let _local = LocalNode::start(bin, home.clone())?;
     let server = start_portmesh(bin, 1).await?;
-    let alloc = format!("{} --node {} alloc bench --key hyperfine", bin.display(), server.leader_addr());
-    let means = hyperfine(dir.path(), &dir.path().join("home"), &[empty.display().to_string(), alloc])?;
-    let (e, a) = (means[0], means[1]);
+    let addr = server.leader_addr();
+    let bins: Vec<&Path> = std::iter::once(bin).chain(against).collect();
+    let mut cmds: Vec<String> =
+        bins.iter().map(|b| format!("{} alloc bench --key hyperfine", b.display())).collect();
+    cmds.extend(bins.iter().map(|b| format!("{} --node {addr} alloc bench --key hyperfine", b.display())));
     println!(
-        "\nstart-up: empty Rust binary {e:.2} ms, one-shot `portmesh alloc` (warm node) {a:.2} ms: {:.2}×",
-        a / e
+        "
+start-up (hyperfine medians, {rounds} rounds of 100 runs):"
     );
+    let m = alternate(dir.path(), &home, None, &cmds, rounds)?;
+    let e = m[0];
+    let n = bins.len();
+    for (i, how) in [(1, "local node"), (1 + n, "--node")] {
+        println!(
+            "start-up: empty Rust binary {e:.2} ms, one-shot `portmesh alloc` ({how}, warm) {:.2} ms: {:.2}×",
+            m[i],
+            m[i] / e
+        );
+        if n == 2 {
+            println!("  against {}: {:.2} ms; new/old {:.2}×", short(&cmds[i]), m[i + 1], m[i] / m[i + 1]);
+        }
+    }
     Ok(())
 }
 
