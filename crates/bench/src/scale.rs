@@ -368,6 +368,8 @@ pub async fn soak(bin: &std::path::Path, nodes: usize, n: usize, ttl: Duration, 
     }
     println!("granted {n} leases in {:.0} s (renewals running meanwhile)", t.elapsed().as_secs_f64());
     let first = ids.lock().unwrap_or_else(|p| p.into_inner()).first().copied().unwrap_or(0);
+    // The members' CPU while every lease is only kept alive: renewals and the leader's countdown.
+    let (cpu_from, cpu_at) = (d.members_cpu_ms(), Instant::now());
     let mut peak = vec![0.0f64; d.addrs.len()];
     while Instant::now() < deadline {
         tokio::time::sleep(Duration::from_secs(10)).await;
@@ -384,6 +386,7 @@ pub async fn soak(bin: &std::path::Path, nodes: usize, n: usize, ttl: Duration, 
             fmt_mb(&rss)
         );
     }
+    let cpu_per_s = (d.members_cpu_ms() - cpu_from) / cpu_at.elapsed().as_secs_f64();
     for t in tasks {
         t.await??;
     }
@@ -394,7 +397,8 @@ pub async fn soak(bin: &std::path::Path, nodes: usize, n: usize, ttl: Duration, 
         c.time_to_live(pb::LeaseTimeToLiveRequest { team: "default".into(), lease_id: first }).await.is_ok();
     println!(
         "soak: {} renewals over {secs:.0} s ({:.0}/s); {} answered gone; {} LEASE_EXPIRED events while \
-         every lease was kept ({} at the end); peak RSS per member {} MB",
+         every lease was kept ({} at the end); peak RSS per member {} MB; members' CPU while keeping \
+         them {cpu_per_s:.0} ms/s",
         renewed.load(Ordering::Relaxed),
         renewed.load(Ordering::Relaxed) as f64 / secs,
         lost.load(Ordering::Relaxed),

@@ -324,6 +324,11 @@ impl State {
         self.leases.values()
     }
 
+    /// How many leases are live.
+    pub fn lease_count(&self) -> usize {
+        self.leases.len()
+    }
+
     /// A lease's remaining TTL as of the last checkpoint: its deadline less the lease clock.
     pub fn lease_remaining_ms(&self, lease: &Lease) -> u64 {
         lease.deadline_ms.saturating_sub(self.meta.lease_clock_ms).min(lease.ttl_ms)

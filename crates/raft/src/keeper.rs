@@ -17,7 +17,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 
-use portmesh_core::Command;
+use portmesh_core::{Command, EventKind, State};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -40,6 +40,12 @@ struct KeeperState {
     clock: Option<(u64, Instant)>,
     /// Leases renewed since the last checkpoint.
     moved: HashSet<u64>,
+    /// The state's revision `deadlines` reflect: from there on, the state's events say which
+    /// leases began and ended, so a reconcile reads those instead of walking every lease.
+    seen: Option<u64>,
+    /// No deadline is earlier than this (a lower bound: renewals only move deadlines later), so
+    /// looking for expired leases before it is skipped rather than walking every deadline.
+    next_due: Option<Instant>,
 }
 
 impl KeeperState {
@@ -48,6 +54,23 @@ impl KeeperState {
         self.deadlines.clear();
         self.clock = None;
         self.moved.clear();
+        self.seen = None;
+        self.next_due = None;
+    }
+
+    fn set_deadline(&mut self, id: u64, deadline: Instant) {
+        self.deadlines.insert(id, deadline);
+        self.next_due = Some(self.next_due.map_or(deadline, |d| d.min(deadline)));
+    }
+
+    /// A lease the state holds and the countdown does not yet: it starts from its checkpointed
+    /// remaining TTL.
+    fn start_countdown(&mut self, state: &State, id: u64, now: Instant) {
+        if let Some(l) = state.lease(id)
+            && !self.deadlines.contains_key(&id)
+        {
+            self.set_deadline(id, now + std::time::Duration::from_millis(state.lease_remaining_ms(l)));
+        }
     }
 }
 
@@ -67,7 +90,7 @@ impl LeaseKeeper {
         match k.deadlines.get(&id) {
             Some(d) if *d <= now => None,
             _ => {
-                k.deadlines.insert(id, now + std::time::Duration::from_millis(ttl_ms));
+                k.set_deadline(id, now + std::time::Duration::from_millis(ttl_ms));
                 k.moved.insert(id);
                 Some(ttl_ms)
             }
@@ -81,29 +104,57 @@ impl LeaseKeeper {
 
     /// Aligns deadlines with the applied state: new leases start from their checkpointed
     /// remaining TTL, ended leases are forgotten. A new term starts over from the state.
-    fn reconcile(&self, node: &RaftNode, term: u64) {
+    ///
+    /// It runs every `lease_tick` (100 ms) under the state's read lock, which the apply path
+    /// waits for, so it must not walk every lease each time: it reads the events since the
+    /// revision it last saw (leases granted, revoked, expired), and walks the leases only when
+    /// those events are no longer all kept, at a new term, or if the counts disagree.
+    fn reconcile(&self, state: &State, term: u64) {
         let now = Instant::now();
-        let sm = node.state().read();
         let mut k = self.lock();
         if k.term != Some(term) {
             k.clear();
             k.term = Some(term);
-            k.clock = Some((sm.state.meta().lease_clock_ms, now));
+            k.clock = Some((state.meta().lease_clock_ms, now));
         }
-        for l in sm.state.leases() {
-            k.deadlines
-                .entry(l.id)
-                .or_insert_with(|| now + std::time::Duration::from_millis(sm.state.lease_remaining_ms(l)));
+        let revision = state.revision();
+        let walk = match k.seen {
+            Some(seen) if seen == revision => false,
+            Some(seen) if state.oldest_event_revision() <= seen => {
+                for e in state.events_since(seen + 1) {
+                    match &e.kind {
+                        EventKind::LeaseGranted { id, .. } => k.start_countdown(state, *id, now),
+                        EventKind::LeaseRevoked { id, .. } | EventKind::LeaseExpired { id, .. } => {
+                            k.deadlines.remove(id);
+                        }
+                        _ => {}
+                    }
+                }
+                false
+            }
+            // A new term, or events dropped from the history since: walk. Deadlines already
+            // counted (renewed ones) are kept; only missing and ended leases change.
+            _ => true,
+        };
+        if walk || k.deadlines.len() != state.lease_count() {
+            for l in state.leases() {
+                k.start_countdown(state, l.id, now);
+            }
+            k.deadlines.retain(|id, _| state.lease(*id).is_some());
         }
-        if k.deadlines.len() != sm.state.leases().count() {
-            k.deadlines.retain(|id, _| sm.state.lease(*id).is_some());
-        }
+        k.seen = Some(revision);
     }
 
+    /// Leases whose deadline passed (at most `expiry_batch`, lowest ids first). Walks the
+    /// deadlines only once the earliest one may have come.
     fn expired(&self) -> Vec<u64> {
         let now = Instant::now();
-        let mut ids: Vec<u64> =
-            self.lock().deadlines.iter().filter(|(_, d)| **d <= now).map(|(id, _)| *id).collect();
+        let mut k = self.lock();
+        if k.next_due.is_none_or(|d| d > now) {
+            return Vec::new();
+        }
+        k.next_due = k.deadlines.values().min().copied();
+        let mut ids: Vec<u64> = k.deadlines.iter().filter(|(_, d)| **d <= now).map(|(id, _)| *id).collect();
         ids.sort_unstable();
         ids.truncate(self.opts.expiry_batch);
         ids
@@ -191,7 +242,7 @@ pub(crate) async fn run(node: RaftNode, mut stop: watch::Receiver<bool>) {
             continue;
         }
         let term = node.metrics().current_term;
-        keeper.reconcile(&node, term);
+        keeper.reconcile(&node.state().read().state, term);
 
         let expired = keeper.expired();
         if !expired.is_empty() {
@@ -211,5 +262,127 @@ pub(crate) async fn run(node: RaftNode, mut stop: watch::Receiver<bool>) {
             last_checkpoint = Instant::now();
             checkpoint(&node).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use portmesh_core::{ApplyCtx, Response};
+
+    struct Fixture {
+        state: State,
+        index: u64,
+        keeper: LeaseKeeper,
+    }
+
+    impl Fixture {
+        fn new() -> Self {
+            Fixture { state: State::new(), index: 0, keeper: LeaseKeeper::new(RaftOptions::default()) }
+        }
+
+        fn apply(&mut self, cmd: Command) -> Response {
+            self.index += 1;
+            self.state.apply(ApplyCtx { now_ms: 1_000 + self.index, index: self.index, seq: 0 }, &cmd)
+        }
+
+        fn grant(&mut self, ttl_ms: u64) -> u64 {
+            match self.apply(Command::GrantLease { team: "default".into(), ttl_ms }) {
+                Response::LeaseGranted(l) => l.id,
+                other => panic!("{other:?}"),
+            }
+        }
+
+        fn revoke(&mut self, id: u64) {
+            self.apply(Command::RevokeLease { team: "default".into(), id });
+        }
+
+        fn reconcile(&self) {
+            self.keeper.reconcile(&self.state, 1);
+        }
+
+        /// The counted leases, and that they are exactly the state's.
+        fn counted(&self) -> Vec<u64> {
+            let mut ids: Vec<u64> = self.keeper.lock().deadlines.keys().copied().collect();
+            ids.sort_unstable();
+            let live: Vec<u64> = self.state.leases().map(|l| l.id).collect();
+            assert_eq!(ids, live, "the countdown holds exactly the live leases");
+            ids
+        }
+    }
+
+    #[test]
+    fn reconcile_follows_grants_and_ends_from_the_events() {
+        let mut f = Fixture::new();
+        let a = f.grant(60_000);
+        let b = f.grant(60_000);
+        f.reconcile();
+        assert_eq!(f.counted(), [a, b]);
+        assert_eq!(f.keeper.lock().seen, Some(f.state.revision()));
+        // Renewed in memory: a reconcile must not restart it from the checkpointed TTL.
+        assert_eq!(f.keeper.renew(a, 3_600_000), Some(3_600_000));
+        let c = f.grant(60_000);
+        f.revoke(b);
+        let d = f.grant(60_000);
+        f.apply(Command::ExpireLeases { ids: vec![d] });
+        f.reconcile();
+        assert_eq!(f.counted(), [a, c]);
+        assert!(f.keeper.remaining(a).is_some_and(|ms| ms > 60_000), "the renewal was kept");
+        // Nothing changed: nothing to do, the same result.
+        f.reconcile();
+        assert_eq!(f.counted(), [a, c]);
+    }
+
+    #[test]
+    fn reconcile_walks_when_the_events_since_were_dropped_and_keeps_renewals() {
+        let mut f = Fixture::new();
+        let a = f.grant(60_000);
+        let b = f.grant(60_000);
+        f.reconcile();
+        assert_eq!(f.keeper.renew(a, 3_600_000), Some(3_600_000));
+        // One counted lease ends and one begins where the history no longer reaches, so the
+        // counts agree and only a walk finds the difference.
+        f.revoke(b);
+        let c = f.grant(60_000);
+        let mut last = 0;
+        for _ in 0..portmesh_core::EVENT_RETENTION / 2 + 1 {
+            last = f.grant(60_000);
+            f.revoke(last);
+        }
+        let kept = f.grant(60_000);
+        assert!(f.state.oldest_event_revision() > f.keeper.lock().seen.unwrap_or(0), "history dropped");
+        f.reconcile();
+        assert_eq!(f.counted(), [a, c, kept]);
+        assert!(f.state.lease(last).is_none());
+        assert!(f.keeper.remaining(a).is_some_and(|ms| ms > 60_000), "the renewal was kept");
+    }
+
+    #[test]
+    fn a_new_term_starts_over_from_the_state() {
+        let mut f = Fixture::new();
+        let a = f.grant(60_000);
+        f.reconcile();
+        assert_eq!(f.keeper.renew(a, 3_600_000), Some(3_600_000));
+        f.keeper.reconcile(&f.state, 2);
+        assert_eq!(f.counted(), [a]);
+        assert!(f.keeper.remaining(a).is_some_and(|ms| ms <= 60_000), "from the checkpointed TTL");
+    }
+
+    #[test]
+    fn expiry_is_looked_for_once_the_earliest_deadline_may_have_come() {
+        let mut f = Fixture::new();
+        let a = f.grant(60_000);
+        let b = f.grant(60_000);
+        f.reconcile();
+        assert!(f.keeper.expired().is_empty(), "nothing is due");
+        // A renewal to 0 ms is due at once: it must lower the earliest deadline, or it would
+        // not be looked for until the others are due.
+        assert_eq!(f.keeper.renew(b, 0), Some(0));
+        assert_eq!(f.keeper.expired(), [b]);
+        assert_eq!(f.keeper.expired(), [b], "still due until its expiry is applied");
+        f.apply(Command::ExpireLeases { ids: vec![b] });
+        f.reconcile();
+        assert!(f.keeper.expired().is_empty());
+        assert_eq!(f.counted(), [a]);
     }
 }
