@@ -260,8 +260,15 @@ impl Selector<'_> {
     /// Candidate ports for `item` that the state considers free, in the order `pick` would try
     /// them (random: a sample drawn from `rng`): the wanted port, if any, plus up to
     /// `width.wanted_free` others when the state holds the wanted port free, else up to
-    /// `width.otherwise`.
-    pub fn candidates(&self, item: &AllocItem, width: PlanWidth, rng: &mut SplitMix64) -> Vec<u16> {
+    /// `width.otherwise`. Ports in `busy` (sorted; known busy on the host) are included where
+    /// the order meets them but not counted (see [`State::plan`]).
+    pub fn candidates(
+        &self,
+        item: &AllocItem,
+        width: PlanWidth,
+        rng: &mut SplitMix64,
+        busy: &[u16],
+    ) -> Vec<u16> {
         let Ok(pool) = self.resolve_pool(item) else { return Vec::new() };
         let key = item.key.as_deref();
         let wanted = item.port.or_else(|| self.sticky_port(item, pool));
@@ -275,8 +282,11 @@ impl Selector<'_> {
             None => width.otherwise,
         };
         let others = |p: &u16| Some(*p) != wanted && self.state_unavailable(*p, key).is_none();
+        let known_busy = |p: &u16| busy.binary_search(p).is_ok();
         if item.strategy == Strategy::Random {
-            let free: Vec<u16> = self.state.unallocated_ports(pool).filter(others).collect();
+            // A random pick considers only ports probed free: known busy ones are no candidates.
+            let free: Vec<u16> =
+                self.state.unallocated_ports(pool).filter(others).filter(|p| !known_busy(p)).collect();
             if free.len() <= n {
                 out.extend(free);
             } else {
@@ -286,9 +296,16 @@ impl Selector<'_> {
             }
         } else {
             let mut seen = BTreeSet::new();
-            out.extend(
-                self.ordered_candidates(item, pool).filter(others).filter(|p| seen.insert(*p)).take(n),
-            );
+            let mut usable = 0;
+            for port in self.ordered_candidates(item, pool).filter(others).filter(|p| seen.insert(*p)) {
+                if usable == n {
+                    break;
+                }
+                if !known_busy(&port) {
+                    usable += 1;
+                }
+                out.push(port);
+            }
         }
         out
     }

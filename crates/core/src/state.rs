@@ -428,7 +428,21 @@ impl State {
     /// Ports worth probing on the host before proposing `batch`: for each item, the wanted port
     /// and the ports `apply` would try next, in its order (see [`PlanWidth`]). Candidates for later
     /// items grow by the number of items, since earlier items of the batch take ports first.
-    pub fn plan(&self, batch: &AllocateBatch, now_ms: u64, width: PlanWidth, seed: u64) -> Vec<u16> {
+    ///
+    /// `busy` (sorted) are ports the planner already knows busy on the batch's host: they are
+    /// planned where the walk meets them, so the proposal reports them busy, but they do not
+    /// count toward `width`. Busy ports are never allocated and so stay free in the state; below
+    /// the lowest free port they would otherwise fill every plan, which then misses the ports
+    /// `apply` reaches and asks for another probe (measured: a fill past 30 busy ports of the
+    /// ephemeral range retried most allocations twice; docs/benchmarks.md).
+    pub fn plan(
+        &self,
+        batch: &AllocateBatch,
+        now_ms: u64,
+        width: PlanWidth,
+        seed: u64,
+        busy: &[u16],
+    ) -> Vec<u16> {
         let sel = self.selector(batch, now_ms);
         let mut rng = SplitMix64::new(seed);
         let mut out = BTreeSet::new();
@@ -438,7 +452,7 @@ impl State {
             if item.key.as_deref().is_some_and(|key| self.live_key(&batch.team, key).is_some()) {
                 continue;
             }
-            out.extend(sel.candidates(item, width, &mut rng));
+            out.extend(sel.candidates(item, width, &mut rng, busy));
         }
         out.into_iter().collect()
     }

@@ -3,9 +3,11 @@
 //!
 //! Automatic selection hands out the lowest free port, so a port some other program listens on
 //! (say 2024 inside a pool starting at 1024) is the first candidate of every allocation in that
-//! pool while it stays busy. Probing it is cheap; naming its holder is not: it reads
-//! `/proc/net/tcp*`, for which the kernel walks its whole connection table (73 % of a node's CPU
-//! while filling a pool, measured with `perf`, docs/benchmarks.md). A port found busy is
+//! pool while it stays busy. Probing it is cheap; naming its holder is not: it asks the kernel
+//! for its listening sockets and walks `/proc/*/fd` (before sock_diag, it read `/proc/net/tcp*`,
+//! for which the kernel walks its whole connection table: 73 % of a node's CPU while filling a
+//! pool, measured with `perf`, docs/benchmarks.md). Planning also walks past the ports
+//! remembered here without counting them ([`BusyMemory::known`]). A port found busy is
 //! therefore reported busy from this memory, holder included, for [`BUSY_FOR`]; ports an
 //! allocation asks for by number, or a sticky key's last port, are always probed afresh (the
 //! user may just have stopped the program that held it). Reporting a free port busy only skips
@@ -55,6 +57,17 @@ impl BusyMemory {
             }
         }
         (known, probe)
+    }
+
+    /// The ports remembered busy on `host` at `now`, sorted: a plan walks past them without
+    /// counting them (`State::plan`).
+    pub(crate) fn known(&self, host: &str, now: Instant) -> Vec<u16> {
+        let mut seen = self.seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let Some(ports) = seen.get_mut(host) else { return Vec::new() };
+        ports.retain(|_, (at, _)| now.duration_since(*at) < BUSY_FOR);
+        let mut known: Vec<u16> = ports.keys().copied().collect();
+        known.sort_unstable();
+        known
     }
 
     /// Remembers what a probe of `host` found busy at `now`.

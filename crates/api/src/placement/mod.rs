@@ -104,10 +104,11 @@ impl Api {
         };
         for round in 0..MAX_ROUNDS {
             let seed = now_ms() ^ ((round as u64) << 48);
+            let known_busy = inner.busy.known(&batch.host, Instant::now());
             let (candidates, asked) = {
                 let sm = inner.node.state().read();
                 let asked = asked_for(&sm.state, &batch);
-                (sm.state.plan(&batch, now_ms(), width, seed), asked)
+                (sm.state.plan(&batch, now_ms(), width, seed, &known_busy), asked)
             };
             let (known, unknown) = inner.busy.split(&batch.host, &candidates, &asked, Instant::now());
             let (Busy { mut ports, mut holders }, probed) = if unknown.is_empty() {

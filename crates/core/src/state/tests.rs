@@ -548,7 +548,7 @@ fn plan_covers_what_apply_picks() {
             probe: None,
             holder: None,
         };
-        let checked = h.st.plan(&batch, h.now, crate::PlanWidth::uniform(4), 99);
+        let checked = h.st.plan(&batch, h.now, crate::PlanWidth::uniform(4), 99, &[]);
         assert!(!checked.contains(&8000) && !checked.contains(&8001), "{strategy}: {checked:?}");
         let mut with_probe = batch.clone();
         with_probe.probe = Some(HostProbe::new(checked, vec![]));
@@ -556,6 +556,47 @@ fn plan_covers_what_apply_picks() {
         let r = st.apply(ApplyCtx { now_ms: h.now, index: 1, seq: 0 }, &Command::Allocate(with_probe));
         assert!(matches!(r, Response::Allocated { .. }), "{strategy}: {r:?}");
     }
+}
+
+/// Ports busy on the host stay free in the state, so below the lowest free port they pile up at
+/// the head of every plan. Known busy ones are planned but not counted: a narrow plan still
+/// reaches ports `apply` can take, where before it asked for another probe (issue 19).
+#[test]
+fn known_busy_ports_do_not_use_up_a_plan() {
+    let mut h = Harness::new();
+    h.add_pool("default", "wide", "40000-40999");
+    let busy: Vec<u16> = (40000..40030).collect();
+    let batch = AllocateBatch {
+        team: "default".into(),
+        host: "h1".into(),
+        lease: LeaseSpec::None,
+        items: vec![in_pool("a", "wide")],
+        probe: None,
+        holder: None,
+    };
+    let width = crate::PlanWidth::uniform(4);
+    let propose = |checked: Vec<u16>| {
+        let mut b = batch.clone();
+        b.probe = Some(HostProbe::new(checked, busy.clone()));
+        h.st.clone().apply(ApplyCtx { now_ms: h.now, index: 1, seq: 0 }, &Command::Allocate(b))
+    };
+    // Unaware of them, the plan is all busy ports and `apply` reaches one it was not probed for.
+    let blind = h.st.plan(&batch, h.now, width, 1, &[]);
+    assert_eq!(blind, [40000, 40001, 40002, 40003, 40004]);
+    assert!(matches!(propose(blind), Response::Rejected(Rejection::NeedProbe { port: 40030 })));
+    // Aware of them: they are planned (so the proposal reports them) and four more besides.
+    let planned = h.st.plan(&batch, h.now, width, 1, &busy);
+    assert_eq!(planned.len(), 30 + 5, "{planned:?}");
+    assert!(busy.iter().all(|p| planned.contains(p)));
+    let r = propose(planned);
+    assert!(matches!(&r, Response::Allocated { grants, .. } if grants[0].allocation.port == 40030), "{r:?}");
+    // A random pick is drawn from ports probed free only.
+    let random = AllocateBatch {
+        items: vec![AllocItem { strategy: Strategy::Random, ..in_pool("r", "wide") }],
+        ..batch.clone()
+    };
+    let drawn = h.st.plan(&random, h.now, width, 3, &busy);
+    assert!(!drawn.is_empty() && drawn.iter().all(|p| !busy.contains(p)), "{drawn:?}");
 }
 
 /// Regression: with a narrow plan, the one spare of a free wanted port was the wanted port itself,
@@ -573,7 +614,7 @@ fn a_busy_wanted_port_falls_back_after_one_wider_probe() {
             holder: None,
         };
         let narrow = crate::PlanWidth { wanted_free: 1, otherwise: 4 };
-        let checked = h.st.plan(&batch, h.now, narrow, 7);
+        let checked = h.st.plan(&batch, h.now, narrow, 7, &[]);
         assert!(
             checked.contains(&8100) && checked.len() >= 2,
             "{strategy}: the spare is another port: {checked:?}"
@@ -1100,6 +1141,7 @@ fn run_ops(ops: &[Op]) -> Harness {
                         h.now + 10,
                         crate::PlanWidth { wanted_free: 1, otherwise: 8 },
                         h.index,
+                        &[],
                     );
                     batch.probe = Some(HostProbe::new(checked, busy.clone()));
                 }
