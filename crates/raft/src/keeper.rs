@@ -302,6 +302,17 @@ mod tests {
         }
 
         /// The counted leases, and that they are exactly the state's.
+        /// Two leases `a` and `b`, counted down, and `a` renewed for an hour in memory (a
+        /// reconcile must not restart it from its checkpointed TTL).
+        fn two_counted_one_renewed() -> (Fixture, u64, u64) {
+            let mut f = Fixture::new();
+            let (a, b) = (f.grant(60_000), f.grant(60_000));
+            f.reconcile();
+            assert_eq!(f.counted(), [a, b]);
+            assert_eq!(f.keeper.renew(a, 3_600_000), Some(3_600_000));
+            (f, a, b)
+        }
+
         fn counted(&self) -> Vec<u64> {
             let mut ids: Vec<u64> = self.keeper.lock().deadlines.keys().copied().collect();
             ids.sort_unstable();
@@ -313,14 +324,8 @@ mod tests {
 
     #[test]
     fn reconcile_follows_grants_and_ends_from_the_events() {
-        let mut f = Fixture::new();
-        let a = f.grant(60_000);
-        let b = f.grant(60_000);
-        f.reconcile();
-        assert_eq!(f.counted(), [a, b]);
+        let (mut f, a, b) = Fixture::two_counted_one_renewed();
         assert_eq!(f.keeper.lock().seen, Some(f.state.revision()));
-        // Renewed in memory: a reconcile must not restart it from the checkpointed TTL.
-        assert_eq!(f.keeper.renew(a, 3_600_000), Some(3_600_000));
         let c = f.grant(60_000);
         f.revoke(b);
         let d = f.grant(60_000);
@@ -335,11 +340,7 @@ mod tests {
 
     #[test]
     fn reconcile_walks_when_the_events_since_were_dropped_and_keeps_renewals() {
-        let mut f = Fixture::new();
-        let a = f.grant(60_000);
-        let b = f.grant(60_000);
-        f.reconcile();
-        assert_eq!(f.keeper.renew(a, 3_600_000), Some(3_600_000));
+        let (mut f, a, b) = Fixture::two_counted_one_renewed();
         // One counted lease ends and one begins where the history no longer reaches, so the
         // counts agree and only a walk finds the difference.
         f.revoke(b);
@@ -359,12 +360,9 @@ mod tests {
 
     #[test]
     fn a_new_term_starts_over_from_the_state() {
-        let mut f = Fixture::new();
-        let a = f.grant(60_000);
-        f.reconcile();
-        assert_eq!(f.keeper.renew(a, 3_600_000), Some(3_600_000));
+        let (f, a, b) = Fixture::two_counted_one_renewed();
         f.keeper.reconcile(&f.state, 2);
-        assert_eq!(f.counted(), [a]);
+        assert_eq!(f.counted(), [a, b]);
         assert!(f.keeper.remaining(a).is_some_and(|ms| ms <= 60_000), "from the checkpointed TTL");
     }
 
