@@ -284,7 +284,9 @@ impl Selector<'_> {
         let others = |p: &u16| Some(*p) != wanted && self.state_unavailable(*p, key).is_none();
         let known_busy = |p: &u16| busy.binary_search(p).is_ok();
         if item.strategy == Strategy::Random {
-            // A random pick considers only ports probed free: known busy ones are no candidates.
+            // The sample is drawn from ports not known busy; the known busy ones of the pool are
+            // planned too, so `apply` sees them probed (busy) rather than unprobed.
+            out.extend(busy.iter().copied().filter(|p| pool.contains(*p) && others(p)));
             let free: Vec<u16> =
                 self.state.unallocated_ports(pool).filter(others).filter(|p| !known_busy(p)).collect();
             if free.len() <= n {

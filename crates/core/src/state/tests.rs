@@ -596,7 +596,22 @@ fn known_busy_ports_do_not_use_up_a_plan() {
         ..batch.clone()
     };
     let drawn = h.st.plan(&random, h.now, width, 3, &busy);
-    assert!(!drawn.is_empty() && drawn.iter().all(|p| !busy.contains(p)), "{drawn:?}");
+    let sampled: Vec<&u16> = drawn.iter().filter(|p| !busy.contains(p)).collect();
+    assert!(busy.iter().all(|p| drawn.contains(p)), "known busy ports are planned: {drawn:?}");
+    assert!(!sampled.is_empty() && sampled.len() <= 5, "the sample is of the others: {drawn:?}");
+    // A pool whose every free port is known busy is exhausted, not a probe asked for forever.
+    let mut full = Harness::new();
+    full.add_pool("default", "tiny", "41000-41002");
+    let tiny = AllocateBatch {
+        items: vec![AllocItem { strategy: Strategy::Random, ..in_pool("r", "tiny") }],
+        ..batch.clone()
+    };
+    let all_busy = [41000, 41001, 41002];
+    let planned = full.st.plan(&tiny, full.now, width, 3, &all_busy);
+    let mut b = tiny.clone();
+    b.probe = Some(HostProbe::new(planned, all_busy.to_vec()));
+    let r = full.st.clone().apply(ApplyCtx { now_ms: full.now, index: 1, seq: 0 }, &Command::Allocate(b));
+    assert!(matches!(r, Response::Rejected(Rejection::PoolExhausted { .. })), "{r:?}");
 }
 
 /// Regression: with a narrow plan, the one spare of a free wanted port was the wanted port itself,
