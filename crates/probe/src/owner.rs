@@ -164,9 +164,11 @@ mod diag {
             );
         }
         let mut found = Vec::new();
-        for (seq, family) in [(1u32, libc::AF_INET as u8), (2, libc::AF_INET6 as u8)] {
-            send(&fd, seq, family)?;
-            receive(&fd, seq, &mut found)?;
+        send(&fd, 1, libc::AF_INET as u8)?;
+        receive(&fd, 1, &mut found)?;
+        // A host without IPv6 answers the second dump with an error: it has no IPv6 listeners.
+        if send(&fd, 2, libc::AF_INET6 as u8).is_ok() {
+            let _ = receive(&fd, 2, &mut found);
         }
         Ok(found)
     }
