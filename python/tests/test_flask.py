@@ -103,10 +103,12 @@ def test_a_missing_dependency_is_named_and_nothing_is_held(pool):
 EXAMPLE = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "flask-factory", "app.py")
 
 
-def test_app_run_serves_on_the_held_port_and_the_port_comes_back_when_it_is_killed(pool):
+def test_app_run_serves_on_the_held_port_and_the_port_comes_back_when_it_is_killed(pool, tmp_path):
     # examples/flask-factory/app.py, as its docstring says to run it.
     env = dict(os.environ, FLASK_PORTMESH_POOL=pool, FLASK_PORTMESH_KEY="served/web", FLASK_PORTMESH_SERVICE="served")
-    server = subprocess.Popen([sys.executable, EXAMPLE], env=env, stderr=subprocess.DEVNULL)
+    log = tmp_path / "app.stderr"
+    with open(log, "wb") as err:
+        server = subprocess.Popen([sys.executable, EXAMPLE], env=env, stderr=err)
     try:
         deadline = time.monotonic() + 30
         while True:
@@ -117,7 +119,10 @@ def test_app_run_serves_on_the_held_port_and_the_port_comes_back_when_it_is_kill
                     break
                 except OSError:
                     pass
-            assert time.monotonic() < deadline, "the app never served on its registered port"
+            assert time.monotonic() < deadline, (
+                f"the app never served on its registered port (found {found}, app exit code {server.poll()}); "
+                f"its stderr:\n{log.read_text(errors='replace')[-2000:]}"
+            )
             time.sleep(0.1)
         assert body == b"ok\n" and in_pool(found[0].port)
         page = urllib.request.urlopen(f"http://127.0.0.1:{found[0].port}/", timeout=2).read()
