@@ -63,7 +63,7 @@ pub(crate) fn render(api: &Api) -> Result<String, std::fmt::Error> {
         r.register("portmesh_pool_reserved_ports", "Reserved ports in the pool", reserved);
         r.register("portmesh_pool_cooling_ports", "Released ports of the pool still cooling down", cooling);
         r.register("portmesh_pool_utilization_ratio", "Allocated ports over pool size", utilization);
-        gauge(&mut r, "portmesh_leases", "Live leases", st.leases().count() as i64);
+        gauge(&mut r, "portmesh_leases", "Live leases", st.lease_count() as i64);
         let services = Family::<StatusLabels, Gauge>::default();
         // Every status is shown, zero or not; one pass counts them.
         for h in [HealthStatus::Unknown, HealthStatus::Passing, HealthStatus::Warning, HealthStatus::Critical]

@@ -56,10 +56,9 @@ impl Drop for LocalNode<'_> {
     }
 }
 
-/// Times `args` run by `bin` (and by `against`, if given) against the warm local node in `home`,
-/// with hyperfine, next to an empty Rust binary (and `extra`, timed alike), over `rounds` rounds
-/// in alternating order. Prints each round and returns the medians over rounds, in the order
-/// empty, extra, bin, against.
+/// Times `cmds` with hyperfine (PORTMESH_HOME `home`), next to an empty Rust binary and `extra`,
+/// over `rounds` rounds, the order reversed every other round. Prints each round and returns the
+/// median over rounds of each, in the order: empty binary, `extra`, then `cmds`.
 fn alternate(
     dir: &Path,
     home: &Path,
@@ -109,10 +108,7 @@ pub(crate) async fn workflow(bin: &Path, against: Option<&Path>, rounds: usize, 
     let _local = LocalNode::start(bin, home.clone())?;
     let cmds: Vec<String> =
         std::iter::once(bin).chain(against).map(|b| format!("{} run -- /bin/true", b.display())).collect();
-    println!(
-        "
-run -- /bin/true (local node, hyperfine medians, {rounds} rounds of 100 runs):"
-    );
+    println!("\nrun -- /bin/true (local node, hyperfine medians, {rounds} rounds of 100 runs):");
     let m = alternate(dir.path(), &home, Some("/bin/true"), &cmds, rounds)?;
     let (e, t, r) = (m[0], m[1], m[2]);
     println!(
@@ -181,10 +177,7 @@ pub(crate) async fn startup(bin: &Path, against: Option<&Path>, rounds: usize) -
     let mut cmds: Vec<String> =
         bins.iter().map(|b| format!("{} alloc bench --key hyperfine", b.display())).collect();
     cmds.extend(bins.iter().map(|b| format!("{} --node {addr} alloc bench --key hyperfine", b.display())));
-    println!(
-        "
-start-up (hyperfine medians, {rounds} rounds of 100 runs):"
-    );
+    println!("\nstart-up (hyperfine medians, {rounds} rounds of 100 runs):");
     let m = alternate(dir.path(), &home, None, &cmds, rounds)?;
     let e = m[0];
     let n = bins.len();

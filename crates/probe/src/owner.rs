@@ -97,7 +97,7 @@ pub fn owners_of(ports: &[u16]) -> Vec<(u16, Owner)> {
 #[cfg(target_os = "linux")]
 fn proc_listeners() -> Vec<Listener> {
     let mut sockets = Vec::new();
-    for (file, v6) in [("/proc/net/tcp", false), ("/proc/net/tcp6", true)] {
+    for file in ["/proc/net/tcp", "/proc/net/tcp6"] {
         let Ok(text) = std::fs::read_to_string(file) else { continue };
         for line in text.lines().skip(1) {
             let f: Vec<&str> = line.split_whitespace().collect();
@@ -105,10 +105,12 @@ fn proc_listeners() -> Vec<Listener> {
                 continue; // not LISTEN
             }
             let Some((ip_hex, port_hex)) = f[1].split_once(':') else { continue };
-            let (Ok(port), Ok(inode)) = (u16::from_str_radix(port_hex, 16), f[9].parse::<u64>()) else {
+            let (Ok(port), Ok(inode), Some(ip)) =
+                (u16::from_str_radix(port_hex, 16), f[9].parse::<u64>(), decode_ip(ip_hex))
+            else {
                 continue;
             };
-            let addr = format!("{}:{port}", decode_ip(ip_hex, v6));
+            let addr = std::net::SocketAddr::new(ip, port).to_string();
             sockets.push(Listener { inode, port, addr, uid: f[7].parse::<u32>().ok() });
         }
     }
@@ -242,15 +244,11 @@ mod diag {
                     let id = &body[4..4 + SOCKID];
                     let port = u16::from_be_bytes([id[0], id[1]]);
                     let src = &id[4..20];
-                    let addr = match body[0] as i32 {
-                        libc::AF_INET => {
-                            format!("{}:{port}", std::net::Ipv4Addr::new(src[0], src[1], src[2], src[3]))
-                        }
-                        _ => {
-                            let b: [u8; 16] = src.try_into().map_err(|_| bad())?;
-                            format!("[{}]:{port}", std::net::Ipv6Addr::from(b))
-                        }
+                    let ip: std::net::IpAddr = match body[0] as i32 {
+                        libc::AF_INET => std::net::Ipv4Addr::new(src[0], src[1], src[2], src[3]).into(),
+                        _ => <[u8; 16]>::try_from(src).map_err(|_| bad())?.into(),
                     };
+                    let addr = std::net::SocketAddr::new(ip, port).to_string();
                     let tail = 4 + SOCKID;
                     let (uid, inode) = (u32_at(body, tail + 12), u32_at(body, tail + 16));
                     found.push(Listener { inode: u64::from(inode), port, addr, uid: Some(uid) });
@@ -290,24 +288,20 @@ pub fn command_of(_pid: u32) -> Option<String> {
     None
 }
 
-/// Decodes the hex address of `/proc/net/tcp{,6}` (32-bit words in host byte order).
+/// Decodes the hex address of `/proc/net/tcp` (8 digits) or `/proc/net/tcp6` (32): 32-bit words
+/// in host byte order.
 #[cfg(target_os = "linux")]
-fn decode_ip(hex: &str, v6: bool) -> String {
-    let words: Vec<u32> = (0..hex.len() / 8)
-        .filter_map(|i| u32::from_str_radix(&hex[i * 8..i * 8 + 8], 16).ok())
-        .map(u32::from_be)
-        .collect();
-    let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_be_bytes()).collect();
-    if v6 {
-        match <[u8; 16]>::try_from(bytes.as_slice()) {
-            Ok(b) => format!("[{}]", std::net::Ipv6Addr::from(b)),
-            Err(_) => format!("[{hex}]"),
-        }
-    } else {
-        match <[u8; 4]>::try_from(bytes.as_slice()) {
-            Ok(b) => std::net::Ipv4Addr::from(b).to_string(),
-            Err(_) => hex.to_string(),
-        }
+fn decode_ip(hex: &str) -> Option<std::net::IpAddr> {
+    let bytes = (0..hex.len() / 8)
+        .map(|i| {
+            u32::from_str_radix(hex.get(i * 8..i * 8 + 8)?, 16).ok().map(|w| u32::from_be(w).to_be_bytes())
+        })
+        .collect::<Option<Vec<[u8; 4]>>>()?
+        .concat();
+    match bytes.len() {
+        4 => <[u8; 4]>::try_from(bytes).ok().map(Into::into),
+        16 => <[u8; 16]>::try_from(bytes).ok().map(Into::into),
+        _ => None,
     }
 }
 
@@ -376,9 +370,13 @@ mod tests {
 
     #[test]
     fn decodes_proc_addresses() {
-        assert_eq!(decode_ip("0100007F", false), "127.0.0.1");
-        assert_eq!(decode_ip("00000000", false), "0.0.0.0");
-        assert_eq!(decode_ip("00000000000000000000000001000000", true), "[::1]");
-        assert_eq!(decode_ip("00000000000000000000000000000000", true), "[::]");
+        let addr = |hex: &str| decode_ip(hex).map(|ip| std::net::SocketAddr::new(ip, 80).to_string());
+        assert_eq!(addr("0100007F").as_deref(), Some("127.0.0.1:80"));
+        assert_eq!(addr("00000000").as_deref(), Some("0.0.0.0:80"));
+        assert_eq!(addr("00000000000000000000000001000000").as_deref(), Some("[::1]:80"));
+        assert_eq!(addr("00000000000000000000000000000000").as_deref(), Some("[::]:80"));
+        // Not an address: the line is skipped rather than named wrongly.
+        assert_eq!(decode_ip("0100007"), None);
+        assert_eq!(decode_ip("ZZ00007F"), None);
     }
 }

@@ -153,8 +153,14 @@ impl LeaseKeeper {
         if k.next_due.is_none_or(|d| d > now) {
             return Vec::new();
         }
-        k.next_due = k.deadlines.values().min().copied();
-        let mut ids: Vec<u64> = k.deadlines.iter().filter(|(_, d)| **d <= now).map(|(id, _)| *id).collect();
+        let (mut ids, mut next_due) = (Vec::new(), None::<Instant>);
+        for (id, d) in &k.deadlines {
+            if *d <= now {
+                ids.push(*id);
+            }
+            next_due = Some(next_due.map_or(*d, |n| n.min(*d)));
+        }
+        k.next_due = next_due;
         ids.sort_unstable();
         ids.truncate(self.opts.expiry_batch);
         ids
@@ -301,7 +307,6 @@ mod tests {
             self.keeper.reconcile(&self.state, 1);
         }
 
-        /// The counted leases, and that they are exactly the state's.
         /// Two leases `a` and `b`, counted down, and `a` renewed for an hour in memory (a
         /// reconcile must not restart it from its checkpointed TTL).
         fn two_counted_one_renewed() -> (Fixture, u64, u64) {
@@ -313,6 +318,7 @@ mod tests {
             (f, a, b)
         }
 
+        /// The counted leases, and that they are exactly the state's.
         fn counted(&self) -> Vec<u64> {
             let mut ids: Vec<u64> = self.keeper.lock().deadlines.keys().copied().collect();
             ids.sort_unstable();

@@ -177,7 +177,8 @@ impl Drop for Released {
                     std::thread::sleep(std::time::Duration::from_millis(1));
                 }
                 Err(e) => {
-                    tracing::warn!(file = %self.lock_file.display(), error = %e, "the data directory's lock is still held after closing it");
+                    tracing::warn!(file = %self.lock_file.display(), error = %e,
+                        "could not confirm that the data directory's lock was released on closing it");
                     return;
                 }
             }

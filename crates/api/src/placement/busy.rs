@@ -7,7 +7,7 @@
 //! for its listening sockets and walks `/proc/*/fd` (before sock_diag, it read `/proc/net/tcp*`,
 //! for which the kernel walks its whole connection table: 73 % of a node's CPU while filling a
 //! pool, measured with `perf`, docs/benchmarks.md). Planning also walks past the ports
-//! remembered here without counting them ([`BusyMemory::known`]). A port found busy is
+//! remembered here without counting them ([`Remembered`]). A port found busy is
 //! therefore reported busy from this memory, holder included, for [`BUSY_FOR`]; ports an
 //! allocation asks for by number, or a sticky key's last port, are always probed afresh (the
 //! user may just have stopped the program that held it). Reporting a free port busy only skips
@@ -36,38 +36,45 @@ pub(crate) struct BusyMemory {
     logged: Mutex<HashMap<String, HashMap<u16, Instant>>>,
 }
 
-impl BusyMemory {
-    /// Splits `candidates` into the ports remembered busy on `host` (with their holders) and the
-    /// ones to probe. Ports in `always_probe` are never taken from memory.
+/// What the memory held for one host at one moment, sorted by port: the plan walks past these
+/// ports without counting them (`State::plan`), and the split takes them from here instead of
+/// probing them. One read of the memory serves both.
+#[derive(Debug, Default)]
+pub(crate) struct Remembered(Vec<(u16, Option<Holder>)>);
+
+impl Remembered {
+    /// The remembered busy ports, sorted.
+    pub(crate) fn ports(&self) -> Vec<u16> {
+        self.0.iter().map(|(p, _)| *p).collect()
+    }
+
+    /// Splits `candidates` into the ports remembered busy (with their holders) and the ones to
+    /// probe. Ports in `always_probe` are never taken from memory.
     pub(crate) fn split(
         &self,
-        host: &str,
         candidates: &[u16],
         always_probe: &[u16],
-        now: Instant,
     ) -> (Vec<(u16, Option<Holder>)>, Vec<u16>) {
-        let mut seen = self.seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let Some(ports) = seen.get_mut(host) else { return (Vec::new(), candidates.to_vec()) };
-        ports.retain(|_, (at, _)| now.duration_since(*at) < BUSY_FOR);
         let (mut known, mut probe) = (Vec::new(), Vec::new());
         for &port in candidates {
-            match ports.get(&port) {
-                Some((_, holder)) if !always_probe.contains(&port) => known.push((port, holder.clone())),
+            match self.0.binary_search_by_key(&port, |(p, _)| *p) {
+                Ok(i) if !always_probe.contains(&port) => known.push((port, self.0[i].1.clone())),
                 _ => probe.push(port),
             }
         }
         (known, probe)
     }
+}
 
-    /// The ports remembered busy on `host` at `now`, sorted: a plan walks past them without
-    /// counting them (`State::plan`).
-    pub(crate) fn known(&self, host: &str, now: Instant) -> Vec<u16> {
+impl BusyMemory {
+    /// The ports remembered busy on `host` at `now` (those found within [`BUSY_FOR`]).
+    pub(crate) fn remembered(&self, host: &str, now: Instant) -> Remembered {
         let mut seen = self.seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let Some(ports) = seen.get_mut(host) else { return Vec::new() };
+        let Some(ports) = seen.get_mut(host) else { return Remembered::default() };
         ports.retain(|_, (at, _)| now.duration_since(*at) < BUSY_FOR);
-        let mut known: Vec<u16> = ports.keys().copied().collect();
-        known.sort_unstable();
-        known
+        let mut held: Vec<(u16, Option<Holder>)> = ports.iter().map(|(p, (_, h))| (*p, h.clone())).collect();
+        held.sort_unstable_by_key(|(p, _)| *p);
+        Remembered(held)
     }
 
     /// Remembers what a probe of `host` found busy at `now`.
@@ -108,19 +115,21 @@ mod tests {
         let m = BusyMemory::default();
         let t0 = Instant::now();
         let holder = Holder::new(42, "squatter");
-        m.found("a", &[2024, 2025], &[(2024, holder.clone())], t0);
-        let (known, probe) = m.split("a", &[2023, 2024, 2025, 2026], &[], t0 + Duration::from_secs(1));
+        m.found("a", &[2025, 2024], &[(2024, holder.clone())], t0);
+        let a = m.remembered("a", t0 + Duration::from_secs(1));
+        assert_eq!(a.ports(), [2024, 2025], "sorted, for the plan");
+        let (known, probe) = a.split(&[2023, 2024, 2025, 2026], &[]);
         assert_eq!(known, vec![(2024, Some(holder)), (2025, None)]);
         assert_eq!(probe, vec![2023, 2026]);
         // Another host's ports are its own.
-        let (known, probe) = m.split("b", &[2024], &[], t0);
+        let (known, probe) = m.remembered("b", t0).split(&[2024], &[]);
         assert!(known.is_empty() && probe == [2024]);
         // A port asked for by number is probed afresh.
-        let (known, probe) = m.split("a", &[2024, 2025], &[2025], t0);
+        let (known, probe) = a.split(&[2024, 2025], &[2025]);
         assert_eq!((known.len(), probe), (1, vec![2025]));
         // Forgotten after BUSY_FOR.
-        let (known, probe) = m.split("a", &[2024], &[], t0 + BUSY_FOR);
-        assert!(known.is_empty() && probe == [2024]);
+        let later = m.remembered("a", t0 + BUSY_FOR);
+        assert!(later.ports().is_empty() && later.split(&[2024], &[]).1 == [2024]);
     }
 
     #[test]

@@ -104,13 +104,13 @@ impl Api {
         };
         for round in 0..MAX_ROUNDS {
             let seed = now_ms() ^ ((round as u64) << 48);
-            let known_busy = inner.busy.known(&batch.host, Instant::now());
+            let remembered = inner.busy.remembered(&batch.host, Instant::now());
             let (candidates, asked) = {
                 let sm = inner.node.state().read();
                 let asked = asked_for(&sm.state, &batch);
-                (sm.state.plan(&batch, now_ms(), width, seed, &known_busy), asked)
+                (sm.state.plan(&batch, now_ms(), width, seed, &remembered.ports()), asked)
             };
-            let (known, unknown) = inner.busy.split(&batch.host, &candidates, &asked, Instant::now());
+            let (known, unknown) = remembered.split(&candidates, &asked);
             let (Busy { mut ports, mut holders }, probed) = if unknown.is_empty() {
                 (Busy::default(), true)
             } else {
