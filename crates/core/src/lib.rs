@@ -71,6 +71,9 @@ pub const DEFAULT_POOL: &str = "default";
 pub const DEFAULT_COOLDOWN_MS: u64 = 60_000;
 /// How many events the state machine keeps for watchers and the audit log.
 pub const EVENT_RETENTION: usize = 10_000;
+/// A port found busy on a host is recorded as a `Conflict` event at most once in this long
+/// (again sooner only when another process holds it), however many allocations walk past it.
+pub const CONFLICT_REPEAT_MS: u64 = 60_000;
 /// Shortest and longest lease TTL accepted.
 pub const MIN_TTL_MS: u64 = 1_000;
 /// Longest lease TTL accepted (30 days).

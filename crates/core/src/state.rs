@@ -127,8 +127,31 @@ pub struct State {
     allocated: crate::portset::PortSet,
     /// Services attached to each lease: team, id.
     lease_services: BTreeMap<u64, BTreeSet<(String, String)>>,
+    /// The latest kept `Conflict` event of each host and port: whether a busy port is recorded
+    /// again (see [`crate::CONFLICT_REPEAT_MS`]). Derived from `events` alone, so every replica
+    /// and every restart decides alike.
+    last_conflicts: BTreeMap<(String, u16), ConflictSeen>,
     /// Records changed since the last [`State::take_dirty`].
     dirty: BTreeSet<Key>,
+}
+
+/// Where and when a host's port was last recorded busy, and by which process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ConflictSeen {
+    revision: u64,
+    seq: u32,
+    at_ms: u64,
+    pid: Option<u32>,
+}
+
+impl ConflictSeen {
+    fn of(e: &Event, c: &Conflict) -> Self {
+        Self { revision: e.revision, seq: e.seq, at_ms: e.at_ms, pid: c.holder.as_ref().map(|h| h.pid) }
+    }
+
+    fn is(&self, e: &Event) -> bool {
+        (self.revision, self.seq) == (e.revision, e.seq)
+    }
 }
 
 impl Default for State {
@@ -170,6 +193,7 @@ impl State {
             remembered: BTreeMap::new(),
             allocated: crate::portset::PortSet::default(),
             lease_services: BTreeMap::new(),
+            last_conflicts: BTreeMap::new(),
             dirty: BTreeSet::new(),
         }
     }
@@ -220,6 +244,11 @@ impl State {
             return Self::new();
         }
         s.events.make_contiguous().sort_by_key(|e| (e.revision, e.seq));
+        for e in &s.events {
+            if let EventKind::Conflict(c) = &e.kind {
+                s.last_conflicts.insert((c.host.clone(), c.port), ConflictSeen::of(e, c));
+            }
+        }
         s
     }
 
@@ -513,10 +542,32 @@ impl State {
             _ => 0,
         };
         self.dirty.insert(Key::Event(revision, seq));
-        self.events.push_back(Event { revision, seq, at_ms, kind });
+        let event = Event { revision, seq, at_ms, kind };
+        if let EventKind::Conflict(c) = &event.kind {
+            self.last_conflicts.insert((c.host.clone(), c.port), ConflictSeen::of(&event, c));
+        }
+        self.events.push_back(event);
         while self.events.len() > EVENT_RETENTION {
             if let Some(old) = self.events.pop_front() {
                 self.dirty.insert(Key::Event(old.revision, old.seq));
+                if let EventKind::Conflict(c) = &old.kind {
+                    let key = (c.host.clone(), c.port);
+                    if self.last_conflicts.get(&key).is_some_and(|l| l.is(&old)) {
+                        self.last_conflicts.remove(&key);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Whether `c`, found at `now_ms`, is news: its host and port have no kept `Conflict` from
+    /// the last [`crate::CONFLICT_REPEAT_MS`], or another process held the port then.
+    fn conflict_is_news(&self, c: &Conflict, now_ms: u64) -> bool {
+        match self.last_conflicts.get(&(c.host.clone(), c.port)) {
+            None => true,
+            Some(last) => {
+                now_ms.saturating_sub(last.at_ms) >= crate::CONFLICT_REPEAT_MS
+                    || last.pid != c.holder.as_ref().map(|h| h.pid)
             }
         }
     }

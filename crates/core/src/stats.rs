@@ -34,6 +34,9 @@ pub struct Contest {
     pub port: u16,
     pub team: String,
     pub pool: String,
+    /// `Conflict` events kept for it: at most one per host a minute while the same process
+    /// holds it ([`crate::CONFLICT_REPEAT_MS`]), so a count of 3 means found taken on three
+    /// separate occasions, not by three allocations of one burst.
     pub conflicts: u32,
     /// Distinct holders as found: `host`, pid and command where the OS told.
     pub holders: Vec<String>,

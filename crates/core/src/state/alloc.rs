@@ -79,7 +79,9 @@ impl State {
                             host: batch.host.clone(),
                             holder: batch.probe.as_ref().and_then(|p| p.owner(port)).cloned(),
                         };
-                        self.emit(revision, now, EventKind::Conflict(c));
+                        if self.conflict_is_news(&c, now) {
+                            self.emit(revision, now, EventKind::Conflict(c));
+                        }
                     }
                     let a = Allocation {
                         port: pick.port,

@@ -507,6 +507,88 @@ fn busy_ports_are_skipped_and_recorded() {
     assert_eq!(conflicts, [8000, 8001]);
 }
 
+/// The `Conflict` events of the batch at `revision`, as (host, port, holder pid).
+fn conflicts_at(st: &State, revision: u64) -> Vec<(String, u16, Option<u32>)> {
+    st.events_since(revision)
+        .take_while(|e| e.revision == revision)
+        .filter_map(|e| match &e.kind {
+            EventKind::Conflict(c) => Some((c.host.clone(), c.port, c.holder.as_ref().map(|h| h.pid))),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_busy_port_is_recorded_once_a_minute_per_host_and_holder() {
+    let mut h = Harness::new();
+    let squatter = |pid: u32| Holder { pid, command: "java -jar legacy.jar".into() };
+    // Allocations in the web pool (8000-) while 8000 and 8001 are held on the allocating host.
+    let take = |h: &mut Harness, host: &str, pid: u32| {
+        let probe = HostProbe::new((8000..8010).collect(), vec![8000, 8001])
+            .with_owners(vec![(8000, squatter(pid)), (8001, squatter(pid))]);
+        let batch = AllocateBatch {
+            team: "default".into(),
+            host: host.into(),
+            lease: LeaseSpec::None,
+            items: vec![at("w", 8000, Strategy::Next)],
+            probe: Some(probe),
+            holder: None,
+        };
+        let Response::Allocated { grants, revision, .. } = h.apply(Command::Allocate(batch)) else {
+            panic!()
+        };
+        h.release(&[grants[0].allocation.port]);
+        conflicts_at(&h.st, revision)
+    };
+    let h1 = |port, pid| ("h1".to_string(), port, Some(pid));
+    assert_eq!(take(&mut h, "h1", 7), [h1(8000, 7), h1(8001, 7)]);
+    // A burst walking past the same busy ports records nothing new...
+    for _ in 0..5 {
+        assert_eq!(take(&mut h, "h1", 7), []);
+    }
+    // ...but the same ports on another host are news, and so is another process holding them.
+    assert_eq!(take(&mut h, "h2", 7).len(), 2);
+    assert_eq!(take(&mut h, "h1", 8), [h1(8000, 8), h1(8001, 8)]);
+    // A minute after the last record, the port is recorded again.
+    h.advance(crate::CONFLICT_REPEAT_MS - 100);
+    assert_eq!(take(&mut h, "h1", 8), []);
+    h.advance(100);
+    assert_eq!(take(&mut h, "h1", 8), [h1(8000, 8), h1(8001, 8)]);
+
+    // When the record leaves the kept history, the rule forgets it too, as a replica rebuilt from
+    // the kept events would (`check_invariants` checks that round trip). The filler goes in
+    // without the harness's checks after every step, which would take long here.
+    let recorded = h.st.meta.revision;
+    h.add_pool("default", "filler", "30000-39999");
+    h.apply(Command::SetCooldown { ms: 0 }); // released filler ports are free again at once
+    let fill = |h: &mut Harness, cmd: &Command| {
+        h.index += 1;
+        h.st.apply(ApplyCtx { now_ms: h.now, index: h.index, seq: 0 }, cmd)
+    };
+    let mut rounds = 0;
+    while h.st.oldest_event_revision() <= recorded {
+        let items = (0..MAX_BATCH).map(|i| in_pool(&format!("f{i}"), "filler")).collect();
+        let batch = AllocateBatch {
+            team: "default".into(),
+            host: "h1".into(),
+            lease: LeaseSpec::None,
+            items,
+            probe: None,
+            holder: None,
+        };
+        let Response::Allocated { grants, .. } = fill(&mut h, &Command::Allocate(batch)) else { panic!() };
+        let ports = grants.iter().map(|g| g.allocation.port).collect();
+        let selector = ReleaseSelector::Ports(ports);
+        let released = fill(&mut h, &Command::Release { team: "default".into(), selector });
+        assert!(matches!(released, Response::Released { .. }), "{released:?}");
+        rounds += 1;
+        assert!(rounds < 20, "the history should have moved past revision {recorded}");
+    }
+    check_invariants(&h.st);
+    assert!(h.st.last_conflicts.is_empty(), "{:?}", h.st.last_conflicts);
+    assert_eq!(take(&mut h, "h1", 8).len(), 2, "forgotten, so recorded again within the minute");
+}
+
 #[test]
 fn busy_wanted_port_with_fail_is_rejected_naming_the_host() {
     let mut h = Harness::new();
@@ -1322,8 +1404,12 @@ mod stats {
                 .with_owners(vec![(20100, squatter.clone())]);
             h.alloc_with(vec![at(&format!("svc{i}"), 20100, Strategy::Next)], LeaseSpec::None, Some(probe));
         };
+        // Each time found taken on a separate occasion: a burst counts once (see CONFLICT_REPEAT_MS).
         taken(&mut h, 0);
         taken(&mut h, 1);
+        assert_eq!(of(&h).contested[0].conflicts, 1, "one occasion");
+        h.advance(crate::CONFLICT_REPEAT_MS);
+        taken(&mut h, 2);
         let s = of(&h);
         assert_eq!(s.contested[0].port, 20100);
         assert_eq!(s.contested[0].conflicts, 2);
@@ -1333,7 +1419,8 @@ mod stats {
             s.contested
         );
         assert!(!rules(&s).contains(&"reserve"), "twice is not yet a habit");
-        taken(&mut h, 2);
+        h.advance(crate::CONFLICT_REPEAT_MS);
+        taken(&mut h, 3);
         let s = of(&h);
         let r = s.recommendations.iter().find(|r| r.rule == "reserve").expect("reserve");
         assert!(r.reason.contains("port 20100 was found taken 3 times"), "{r:?}");
