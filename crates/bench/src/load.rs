@@ -187,7 +187,7 @@ pub(crate) async fn portmesh_client_loop(
                 items: vec![pb::AllocItem {
                     service: format!("bench-{c}"),
                     pool: "bench".into(),
-                    key: format!("bench/{c}"),
+                    key: if work == Workload::Distinct { String::new() } else { format!("bench/{c}") },
                     ..Default::default()
                 }],
                 lease_id: held,

@@ -63,7 +63,11 @@ struct Args {
     /// Concurrency levels.
     #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
     clients: Vec<usize>,
-    /// Workloads: `fresh` (a new lease per allocation), `reused` (one lease per client),
+    /// Workloads: `fresh` (a new lease per allocation of the client's sticky key), `distinct`
+    /// (a new lease per allocation without a key: each takes the lowest port that is neither
+    /// allocated nor cooling down, and leaves it cooling for a minute when its lease is revoked;
+    /// the 10,000-port pool bounds a round to about 10,000 of them; etcd runs its `fresh` loop),
+    /// `reused` (one lease per client),
     /// `keepalive` (lease renewals: each client renews 100 leases on one stream, 32 in flight;
     /// an op is one renewal); `none` to run only the scale benchmarks below.
     #[arg(long, value_delimiter = ',', default_value = "fresh")]
@@ -139,6 +143,7 @@ impl System {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Workload {
     Fresh,
+    Distinct,
     Reused,
     Put,
     KeepAlive,
@@ -148,6 +153,7 @@ impl Workload {
     fn name(self) -> &'static str {
         match self {
             Workload::Fresh => "fresh",
+            Workload::Distinct => "distinct",
             Workload::Reused => "reused",
             Workload::Put => "put",
             Workload::KeepAlive => "keepalive",
@@ -157,9 +163,10 @@ impl Workload {
     fn parse(s: &str) -> Result<Workload> {
         match s {
             "fresh" => Ok(Workload::Fresh),
+            "distinct" => Ok(Workload::Distinct),
             "reused" => Ok(Workload::Reused),
             "keepalive" => Ok(Workload::KeepAlive),
-            other => bail!("unknown workload {other:?}: fresh, reused or keepalive"),
+            other => bail!("unknown workload {other:?}: fresh, distinct, reused or keepalive"),
         }
     }
 }

@@ -112,38 +112,39 @@ impl Selector<'_> {
 
     /// Ports in the order a deterministic strategy tries them (may repeat; callers skip repeats).
     /// The wanted (and sticky) port come first whatever holds them, so a taken wanted port is
-    /// seen and explained; the rest of the pool comes without its allocated ports, which could
-    /// never be picked (skipping them in one walk keeps a nearly full pool cheap).
+    /// seen and explained; the rest of the pool comes without its allocated and cooling ports
+    /// (see [`State::selectable_ports`]), which could not be picked (skipping them in one walk
+    /// keeps a nearly full pool, and one behind a minute of churn, cheap).
     fn ordered_candidates<'p>(&self, item: &AllocItem, pool: &'p Pool) -> Box<dyn Iterator<Item = u16> + 'p>
     where
         Self: 'p,
     {
         let sticky = self.sticky_port(item, pool);
         let wanted = item.port.or(sticky);
-        let st = self.state;
+        let (st, now) = (self.state, self.now_ms);
         match (item.strategy, wanted) {
             (Strategy::Fail, Some(w)) => Box::new(std::iter::once(w)),
             (Strategy::Next, Some(w)) => Box::new(
                 std::iter::once(w)
-                    .chain(st.unallocated_ports(pool).filter(move |p| *p > w))
-                    .chain(st.unallocated_ports(pool).filter(move |p| *p < w)),
+                    .chain(st.selectable_ports(pool, now).filter(move |p| *p > w))
+                    .chain(st.selectable_ports(pool, now).filter(move |p| *p < w)),
             ),
             (Strategy::Sticky, Some(w)) => Box::new(
-                std::iter::once(w).chain(sticky.filter(|s| *s != w)).chain(Self::fresh_first(st, pool)),
+                std::iter::once(w).chain(sticky.filter(|s| *s != w)).chain(Self::fresh_first(st, pool, now)),
             ),
             (Strategy::Random, Some(w)) => Box::new(std::iter::once(w)),
             (Strategy::Random, None) => Box::new(std::iter::empty()),
-            (_, None) => Box::new(Self::fresh_first(st, pool)),
+            (_, None) => Box::new(Self::fresh_first(st, pool, now)),
         }
     }
 
     /// The pool's unallocated ports, those no sticky key remembers first (lowest first), then
     /// the remembered ones: another key's last port is handed out only when nothing else is
     /// free, so `up` tomorrow gets yesterday's port back even after its cool-down ended.
-    fn fresh_first<'p>(st: &'p State, pool: &'p Pool) -> impl Iterator<Item = u16> + 'p {
-        st.unallocated_ports(pool)
+    fn fresh_first<'p>(st: &'p State, pool: &'p Pool, now: u64) -> impl Iterator<Item = u16> + 'p {
+        st.selectable_ports(pool, now)
             .filter(|p| !st.is_remembered(*p))
-            .chain(st.unallocated_ports(pool).filter(|p| st.is_remembered(*p)))
+            .chain(st.selectable_ports(pool, now).filter(|p| st.is_remembered(*p)))
     }
 
     /// Chooses a port for one item (whose key has no live allocation).
@@ -193,7 +194,7 @@ impl Selector<'_> {
         let mut unprobed = None;
         let eligible: Vec<u16> = self
             .state
-            .unallocated_ports(pool)
+            .selectable_ports(pool, self.now_ms)
             .filter(|p| self.state_unavailable(*p, key).is_none())
             .filter(|p| match self.probe {
                 Some(pr) if !pr.is_checked(*p) => {
@@ -287,8 +288,12 @@ impl Selector<'_> {
             // The sample is drawn from ports not known busy; the known busy ones of the pool are
             // planned too, so `apply` sees them probed (busy) rather than unprobed.
             out.extend(busy.iter().copied().filter(|p| pool.contains(*p) && others(p)));
-            let free: Vec<u16> =
-                self.state.unallocated_ports(pool).filter(others).filter(|p| !known_busy(p)).collect();
+            let free: Vec<u16> = self
+                .state
+                .selectable_ports(pool, self.now_ms)
+                .filter(others)
+                .filter(|p| !known_busy(p))
+                .collect();
             if free.len() <= n {
                 out.extend(free);
             } else {

@@ -122,6 +122,7 @@ impl State {
         }
         if let Some(c) = self.cooldowns.remove(&port) {
             self.cooldown_order.remove(&(c.until_ms, port));
+            self.cooling.remove(port);
             self.dirty.insert(Key::Cooldown(port));
         }
         self.allocated.insert(port);
@@ -158,6 +159,7 @@ impl State {
                 self.cooldown_order.remove(&(old.until_ms, port));
             }
             self.cooldown_order.insert((until_ms, port));
+            self.cooling.insert(port);
             self.dirty.insert(Key::Cooldown(port));
         }
         self.emit(revision, now, EventKind::Released { allocation: a.clone(), cause });

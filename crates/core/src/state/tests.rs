@@ -138,7 +138,10 @@ fn check_invariants(st: &State) {
     }
     // The allocated-port bitmap is an exact index of the allocations.
     assert!(st.allocations().all(|a| st.allocated.contains(a.port)));
-    assert_eq!(st.allocated.absent(0, u16::MAX).count(), 65_536 - st.allocations().count());
+    assert_eq!(st.allocated.len(), st.allocations().count());
+    // The cooling-port bitmap is an exact index of the cool-downs.
+    assert!(st.cooldowns.keys().all(|p| st.cooling.contains(*p)));
+    assert_eq!(st.cooling.len(), st.cooldowns.len());
     for svc in st.services() {
         if let Some(l) = svc.lease_id {
             assert!(st.lease(l).is_some(), "service {} attached to missing lease {l}", svc.id);
@@ -1310,16 +1313,26 @@ proptest! {
 }
 
 #[test]
-fn unallocated_ports_skip_exactly_the_allocated_ones() {
+fn selectable_ports_skip_allocated_and_cooling_ports_until_the_cool_down_ends() {
     let mut h = Harness::new();
     h.add_pool("default", "two", "20000-20003,20010-20012");
     for p in [20000, 20001, 20003, 20011] {
         h.one(AllocItem { port: Some(p), pool: Some("two".into()), ..item("x") });
     }
     let pool = h.st.pool("default", "two").cloned().unwrap();
-    assert_eq!(h.st.unallocated_ports(&pool).collect::<Vec<_>>(), [20002, 20010, 20012]);
+    let walk = |h: &Harness| h.st.selectable_ports(&pool, h.now).collect::<Vec<_>>();
+    assert_eq!(walk(&h), [20002, 20010, 20012]);
+    h.release(&[20001, 20011]);
+    assert_eq!(walk(&h), [20002, 20010, 20012], "cooling ports are skipped like allocated ones");
+    // Ended cool-downs that no entry pruned yet are walked again, in port order...
+    h.advance(DEFAULT_COOLDOWN_MS);
+    assert_eq!(walk(&h), [20001, 20002, 20010, 20011, 20012]);
+    // ...and once pruned, the same.
+    h.apply(Command::Reserve { port: 20002, reason: "prune".into() });
+    assert!(h.st.cooldown(20001).is_none(), "pruned");
+    assert_eq!(walk(&h), [20001, 20002, 20010, 20011, 20012]);
     // The lowest free port after a long allocated run comes next.
-    assert_eq!(h.one(in_pool("y", "two")), 20002);
+    assert_eq!(h.one(in_pool("y", "two")), 20001);
 }
 
 mod stats {
