@@ -43,7 +43,8 @@ impl Api {
     }
 
     /// Logs each conflict the allocation at `revision` recorded (a warning naming the port and
-    /// its holder, once a minute per port) and each item that got another port than the one it asked for.
+    /// its holder; the state records one at most once a minute per host, port and holder) and
+    /// each item that got another port than the one it asked for.
     fn log_conflicts_and_fallbacks(
         &self,
         req: &pb::AllocateRequest,
@@ -59,9 +60,7 @@ impl Api {
         }
         let sm = self.inner.node.state().read();
         for e in sm.state.events_since(revision).take_while(|e| e.revision == revision) {
-            if let portmesh_core::EventKind::Conflict(c) = &e.kind
-                && self.inner.busy.log_now(&c.host, c.port, std::time::Instant::now())
-            {
+            if let portmesh_core::EventKind::Conflict(c) = &e.kind {
                 let holder = c.holder.as_ref().map(ToString::to_string);
                 tracing::warn!(port = c.port, host = %c.host, holder = holder.as_deref().unwrap_or("unknown process"),
                     service = %c.service, pool = %c.pool, "port busy on its host: skipped (conflict)");

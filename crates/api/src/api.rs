@@ -38,8 +38,8 @@ pub(crate) struct Inner {
     pub(crate) in_flight: AtomicUsize,
     /// Which member runs on which host, for probing where an allocation is for.
     pub(crate) hosts: crate::placement::HostMap,
-    /// Ports probes found busy lately, by host (see `placement/busy.rs`).
-    pub(crate) busy: crate::placement::BusyMemory,
+    /// What probes found lately, by host (see `placement/memory.rs`).
+    pub(crate) probes: crate::placement::ProbeMemory,
     /// `Cluster.Probe` requests served (probes this node ran for other members).
     pub(crate) probes_served: std::sync::atomic::AtomicU64,
     pub(crate) metrics: Arc<crate::metrics::RequestMetrics>,
@@ -92,7 +92,7 @@ impl Api {
                 http_addr,
                 shutdown,
                 in_flight: AtomicUsize::new(0),
-                busy: crate::placement::BusyMemory::default(),
+                probes: crate::placement::ProbeMemory::default(),
                 hosts: crate::placement::HostMap::default(),
                 probes_served: std::sync::atomic::AtomicU64::new(0),
                 metrics,

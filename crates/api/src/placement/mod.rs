@@ -3,11 +3,11 @@
 //! propose the batch with what the probe found busy; the state machine re-checks the plan and
 //! asks for another round if the state moved under it.
 
-mod busy;
 mod hosts;
+mod memory;
 
-pub(crate) use busy::BusyMemory;
 pub(crate) use hosts::HostMap;
+pub(crate) use memory::ProbeMemory;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
@@ -84,9 +84,9 @@ impl Api {
     }
 
     /// Plans, probes on the batch's host and proposes, re-planning when the state moved under
-    /// the plan (`NeedProbe`). Every port handed out was probed free just before the proposal,
-    /// unless no node runs on the batch's host (then `false` comes back with the response and
-    /// only the ports the client `reported` busy are skipped).
+    /// the plan (`NeedProbe`). Every port handed out was probed free just before the proposal
+    /// (within `memory::FREE_FOR`), unless no node runs on the batch's host (then `false` comes
+    /// back with the response and only the ports the client `reported` busy are skipped).
     pub(crate) async fn allocate_batch(
         &self,
         mut batch: AllocateBatch,
@@ -104,23 +104,25 @@ impl Api {
         };
         for round in 0..MAX_ROUNDS {
             let seed = now_ms() ^ ((round as u64) << 48);
-            let remembered = inner.busy.remembered(&batch.host, Instant::now());
+            let remembered = inner.probes.remembered(&batch.host, Instant::now());
             let (candidates, asked) = {
                 let sm = inner.node.state().read();
                 let asked = asked_for(&sm.state, &batch);
-                (sm.state.plan(&batch, now_ms(), width, seed, &remembered.ports()), asked)
+                (sm.state.plan(&batch, now_ms(), width, seed, &remembered.busy_ports()), asked)
             };
-            let (known, unknown) = remembered.split(&candidates, &asked);
-            let (Busy { mut ports, mut holders }, probed) = if unknown.is_empty() {
+            let split = remembered.split(&candidates, &asked);
+            let (Busy { mut ports, mut holders }, probed) = if split.probe.is_empty() {
                 (Busy::default(), true)
             } else {
-                self.probe_host(&batch.host, &unknown).await
+                self.probe_host(&batch.host, &split.probe).await
             };
-            inner.busy.found(&batch.host, &ports, &holders, Instant::now());
+            if probed {
+                inner.probes.found(&batch.host, &split.probe, &ports, &holders, Instant::now());
+            }
             if !ports.is_empty() {
                 tracing::info!(host = %batch.host, busy = ?ports, "ports busy on the host will be skipped");
             }
-            for (port, holder) in known {
+            for (port, holder) in split.busy {
                 ports.push(port);
                 holders.extend(holder.map(|h| (port, h)));
             }

@@ -1,0 +1,177 @@
+//! What probes found on each host, remembered for a short while so that allocations do not probe
+//! the same ports, and look up their holders, again and again.
+//!
+//! Automatic selection hands out the lowest free port, so a port some other program listens on
+//! (say 2024 inside a pool starting at 1024) is the first candidate of every allocation in that
+//! pool while it stays busy. Probing it is cheap; naming its holder is not: it asks the kernel
+//! for its listening sockets and walks `/proc/*/fd` (before sock_diag, it read `/proc/net/tcp*`,
+//! for which the kernel walks its whole connection table: 73 % of a node's CPU while filling a
+//! pool, measured with `perf`, docs/benchmarks.md). Planning also walks past the ports
+//! remembered busy without counting them ([`Remembered`]). A port found busy is therefore
+//! reported busy from this memory, holder included, for [`BUSY_FOR`]. Reporting a free port busy
+//! only skips it for a while.
+//!
+//! Concurrent allocations plan overlapping candidates (every plan covers the ports the others in
+//! flight may take), so each port was probed once per allocation in flight: a third of a node's
+//! CPU in `socket`/`bind`/`close` at 16 clients taking distinct ports (`perf`,
+//! docs/benchmarks.md). A port found free is therefore reported free for [`FREE_FOR`], a
+//! window shorter than an allocation's own way from probe to commit to the client's bind.
+//!
+//! Ports an allocation asks for by number, or a sticky key's last port, are always probed afresh
+//! (the user may just have stopped, or started, the program that holds it).
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use portmesh_core::Holder;
+
+/// How long a port found busy is taken to stay busy without a new probe.
+pub(crate) const BUSY_FOR: Duration = Duration::from_secs(10);
+
+/// How long a port found free is taken to stay free without a new probe.
+pub(crate) const FREE_FOR: Duration = Duration::from_millis(20);
+
+/// What a probe found for one port: when, and the holder if busy.
+#[derive(Debug, Clone)]
+enum Found {
+    Busy(Instant, Option<Holder>),
+    Free(Instant),
+}
+
+impl Found {
+    fn current(&self, now: Instant) -> bool {
+        match self {
+            Found::Busy(at, _) => now.duration_since(*at) < BUSY_FOR,
+            Found::Free(at) => now.duration_since(*at) < FREE_FOR,
+        }
+    }
+}
+
+/// Recent probe results, by host and port.
+#[derive(Debug, Default)]
+pub(crate) struct ProbeMemory {
+    hosts: Mutex<HashMap<String, HashMap<u16, Found>>>,
+}
+
+/// What the memory held for one host at one moment, sorted by port: the plan walks past the busy
+/// ports without counting them (`State::plan`), and the split takes ports from here instead of
+/// probing them. One read of the memory serves both.
+#[derive(Debug, Default)]
+pub(crate) struct Remembered {
+    busy: Vec<(u16, Option<Holder>)>,
+    free: Vec<u16>,
+}
+
+/// Candidates split by what the memory knows of them.
+#[derive(Debug, Default, PartialEq)]
+pub(crate) struct Split {
+    /// Remembered busy, with their holders.
+    pub(crate) busy: Vec<(u16, Option<Holder>)>,
+    /// Neither remembered nor exempt from memory: to probe now.
+    pub(crate) probe: Vec<u16>,
+}
+
+impl Remembered {
+    /// The remembered busy ports, sorted.
+    pub(crate) fn busy_ports(&self) -> Vec<u16> {
+        self.busy.iter().map(|(p, _)| *p).collect()
+    }
+
+    /// Splits `candidates` into the ports remembered busy, those remembered free (left out: the
+    /// proposal reports every candidate checked and only the busy ones busy) and the ones to
+    /// probe. Ports in `always_probe` are never taken from memory.
+    pub(crate) fn split(&self, candidates: &[u16], always_probe: &[u16]) -> Split {
+        let mut split = Split::default();
+        for &port in candidates {
+            if always_probe.contains(&port) {
+                split.probe.push(port);
+            } else if let Ok(i) = self.busy.binary_search_by_key(&port, |(p, _)| *p) {
+                split.busy.push((port, self.busy[i].1.clone()));
+            } else if self.free.binary_search(&port).is_err() {
+                split.probe.push(port);
+            }
+        }
+        split
+    }
+}
+
+impl ProbeMemory {
+    /// What is remembered of `host` at `now` (busy ports found within [`BUSY_FOR`], free ones
+    /// within [`FREE_FOR`]).
+    pub(crate) fn remembered(&self, host: &str, now: Instant) -> Remembered {
+        let mut hosts = self.hosts.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let Some(ports) = hosts.get_mut(host) else { return Remembered::default() };
+        ports.retain(|_, found| found.current(now));
+        let mut r = Remembered::default();
+        for (port, found) in ports.iter() {
+            match found {
+                Found::Busy(_, holder) => r.busy.push((*port, holder.clone())),
+                Found::Free(_) => r.free.push(*port),
+            }
+        }
+        r.busy.sort_unstable_by_key(|(p, _)| *p);
+        r.free.sort_unstable();
+        r
+    }
+
+    /// Remembers what a probe of `probed` on `host` found at `now`: the ports in `busy` (with
+    /// their `holders`) busy, the others free.
+    pub(crate) fn found(
+        &self,
+        host: &str,
+        probed: &[u16],
+        busy: &[u16],
+        holders: &[(u16, Holder)],
+        now: Instant,
+    ) {
+        if probed.is_empty() {
+            return;
+        }
+        let mut hosts = self.hosts.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let ports = hosts.entry(host.to_string()).or_default();
+        for &port in probed {
+            let found = match busy.contains(&port) {
+                true => Found::Busy(now, holders.iter().find(|(p, _)| *p == port).map(|(_, h)| h.clone())),
+                false => Found::Free(now),
+            };
+            ports.insert(port, found);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn probe_results_are_remembered_per_host_for_a_while_and_asked_for_ports_are_probed_again() {
+        let m = ProbeMemory::default();
+        let t0 = Instant::now();
+        let holder = Holder::new(42, "squatter");
+        m.found("a", &[2023, 2024, 2025, 2026], &[2025, 2024], &[(2024, holder.clone())], t0);
+        let a = m.remembered("a", t0 + Duration::from_millis(1));
+        assert_eq!(a.busy_ports(), [2024, 2025], "sorted, for the plan");
+        let split = a.split(&[2022, 2023, 2024, 2025, 2026], &[]);
+        assert_eq!(split.busy, vec![(2024, Some(holder.clone())), (2025, None)]);
+        assert_eq!(split.probe, [2022], "2023 and 2026 were just found free");
+        // Another host's ports are its own.
+        let split = m.remembered("b", t0).split(&[2023, 2024], &[]);
+        assert!(split.busy.is_empty() && split.probe == [2023, 2024]);
+        // A port asked for by number is probed afresh, busy or free.
+        let split = a.split(&[2023, 2024, 2025], &[2023, 2025]);
+        assert_eq!((split.busy.len(), split.probe), (1, vec![2023, 2025]));
+        // Free ports are forgotten after FREE_FOR, busy ones after BUSY_FOR.
+        let soon = m.remembered("a", t0 + FREE_FOR);
+        assert_eq!(
+            soon.split(&[2023, 2024], &[]),
+            Split { busy: vec![(2024, Some(holder))], probe: vec![2023] }
+        );
+        let later = m.remembered("a", t0 + BUSY_FOR);
+        assert!(later.busy_ports().is_empty() && later.split(&[2024], &[]).probe == [2024]);
+        // A new probe overrides: a port found busy again is busy, one found free is free.
+        m.found("a", &[2024, 2023], &[2023], &[], t0 + BUSY_FOR);
+        let now = m.remembered("a", t0 + BUSY_FOR);
+        assert_eq!(now.split(&[2023, 2024], &[]), Split { busy: vec![(2023, None)], probe: vec![] });
+    }
+}
