@@ -308,21 +308,36 @@ async fn main() -> Result<()> {
             // Ratio of medians over per-round ratios: same-round pairs cancel the machine's noise.
             let ratios: Vec<f64> = pm.iter().zip(&et).map(|(a, b)| a.0 / b.0).collect();
             let cpu_ratios: Vec<f64> = pm.iter().zip(&et).map(|(a, b)| a.4 / b.4).collect();
+            // A figure, or a dash where the baseline did not run (`--etcd off`).
+            let fig =
+                |v: f64, digits: usize| if v.is_nan() { "—".to_string() } else { format!("{v:.digits$}") };
             println!(
-                "| {} | {c} | {:.0} | {:.0} | {:.2}× | {:.2} / {:.2} / {:.2} | {:.2} / {:.2} / {:.2} | {:.0} / {:.0} | {:.2}× |",
+                "| {} | {c} | {} | {} | {}× | {} / {} / {} | {} / {} / {} | {} / {} | {}× |",
                 w.name(),
-                col(&pm, |r| r.0),
-                col(&et, |r| r.0),
-                median(ratios),
-                col(&pm, |r| r.1),
-                col(&pm, |r| r.2),
-                col(&pm, |r| r.3),
-                col(&et, |r| r.1),
-                col(&et, |r| r.2),
-                col(&et, |r| r.3),
-                col(&pm, |r| r.4),
-                col(&et, |r| r.4),
-                median(cpu_ratios),
+                fig(col(&pm, |r| r.0), 0),
+                fig(col(&et, |r| r.0), 0),
+                fig(median(ratios), 2),
+                fig(col(&pm, |r| r.1), 2),
+                fig(col(&pm, |r| r.2), 2),
+                fig(col(&pm, |r| r.3), 2),
+                fig(col(&et, |r| r.1), 2),
+                fig(col(&et, |r| r.2), 2),
+                fig(col(&et, |r| r.3), 2),
+                fig(col(&pm, |r| r.4), 0),
+                fig(col(&et, |r| r.4), 0),
+                fig(median(cpu_ratios), 2),
+            );
+        }
+    }
+    // Taking a new, distinct port against the sticky key's own port, same concurrency, same rounds.
+    for &c in &args.clients {
+        if let (Some(d), Some(f)) =
+            (res.rows.get(&(a, Workload::Distinct, c)), res.rows.get(&(a, Workload::Fresh, c)))
+        {
+            let ratios: Vec<f64> = d.iter().zip(f).map(|(d, f)| d.0 / f.0).collect();
+            println!(
+                "{a} at {c} clients: distinct / fresh throughput {:.2}× (median of per-round ratios)",
+                median(ratios)
             );
         }
     }
