@@ -311,12 +311,13 @@ async fn main() -> Result<()> {
             // A figure, or a dash where the baseline did not run (`--etcd off`).
             let fig =
                 |v: f64, digits: usize| if v.is_nan() { "—".to_string() } else { format!("{v:.digits$}") };
+            let times = |v: f64| if v.is_nan() { "—".to_string() } else { format!("{v:.2}×") };
             println!(
-                "| {} | {c} | {} | {} | {}× | {} / {} / {} | {} / {} / {} | {} / {} | {}× |",
+                "| {} | {c} | {} | {} | {} | {} / {} / {} | {} / {} / {} | {} / {} | {} |",
                 w.name(),
                 fig(col(&pm, |r| r.0), 0),
                 fig(col(&et, |r| r.0), 0),
-                fig(median(ratios), 2),
+                times(median(ratios)),
                 fig(col(&pm, |r| r.1), 2),
                 fig(col(&pm, |r| r.2), 2),
                 fig(col(&pm, |r| r.3), 2),
@@ -325,7 +326,7 @@ async fn main() -> Result<()> {
                 fig(col(&et, |r| r.3), 2),
                 fig(col(&pm, |r| r.4), 0),
                 fig(col(&et, |r| r.4), 0),
-                fig(median(cpu_ratios), 2),
+                times(median(cpu_ratios)),
             );
         }
     }
