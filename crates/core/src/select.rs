@@ -138,8 +138,8 @@ impl Selector<'_> {
         }
     }
 
-    /// The pool's unallocated ports, those no sticky key remembers first (lowest first), then
-    /// the remembered ones: another key's last port is handed out only when nothing else is
+    /// The pool's selectable ports ([`State::selectable_ports`]), those no sticky key remembers
+    /// first (lowest first), then the remembered ones: another key's last port is handed out only when nothing else is
     /// free, so `up` tomorrow gets yesterday's port back even after its cool-down ended.
     fn fresh_first<'p>(st: &'p State, pool: &'p Pool, now: u64) -> impl Iterator<Item = u16> + 'p {
         st.selectable_ports(pool, now)

@@ -21,11 +21,16 @@ impl Harness {
         Self { st: State::new(), index: 0, now: 1_000_000 }
     }
 
-    fn apply(&mut self, cmd: Command) -> Response {
+    /// Applies `cmd` as the next entry, without the checks of [`Harness::apply`].
+    fn step(&mut self, cmd: &Command) -> Response {
         self.index += 1;
         self.now += 10;
+        self.st.apply(ApplyCtx { now_ms: self.now, index: self.index, seq: 0 }, cmd)
+    }
+
+    fn apply(&mut self, cmd: Command) -> Response {
         let before = self.st.clone();
-        let r = self.st.apply(ApplyCtx { now_ms: self.now, index: self.index, seq: 0 }, &cmd);
+        let r = self.step(&cmd);
         if r.rejection().is_some() {
             let mut b = before;
             let mut a = self.st.clone();
@@ -49,14 +54,7 @@ impl Harness {
     }
 
     fn alloc_with(&mut self, items: Vec<AllocItem>, lease: LeaseSpec, probe: Option<HostProbe>) -> Response {
-        self.apply(Command::Allocate(AllocateBatch {
-            team: "default".into(),
-            host: "h1".into(),
-            lease,
-            items,
-            probe,
-            holder: None,
-        }))
+        self.apply(Command::Allocate(AllocateBatch { lease, probe, ..batch(items) }))
     }
 
     fn ports(&mut self, items: Vec<AllocItem>) -> Vec<u16> {
@@ -88,6 +86,18 @@ impl Harness {
     fn add_pool(&mut self, team: &str, name: &str, ranges: &str) -> Response {
         let ranges = PortRange::parse_list(ranges).unwrap();
         self.apply(Command::AddPool { team: team.into(), name: name.into(), ranges })
+    }
+}
+
+/// A batch of team `default` for host `h1`, with no lease, probe or holder.
+fn batch(items: Vec<AllocItem>) -> AllocateBatch {
+    AllocateBatch {
+        team: "default".into(),
+        host: "h1".into(),
+        lease: LeaseSpec::None,
+        items,
+        probe: None,
+        holder: None,
     }
 }
 
@@ -530,12 +540,9 @@ fn a_busy_port_is_recorded_once_a_minute_per_host_and_holder() {
         let probe = HostProbe::new((8000..8010).collect(), vec![8000, 8001])
             .with_owners(vec![(8000, squatter(pid)), (8001, squatter(pid))]);
         let batch = AllocateBatch {
-            team: "default".into(),
             host: host.into(),
-            lease: LeaseSpec::None,
-            items: vec![at("w", 8000, Strategy::Next)],
             probe: Some(probe),
-            holder: None,
+            ..batch(vec![at("w", 8000, Strategy::Next)])
         };
         let Response::Allocated { grants, revision, .. } = h.apply(Command::Allocate(batch)) else {
             panic!()
@@ -560,29 +567,17 @@ fn a_busy_port_is_recorded_once_a_minute_per_host_and_holder() {
 
     // When the record leaves the kept history, the rule forgets it too, as a replica rebuilt from
     // the kept events would (`check_invariants` checks that round trip). The filler goes in
-    // without the harness's checks after every step, which would take long here.
+    // through `step`, without the checks after every entry, which would take long here.
     let recorded = h.st.meta.revision;
     h.add_pool("default", "filler", "30000-39999");
     h.apply(Command::SetCooldown { ms: 0 }); // released filler ports are free again at once
-    let fill = |h: &mut Harness, cmd: &Command| {
-        h.index += 1;
-        h.st.apply(ApplyCtx { now_ms: h.now, index: h.index, seq: 0 }, cmd)
-    };
     let mut rounds = 0;
     while h.st.oldest_event_revision() <= recorded {
         let items = (0..MAX_BATCH).map(|i| in_pool(&format!("f{i}"), "filler")).collect();
-        let batch = AllocateBatch {
-            team: "default".into(),
-            host: "h1".into(),
-            lease: LeaseSpec::None,
-            items,
-            probe: None,
-            holder: None,
-        };
-        let Response::Allocated { grants, .. } = fill(&mut h, &Command::Allocate(batch)) else { panic!() };
+        let Response::Allocated { grants, .. } = h.step(&Command::Allocate(batch(items))) else { panic!() };
         let ports = grants.iter().map(|g| g.allocation.port).collect();
         let selector = ReleaseSelector::Ports(ports);
-        let released = fill(&mut h, &Command::Release { team: "default".into(), selector });
+        let released = h.step(&Command::Release { team: "default".into(), selector });
         assert!(matches!(released, Response::Released { .. }), "{released:?}");
         rounds += 1;
         assert!(rounds < 20, "the history should have moved past revision {recorded}");
@@ -651,14 +646,7 @@ fn known_busy_ports_do_not_use_up_a_plan() {
     let mut h = Harness::new();
     h.add_pool("default", "wide", "40000-40999");
     let busy: Vec<u16> = (40000..40030).collect();
-    let batch = AllocateBatch {
-        team: "default".into(),
-        host: "h1".into(),
-        lease: LeaseSpec::None,
-        items: vec![in_pool("a", "wide")],
-        probe: None,
-        holder: None,
-    };
+    let batch = batch(vec![in_pool("a", "wide")]);
     let width = crate::PlanWidth::uniform(4);
     let propose = |checked: Vec<u16>| {
         let mut b = batch.clone();
@@ -1327,8 +1315,8 @@ fn selectable_ports_skip_allocated_and_cooling_ports_until_the_cool_down_ends() 
     // Ended cool-downs that no entry pruned yet are walked again, in port order...
     h.advance(DEFAULT_COOLDOWN_MS);
     assert_eq!(walk(&h), [20001, 20002, 20010, 20011, 20012]);
-    // ...and once pruned, the same.
-    h.apply(Command::Reserve { port: 20002, reason: "prune".into() });
+    // ...and once pruned (every entry prunes ended cool-downs first), the same.
+    h.apply(Command::SetCooldown { ms: DEFAULT_COOLDOWN_MS });
     assert!(h.st.cooldown(20001).is_none(), "pruned");
     assert_eq!(walk(&h), [20001, 20002, 20010, 20011, 20012]);
     // The lowest free port after a long allocated run comes next.
