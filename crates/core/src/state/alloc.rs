@@ -66,7 +66,7 @@ impl State {
             match plan {
                 Plan::Existing(port) => {
                     if let Some(a) = self.allocations.get(&port) {
-                        grants.push(Grant { allocation: a.clone(), existing: true, moved_from: None });
+                        grants.push(Grant { allocation: (**a).clone(), existing: true, moved_from: None });
                     }
                 }
                 Plan::New(item, pick) => {
@@ -118,7 +118,7 @@ impl State {
             self.dirty.insert(Key::Sticky(a.team.clone(), k.clone()));
         }
         if let Some(l) = a.lease_id {
-            self.lease_ports.entry(l).or_default().insert(port);
+            self.lease_ports.insert((l, port));
         }
         if let Some(c) = self.cooldowns.remove(&port) {
             self.cooldown_order.remove(&(c.until_ms, port));
@@ -126,7 +126,7 @@ impl State {
             self.dirty.insert(Key::Cooldown(port));
         }
         self.allocated.insert(port);
-        self.allocations.insert(port, a);
+        self.allocations.insert(port, Box::new(a));
         self.dirty.insert(Key::Alloc(port));
     }
 
@@ -138,19 +138,14 @@ impl State {
         revision: u64,
         now: u64,
     ) -> Option<Allocation> {
-        let a = self.allocations.remove(&port)?;
+        let a = *self.allocations.remove(&port)?;
         self.allocated.remove(port);
         self.dirty.insert(Key::Alloc(port));
         if let Some(k) = &a.key {
             self.live_keys.remove(&(a.team.clone(), k.clone()));
         }
-        if let Some(l) = a.lease_id
-            && let Some(set) = self.lease_ports.get_mut(&l)
-        {
-            set.remove(&port);
-            if set.is_empty() {
-                self.lease_ports.remove(&l);
-            }
+        if let Some(l) = a.lease_id {
+            self.lease_ports.remove(&(l, port));
         }
         if self.meta.cooldown_ms > 0 {
             let until_ms = now.saturating_add(self.meta.cooldown_ms);

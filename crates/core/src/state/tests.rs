@@ -922,6 +922,8 @@ fn events_are_ordered_and_bounded() {
     let revs: Vec<(u64, u32)> = st.events_since(0).map(|e| (e.revision, e.seq)).collect();
     assert_eq!(revs.len(), crate::EVENT_RETENTION);
     assert!(revs.windows(2).all(|w| w[0] < w[1]));
+    // The history never keeps room for more events than it retains.
+    assert_eq!(st.events.capacity(), crate::EVENT_RETENTION);
     assert!(st.oldest_event_revision() > 1);
     check_invariants(&st);
 }
