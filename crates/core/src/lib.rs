@@ -43,9 +43,9 @@ pub use rng::SplitMix64;
 pub use select::PlanWidth;
 pub use state::{Key, Meta, PoolUsage, Record, State, clip_output};
 pub use types::{
-    Allocation, CheckKind, Conflict, Cooldown, Event, EventKind, HealthCheck, HealthStatus, HealthUpdate,
-    Holder, Lease, Pool, PortRange, RangeError, ReleaseCause, Reservation, Role, Service, ServicePort,
-    Strategy, Token, default_pools,
+    Allocation, CheckKind, CompactString, Conflict, Cooldown, Event, EventKind, HealthCheck, HealthStatus,
+    HealthUpdate, Holder, Lease, Pool, PortRange, RangeError, ReleaseCause, Reservation, Role, Service,
+    ServicePort, Strategy, Token, default_pools,
 };
 
 /// Lowest port portmesh will ever hand out or accept: ports below need privileges.

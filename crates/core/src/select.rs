@@ -40,7 +40,7 @@ impl Selector<'_> {
             return Some(Unavailable::TakenInBatch);
         }
         if let Some(a) = st.allocation(port) {
-            return Some(Unavailable::Allocated { team: a.team.clone(), service: a.service.clone() });
+            return Some(Unavailable::Allocated { team: a.team.to_string(), service: a.service.to_string() });
         }
         if let Some(r) = st.reservation(port) {
             return Some(Unavailable::Reserved { reason: r.reason.clone() });

@@ -110,7 +110,8 @@ pub struct State {
     /// taken in ascending order leave nodes half full (see docs/benchmarks.md, memory).
     allocations: BTreeMap<u16, Box<Allocation>>,
     reservations: BTreeMap<u16, Reservation>,
-    leases: BTreeMap<u64, Lease>,
+    /// Boxed, like the allocations: ids ascend, which leaves B-tree nodes about half full.
+    leases: BTreeMap<u64, Box<Lease>>,
     sticky: BTreeMap<(String, String), u16>,
     cooldowns: BTreeMap<u16, Cooldown>,
     events: VecDeque<Event>,
@@ -220,7 +221,7 @@ impl State {
                 }
                 Record::Alloc(a) => {
                     if let Some(k) = &a.key {
-                        s.live_keys.insert((a.team.clone(), k.clone()), a.port);
+                        s.live_keys.insert((a.team.to_string(), k.to_string()), a.port);
                     }
                     if let Some(l) = a.lease_id {
                         s.lease_ports.insert((l, a.port));
@@ -232,7 +233,7 @@ impl State {
                     s.reservations.insert(r.port, r);
                 }
                 Record::Lease(l) => {
-                    s.leases.insert(l.id, l);
+                    s.leases.insert(l.id, Box::new(l));
                 }
                 Record::Sticky { team, key, port } => s.remember((team, key), port),
                 Record::Cooldown { port, cooldown } => {
@@ -265,7 +266,7 @@ impl State {
             .chain(self.pools.values().cloned().map(Record::Pool))
             .chain(self.allocations.values().map(|a| Record::Alloc((**a).clone())))
             .chain(self.reservations.values().cloned().map(Record::Reservation))
-            .chain(self.leases.values().cloned().map(Record::Lease))
+            .chain(self.leases.values().map(|l| Record::Lease((**l).clone())))
             .chain(self.sticky.iter().map(|((team, key), port)| Record::Sticky {
                 team: team.clone(),
                 key: key.clone(),
@@ -284,7 +285,7 @@ impl State {
             Key::Pool(t, n) => self.pools.get(&(t.clone(), n.clone())).cloned().map(Record::Pool),
             Key::Alloc(p) => self.allocations.get(p).map(|a| Record::Alloc((**a).clone())),
             Key::Reservation(p) => self.reservations.get(p).cloned().map(Record::Reservation),
-            Key::Lease(id) => self.leases.get(id).cloned().map(Record::Lease),
+            Key::Lease(id) => self.leases.get(id).map(|l| Record::Lease((**l).clone())),
             Key::Sticky(t, k) => self.sticky.get(&(t.clone(), k.clone())).map(|p| Record::Sticky {
                 team: t.clone(),
                 key: k.clone(),
@@ -353,11 +354,11 @@ impl State {
     }
 
     pub fn lease(&self, id: u64) -> Option<&Lease> {
-        self.leases.get(&id)
+        self.leases.get(&id).map(|l| &**l)
     }
 
     pub fn leases(&self) -> impl Iterator<Item = &Lease> {
-        self.leases.values()
+        self.leases.values().map(|l| &**l)
     }
 
     /// How many leases are live.

@@ -102,13 +102,13 @@ pub fn stats(state: &State, team: Option<&str>, now_ms: u64, ephemeral: (u16, u1
     for e in &events {
         match &e.kind {
             EventKind::Allocated(a) if wanted(&a.team) => {
-                let t = tally.entry((a.team.clone(), a.pool.clone())).or_default();
+                let t = tally.entry((a.team.to_string(), a.pool.to_string())).or_default();
                 t.allocs += 1;
                 t.delta += 1;
                 t.high = t.high.max(t.delta);
             }
             EventKind::Released { allocation: a, .. } if wanted(&a.team) => {
-                let t = tally.entry((a.team.clone(), a.pool.clone())).or_default();
+                let t = tally.entry((a.team.to_string(), a.pool.to_string())).or_default();
                 t.releases += 1;
                 t.delta -= 1;
             }

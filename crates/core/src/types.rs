@@ -4,6 +4,7 @@
 use std::fmt;
 use std::str::FromStr;
 
+pub use compact_str::CompactString;
 use serde::{Deserialize, Serialize};
 
 use crate::MIN_PORT;
@@ -199,16 +200,20 @@ impl fmt::Display for Strategy {
 
 /// One port held by one owner.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+///
+/// Its names and keys are [`CompactString`]s: up to 24 bytes are kept inside the struct, so the
+/// usual allocation (team, pool, service and host of a few bytes each) costs one heap block, not
+/// five; at 60,000 allocations that was ~8 MB per member (docs/benchmarks.md, issue 19).
 pub struct Allocation {
     pub port: u16,
-    pub team: String,
-    pub pool: String,
-    pub service: String,
-    pub instance: Option<String>,
-    pub env: Option<String>,
+    pub team: CompactString,
+    pub pool: CompactString,
+    pub service: CompactString,
+    pub instance: Option<CompactString>,
+    pub env: Option<CompactString>,
     /// The host the port was probed on and handed to.
-    pub host: String,
-    pub key: Option<String>,
+    pub host: CompactString,
+    pub key: Option<CompactString>,
     pub lease_id: Option<u64>,
     pub created_ms: u64,
     /// The revision that granted it: the fencing token.
@@ -250,7 +255,7 @@ pub struct Reservation {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Lease {
     pub id: u64,
-    pub team: String,
+    pub team: CompactString,
     pub ttl_ms: u64,
     /// When it runs out, on the lease clock (`Meta::lease_clock_ms`): the clock at grant plus
     /// the TTL, or at the checkpoint after a renewal plus the TTL then left. The clock advances

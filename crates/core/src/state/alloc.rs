@@ -85,13 +85,13 @@ impl State {
                     }
                     let a = Allocation {
                         port: pick.port,
-                        team: batch.team.clone(),
-                        pool: pick.pool,
-                        service: item.service.clone(),
-                        instance: item.instance.clone(),
-                        env: item.env.clone(),
-                        host: batch.host.clone(),
-                        key: item.key.clone(),
+                        team: batch.team.as_str().into(),
+                        pool: pick.pool.into(),
+                        service: item.service.as_str().into(),
+                        instance: item.instance.as_deref().map(Into::into),
+                        env: item.env.as_deref().map(Into::into),
+                        host: batch.host.as_str().into(),
+                        key: item.key.as_deref().map(Into::into),
                         lease_id,
                         created_ms: now,
                         revision,
@@ -112,10 +112,10 @@ impl State {
     pub(super) fn insert_allocation(&mut self, a: Allocation) {
         let port = a.port;
         if let Some(k) = &a.key {
-            let tk = (a.team.clone(), k.clone());
+            let tk = (a.team.to_string(), k.to_string());
             self.live_keys.insert(tk.clone(), port);
+            self.dirty.insert(Key::Sticky(tk.0.clone(), tk.1.clone()));
             self.remember(tk, port);
-            self.dirty.insert(Key::Sticky(a.team.clone(), k.clone()));
         }
         if let Some(l) = a.lease_id {
             self.lease_ports.insert((l, port));
@@ -142,14 +142,15 @@ impl State {
         self.allocated.remove(port);
         self.dirty.insert(Key::Alloc(port));
         if let Some(k) = &a.key {
-            self.live_keys.remove(&(a.team.clone(), k.clone()));
+            self.live_keys.remove(&(a.team.to_string(), k.to_string()));
         }
         if let Some(l) = a.lease_id {
             self.lease_ports.remove(&(l, port));
         }
         if self.meta.cooldown_ms > 0 {
             let until_ms = now.saturating_add(self.meta.cooldown_ms);
-            let c = Cooldown { until_ms, team: a.team.clone(), key: a.key.clone() };
+            let c =
+                Cooldown { until_ms, team: a.team.to_string(), key: a.key.as_ref().map(ToString::to_string) };
             if let Some(old) = self.cooldowns.insert(port, c) {
                 self.cooldown_order.remove(&(old.until_ms, port));
             }

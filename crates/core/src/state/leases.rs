@@ -9,7 +9,7 @@ impl State {
         self.meta.next_lease_id += 1;
         let deadline_ms = self.meta.lease_clock_ms + ttl_ms;
         let lease = Lease { id, team: team.into(), ttl_ms, deadline_ms, granted_ms: now, revision };
-        self.leases.insert(id, lease.clone());
+        self.leases.insert(id, Box::new(lease.clone()));
         self.dirty.insert(Key::Lease(id));
         self.dirty.insert(Key::Meta);
         self.emit(revision, now, EventKind::LeaseGranted { id, team: team.into(), ttl_ms });
@@ -36,7 +36,7 @@ impl State {
         revision: u64,
         now: u64,
     ) -> Vec<Allocation> {
-        let Some(lease) = self.leases.remove(&id) else { return Vec::new() };
+        let Some(lease) = self.leases.remove(&id).map(|l| *l) else { return Vec::new() };
         self.dirty.insert(Key::Lease(id));
         let ports: Vec<u16> = self.lease_ports(id).collect();
         let released =
@@ -47,8 +47,8 @@ impl State {
             self.remove_service(&key, cause, revision, now);
         }
         let kind = match cause {
-            ReleaseCause::LeaseExpired => EventKind::LeaseExpired { id, team: lease.team },
-            _ => EventKind::LeaseRevoked { id, team: lease.team },
+            ReleaseCause::LeaseExpired => EventKind::LeaseExpired { id, team: lease.team.into() },
+            _ => EventKind::LeaseRevoked { id, team: lease.team.into() },
         };
         self.emit(revision, now, kind);
         released

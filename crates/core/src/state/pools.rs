@@ -13,8 +13,8 @@ impl State {
         if let Some(a) = self.allocations.get(&port) {
             return Err(Rejection::ReserveAllocated {
                 port,
-                team: a.team.clone(),
-                service: a.service.clone(),
+                team: a.team.to_string(),
+                service: a.service.to_string(),
             });
         }
         let revision = self.bump();

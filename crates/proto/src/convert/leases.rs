@@ -10,7 +10,7 @@ impl<P: IntoIterator<Item = u16>> From<(&core::Lease, u64, P)> for pb::Lease {
     fn from((l, remaining_ms, ports): (&core::Lease, u64, P)) -> Self {
         pb::Lease {
             id: l.id,
-            team: l.team.clone(),
+            team: l.team.to_string(),
             ttl_ms: l.ttl_ms,
             remaining_ms,
             revision: l.revision,

@@ -5,21 +5,21 @@
 use serde::{Deserialize, Serialize};
 
 use portmesh_core::{
-    AllocItem, AllocateBatch, Allocation, Conflict, Event, EventKind, HostProbe, LeaseSpec, Meta, Pool,
-    ReleaseCause, Reservation,
+    AllocItem, AllocateBatch, Allocation, CompactString, Conflict, Event, EventKind, HostProbe, LeaseSpec,
+    Meta, Pool, ReleaseCause, Reservation,
 };
 
 /// `Allocation` as 0.1.0 wrote it (no holder).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AllocationV1 {
     pub port: u16,
-    pub team: String,
-    pub pool: String,
-    pub service: String,
-    pub instance: Option<String>,
-    pub env: Option<String>,
-    pub host: String,
-    pub key: Option<String>,
+    pub team: CompactString,
+    pub pool: CompactString,
+    pub service: CompactString,
+    pub instance: Option<CompactString>,
+    pub env: Option<CompactString>,
+    pub host: CompactString,
+    pub key: Option<CompactString>,
     pub lease_id: Option<u64>,
     pub created_ms: u64,
     pub revision: u64,
