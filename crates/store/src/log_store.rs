@@ -18,6 +18,9 @@ const COMMITTED: &[u8] = b"committed";
 
 type SResult<T> = Result<T, StorageError<u64>>;
 
+/// Log entries removed per sled batch when the log is purged.
+const PURGE_BATCH: u64 = 256;
+
 /// The Raft log. Cheap to clone; clones share the directory.
 #[derive(Debug, Clone)]
 pub struct LogStore {
@@ -157,16 +160,81 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn purge(&mut self, log_id: LogId<u64>) -> SResult<()> {
         // Record the purge point first: a crash midway leaves extra entries, never a gap.
         self.put_meta(PURGED, &log_id)?;
-        let mut batch = sled::Batch::default();
-        for kv in self.inner.log.range(..=log_id.index.to_be_bytes()) {
-            let (k, _) = kv.map_err(|e| StorageIOError::write_logs(&e))?;
-            batch.remove(k);
+        // Entries are keyed by their index, which has no gaps: remove them by key from the first
+        // one still there, a bounded batch at a time. Reading the range back (every entry's
+        // pages from disk) and removing thousands of entries in one batch (every page version it
+        // rewrote kept until it ended) made each purge a burst of ~50 MB of heap that the
+        // allocator kept (heaptrack, one node at 60,000 allocations; docs/benchmarks.md).
+        let Some((first, _)) = self.inner.log.first().map_err(|e| StorageIOError::read_logs(&e))? else {
+            return Ok(());
+        };
+        let mut next = index_of(&first)?;
+        while next <= log_id.index {
+            let end = next.saturating_add(PURGE_BATCH - 1).min(log_id.index);
+            let mut batch = sled::Batch::default();
+            for i in next..=end {
+                batch.remove(&i.to_be_bytes());
+            }
+            self.inner.log.apply_batch(batch).map_err(|e| StorageIOError::write_logs(&e))?;
+            next = end + 1;
         }
-        self.inner.log.apply_batch(batch).map_err(|e| StorageIOError::write_logs(&e))?;
         Ok(())
     }
 }
 
+/// The index a log key names (keys are indexes in big-endian order).
+fn index_of(key: &[u8]) -> SResult<u64> {
+    let b: [u8; 8] =
+        key.try_into().map_err(|_| StorageIOError::read_logs(&sled_err("log key is not 8 bytes")))?;
+    Ok(u64::from_be_bytes(b))
+}
+
 fn sled_err(what: &str) -> sled::Error {
     sled::Error::Unsupported(what.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use openraft::storage::RaftLogStorage;
+    use tempfile::TempDir;
+
+    use super::*;
+    use crate::tests::alloc_entry;
+    use crate::{Store, StoreOptions};
+
+    fn write(log: &LogStore, indexes: impl IntoIterator<Item = u64>) {
+        for i in indexes {
+            log.inner.log.insert(i.to_be_bytes(), encode(&alloc_entry(i)).unwrap()).unwrap();
+        }
+    }
+
+    async fn kept(log: &mut LogStore) -> Vec<u64> {
+        log.try_get_log_entries(..).await.unwrap().iter().map(|e| e.log_id.index).collect()
+    }
+
+    /// Purge removes by index, in batches: every entry up to the purge point goes (across many
+    /// batches, and below the last purge point when an earlier purge was cut short), none after.
+    #[tokio::test]
+    async fn purge_removes_every_entry_up_to_the_point_and_none_after() {
+        let dir = TempDir::new().unwrap();
+        let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+        let mut log = store.log_store();
+        write(&log, 1..=1_000);
+        let at = |i| alloc_entry(i).log_id;
+
+        log.purge(at(700)).await.unwrap();
+        assert_eq!(kept(&mut log).await, (701..=1_000).collect::<Vec<_>>());
+        assert_eq!(log.get_log_state().await.unwrap().last_purged_log_id, Some(at(700)));
+
+        // An earlier purge recorded its point and was cut short before removing entry 5.
+        write(&log, [5]);
+        log.purge(at(800)).await.unwrap();
+        assert_eq!(kept(&mut log).await, (801..=1_000).collect::<Vec<_>>());
+
+        log.purge(at(1_000)).await.unwrap();
+        assert!(kept(&mut log).await.is_empty());
+        let state = log.get_log_state().await.unwrap();
+        assert_eq!((state.last_purged_log_id, state.last_log_id), (Some(at(1_000)), Some(at(1_000))));
+        log.purge(at(1_000)).await.unwrap();
+    }
 }

@@ -27,7 +27,7 @@ fn passes_the_openraft_storage_suite() {
     Suite::test_all(Builder { dirs: Mutex::new(Vec::new()) }).unwrap();
 }
 
-fn alloc_entry(index: u64) -> openraft::Entry<TypeConfig> {
+pub(crate) fn alloc_entry(index: u64) -> openraft::Entry<TypeConfig> {
     let batch = AllocateBatch {
         team: "default".into(),
         host: "h".into(),
