@@ -17,6 +17,7 @@ mod membership;
 mod metrics;
 mod seeds;
 mod transport;
+mod trim;
 mod wire;
 
 use std::net::SocketAddr;
@@ -293,6 +294,7 @@ pub async fn start(mut cfg: NodeConfig) -> Result<RunningNode, NodeError> {
     let grpc_task = tokio::spawn(grpc);
     let checks_task = tokio::spawn(checker::run_health_checks(api.clone(), shutdown.subscribe()));
     tokio::spawn(portmesh_api::count_events(api.clone(), shutdown.subscribe()));
+    tokio::spawn(trim::run(shutdown.subscribe()));
     let hosts = http::AllowedHosts::new(
         [api.host(), &advertise].into_iter().chain(cfg.http_allow_hosts.iter().map(String::as_str)),
     );

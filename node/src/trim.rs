@@ -1,0 +1,40 @@
+//! Freed heap handed back to the system, every few seconds.
+//!
+//! glibc's allocator keeps memory that was freed in the middle of its heaps (one per thread that
+//! allocated, up to eight per core) for reuse, and returns it only when the top of a heap is free.
+//! A node's bursts (a snapshot, a purge, a follower catching up, a fill by many clients) free
+//! most of what they took, yet the pages stayed resident: after a fill, a node held tens of MB
+//! more than its live heap (docs/benchmarks.md, "Memory per allocation, sixth slice").
+//! `malloc_trim(0)` releases the free pages of every heap (`madvise(MADV_DONTNEED)`); it walks
+//! the free lists, a fraction of a millisecond here, so once every few seconds costs nothing
+//! measurable.
+
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+/// How often freed memory is handed back.
+const EVERY: Duration = Duration::from_secs(5);
+
+/// Runs until shutdown.
+pub(crate) async fn run(mut shutdown: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+        // Off the async workers: it takes each heap's lock in turn.
+        let _ = tokio::task::spawn_blocking(release).await;
+    }
+}
+
+/// Returns the free pages of every heap to the system.
+fn release() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only reads and updates the allocator's own state under its locks.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
