@@ -278,6 +278,19 @@ impl State {
             .chain(self.tokens.values().map(|t| Record::Token(Box::new(t.clone()))))
     }
 
+    /// How many records [`State::records`] yields, without cloning them.
+    pub fn record_count(&self) -> usize {
+        1 + self.pools.len()
+            + self.allocations.len()
+            + self.reservations.len()
+            + self.leases.len()
+            + self.sticky.len()
+            + self.cooldowns.len()
+            + self.events.len()
+            + self.services.len()
+            + self.tokens.len()
+    }
+
     /// The current value of one record, `None` if it no longer exists.
     pub fn record(&self, key: &Key) -> Option<Record> {
         match key {

@@ -72,8 +72,8 @@ struct RecordsOf<'a>(&'a State);
 impl Serialize for RecordsOf<'_> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeSeq;
-        // postcard writes the length first: count, then write.
-        let mut seq = s.serialize_seq(Some(self.0.records().count()))?;
+        // postcard writes the length first.
+        let mut seq = s.serialize_seq(Some(self.0.record_count()))?;
         for r in self.0.records() {
             seq.serialize_element(&StoredRecord::from(r))?;
         }
@@ -170,12 +170,13 @@ impl StateMachineStore {
     }
 
     fn build(&self) -> SResult<Snapshot<TypeConfig>> {
-        let (data, last_log_id, last_membership) = {
+        let started = std::time::Instant::now();
+        let (data, last_log_id, last_membership, locked) = {
             let sm = self.sm.read().unwrap_or_else(|p| p.into_inner());
             let payload =
                 SnapshotPayloadOf { data_version: crate::DATA_VERSION, records: RecordsOf(&sm.state) };
             let data = encode(&payload).map_err(|e| StorageIOError::write_snapshot(None, &e))?;
-            (data, sm.last_applied, sm.membership.clone())
+            (data, sm.last_applied, sm.membership.clone(), started.elapsed())
         };
         let snapshot_id = match last_log_id {
             Some(l) => format!("{}-{}-{}", l.leader_id, l.index, data.len()),
@@ -183,6 +184,13 @@ impl StateMachineStore {
         };
         let meta = SnapshotMeta { last_log_id, last_membership, snapshot_id };
         self.save_snapshot(&meta, &data)?;
+        tracing::debug!(
+            index = last_log_id.map_or(0, |l| l.index),
+            bytes = data.len(),
+            locked_ms = locked.as_secs_f64() * 1e3,
+            total_ms = started.elapsed().as_secs_f64() * 1e3,
+            "snapshot built"
+        );
         Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
     }
 

@@ -162,6 +162,7 @@ fn check_invariants(st: &State) {
     copy.dirty.clear();
     let rebuilt = State::from_records(st.records());
     assert_eq!(rebuilt, copy, "records round trip lost something");
+    assert_eq!(st.record_count(), st.records().count(), "record_count disagrees with records");
 }
 
 #[test]
