@@ -5,21 +5,21 @@
 use serde::{Deserialize, Serialize};
 
 use portmesh_core::{
-    AllocItem, AllocateBatch, Allocation, CompactString, Conflict, Event, EventKind, HostProbe, LeaseSpec,
-    Meta, Pool, ReleaseCause, Reservation,
+    AllocItem, AllocateBatch, Allocation, Conflict, Event, EventKind, HostProbe, LeaseSpec, Meta, Pool,
+    ReleaseCause, Reservation,
 };
 
 /// `Allocation` as 0.1.0 wrote it (no holder).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AllocationV1 {
     pub port: u16,
-    pub team: CompactString,
-    pub pool: CompactString,
-    pub service: CompactString,
-    pub instance: Option<CompactString>,
-    pub env: Option<CompactString>,
-    pub host: CompactString,
-    pub key: Option<CompactString>,
+    pub team: String,
+    pub pool: String,
+    pub service: String,
+    pub instance: Option<String>,
+    pub env: Option<String>,
+    pub host: String,
+    pub key: Option<String>,
     pub lease_id: Option<u64>,
     pub created_ms: u64,
     pub revision: u64,
@@ -29,13 +29,13 @@ impl From<AllocationV1> for Allocation {
     fn from(a: AllocationV1) -> Self {
         Allocation {
             port: a.port,
-            team: a.team,
-            pool: a.pool,
-            service: a.service,
-            instance: a.instance,
-            env: a.env,
-            host: a.host,
-            key: a.key,
+            team: a.team.into(),
+            pool: a.pool.into(),
+            service: a.service.into(),
+            instance: a.instance.map(Into::into),
+            env: a.env.map(Into::into),
+            host: a.host.into(),
+            key: a.key.map(Into::into),
             lease_id: a.lease_id,
             created_ms: a.created_ms,
             revision: a.revision,
