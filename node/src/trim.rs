@@ -5,9 +5,9 @@
 //! A node's bursts (a snapshot, a purge, a follower catching up, a fill by many clients) free
 //! most of what they took, yet the pages stayed resident: after a fill, a node held tens of MB
 //! more than its live heap (docs/benchmarks.md, "Memory per allocation, sixth slice").
-//! `malloc_trim(0)` releases the free pages of every heap (`madvise(MADV_DONTNEED)`); it walks
-//! the free lists, a fraction of a millisecond here, so once every few seconds costs nothing
-//! measurable.
+//! `malloc_trim(0)` releases the free pages of every heap (`madvise(MADV_DONTNEED)`), walking
+//! their free lists. Once every 5 s it cost nothing measurable: the members' CPU while keeping
+//! 100,000 leases alive was 255–263 ms/s with it and 284–292 ms/s without (same runs).
 
 use std::time::Duration;
 
