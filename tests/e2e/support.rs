@@ -254,20 +254,7 @@ pub fn process_runs(pid: i32) -> bool {
     !is_zombie(pid)
 }
 
-/// A port that refuses connections for as long as the value lives: a socket bound to it that does
-/// not listen, so no other program (or concurrent test) can take it and start answering.
-pub struct Refusing {
-    _socket: std::os::fd::OwnedFd,
-    pub port: u16,
-}
-
-pub fn refusing_port() -> Refusing {
-    use nix::sys::socket::{AddressFamily, SockFlag, SockType, SockaddrIn, bind, getsockname, socket};
-    let socket = socket(AddressFamily::Inet, SockType::Stream, SockFlag::SOCK_CLOEXEC, None).unwrap();
-    bind(std::os::fd::AsRawFd::as_raw_fd(&socket), &SockaddrIn::new(127, 0, 0, 1, 0)).unwrap();
-    let addr: SockaddrIn = getsockname(std::os::fd::AsRawFd::as_raw_fd(&socket)).unwrap();
-    Refusing { _socket: socket, port: addr.port() }
-}
+pub use portmesh_testkit::refusing_port;
 
 /// A port nothing listens on right now (free to bind: another program may take it later).
 pub fn closed_port() -> u16 {

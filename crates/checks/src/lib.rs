@@ -184,16 +184,11 @@ mod tests {
         HealthCheck { kind, port: None, interval_ms: 1_000, timeout_ms: 2_000, failures: 2 }
     }
 
-    /// A port nothing listens on: bound, then closed.
-    fn closed_port() -> u16 {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    }
-
     #[tokio::test]
     async fn tcp_and_http_checks_against_real_sockets() {
-        let dead = closed_port();
-        assert!(matches!(run(&check(CheckKind::Tcp), dead).await, Outcome::Failing(_)));
+        // Held, not closed: a closed port could be taken by a parallel test and answer.
+        let dead = portmesh_testkit::refusing_port();
+        assert!(matches!(run(&check(CheckKind::Tcp), dead.port).await, Outcome::Failing(_)));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let answers =
@@ -231,7 +226,7 @@ mod tests {
             matches!(run(&grpc("shop.Api"), port).await, Outcome::Failing(s) if s.contains("NOT_SERVING"))
         );
         assert!(matches!(run(&grpc("unknown"), port).await, Outcome::Failing(_)));
-        assert!(matches!(run(&grpc(""), closed_port()).await, Outcome::Failing(_)));
+        assert!(matches!(run(&grpc(""), portmesh_testkit::refusing_port().port).await, Outcome::Failing(_)));
     }
 
     #[tokio::test]

@@ -483,3 +483,23 @@ mod tests {
         check_all(&[view(vec![])], &o);
     }
 }
+
+/// A port that refuses connections for as long as the value lives: a socket bound to it that does
+/// not listen, so no other program (or concurrent test) can take it and start answering. A port
+/// bound and closed again ("nothing listens there now") can be taken by a parallel test at once.
+#[derive(Debug)]
+pub struct Refusing {
+    _socket: socket2::Socket,
+    pub port: u16,
+}
+
+/// Binds 127.0.0.1 on a port the kernel picks, without listening.
+pub fn refusing_port() -> Refusing {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+        .expect("a TCP socket for a refusing port");
+    socket
+        .bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .expect("bind 127.0.0.1:0 for a refusing port");
+    let port = socket.local_addr().ok().and_then(|a| a.as_socket()).map(|a| a.port()).expect("its port");
+    Refusing { _socket: socket, port }
+}
