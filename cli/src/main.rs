@@ -24,6 +24,9 @@ fn main() {
     let cli = args::Cli::parse();
     let serving = matches!(cli.command, args::Command::Serve(_));
     init_tracing(serving, cli.log_format);
+    if serving {
+        portmesh_node::one_heap();
+    }
     // A node gets a multi-threaded runtime; a one-shot client command a single thread, which
     // starts faster.
     let runtime = if serving {

@@ -29,6 +29,22 @@ pub const HEALTH_NAMES: &[&str] = &[
 /// replays or catches up a long log.
 pub const READY_LAG: u64 = 1024;
 
+/// The statuses a node answers with from its first accepted call, set before it serves: liveness
+/// SERVING, every readiness name NOT_SERVING until [`report_health`] says otherwise. A name in
+/// [`HEALTH_NAMES`] is never NOT_FOUND, which a probe or a client reads as "wrong service name"
+/// rather than "not ready yet".
+pub(crate) async fn set_initial(reporter: &tonic_health::server::HealthReporter) {
+    reporter.set_service_status("", tonic_health::ServingStatus::Serving).await;
+    set_readiness(reporter, tonic_health::ServingStatus::NotServing).await;
+}
+
+/// Sets every readiness name of [`HEALTH_NAMES`] to `status`.
+async fn set_readiness(reporter: &tonic_health::server::HealthReporter, status: tonic_health::ServingStatus) {
+    for name in HEALTH_NAMES {
+        reporter.set_service_status(*name, status).await;
+    }
+}
+
 /// Keeps the gRPC health status in line with the node's state (see [`HEALTH_NAMES`]).
 ///
 /// Raft stopping on its own (openraft stops at a storage error: a full or failing disk) is told
@@ -41,7 +57,6 @@ pub(crate) async fn report_health(
     failure: Arc<std::sync::Mutex<Option<String>>>,
 ) {
     let mut metrics = node.raft.metrics();
-    reporter.set_service_status("", tonic_health::ServingStatus::Serving).await;
     // A leader cut off from its quorum goes on naming itself (openraft 0.9 has no check-quorum):
     // while leading, the quorum is confirmed every QUORUM_CHECK.
     let mut check = tokio::time::interval(QUORUM_CHECK);
@@ -64,9 +79,7 @@ pub(crate) async fn report_health(
             tracing::error!(error = %why, "Raft stopped: this node cannot write any more; shutting down (start it again once the cause is fixed)");
             *failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
             reporter.set_service_status("", tonic_health::ServingStatus::NotServing).await;
-            for name in HEALTH_NAMES {
-                reporter.set_service_status(*name, tonic_health::ServingStatus::NotServing).await;
-            }
+            set_readiness(&reporter, tonic_health::ServingStatus::NotServing).await;
             shutdown.send_replace(true);
             return;
         }
@@ -78,9 +91,7 @@ pub(crate) async fn report_health(
             } else {
                 tonic_health::ServingStatus::NotServing
             };
-            for name in HEALTH_NAMES {
-                reporter.set_service_status(*name, status).await;
-            }
+            set_readiness(&reporter, status).await;
         }
         tokio::select! {
             changed = metrics.changed() => if changed.is_err() { return },

@@ -36,6 +36,7 @@ use tokio::task::JoinHandle;
 pub use auth::new_token;
 pub use health::{HEALTH_NAMES, READY_LAG};
 pub use home::{NodeInfo, read_info, write_info};
+pub use trim::one_heap;
 
 /// Everything needed to start a node.
 #[derive(Debug, Clone)]
@@ -246,6 +247,7 @@ pub async fn start(mut cfg: NodeConfig) -> Result<RunningNode, NodeError> {
     );
 
     let (health, health_service) = tonic_health::server::health_reporter();
+    health::set_initial(&health).await;
     let failure = Arc::new(std::sync::Mutex::new(None));
     let health_task =
         tokio::spawn(health::report_health(node.clone(), health, shutdown.clone(), failure.clone()));
@@ -412,10 +414,19 @@ impl RunningNode {
         self.health_task.abort();
         self.checks_task.abort();
         let node = self.api.node().clone();
+        let id = node.id;
         let left = self.leave_on_stop && seeds::leave(&node).await;
         node.shutdown().await;
         if let Err(e) = node.store.flush() {
             tracing::error!(error = %e, "flushing storage at shutdown failed");
+        }
+        // The data directory is closed once the tasks that still hold the store (aborted or told
+        // to stop above) have ended: a caller may open it again as soon as this returns.
+        let closed = node.store.closed();
+        drop((node, self.api));
+        if tokio::time::timeout(CLOSE_PATIENCE, closed).await.is_err() {
+            tracing::warn!(dir = %self.data_dir.display(), waited = ?CLOSE_PATIENCE,
+                "the data directory is still open after shutdown: a task still holds it");
         }
         if left {
             seeds::empty_dir(&self.data_dir);
@@ -423,13 +434,17 @@ impl RunningNode {
         if let Some(home) = &self.home {
             home::remove_info_if_ours(home);
         }
-        tracing::info!(node_id = node.id, "portmesh node stopped");
+        tracing::info!(node_id = id, "portmesh node stopped");
         match self.failure.lock().unwrap_or_else(|p| p.into_inner()).take() {
             Some(why) => Err(NodeError::RaftStopped(why)),
             None => Ok(()),
         }
     }
 }
+
+/// How long [`RunningNode::wait`] waits for the last tasks of a stopped node to let go of its
+/// data directory.
+const CLOSE_PATIENCE: Duration = Duration::from_secs(10);
 
 /// Resolves on SIGTERM or SIGINT (Ctrl-C).
 async fn termination() {

@@ -192,7 +192,7 @@ async fn a_node_whose_disk_fails_stops_naming_it_and_loses_nothing_acknowledged(
     cfg.http = Some("127.0.0.1:0".parse().unwrap());
     let node = start(cfg).await.unwrap();
     let c = Client::connect(&node.grpc_addr.to_string()).await.unwrap();
-    assert!(c.health("portmesh.v1.Allocator").await.unwrap());
+    portmesh_testkit::ready(&c).await;
     let item = || pb::AllocItem { service: "late".into(), pool: "big".into(), ..Default::default() };
     let acked = c.allocate(pb::AllocateRequest { items: vec![item()], ..Default::default() }).await.unwrap();
 
@@ -222,4 +222,33 @@ async fn a_node_whose_disk_fails_stops_naming_it_and_loses_nothing_acknowledged(
         }
         Opened::Refused(why) => panic!("a directory whose fsync failed is not damaged: {why}"),
     }
+}
+
+/// `wait` returns only once the data directory is closed, so whoever restarts the node (a
+/// supervisor in the same process, the test above) can open it at once. A task that still holds
+/// the store when the node stops (here one that lets go 300 ms later) delays the return; before,
+/// `wait` returned while such tasks ran and a reopen failed with "could not acquire lock" (seen
+/// once in CI, in the test above).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_node_returns_only_once_its_directory_can_be_opened() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = NodeConfig::new(dir.path().to_path_buf(), "127.0.0.1:0".parse().unwrap());
+    cfg.bootstrap = true;
+    let node = start(cfg).await.unwrap();
+    let let_go = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let holder = {
+        let store = node.api.node().store.clone();
+        let let_go = let_go.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            let_go.store(true, std::sync::atomic::Ordering::SeqCst);
+            drop(store);
+        })
+    };
+    node.shutdown_handle().send_replace(true);
+    node.wait().await.unwrap();
+    assert!(let_go.load(std::sync::atomic::Ordering::SeqCst), "wait returned while the store was still held");
+    let reopened = Store::open(dir.path(), &StoreOptions::default());
+    assert!(reopened.is_ok(), "the directory opens at once: {:?}", reopened.err());
+    holder.await.unwrap();
 }

@@ -40,7 +40,7 @@ fn problem(r: Result<Client, ClientError>) -> Problem {
 /// What the node answers a client's first call.
 async fn first_call(node: &RunningNode, options: ClientOptions) -> ClientError {
     let c = connect(node, options).await.unwrap();
-    assert!(c.is_serving().await.unwrap(), "health answers whoever asks");
+    portmesh_testkit::ready(&c).await; // health answers whoever asks
     c.list(pb::ListRequest::default()).await.unwrap_err()
 }
 
@@ -52,7 +52,7 @@ async fn each_handshake_mistake_is_named_with_what_to_do() {
 
     // The right CA: served, and the node's gRPC and HTTP both speak TLS.
     let c = connect(&node, pki.client(None)).await.unwrap();
-    assert!(c.is_serving().await.unwrap());
+    portmesh_testkit::ready(&c).await;
 
     // Another CA.
     let other = Pki::new();
@@ -65,7 +65,8 @@ async fn each_handshake_mistake_is_named_with_what_to_do() {
     // Plaintext to a TLS node: the node says it requires TLS (health alone answers in plaintext,
     // for probes that speak no TLS).
     let plain = connect(&node, ClientOptions::default()).await.unwrap();
-    assert!(plain.is_serving().await.unwrap());
+    // Health answers in plaintext too.
+    portmesh_testkit::ready(&plain).await;
     let e = plain.list(pb::ListRequest::default()).await.unwrap_err();
     assert!(matches!(e, ClientError::Status { code: tonic::Code::Unauthenticated, .. }), "{e:?}");
     assert!(e.to_string().contains("requires TLS") && e.to_string().contains("--tls-ca"), "{e}");

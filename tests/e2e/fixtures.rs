@@ -75,3 +75,17 @@ fn a_data_directory_of_0_1_0_boots() {
 fn a_data_directory_of_data_version_2_boots() {
     boots_with_everything_it_held("data-v2-2026-12-03");
 }
+
+/// Written by main on 2026-12-05 (data version 4), before allocations could carry a
+/// registration: its log holds allocation entries in the shape of versions 2 to 4.
+#[test]
+fn a_data_directory_of_data_version_4_boots() {
+    boots_with_everything_it_held("data-v4-2026-12-05");
+}
+
+/// Written by main on 2026-12-05 (data version 5, commit 55e5fcb): today's format, kept for the
+/// release that changes it.
+#[test]
+fn a_data_directory_of_data_version_5_boots() {
+    boots_with_everything_it_held("data-v5-2026-12-05");
+}

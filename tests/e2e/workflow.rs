@@ -21,6 +21,15 @@ fn home_with_pool(range: &str) -> Home {
 /// A TCP server for a service: python's http.server on `{port}`.
 const SERVER: &str = "python3 -m http.server {port} --bind 127.0.0.1";
 
+/// The processes `pid` started that still run (Linux's `children` file of its main thread).
+fn children_of(pid: u32) -> Vec<i32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
 fn services_of(h: &Home) -> Vec<serde_json::Value> {
     h.pm(&["discover", "--all", "--json"]).ok().json()["services"].as_array().unwrap().clone()
 }
@@ -74,7 +83,7 @@ fn run_sets_the_port_variables_fills_its_arguments_and_exits_with_the_childs_sta
 }
 
 #[test]
-fn run_passes_sigint_on_registers_the_child_and_releases_when_it_ends() {
+fn run_passes_sigint_on_registers_the_service_and_releases_when_it_ends() {
     let h = home_with_pool("20470-20489");
     let mut child = h
         .cmd(&[
@@ -96,7 +105,10 @@ fn run_passes_sigint_on_registers_the_child_and_releases_when_it_ends() {
     wait_until("the registration", Duration::from_secs(10), || services_of(&h).len() == 1);
     let svc = &services_of(&h)[0];
     assert_eq!(svc["name"], "trapper");
-    assert!(svc["pid"].as_u64().unwrap() != u64::from(child.id()), "the registration names the child");
+    // The registration names the `run` process (it was made with the allocation, before the
+    // command started), as the allocation's holder does.
+    assert_eq!(svc["pid"].as_u64(), Some(u64::from(child.id())), "{svc}");
+    assert!(svc["command"].as_str().unwrap().starts_with("sh -c trap"), "{svc}");
     assert_eq!(h.live_ports().len(), 1);
     kill(Pid::from_raw(child.id() as i32), Signal::SIGINT).unwrap();
     assert_eq!(lines.next().unwrap().unwrap(), "got INT");
@@ -114,8 +126,14 @@ fn run_killed_with_sigkill_takes_its_child_along_and_its_port_comes_back_when_th
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
-    wait_until("the registration", Duration::from_secs(10), || services_of(&h).len() == 1);
-    let server = services_of(&h)[0]["pid"].as_u64().unwrap() as i32;
+    let wrapper = child.id();
+    wait_until("the registration and the command", Duration::from_secs(10), || {
+        services_of(&h).len() == 1 && !children_of(wrapper).is_empty()
+    });
+    // The registration names the `run` process, as its allocation does: it was made in the
+    // allocation's step, before the command started.
+    assert_eq!(services_of(&h)[0]["pid"].as_u64(), Some(u64::from(wrapper)));
+    let server = children_of(wrapper)[0];
     assert_eq!(h.live_ports().len(), 1);
     kill(Pid::from_raw(child.id() as i32), Signal::SIGKILL).unwrap();
     child.wait().unwrap();
@@ -585,9 +603,8 @@ fn run_is_sticky_by_default_per_project_and_service() {
     assert_eq!(port_of(&shop, None), first, "the first slot again once it is free");
 }
 
-/// A command that ends before its registration is answered has its lease revoked at the same
-/// time as the registration is applied (one round trip at exit, not two). Whichever the node
-/// applies first, nothing may stay registered or held: many short runs in a row attack that.
+/// A short command's run registers in its allocation's step and revokes the lease at exit:
+/// nothing may stay registered or held, many short runs in a row.
 #[test]
 fn short_runs_leave_nothing_registered_or_held() {
     let h = home_with_pool("20800-20809");

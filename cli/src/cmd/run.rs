@@ -44,6 +44,20 @@ pub async fn run(c: &Client, team: &str, a: &RunArgs) -> Result<i32> {
     }
     crate::requests::check_wanted(&a.want)?;
     let command_line = a.command.join(" ");
+    // The service is registered in the allocation's own step (one replicated write, not two),
+    // under this process (it lives as long as the command, like the allocations' holder).
+    let registration = pb::Service {
+        name: service.clone(),
+        project: a.project.clone().unwrap_or_default(),
+        env: a.want.env.clone().unwrap_or_default(),
+        instance: a.want.instance.clone().unwrap_or_default(),
+        ports: names.iter().map(|n| pb::ServicePort { name: n.clone(), ..Default::default() }).collect(),
+        tags: a.tags.clone(),
+        check: a.check.as_ref().map(|spec| check_pb(spec, "", None, None, 1)),
+        pid: std::process::id(),
+        command: command_line.clone(),
+        ..Default::default()
+    };
     // Sticky unless told otherwise: the project's service gets its port back next time. A
     // second run of it at the same time (another terminal, a parallel CI job) must not share
     // the port the first one holds: it takes the next slot, PROJECT/SERVICE#2, and so on.
@@ -61,6 +75,7 @@ pub async fn run(c: &Client, team: &str, a: &RunArgs) -> Result<i32> {
                 ttl_ms: a.ttl.as_millis() as u64,
                 pid: std::process::id(),
                 command: command_line.clone(),
+                register: Some(registration.clone()),
                 ..Default::default()
             })
             .await?;
@@ -78,35 +93,52 @@ pub async fn run(c: &Client, team: &str, a: &RunArgs) -> Result<i32> {
         slot += 1;
     };
     let lease = r.lease_id;
-    for line in crate::stack::ports::moves(c, &r).await {
-        eprintln!("portmesh: {line}");
+    // Whatever happens from here, the lease is ended below.
+    let ended = async {
+        register_unless_done(c, &r, registration).await?;
+        for line in crate::stack::ports::moves(c, &r).await {
+            eprintln!("portmesh: {line}");
+        }
+        let ports: Vec<(String, u16)> =
+            names.iter().cloned().zip(r.allocations.iter().map(|al| al.port as u16)).collect();
+        if let (Some(wanted), Some((_, got))) = (a.want.port, ports.first())
+            && wanted != *got
+        {
+            eprintln!("portmesh: port {wanted} is not free; {service} gets port {got} instead");
+        } else if let Some((_, got)) = ports.first() {
+            eprintln!("portmesh: {service} runs on port {got}");
+        }
+        supervise_one(c, team, a, &service, lease, &ports).await
     }
-    let ports: Vec<(String, u16)> =
-        names.iter().cloned().zip(r.allocations.iter().map(|al| al.port as u16)).collect();
-    if let (Some(wanted), Some((_, got))) = (a.want.port, ports.first())
-        && wanted != *got
-    {
-        eprintln!("portmesh: port {wanted} is not free; {service} gets port {got} instead");
-    } else if let Some((_, got)) = ports.first() {
-        eprintln!("portmesh: {service} runs on port {got}");
-    }
-    let (result, ended) = match supervise_one(c, team, a, &service, lease, &ports, &command_line).await {
-        Ok(Exit { code, lease_ended: Some(ended) }) => (Ok(code), ended),
-        other => (other.map(|e| e.code), node::end_lease(c, team, lease).await),
-    };
-    if let Err(e) = ended {
+    .await;
+    if let Err(e) = node::end_lease(c, team, lease).await {
         eprintln!("portmesh: {e:#}; its ports come back when it runs out");
     }
-    result
+    ended
 }
 
-/// How the command ended: its exit code, and the outcome of ending its lease if that was done
-/// already (see `supervise_one`).
-struct Exit {
-    code: i32,
-    lease_ended: Option<Result<()>>,
+/// Registers `registration` on the allocation `r` when the node did not already (a node older
+/// than registrations inside allocations ignores the field): the same entry, one write later.
+async fn register_unless_done(
+    c: &Client,
+    r: &pb::AllocateResponse,
+    mut registration: pb::Service,
+) -> Result<()> {
+    if r.registered.is_some() {
+        return Ok(());
+    }
+    for (p, al) in registration.ports.iter_mut().zip(&r.allocations) {
+        p.port = al.port;
+    }
+    registration.team = r.allocations.first().map(|al| al.team.clone()).unwrap_or_default();
+    registration.lease_id = r.lease_id;
+    c.register(pb::RegisterRequest { service: Some(registration) })
+        .await
+        .with_context(|| "could not register the service")?;
+    Ok(())
 }
 
+/// Runs the command on its ports, keeping the lease alive, until it exits; its exit code.
 async fn supervise_one(
     c: &Client,
     team: &str,
@@ -114,8 +146,7 @@ async fn supervise_one(
     service: &str,
     lease: u64,
     ports: &[(String, u16)],
-    command_line: &str,
-) -> Result<Exit> {
+) -> Result<i32> {
     let main_port = ports[0].1;
     let mut keeper = c.keep_lease(team, lease, a.ttl);
     let socket = match a.fd {
@@ -147,51 +178,10 @@ async fn supervise_one(
         Spec { program: Program::Argv(args), vars, dir: None, socket, output: Output::Inherit },
         None,
     )?;
-
-    let registration = pb::Service {
-        team: team.to_string(),
-        name: service.to_string(),
-        project: a.project.clone().unwrap_or_default(),
-        env: a.want.env.clone().unwrap_or_default(),
-        instance: a.want.instance.clone().unwrap_or_default(),
-        ports: ports
-            .iter()
-            .map(|(n, p)| pb::ServicePort { name: n.clone(), port: u32::from(*p), protocol: String::new() })
-            .collect(),
-        tags: a.tags.clone(),
-        check: a.check.as_ref().map(|spec| check_pb(spec, "", None, None, 1)),
-        lease_id: lease,
-        pid: proc.pid,
-        command: command_line.to_string(),
-        ..Default::default()
-    };
-    // The registration goes out while the command starts: a short command does not wait for it
-    // (but its lease is revoked only once the registration has landed or failed).
-    let registering = c.register(pb::RegisterRequest { service: Some(registration) });
-    tokio::pin!(registering);
-    let mut registered = false;
     let mut lease_ok = true;
     let status = loop {
         tokio::select! {
-            r = &mut registering, if !registered => {
-                registered = true;
-                if let Err(e) = r {
-                    proc.stop(std::time::Duration::from_secs(5)).await;
-                    bail!("could not register {service}: {e:#}; stopped it again");
-                }
-            }
-            status = proc.wait() => {
-                if !registered {
-                    // The command ended before its registration was answered (a short command):
-                    // end the lease at the same time instead of after it, so that exiting costs
-                    // one round trip, not two. Whichever the node applies first, nothing stays
-                    // registered: a registration on a revoked lease is refused, and revoking a
-                    // lease removes its registrations.
-                    let (_, ended) = tokio::join!(&mut registering, node::end_lease(c, team, lease));
-                    return Ok(Exit { code: process::exit_code(status), lease_ended: Some(ended) });
-                }
-                break status;
-            }
+            status = proc.wait() => break status,
             _ = int.recv() => proc.signal(Signal::SIGINT),
             _ = term.recv() => proc.signal(Signal::SIGTERM),
             _ = hup.recv() => proc.signal(Signal::SIGHUP),
@@ -201,7 +191,7 @@ async fn supervise_one(
             }
         }
     };
-    Ok(Exit { code: process::exit_code(status), lease_ended: None })
+    Ok(process::exit_code(status))
 }
 
 /// `{port}`, `{port.NAME}`, `{SERVICE.port…}` (this service's), `{host}` and `{service}`.

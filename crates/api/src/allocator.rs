@@ -20,7 +20,7 @@ impl Api {
         // and then be refused anyway. The client follows the leader this names.
         self.inner.node.ensure_leader().map_err(ApiError::from)?;
         match self.allocate_batch(batch, &reported_busy).await? {
-            (Response::Allocated { grants, lease, revision }, host_probed) => {
+            (Response::Allocated { grants, lease, revision, registered }, host_probed) => {
                 let lease_id = lease.map_or(req.lease_id, |l| l.id);
                 for g in grants.iter().filter(|g| !g.existing) {
                     let a = &g.allocation;
@@ -29,6 +29,9 @@ impl Api {
                         host = %a.host, holder = holder.as_deref().unwrap_or("-"), revision, "allocated");
                 }
                 self.log_conflicts_and_fallbacks(&req, &grants, revision);
+                if let Some(s) = &registered {
+                    tracing::info!(team = %s.team, id = %s.id, host = %s.host, revision, "registered");
+                }
                 Ok(pb::AllocateResponse {
                     existing: grants.iter().map(|g| g.existing).collect(),
                     moved_from: grants.iter().map(|g| g.moved_from.map_or(0, u32::from)).collect(),
@@ -36,6 +39,7 @@ impl Api {
                     lease_id,
                     revision,
                     host_probed,
+                    registered: registered.as_deref().map(Into::into),
                 })
             }
             (other, _) => Err(unexpected(other).into()),

@@ -89,13 +89,18 @@ pub(crate) fn missing(what: &str) -> ClientError {
 /// An error and its sources, joined: transport errors hide the useful part in the chain.
 pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut parts = vec![e.to_string()];
-    let mut cur = e.source();
-    while let Some(s) = cur {
+    for s in causes(e) {
         let t = s.to_string();
         if !parts.iter().any(|p| p.contains(&t)) {
             parts.push(t);
         }
-        cur = s.source();
     }
     parts.join(": ")
+}
+
+/// The errors under `e`, outermost first.
+pub(crate) fn causes<'a>(
+    e: &'a dyn std::error::Error,
+) -> impl Iterator<Item = &'a (dyn std::error::Error + 'static)> {
+    std::iter::successors(e.source(), |s| s.source())
 }

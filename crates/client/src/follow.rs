@@ -8,7 +8,7 @@ use portmesh_proto::channel::{self, Purpose};
 use portmesh_proto::{ERROR_METADATA, LEADER_METADATA};
 use tonic::transport::Channel;
 
-use crate::error::error_chain;
+use crate::error::{causes, error_chain};
 use crate::{CONNECT_TIMEOUT, Client, ClientError, ClientOptions, Result};
 
 /// How long one attempt of a call may wait for the node's answer (the node itself gives up on a
@@ -38,22 +38,33 @@ pub(crate) async fn open(addr: &str, options: &ClientOptions) -> Result<Channel>
 /// Whether a failed call never reached a node, so that repeating it elsewhere is safe: no
 /// connection could be made, or the connection closed while the request still waited in the
 /// client's queue (hyper reports that as *canceled*: "connection closed" — the request was never
-/// written; a node shutting down gracefully closes its connections this way). A request cut off
-/// after it was written is a different error, whose outcome stays unknown.
+/// written; a node shutting down gracefully closes its connections this way), or the node's
+/// graceful GOAWAY left the request's stream out of what it would process. A request cut off
+/// after the node took it is a different error, whose outcome stays unknown.
 fn never_sent(status: &tonic::Status) -> bool {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(status);
-    while let Some(e) = source {
-        if let Some(io) = e.downcast_ref::<std::io::Error>()
-            && io.kind() == std::io::ErrorKind::ConnectionRefused
-        {
-            return true;
-        }
-        if e.downcast_ref::<hyper::Error>().is_some_and(hyper::Error::is_canceled) {
-            return true;
-        }
-        source = e.source();
-    }
-    false
+    causes(status).any(|e| {
+        e.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused)
+            || e.downcast_ref::<hyper::Error>().is_some_and(hyper::Error::is_canceled)
+            || e.downcast_ref::<h2::Error>().is_some_and(refused_by_graceful_goaway)
+    })
+}
+
+/// Whether an HTTP/2 stream failed because the node went away gracefully before taking it: a
+/// node that stops sends GOAWAY (NO_ERROR) naming the last stream it will process, and the
+/// client's h2 fails exactly the streams above it with that GOAWAY. Streams the node took run to
+/// their end, or fail as a broken pipe if the connection drops, never with this error.
+fn refused_by_graceful_goaway(e: &h2::Error) -> bool {
+    e.is_go_away() && e.is_remote() && e.reason() == Some(h2::Reason::NO_ERROR)
+}
+
+/// Whether an INTERNAL status came from the HTTP/2 connection rather than from a node: a stream
+/// reset or a GOAWAY (a node stopping, a proxy cutting a connection) that tonic maps to INTERNAL,
+/// as gRPC's HTTP/2 mapping says, with the h2 or hyper error as its source. A node's own
+/// INTERNAL answer has no such source (and carries a portmesh category).
+fn reset_by_connection(status: &tonic::Status) -> bool {
+    status.code() == tonic::Code::Internal
+        && causes(status).any(|e| e.is::<h2::Error>() || e.is::<hyper::Error>())
 }
 
 /// Whether a call may be repeated on another node after a transport failure.
@@ -100,12 +111,13 @@ impl Client {
             let category =
                 status.metadata().get(ERROR_METADATA).and_then(|v| v.to_str().ok()).map(str::to_string);
             // Without a portmesh category, the error came from the connection, not the node: a
-            // refused connect is UNAVAILABLE, a request cut off midway UNKNOWN or CANCELLED.
+            // refused connect is UNAVAILABLE, a request cut off midway UNKNOWN or CANCELLED, a
+            // stream reset INTERNAL (with the HTTP/2 error as its source).
             let transport = category.is_none()
-                && matches!(
+                && (matches!(
                     status.code(),
                     tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
-                );
+                ) || reset_by_connection(&status));
             // A node that refuses this client's certificate does so after the handshake seemed
             // to succeed (TLS 1.3), at the first call: say which mistake it is; the call never
             // reached a service, and repeating it cannot help.
@@ -178,5 +190,86 @@ impl Client {
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A server that speaks just enough HTTP/2 to refuse the first request the way a stopping
+    /// node does: once the request's HEADERS arrived, GOAWAY (NO_ERROR) with last stream id 0,
+    /// so that the request was never processed. Returns the address.
+    async fn goaway_server() -> std::net::SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut preface = [0u8; 24];
+            s.read_exact(&mut preface).await.unwrap();
+            // Our SETTINGS (empty), then frames until the request's HEADERS.
+            s.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await.unwrap();
+            loop {
+                let mut head = [0u8; 9];
+                s.read_exact(&mut head).await.unwrap();
+                let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+                let mut payload = vec![0u8; len];
+                s.read_exact(&mut payload).await.unwrap();
+                match (head[3], head[4] & 1) {
+                    (4, 0) => s.write_all(&[0, 0, 0, 4, 1, 0, 0, 0, 0]).await.unwrap(), // SETTINGS: ack
+                    (1, _) => break,                                                    // HEADERS
+                    _ => {}
+                }
+            }
+            // GOAWAY: last stream id 0, NO_ERROR.
+            s.write_all(&[0, 0, 8, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]).await.unwrap();
+            // Hold the connection until the client closes it.
+            let mut rest = Vec::new();
+            let _ = s.read_to_end(&mut rest).await;
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn a_request_a_graceful_goaway_left_out_was_never_sent() {
+        use tonic_health::pb::HealthCheckRequest;
+        use tonic_health::pb::health_client::HealthClient;
+        let addr = goaway_server().await;
+        let channel =
+            tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect_lazy();
+        let status = HealthClient::new(channel)
+            .check(HealthCheckRequest { service: String::new() })
+            .await
+            .expect_err("the server took no request");
+        assert!(never_sent(&status), "{status:?}");
+        // Seen as a connection failure either way (its code is the client's business).
+        assert!(
+            reset_by_connection(&status)
+                || matches!(
+                    status.code(),
+                    tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
+                ),
+            "{status:?}"
+        );
+    }
+
+    #[test]
+    fn a_stream_reset_is_a_connection_failure_and_a_nodes_internal_error_is_not() {
+        // What tonic makes of an HTTP/2 reset (here PROTOCOL_ERROR, seen when a node stops
+        // under load): INTERNAL, with the h2 error as its source.
+        let reset = tonic::Status::from_error(Box::new(h2::Error::from(h2::Reason::PROTOCOL_ERROR)));
+        assert_eq!(reset.code(), tonic::Code::Internal);
+        assert!(reset_by_connection(&reset), "{reset:?}");
+        // A node's own INTERNAL answer carries no HTTP/2 error.
+        assert!(!reset_by_connection(&tonic::Status::internal("state machine failed")));
+        // Other codes are judged elsewhere (UNAVAILABLE, UNKNOWN, CANCELLED are transport
+        // without a category; the rest are answers).
+        let refused = tonic::Status::from_error(Box::new(h2::Error::from(h2::Reason::REFUSED_STREAM)));
+        assert_eq!(refused.code(), tonic::Code::Unavailable);
+        assert!(!reset_by_connection(&refused));
+        // A stream reset is not a graceful GOAWAY: the node may have taken the request.
+        assert!(!never_sent(&reset));
+        assert!(!refused_by_graceful_goaway(&h2::Error::from(h2::Reason::NO_ERROR)));
     }
 }

@@ -236,8 +236,9 @@ impl Client {
     /// Allocates ports for this host: names it in the request, so the member node running here
     /// probes the candidates; if none runs here (the cluster is elsewhere), probes the new ports
     /// itself and, if any is busy, releases them and asks again with them reported busy, up to
-    /// [`HERE_ROUNDS`] times. Ports of live sticky keys (`existing`) are left alone: the process
-    /// holding them is usually their owner.
+    /// [`HERE_ROUNDS`] times (deregistering what `req.register` registered on them). Ports of
+    /// live sticky keys (`existing`) are left alone: the process holding them is usually their
+    /// owner.
     pub async fn allocate_here(&self, mut req: pb::AllocateRequest) -> Result<pb::AllocateResponse> {
         if req.host.is_empty() {
             req.host = portmesh_probe::hostname();
@@ -260,10 +261,13 @@ impl Client {
             if busy.is_empty() {
                 return Ok(r);
             }
-            // Give back every new port of the batch (it was granted atomically) and ask again;
-            // live sticky keys keep theirs.
+            // Give back every new port of the batch (it was granted atomically), and the
+            // registration made on them, and ask again; live sticky keys keep theirs.
             let ports = fresh.iter().map(|p| u32::from(*p)).collect();
             self.release(pb::ReleaseRequest { team: req.team.clone(), ports, ..Default::default() }).await?;
+            if let Some(s) = &r.registered {
+                self.deregister(pb::DeregisterRequest { team: s.team.clone(), id: s.id.clone() }).await?;
+            }
             req.busy_ports.extend(busy.iter().map(|p| u32::from(*p)));
         }
     }
@@ -453,6 +457,24 @@ impl Client {
         let mut h = HealthClient::new(self.channel());
         let r = h.check(HealthCheckRequest { service: service.to_string() }).await?.into_inner();
         Ok(r.status == ServingStatus::Serving as i32)
+    }
+
+    /// Waits until the node reports SERVING for `service` (see [`Client::health`]), following
+    /// gRPC health's `Watch` stream rather than asking again and again. Bound it with a timeout:
+    /// a node that never becomes ready keeps this waiting. An unknown name fails at once
+    /// (NOT_FOUND); a stream the node ends fails with what it said.
+    pub async fn wait_health(&self, service: &str) -> Result<()> {
+        let mut h = HealthClient::new(self.channel());
+        let mut updates = h.watch(HealthCheckRequest { service: service.to_string() }).await?.into_inner();
+        while let Some(r) = updates.message().await? {
+            if r.status == ServingStatus::Serving as i32 {
+                return Ok(());
+            }
+        }
+        Err(tonic::Status::unavailable(format!(
+            "the node ended the health stream of {service:?} before it was SERVING"
+        ))
+        .into())
     }
 }
 

@@ -124,6 +124,14 @@ pub struct AllocateBatch {
     pub probe: Option<HostProbe>,
     /// The process the ports are for, where the client said.
     pub holder: Option<Holder>,
+    /// A service to register in the same step (one log entry instead of two), on the batch's
+    /// lease, team and host, whatever it says for them. Its ports' numbers are filled in from
+    /// the grants, in item order (one port per item); an empty id becomes
+    /// [`Service::default_id`]. Made only when every port the batch returns is new or already
+    /// on the batch's lease: a sticky key live under another lease returns that holder's port,
+    /// which is not this registration's to describe (the response then carries none).
+    #[serde(default)]
+    pub register: Option<Box<Service>>,
 }
 
 /// Which lease, if any, the allocations of a batch attach to.
@@ -221,6 +229,10 @@ pub enum Response {
         grants: Vec<Grant>,
         lease: Option<Lease>,
         revision: u64,
+        /// The registration the batch carried, as stored (`None`: it carried none, or it was
+        /// not made; see [`AllocateBatch::register`]).
+        #[serde(default)]
+        registered: Option<Box<Service>>,
     },
     Released {
         allocations: Vec<Allocation>,

@@ -11,7 +11,7 @@
 //! - what the host's bind probe saw travels inside the command ([`HostProbe`]), gathered by the
 //!   node before proposing.
 //!
-//! Invariants kept by `apply` (each has tests in `state/tests.rs`):
+//! Invariants kept by `apply` (each has tests in `state/tests/`):
 //! - no two live allocations share a port;
 //! - a reserved port is never handed out;
 //! - every allocated port lies in a pool range of its team, within 1024–65535;
@@ -43,9 +43,9 @@ pub use rng::SplitMix64;
 pub use select::PlanWidth;
 pub use state::{Key, Meta, PoolUsage, Record, State, clip_output};
 pub use types::{
-    Allocation, CheckKind, CompactString, Conflict, Cooldown, Event, EventKind, HealthCheck, HealthStatus,
-    HealthUpdate, Holder, Lease, Pool, PortRange, RangeError, ReleaseCause, Reservation, Role, Service,
-    ServicePort, Strategy, Token, default_pools,
+    Allocation, CheckKind, CompactString, Conflict, Cooldown, Event, EventKind, HealthChange, HealthCheck,
+    HealthStatus, HealthUpdate, Holder, Lease, Pool, PortRange, RangeError, ReleaseCause, Reservation, Role,
+    Service, ServicePort, Strategy, Token, default_pools,
 };
 
 /// Lowest port portmesh will ever hand out or accept: ports below need privileges.

@@ -14,8 +14,8 @@ use crate::rejection::{Overlap, Rejection};
 use crate::rng::SplitMix64;
 use crate::select::{Pick, PlanWidth, Selector};
 use crate::types::{
-    Allocation, CheckKind, Conflict, Cooldown, Event, EventKind, HealthStatus, HealthUpdate, Lease, Pool,
-    PortRange, ReleaseCause, Reservation, Role, Service, Token, default_pools,
+    Allocation, CheckKind, Conflict, Cooldown, Event, EventKind, HealthChange, HealthStatus, HealthUpdate,
+    Lease, Pool, PortRange, ReleaseCause, Reservation, Role, Service, Token, default_pools,
 };
 use crate::{
     DEFAULT_COOLDOWN_MS, DEFAULT_TEAM, EVENT_RETENTION, MAX_BATCH, MAX_CHECK_OUTPUT, MAX_SERVICE_PORTS,

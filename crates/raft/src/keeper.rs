@@ -14,7 +14,7 @@
 //! - Expiry re-checks leadership with a quorum first, then proposes `ExpireLeases` in batches of at
 //!   most `expiry_batch`; the state machine ignores ids already gone, so each lease ends once.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Mutex;
 
 use portmesh_core::{Command, EventKind, State};
@@ -27,25 +27,51 @@ use crate::{RaftNode, RaftOptions};
 #[derive(Debug)]
 pub struct LeaseKeeper {
     opts: RaftOptions,
+    /// The instant the keeper's milliseconds count from.
+    base: Instant,
     inner: Mutex<KeeperState>,
+}
+
+/// A lease's deadline in milliseconds since the keeper's base, and in its top bit whether the
+/// lease was renewed since the last checkpoint: 8 bytes a lease where an `Instant` and a set of
+/// renewed ids took 16 and 8 more (100,000 leases: 2.1 MB of table instead of 4.3 MB).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Due(u64);
+
+impl Due {
+    const MOVED: u64 = 1 << 63;
+
+    fn at(ms: u64) -> Self {
+        Due(ms & !Self::MOVED)
+    }
+
+    fn ms(self) -> u64 {
+        self.0 & !Self::MOVED
+    }
+
+    fn moved(self) -> bool {
+        self.0 & Self::MOVED != 0
+    }
+
+    fn marked(self, moved: bool) -> Self {
+        if moved { Due(self.0 | Self::MOVED) } else { Due::at(self.0) }
+    }
 }
 
 #[derive(Debug, Default)]
 struct KeeperState {
     /// The term in which these deadlines were set; cleared on any change of leadership.
     term: Option<u64>,
-    deadlines: HashMap<u64, Instant>,
-    /// The lease clock at takeover and the instant it was read: the clock now reads
-    /// `clock + (now - at)`.
-    clock: Option<(u64, Instant)>,
-    /// Leases renewed since the last checkpoint.
-    moved: HashSet<u64>,
+    deadlines: HashMap<u64, Due>,
+    /// The lease clock at takeover and the keeper's milliseconds when it was read: the clock
+    /// now reads `clock + (now - at)`.
+    clock: Option<(u64, u64)>,
     /// The state's revision `deadlines` reflect: from there on, the state's events say which
     /// leases began and ended, so a reconcile reads those instead of walking every lease.
     seen: Option<u64>,
     /// No deadline is earlier than this (a lower bound: renewals only move deadlines later), so
     /// looking for expired leases before it is skipped rather than walking every deadline.
-    next_due: Option<Instant>,
+    next_due: Option<u64>,
 }
 
 impl KeeperState {
@@ -53,53 +79,56 @@ impl KeeperState {
         self.term = None;
         self.deadlines.clear();
         self.clock = None;
-        self.moved.clear();
         self.seen = None;
         self.next_due = None;
     }
 
-    fn set_deadline(&mut self, id: u64, deadline: Instant) {
-        self.deadlines.insert(id, deadline);
-        self.next_due = Some(self.next_due.map_or(deadline, |d| d.min(deadline)));
+    fn set_deadline(&mut self, id: u64, due: Due) {
+        self.deadlines.insert(id, due);
+        self.next_due = Some(self.next_due.map_or(due.ms(), |d| d.min(due.ms())));
     }
 
     /// A lease the state holds and the countdown does not yet: it starts from its checkpointed
     /// remaining TTL.
-    fn start_countdown(&mut self, state: &State, id: u64, now: Instant) {
+    fn start_countdown(&mut self, state: &State, id: u64, now: u64) {
         if let Some(l) = state.lease(id)
             && !self.deadlines.contains_key(&id)
         {
-            self.set_deadline(id, now + std::time::Duration::from_millis(state.lease_remaining_ms(l)));
+            self.set_deadline(id, Due::at(now + state.lease_remaining_ms(l)));
         }
     }
 }
 
 impl LeaseKeeper {
     pub fn new(opts: RaftOptions) -> Self {
-        Self { opts, inner: Mutex::new(KeeperState::default()) }
+        Self { opts, base: Instant::now(), inner: Mutex::new(KeeperState::default()) }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, KeeperState> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Now, in the keeper's milliseconds.
+    fn now_ms(&self) -> u64 {
+        Instant::now().saturating_duration_since(self.base).as_millis() as u64
+    }
+
     /// Pushes a lease's deadline to now + ttl. `None` if it already lapsed (expiry is pending).
     pub fn renew(&self, id: u64, ttl_ms: u64) -> Option<u64> {
-        let now = Instant::now();
+        let now = self.now_ms();
         let mut k = self.lock();
         match k.deadlines.get(&id) {
-            Some(d) if *d <= now => None,
+            Some(d) if d.ms() <= now => None,
             _ => {
-                k.set_deadline(id, now + std::time::Duration::from_millis(ttl_ms));
-                k.moved.insert(id);
+                k.set_deadline(id, Due::at(now.saturating_add(ttl_ms)).marked(true));
                 Some(ttl_ms)
             }
         }
     }
 
     pub fn remaining(&self, id: u64) -> Option<u64> {
-        let now = Instant::now();
-        self.lock().deadlines.get(&id).map(|d| d.saturating_duration_since(now).as_millis() as u64)
+        let now = self.now_ms();
+        self.lock().deadlines.get(&id).map(|d| d.ms().saturating_sub(now))
     }
 
     /// Aligns deadlines with the applied state: new leases start from their checkpointed
@@ -110,7 +139,7 @@ impl LeaseKeeper {
     /// revision it last saw (leases granted, revoked, expired), and walks the leases only when
     /// those events are no longer all kept, at a new term, or if the counts disagree.
     fn reconcile(&self, state: &State, term: u64) {
-        let now = Instant::now();
+        let now = self.now_ms();
         let mut k = self.lock();
         if k.term != Some(term) {
             k.clear();
@@ -148,17 +177,17 @@ impl LeaseKeeper {
     /// Leases whose deadline passed (at most `expiry_batch`, lowest ids first). Walks the
     /// deadlines only once the earliest one may have come.
     fn expired(&self) -> Vec<u64> {
-        let now = Instant::now();
+        let now = self.now_ms();
         let mut k = self.lock();
         if k.next_due.is_none_or(|d| d > now) {
             return Vec::new();
         }
-        let (mut ids, mut next_due) = (Vec::new(), None::<Instant>);
+        let (mut ids, mut next_due) = (Vec::new(), None::<u64>);
         for (id, d) in &k.deadlines {
-            if *d <= now {
+            if d.ms() <= now {
                 ids.push(*id);
             }
-            next_due = Some(next_due.map_or(*d, |n| n.min(*d)));
+            next_due = Some(next_due.map_or(d.ms(), |n| n.min(d.ms())));
         }
         k.next_due = next_due;
         ids.sort_unstable();
@@ -167,27 +196,32 @@ impl LeaseKeeper {
     }
 
     /// What a checkpoint writes now: the lease clock and the remaining TTL of the leases renewed
-    /// since the last one (taken out of `moved`; [`LeaseKeeper::moved_again`] puts them back if
-    /// the write fails). `None` before the first reconcile of a term.
+    /// since the last one (their mark taken off; [`LeaseKeeper::moved_again`] puts it back if
+    /// the write fails). `None` before the first reconcile of a term. It walks every deadline
+    /// under the keeper's lock (once per checkpoint interval, not per renewal): the price of
+    /// keeping the mark in the deadline instead of a second set of ids.
     fn take_checkpoint(&self) -> Option<(u64, Vec<(u64, u64)>)> {
-        let now = Instant::now();
+        let now = self.now_ms();
         let mut k = self.lock();
         let (clock, at) = k.clock?;
-        let clock_ms = clock + now.saturating_duration_since(at).as_millis() as u64;
-        let moved = std::mem::take(&mut k.moved);
-        let mut v: Vec<(u64, u64)> = moved
-            .into_iter()
-            .filter_map(|id| {
-                k.deadlines.get(&id).map(|d| (id, d.saturating_duration_since(now).as_millis() as u64))
-            })
-            .collect();
+        let clock_ms = clock + now.saturating_sub(at);
+        let mut v = Vec::new();
+        for (id, d) in k.deadlines.iter_mut().filter(|(_, d)| d.moved()) {
+            v.push((*id, d.ms().saturating_sub(now)));
+            *d = d.marked(false);
+        }
         v.sort_unstable();
         Some((clock_ms, v))
     }
 
     /// A checkpoint of these leases was not written: the next one writes them.
     fn moved_again(&self, ids: impl IntoIterator<Item = u64>) {
-        self.lock().moved.extend(ids);
+        let mut k = self.lock();
+        for id in ids {
+            if let Some(d) = k.deadlines.get_mut(&id) {
+                *d = d.marked(true);
+            }
+        }
     }
 
     fn forget_term(&self) {
@@ -205,17 +239,19 @@ async fn checkpoint(node: &RaftNode) {
         return; // nothing counts down
     }
     let batch = keeper.opts.expiry_batch.max(1);
-    let mut chunks: Vec<Vec<(u64, u64)>> = remaining.chunks(batch).map(<[_]>::to_vec).collect();
-    if chunks.is_empty() {
-        chunks.push(Vec::new()); // the clock alone
-    }
-    let mut chunks = chunks.into_iter();
-    while let Some(chunk) = chunks.next() {
+    // Entries of at most `batch` leases, cut from the end (each cut copies only itself); an
+    // empty checkpoint still writes the clock.
+    let mut rest = remaining;
+    loop {
+        let chunk = rest.split_off(rest.len().saturating_sub(batch));
         let ids: Vec<u64> = chunk.iter().map(|(id, _)| *id).collect();
         if let Err(e) = node.propose(Command::CheckpointLeases { clock_ms, remaining: chunk }).await {
             tracing::warn!(error = %e, "lease checkpoint failed; the next one writes these leases");
-            keeper.moved_again(ids.into_iter().chain(chunks.flatten().map(|(id, _)| id)));
-            break;
+            keeper.moved_again(ids.into_iter().chain(rest.iter().map(|(id, _)| *id)));
+            return;
+        }
+        if rest.is_empty() {
+            return;
         }
     }
 }
@@ -388,5 +424,27 @@ mod tests {
         f.reconcile();
         assert!(f.keeper.expired().is_empty());
         assert_eq!(f.counted(), [a]);
+    }
+
+    #[test]
+    fn a_checkpoint_writes_each_renewal_once_unless_its_write_failed() {
+        let (f, a, b) = Fixture::two_counted_one_renewed();
+        let ids =
+            |c: Option<(u64, Vec<(u64, u64)>)>| c.unwrap().1.iter().map(|(id, _)| *id).collect::<Vec<_>>();
+        let (_, first) = f.keeper.take_checkpoint().unwrap();
+        assert_eq!(first.len(), 1);
+        assert!(first[0].0 == a && first[0].1 > 60_000 && first[0].1 <= 3_600_000, "{first:?}");
+        assert!(ids(f.keeper.take_checkpoint()).is_empty(), "written once");
+        f.keeper.moved_again([a, 999]);
+        assert_eq!(
+            ids(f.keeper.take_checkpoint()),
+            [a],
+            "a failed write is written again; unknown ids are not"
+        );
+        f.keeper.renew(b, 1_000);
+        f.keeper.renew(a, 1_000);
+        assert_eq!(ids(f.keeper.take_checkpoint()), [a, b]);
+        // The mark is not part of the deadline.
+        assert!(f.keeper.remaining(a).is_some_and(|ms| ms <= 1_000));
     }
 }

@@ -55,8 +55,9 @@ openraft::declare_raft_types!(
 /// record and command variants only: a version 2 directory loads unchanged, and a build that
 /// knows only version 2 refuses a version 3 directory instead of failing on a token record);
 /// version 4 added the lease clock (a new `Meta` record and checkpoint command; the old ones
-/// still load, with the clock at 0). See `ondisk` for the table.
-pub const DATA_VERSION: u32 = 4;
+/// still load, with the clock at 0); version 5 added registrations inside allocations (a new
+/// allocation command; the old one still loads). See `ondisk` for the table.
+pub const DATA_VERSION: u32 = 5;
 /// The oldest data version this build reads: directories of versions 1 (0.1.0) and 2 are
 /// upgraded in place when opened (version 1 records and log entries load through `ondisk::v1`).
 pub const OLDEST_READABLE_VERSION: u32 = 1;
@@ -150,7 +151,7 @@ pub(crate) struct Inner {
     /// What this directory had made durable (see `watermark`).
     pub(crate) watermark: Arc<watermark::Watermark>,
     /// Declared last so that it drops after every sled handle above (see [`Released`]).
-    _released: Released,
+    released: Released,
 }
 
 /// Waits, when the store is dropped, until sled's lock on the directory is free, so that a
@@ -160,13 +161,23 @@ pub(crate) struct Inner {
 /// flush that waited for it has returned; the file (and its `flock`) is closed only when that
 /// task ends. Seen in CI under load: a reopen right after a drop failed with "could not acquire
 /// lock". Polling `flock` is the only way to observe that release; it is bounded.
+///
+/// Once the lock is free it tells [`Store::closed`]'s waiters.
 #[derive(Debug)]
 struct Released {
     lock_file: PathBuf,
+    closed: tokio::sync::watch::Sender<bool>,
 }
 
 impl Drop for Released {
     fn drop(&mut self) {
+        self.wait_for_lock();
+        self.closed.send_replace(true);
+    }
+}
+
+impl Released {
+    fn wait_for_lock(&self) {
         const PATIENCE: std::time::Duration = std::time::Duration::from_secs(5);
         let Ok(file) = std::fs::File::open(&self.lock_file) else { return };
         let start = std::time::Instant::now();
@@ -251,7 +262,10 @@ impl Store {
             db,
             stats,
             watermark,
-            _released: Released { lock_file: dir.join("sled").join("db") },
+            released: Released {
+                lock_file: dir.join("sled").join("db"),
+                closed: tokio::sync::watch::Sender::new(false),
+            },
         };
         let readable = |v: &[u8]| {
             <[u8; 4]>::try_from(v)
@@ -295,6 +309,16 @@ impl Store {
 
     pub fn dir(&self) -> &Path {
         &self.inner.dir
+    }
+
+    /// Resolves once this directory is closed: every handle to the store dropped and sled's lock
+    /// on the directory released, so that it can be opened again. The future holds no handle.
+    pub fn closed(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut rx = self.inner.released.closed.subscribe();
+        async move {
+            // An error means the sender is gone, which happens only after it said `true`.
+            let _ = rx.wait_for(|closed| *closed).await;
+        }
     }
 
     /// The node id recorded in this directory, if any.

@@ -106,6 +106,8 @@ pub struct StateMachineStore {
     inner: Arc<Inner>,
     sm: Arc<RwLock<SmState>>,
     applied_tx: Arc<watch::Sender<u64>>,
+    /// The size of the last snapshot built, to size the next one's buffer (see [`Self::build`]).
+    last_snapshot_len: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl StateMachineStore {
@@ -132,7 +134,12 @@ impl StateMachineStore {
         let index = last_applied.map_or(0, |l: LogId<u64>| l.index);
         let sm = SmState { state, last_applied, membership };
         let (tx, _) = watch::channel(index);
-        Ok(Self { inner, sm: Arc::new(RwLock::new(sm)), applied_tx: Arc::new(tx) })
+        Ok(Self {
+            inner,
+            sm: Arc::new(RwLock::new(sm)),
+            applied_tx: Arc::new(tx),
+            last_snapshot_len: Arc::default(),
+        })
     }
 
     pub fn reader(&self) -> StateReader {
@@ -169,15 +176,21 @@ impl StateMachineStore {
         Ok(())
     }
 
+    /// Builds a snapshot and saves it. Its buffer starts at the last snapshot's size plus an
+    /// eighth: grown by doubling from empty, the buffer of a 2.4 MB snapshot had 4.2 MB reserved,
+    /// and the bytes were copied at each doubling (heaptrack, docs/benchmarks.md).
     fn build(&self) -> SResult<Snapshot<TypeConfig>> {
         let started = std::time::Instant::now();
+        let hint = self.last_snapshot_len.load(Ordering::Relaxed);
         let (data, last_log_id, last_membership, locked) = {
             let sm = self.sm.read().unwrap_or_else(|p| p.into_inner());
             let payload =
                 SnapshotPayloadOf { data_version: crate::DATA_VERSION, records: RecordsOf(&sm.state) };
-            let data = encode(&payload).map_err(|e| StorageIOError::write_snapshot(None, &e))?;
+            let data = postcard::to_extend(&payload, Vec::with_capacity(hint + hint / 8))
+                .map_err(|e| StorageIOError::write_snapshot(None, &e))?;
             (data, sm.last_applied, sm.membership.clone(), started.elapsed())
         };
+        self.last_snapshot_len.store(data.len(), Ordering::Relaxed);
         let snapshot_id = match last_log_id {
             Some(l) => format!("{}-{}-{}", l.leader_id, l.index, data.len()),
             None => format!("empty-{}", data.len()),
@@ -197,7 +210,11 @@ impl StateMachineStore {
     fn save_snapshot(&self, meta: &SnapshotMeta<u64, BasicNode>, data: &[u8]) -> SResult<()> {
         let sig = Some(meta.signature());
         let stored = StoredSnapshotOf { meta, data };
-        let b = encode(&stored).map_err(|e| StorageIOError::write_snapshot(sig.clone(), &e))?;
+        // Exactly as large as it will be: the metadata, the length, the snapshot's bytes.
+        let size = postcard::experimental::serialized_size(&stored)
+            .map_err(|e| StorageIOError::write_snapshot(sig.clone(), &e))?;
+        let b = postcard::to_extend(&stored, Vec::with_capacity(size))
+            .map_err(|e| StorageIOError::write_snapshot(sig.clone(), &e))?;
         self.inner
             .snap
             .insert(SNAP_CURRENT, b)
@@ -354,5 +371,13 @@ mod tests {
         let stored = StoredSnapshot { meta: built.meta.clone(), data: collected.clone() };
         let written = StoredSnapshotOf { meta: &built.meta, data: &collected };
         assert_eq!(encode(&written).unwrap(), encode(&stored).unwrap());
+
+        // The next snapshot's buffer is sized from this one (an eighth to spare), not grown by
+        // doubling from empty; its bytes are the same.
+        let again = sm.build_snapshot().await.unwrap().snapshot.into_inner();
+        assert_eq!(again, collected);
+        assert_eq!(again.capacity(), collected.len() + collected.len() / 8);
+        let current = sm.get_current_snapshot().await.unwrap().expect("a snapshot was saved");
+        assert_eq!(current.snapshot.into_inner(), collected, "saved from an exactly sized buffer");
     }
 }

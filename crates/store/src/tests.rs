@@ -39,6 +39,7 @@ pub(crate) fn alloc_entry(index: u64) -> openraft::Entry<TypeConfig> {
         }],
         probe: None,
         holder: None,
+        register: None,
     };
     openraft::Entry {
         log_id: openraft::LogId::new(openraft::CommittedLeaderId::new(1, 0), index),
@@ -215,5 +216,29 @@ fn a_dropped_store_can_be_reopened_at_once() {
         .collect();
     for l in loops {
         l.join().unwrap();
+    }
+}
+
+/// A registration as an allocation carries it (its port is filled in when applied).
+pub(crate) fn service() -> portmesh_core::Service {
+    portmesh_core::Service {
+        team: "t".into(),
+        id: String::new(),
+        name: "web".into(),
+        project: Some("shop".into()),
+        env: None,
+        instance: None,
+        host: "h".into(),
+        ports: vec![portmesh_core::ServicePort { name: "http".into(), port: 0, protocol: String::new() }],
+        tags: vec!["v1".into()],
+        check: None,
+        depends_on: Vec::new(),
+        status: portmesh_core::HealthStatus::Unknown,
+        output: String::new(),
+        lease_id: None,
+        holder: Some(portmesh_core::Holder { pid: 7, command: "make".into() }),
+        registered_ms: 0,
+        revision: 0,
+        status_ms: 0,
     }
 }

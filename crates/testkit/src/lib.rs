@@ -102,6 +102,15 @@ impl Oracle {
     }
 }
 
+/// Waits (up to 10 s) until the node says it is ready: gRPC health SERVING for `portmesh`,
+/// followed through the health `Watch` stream.
+pub async fn ready(c: &Client) {
+    tokio::time::timeout(Duration::from_secs(10), c.wait_health("portmesh"))
+        .await
+        .expect("the node became ready within 10 s")
+        .expect("the node's health stream");
+}
+
 /// Copies directory `from` (files and subdirectories) to `to`: a data directory as it was.
 pub fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
     std::fs::create_dir_all(to).expect("create the copy");

@@ -53,6 +53,21 @@ impl State {
             sel.taken.insert(pick.port);
             plans.push(Plan::New(item, pick));
         }
+        let registration = match &batch.register {
+            None => None,
+            Some(reg) => {
+                let ports: Vec<(u16, bool)> = plans
+                    .iter()
+                    .map(|p| match p {
+                        Plan::Existing(port) => {
+                            (*port, self.allocations.get(port).is_some_and(|a| a.lease_id == lease_id))
+                        }
+                        Plan::New(_, pick) => (pick.port, true),
+                    })
+                    .collect();
+                registration_of(batch, reg, &ports, lease_id)?
+            }
+        };
 
         // Phase 2: commit.
         let revision = self.bump();
@@ -80,7 +95,7 @@ impl State {
                             holder: batch.probe.as_ref().and_then(|p| p.owner(port)).cloned(),
                         };
                         if self.conflict_is_news(&c, now) {
-                            self.emit(revision, now, EventKind::Conflict(c));
+                            self.emit(revision, now, EventKind::Conflict(Box::new(c)));
                         }
                     }
                     let a = Allocation {
@@ -101,12 +116,13 @@ impl State {
                         item.key.as_ref().and_then(|k| self.sticky.get(&(batch.team.clone(), k.clone())));
                     let moved_from = last.copied().filter(|p| *p != pick.port);
                     self.insert_allocation(a.clone());
-                    self.emit(revision, now, EventKind::Allocated(a.clone()));
+                    self.emit(revision, now, EventKind::Allocated(Box::new(a.clone())));
                     grants.push(Grant { allocation: a, existing: false, moved_from });
                 }
             }
         }
-        Ok(Response::Allocated { grants, lease, revision })
+        let registered = registration.map(|svc| Box::new(self.insert_registration(revision, now, svc).0));
+        Ok(Response::Allocated { grants, lease, revision, registered })
     }
 
     pub(super) fn insert_allocation(&mut self, a: Allocation) {
@@ -158,7 +174,7 @@ impl State {
             self.cooling.insert(port);
             self.dirty.insert(Key::Cooldown(port));
         }
-        self.emit(revision, now, EventKind::Released { allocation: a.clone(), cause });
+        self.emit(revision, now, EventKind::Released { allocation: Box::new(a.clone()), cause });
         Some(a)
     }
 
@@ -199,4 +215,37 @@ impl State {
             .collect();
         Ok(Response::Released { allocations, revision })
     }
+}
+
+/// The service `batch` registers (`reg`) on the ports it gets (`ports`, in item order, each with
+/// whether it is new or already on the batch's lease), checked; `None` when some port is held
+/// under another lease (see [`AllocateBatch::register`]).
+fn registration_of(
+    batch: &AllocateBatch,
+    reg: &Service,
+    ports: &[(u16, bool)],
+    lease_id: Option<u64>,
+) -> Result<Option<Service>, Rejection> {
+    if reg.ports.len() != ports.len() {
+        return Err(Rejection::Invalid(format!(
+            "register.ports: {} named for {} items: name one port per item, in item order",
+            reg.ports.len(),
+            ports.len()
+        )));
+    }
+    if !ports.iter().all(|(_, ours)| *ours) {
+        return Ok(None);
+    }
+    let mut svc = reg.clone();
+    svc.team = batch.team.clone();
+    svc.host = batch.host.clone();
+    svc.lease_id = lease_id;
+    for (p, (port, _)) in svc.ports.iter_mut().zip(ports) {
+        p.port = *port;
+    }
+    if svc.id.is_empty() {
+        svc.id = Service::default_id(&svc.name, &svc.host, ports[0].0);
+    }
+    super::registry::check_service(&svc)?;
+    Ok(Some(svc))
 }

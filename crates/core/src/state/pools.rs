@@ -82,7 +82,7 @@ impl State {
         let pool = Pool { team: team.into(), name: name.into(), ranges: sorted, revision };
         self.pools.insert((team.into(), name.into()), pool.clone());
         self.dirty.insert(Key::Pool(team.into(), name.into()));
-        self.emit(revision, ctx.now_ms, EventKind::PoolAdded(pool.clone()));
+        self.emit(revision, ctx.now_ms, EventKind::PoolAdded(Box::new(pool.clone())));
         Ok(Response::PoolAdded(pool))
     }
 

@@ -47,11 +47,21 @@ impl State {
                 _ => return Err(Rejection::UnknownLease { team: svc.team.clone(), id }),
             }
         }
-        let key = (svc.team.clone(), svc.id.clone());
-        let previous = self.take_service(&key);
         let revision = self.bump();
-        let now = ctx.now_ms;
-        let mut new = svc.clone();
+        let (service, replaced) = self.insert_registration(revision, ctx.now_ms, svc.clone());
+        Ok(Response::Registered { service: Box::new(service), replaced, revision })
+    }
+
+    /// Stores `new` (checked: [`check_service`], its lease live) at `revision`, replacing the
+    /// entry with its team and id; returns it as stored and whether it replaced one.
+    pub(super) fn insert_registration(
+        &mut self,
+        revision: u64,
+        now: u64,
+        mut new: Service,
+    ) -> (Service, bool) {
+        let key = (new.team.clone(), new.id.clone());
+        let previous = self.take_service(&key);
         new.registered_ms = now;
         new.revision = revision;
         // Re-registering the same service with the same check keeps what its checks found.
@@ -68,10 +78,10 @@ impl State {
                 new.status_ms = now;
             }
         }
-        self.dirty.insert(Key::Service(key.0.clone(), key.1.clone()));
+        self.dirty.insert(Key::Service(key.0, key.1));
         self.insert_service_unmarked(new.clone());
         self.emit(revision, now, EventKind::ServiceRegistered(Box::new(new.clone())));
-        Ok(Response::Registered { service: Box::new(new), replaced: previous.is_some(), revision })
+        (new, previous.is_some())
     }
 
     pub(super) fn deregister(&mut self, ctx: ApplyCtx, team: &str, id: &str) -> Result<Response, Rejection> {
@@ -101,7 +111,7 @@ impl State {
             svc.status = u.status;
             svc.output = clip_output(&u.output);
             svc.status_ms = ctx.now_ms;
-            let kind = EventKind::HealthChanged {
+            let kind = EventKind::HealthChanged(Box::new(HealthChange {
                 team: svc.team.clone(),
                 id: svc.id.clone(),
                 name: svc.name.clone(),
@@ -109,7 +119,7 @@ impl State {
                 previous,
                 status: u.status,
                 output: svc.output.clone(),
-            };
+            }));
             self.dirty.insert(Key::Service(key.0, key.1));
             self.emit(rev, ctx.now_ms, kind);
             changed += 1;
@@ -124,7 +134,7 @@ pub fn clip_output(s: &str) -> String {
     crate::text::clean_text_to(s, MAX_CHECK_OUTPUT)
 }
 
-fn check_service(svc: &Service) -> Result<(), Rejection> {
+pub(super) fn check_service(svc: &Service) -> Result<(), Rejection> {
     check_name("team", &svc.team)?;
     check_name("service", &svc.name)?;
     if svc.id.is_empty() || svc.id.len() > 255 || svc.id.chars().any(char::is_control) {

@@ -137,6 +137,11 @@ pub struct Service {
 }
 
 impl Service {
+    /// The id of a registration that names none: `NAME@HOST:PORT` of its first port.
+    pub fn default_id(name: &str, host: &str, port: u16) -> String {
+        format!("{name}@{host}:{port}")
+    }
+
     /// The port a check or a client uses when it names none.
     pub fn main_port(&self) -> Option<u16> {
         self.ports.first().map(|p| p.port)

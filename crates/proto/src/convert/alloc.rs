@@ -2,6 +2,7 @@
 
 use portmesh_core as core;
 
+use super::registry::{PortsFrom, service_of};
 use super::{
     AtHost, BadRequest, command_of, holder, name, opt, opt_key, opt_name, pid_of, port, required_port, team,
 };
@@ -42,13 +43,48 @@ impl TryFrom<AtHost<'_, pb::AllocateRequest>> for Allocate {
             }
         };
         opt_key("host", &req.host)?;
+        let team = team(&req.team)?;
+        let host = if req.host.is_empty() { host.to_string() } else { req.host.clone() };
+        let items: Vec<core::AllocItem> =
+            req.items.iter().map(core::AllocItem::try_from).collect::<Result<_, _>>()?;
+        let register = match &req.register {
+            None => None,
+            Some(svc) => {
+                let mut reg =
+                    service_of(AtHost { msg: svc, host: &host }, "register", PortsFrom::Allocation)?;
+                let leased = match lease {
+                    core::LeaseSpec::Existing(id) => Some(id),
+                    _ => None,
+                };
+                if !svc.team.is_empty() && reg.team != team {
+                    return Err(BadRequest(format!(
+                        "register.team: {:?}, but the allocation is for team {team:?}: leave it empty",
+                        reg.team
+                    )));
+                }
+                reg.team = team.clone();
+                if reg.host != host {
+                    return Err(BadRequest(format!(
+                        "register.host: {:?}, but the allocation is for host {host:?}: leave it empty",
+                        reg.host
+                    )));
+                }
+                if reg.lease_id.is_some() && reg.lease_id != leased {
+                    return Err(BadRequest(
+                        "register.lease_id: the registration takes the allocation's lease: leave it 0".into(),
+                    ));
+                }
+                Some(Box::new(reg))
+            }
+        };
         let batch = core::AllocateBatch {
-            team: team(&req.team)?,
-            host: if req.host.is_empty() { host.to_string() } else { req.host.clone() },
+            team,
+            host,
             lease,
-            items: req.items.iter().map(core::AllocItem::try_from).collect::<Result<_, _>>()?,
+            items,
             probe: None,
             holder: holder(req.pid, &req.command),
+            register,
         };
         Ok(Allocate { batch, reported_busy })
     }
@@ -280,6 +316,52 @@ mod tests {
         let e = core::Command::try_from(&pb::ReserveRequest { port: 5, reason: String::new() }).unwrap_err();
         assert!(e.0.starts_with("port: port 5 is out of range"), "{e}");
         assert!(core::Command::try_from(&pb::UnreserveRequest { port: 0 }).is_err());
+    }
+
+    #[test]
+    fn a_registration_rides_on_the_allocation_with_its_fields_checked() {
+        let svc = |f: &dyn Fn(&mut pb::Service)| {
+            let mut s = pb::Service {
+                name: "web".into(),
+                ports: vec![pb::ServicePort { name: "http".into(), ..Default::default() }],
+                pid: 9,
+                ..Default::default()
+            };
+            f(&mut s);
+            s
+        };
+        let req = |register: pb::Service| pb::AllocateRequest {
+            team: "a".into(),
+            items: vec![pb::AllocItem { service: "web".into(), ..Default::default() }],
+            ttl_ms: 5_000,
+            register: Some(register),
+            ..Default::default()
+        };
+        let a = allocate(&req(svc(&|_| {}))).unwrap();
+        let reg = a.batch.register.unwrap();
+        // Team and host are the allocation's; id and port numbers are left for `apply`.
+        assert_eq!((reg.team.as_str(), reg.host.as_str(), reg.id.as_str()), ("a", "here", ""));
+        assert_eq!((reg.ports[0].name.as_str(), reg.ports[0].port, reg.lease_id), ("http", 0, None));
+        assert_eq!(reg.holder.map(|h| h.pid), Some(9));
+        for (bad, field) in [
+            (svc(&|s| s.ports[0].port = 8000), "register.ports.port: 8000 given; leave it 0"),
+            (svc(&|s| s.name = String::new()), "register.name: a service needs a name"),
+            (svc(&|s| s.name = "a b".into()), "register.name"),
+            (svc(&|s| s.team = "b".into()), "register.team: \"b\", but the allocation is for team \"a\""),
+            (svc(&|s| s.host = "there".into()), "register.host: \"there\""),
+            (svc(&|s| s.lease_id = 3), "register.lease_id"),
+            (svc(&|s| s.tags = vec!["no tag".into()]), "register.tags"),
+        ] {
+            let e = allocate(&req(bad)).unwrap_err();
+            assert!(e.0.starts_with(field), "want {field:?}, got {e}");
+        }
+        // The same team spelled out, or the lease the request attaches to, are fine.
+        let same = pb::AllocateRequest {
+            ttl_ms: 0,
+            lease_id: 3,
+            ..req(svc(&|s| (s.team, s.lease_id) = ("a".into(), 3)))
+        };
+        assert_eq!(allocate(&same).unwrap().batch.register.unwrap().lease_id, Some(3));
     }
 
     #[test]

@@ -11,11 +11,11 @@ impl From<&core::Event> for pb::Event {
         let mut out = pb::Event { revision: e.revision, seq: e.seq, at_ms: e.at_ms, ..Default::default() };
         let kind = match &e.kind {
             K::Allocated(a) => {
-                out.allocation = Some(a.into());
+                out.allocation = Some(a.as_ref().into());
                 pb::EventType::Allocated
             }
             K::Released { allocation, cause } => {
-                out.allocation = Some(allocation.into());
+                out.allocation = Some(allocation.as_ref().into());
                 out.cause = cause.to_string();
                 match cause {
                     core::ReleaseCause::LeaseExpired => pb::EventType::Expired,
@@ -32,7 +32,7 @@ impl From<&core::Event> for pb::Event {
             }
             K::PoolAdded(p) => {
                 let usage = core::PoolUsage { size: p.size(), allocated: 0, reserved: 0, cooling: 0 };
-                out.pool = Some((p, &usage).into());
+                out.pool = Some((p.as_ref(), &usage).into());
                 out.team = p.team.clone();
                 out.pool_name = p.name.clone();
                 pb::EventType::PoolAdded
@@ -79,12 +79,12 @@ impl From<&core::Event> for pb::Event {
                 out.cause = cause.to_string();
                 pb::EventType::ServiceDeregistered
             }
-            K::HealthChanged { team, id, name, host, previous, status, output } => {
+            K::HealthChanged(h) => {
                 (out.team, out.service_id, out.service_name, out.host) =
-                    (team.clone(), id.clone(), name.clone(), host.clone());
-                out.set_previous((*previous).into());
-                out.set_status((*status).into());
-                out.output = output.clone();
+                    (h.team.clone(), h.id.clone(), h.name.clone(), h.host.clone());
+                out.set_previous(h.previous.into());
+                out.set_status(h.status.into());
+                out.output = h.output.clone();
                 pb::EventType::HealthChanged
             }
         };

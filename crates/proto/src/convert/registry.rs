@@ -146,72 +146,98 @@ impl From<&core::Service> for pb::Service {
     }
 }
 
+/// Where a registration's port numbers come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum PortsFrom {
+    /// The request gives them (`Registry.Register`).
+    Request,
+    /// The allocation the registration rides on (`AllocateRequest.register`): each is 0 here
+    /// and filled in when the allocation is applied, like an empty id.
+    Allocation,
+}
+
 /// A registration received by the node on `host`. Empty team, host and id get their defaults
 /// (the team `default`, the receiving node's host, `NAME@HOST:PORT`). Status and times are left
 /// for `apply`.
 impl TryFrom<AtHost<'_, pb::Service>> for core::Service {
     type Error = BadRequest;
 
-    fn try_from(
-        AtHost { msg: svc, host: default_host }: AtHost<'_, pb::Service>,
-    ) -> Result<Self, Self::Error> {
-        if svc.name.is_empty() {
-            return Err(BadRequest("service.name: a service needs a name".into()));
-        }
-        name("service.name", &svc.name)?;
-        opt_key("service.id", &svc.id)?;
-        opt_key("service.host", &svc.host)?;
-        for (field, v) in [
-            ("service.project", &svc.project),
-            ("service.env", &svc.env),
-            ("service.instance", &svc.instance),
-        ] {
-            opt_name(field, v)?;
-        }
-        svc.tags.iter().try_for_each(|t| name("service.tags", t))?;
-        svc.depends_on.iter().try_for_each(|d| name("service.depends_on", d))?;
-        for p in &svc.ports {
-            opt_name("service.ports.name", &p.name)?;
-            opt_name("service.ports.protocol", &p.protocol)?;
-        }
-        let ports = svc
-            .ports
-            .iter()
-            .map(|p| {
-                Ok(core::ServicePort {
-                    name: if p.name.is_empty() { "main".into() } else { p.name.clone() },
-                    port: required_port(p.port, "service.ports.port")?,
-                    protocol: p.protocol.clone(),
-                })
-            })
-            .collect::<Result<Vec<_>, BadRequest>>()?;
-        let host = if svc.host.is_empty() { default_host.to_string() } else { svc.host.clone() };
-        let id = match (svc.id.is_empty(), ports.first()) {
-            (false, _) => svc.id.clone(),
-            (true, Some(p)) => format!("{}@{host}:{}", svc.name, p.port),
-            (true, None) => svc.name.clone(),
-        };
-        Ok(core::Service {
-            team: team(&svc.team)?,
-            id,
-            name: svc.name.clone(),
-            project: opt(&svc.project),
-            env: opt(&svc.env),
-            instance: opt(&svc.instance),
-            host,
-            ports,
-            tags: svc.tags.clone(),
-            check: svc.check.as_ref().map(TryInto::try_into).transpose()?,
-            depends_on: svc.depends_on.clone(),
-            status: core::HealthStatus::Unknown,
-            output: String::new(),
-            lease_id: (svc.lease_id != 0).then_some(svc.lease_id),
-            holder: holder(svc.pid, &svc.command),
-            registered_ms: 0,
-            revision: 0,
-            status_ms: 0,
-        })
+    fn try_from(at: AtHost<'_, pb::Service>) -> Result<Self, Self::Error> {
+        service_of(at, "service", PortsFrom::Request)
     }
+}
+
+/// The registration in `at`, its errors naming fields under `field` (`service.name`).
+pub(super) fn service_of(
+    AtHost { msg: svc, host: default_host }: AtHost<'_, pb::Service>,
+    field: &str,
+    ports_from: PortsFrom,
+) -> Result<core::Service, BadRequest> {
+    let f = |name: &str| format!("{field}.{name}");
+    if svc.name.is_empty() {
+        return Err(BadRequest(format!("{}: a service needs a name", f("name"))));
+    }
+    name(&f("name"), &svc.name)?;
+    opt_key(&f("id"), &svc.id)?;
+    opt_key(&f("host"), &svc.host)?;
+    for (what, v) in [("project", &svc.project), ("env", &svc.env), ("instance", &svc.instance)] {
+        opt_name(&f(what), v)?;
+    }
+    svc.tags.iter().try_for_each(|t| name(&f("tags"), t))?;
+    svc.depends_on.iter().try_for_each(|d| name(&f("depends_on"), d))?;
+    for p in &svc.ports {
+        opt_name(&f("ports.name"), &p.name)?;
+        opt_name(&f("ports.protocol"), &p.protocol)?;
+    }
+    let ports = svc
+        .ports
+        .iter()
+        .map(|p| {
+            let port = match ports_from {
+                PortsFrom::Request => required_port(p.port, &f("ports.port"))?,
+                PortsFrom::Allocation if p.port == 0 => 0,
+                PortsFrom::Allocation => {
+                    return Err(BadRequest(format!(
+                        "{}: {} given; leave it 0: the port comes from the allocation",
+                        f("ports.port"),
+                        p.port
+                    )));
+                }
+            };
+            Ok(core::ServicePort {
+                name: if p.name.is_empty() { "main".into() } else { p.name.clone() },
+                port,
+                protocol: p.protocol.clone(),
+            })
+        })
+        .collect::<Result<Vec<_>, BadRequest>>()?;
+    let host = if svc.host.is_empty() { default_host.to_string() } else { svc.host.clone() };
+    let id = match (svc.id.is_empty(), ports.first()) {
+        (false, _) => svc.id.clone(),
+        (true, _) if ports_from == PortsFrom::Allocation => String::new(),
+        (true, Some(p)) => core::Service::default_id(&svc.name, &host, p.port),
+        (true, None) => svc.name.clone(),
+    };
+    Ok(core::Service {
+        team: team(&svc.team)?,
+        id,
+        name: svc.name.clone(),
+        project: opt(&svc.project),
+        env: opt(&svc.env),
+        instance: opt(&svc.instance),
+        host,
+        ports,
+        tags: svc.tags.clone(),
+        check: svc.check.as_ref().map(TryInto::try_into).transpose()?,
+        depends_on: svc.depends_on.clone(),
+        status: core::HealthStatus::Unknown,
+        output: String::new(),
+        lease_id: (svc.lease_id != 0).then_some(svc.lease_id),
+        holder: holder(svc.pid, &svc.command),
+        registered_ms: 0,
+        revision: 0,
+        status_ms: 0,
+    })
 }
 
 /// A `RegisterRequest` received by the node on `host`.

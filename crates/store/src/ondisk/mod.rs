@@ -12,6 +12,7 @@
 //! | 2 | 0.2.0 on | holders on allocations and conflicts, probe owners on allocation batches (new variants `Alloc`, `Event`, `Allocate`), services |
 //! | 3 | 0.2.0 on | tokens (new variants `Token`, `AddToken`, `RevokeToken`, `UseToken`) |
 //! | 4 | 0.2.0 on | the lease clock: `Meta` with `lease_clock_ms` (new variant `Meta`), checkpoints that carry the clock and only renewed leases (new variant `CheckpointLeasesAt`) |
+//! | 5 | 0.2.0 on | allocations that register a service in the same entry: `AllocateBatch` with `register` (new variant `Allocate`; the old shape is [`v2`]'s) |
 //!
 //! Where a change goes: when a persisted core type changes shape, copy its old shape into a new
 //! `vN` module (with a `From` into the current type), give the enum here a new variant for the
@@ -19,6 +20,7 @@
 //! written by the last release (`tests/fixtures/`).
 
 pub mod v1;
+pub mod v2;
 
 use portmesh_core::{
     self as core, AllocateBatch, Allocation, Cooldown, Event, HealthUpdate, Lease, Meta, Pool, PortRange,
@@ -97,7 +99,8 @@ pub enum LogCommand {
     SetHealth {
         updates: Vec<HealthUpdate>,
     },
-    Allocate(AllocateBatch),
+    /// An allocation as data versions 2 to 4 logged it (no registration).
+    AllocateV2(v2::AllocateBatchV2),
     AddToken(Box<Token>),
     RevokeToken {
         id: String,
@@ -109,6 +112,7 @@ pub enum LogCommand {
         clock_ms: u64,
         remaining: Vec<(u64, u64)>,
     },
+    Allocate(AllocateBatch),
 }
 
 impl From<core::Command> for LogCommand {
@@ -143,6 +147,7 @@ impl From<LogCommand> for core::Command {
         use core::Command as C;
         match c {
             LogCommand::AllocateV1(b) => C::Allocate(b.into()),
+            LogCommand::AllocateV2(b) => C::Allocate(b.into()),
             LogCommand::Allocate(b) => C::Allocate(b),
             LogCommand::Release { team, selector } => C::Release { team, selector },
             LogCommand::Reserve { port, reason } => C::Reserve { port, reason },
@@ -370,6 +375,38 @@ mod tests {
         }
     }
 
+    /// Events are stored as they are (`StoredRecord::Event`): keeping a large variant's content
+    /// boxed, and the health change as a struct of its own, changed nothing on disk. A boxed
+    /// value encodes as the value; a variant holding a struct as the struct variant it was
+    /// (its index, then the fields in order).
+    #[test]
+    fn boxed_event_contents_keep_their_encoding() {
+        let alloc: Allocation = alloc_v1().into();
+        let event = |kind| Record::Event(Event { revision: 3, seq: 1, at_ms: 2, kind });
+        let head = [3u8, 1, 2];
+        let bytes =
+            postcard::to_allocvec(&StoredRecord::from(event(EventKind::Allocated(Box::new(alloc.clone())))))
+                .unwrap();
+        let inline = [&head[..], &[0], &postcard::to_allocvec(&alloc).unwrap()].concat();
+        assert_eq!(&bytes[1..], &inline[..], "Allocated: variant 0, then the allocation");
+
+        let h = core::HealthChange {
+            team: "t".into(),
+            id: "db-1".into(),
+            name: "db".into(),
+            host: "h".into(),
+            previous: core::HealthStatus::Passing,
+            status: core::HealthStatus::Critical,
+            output: "refused".into(),
+        };
+        let rec = event(EventKind::HealthChanged(Box::new(h.clone())));
+        let bytes = postcard::to_allocvec(&StoredRecord::from(rec.clone())).unwrap();
+        let fields = (&h.team, &h.id, &h.name, &h.host, h.previous, h.status, &h.output);
+        let as_struct_variant = [&head[..], &[13], &postcard::to_allocvec(&fields).unwrap()].concat();
+        assert_eq!(&bytes[1..], &as_struct_variant[..], "HealthChanged: variant 13, then its fields");
+        assert_eq!(core::Record::from(postcard::from_bytes::<StoredRecord>(&bytes).unwrap()), rec);
+    }
+
     /// The variant positions are the format: today's records and commands keep theirs, and
     /// every current shape round-trips.
     #[test]
@@ -394,12 +431,31 @@ mod tests {
             items: Vec::new(),
             probe: Some(HostProbe { checked: vec![8000], busy: vec![], owners: Vec::new() }),
             holder,
+            register: None,
         };
+        // Data versions 2 to 4 logged allocations without a registration at position 14: they
+        // still load, with none.
+        let old = v2::AllocateBatchV2 {
+            team: batch.team.clone(),
+            host: batch.host.clone(),
+            lease: batch.lease,
+            items: batch.items.clone(),
+            probe: batch.probe.clone(),
+            holder: batch.holder.clone(),
+        };
+        let old = LogRequest { time_ms: 9, commands: vec![LogCommand::AllocateV2(old)] };
+        let bytes = postcard::to_allocvec(&old).unwrap();
+        assert_eq!(bytes[2], 14);
+        let loaded = core::Request::from(postcard::from_bytes::<LogRequest>(&bytes).unwrap());
+        assert_eq!(loaded.commands, vec![core::Command::Allocate(batch.clone())]);
+        let registering =
+            AllocateBatch { register: Some(Box::new(crate::tests::service())), ..batch.clone() };
         for (cmd, position) in [
             (core::Command::Release { team: "t".into(), selector: ReleaseSelector::Key("k".into()) }, 1u8),
             (core::Command::SetCooldown { ms: 5 }, 10),
             (core::Command::Deregister { team: "t".into(), id: "x".into() }, 12),
-            (core::Command::Allocate(batch), 14),
+            (core::Command::Allocate(batch), 19),
+            (core::Command::Allocate(registering), 19),
             (core::Command::AddToken(Box::new(token())), 15),
             (core::Command::RevokeToken { id: "t".into() }, 16),
             (core::Command::UseToken { id: "t".into() }, 17),

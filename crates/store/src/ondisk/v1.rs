@@ -83,23 +83,25 @@ impl From<EventV1> for Event {
     fn from(e: EventV1) -> Self {
         use EventKindV1 as K;
         let kind = match e.kind {
-            K::Allocated(a) => EventKind::Allocated(a.into()),
-            K::Released { allocation, cause } => EventKind::Released { allocation: allocation.into(), cause },
+            K::Allocated(a) => EventKind::Allocated(Box::new(a.into())),
+            K::Released { allocation, cause } => {
+                EventKind::Released { allocation: Box::new(allocation.into()), cause }
+            }
             K::Reserved(r) => EventKind::Reserved(r),
             K::Unreserved { port } => EventKind::Unreserved { port },
-            K::PoolAdded(p) => EventKind::PoolAdded(p),
+            K::PoolAdded(p) => EventKind::PoolAdded(Box::new(p)),
             K::PoolRemoved { team, name } => EventKind::PoolRemoved { team, name },
             K::LeaseGranted { id, team, ttl_ms } => EventKind::LeaseGranted { id, team, ttl_ms },
             K::LeaseRevoked { id, team } => EventKind::LeaseRevoked { id, team },
             K::LeaseExpired { id, team } => EventKind::LeaseExpired { id, team },
-            K::Conflict(c) => EventKind::Conflict(Conflict {
+            K::Conflict(c) => EventKind::Conflict(Box::new(Conflict {
                 port: c.port,
                 team: c.team,
                 pool: c.pool,
                 service: c.service,
                 host: c.host,
                 holder: None,
-            }),
+            })),
             K::CooldownChanged { ms } => EventKind::CooldownChanged { ms },
         };
         Event { revision: e.revision, seq: e.seq, at_ms: e.at_ms, kind }
@@ -132,6 +134,7 @@ impl From<AllocateBatchV1> for AllocateBatch {
             items: b.items,
             probe: b.probe.map(|p| HostProbe { checked: p.checked, busy: p.busy, owners: Vec::new() }),
             holder: None,
+            register: None,
         }
     }
 }

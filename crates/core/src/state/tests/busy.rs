@@ -1,0 +1,216 @@
+//! Ports busy on their host: skipped, recorded as conflicts, and planned around.
+
+use super::*;
+
+#[test]
+fn busy_ports_are_skipped_and_recorded() {
+    let mut h = Harness::new();
+    let probe = HostProbe::new(vec![8000, 8001, 8002], vec![8000, 8001]);
+    let Response::Allocated { grants, revision, .. } =
+        h.alloc_with(vec![in_pool("w", "web")], LeaseSpec::None, Some(probe))
+    else {
+        panic!()
+    };
+    assert_eq!(grants[0].allocation.port, 8002);
+    let conflicts: Vec<u16> =
+        h.st.events_since(revision)
+            .filter_map(|e| match &e.kind {
+                EventKind::Conflict(c) => Some(c.port),
+                _ => None,
+            })
+            .collect();
+    assert_eq!(conflicts, [8000, 8001]);
+}
+
+/// The `Conflict` events of the batch at `revision`, as (host, port, holder pid).
+fn conflicts_at(st: &State, revision: u64) -> Vec<(String, u16, Option<u32>)> {
+    st.events_since(revision)
+        .take_while(|e| e.revision == revision)
+        .filter_map(|e| match &e.kind {
+            EventKind::Conflict(c) => Some((c.host.clone(), c.port, c.holder.as_ref().map(|h| h.pid))),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_busy_port_is_recorded_once_a_minute_per_host_and_holder() {
+    let mut h = Harness::new();
+    let squatter = |pid: u32| Holder { pid, command: "java -jar legacy.jar".into() };
+    // Allocations in the web pool (8000-) while 8000 and 8001 are held on the allocating host.
+    let take = |h: &mut Harness, host: &str, pid: u32| {
+        let probe = HostProbe::new((8000..8010).collect(), vec![8000, 8001])
+            .with_owners(vec![(8000, squatter(pid)), (8001, squatter(pid))]);
+        let batch = AllocateBatch {
+            host: host.into(),
+            probe: Some(probe),
+            ..batch(vec![at("w", 8000, Strategy::Next)])
+        };
+        let Response::Allocated { grants, revision, .. } = h.apply(Command::Allocate(batch)) else {
+            panic!()
+        };
+        h.release(&[grants[0].allocation.port]);
+        conflicts_at(&h.st, revision)
+    };
+    let h1 = |port, pid| ("h1".to_string(), port, Some(pid));
+    assert_eq!(take(&mut h, "h1", 7), [h1(8000, 7), h1(8001, 7)]);
+    // A burst walking past the same busy ports records nothing new...
+    for _ in 0..5 {
+        assert_eq!(take(&mut h, "h1", 7), []);
+    }
+    // ...but the same ports on another host are news, and so is another process holding them.
+    assert_eq!(take(&mut h, "h2", 7).len(), 2);
+    assert_eq!(take(&mut h, "h1", 8), [h1(8000, 8), h1(8001, 8)]);
+    // A minute after the last record, the port is recorded again.
+    h.advance(crate::CONFLICT_REPEAT_MS - 100);
+    assert_eq!(take(&mut h, "h1", 8), []);
+    h.advance(100);
+    assert_eq!(take(&mut h, "h1", 8), [h1(8000, 8), h1(8001, 8)]);
+
+    // When the record leaves the kept history, the rule forgets it too, as a replica rebuilt from
+    // the kept events would (`check_invariants` checks that round trip). The filler goes in
+    // through `step`, without the checks after every entry, which would take long here.
+    let recorded = h.st.meta.revision;
+    h.add_pool("default", "filler", "30000-39999");
+    h.apply(Command::SetCooldown { ms: 0 }); // released filler ports are free again at once
+    let mut rounds = 0;
+    while h.st.oldest_event_revision() <= recorded {
+        let items = (0..MAX_BATCH).map(|i| in_pool(&format!("f{i}"), "filler")).collect();
+        let Response::Allocated { grants, .. } = h.step(&Command::Allocate(batch(items))) else { panic!() };
+        let ports = grants.iter().map(|g| g.allocation.port).collect();
+        let selector = ReleaseSelector::Ports(ports);
+        let released = h.step(&Command::Release { team: "default".into(), selector });
+        assert!(matches!(released, Response::Released { .. }), "{released:?}");
+        rounds += 1;
+        assert!(rounds < 20, "the history should have moved past revision {recorded}");
+    }
+    check_invariants(&h.st);
+    assert!(h.st.last_conflicts.is_empty(), "{:?}", h.st.last_conflicts);
+    assert_eq!(take(&mut h, "h1", 8).len(), 2, "forgotten, so recorded again within the minute");
+}
+
+#[test]
+fn busy_wanted_port_with_fail_is_rejected_naming_the_host() {
+    let mut h = Harness::new();
+    let probe = HostProbe::new(vec![8080], vec![8080]);
+    let r = h.alloc_with(vec![at("w", 8080, Strategy::Fail)], LeaseSpec::None, Some(probe));
+    let Response::Rejected(r) = r else { panic!("{r:?}") };
+    assert!(r.to_string().contains("in use on host \"h1\""), "{r}");
+}
+
+#[test]
+fn an_unprobed_candidate_asks_for_another_probe() {
+    let mut h = Harness::new();
+    let probe = HostProbe::new(vec![8000], vec![8000]);
+    let r = h.alloc_with(vec![in_pool("w", "web")], LeaseSpec::None, Some(probe.clone()));
+    assert_eq!(r, Response::Rejected(Rejection::NeedProbe { port: 8001 }));
+    let r = h.alloc_with(
+        vec![AllocItem { strategy: Strategy::Random, ..in_pool("w", "web") }],
+        LeaseSpec::None,
+        Some(probe),
+    );
+    assert!(matches!(r, Response::Rejected(Rejection::NeedProbe { .. })));
+}
+
+#[test]
+fn plan_covers_what_apply_picks() {
+    let mut h = Harness::new();
+    h.one(in_pool("x", "web"));
+    h.apply(Command::Reserve { port: 8001, reason: String::new() });
+    for strategy in [Strategy::Sticky, Strategy::Next, Strategy::Fail, Strategy::Random] {
+        let batch = AllocateBatch {
+            team: "default".into(),
+            host: "h1".into(),
+            items: vec![
+                AllocItem { strategy, ..in_pool("a", "web") },
+                in_pool("b", "web"),
+                keyed("c", "db", "k"),
+            ],
+            ..batch(Vec::new())
+        };
+        let checked = h.st.plan(&batch, h.now, crate::PlanWidth::uniform(4), 99, &[]);
+        assert!(!checked.contains(&8000) && !checked.contains(&8001), "{strategy}: {checked:?}");
+        let mut with_probe = batch.clone();
+        with_probe.probe = Some(HostProbe::new(checked, vec![]));
+        let mut st = h.st.clone();
+        let r = st.apply(ApplyCtx { now_ms: h.now, index: 1, seq: 0 }, &Command::Allocate(with_probe));
+        assert!(matches!(r, Response::Allocated { .. }), "{strategy}: {r:?}");
+    }
+}
+
+/// Ports busy on the host stay free in the state, so below the lowest free port they pile up at
+/// the head of every plan. Known busy ones are planned but not counted: a narrow plan still
+/// reaches ports `apply` can take, where before it asked for another probe (issue 19).
+#[test]
+fn known_busy_ports_do_not_use_up_a_plan() {
+    let mut h = Harness::new();
+    h.add_pool("default", "wide", "40000-40999");
+    let busy: Vec<u16> = (40000..40030).collect();
+    let batch = batch(vec![in_pool("a", "wide")]);
+    let width = crate::PlanWidth::uniform(4);
+    let propose = |checked: Vec<u16>| {
+        let mut b = batch.clone();
+        b.probe = Some(HostProbe::new(checked, busy.clone()));
+        h.st.clone().apply(ApplyCtx { now_ms: h.now, index: 1, seq: 0 }, &Command::Allocate(b))
+    };
+    // Unaware of them, the plan is all busy ports and `apply` reaches one it was not probed for.
+    let blind = h.st.plan(&batch, h.now, width, 1, &[]);
+    assert_eq!(blind, [40000, 40001, 40002, 40003, 40004]);
+    assert!(matches!(propose(blind), Response::Rejected(Rejection::NeedProbe { port: 40030 })));
+    // Aware of them: they are planned (so the proposal reports them) and four more besides.
+    let planned = h.st.plan(&batch, h.now, width, 1, &busy);
+    assert_eq!(planned.len(), 30 + 5, "{planned:?}");
+    assert!(busy.iter().all(|p| planned.contains(p)));
+    let r = propose(planned);
+    assert!(matches!(&r, Response::Allocated { grants, .. } if grants[0].allocation.port == 40030), "{r:?}");
+    // A random pick is drawn from ports probed free only.
+    let random = AllocateBatch {
+        items: vec![AllocItem { strategy: Strategy::Random, ..in_pool("r", "wide") }],
+        ..batch.clone()
+    };
+    let drawn = h.st.plan(&random, h.now, width, 3, &busy);
+    let sampled: Vec<&u16> = drawn.iter().filter(|p| !busy.contains(p)).collect();
+    assert!(busy.iter().all(|p| drawn.contains(p)), "known busy ports are planned: {drawn:?}");
+    assert!(!sampled.is_empty() && sampled.len() <= 5, "the sample is of the others: {drawn:?}");
+    // A pool whose every free port is known busy is exhausted, not a probe asked for forever.
+    let mut full = Harness::new();
+    full.add_pool("default", "tiny", "41000-41002");
+    let tiny = AllocateBatch {
+        items: vec![AllocItem { strategy: Strategy::Random, ..in_pool("r", "tiny") }],
+        ..batch.clone()
+    };
+    let all_busy = [41000, 41001, 41002];
+    let planned = full.st.plan(&tiny, full.now, width, 3, &all_busy);
+    let mut b = tiny.clone();
+    b.probe = Some(HostProbe::new(planned, all_busy.to_vec()));
+    let r = full.st.clone().apply(ApplyCtx { now_ms: full.now, index: 1, seq: 0 }, &Command::Allocate(b));
+    assert!(matches!(r, Response::Rejected(Rejection::PoolExhausted { .. })), "{r:?}");
+}
+
+/// Regression: with a narrow plan, the one spare of a free wanted port was the wanted port itself,
+/// so a wanted port busy on the host asked for another probe forever instead of falling back.
+#[test]
+fn a_busy_wanted_port_falls_back_after_one_wider_probe() {
+    let h = Harness::new();
+    for strategy in [Strategy::Sticky, Strategy::Next, Strategy::Random] {
+        let batch = AllocateBatch {
+            team: "default".into(),
+            host: "h1".into(),
+            ..batch(vec![AllocItem { strategy, ..at("w", 8100, strategy) }])
+        };
+        let narrow = crate::PlanWidth { wanted_free: 1, otherwise: 4 };
+        let checked = h.st.plan(&batch, h.now, narrow, 7, &[]);
+        assert!(
+            checked.contains(&8100) && checked.len() >= 2,
+            "{strategy}: the spare is another port: {checked:?}"
+        );
+        // The host says the wanted port is busy: the spare (probed free) is taken.
+        let mut b = batch.clone();
+        b.probe = Some(HostProbe::new(checked, vec![8100]));
+        let r = h.st.clone().apply(ApplyCtx { now_ms: h.now, index: 1, seq: 0 }, &Command::Allocate(b));
+        assert!(
+            matches!(&r, Response::Allocated { grants, .. } if grants[0].allocation.port != 8100),
+            "{strategy}: {r:?}"
+        );
+    }
+}
