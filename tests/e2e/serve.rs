@@ -96,8 +96,6 @@ fn the_http_server_refuses_unknown_host_names() {
 /// release had in fact been applied).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_cut_off_after_it_was_sent_is_of_unknown_outcome() {
-    use nix::sys::signal::{Signal, kill};
-    use nix::unistd::Pid;
     use portmesh_client::{Client, pb};
     let h = Home::new();
     let data = h.path().join("data");
@@ -110,10 +108,9 @@ async fn a_write_cut_off_after_it_was_sent_is_of_unknown_outcome() {
         .unwrap()
         .allocations[0]
         .port;
-    let pid = Pid::from_raw(s.child.id() as i32);
-    kill(pid, Signal::SIGSTOP).unwrap();
+    portmesh_testkit::pause(s.child.id());
     let e = c.release(pb::ReleaseRequest { ports: vec![port], ..Default::default() }).await.unwrap_err();
-    kill(pid, Signal::SIGCONT).unwrap();
+    portmesh_testkit::resume(s.child.id());
     let msg = e.to_string();
     assert!(
         msg.contains(&format!("the node at {} stopped answering after the request was sent", s.grpc)),
@@ -230,14 +227,11 @@ async fn a_full_disk_stops_the_node_truthfully_and_a_restart_after_freeing_space
 /// failing every other call on it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_cut_off_while_a_node_was_paused_do_not_fail_the_others_on_the_connection() {
-    use nix::sys::signal::{Signal, kill};
-    use nix::unistd::Pid;
     let h = Home::new();
     let s = serve(&h, &h.path().join("paused"), &["--bootstrap"]);
     let c = portmesh_client::Client::connect(&s.grpc).await.unwrap();
     c.status().await.unwrap();
-    let pid = Pid::from_raw(s.child.id() as i32);
-    kill(pid, Signal::SIGSTOP).unwrap();
+    portmesh_testkit::pause(s.child.id());
     // Calls that wait, on the same connection.
     let waiting: Vec<_> = (0..10)
         .map(|_| {
@@ -257,7 +251,7 @@ async fn calls_cut_off_while_a_node_was_paused_do_not_fail_the_others_on_the_con
     for t in cut {
         assert!(t.await.unwrap(), "a paused node answered");
     }
-    kill(pid, Signal::SIGCONT).unwrap();
+    portmesh_testkit::resume(s.child.id());
     for t in waiting {
         let r =
             tokio::time::timeout(Duration::from_secs(10), t).await.expect("no answer after the node resumed");

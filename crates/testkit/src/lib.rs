@@ -16,6 +16,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
+use nix::sys::signal::Signal;
 use portmesh_client::{Client, ClientOptions, pb};
 
 /// Ports per allocation batch in [`load`].
@@ -511,4 +512,38 @@ pub fn refusing_port() -> Refusing {
         .expect("bind 127.0.0.1:0 for a refusing port");
     let port = socket.local_addr().ok().and_then(|a| a.as_socket()).map(|a| a.port()).expect("its port");
     Refusing { _socket: socket, port }
+}
+
+/// Pauses process `pid` with SIGSTOP and returns once every one of its threads has stopped.
+/// `kill` only queues the signal: until each thread has been scheduled and has taken it, the
+/// running ones go on answering calls, which on a loaded machine can take milliseconds.
+pub fn pause(pid: u32) {
+    signal(pid, Signal::SIGSTOP);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !all_threads_stopped(pid) {
+        assert!(std::time::Instant::now() < deadline, "process {pid} did not stop within 10 s of SIGSTOP");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Resumes a process [`pause`] stopped.
+pub fn resume(pid: u32) {
+    signal(pid, Signal::SIGCONT);
+}
+
+fn signal(pid: u32, sig: Signal) {
+    let target = nix::unistd::Pid::from_raw(i32::try_from(pid).expect("a pid fits i32"));
+    nix::sys::signal::kill(target, sig).unwrap_or_else(|e| panic!("{sig} to process {pid}: {e}"));
+}
+
+/// Whether every thread of `pid` is in state T (stopped), from `/proc/<pid>/task/*/stat`.
+fn all_threads_stopped(pid: u32) -> bool {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("the process's threads in /proc");
+    tasks.flatten().all(|t| {
+        std::fs::read_to_string(t.path().join("stat"))
+            // The state follows the command name, which is in parentheses and may hold spaces.
+            .map(|s| s.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with('T')))
+            // A thread that ended meanwhile does not answer either.
+            .unwrap_or(true)
+    })
 }
