@@ -144,7 +144,7 @@ impl Drop for SmallDisk {
 
 /// A full disk: writes fail with the cause, the node says it can write no more and stops (before,
 /// it went on answering healthy and serving with a leader while no write could succeed until a
-/// restart). Started again once space is freed, it holds every acknowledged allocation and writes.
+/// restart). Started again once space is freed, it holds every acknowledged write and writes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_stops_the_node_truthfully_and_a_restart_after_freeing_space_recovers() {
     let root = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata("/proc/self").unwrap()) == 0;
@@ -162,35 +162,18 @@ async fn a_full_disk_stops_the_node_truthfully_and_a_restart_after_freeing_space
     let data = disk.0.join("data");
     let mut s = serve(&h, &data, &["--bootstrap"]);
     let c = Client::connect(&s.grpc).await.unwrap();
-    let range = pb::PortRange { start: 45000, end: 49999 };
-    c.add_pool(pb::AddPoolRequest { team: "default".into(), name: "fill".into(), ranges: vec![range] })
-        .await
-        .unwrap();
+    // Reservations with the longest reason, each on its own port: every one a log entry and a
+    // record, so the log and the snapshots grow until the disk is full.
+    let reason = "r".repeat(256);
     let mut acked: Vec<u32> = Vec::new();
     let mut error = None;
-    'fill: for round in 0..200 {
-        for b in 0..50 {
-            let items = (0..10)
-                .map(|i| pb::AllocItem {
-                    service: format!("f{round}x{b}x{i}"),
-                    pool: "fill".into(),
-                    ..Default::default()
-                })
-                .collect();
-            match c.allocate(pb::AllocateRequest { items, ..Default::default() }).await {
-                Ok(r) => acked.extend(r.allocations.iter().map(|a| a.port)),
-                Err(e) if e.kind() == Some("exhausted") => break,
-                Err(e) => {
-                    error = Some(e.to_string());
-                    break 'fill;
-                }
+    for port in 40000..50000 {
+        match c.reserve(pb::ReserveRequest { port, reason: reason.clone() }).await {
+            Ok(r) => acked.push(r.port),
+            Err(e) => {
+                error = Some(e.to_string());
+                break;
             }
-        }
-        // The pool is full: give everything back (writes too) and go on.
-        let ports = std::mem::take(&mut acked);
-        if let Err(e) = c.release(pb::ReleaseRequest { ports, ..Default::default() }).await {
-            error = Some(e.to_string());
-            break;
         }
     }
     let error = error.expect("the disk never filled");
@@ -209,15 +192,15 @@ async fn a_full_disk_stops_the_node_truthfully_and_a_restart_after_freeing_space
     let later = s.later.lock().unwrap().join("\n");
     assert!(later.contains("Raft stopped") && later.contains("cannot write any more"), "{later}");
 
-    // Space freed: it starts again, with every acknowledged allocation, and writes again.
+    // Space freed: it starts again, with every acknowledged reservation, and writes again.
     std::fs::remove_file(&filler).unwrap();
     let s2 = serve(&h, &data, &[]);
     let c = Client::connect(&s2.grpc).await.unwrap();
     let held = c.list(pb::ListRequest::default()).await.unwrap();
     for p in &acked {
-        assert!(held.allocations.iter().any(|a| a.port == *p), "acknowledged port {p} lost");
+        assert!(held.reservations.iter().any(|r| r.port == *p), "acknowledged reservation of {p} lost");
     }
-    let item = pb::AllocItem { service: "after".into(), pool: "fill".into(), ..Default::default() };
+    let item = pb::AllocItem { service: "after".into(), ..Default::default() };
     c.allocate(pb::AllocateRequest { items: vec![item], ..Default::default() }).await.unwrap();
 }
 

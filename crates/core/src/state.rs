@@ -86,8 +86,6 @@ pub struct State {
     /// again (see [`crate::CONFLICT_REPEAT_MS`]). Derived from `events` alone, so every replica
     /// and every restart decides alike.
     last_conflicts: BTreeMap<(String, u16), ConflictSeen>,
-    /// Records changed since the last [`State::take_dirty`].
-    dirty: BTreeSet<Key>,
 }
 
 /// Where and when a host's port was last recorded busy, and by which process.
@@ -116,17 +114,14 @@ impl Default for State {
 }
 
 impl State {
-    /// A fresh cluster's state: team `default` with the default pools, all marked dirty so the
-    /// first write persists them.
+    /// A fresh cluster's state: team `default` with the default pools.
     pub fn new() -> Self {
         let mut s = Self::empty();
         for (name, range) in default_pools() {
             let pool =
                 Pool { team: DEFAULT_TEAM.into(), name: name.into(), ranges: vec![range], revision: 0 };
-            s.dirty.insert(Key::Pool(pool.team.clone(), pool.name.clone()));
             s.pools.insert((pool.team.clone(), pool.name.clone()), pool);
         }
-        s.dirty.insert(Key::Meta);
         s
     }
 
@@ -150,13 +145,7 @@ impl State {
             cooling: crate::portset::PortSet::default(),
             lease_services: BTreeMap::new(),
             last_conflicts: BTreeMap::new(),
-            dirty: BTreeSet::new(),
         }
-    }
-
-    /// The keys changed since the last call; the store persists exactly these.
-    pub fn take_dirty(&mut self) -> BTreeSet<Key> {
-        std::mem::take(&mut self.dirty)
     }
 
     // ----- reads -------------------------------------------------------------------------
@@ -409,7 +398,6 @@ impl State {
 
     fn bump(&mut self) -> u64 {
         self.meta.revision += 1;
-        self.dirty.insert(Key::Meta);
         self.meta.revision
     }
 
@@ -418,7 +406,6 @@ impl State {
             Some(last) if last.revision == revision => last.seq + 1,
             _ => 0,
         };
-        self.dirty.insert(Key::Event(revision, seq));
         let event = Event { revision, seq, at_ms, kind };
         if let EventKind::Conflict(c) = &event.kind {
             self.last_conflicts.insert((c.host.clone(), c.port), ConflictSeen::of(&event, c));
@@ -427,13 +414,12 @@ impl State {
         // never past the retention: doubling from 8,192 kept room for 16,384 events, 1.5 MB
         // that were never used.
         while self.events.len() >= EVENT_RETENTION {
-            if let Some(old) = self.events.pop_front() {
-                self.dirty.insert(Key::Event(old.revision, old.seq));
-                if let EventKind::Conflict(c) = &old.kind {
-                    let key = (c.host.clone(), c.port);
-                    if self.last_conflicts.get(&key).is_some_and(|l| l.is(&old)) {
-                        self.last_conflicts.remove(&key);
-                    }
+            if let Some(old) = self.events.pop_front()
+                && let EventKind::Conflict(c) = &old.kind
+            {
+                let key = (c.host.clone(), c.port);
+                if self.last_conflicts.get(&key).is_some_and(|l| l.is(&old)) {
+                    self.last_conflicts.remove(&key);
                 }
             }
         }
@@ -463,7 +449,6 @@ impl State {
                     self.cooldown_order.remove(&(until, port));
                     self.cooldowns.remove(&port);
                     self.cooling.remove(port);
-                    self.dirty.insert(Key::Cooldown(port));
                 }
                 _ => break,
             }

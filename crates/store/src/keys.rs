@@ -1,4 +1,5 @@
-//! Byte layout of state-machine keys in the `sm` tree. Values are postcard-encoded
+//! Byte layout of state-machine keys in the `sm` tree of data versions up to 5 (read once, when
+//! such a directory is folded into a snapshot). Values are postcard-encoded
 //! [`portmesh_core::Record`]s, which name their own key, so loading needs only the values.
 //!
 //! | prefix | key                         |
@@ -15,12 +16,13 @@
 //! | `t`    | token: id                   |
 //! | `!`    | Raft bookkeeping (`!applied`, `!membership`) |
 
-use portmesh_core::Key;
-
 pub(crate) const APPLIED: &[u8] = b"!applied";
 pub(crate) const MEMBERSHIP: &[u8] = b"!membership";
 
-pub(crate) fn encode(key: &Key) -> Vec<u8> {
+/// The key of a record (what data versions up to 5 wrote; the store's tests write such trees).
+#[cfg(test)]
+pub(crate) fn encode(key: &portmesh_core::Key) -> Vec<u8> {
+    use portmesh_core::Key;
     let two = |p: u8, a: &str, b: &str| {
         let mut v = Vec::with_capacity(2 + a.len() + b.len());
         v.push(p);
@@ -63,6 +65,8 @@ pub(crate) fn is_record(key: &[u8]) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use portmesh_core::Key;
+
     use super::*;
 
     #[test]

@@ -56,8 +56,11 @@ openraft::declare_raft_types!(
 /// knows only version 2 refuses a version 3 directory instead of failing on a token record);
 /// version 4 added the lease clock (a new `Meta` record and checkpoint command; the old ones
 /// still load, with the clock at 0); version 5 added registrations inside allocations (a new
-/// allocation command; the old one still loads). See `ondisk` for the table.
-pub const DATA_VERSION: u32 = 5;
+/// allocation command; the old one still loads); version 6 keeps the state in snapshots and the
+/// log only (the `sm` tree of an older directory is folded into a snapshot when it is opened,
+/// and a build that knows only version 5 refuses it instead of loading an empty state). See
+/// `ondisk` for the table.
+pub const DATA_VERSION: u32 = 6;
 /// The oldest data version this build reads: directories of versions 1 (0.1.0) and 2 are
 /// upgraded in place when opened (version 1 records and log entries load through `ondisk::v1`).
 pub const OLDEST_READABLE_VERSION: u32 = 1;
@@ -142,7 +145,8 @@ pub(crate) struct Inner {
     pub(crate) meta: sled::Tree,
     /// Raft log: big-endian index -> entry.
     pub(crate) log: sled::Tree,
-    /// State machine records plus `!applied` and `!membership`.
+    /// Data versions up to 5 only: state machine records plus `!applied` and `!membership`,
+    /// folded into a snapshot when such a directory is opened (empty since).
     pub(crate) sm: sled::Tree,
     /// The current snapshot: `meta` and `data`.
     pub(crate) snap: sled::Tree,
@@ -217,6 +221,12 @@ fn unpanicked<T>(dir: &Path, f: impl FnOnce() -> Result<T, StoreError>) -> Resul
     })
 }
 
+/// A directory its watermark says held more than it does now: `why` names what went back.
+pub(crate) fn damaged_by_watermark(dir: &Path, why: String) -> StoreError {
+    let why = format!("{why} (its watermark, {}, says what it held)", dir.join(WATERMARK_FILE).display());
+    StoreError::Damaged { dir: dir.to_path_buf(), why }
+}
+
 impl Inner {
     /// Makes everything written so far durable (one fsync) and records the watermark of it.
     pub(crate) fn flush(&self) -> Result<(), sled::Error> {
@@ -243,12 +253,10 @@ impl Store {
         let tree = |name: &str| db.open_tree(name).map_err(io);
         let stats = Arc::new(StoreStats::default());
         let (meta, sm) = (tree("meta")?, tree("sm")?);
-        let (watermark, kept) = watermark::Watermark::open(dir, db.clone(), meta.clone(), sm.clone())
+        let watermark = watermark::Watermark::open(dir, db.clone(), meta.clone())
             .map_err(|source| StoreError::Watermark { dir: dir.to_path_buf(), source })?;
-        if let Some(why) = kept.and_then(|k| k.behind(&watermark::Mark::of(&meta, &sm))) {
-            let why =
-                format!("{why} (its watermark, {}, says what it held)", dir.join(WATERMARK_FILE).display());
-            return Err(StoreError::Damaged { dir: dir.to_path_buf(), why });
+        if let Some(why) = watermark.kept().and_then(|k| k.behind(&watermark::Mark::of(&meta, 0))) {
+            return Err(damaged_by_watermark(dir, why));
         }
         let watermark = Arc::new(watermark);
         let inner = Inner {
@@ -277,6 +285,7 @@ impl Store {
             Some(v) if v.as_ref() == DATA_VERSION.to_be_bytes() => {}
             Some(v) if let Some(old) = readable(v.as_ref()) => {
                 tracing::info!(dir = %dir.display(), from = old, to = DATA_VERSION, "upgrading the data directory");
+                sm_store::fold_records_into_snapshot(&inner)?;
                 inner.meta.insert(META_VERSION, &DATA_VERSION.to_be_bytes()).map_err(io)?;
                 inner.flush().map_err(io)?;
             }

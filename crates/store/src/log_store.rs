@@ -16,6 +16,14 @@ pub(crate) const VOTE: &[u8] = b"vote";
 const PURGED: &[u8] = b"last_purged";
 const COMMITTED: &[u8] = b"committed";
 
+/// The committed log id recorded in `meta` (see [`RaftLogStorage::save_committed`]).
+pub(crate) fn committed_in(meta: &sled::Tree) -> Result<Option<LogId<u64>>, String> {
+    match meta.get(COMMITTED).map_err(|e| e.to_string())? {
+        None => Ok(None),
+        Some(b) => decode::<Option<LogId<u64>>>(&b).map_err(|e| e.to_string()),
+    }
+}
+
 type SResult<T> = Result<T, StorageError<u64>>;
 
 /// Log entries removed per sled batch when the log is purged.
@@ -119,12 +127,15 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId<u64>>) -> SResult<()> {
-        // Not flushed: losing it only means re-applying from the state machine's applied id.
+        // Not flushed here: the next flush (the next append's, within one group commit under
+        // load) makes it durable. Opening the directory applies the log up to the id that was
+        // durable; a member restarting with an older one applies less until a leader commits
+        // again, and the watermark's revision never claims more than it (see `watermark`).
         self.put_meta(COMMITTED, &committed)
     }
 
     async fn read_committed(&mut self) -> SResult<Option<LogId<u64>>> {
-        Ok(self.get_meta::<Option<LogId<u64>>>(COMMITTED)?.flatten())
+        committed_in(&self.inner.meta).map_err(|e| StorageIOError::read(&sled_err(&e)).into())
     }
 
     async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> SResult<()>

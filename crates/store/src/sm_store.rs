@@ -1,5 +1,15 @@
-//! The state machine over sled: `portmesh_core::State` in memory, its records in the `sm` tree,
-//! the current snapshot in the `snap` tree.
+//! The state machine: `portmesh_core::State` in memory, made durable by the Raft log and the
+//! current snapshot (the `snap` tree) alone.
+//!
+//! Applying an entry writes nothing to disk: the entry is already durable in the log. Opening a
+//! directory loads the snapshot and applies the committed log entries after it ([`load`]), so a
+//! restart costs at most the entries since the last snapshot (`--snapshot-every`). Until data
+//! version 6 every applied entry also rewrote its records in an `sm` tree: one sled batch per
+//! entry, most of the CPU a replicated write cost (docs/architecture.md, "State in snapshots").
+//! A directory of an older version has that tree folded into a snapshot when it is opened
+//! ([`fold_records_into_snapshot`]).
+//!
+//! [`load`]: StateMachineStore::load
 
 use std::io::Cursor;
 use std::sync::atomic::Ordering;
@@ -14,7 +24,7 @@ use portmesh_core::{ApplyCtx, Response, State};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use crate::log_store::{decode, encode};
+use crate::log_store::decode;
 use crate::ondisk::StoredRecord;
 use crate::{Inner, StoreError, TypeConfig, keys};
 
@@ -96,10 +106,6 @@ struct StoredSnapshotOf<'a> {
 
 const SNAP_CURRENT: &[u8] = b"current";
 
-fn err<E: std::error::Error + 'static>(e: &E) -> StorageError<u64> {
-    StorageIOError::write_state_machine(e).into()
-}
-
 /// The state-machine half of the store.
 #[derive(Debug, Clone)]
 pub struct StateMachineStore {
@@ -111,28 +117,47 @@ pub struct StateMachineStore {
 }
 
 impl StateMachineStore {
+    /// The state of the current snapshot with every committed log entry after it applied.
+    /// Refuses a directory whose log lacks a committed entry, or whose state comes back with a
+    /// lower revision than its watermark recorded (see `watermark`).
     pub(crate) fn load(inner: Arc<Inner>) -> Result<Self, StoreError> {
         let corrupt = |what: String| StoreError::Corrupt { dir: inner.dir.clone(), what };
-        let mut records = Vec::new();
-        let mut last_applied = None;
-        let mut membership = Membership::default();
-        for kv in inner.sm.iter() {
-            let (k, v) = kv.map_err(|source| StoreError::Io { dir: inner.dir.clone(), source })?;
-            if keys::is_record(&k) {
-                records.push(
-                    decode::<StoredRecord>(&v)
-                        .map_err(|e| corrupt(format!("state record {k:?}: {e}")))?
-                        .into(),
-                );
-            } else if k.as_ref() == keys::APPLIED {
-                last_applied = decode(&v).map_err(|e| corrupt(format!("applied log id: {e}")))?;
-            } else if k.as_ref() == keys::MEMBERSHIP {
-                membership = decode(&v).map_err(|e| corrupt(format!("membership: {e}")))?;
+        let mut sm = match read_current(&inner)? {
+            Some(stored) => {
+                let payload = read_payload(&stored.meta, &stored.data).map_err(|e| corrupt(e.to_string()))?;
+                SmState {
+                    state: State::from_records(payload.records.into_iter().map(Into::into)),
+                    last_applied: stored.meta.last_log_id,
+                    membership: stored.meta.last_membership,
+                }
+            }
+            None => SmState { state: State::new(), last_applied: None, membership: Membership::default() },
+        };
+        let committed = crate::log_store::committed_in(&inner.meta)
+            .map_err(|e| corrupt(format!("committed log id: {e}")))?
+            .map(|c| c.index);
+        let mut next = sm.last_applied.map_or(0, |l| l.index + 1);
+        if let Some(committed) = committed.filter(|c| next <= *c) {
+            for kv in inner.log.range(next.to_be_bytes()..=committed.to_be_bytes()) {
+                let (_, v) = kv.map_err(|source| StoreError::Io { dir: inner.dir.clone(), source })?;
+                let e: Entry<TypeConfig> =
+                    decode(&v).map_err(|e| corrupt(format!("log entry {next}: {e}")))?;
+                if e.log_id.index != next {
+                    break;
+                }
+                sm.apply_entry(e);
+                next += 1;
+            }
+            if next <= committed {
+                let why = format!("its log lacks entry {next}, which it had committed (up to {committed})");
+                return Err(StoreError::Damaged { dir: inner.dir.clone(), why });
             }
         }
-        let state = State::from_records(records);
-        let index = last_applied.map_or(0, |l: LogId<u64>| l.index);
-        let sm = SmState { state, last_applied, membership };
+        if let Some(why) = inner.watermark.state_behind(sm.state.revision()) {
+            return Err(crate::damaged_by_watermark(&inner.dir, why));
+        }
+        inner.watermark.applied(sm.state.revision());
+        let index = sm.last_applied.map_or(0, |l: LogId<u64>| l.index);
         let (tx, _) = watch::channel(index);
         Ok(Self {
             inner,
@@ -150,55 +175,20 @@ impl StateMachineStore {
         self.sm.write().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Persists the changed records plus applied id and membership in one atomic batch.
-    fn persist(&self, sm: &mut SmState, replace_all: bool) -> SResult<()> {
-        let mut batch = sled::Batch::default();
-        if replace_all {
-            for k in self.inner.sm.iter().keys() {
-                batch.remove(k.map_err(|e| err(&e))?);
-            }
-            sm.state.take_dirty();
-            for r in sm.state.records() {
-                batch.insert(keys::encode(&r.key()), encode(&StoredRecord::from(r)).map_err(|e| err(&e))?);
-            }
-        } else {
-            for key in sm.state.take_dirty() {
-                let k = keys::encode(&key);
-                match sm.state.record(&key) {
-                    Some(r) => batch.insert(k, encode(&StoredRecord::from(r)).map_err(|e| err(&e))?),
-                    None => batch.remove(k),
-                }
-            }
-        }
-        batch.insert(keys::APPLIED, encode(&sm.last_applied).map_err(|e| err(&e))?);
-        batch.insert(keys::MEMBERSHIP, encode(&sm.membership).map_err(|e| err(&e))?);
-        self.inner.sm.apply_batch(batch).map_err(|e| err(&e))?;
-        Ok(())
-    }
-
     /// Builds a snapshot and saves it. Its buffer starts at the last snapshot's size plus an
     /// eighth: grown by doubling from empty, the buffer of a 2.4 MB snapshot had 4.2 MB reserved,
     /// and the bytes were copied at each doubling (heaptrack, docs/benchmarks.md).
     fn build(&self) -> SResult<Snapshot<TypeConfig>> {
         let started = std::time::Instant::now();
         let hint = self.last_snapshot_len.load(Ordering::Relaxed);
-        let (data, last_log_id, last_membership, locked) = {
+        let ((meta, data), locked) = {
             let sm = self.sm.read().unwrap_or_else(|p| p.into_inner());
-            let payload =
-                SnapshotPayloadOf { data_version: crate::DATA_VERSION, records: RecordsOf(&sm.state) };
-            let data = postcard::to_extend(&payload, Vec::with_capacity(hint + hint / 8))
-                .map_err(|e| StorageIOError::write_snapshot(None, &e))?;
-            (data, sm.last_applied, sm.membership.clone(), started.elapsed())
+            (encode_snapshot(&sm, hint)?, started.elapsed())
         };
         self.last_snapshot_len.store(data.len(), Ordering::Relaxed);
-        let snapshot_id = match last_log_id {
-            Some(l) => format!("{}-{}-{}", l.leader_id, l.index, data.len()),
-            None => format!("empty-{}", data.len()),
-        };
-        let meta = SnapshotMeta { last_log_id, last_membership, snapshot_id };
-        self.save_snapshot(&meta, &data)?;
+        save_snapshot(&self.inner, &meta, &data)?;
         tracing::debug!(
-            index = last_log_id.map_or(0, |l| l.index),
+            index = meta.last_log_id.map_or(0, |l| l.index),
             bytes = data.len(),
             locked_ms = locked.as_secs_f64() * 1e3,
             total_ms = started.elapsed().as_secs_f64() * 1e3,
@@ -206,22 +196,123 @@ impl StateMachineStore {
         );
         Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
     }
+}
 
-    fn save_snapshot(&self, meta: &SnapshotMeta<u64, BasicNode>, data: &[u8]) -> SResult<()> {
-        let sig = Some(meta.signature());
-        let stored = StoredSnapshotOf { meta, data };
-        // Exactly as large as it will be: the metadata, the length, the snapshot's bytes.
-        let size = postcard::experimental::serialized_size(&stored)
-            .map_err(|e| StorageIOError::write_snapshot(sig.clone(), &e))?;
-        let b = postcard::to_extend(&stored, Vec::with_capacity(size))
-            .map_err(|e| StorageIOError::write_snapshot(sig.clone(), &e))?;
-        self.inner
-            .snap
-            .insert(SNAP_CURRENT, b)
-            .map_err(|e| StorageIOError::write_snapshot(sig.clone(), &e))?;
-        // Durable before the log may be purged up to it.
-        self.inner.flush().map_err(|e| StorageIOError::write_snapshot(sig, &e))?;
-        Ok(())
+/// The snapshot of `sm`: its metadata and bytes, in a buffer of `hint` bytes plus an eighth.
+fn encode_snapshot(sm: &SmState, hint: usize) -> SResult<(SnapshotMeta<u64, BasicNode>, Vec<u8>)> {
+    let payload = SnapshotPayloadOf { data_version: crate::DATA_VERSION, records: RecordsOf(&sm.state) };
+    let data = postcard::to_extend(&payload, Vec::with_capacity(hint + hint / 8))
+        .map_err(|e| StorageIOError::write_snapshot(None, &e))?;
+    let snapshot_id = match sm.last_applied {
+        Some(l) => format!("{}-{}-{}", l.leader_id, l.index, data.len()),
+        None => format!("empty-{}", data.len()),
+    };
+    let meta =
+        SnapshotMeta { last_log_id: sm.last_applied, last_membership: sm.membership.clone(), snapshot_id };
+    Ok((meta, data))
+}
+
+/// Saves a snapshot as the directory's current one, durably: the log may be purged up to it.
+fn save_snapshot(inner: &Inner, meta: &SnapshotMeta<u64, BasicNode>, data: &[u8]) -> SResult<()> {
+    let sig = Some(meta.signature());
+    let stored = StoredSnapshotOf { meta, data };
+    // Exactly as large as it will be: the metadata, the length, the snapshot's bytes.
+    let size = postcard::experimental::serialized_size(&stored)
+        .map_err(|e| StorageIOError::write_snapshot(sig.clone(), &e))?;
+    let b = postcard::to_extend(&stored, Vec::with_capacity(size))
+        .map_err(|e| StorageIOError::write_snapshot(sig.clone(), &e))?;
+    inner.snap.insert(SNAP_CURRENT, b).map_err(|e| StorageIOError::write_snapshot(sig.clone(), &e))?;
+    inner.flush().map_err(|e| StorageIOError::write_snapshot(sig, &e))?;
+    Ok(())
+}
+
+/// The directory's current snapshot, if it has one.
+fn read_current(inner: &Inner) -> Result<Option<StoredSnapshot>, StoreError> {
+    let Some(b) =
+        inner.snap.get(SNAP_CURRENT).map_err(|source| StoreError::Io { dir: inner.dir.clone(), source })?
+    else {
+        return Ok(None);
+    };
+    let stored = decode(&b).map_err(|e| StoreError::Corrupt {
+        dir: inner.dir.clone(),
+        what: format!("current snapshot: {e}"),
+    })?;
+    Ok(Some(stored))
+}
+
+/// A snapshot's records, if its data version is one this build reads.
+fn read_payload(meta: &SnapshotMeta<u64, BasicNode>, data: &[u8]) -> SResult<SnapshotPayload> {
+    let sig = Some(meta.signature());
+    let payload: SnapshotPayload =
+        decode(data).map_err(|e| StorageIOError::read_snapshot(sig.clone(), &e))?;
+    if !(crate::OLDEST_READABLE_VERSION..=crate::DATA_VERSION).contains(&payload.data_version) {
+        let e = std::io::Error::other(format!(
+            "snapshot has data version {}, this build reads versions {} to {}",
+            payload.data_version,
+            crate::OLDEST_READABLE_VERSION,
+            crate::DATA_VERSION
+        ));
+        return Err(StorageIOError::read_snapshot(sig, &e).into());
+    }
+    Ok(payload)
+}
+
+/// Folds the `sm` tree of a directory written by data version 5 or older (its records, applied
+/// log id and membership) into a snapshot at its applied log id, then empties the tree. Safe to
+/// repeat after a crash midway: the snapshot is durable before the tree is touched, and a
+/// snapshot already at (or past) the tree's applied id is kept.
+pub(crate) fn fold_records_into_snapshot(inner: &Inner) -> Result<(), StoreError> {
+    if inner.sm.is_empty() {
+        return Ok(());
+    }
+    let corrupt = |what: String| StoreError::Corrupt { dir: inner.dir.clone(), what };
+    let io = |source| StoreError::Io { dir: inner.dir.clone(), source };
+    let mut records = Vec::new();
+    let mut last_applied = None;
+    let mut membership = Membership::default();
+    for kv in inner.sm.iter() {
+        let (k, v) = kv.map_err(io)?;
+        if keys::is_record(&k) {
+            records.push(
+                decode::<StoredRecord>(&v).map_err(|e| corrupt(format!("state record {k:?}: {e}")))?.into(),
+            );
+        } else if k.as_ref() == keys::APPLIED {
+            last_applied = decode(&v).map_err(|e| corrupt(format!("applied log id: {e}")))?;
+        } else if k.as_ref() == keys::MEMBERSHIP {
+            membership = decode(&v).map_err(|e| corrupt(format!("membership: {e}")))?;
+        }
+    }
+    let newer = read_current(inner)?.is_none_or(|s| s.meta.last_log_id < last_applied);
+    if newer {
+        let sm = SmState { state: State::from_records(records), last_applied, membership };
+        let (meta, data) = encode_snapshot(&sm, 0).map_err(|e| corrupt(e.to_string()))?;
+        save_snapshot(inner, &meta, &data).map_err(|e| corrupt(e.to_string()))?;
+    }
+    inner.sm.clear().map_err(io)?;
+    inner.flush().map_err(io)
+}
+
+impl SmState {
+    /// Applies one log entry; the responses of its commands.
+    fn apply_entry(&mut self, e: Entry<TypeConfig>) -> Vec<Response> {
+        self.last_applied = Some(e.log_id);
+        match e.payload {
+            EntryPayload::Blank => Vec::new(),
+            EntryPayload::Normal(req) => {
+                let req = portmesh_core::Request::from(req);
+                let index = e.log_id.index;
+                let mut rs = Vec::with_capacity(req.commands.len());
+                for (seq, cmd) in req.commands.iter().enumerate() {
+                    let ctx = ApplyCtx { now_ms: req.time_ms, index, seq: seq as u32 };
+                    rs.push(self.state.apply(ctx, cmd));
+                }
+                rs
+            }
+            EntryPayload::Membership(m) => {
+                self.membership = StoredMembership::new(Some(e.log_id), m);
+                Vec::new()
+            }
+        }
     }
 }
 
@@ -244,40 +335,18 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let (applied, responses) = {
+        let (applied, revision, responses) = {
             let mut guard = self.write_lock();
             let sm = &mut *guard;
             let mut out = Vec::new();
             for e in entries {
-                sm.last_applied = Some(e.log_id);
-                let r = match e.payload {
-                    EntryPayload::Blank => Vec::new(),
-                    EntryPayload::Normal(req) => {
-                        let req = portmesh_core::Request::from(req);
-                        let index = e.log_id.index;
-                        let mut rs = Vec::with_capacity(req.commands.len());
-                        for (seq, cmd) in req.commands.iter().enumerate() {
-                            let ctx = ApplyCtx { now_ms: req.time_ms, index, seq: seq as u32 };
-                            rs.push(sm.state.apply(ctx, cmd));
-                        }
-                        self.inner.stats.commands_applied.fetch_add(rs.len() as u64, Ordering::Relaxed);
-                        rs
-                    }
-                    EntryPayload::Membership(m) => {
-                        sm.membership = StoredMembership::new(Some(e.log_id), m);
-                        Vec::new()
-                    }
-                };
-                out.push(r);
-                // One sled batch per entry, not per call: a follower catching up is handed
-                // thousands of entries at once, and one batch of all their records kept every
-                // page version it rewrote alive until the batch ended (~100 MB at 30,000
-                // allocations; docs/benchmarks.md, memory). Each batch still carries the applied
-                // id of its entry, so data and `applied` never disagree.
-                self.persist(sm, false)?;
+                let rs = sm.apply_entry(e);
+                self.inner.stats.commands_applied.fetch_add(rs.len() as u64, Ordering::Relaxed);
+                out.push(rs);
             }
-            (sm.last_applied.map_or(0, |l| l.index), out)
+            (sm.last_applied.map_or(0, |l| l.index), sm.state.revision(), out)
         };
+        self.inner.watermark.applied(revision);
         self.applied_tx.send_replace(applied);
         Ok(responses)
     }
@@ -295,41 +364,27 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         meta: &SnapshotMeta<u64, BasicNode>,
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> SResult<()> {
-        let sig = Some(meta.signature());
         let data = snapshot.into_inner();
-        let payload: SnapshotPayload =
-            decode(&data).map_err(|e| StorageIOError::read_snapshot(sig.clone(), &e))?;
-        if !(crate::OLDEST_READABLE_VERSION..=crate::DATA_VERSION).contains(&payload.data_version) {
-            let e = std::io::Error::other(format!(
-                "snapshot has data version {}, this build reads versions {} to {}",
-                payload.data_version,
-                crate::OLDEST_READABLE_VERSION,
-                crate::DATA_VERSION
-            ));
-            return Err(StorageIOError::read_snapshot(sig, &e).into());
-        }
-        let index = {
+        let payload = read_payload(meta, &data)?;
+        let state = State::from_records(payload.records.into_iter().map(Into::into));
+        // Durable before the state is replaced: the log before it may be gone once it is.
+        save_snapshot(&self.inner, meta, &data)?;
+        let (index, revision) = {
             let mut guard = self.write_lock();
             let sm = &mut *guard;
-            sm.state = State::from_records(payload.records.into_iter().map(Into::into));
+            sm.state = state;
             sm.last_applied = meta.last_log_id;
             sm.membership = meta.last_membership.clone();
-            self.persist(sm, true)?;
-            sm.last_applied.map_or(0, |l| l.index)
+            (sm.last_applied.map_or(0, |l| l.index), sm.state.revision())
         };
-        self.save_snapshot(meta, &data)?;
+        self.inner.watermark.applied(revision);
         self.applied_tx.send_replace(index);
         Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> SResult<Option<Snapshot<TypeConfig>>> {
-        let Some(b) =
-            self.inner.snap.get(SNAP_CURRENT).map_err(|e| StorageIOError::read_snapshot(None, &e))?
-        else {
-            return Ok(None);
-        };
-        let s: StoredSnapshot = decode(&b).map_err(|e| StorageIOError::read_snapshot(None, &e))?;
-        Ok(Some(Snapshot { meta: s.meta, snapshot: Box::new(Cursor::new(s.data)) }))
+        let current = read_current(&self.inner).map_err(|e| StorageIOError::read_snapshot(None, &e))?;
+        Ok(current.map(|s| Snapshot { meta: s.meta, snapshot: Box::new(Cursor::new(s.data)) }))
     }
 }
 
@@ -340,6 +395,7 @@ mod tests {
     use tempfile::TempDir;
 
     use super::*;
+    use crate::log_store::encode;
     use crate::tests::alloc_entry;
     use crate::{Store, StoreOptions};
 

@@ -49,26 +49,72 @@ pub(crate) fn alloc_entry(index: u64) -> openraft::Entry<TypeConfig> {
     }
 }
 
+/// Writes `entries` to the log as `append` does and records log index `committed` as committed,
+/// as openraft would.
+pub(crate) fn log_and_commit(store: &Store, entries: impl IntoIterator<Item = u64>, committed: u64) {
+    for i in entries {
+        store.inner.log.insert(i.to_be_bytes(), crate::log_store::encode(&alloc_entry(i)).unwrap()).unwrap();
+    }
+    let id = Some(alloc_entry(committed).log_id);
+    store.inner.meta.insert(b"committed", crate::log_store::encode(&id).unwrap()).unwrap();
+}
+
+/// Nothing of the state is written when an entry is applied: reopened, the directory gives the
+/// state of its snapshot with the committed log entries after it applied, and not the entries
+/// after those.
 #[tokio::test]
-async fn applied_state_survives_reopen() {
+async fn the_state_is_the_snapshot_and_the_committed_log_after_it() {
     use openraft::storage::RaftStateMachine;
     let dir = TempDir::new().unwrap();
     {
         let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
         let mut sm = store.state_machine().unwrap();
-        let out = sm.apply((1..=3).map(alloc_entry)).await.unwrap();
-        assert_eq!(out.len(), 3);
+        log_and_commit(&store, 0..=5, 3);
+        sm.apply((0..=3).map(alloc_entry)).await.unwrap();
+        sm.build_snapshot().await.unwrap();
+        log_and_commit(&store, [], 4);
+        let out = sm.apply([alloc_entry(4)]).await.unwrap();
+        assert_eq!(out.len(), 1);
+        assert!(store.inner.sm.is_empty(), "applying wrote no record");
         store.flush().unwrap();
     }
     let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
     let mut sm = store.state_machine().unwrap();
     let (applied, _) = sm.applied_state().await.unwrap();
-    assert_eq!(applied.map(|l| l.index), Some(3));
+    assert_eq!(applied.map(|l| l.index), Some(4), "entry 5 is in the log but not committed");
     let reader = sm.reader();
     let guard = reader.read();
     let ports: Vec<u16> = guard.state.allocations().map(|a| a.port).collect();
-    assert_eq!(ports, [8000, 8001, 8002]);
-    assert_eq!(guard.state.revision(), 3);
+    assert_eq!(ports, [8000, 8001, 8002, 8003, 8004]);
+    assert_eq!(guard.state.revision(), 5);
+}
+
+/// A log that lost a committed entry (its snapshot then its log would give an older state) is
+/// refused, naming the entry; so is a state whose revision is below the watermark's.
+#[tokio::test]
+async fn a_log_without_a_committed_entry_or_an_older_state_is_damaged() {
+    use openraft::storage::RaftStateMachine;
+    let dir = TempDir::new().unwrap();
+    {
+        let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+        let mut sm = store.state_machine().unwrap();
+        // A log starts at index 0 (openraft's first membership entry).
+        log_and_commit(&store, 0..=4, 4);
+        sm.apply((0..=4).map(alloc_entry)).await.unwrap();
+        store.flush().unwrap();
+        store.inner.log.remove(3u64.to_be_bytes()).unwrap();
+        store.inner.db.flush().unwrap();
+    }
+    let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+    let e = store.state_machine().unwrap_err().to_string();
+    assert!(e.contains("its log lacks entry 3, which it had committed (up to 4)"), "{e}");
+
+    // The committed mark set back too (as a rewound disk might): the watermark's revision says
+    // the state had gone further.
+    log_and_commit(&store, [], 2);
+    store.inner.db.flush().unwrap();
+    let e = store.state_machine().unwrap_err().to_string();
+    assert!(e.contains("its state revision went back from 5 to 3"), "{e}");
 }
 
 #[tokio::test]
@@ -145,6 +191,8 @@ async fn a_version_1_directory_is_upgraded_and_its_records_load() {
     }
     let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
     assert_eq!(store.inner.meta.get(b"data_version").unwrap().unwrap().as_ref(), DATA_VERSION.to_be_bytes());
+    assert!(store.inner.sm.is_empty(), "the records were folded into a snapshot");
+    assert!(store.inner.snap.get(b"current").unwrap().is_some());
     let sm = store.state_machine().unwrap();
     let r = sm.reader();
     let a = r.read().state.allocation(8000).cloned().unwrap();

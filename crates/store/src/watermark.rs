@@ -5,11 +5,19 @@
 //! a flipped byte or a truncated file comes back as an *older* state, with no error. Served, that
 //! state hands out ports already handed out and revisions already used (fencing tokens twice), and
 //! a member whose log and vote went back can break Raft's safety. The watermark remembers four
-//! numbers that never go down — the node id, the vote's term, the applied log index and the
-//! state's revision — and [`Store::open`](crate::Store::open) compares them with what sled holds.
+//! numbers that never go down — the node id, the vote's term, the committed log index and the
+//! applied state's revision — and [`Store::open`](crate::Store::open) compares the first three
+//! with what sled holds; the state machine compares the revision once it has loaded the snapshot
+//! and applied the committed log after it.
 //!
 //! When it is written: after every flush, from values read *before* the flush started (a flush
 //! makes everything written before it durable), so it never claims more than sled holds on disk.
+//! The revision is the applied state's, which never runs ahead of the committed index recorded
+//! in the same flush (openraft saves the committed id before applying up to it), so the state
+//! loaded from that flush has at least that revision.
+//!
+//! Data versions up to 5 kept the applied index where the committed index now is (the same
+//! slot): the committed index read from such a directory is never below it.
 //! It is not fsynced by itself: a write lost in a crash only leaves an older watermark, which
 //! checks less, never wrongly. Two slots are written in turn, each with its own checksum, so a
 //! write torn by a crash spoils one slot and the other still holds the previous mark.
@@ -20,11 +28,11 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Mutex;
 
-use openraft::{LogId, Vote};
-use portmesh_core::Key;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use openraft::Vote;
 
 use crate::log_store::decode;
-use crate::ondisk::StoredRecord;
 
 /// File name inside the data directory.
 pub const WATERMARK_FILE: &str = "watermark";
@@ -36,7 +44,7 @@ const SLOT: usize = 48;
 pub(crate) struct Mark {
     pub(crate) node_id: u64,
     pub(crate) term: u64,
-    pub(crate) applied: u64,
+    pub(crate) committed: u64,
     pub(crate) revision: u64,
 }
 
@@ -44,7 +52,7 @@ impl Mark {
     fn encode(&self, seq: u64) -> [u8; SLOT] {
         let mut b = [0u8; SLOT];
         b[..4].copy_from_slice(MAGIC);
-        for (i, v) in [seq, self.node_id, self.term, self.applied, self.revision].into_iter().enumerate() {
+        for (i, v) in [seq, self.node_id, self.term, self.committed, self.revision].into_iter().enumerate() {
             b[4 + 8 * i..12 + 8 * i].copy_from_slice(&v.to_be_bytes());
         }
         let crc = crc32fast::hash(&b[..44]);
@@ -58,33 +66,26 @@ impl Mark {
             return None;
         }
         let n = |i: usize| u64::from_be_bytes(b[4 + 8 * i..12 + 8 * i].try_into().unwrap_or([0; 8]));
-        Some((n(0), Mark { node_id: n(1), term: n(2), applied: n(3), revision: n(4) }))
+        Some((n(0), Mark { node_id: n(1), term: n(2), committed: n(3), revision: n(4) }))
     }
 
-    /// What sled holds now (fields it cannot read count as 0: they then check nothing).
-    pub(crate) fn of(meta: &sled::Tree, sm: &sled::Tree) -> Mark {
-        let get = |t: &sled::Tree, k: &[u8]| t.get(k).ok().flatten();
-        let node_id = get(meta, crate::META_NODE_ID)
+    /// What sled holds now, with the applied state's `revision` (fields it cannot read count as
+    /// 0: they then check nothing).
+    pub(crate) fn of(meta: &sled::Tree, revision: u64) -> Mark {
+        let get = |k: &[u8]| meta.get(k).ok().flatten();
+        let node_id = get(crate::META_NODE_ID)
             .and_then(|b| <[u8; 8]>::try_from(b.as_ref()).ok())
             .map_or(0, u64::from_be_bytes);
-        let term = get(meta, crate::log_store::VOTE)
+        let term = get(crate::log_store::VOTE)
             .and_then(|b| decode::<Vote<u64>>(&b).ok())
             .map_or(0, |v| v.leader_id().term);
-        let applied = get(sm, crate::keys::APPLIED)
-            .and_then(|b| decode::<Option<LogId<u64>>>(&b).ok())
-            .flatten()
-            .map_or(0, |l| l.index);
-        let revision = get(sm, &crate::keys::encode(&Key::Meta))
-            .and_then(|b| decode::<StoredRecord>(&b).ok())
-            .and_then(|r| match r {
-                StoredRecord::Meta(m) => Some(m.revision),
-                _ => None,
-            })
-            .unwrap_or(0);
-        Mark { node_id, term, applied, revision }
+        let committed = crate::log_store::committed_in(meta).ok().flatten().map_or(0, |l| l.index);
+        Mark { node_id, term, committed, revision }
     }
 
-    /// Why `held` (what sled holds) is less than this mark, if it is.
+    /// Why `held` (what sled holds) is less than this mark, if it is: its node id, committed
+    /// log index or term. The revision is checked apart ([`Mark::state_behind`]): it is known only
+    /// once the state is loaded.
     pub(crate) fn behind(&self, held: &Mark) -> Option<String> {
         if self.node_id != 0 && held.node_id != self.node_id {
             return Some(if held.node_id == 0 {
@@ -93,13 +94,18 @@ impl Mark {
                 format!("it holds node id {}, but node {} wrote it", held.node_id, self.node_id)
             });
         }
-        let went_back = |what: &str, held: u64, kept: u64| {
-            (held < kept).then(|| format!("its {what} went back from {kept} to {held}"))
-        };
-        went_back("state revision", held.revision, self.revision)
-            .or_else(|| went_back("applied log index", held.applied, self.applied))
+        went_back("committed log index", held.committed, self.committed)
             .or_else(|| went_back("Raft term (its vote)", held.term, self.term))
     }
+
+    /// Why a loaded state of `revision` is older than this mark, if it is.
+    pub(crate) fn state_behind(&self, revision: u64) -> Option<String> {
+        went_back("state revision", revision, self.revision)
+    }
+}
+
+fn went_back(what: &str, held: u64, kept: u64) -> Option<String> {
+    (held < kept).then(|| format!("its {what} went back from {kept} to {held}"))
 }
 
 /// The watermark file of an open data directory, and the one way the store makes its writes
@@ -107,21 +113,20 @@ impl Mark {
 #[derive(Debug)]
 pub(crate) struct Watermark {
     file: Mutex<(File, u64)>,
+    /// The mark the file held when it was opened.
+    kept: Option<Mark>,
+    /// The revision of the state applied so far (see [`Watermark::applied`]).
+    revision: AtomicU64,
     db: sled::Db,
     meta: sled::Tree,
-    sm: sled::Tree,
     /// Test hook (`Store::inject_flush_failures`): every flush fails as a dead disk's would.
     failing: std::sync::atomic::AtomicBool,
 }
 
 impl Watermark {
-    /// Opens (creating if needed) `dir`'s watermark and reads the last mark it holds, if any.
-    pub(crate) fn open(
-        dir: &Path,
-        db: sled::Db,
-        meta: sled::Tree,
-        sm: sled::Tree,
-    ) -> io::Result<(Watermark, Option<Mark>)> {
+    /// Opens (creating if needed) `dir`'s watermark and reads the last mark it holds, if any
+    /// ([`Watermark::kept`]).
+    pub(crate) fn open(dir: &Path, db: sled::Db, meta: sled::Tree) -> io::Result<Watermark> {
         let path = dir.join(WATERMARK_FILE);
         let file = {
             use std::os::unix::fs::OpenOptionsExt;
@@ -142,7 +147,23 @@ impl Watermark {
         }
         let seq = last.map_or(0, |(s, _)| s);
         let failing = std::sync::atomic::AtomicBool::new(false);
-        Ok((Watermark { file: Mutex::new((file, seq)), db, meta, sm, failing }, last.map(|(_, m)| m)))
+        let kept = last.map(|(_, m)| m);
+        Ok(Watermark { file: Mutex::new((file, seq)), kept, revision: AtomicU64::new(0), db, meta, failing })
+    }
+
+    /// The mark the file held when it was opened, if any.
+    pub(crate) fn kept(&self) -> Option<Mark> {
+        self.kept
+    }
+
+    /// Why a loaded state of `revision` is older than the kept mark, if it is.
+    pub(crate) fn state_behind(&self, revision: u64) -> Option<String> {
+        self.kept.and_then(|k| k.state_behind(revision))
+    }
+
+    /// The state machine has applied up to a state of `revision` (recorded with the next flush).
+    pub(crate) fn applied(&self, revision: u64) {
+        self.revision.fetch_max(revision, Ordering::Relaxed);
     }
 
     /// Makes everything written to sled so far durable (one fsync) and records the mark of it.
@@ -172,7 +193,9 @@ impl Watermark {
         if self.failing.load(std::sync::atomic::Ordering::Relaxed) {
             return Err(sled::Error::Io(io::Error::other("injected storage failure (test hook)")));
         }
-        Ok(Mark::of(&self.meta, &self.sm))
+        // The revision first: the committed id behind it was written before it was applied.
+        let revision = self.revision.load(Ordering::Relaxed);
+        Ok(Mark::of(&self.meta, revision))
     }
 
     /// Records `mark` (read before a flush that has now completed) in the next slot.
@@ -194,7 +217,7 @@ mod tests {
 
     #[test]
     fn slots_round_trip_and_a_torn_slot_is_ignored() {
-        let m = Mark { node_id: 7, term: 3, applied: 120, revision: 40 };
+        let m = Mark { node_id: 7, term: 3, committed: 120, revision: 40 };
         let b = m.encode(9);
         assert_eq!(Mark::decode(&b), Some((9, m)));
         for i in [0, 5, 20, 47] {
@@ -207,12 +230,13 @@ mod tests {
 
     #[test]
     fn behind_names_what_went_back() {
-        let kept = Mark { node_id: 7, term: 3, applied: 120, revision: 40 };
+        let kept = Mark { node_id: 7, term: 3, committed: 120, revision: 40 };
         assert_eq!(kept.behind(&kept), None);
-        assert_eq!(kept.behind(&Mark { term: 5, applied: 130, revision: 41, ..kept }), None);
-        let e = kept.behind(&Mark { revision: 16, ..kept }).unwrap();
-        assert_eq!(e, "its state revision went back from 40 to 16");
-        assert!(kept.behind(&Mark { applied: 100, ..kept }).unwrap().contains("applied log index"));
+        assert_eq!(kept.behind(&Mark { term: 5, committed: 130, revision: 41, ..kept }), None);
+        assert_eq!(kept.state_behind(40), None);
+        assert_eq!(kept.state_behind(16).unwrap(), "its state revision went back from 40 to 16");
+        let e = kept.behind(&Mark { committed: 100, ..kept }).unwrap();
+        assert_eq!(e, "its committed log index went back from 120 to 100");
         assert!(kept.behind(&Mark { term: 2, ..kept }).unwrap().contains("term"));
         assert!(kept.behind(&Mark::default()).unwrap().contains("no longer holds its node id"));
         assert!(Mark::default().behind(&kept).is_none(), "an empty mark checks nothing");
@@ -222,19 +246,17 @@ mod tests {
     fn the_newest_whole_slot_wins() {
         let dir = tempfile::tempdir().unwrap();
         let db = sled::Config::new().temporary(true).open().unwrap();
-        let (meta, sm) = (db.open_tree("meta").unwrap(), db.open_tree("sm").unwrap());
-        let (w, last) = Watermark::open(dir.path(), db.clone(), meta.clone(), sm.clone()).unwrap();
-        assert_eq!(last, None);
+        let meta = db.open_tree("meta").unwrap();
+        let w = Watermark::open(dir.path(), db.clone(), meta.clone()).unwrap();
+        assert_eq!(w.kept(), None);
         let (a, b) = (Mark { revision: 1, ..Mark::default() }, Mark { revision: 2, ..Mark::default() });
         w.record(a);
         w.record(b);
         drop(w);
-        let (_, last) = Watermark::open(dir.path(), db.clone(), meta.clone(), sm.clone()).unwrap();
-        assert_eq!(last, Some(b));
+        assert_eq!(Watermark::open(dir.path(), db.clone(), meta.clone()).unwrap().kept(), Some(b));
         // The newer slot torn: the older one stands.
         let f = std::fs::OpenOptions::new().write(true).open(dir.path().join(WATERMARK_FILE)).unwrap();
         f.write_all_at(&[0xff; 8], 0).unwrap();
-        let (_, last) = Watermark::open(dir.path(), db.clone(), meta, sm).unwrap();
-        assert_eq!(last, Some(a));
+        assert_eq!(Watermark::open(dir.path(), db.clone(), meta).unwrap().kept(), Some(a));
     }
 }

@@ -223,8 +223,12 @@ async fn view(addr: &str, options: &ClientOptions) -> Result<View, portmesh_clie
     Ok(View { addr: addr.to_string(), list, pools })
 }
 
-/// Waits until every node in `addrs` answers with the same revision and allocations; panics
-/// after `timeout` naming each node's revision.
+/// Waits until a leader answers a linearizable read (so it has committed an entry of its term,
+/// and with it every entry any member acknowledged before), then until every node in `addrs`
+/// answers with the same revision and allocations; panics after `timeout` naming each node's
+/// revision. A member's own (stale) view may be behind what was acknowledged until then: one
+/// that restarted applies its log up to the last committed index it had made durable, and a
+/// leader commits the rest (docs/architecture.md, "State in snapshots").
 pub async fn converged(addrs: &[String], timeout: Duration) -> Vec<View> {
     converged_with(addrs, &ClientOptions::default(), timeout).await
 }
@@ -232,6 +236,20 @@ pub async fn converged(addrs: &[String], timeout: Duration) -> Vec<View> {
 /// [`converged`], connecting with `options` (TLS).
 pub async fn converged_with(addrs: &[String], options: &ClientOptions, timeout: Duration) -> Vec<View> {
     let deadline = tokio::time::Instant::now() + timeout;
+    let refs: Vec<&str> = addrs.iter().map(String::as_str).collect();
+    loop {
+        let read = async {
+            let c = Client::connect_with(&refs, options.clone()).await?;
+            c.list(pb::ListRequest::default()).await
+        };
+        match read.await {
+            Ok(_) => break,
+            Err(e) if tokio::time::Instant::now() >= deadline => {
+                panic!("no leader answered a linearizable read within {timeout:?}: {e}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
     loop {
         let vs = views_with(addrs, options).await;
         if vs.iter().all(Option::is_some) {

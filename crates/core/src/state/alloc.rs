@@ -130,7 +130,6 @@ impl State {
         if let Some(k) = &a.key {
             let tk = (a.team.to_string(), k.to_string());
             self.live_keys.insert(tk.clone(), port);
-            self.dirty.insert(Key::Sticky(tk.0.clone(), tk.1.clone()));
             self.remember(tk, port);
         }
         if let Some(l) = a.lease_id {
@@ -139,11 +138,9 @@ impl State {
         if let Some(c) = self.cooldowns.remove(&port) {
             self.cooldown_order.remove(&(c.until_ms, port));
             self.cooling.remove(port);
-            self.dirty.insert(Key::Cooldown(port));
         }
         self.allocated.insert(port);
         self.allocations.insert(port, Box::new(a));
-        self.dirty.insert(Key::Alloc(port));
     }
 
     /// Removes one allocation, starts its cool-down and emits the event.
@@ -156,7 +153,6 @@ impl State {
     ) -> Option<Allocation> {
         let a = *self.allocations.remove(&port)?;
         self.allocated.remove(port);
-        self.dirty.insert(Key::Alloc(port));
         if let Some(k) = &a.key {
             self.live_keys.remove(&(a.team.to_string(), k.to_string()));
         }
@@ -172,7 +168,6 @@ impl State {
             }
             self.cooldown_order.insert((until_ms, port));
             self.cooling.insert(port);
-            self.dirty.insert(Key::Cooldown(port));
         }
         self.emit(revision, now, EventKind::Released { allocation: Box::new(a.clone()), cause });
         Some(a)

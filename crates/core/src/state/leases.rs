@@ -10,8 +10,6 @@ impl State {
         let deadline_ms = self.meta.lease_clock_ms + ttl_ms;
         let lease = Lease { id, team: team.into(), ttl_ms, deadline_ms, granted_ms: now, revision };
         self.leases.insert(id, Box::new(lease.clone()));
-        self.dirty.insert(Key::Lease(id));
-        self.dirty.insert(Key::Meta);
         self.emit(revision, now, EventKind::LeaseGranted { id, team: team.into(), ttl_ms });
         lease
     }
@@ -37,7 +35,6 @@ impl State {
         now: u64,
     ) -> Vec<Allocation> {
         let Some(lease) = self.leases.remove(&id).map(|l| *l) else { return Vec::new() };
-        self.dirty.insert(Key::Lease(id));
         let ports: Vec<u16> = self.lease_ports(id).collect();
         let released =
             ports.into_iter().filter_map(|p| self.remove_allocation(p, cause, revision, now)).collect();
@@ -67,14 +64,12 @@ impl State {
     pub(super) fn checkpoint(&mut self, clock_ms: u64, remaining: &[(u64, u64)]) -> Response {
         if clock_ms > self.meta.lease_clock_ms {
             self.meta.lease_clock_ms = clock_ms;
-            self.dirty.insert(Key::Meta);
         }
         let clock = self.meta.lease_clock_ms;
         let mut n = 0;
         for &(id, ms) in remaining {
             if let Some(l) = self.leases.get_mut(&id) {
                 l.deadline_ms = clock + ms.min(l.ttl_ms);
-                self.dirty.insert(Key::Lease(id));
                 n += 1;
             }
         }

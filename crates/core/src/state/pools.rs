@@ -20,7 +20,6 @@ impl State {
         let revision = self.bump();
         let r = Reservation { port, reason: reason.to_string(), created_ms: ctx.now_ms, revision };
         self.reservations.insert(port, r.clone());
-        self.dirty.insert(Key::Reservation(port));
         self.emit(revision, ctx.now_ms, EventKind::Reserved(r.clone()));
         Ok(Response::Reserved(r))
     }
@@ -29,7 +28,6 @@ impl State {
         if self.reservations.remove(&port).is_none() {
             return Err(Rejection::NotReserved { port });
         }
-        self.dirty.insert(Key::Reservation(port));
         let revision = self.bump();
         self.emit(revision, ctx.now_ms, EventKind::Unreserved { port });
         Ok(Response::Unreserved { port, revision })
@@ -81,7 +79,6 @@ impl State {
         let revision = self.bump();
         let pool = Pool { team: team.into(), name: name.into(), ranges: sorted, revision };
         self.pools.insert((team.into(), name.into()), pool.clone());
-        self.dirty.insert(Key::Pool(team.into(), name.into()));
         self.emit(revision, ctx.now_ms, EventKind::PoolAdded(Box::new(pool.clone())));
         Ok(Response::PoolAdded(pool))
     }
@@ -101,7 +98,6 @@ impl State {
             return Err(Rejection::PoolInUse { team: team.into(), pool: pool.name.clone(), live });
         }
         self.pools.remove(&(team.to_string(), name.to_string()));
-        self.dirty.insert(Key::Pool(team.into(), name.into()));
         let revision = self.bump();
         self.emit(revision, ctx.now_ms, EventKind::PoolRemoved { team: team.into(), name: name.into() });
         Ok(Response::PoolRemoved { team: team.into(), name: name.into(), revision })

@@ -3,7 +3,7 @@
 use super::*;
 
 impl State {
-    /// Inserts a service and indexes it, without marking it dirty (loading).
+    /// Inserts a service and indexes it.
     pub(super) fn insert_service_unmarked(&mut self, svc: Service) {
         let key = (svc.team.clone(), svc.id.clone());
         if let Some(l) = svc.lease_id {
@@ -12,10 +12,9 @@ impl State {
         self.services.insert(key, svc);
     }
 
-    /// Removes a service and its index entry; marks it dirty.
+    /// Removes a service and its index entry.
     pub(super) fn take_service(&mut self, key: &(String, String)) -> Option<Service> {
         let svc = self.services.remove(key)?;
-        self.dirty.insert(Key::Service(key.0.clone(), key.1.clone()));
         if let Some(l) = svc.lease_id
             && let Some(set) = self.lease_services.get_mut(&l)
         {
@@ -78,7 +77,6 @@ impl State {
                 new.status_ms = now;
             }
         }
-        self.dirty.insert(Key::Service(key.0, key.1));
         self.insert_service_unmarked(new.clone());
         self.emit(revision, now, EventKind::ServiceRegistered(Box::new(new.clone())));
         (new, previous.is_some())
@@ -120,7 +118,6 @@ impl State {
                 status: u.status,
                 output: svc.output.clone(),
             }));
-            self.dirty.insert(Key::Service(key.0, key.1));
             self.emit(rev, ctx.now_ms, kind);
             changed += 1;
         }

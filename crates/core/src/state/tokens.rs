@@ -20,7 +20,6 @@ impl State {
         }
         let token = Token { created_ms: ctx.now_ms, ..t.clone() };
         self.tokens.insert(token.id.clone(), token.clone());
-        self.dirty.insert(Key::Token(token.id.clone()));
         Ok(Response::TokenAdded(Box::new(token)))
     }
 
@@ -32,7 +31,6 @@ impl State {
             return Err(Rejection::LastAdminToken { id: id.into() });
         }
         self.tokens.remove(id);
-        self.dirty.insert(Key::Token(id.into()));
         Ok(Response::TokenRevoked { id: id.into() })
     }
 
@@ -50,7 +48,6 @@ impl State {
             Some(n) => t.uses_left = Some(n - 1),
             None => {}
         }
-        self.dirty.insert(Key::Token(id.into()));
         Ok(Response::TokenUsed { id: id.into() })
     }
 }

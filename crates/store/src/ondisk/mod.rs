@@ -13,6 +13,7 @@
 //! | 3 | 0.2.0 on | tokens (new variants `Token`, `AddToken`, `RevokeToken`, `UseToken`) |
 //! | 4 | 0.2.0 on | the lease clock: `Meta` with `lease_clock_ms` (new variant `Meta`), checkpoints that carry the clock and only renewed leases (new variant `CheckpointLeasesAt`) |
 //! | 5 | 0.2.0 on | allocations that register a service in the same entry: `AllocateBatch` with `register` (new variant `Allocate`; the old shape is [`v2`]'s) |
+//! | 6 | 0.2.0 on | the state lives in snapshots and the log only: no record is written to the `sm` tree any more; an older directory's tree is folded into a snapshot when it is opened (no encoding changed) |
 //!
 //! Where a change goes: when a persisted core type changes shape, copy its old shape into a new
 //! `vN` module (with a `From` into the current type), give the enum here a new variant for the
@@ -173,7 +174,7 @@ impl From<LogCommand> for core::Command {
     }
 }
 
-/// [`core::Record`] as persisted in the `sm` tree and in snapshots.
+/// [`core::Record`] as persisted in snapshots (and in the `sm` tree up to data version 5).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum StoredRecord {
     /// `Meta` as data versions 1 to 3 wrote it.

@@ -3,13 +3,14 @@
 use super::*;
 
 #[test]
-fn fresh_state_has_default_pools_and_persists_them() {
-    let mut st = State::new();
+fn fresh_state_has_default_pools_and_its_records_say_so() {
+    let st = State::new();
     let names: Vec<_> = st.team_pools("default").map(|p| p.name.clone()).collect();
     assert_eq!(names, ["cache", "db", "default", "queue", "web"]);
-    let dirty = st.take_dirty();
-    assert!(dirty.contains(&Key::Meta) && dirty.contains(&Key::Pool("default".into(), "web".into())));
+    let keys: Vec<Key> = st.records().map(|r| r.key()).collect();
+    assert!(keys.contains(&Key::Meta) && keys.contains(&Key::Pool("default".into(), "web".into())));
     assert_eq!(State::from_records(std::iter::empty()), State::new());
+    assert_eq!(State::from_records(st.records()), st);
 }
 
 #[test]
