@@ -122,16 +122,20 @@ impl StateMachineStore {
     /// lower revision than its watermark recorded (see `watermark`).
     pub(crate) fn load(inner: Arc<Inner>) -> Result<Self, StoreError> {
         let corrupt = |what: String| StoreError::Corrupt { dir: inner.dir.clone(), what };
-        let mut sm = match read_current(&inner)? {
+        // The snapshot's size also sizes the next one's buffer.
+        let (mut sm, snapshot_len) = match read_current(&inner)? {
             Some(stored) => {
                 let payload = read_payload(&stored.meta, &stored.data).map_err(|e| corrupt(e.to_string()))?;
-                SmState {
+                let sm = SmState {
                     state: State::from_records(payload.records.into_iter().map(Into::into)),
                     last_applied: stored.meta.last_log_id,
                     membership: stored.meta.last_membership,
-                }
+                };
+                (sm, stored.data.len())
             }
-            None => SmState { state: State::new(), last_applied: None, membership: Membership::default() },
+            None => {
+                (SmState { state: State::new(), last_applied: None, membership: Membership::default() }, 0)
+            }
         };
         let committed = crate::log_store::committed_in(&inner.meta)
             .map_err(|e| corrupt(format!("committed log id: {e}")))?
@@ -163,7 +167,7 @@ impl StateMachineStore {
             inner,
             sm: Arc::new(RwLock::new(sm)),
             applied_tx: Arc::new(tx),
-            last_snapshot_len: Arc::default(),
+            last_snapshot_len: Arc::new(snapshot_len.into()),
         })
     }
 
@@ -435,5 +439,11 @@ mod tests {
         assert_eq!(again.capacity(), collected.len() + collected.len() / 8);
         let current = sm.get_current_snapshot().await.unwrap().expect("a snapshot was saved");
         assert_eq!(current.snapshot.into_inner(), collected, "saved from an exactly sized buffer");
+
+        // Reopened, the first snapshot is sized from the one loaded, not grown from empty.
+        drop((sm, store));
+        let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+        let sm = store.state_machine().unwrap();
+        assert_eq!(sm.last_snapshot_len.load(Ordering::Relaxed), collected.len());
     }
 }
