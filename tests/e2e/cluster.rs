@@ -172,13 +172,14 @@ async fn a_leader_paused_past_the_election_timeout_steps_down_and_nothing_is_los
     let load_task = tokio::spawn(async move { testkit::load(&addrs, 32, 7, "p").await });
     let leader = c.leader_index().await;
     c.wait_for_load(200).await;
-    c.signal(leader, Signal::SIGSTOP);
+    let pid = c.nodes[leader].as_ref().unwrap().child.id();
+    testkit::pause(pid);
     // The others elect a new leader while it sleeps; the load carries on through them.
     let paused = c.nodes[leader].take();
     let new_leader = c.leader_index().await;
     assert_ne!(new_leader, leader);
     c.nodes[leader] = paused;
-    c.signal(leader, Signal::SIGCONT);
+    testkit::resume(pid);
     let oracle = load_task.await.unwrap();
     eprintln!("SIGSTOP of the leader under 32-client load: {}", oracle.summary());
     assert!(oracle.acked() + oracle.unknown() >= 2_000);
