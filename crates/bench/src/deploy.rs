@@ -170,7 +170,8 @@ async fn start_portmesh_with(bin: &Path, nodes: usize, tls: bool, auth: bool) ->
             cmd.env("PORTMESH_JOIN_TOKEN", t);
         }
         let child = cmd
-            .env("PORTMESH_LOG", "warn")
+            // PORTMESH_BENCH_LOG (e.g. `portmesh_api=debug`) for a look at what a node did.
+            .env("PORTMESH_LOG", std::env::var("PORTMESH_BENCH_LOG").unwrap_or_else(|_| "warn".into()))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

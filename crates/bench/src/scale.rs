@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -113,8 +113,11 @@ async fn fill(addr: &str, pools: Arc<Vec<(String, usize)>>, from: usize, to: usi
         );
     }
     let clients = fill_clients(addr).await?;
+    // Pools before this index answered "exhausted": the fill asks them no more, as a client
+    // would not (each such answer costs every member a walk of the full pool).
+    let full = Arc::new(AtomicUsize::new(0));
     fan_out(to - from, move |c, j| {
-        let (clients, pools) = (clients.clone(), pools.clone());
+        let (clients, pools, full) = (clients.clone(), pools.clone(), full.clone());
         let i = from + j;
         async move {
             // The pool the index falls in, else the next ones (ports busy on this host leave a
@@ -122,8 +125,9 @@ async fn fill(addr: &str, pools: Arc<Vec<(String, usize)>>, from: usize, to: usi
             let first = pools
                 .iter()
                 .position(|p| Some(p.0.as_str()) == pool_for(&pools, i))
-                .context("out of pools")?;
-            for (pool, _) in &pools[first..] {
+                .context("out of pools")?
+                .max(full.load(Ordering::Relaxed));
+            for (k, (pool, _)) in pools.iter().enumerate().skip(first) {
                 let r = clients[c]
                     .allocate(pb::AllocateRequest {
                         items: vec![pb::AllocItem {
@@ -137,7 +141,9 @@ async fn fill(addr: &str, pools: Arc<Vec<(String, usize)>>, from: usize, to: usi
                     .await;
                 match r {
                     Ok(_) => return Ok(()),
-                    Err(e) if e.kind() == Some("exhausted") => continue,
+                    Err(e) if e.kind() == Some("exhausted") => {
+                        full.fetch_max(k + 1, Ordering::Relaxed);
+                    }
                     Err(e) => return Err(e.into()),
                 }
             }

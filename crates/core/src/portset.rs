@@ -43,6 +43,11 @@ impl PortSet {
         self.0[usize::from(port) / 64] & (1 << (port % 64)) != 0
     }
 
+    /// The ports in `start..=end` not in the set, ascending (none if `start > end`).
+    pub(crate) fn absent(&self, start: u16, end: u16) -> impl Iterator<Item = u16> + '_ {
+        free_ports(start, end, move |i| self.0[i])
+    }
+
     /// The ports in `start..=end` in neither this set nor `other`, ascending (none if
     /// `start > end`).
     pub(crate) fn absent_from_both<'a>(

@@ -166,6 +166,17 @@ impl State {
         self.allocations.values().map(|a| &**a)
     }
 
+    /// The allocations of ports `start..=end`, by port.
+    pub fn allocations_in(&self, start: u16, end: u16) -> impl Iterator<Item = &Allocation> {
+        self.allocations.range(start..=end).map(|(_, a)| &**a)
+    }
+
+    /// The ports of `start..=end` that no allocation holds, ascending (the allocated bitmap's
+    /// gaps: a run of 64 allocated ports costs one step).
+    pub fn unallocated_ports(&self, start: u16, end: u16) -> impl Iterator<Item = u16> + '_ {
+        self.allocated.absent(start, end)
+    }
+
     pub fn reservation(&self, port: u16) -> Option<&Reservation> {
         self.reservations.get(&port)
     }

@@ -261,6 +261,36 @@ fn exhaustion_names_pool_size_and_holders() {
     );
 }
 
+/// Every cause of a full pool is counted once, in the order selection checks them, and only the
+/// five largest holders are named, most ports first, then by name.
+#[test]
+fn exhaustion_counts_each_cause_and_names_the_five_largest_holders() {
+    let mut h = Harness::new();
+    h.add_pool("default", "mid", "20000-20012");
+    let held: Vec<AllocItem> =
+        ["web", "api", "d", "api", "c", "web", "b", "api", "a"].iter().map(|s| in_pool(s, "mid")).collect();
+    assert_eq!(h.ports(held), (20000..=20008).collect::<Vec<u16>>());
+    h.apply(Command::Reserve { port: 20009, reason: "x".into() });
+    let gone = h.one(in_pool("gone", "mid"));
+    h.release(&[gone]);
+    // 20011 is busy on the host; the batch's first item takes 20012, the last free port.
+    let probe = HostProbe::new(vec![20011, 20012], vec![20011]);
+    let r = match h.alloc_with(
+        vec![in_pool("late", "mid"), in_pool("later", "mid")],
+        LeaseSpec::None,
+        Some(probe),
+    ) {
+        Response::Rejected(r) => r,
+        other => panic!("expected a rejection, got {other:?}"),
+    };
+    assert_eq!(
+        r.to_string(),
+        "pool \"mid\" of team \"default\" exhausted: 13 ports, 13 unavailable (held 9: api: 3, web: 2, a: 1, \
+         b: 1, c: 1, …; reserved 1; cooling down 1; busy on host 1; taken in this batch 1); release ports, wait \
+         for cool-downs, or add a range with `portmesh pools add`"
+    );
+}
+
 #[test]
 fn batch_is_all_or_nothing() {
     let mut h = Harness::new();
