@@ -323,7 +323,7 @@ impl State {
     pub fn pool_usage(&self, pool: &Pool, now_ms: u64) -> PoolUsage {
         let mut u = PoolUsage { size: pool.size(), allocated: 0, reserved: 0, cooling: 0 };
         for r in &pool.ranges {
-            u.allocated += self.allocations.range(r.start()..=r.end()).count() as u32;
+            u.allocated += self.allocations_in(r.start(), r.end()).count() as u32;
             u.reserved += self.reservations.range(r.start()..=r.end()).count() as u32;
             u.cooling +=
                 self.cooldowns.range(r.start()..=r.end()).filter(|(_, c)| c.until_ms > now_ms).count() as u32;
