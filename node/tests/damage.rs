@@ -1,6 +1,7 @@
-//! A damaged data directory is never served as if it were whole. A node makes real sled files
-//! (allocations through gRPC), stops, and copies of its directory are damaged the ways disks and
-//! people damage files: a flipped byte, a truncated file, a run of garbage. Opening each copy must
+//! A damaged data directory is never served as if it were whole. A node makes real sled files and
+//! a snapshot file (allocations through gRPC, a snapshot every 100 entries, the log purged behind
+//! it), stops, and copies of its directory are damaged the ways disks and people damage files: a
+//! flipped byte, a truncated file, a run of garbage. Opening each copy must
 //! either refuse (naming the damage) or come back with everything the node had: never an older
 //! state, which would hand out ports and revisions twice.
 #![allow(clippy::unwrap_used)]
@@ -20,6 +21,9 @@ struct Held {
 async fn make_data(dir: &Path, n: usize) -> Held {
     let mut cfg = NodeConfig::new(dir.to_path_buf(), "127.0.0.1:0".parse().unwrap());
     cfg.bootstrap = true;
+    // Part of the state in the snapshot file, and the log before it gone.
+    cfg.raft.snapshot_every = 100;
+    cfg.raft.keep_after_snapshot = 10;
     let node = start(cfg).await.unwrap();
     let c = Client::connect(&node.grpc_addr.to_string()).await.unwrap();
     c.add_pool(pb::AddPoolRequest {
@@ -121,36 +125,41 @@ async fn a_damaged_data_directory_is_refused_never_served_older() {
         let f = (x % 10_000) as f64 / 10_000.0;
         kinds.push(if i % 2 == 0 { Damage::Flip(f) } else { Damage::Garbage(f) });
     }
+    assert!(original.path().join("snapshot").is_file(), "the node took a snapshot");
     let (mut refused, mut whole) = (0, 0);
-    for d in kinds {
+    for (file, d) in kinds.iter().flat_map(|d| [("sled/db", *d), ("snapshot", *d)]) {
         let copy = tempfile::tempdir().unwrap();
         portmesh_testkit::copy_dir(original.path(), copy.path());
-        damage(&copy.path().join("sled").join("db"), d);
+        damage(&copy.path().join(file), d);
         match open(copy.path(), &held) {
             Opened::Refused(why) => {
                 assert!(
                     why.contains("damaged") || why.contains("corrupt") || why.contains("sled"),
-                    "{d:?}: {why}"
+                    "{file} {d:?}: {why}"
                 );
                 refused += 1;
             }
             Opened::Whole => whole += 1,
             Opened::Older { revision, ports } => panic!(
-                "{d:?}: served an older state: revision {revision} of {}, {ports} of {} allocations",
+                "{file} {d:?}: served an older state: revision {revision} of {}, {ports} of {} allocations",
                 held.revision,
                 held.ports.len()
             ),
         }
     }
     // A missing file.
-    for gone in ["db", "conf"] {
+    for gone in ["sled/db", "sled/conf", "snapshot"] {
         let copy = tempfile::tempdir().unwrap();
         portmesh_testkit::copy_dir(original.path(), copy.path());
-        std::fs::remove_file(copy.path().join("sled").join(gone)).unwrap();
+        std::fs::remove_file(copy.path().join(gone)).unwrap();
         match open(copy.path(), &held) {
-            Opened::Refused(_) => refused += 1,
+            Opened::Refused(why) => {
+                // Without the snapshot, the log no longer reaches back to the start.
+                assert!(gone != "snapshot" || why.contains("its log lacks entry 0"), "{why}");
+                refused += 1;
+            }
             Opened::Whole => whole += 1,
-            Opened::Older { revision, .. } => panic!("without sled/{gone}: served revision {revision}"),
+            Opened::Older { revision, .. } => panic!("without {gone}: served revision {revision}"),
         }
     }
     eprintln!("damaged copies: {refused} refused, {whole} came back whole");

@@ -14,8 +14,11 @@
 //!
 //! Durability rules:
 //! - log entries and votes are flushed (fsync) before openraft is told they are written;
-//! - the state machine's changed records and its applied log id go in one atomic sled batch, so
-//!   a crash never leaves data and `applied` disagreeing;
+//! - applying an entry writes nothing: the state is the current snapshot plus the committed log
+//!   after it (`sm_store`);
+//! - a snapshot is durable (its file fsynced, renamed over the current one, the directory
+//!   fsynced) before openraft is told it exists, so before the log is purged up to it
+//!   (`snapshot_file`);
 //! - a data-version header guards every directory; unknown versions are refused.
 //!
 //! Error tree:
@@ -29,10 +32,10 @@ mod keys;
 mod log_store;
 pub mod ondisk;
 mod sm_store;
+mod snapshot_file;
 mod watermark;
 pub use watermark::WATERMARK_FILE;
 
-use std::io::Cursor;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -47,7 +50,7 @@ openraft::declare_raft_types!(
         R = Vec<portmesh_core::Response>,
         NodeId = u64,
         Node = openraft::BasicNode,
-        SnapshotData = Cursor<Vec<u8>>,
+        SnapshotData = tokio::fs::File,
 );
 
 /// The data version this build writes. Version 2 (0.2.0) added holders to allocations,
@@ -58,9 +61,11 @@ openraft::declare_raft_types!(
 /// still load, with the clock at 0); version 5 added registrations inside allocations (a new
 /// allocation command; the old one still loads); version 6 keeps the state in snapshots and the
 /// log only (the `sm` tree of an older directory is folded into a snapshot when it is opened,
-/// and a build that knows only version 5 refuses it instead of loading an empty state). See
-/// `ondisk` for the table.
-pub const DATA_VERSION: u32 = 6;
+/// and a build that knows only version 5 refuses it instead of loading an empty state); version
+/// 7 keeps the current snapshot in a file of its own, `DATA/snapshot` (an older directory's is
+/// moved there from sled when it is opened, and a build that knows only version 6 refuses it
+/// instead of missing the snapshot). See `ondisk` for the table.
+pub const DATA_VERSION: u32 = 7;
 /// The oldest data version this build reads: directories of versions 1 (0.1.0) and 2 are
 /// upgraded in place when opened (version 1 records and log entries load through `ondisk::v1`).
 pub const OLDEST_READABLE_VERSION: u32 = 1;
@@ -121,9 +126,26 @@ pub struct StoreStats {
     pub entries_flushed: AtomicU64,
     /// Commands applied to the state machine (an entry carries one or more).
     pub commands_applied: AtomicU64,
+    /// Bytes of log entries appended since this store was opened.
+    pub log_bytes: AtomicU64,
+    /// `log_bytes` when the current snapshot was started or installed (0 until one was).
+    pub log_bytes_at_snapshot: AtomicU64,
 }
 
 impl StoreStats {
+    /// Bytes of log entries appended since the current snapshot was started (or this store was
+    /// opened): what a snapshot would let the log purge.
+    pub fn log_bytes_since_snapshot(&self) -> u64 {
+        self.log_bytes
+            .load(Ordering::Relaxed)
+            .saturating_sub(self.log_bytes_at_snapshot.load(Ordering::Relaxed))
+    }
+
+    /// Records that a snapshot covers the log appended so far.
+    pub(crate) fn snapshot_taken(&self) {
+        self.log_bytes_at_snapshot.store(self.log_bytes.load(Ordering::Relaxed), Ordering::Relaxed);
+    }
+
     /// Mean log entries per flush so far.
     pub fn entries_per_flush(&self) -> f64 {
         let f = self.flushes.load(Ordering::Relaxed);
@@ -148,8 +170,11 @@ pub(crate) struct Inner {
     /// Data versions up to 5 only: state machine records plus `!applied` and `!membership`,
     /// folded into a snapshot when such a directory is opened (empty since).
     pub(crate) sm: sled::Tree,
-    /// The current snapshot: `meta` and `data`.
+    /// Data versions up to 6 only: the current snapshot, moved to [`Inner::snapshots`] when such
+    /// a directory is opened (empty since).
     pub(crate) snap: sled::Tree,
+    /// The current snapshot's file (`DATA/snapshot`).
+    pub(crate) snapshots: snapshot_file::Snapshots,
     pub(crate) stats: Arc<StoreStats>,
     pub(crate) flusher: flusher::Flusher,
     /// What this directory had made durable (see `watermark`).
@@ -267,6 +292,7 @@ impl Store {
             log: tree("log")?,
             sm,
             snap: tree("snap")?,
+            snapshots: snapshot_file::Snapshots::new(dir),
             db,
             stats,
             watermark,
@@ -285,6 +311,7 @@ impl Store {
             Some(v) if v.as_ref() == DATA_VERSION.to_be_bytes() => {}
             Some(v) if let Some(old) = readable(v.as_ref()) => {
                 tracing::info!(dir = %dir.display(), from = old, to = DATA_VERSION, "upgrading the data directory");
+                sm_store::move_snapshot_out_of_sled(&inner)?;
                 sm_store::fold_records_into_snapshot(&inner)?;
                 inner.meta.insert(META_VERSION, &DATA_VERSION.to_be_bytes()).map_err(io)?;
                 inner.flush().map_err(io)?;
@@ -385,9 +412,11 @@ impl Store {
         &self.inner.stats
     }
 
-    /// Bytes sled occupies on disk.
+    /// Bytes the data directory occupies on disk: sled's files and the current snapshot.
     pub fn size_on_disk(&self) -> u64 {
-        self.inner.db.size_on_disk().unwrap_or(0)
+        let snapshot =
+            std::fs::metadata(self.inner.snapshots.path(snapshot_file::FILE)).map_or(0, |m| m.len());
+        self.inner.db.size_on_disk().unwrap_or(0) + snapshot
     }
 
     /// Flushes everything to disk (used at shutdown).

@@ -144,13 +144,15 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I::IntoIter: OptionalSend,
     {
         let mut batch = sled::Batch::default();
-        let mut n = 0u64;
+        let (mut n, mut bytes) = (0u64, 0u64);
         for e in entries {
             let b = encode(&e).map_err(|err| StorageIOError::write_log_entry(e.log_id, &err))?;
+            bytes += b.len() as u64;
             batch.insert(&e.log_id.index.to_be_bytes(), b);
             n += 1;
         }
         self.inner.log.apply_batch(batch).map_err(|e| StorageIOError::write_logs(&e))?;
+        self.inner.stats.log_bytes.fetch_add(bytes, Ordering::Relaxed);
         // Durable before acknowledging: the flusher completes the callback only after an fsync
         // that started after these entries were written (group commit, see `flusher`).
         self.inner.flusher.submit(callback, n);

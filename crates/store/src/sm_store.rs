@@ -1,5 +1,5 @@
 //! The state machine: `portmesh_core::State` in memory, made durable by the Raft log and the
-//! current snapshot (the `snap` tree) alone.
+//! current snapshot (`DATA/snapshot`, see `snapshot_file`) alone.
 //!
 //! Applying an entry writes nothing to disk: the entry is already durable in the log. Opening a
 //! directory loads the snapshot and applies the committed log entries after it ([`load`]), so a
@@ -11,7 +11,6 @@
 //!
 //! [`load`]: StateMachineStore::load
 
-use std::io::Cursor;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock, RwLockReadGuard};
 
@@ -21,11 +20,11 @@ use openraft::{
     StorageError, StorageIOError, StoredMembership,
 };
 use portmesh_core::{ApplyCtx, Response, State};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use tokio::sync::watch;
 
 use crate::log_store::decode;
-use crate::ondisk::StoredRecord;
+use crate::snapshot_file::{self, Meta, RecordsOf, SnapshotPayload, SnapshotPayloadOf};
 use crate::{Inner, StoreError, TypeConfig, keys};
 
 type SResult<T> = Result<T, StorageError<u64>>;
@@ -60,50 +59,15 @@ impl StateReader {
     }
 }
 
-/// The snapshot format: every record of the state plus Raft's view.
-#[derive(Debug, Serialize, Deserialize)]
-struct SnapshotPayload {
-    data_version: u32,
-    records: Vec<StoredRecord>,
-}
-
-/// `SnapshotPayload` as it is written: the same format, its records serialized one at a time
-/// straight from the state. Collecting them first held a copy of the whole state during every
-/// snapshot (34 MB of heap at 60,000 leased allocations, heaptrack; docs/benchmarks.md).
-#[derive(Serialize)]
-struct SnapshotPayloadOf<'a> {
-    data_version: u32,
-    records: RecordsOf<'a>,
-}
-
-/// Every record of a state, serialized as the sequence `SnapshotPayload::records` reads.
-struct RecordsOf<'a>(&'a State);
-
-impl Serialize for RecordsOf<'_> {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeSeq;
-        // postcard writes the length first.
-        let mut seq = s.serialize_seq(Some(self.0.record_count()))?;
-        for r in self.0.records() {
-            seq.serialize_element(&StoredRecord::from(r))?;
-        }
-        seq.end()
-    }
-}
-
-#[derive(Debug, Serialize, Deserialize)]
+/// A snapshot as data versions up to 6 kept it, in sled's `snap` tree: its metadata and the
+/// bytes of its payload. Read only to move it into the snapshot file.
+#[derive(Debug, Deserialize)]
 struct StoredSnapshot {
-    meta: SnapshotMeta<u64, BasicNode>,
+    meta: Meta,
     data: Vec<u8>,
 }
 
-/// `StoredSnapshot` as it is written, borrowing the snapshot's bytes instead of copying them.
-#[derive(Serialize)]
-struct StoredSnapshotOf<'a> {
-    meta: &'a SnapshotMeta<u64, BasicNode>,
-    data: &'a [u8],
-}
-
+/// Its key in the `snap` tree.
 const SNAP_CURRENT: &[u8] = b"current";
 
 /// The state-machine half of the store.
@@ -112,8 +76,6 @@ pub struct StateMachineStore {
     inner: Arc<Inner>,
     sm: Arc<RwLock<SmState>>,
     applied_tx: Arc<watch::Sender<u64>>,
-    /// The size of the last snapshot built, to size the next one's buffer (see [`Self::build`]).
-    last_snapshot_len: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl StateMachineStore {
@@ -122,20 +84,16 @@ impl StateMachineStore {
     /// lower revision than its watermark recorded (see `watermark`).
     pub(crate) fn load(inner: Arc<Inner>) -> Result<Self, StoreError> {
         let corrupt = |what: String| StoreError::Corrupt { dir: inner.dir.clone(), what };
-        // The snapshot's size also sizes the next one's buffer.
-        let (mut sm, snapshot_len) = match read_current(&inner)? {
-            Some(stored) => {
-                let payload = read_payload(&stored.meta, &stored.data).map_err(|e| corrupt(e.to_string()))?;
-                let sm = SmState {
-                    state: State::from_records(payload.records.into_iter().map(Into::into)),
-                    last_applied: stored.meta.last_log_id,
-                    membership: stored.meta.last_membership,
-                };
-                (sm, stored.data.len())
+        let mut sm = match inner.snapshots.read_current().map_err(|e| snapshot_damaged(&inner, e))? {
+            Some(loaded) => {
+                check_version(&loaded.payload).map_err(|e| snapshot_damaged(&inner, e))?;
+                SmState {
+                    state: State::from_records(loaded.payload.records.into_iter().map(Into::into)),
+                    last_applied: loaded.meta.last_log_id,
+                    membership: loaded.meta.last_membership,
+                }
             }
-            None => {
-                (SmState { state: State::new(), last_applied: None, membership: Membership::default() }, 0)
-            }
+            None => SmState { state: State::new(), last_applied: None, membership: Membership::default() },
         };
         let committed = crate::log_store::committed_in(&inner.meta)
             .map_err(|e| corrupt(format!("committed log id: {e}")))?
@@ -163,12 +121,7 @@ impl StateMachineStore {
         inner.watermark.applied(sm.state.revision());
         let index = sm.last_applied.map_or(0, |l: LogId<u64>| l.index);
         let (tx, _) = watch::channel(index);
-        Ok(Self {
-            inner,
-            sm: Arc::new(RwLock::new(sm)),
-            applied_tx: Arc::new(tx),
-            last_snapshot_len: Arc::new(snapshot_len.into()),
-        })
+        Ok(Self { inner, sm: Arc::new(RwLock::new(sm)), applied_tx: Arc::new(tx) })
     }
 
     pub fn reader(&self) -> StateReader {
@@ -179,86 +132,114 @@ impl StateMachineStore {
         self.sm.write().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Builds a snapshot and saves it. Its buffer starts at the last snapshot's size plus an
-    /// eighth: grown by doubling from empty, the buffer of a 2.4 MB snapshot had 4.2 MB reserved,
-    /// and the bytes were copied at each doubling (heaptrack, docs/benchmarks.md).
+    /// Builds a snapshot into its file and makes it current. The state is read-locked while it
+    /// is encoded into the file (page cache writes through a 64 KiB buffer); the fsyncs come after.
     fn build(&self) -> SResult<Snapshot<TypeConfig>> {
         let started = std::time::Instant::now();
-        let hint = self.last_snapshot_len.load(Ordering::Relaxed);
-        let ((meta, data), locked) = {
+        let ((meta, written), locked) = {
             let sm = self.sm.read().unwrap_or_else(|p| p.into_inner());
-            (encode_snapshot(&sm, hint)?, started.elapsed())
+            self.inner.stats.snapshot_taken();
+            (write_snapshot(&self.inner, &sm, snapshot_file::BUILDING)?, started.elapsed())
         };
-        self.last_snapshot_len.store(data.len(), Ordering::Relaxed);
-        save_snapshot(&self.inner, &meta, &data)?;
+        let len = written.len;
+        let (file, _) = make_current(&self.inner, &meta, written)?;
         tracing::debug!(
             index = meta.last_log_id.map_or(0, |l| l.index),
-            bytes = data.len(),
+            bytes = len,
             locked_ms = locked.as_secs_f64() * 1e3,
             total_ms = started.elapsed().as_secs_f64() * 1e3,
             "snapshot built"
         );
-        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
+        Ok(Snapshot { meta, snapshot: Box::new(tokio::fs::File::from_std(file)) })
     }
 }
 
-/// The snapshot of `sm`: its metadata and bytes, in a buffer of `hint` bytes plus an eighth.
-fn encode_snapshot(sm: &SmState, hint: usize) -> SResult<(SnapshotMeta<u64, BasicNode>, Vec<u8>)> {
-    let payload = SnapshotPayloadOf { data_version: crate::DATA_VERSION, records: RecordsOf(&sm.state) };
-    let data = postcard::to_extend(&payload, Vec::with_capacity(hint + hint / 8))
-        .map_err(|e| StorageIOError::write_snapshot(None, &e))?;
+/// A damaged or unreadable snapshot file, as the error of opening its directory.
+fn snapshot_damaged(inner: &Inner, e: std::io::Error) -> StoreError {
+    let file = inner.snapshots.path(snapshot_file::FILE);
+    let what = format!(
+        "its snapshot {} is unreadable: {e}. A member of a cluster: move the directory aside, \
+         `portmesh leave --id N` the old node and join a fresh one (it catches up from the others). \
+         A single node: restore a backup",
+        file.display()
+    );
+    StoreError::Corrupt { dir: inner.dir.clone(), what }
+}
+
+/// Writes the snapshot of `sm` into the file `name`; its metadata and the written file.
+fn write_snapshot(inner: &Inner, sm: &SmState, name: &str) -> SResult<(Meta, snapshot_file::Written)> {
     let snapshot_id = match sm.last_applied {
-        Some(l) => format!("{}-{}-{}", l.leader_id, l.index, data.len()),
-        None => format!("empty-{}", data.len()),
+        // The same log id gives the same state on every member: the id names the content.
+        Some(l) => format!("{}-{}", l.leader_id, l.index),
+        None => "empty".to_string(),
     };
     let meta =
         SnapshotMeta { last_log_id: sm.last_applied, last_membership: sm.membership.clone(), snapshot_id };
-    Ok((meta, data))
+    let payload = SnapshotPayloadOf { data_version: crate::DATA_VERSION, records: RecordsOf(&sm.state) };
+    let written = inner
+        .snapshots
+        .write(name, &meta, &payload)
+        .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
+    Ok((meta, written))
 }
 
-/// Saves a snapshot as the directory's current one, durably: the log may be purged up to it.
-fn save_snapshot(inner: &Inner, meta: &SnapshotMeta<u64, BasicNode>, data: &[u8]) -> SResult<()> {
-    let sig = Some(meta.signature());
-    let stored = StoredSnapshotOf { meta, data };
-    // Exactly as large as it will be: the metadata, the length, the snapshot's bytes.
-    let size = postcard::experimental::serialized_size(&stored)
-        .map_err(|e| StorageIOError::write_snapshot(sig.clone(), &e))?;
-    let b = postcard::to_extend(&stored, Vec::with_capacity(size))
-        .map_err(|e| StorageIOError::write_snapshot(sig.clone(), &e))?;
-    inner.snap.insert(SNAP_CURRENT, b).map_err(|e| StorageIOError::write_snapshot(sig.clone(), &e))?;
-    inner.flush().map_err(|e| StorageIOError::write_snapshot(sig, &e))?;
-    Ok(())
+/// Makes a written snapshot file durable and current (unless a newer one is); the file, at its
+/// start, and whether it became current.
+fn make_current(
+    inner: &Inner,
+    meta: &Meta,
+    written: snapshot_file::Written,
+) -> SResult<(std::fs::File, bool)> {
+    inner
+        .watermark
+        .injected_failure()
+        .and_then(|()| inner.snapshots.make_current(written, meta.last_log_id))
+        .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e).into())
 }
 
-/// The directory's current snapshot, if it has one.
-fn read_current(inner: &Inner) -> Result<Option<StoredSnapshot>, StoreError> {
-    let Some(b) =
-        inner.snap.get(SNAP_CURRENT).map_err(|source| StoreError::Io { dir: inner.dir.clone(), source })?
-    else {
-        return Ok(None);
-    };
-    let stored = decode(&b).map_err(|e| StoreError::Corrupt {
-        dir: inner.dir.clone(),
-        what: format!("current snapshot: {e}"),
-    })?;
-    Ok(Some(stored))
-}
-
-/// A snapshot's records, if its data version is one this build reads.
-fn read_payload(meta: &SnapshotMeta<u64, BasicNode>, data: &[u8]) -> SResult<SnapshotPayload> {
-    let sig = Some(meta.signature());
-    let payload: SnapshotPayload =
-        decode(data).map_err(|e| StorageIOError::read_snapshot(sig.clone(), &e))?;
-    if !(crate::OLDEST_READABLE_VERSION..=crate::DATA_VERSION).contains(&payload.data_version) {
-        let e = std::io::Error::other(format!(
-            "snapshot has data version {}, this build reads versions {} to {}",
-            payload.data_version,
-            crate::OLDEST_READABLE_VERSION,
-            crate::DATA_VERSION
-        ));
-        return Err(StorageIOError::read_snapshot(sig, &e).into());
+/// The payload's data version is one this build reads.
+fn check_version(payload: &SnapshotPayload) -> std::io::Result<()> {
+    if (crate::OLDEST_READABLE_VERSION..=crate::DATA_VERSION).contains(&payload.data_version) {
+        return Ok(());
     }
-    Ok(payload)
+    Err(std::io::Error::other(format!(
+        "snapshot has data version {}, this build reads versions {} to {}",
+        payload.data_version,
+        crate::OLDEST_READABLE_VERSION,
+        crate::DATA_VERSION
+    )))
+}
+
+/// The last log id of the directory's current snapshot file, if it has one (checked whole).
+fn current_snapshot_at(inner: &Inner) -> Result<Option<Option<LogId<u64>>>, StoreError> {
+    let current = inner.snapshots.open_current().map_err(|e| snapshot_damaged(inner, e))?;
+    Ok(current.map(|(meta, _)| meta.last_log_id))
+}
+
+/// Moves the snapshot of a directory written by data version 6 or older from sled's `snap` tree
+/// into the snapshot file, then empties the tree. Safe to repeat after a crash midway: the file
+/// is durable before the tree is touched, and a file already at (or past) it is kept.
+pub(crate) fn move_snapshot_out_of_sled(inner: &Inner) -> Result<(), StoreError> {
+    let io = |source| StoreError::Io { dir: inner.dir.clone(), source };
+    let corrupt = |what: String| StoreError::Corrupt { dir: inner.dir.clone(), what };
+    let Some(b) = inner.snap.get(SNAP_CURRENT).map_err(io)? else {
+        return Ok(());
+    };
+    let stored: StoredSnapshot = decode(&b).map_err(|e| corrupt(format!("current snapshot: {e}")))?;
+    drop(b);
+    let payload: SnapshotPayload =
+        decode(&stored.data).map_err(|e| corrupt(format!("current snapshot's records: {e}")))?;
+    check_version(&payload).map_err(|e| corrupt(e.to_string()))?;
+    if current_snapshot_at(inner)?.is_none_or(|at| at < stored.meta.last_log_id) {
+        let written = inner
+            .snapshots
+            .write(snapshot_file::BUILDING, &stored.meta, &payload)
+            .map_err(|e| corrupt(format!("moving its snapshot out of sled: {e}")))?;
+        make_current(inner, &stored.meta, written)
+            .map_err(|e| corrupt(format!("moving its snapshot out of sled: {e}")))?;
+    }
+    inner.snap.clear().map_err(io)?;
+    inner.flush().map_err(io)
 }
 
 /// Folds the `sm` tree of a directory written by data version 5 or older (its records, applied
@@ -278,7 +259,9 @@ pub(crate) fn fold_records_into_snapshot(inner: &Inner) -> Result<(), StoreError
         let (k, v) = kv.map_err(io)?;
         if keys::is_record(&k) {
             records.push(
-                decode::<StoredRecord>(&v).map_err(|e| corrupt(format!("state record {k:?}: {e}")))?.into(),
+                decode::<crate::ondisk::StoredRecord>(&v)
+                    .map_err(|e| corrupt(format!("state record {k:?}: {e}")))?
+                    .into(),
             );
         } else if k.as_ref() == keys::APPLIED {
             last_applied = decode(&v).map_err(|e| corrupt(format!("applied log id: {e}")))?;
@@ -286,11 +269,11 @@ pub(crate) fn fold_records_into_snapshot(inner: &Inner) -> Result<(), StoreError
             membership = decode(&v).map_err(|e| corrupt(format!("membership: {e}")))?;
         }
     }
-    let newer = read_current(inner)?.is_none_or(|s| s.meta.last_log_id < last_applied);
-    if newer {
+    if current_snapshot_at(inner)?.is_none_or(|at| at < last_applied) {
         let sm = SmState { state: State::from_records(records), last_applied, membership };
-        let (meta, data) = encode_snapshot(&sm, 0).map_err(|e| corrupt(e.to_string()))?;
-        save_snapshot(inner, &meta, &data).map_err(|e| corrupt(e.to_string()))?;
+        let (meta, written) =
+            write_snapshot(inner, &sm, snapshot_file::BUILDING).map_err(|e| corrupt(e.to_string()))?;
+        make_current(inner, &meta, written).map_err(|e| corrupt(e.to_string()))?;
     }
     inner.sm.clear().map_err(io)?;
     inner.flush().map_err(io)
@@ -359,20 +342,43 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         self.clone()
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> SResult<Box<Cursor<Vec<u8>>>> {
-        Ok(Box::new(Cursor::new(Vec::new())))
+    async fn begin_receiving_snapshot(&mut self) -> SResult<Box<tokio::fs::File>> {
+        let file = self.inner.snapshots.receiving().map_err(|e| StorageIOError::write_snapshot(None, &e))?;
+        Ok(Box::new(tokio::fs::File::from_std(file)))
     }
 
-    async fn install_snapshot(
-        &mut self,
-        meta: &SnapshotMeta<u64, BasicNode>,
-        snapshot: Box<Cursor<Vec<u8>>>,
-    ) -> SResult<()> {
-        let data = snapshot.into_inner();
-        let payload = read_payload(meta, &data)?;
-        let state = State::from_records(payload.records.into_iter().map(Into::into));
+    /// Installs a snapshot the leader sent: the file it was received into is checked (its
+    /// checksum, and that it is the snapshot `meta` names), its bytes made durable and current,
+    /// then it replaces the state.
+    async fn install_snapshot(&mut self, meta: &Meta, snapshot: Box<tokio::fs::File>) -> SResult<()> {
+        use tokio::io::AsyncWriteExt;
+        let sig = Some(meta.signature());
+        let read_err = |e: std::io::Error| StorageError::from(StorageIOError::read_snapshot(sig.clone(), &e));
+        let mut file = *snapshot;
+        file.flush().await.map_err(read_err)?;
+        let bytes = snapshot_file::read_all(&mut file.into_std().await).map_err(read_err)?;
+        let loaded = snapshot_file::decode(&bytes).map_err(read_err)?;
+        check_version(&loaded.payload).map_err(read_err)?;
+        if loaded.meta.last_log_id != meta.last_log_id || loaded.meta.snapshot_id != meta.snapshot_id {
+            let e = std::io::Error::other(format!(
+                "the file received holds snapshot {}, not {}",
+                loaded.meta.snapshot_id, meta.snapshot_id
+            ));
+            return Err(read_err(e));
+        }
+        let state = State::from_records(loaded.payload.records.into_iter().map(Into::into));
         // Durable before the state is replaced: the log before it may be gone once it is.
-        save_snapshot(&self.inner, meta, &data)?;
+        let written = self
+            .inner
+            .snapshots
+            .write_bytes(snapshot_file::INSTALLING, &bytes)
+            .map_err(|e| StorageIOError::write_snapshot(sig.clone(), &e))?;
+        drop(bytes);
+        make_current(&self.inner, meta, written)?;
+        self.inner.stats.snapshot_taken();
+        if let Err(e) = self.inner.snapshots.received() {
+            tracing::warn!(error = %e, "could not remove the file a snapshot was received into");
+        }
         let (index, revision) = {
             let mut guard = self.write_lock();
             let sm = &mut *guard;
@@ -387,8 +393,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     }
 
     async fn get_current_snapshot(&mut self) -> SResult<Option<Snapshot<TypeConfig>>> {
-        let current = read_current(&self.inner).map_err(|e| StorageIOError::read_snapshot(None, &e))?;
-        Ok(current.map(|s| Snapshot { meta: s.meta, snapshot: Box::new(Cursor::new(s.data)) }))
+        let current =
+            self.inner.snapshots.open_current().map_err(|e| StorageIOError::read_snapshot(None, &e))?;
+        Ok(current.map(|(meta, file)| Snapshot { meta, snapshot: Box::new(tokio::fs::File::from_std(file)) }))
     }
 }
 
@@ -397,53 +404,217 @@ mod tests {
     use openraft::RaftSnapshotBuilder;
     use openraft::storage::RaftStateMachine;
     use tempfile::TempDir;
+    use tokio::io::AsyncReadExt;
 
     use super::*;
     use crate::log_store::encode;
     use crate::tests::alloc_entry;
     use crate::{Store, StoreOptions};
 
-    /// The snapshot is written from borrowed state, field by field; it must be the very bytes
-    /// the collected form (what older versions wrote, and what the reader decodes) gives.
+    async fn bytes_of(s: Snapshot<TypeConfig>) -> Vec<u8> {
+        let mut b = Vec::new();
+        let mut f = s.snapshot;
+        f.read_to_end(&mut b).await.unwrap();
+        b
+    }
+
+    /// The snapshot file is the header, the metadata, the records in the collected format (what
+    /// older versions wrote, and what the reader decodes) and the checksum of all that; it is
+    /// written from borrowed state through a buffer, and it is what Raft sends.
     #[tokio::test]
-    async fn a_snapshot_written_from_the_state_is_the_collected_format() {
+    async fn a_snapshot_file_is_its_header_metadata_records_and_checksum() {
         let dir = TempDir::new().unwrap();
         let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
         let mut sm = store.state_machine().unwrap();
         sm.apply((1..=40).map(alloc_entry)).await.unwrap();
         let built = sm.build_snapshot().await.unwrap();
+        let meta = built.meta.clone();
+        assert_eq!(meta.last_log_id.map(|l| l.index), Some(40));
 
-        let collected = {
+        let mut expected = b"pmsnap\x00\x01".to_vec();
+        expected.extend(encode(&meta).unwrap());
+        {
             let guard = sm.sm.read().unwrap();
             let payload = SnapshotPayload {
                 data_version: crate::DATA_VERSION,
                 records: guard.state.records().map(Into::into).collect(),
             };
-            encode(&payload).unwrap()
+            expected.extend(encode(&payload).unwrap());
+        }
+        expected.extend(crc32fast::hash(&expected).to_le_bytes());
+        assert_eq!(bytes_of(built).await, expected, "the file handed to Raft");
+        assert_eq!(std::fs::read(dir.path().join("snapshot")).unwrap(), expected, "the file on disk");
+        assert!(!dir.path().join("snapshot.building").exists(), "renamed into place");
+        let current = sm.get_current_snapshot().await.unwrap().expect("a snapshot was saved");
+        assert_eq!(current.meta, meta);
+        assert_eq!(bytes_of(current).await, expected);
+        assert!(store.inner.snap.is_empty(), "nothing of it in sled");
+        let sled_only = store.inner.db.size_on_disk().unwrap();
+        assert_eq!(
+            store.size_on_disk(),
+            sled_only + expected.len() as u64,
+            "the data directory's size counts it"
+        );
+
+        // Built again from the same state, it is the same file.
+        assert_eq!(bytes_of(sm.build_snapshot().await.unwrap()).await, expected);
+    }
+
+    /// A snapshot file that was damaged (a flipped byte, a truncation, bytes appended) is refused
+    /// with a message that names it and says what is wrong, when the directory is opened and when
+    /// Raft asks for it to send; the file is left as it was.
+    #[tokio::test]
+    async fn a_damaged_snapshot_file_is_refused_and_left_alone() {
+        let dir = TempDir::new().unwrap();
+        let path = dir.path().join("snapshot");
+        let good = {
+            let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+            let mut sm = store.state_machine().unwrap();
+            sm.apply((1..=10).map(alloc_entry)).await.unwrap();
+            sm.build_snapshot().await.unwrap();
+            std::fs::read(&path).unwrap()
         };
-        assert_eq!(built.snapshot.into_inner(), collected);
-        let payload: SnapshotPayload = decode(&collected).unwrap();
-        assert_eq!(payload.records.len(), sm.sm.read().unwrap().state.records().count());
-
-        let current = sm.get_current_snapshot().await.unwrap().expect("a snapshot was saved");
-        assert_eq!(current.meta, built.meta);
-        assert_eq!(current.snapshot.into_inner(), collected, "the saved copy reads back whole");
-        let stored = StoredSnapshot { meta: built.meta.clone(), data: collected.clone() };
-        let written = StoredSnapshotOf { meta: &built.meta, data: &collected };
-        assert_eq!(encode(&written).unwrap(), encode(&stored).unwrap());
-
-        // The next snapshot's buffer is sized from this one (an eighth to spare), not grown by
-        // doubling from empty; its bytes are the same.
-        let again = sm.build_snapshot().await.unwrap().snapshot.into_inner();
-        assert_eq!(again, collected);
-        assert_eq!(again.capacity(), collected.len() + collected.len() / 8);
-        let current = sm.get_current_snapshot().await.unwrap().expect("a snapshot was saved");
-        assert_eq!(current.snapshot.into_inner(), collected, "saved from an exactly sized buffer");
-
-        // Reopened, the first snapshot is sized from the one loaded, not grown from empty.
-        drop((sm, store));
+        let mut flipped = good.clone();
+        flipped[good.len() / 2] ^= 0x10;
+        let mut appended = good.clone();
+        appended.extend(b"xx");
+        let mut recrc = good[..good.len() - 4].to_vec();
+        recrc.extend(b"xx");
+        recrc.extend(crc32fast::hash(&recrc).to_le_bytes());
+        for (bad, why) in [
+            (flipped, "its checksum does not match"),
+            (good[..good.len() - 7].to_vec(), "its checksum does not match"),
+            (good[..3].to_vec(), "not a portmesh snapshot file"),
+            (appended, "its checksum does not match"),
+            (recrc, "bytes follow its records"),
+        ] {
+            std::fs::write(&path, &bad).unwrap();
+            let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+            let e = store.state_machine().unwrap_err().to_string();
+            assert!(e.contains(&path.display().to_string()) && e.contains(why), "{why}: {e}");
+            assert_eq!(std::fs::read(&path).unwrap(), bad, "left as it was");
+            if why != "bytes follow its records" {
+                let e = store.inner.snapshots.open_current().unwrap_err().to_string();
+                assert!(e.contains(why), "{why}: {e}");
+            }
+        }
+        std::fs::write(&path, &good).unwrap();
         let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
         let sm = store.state_machine().unwrap();
-        assert_eq!(sm.last_snapshot_len.load(Ordering::Relaxed), collected.len());
+        assert_eq!(sm.reader().read().state.allocations().count(), 10, "the good file loads");
+    }
+
+    /// A snapshot older than the current one (a build that started before a newer snapshot was
+    /// installed) is not made current: the newer one stays.
+    #[tokio::test]
+    async fn an_older_snapshot_never_replaces_a_newer_one() {
+        let (a, b) = (TempDir::new().unwrap(), TempDir::new().unwrap());
+        let leader = Store::open(a.path(), &StoreOptions::default()).unwrap();
+        let mut lsm = leader.state_machine().unwrap();
+        lsm.apply((1..=6).map(alloc_entry)).await.unwrap();
+        let newer = lsm.build_snapshot().await.unwrap();
+
+        let store = Store::open(b.path(), &StoreOptions::default()).unwrap();
+        let mut sm = store.state_machine().unwrap();
+        sm.apply((1..=3).map(alloc_entry)).await.unwrap();
+        let old = {
+            let guard = sm.sm.read().unwrap();
+            write_snapshot(&store.inner, &guard, snapshot_file::BUILDING).unwrap()
+        };
+        let meta = newer.meta.clone();
+        sm.install_snapshot(&meta, newer.snapshot).await.unwrap();
+        let (_, current) = make_current(&store.inner, &old.0, old.1).unwrap();
+        assert!(!current, "the older snapshot was not made current");
+        assert_eq!(sm.get_current_snapshot().await.unwrap().unwrap().meta, meta);
+        let left: Vec<_> = std::fs::read_dir(b.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert!(!left.iter().any(|n| n.to_string_lossy().starts_with("snapshot.")), "{left:?}");
+    }
+
+    /// A snapshot received from the leader is installed only if it is whole and is the one its
+    /// metadata names; otherwise the state and the current snapshot stay as they were.
+    #[tokio::test]
+    async fn a_received_snapshot_is_checked_before_it_replaces_anything() {
+        use tokio::io::AsyncWriteExt;
+        let (a, b) = (TempDir::new().unwrap(), TempDir::new().unwrap());
+        let src = Store::open(a.path(), &StoreOptions::default()).unwrap();
+        let mut sm = src.state_machine().unwrap();
+        sm.apply((1..=5).map(alloc_entry)).await.unwrap();
+        let built = sm.build_snapshot().await.unwrap();
+        let meta = built.meta.clone();
+        let good = bytes_of(built).await;
+
+        let dst = Store::open(b.path(), &StoreOptions::default()).unwrap();
+        let mut sm2 = dst.state_machine().unwrap();
+        sm2.apply((1..=2).map(alloc_entry)).await.unwrap();
+        let mut flipped = good.clone();
+        flipped[10] ^= 1;
+        let other = SnapshotMeta { snapshot_id: "1-0-4".into(), ..meta.clone() };
+        for (bytes, meta, why) in
+            [(flipped, &meta, "checksum does not match"), (good.clone(), &other, "not 1-0-4")]
+        {
+            let mut f = sm2.begin_receiving_snapshot().await.unwrap();
+            f.write_all(&bytes).await.unwrap();
+            let e = sm2.install_snapshot(meta, f).await.unwrap_err().to_string();
+            assert!(e.contains(why), "{why}: {e}");
+            assert_eq!(sm2.reader().read().last_applied.map(|l| l.index), Some(2));
+            assert!(sm2.get_current_snapshot().await.unwrap().is_none());
+        }
+        let mut f = sm2.begin_receiving_snapshot().await.unwrap();
+        f.write_all(&good).await.unwrap();
+        sm2.install_snapshot(&meta, f).await.unwrap();
+        assert_eq!(sm2.reader().read().last_applied.map(|l| l.index), Some(5));
+        assert_eq!(std::fs::read(b.path().join("snapshot")).unwrap(), good);
+    }
+
+    /// A directory of data version 6 keeps its snapshot in sled's `snap` tree: opened, the
+    /// snapshot moves into the file and the tree is emptied; a move repeated after a crash (the
+    /// file already there) keeps the file.
+    #[tokio::test]
+    async fn a_version_6_snapshot_moves_from_sled_into_the_file() {
+        #[derive(Serialize)]
+        struct StoredSnapshotV6<'a> {
+            meta: &'a Meta,
+            data: Vec<u8>,
+        }
+        use serde::Serialize;
+        let dir = TempDir::new().unwrap();
+        let (meta, state) = {
+            let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+            let mut sm = store.state_machine().unwrap();
+            sm.apply((1..=7).map(alloc_entry)).await.unwrap();
+            let meta = sm.build_snapshot().await.unwrap().meta;
+            let state = sm.reader().read().state.clone();
+            let payload = SnapshotPayloadOf { data_version: 6, records: RecordsOf(&state) };
+            let stored = StoredSnapshotV6 { meta: &meta, data: encode(&payload).unwrap() };
+            store.inner.snap.insert(SNAP_CURRENT, encode(&stored).unwrap()).unwrap();
+            store.inner.meta.insert(b"data_version", &6u32.to_be_bytes()).unwrap();
+            store.flush().unwrap();
+            (meta, state)
+        };
+        let file = dir.path().join("snapshot");
+        for repeated in [false, true] {
+            if !repeated {
+                std::fs::remove_file(&file).unwrap();
+            }
+            let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+            assert!(store.inner.snap.is_empty(), "the tree was emptied");
+            assert_eq!(
+                store.inner.meta.get(b"data_version").unwrap().unwrap().as_ref(),
+                crate::DATA_VERSION.to_be_bytes()
+            );
+            let mut sm = store.state_machine().unwrap();
+            assert_eq!(sm.get_current_snapshot().await.unwrap().unwrap().meta, meta);
+            assert_eq!(sm.reader().read().state, state);
+            if !repeated {
+                // Put the tree back as a crash before it was emptied would have left it.
+                let stored = StoredSnapshotV6 {
+                    meta: &meta,
+                    data: encode(&SnapshotPayloadOf { data_version: 6, records: RecordsOf(&state) }).unwrap(),
+                };
+                store.inner.snap.insert(SNAP_CURRENT, encode(&stored).unwrap()).unwrap();
+                store.inner.meta.insert(b"data_version", &6u32.to_be_bytes()).unwrap();
+                store.flush().unwrap();
+            }
+        }
     }
 }

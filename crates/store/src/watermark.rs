@@ -187,12 +187,18 @@ impl Watermark {
         self.failing.store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
+    /// An error while the test hook injects flush failures (see `Store::inject_flush_failures`).
+    pub(crate) fn injected_failure(&self) -> io::Result<()> {
+        if self.failing.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(io::Error::other("injected storage failure (test hook)"));
+        }
+        Ok(())
+    }
+
     /// What sled holds now: read before a flush, recorded after it. Fails while the test hook
     /// injects flush failures.
     fn current(&self) -> Result<Mark, sled::Error> {
-        if self.failing.load(std::sync::atomic::Ordering::Relaxed) {
-            return Err(sled::Error::Io(io::Error::other("injected storage failure (test hook)")));
-        }
+        self.injected_failure().map_err(sled::Error::Io)?;
         // The revision first: the committed id behind it was written before it was applied.
         let revision = self.revision.load(Ordering::Relaxed);
         Ok(Mark::of(&self.meta, revision))

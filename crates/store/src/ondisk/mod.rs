@@ -14,6 +14,7 @@
 //! | 4 | 0.2.0 on | the lease clock: `Meta` with `lease_clock_ms` (new variant `Meta`), checkpoints that carry the clock and only renewed leases (new variant `CheckpointLeasesAt`) |
 //! | 5 | 0.2.0 on | allocations that register a service in the same entry: `AllocateBatch` with `register` (new variant `Allocate`; the old shape is [`v2`]'s) |
 //! | 6 | 0.2.0 on | the state lives in snapshots and the log only: no record is written to the `sm` tree any more; an older directory's tree is folded into a snapshot when it is opened (no encoding changed) |
+//! | 7 | 0.2.0 on | the current snapshot is a file of its own (`DATA/snapshot`: a header, the metadata, the records, a checksum), no longer a value in sled's `snap` tree; an older directory's is moved there when it is opened (the records' encoding is unchanged) |
 //!
 //! Where a change goes: when a persisted core type changes shape, copy its old shape into a new
 //! `vN` module (with a `From` into the current type), give the enum here a new variant for the
