@@ -111,6 +111,7 @@ pub async fn serve(cli: &Cli, a: &ServeArgs) -> Result<()> {
     cfg.join = a.join.clone();
     cfg.raft.voters = a.voters;
     cfg.raft.snapshot_every = a.snapshot_every;
+    cfg.raft.snapshot_log_bytes = a.snapshot_log_mib.saturating_mul(1 << 20);
     cfg.raft.keep_after_snapshot = cfg.raft.keep_after_snapshot.min(a.snapshot_every / 10);
     cfg.home = a.home.clone();
     cfg.host = a.host_name.clone();

@@ -11,6 +11,7 @@
 #![cfg_attr(not(test), deny(unused_crate_dependencies))]
 
 mod batcher;
+mod compaction;
 pub mod faults;
 pub mod keeper;
 pub mod network;
@@ -39,6 +40,9 @@ pub struct RaftOptions {
     pub election_max: Duration,
     /// Build a snapshot (and purge the log behind it) after this many entries.
     pub snapshot_every: u64,
+    /// Build a snapshot also once the log appended since the last one passes this many bytes
+    /// (0: by entries only; see `compaction`).
+    pub snapshot_log_bytes: u64,
     /// Log entries kept behind a snapshot, so a follower that lags by fewer catches up from the
     /// log rather than by snapshot.
     pub keep_after_snapshot: u64,
@@ -83,6 +87,7 @@ impl Default for RaftOptions {
             election_min: Duration::from_millis(500),
             election_max: Duration::from_millis(1000),
             snapshot_every: 10_000,
+            snapshot_log_bytes: 8 << 20,
             keep_after_snapshot: 1_000,
             lease_checkpoint: Duration::from_secs(5),
             lease_tick: Duration::from_millis(100),
@@ -276,6 +281,7 @@ impl RaftNode {
             stop,
         };
         tokio::spawn(keeper::run(node.clone(), node.stop.subscribe()));
+        tokio::spawn(compaction::run(node.clone(), opts.snapshot_log_bytes, node.stop.subscribe()));
         Ok(node)
     }
 
@@ -353,6 +359,11 @@ impl RaftNode {
 
     pub fn metrics(&self) -> RaftMetrics<u64, BasicNode> {
         self.raft.metrics().borrow().clone()
+    }
+
+    /// The Raft metrics as they change, to await a condition on them.
+    pub fn metrics_changes(&self) -> watch::Receiver<RaftMetrics<u64, BasicNode>> {
+        self.raft.metrics()
     }
 
     /// Whether this node currently believes it is the leader.

@@ -335,3 +335,45 @@ async fn a_follower_refuses_an_allocation_naming_the_leader() {
     let after = c.nodes[leader].as_ref().unwrap().api.node().state().read().state.allocations().count();
     assert_eq!(before, after, "a refused allocation took a port");
 }
+
+/// A log that grows by bytes rather than by entries (lease checkpoints are such entries) is
+/// snapshotted once the bytes appended since the last snapshot pass `snapshot_log_bytes`, long
+/// before it reaches `snapshot_every` entries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_past_its_byte_limit_is_snapshotted_before_its_entry_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let (node, client) = node_in(dir.path(), |cfg| {
+        cfg.raft.snapshot_every = 1_000_000;
+        cfg.raft.snapshot_log_bytes = 64 * 1024;
+    })
+    .await;
+    client
+        .add_pool(pb::AddPoolRequest {
+            team: "default".into(),
+            name: "big".into(),
+            ranges: vec![pb::PortRange { start: 40000, end: 44999 }],
+        })
+        .await
+        .unwrap();
+    let mut metrics = node.api.node().metrics_changes();
+    assert!(metrics.borrow().snapshot.is_none(), "no snapshot before the writes");
+    // 20 entries of 64 allocations with long names: a few KB each, ~150 KB in all.
+    for b in 0..20 {
+        let items = (0..64)
+            .map(|i| pb::AllocItem {
+                service: format!("service-{b:02}-{i:02}-{}", "x".repeat(40)),
+                pool: "big".into(),
+                ..Default::default()
+            })
+            .collect();
+        client.allocate(pb::AllocateRequest { items, ..Default::default() }).await.unwrap();
+    }
+    let m = tokio::time::timeout(Duration::from_secs(20), metrics.wait_for(|m| m.snapshot.is_some()))
+        .await
+        .expect("a snapshot within 20 s of the log passing 64 KiB")
+        .unwrap()
+        .clone();
+    let (snapshot, last) = (m.snapshot.unwrap().index, m.last_log_index.unwrap_or(0));
+    assert!(last < 100, "{last} entries, far fewer than snapshot_every");
+    assert!(snapshot > 0 && dir.path().join("snapshot").is_file(), "snapshot at {snapshot}");
+}
