@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use portmesh_client::{Client, pb};
 
-use crate::{ChannelStream, Deployment, etcdpb, median, rss_kb, start_etcd, start_portmesh};
+use crate::{ChannelStream, Deployment, etcdpb, hwm_kb, median, rss_kb, start_etcd, start_portmesh};
 
 /// Concurrent clients used to build up state.
 const FILL_CLIENTS: usize = 16;
@@ -396,6 +396,7 @@ pub async fn soak(bin: &std::path::Path, nodes: usize, n: usize, ttl: Duration, 
         );
     }
     let cpu_per_s = (d.members_cpu_ms() - cpu_from) / cpu_at.elapsed().as_secs_f64();
+    let hwm: Vec<f64> = (0..d.addrs.len()).map(|i| hwm_kb(d.pid(i)) as f64 / 1024.0).collect();
     for t in tasks {
         t.await??;
     }
@@ -406,14 +407,15 @@ pub async fn soak(bin: &std::path::Path, nodes: usize, n: usize, ttl: Duration, 
         c.time_to_live(pb::LeaseTimeToLiveRequest { team: "default".into(), lease_id: first }).await.is_ok();
     println!(
         "soak: {} renewals over {secs:.0} s ({:.0}/s); {} answered gone; {} LEASE_EXPIRED events while \
-         every lease was kept ({} at the end); peak RSS per member {} MB; members' CPU while keeping \
-         them {cpu_per_s:.0} ms/s",
+         every lease was kept ({} at the end); peak RSS per member {} MB sampled, {} MB high-water \
+         mark (granting included); members' CPU while keeping them {cpu_per_s:.0} ms/s",
         renewed.load(Ordering::Relaxed),
         renewed.load(Ordering::Relaxed) as f64 / secs,
         lost.load(Ordering::Relaxed),
         expired.load(Ordering::Relaxed),
         if still { "first lease still live" } else { "first lease gone" },
-        fmt_mb(&peak)
+        fmt_mb(&peak),
+        fmt_mb(&hwm)
     );
     Ok(())
 }
