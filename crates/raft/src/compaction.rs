@@ -22,21 +22,13 @@ const PATIENCE: Duration = Duration::from_secs(30);
 
 /// Asks this member's Raft for a snapshot whenever the log appended since the last one passes
 /// `limit` bytes. Runs until `stop` turns true; `limit` 0 turns it off.
-pub(crate) async fn run(node: RaftNode, limit: u64, mut stop: watch::Receiver<bool>) {
+pub(crate) async fn run(node: RaftNode, limit: u64, stop: watch::Receiver<bool>) {
     if limit == 0 {
         return;
     }
-    let mut tick = tokio::time::interval(EVERY);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut ticks = crate::Ticks::new(EVERY, stop);
     let mut asked: Option<Instant> = None;
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = stop.changed() => return,
-        }
-        if *stop.borrow() {
-            return;
-        }
+    while ticks.next().await {
         let since = node.store.stats().log_bytes_since_snapshot();
         if since < limit {
             asked = None;

@@ -265,20 +265,12 @@ pub(crate) async fn last_checkpoint(node: &RaftNode, limit: std::time::Duration)
 }
 
 /// The leader-duty loop: reconcile, expire, checkpoint. Runs until `stop` turns true.
-pub(crate) async fn run(node: RaftNode, mut stop: watch::Receiver<bool>) {
+pub(crate) async fn run(node: RaftNode, stop: watch::Receiver<bool>) {
     let keeper = node.keeper.clone();
-    let mut tick = tokio::time::interval(keeper.opts.lease_tick);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut ticks = crate::Ticks::new(keeper.opts.lease_tick, stop);
     let mut last_checkpoint = Instant::now();
     let checkpoint_every = keeper.opts.checkpoint_every();
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = stop.changed() => return,
-        }
-        if *stop.borrow() {
-            return;
-        }
+    while ticks.next().await {
         if !node.is_leader() {
             keeper.forget_term();
             continue;

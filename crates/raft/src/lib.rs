@@ -32,6 +32,30 @@ use tokio::sync::watch;
 
 pub use keeper::LeaseKeeper;
 
+/// The ticks of a node's periodic task (the lease keeper, compaction): one every `period`, a late
+/// one delaying the next rather than bursting, until the node stops.
+pub(crate) struct Ticks {
+    tick: tokio::time::Interval,
+    stop: watch::Receiver<bool>,
+}
+
+impl Ticks {
+    pub(crate) fn new(period: Duration, stop: watch::Receiver<bool>) -> Self {
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Self { tick, stop }
+    }
+
+    /// Waits for the next tick; false once the node stops.
+    pub(crate) async fn next(&mut self) -> bool {
+        tokio::select! {
+            _ = self.tick.tick() => {}
+            _ = self.stop.changed() => return false,
+        }
+        !*self.stop.borrow()
+    }
+}
+
 /// Timing and sizing of the Raft node. Defaults suit a LAN or one machine under load.
 #[derive(Debug, Clone)]
 pub struct RaftOptions {
