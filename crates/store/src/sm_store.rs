@@ -566,17 +566,27 @@ mod tests {
         assert_eq!(std::fs::read(b.path().join("snapshot")).unwrap(), good);
     }
 
-    /// A directory of data version 6 keeps its snapshot in sled's `snap` tree: opened, the
-    /// snapshot moves into the file and the tree is emptied; a move repeated after a crash (the
-    /// file already there) keeps the file.
-    #[tokio::test]
-    async fn a_version_6_snapshot_moves_from_sled_into_the_file() {
-        #[derive(Serialize)]
+    /// Writes what data version 6 kept: the snapshot of `state` at `meta` in sled's `snap` tree,
+    /// and the version header.
+    fn put_v6_snapshot(store: &Store, meta: &Meta, state: &State) {
+        #[derive(serde::Serialize)]
         struct StoredSnapshotV6<'a> {
             meta: &'a Meta,
             data: Vec<u8>,
         }
-        use serde::Serialize;
+        let payload = SnapshotPayloadOf { data_version: 6, records: RecordsOf(state) };
+        let stored = StoredSnapshotV6 { meta, data: encode(&payload).unwrap() };
+        store.inner.snap.insert(SNAP_CURRENT, encode(&stored).unwrap()).unwrap();
+        store.inner.meta.insert(b"data_version", &6u32.to_be_bytes()).unwrap();
+        store.flush().unwrap();
+    }
+
+    /// A directory of data version 6 keeps its snapshot in sled's `snap` tree: opened, the
+    /// snapshot moves into the file and the tree is emptied. A move repeated after a crash (the
+    /// file already there, the tree not yet emptied) keeps the file: the tree put back here holds
+    /// another state at the same log id, which must not replace it.
+    #[tokio::test]
+    async fn a_version_6_snapshot_moves_from_sled_into_the_file() {
         let dir = TempDir::new().unwrap();
         let (meta, state) = {
             let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
@@ -584,18 +594,11 @@ mod tests {
             sm.apply((1..=7).map(alloc_entry)).await.unwrap();
             let meta = sm.build_snapshot().await.unwrap().meta;
             let state = sm.reader().read().state.clone();
-            let payload = SnapshotPayloadOf { data_version: 6, records: RecordsOf(&state) };
-            let stored = StoredSnapshotV6 { meta: &meta, data: encode(&payload).unwrap() };
-            store.inner.snap.insert(SNAP_CURRENT, encode(&stored).unwrap()).unwrap();
-            store.inner.meta.insert(b"data_version", &6u32.to_be_bytes()).unwrap();
-            store.flush().unwrap();
+            put_v6_snapshot(&store, &meta, &state);
             (meta, state)
         };
-        let file = dir.path().join("snapshot");
+        std::fs::remove_file(dir.path().join("snapshot")).unwrap();
         for repeated in [false, true] {
-            if !repeated {
-                std::fs::remove_file(&file).unwrap();
-            }
             let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
             assert!(store.inner.snap.is_empty(), "the tree was emptied");
             assert_eq!(
@@ -604,16 +607,9 @@ mod tests {
             );
             let mut sm = store.state_machine().unwrap();
             assert_eq!(sm.get_current_snapshot().await.unwrap().unwrap().meta, meta);
-            assert_eq!(sm.reader().read().state, state);
+            assert_eq!(sm.reader().read().state, state, "repeated: {repeated}");
             if !repeated {
-                // Put the tree back as a crash before it was emptied would have left it.
-                let stored = StoredSnapshotV6 {
-                    meta: &meta,
-                    data: encode(&SnapshotPayloadOf { data_version: 6, records: RecordsOf(&state) }).unwrap(),
-                };
-                store.inner.snap.insert(SNAP_CURRENT, encode(&stored).unwrap()).unwrap();
-                store.inner.meta.insert(b"data_version", &6u32.to_be_bytes()).unwrap();
-                store.flush().unwrap();
+                put_v6_snapshot(&store, &meta, &State::new());
             }
         }
     }

@@ -347,14 +347,7 @@ async fn a_log_past_its_byte_limit_is_snapshotted_before_its_entry_count() {
         cfg.raft.snapshot_log_bytes = 64 * 1024;
     })
     .await;
-    client
-        .add_pool(pb::AddPoolRequest {
-            team: "default".into(),
-            name: "big".into(),
-            ranges: vec![pb::PortRange { start: 40000, end: 44999 }],
-        })
-        .await
-        .unwrap();
+    testkit::big_default_pool(&client).await;
     let mut metrics = node.api.node().metrics_changes();
     assert!(metrics.borrow().snapshot.is_none(), "no snapshot before the writes");
     // 20 entries of 64 allocations with long names: a few KB each, ~150 KB in all.
@@ -362,7 +355,7 @@ async fn a_log_past_its_byte_limit_is_snapshotted_before_its_entry_count() {
         let items = (0..64)
             .map(|i| pb::AllocItem {
                 service: format!("service-{b:02}-{i:02}-{}", "x".repeat(40)),
-                pool: "big".into(),
+                pool: "default".into(),
                 ..Default::default()
             })
             .collect();
