@@ -181,7 +181,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let Some((first, _)) = self.inner.log.first().map_err(|e| StorageIOError::read_logs(&e))? else {
             return Ok(());
         };
-        let mut next = index_of(&first)?;
+        let (mut next, started) = (index_of(&first)?, std::time::Instant::now());
+        let from = next;
         while next <= log_id.index {
             let end = next.saturating_add(PURGE_BATCH - 1).min(log_id.index);
             let mut batch = sled::Batch::default();
@@ -191,6 +192,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             self.inner.log.apply_batch(batch).map_err(|e| StorageIOError::write_logs(&e))?;
             next = end + 1;
         }
+        tracing::debug!(
+            entries = next.saturating_sub(from),
+            upto = log_id.index,
+            ms = started.elapsed().as_millis() as u64,
+            "log purged"
+        );
         Ok(())
     }
 }
