@@ -25,7 +25,7 @@ fn main() {
     let serving = matches!(cli.command, args::Command::Serve(_));
     init_tracing(serving, cli.log_format);
     if serving {
-        portmesh_node::one_heap();
+        portmesh_node::configure_allocator();
     }
     // A node gets a multi-threaded runtime; a one-shot client command a single thread, which
     // starts faster.

@@ -36,7 +36,7 @@ use tokio::task::JoinHandle;
 pub use auth::new_token;
 pub use health::{HEALTH_NAMES, READY_LAG};
 pub use home::{NodeInfo, read_info, write_info};
-pub use trim::one_heap;
+pub use trim::configure_allocator;
 
 /// Everything needed to start a node.
 #[derive(Debug, Clone)]
