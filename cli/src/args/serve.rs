@@ -51,7 +51,7 @@ pub struct ServeArgs {
     /// Take a snapshot also once the log written since the last one passes this many MiB (0: by
     /// entries only). Lease checkpoints are large entries: this keeps a node that mostly keeps
     /// leases alive from growing its log (and memory) for hours before it reaches --snapshot-every.
-    #[arg(long, env = "PORTMESH_SNAPSHOT_LOG_MIB", default_value_t = 8)]
+    #[arg(long, env = "PORTMESH_SNAPSHOT_LOG_MIB", default_value_t = 4)]
     pub snapshot_log_mib: u64,
     /// Record this node's addresses in DIR/node.json so local CLIs find it.
     #[arg(long)]
