@@ -195,23 +195,33 @@ impl LeaseKeeper {
         ids
     }
 
-    /// What a checkpoint writes now: the lease clock and the remaining TTL of the leases renewed
-    /// since the last one (their mark taken off; [`LeaseKeeper::moved_again`] puts it back if
-    /// the write fails). `None` before the first reconcile of a term. It walks every deadline
-    /// under the keeper's lock (once per checkpoint interval, not per renewal): the price of
-    /// keeping the mark in the deadline instead of a second set of ids.
-    fn take_checkpoint(&self) -> Option<(u64, Vec<(u64, u64)>)> {
+    /// The leases renewed since the last checkpoint, in id order. Walks every deadline under
+    /// the keeper's lock (once per checkpoint interval, not per renewal): the price of keeping
+    /// the mark in the deadline instead of a second set of ids.
+    fn renewed(&self) -> Vec<u64> {
+        let mut ids: Vec<u64> =
+            self.lock().deadlines.iter().filter(|(_, d)| d.moved()).map(|(id, _)| *id).collect();
+        ids.sort_unstable();
+        ids
+    }
+
+    /// What a checkpoint of `ids` writes now: the lease clock and each one's remaining TTL,
+    /// their mark taken off ([`LeaseKeeper::moved_again`] puts it back if the write fails).
+    /// Leases no longer counted are left out. `None` before the first reconcile of a term.
+    fn take_checkpoint(&self, ids: &[u64]) -> Option<(u64, Vec<(u64, u64)>)> {
         let now = self.now_ms();
         let mut k = self.lock();
         let (clock, at) = k.clock?;
         let clock_ms = clock + now.saturating_sub(at);
-        let mut v = Vec::new();
-        for (id, d) in k.deadlines.iter_mut().filter(|(_, d)| d.moved()) {
-            v.push((*id, d.ms().saturating_sub(now)));
-            *d = d.marked(false);
-        }
-        v.sort_unstable();
-        Some((clock_ms, v))
+        let remaining = ids
+            .iter()
+            .filter_map(|id| {
+                let d = k.deadlines.get_mut(id)?;
+                *d = d.marked(false);
+                Some((*id, d.ms().saturating_sub(now)))
+            })
+            .collect();
+        Some((clock_ms, remaining))
     }
 
     /// A checkpoint of these leases was not written: the next one writes them.
@@ -230,27 +240,31 @@ impl LeaseKeeper {
 }
 
 /// Writes the lease clock and the remaining TTL of every lease renewed since the last checkpoint
-/// into the log (as the leader counts them now). Every entry carries the clock, and applying
-/// one twice changes nothing, so a write whose outcome is unknown is simply written again.
+/// into the log (as the leader counts them now), in entries of at most `expiry_batch` leases,
+/// each read when it is written: only the ids of the renewed leases are listed beforehand (8
+/// bytes a lease, where the whole checkpoint built at once took 16 and its doubling). Every entry
+/// carries the clock, and applying one twice changes nothing, so a write whose outcome is unknown
+/// is simply written again.
 async fn checkpoint(node: &RaftNode) {
     let keeper = &node.keeper;
-    let Some((clock_ms, remaining)) = keeper.take_checkpoint() else { return };
-    if remaining.is_empty() && node.state().read().state.leases().next().is_none() {
+    let ids = keeper.renewed();
+    if ids.is_empty() && node.state().read().state.leases().next().is_none() {
         return; // nothing counts down
     }
     let batch = keeper.opts.expiry_batch.max(1);
-    // Entries of at most `batch` leases, cut from the end (each cut copies only itself); an
-    // empty checkpoint still writes the clock.
-    let mut rest = remaining;
+    let mut from = 0;
+    // An empty checkpoint still writes the clock.
     loop {
-        let chunk = rest.split_off(rest.len().saturating_sub(batch));
-        let ids: Vec<u64> = chunk.iter().map(|(id, _)| *id).collect();
-        if let Err(e) = node.propose(Command::CheckpointLeases { clock_ms, remaining: chunk }).await {
+        let chunk = &ids[from..ids.len().min(from + batch)];
+        let Some((clock_ms, remaining)) = keeper.take_checkpoint(chunk) else { return };
+        if let Err(e) = node.propose(Command::CheckpointLeases { clock_ms, remaining }).await {
             tracing::warn!(error = %e, "lease checkpoint failed; the next one writes these leases");
-            keeper.moved_again(ids.into_iter().chain(rest.iter().map(|(id, _)| *id)));
+            // The leases after this chunk are still marked.
+            keeper.moved_again(chunk.iter().copied());
             return;
         }
-        if rest.is_empty() {
+        from += chunk.len();
+        if from >= ids.len() {
             return;
         }
     }
@@ -421,21 +435,24 @@ mod tests {
     #[test]
     fn a_checkpoint_writes_each_renewal_once_unless_its_write_failed() {
         let (f, a, b) = Fixture::two_counted_one_renewed();
-        let ids =
-            |c: Option<(u64, Vec<(u64, u64)>)>| c.unwrap().1.iter().map(|(id, _)| *id).collect::<Vec<_>>();
-        let (_, first) = f.keeper.take_checkpoint().unwrap();
+        let take = |k: &LeaseKeeper| k.take_checkpoint(&k.renewed()).unwrap().1;
+        let ids = |c: Vec<(u64, u64)>| c.iter().map(|(id, _)| *id).collect::<Vec<_>>();
+        let first = take(&f.keeper);
         assert_eq!(first.len(), 1);
         assert!(first[0].0 == a && first[0].1 > 60_000 && first[0].1 <= 3_600_000, "{first:?}");
-        assert!(ids(f.keeper.take_checkpoint()).is_empty(), "written once");
+        assert!(take(&f.keeper).is_empty(), "written once");
         f.keeper.moved_again([a, 999]);
-        assert_eq!(
-            ids(f.keeper.take_checkpoint()),
-            [a],
-            "a failed write is written again; unknown ids are not"
-        );
+        assert_eq!(ids(take(&f.keeper)), [a], "a failed write is written again; unknown ids are not");
         f.keeper.renew(b, 1_000);
         f.keeper.renew(a, 1_000);
-        assert_eq!(ids(f.keeper.take_checkpoint()), [a, b]);
+        let listed = f.keeper.renewed();
+        assert_eq!(listed, [a, b]);
+        // Renewed again between the listing and the write: the write carries the newer TTL.
+        f.keeper.renew(b, 2_000);
+        let (_, written) = f.keeper.take_checkpoint(&listed).unwrap();
+        assert_eq!(ids(written.clone()), [a, b]);
+        assert!(written[1].1 > 1_000, "{written:?}");
+        assert!(f.keeper.renewed().is_empty(), "both marks taken off");
         // The mark is not part of the deadline.
         assert!(f.keeper.remaining(a).is_some_and(|ms| ms <= 1_000));
     }
