@@ -86,7 +86,15 @@ impl StateMachineStore {
         let corrupt = |what: String| StoreError::Corrupt { dir: inner.dir.clone(), what };
         let mut sm = match inner.snapshots.read_current().map_err(|e| snapshot_damaged(&inner, e))? {
             Some(loaded) => {
-                check_version(&loaded.payload).map_err(|e| snapshot_damaged(&inner, e))?;
+                // Written by a build that knows a newer version: not damage, and the way out is
+                // that build, as for the directory's own header.
+                if !readable(loaded.payload.data_version) {
+                    return Err(StoreError::UnsupportedVersion {
+                        dir: inner.dir.clone(),
+                        found: loaded.payload.data_version.to_string(),
+                        supported: crate::DATA_VERSION,
+                    });
+                }
                 SmState {
                     state: State::from_records(loaded.payload.records.into_iter().map(Into::into)),
                     last_applied: loaded.meta.last_log_id,
@@ -197,9 +205,14 @@ fn make_current(
         .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e).into())
 }
 
+/// A data version this build reads.
+fn readable(version: u32) -> bool {
+    (crate::OLDEST_READABLE_VERSION..=crate::DATA_VERSION).contains(&version)
+}
+
 /// The payload's data version is one this build reads.
 fn check_version(payload: &SnapshotPayload) -> std::io::Result<()> {
-    if (crate::OLDEST_READABLE_VERSION..=crate::DATA_VERSION).contains(&payload.data_version) {
+    if readable(payload.data_version) {
         return Ok(());
     }
     Err(std::io::Error::other(format!(
@@ -431,17 +444,14 @@ mod tests {
         let meta = built.meta.clone();
         assert_eq!(meta.last_log_id.map(|l| l.index), Some(40));
 
-        let mut expected = b"pmsnap\x00\x01".to_vec();
-        expected.extend(encode(&meta).unwrap());
-        {
+        let expected = {
             let guard = sm.sm.read().unwrap();
             let payload = SnapshotPayload {
                 data_version: crate::DATA_VERSION,
                 records: guard.state.records().map(Into::into).collect(),
             };
-            expected.extend(encode(&payload).unwrap());
-        }
-        expected.extend(crc32fast::hash(&expected).to_le_bytes());
+            file_bytes(&meta, &payload)
+        };
         assert_eq!(bytes_of(built).await, expected, "the file handed to Raft");
         assert_eq!(std::fs::read(dir.path().join("snapshot")).unwrap(), expected, "the file on disk");
         assert!(!dir.path().join("snapshot.building").exists(), "renamed into place");
@@ -564,6 +574,41 @@ mod tests {
         sm2.install_snapshot(&meta, f).await.unwrap();
         assert_eq!(sm2.reader().read().last_applied.map(|l| l.index), Some(5));
         assert_eq!(std::fs::read(b.path().join("snapshot")).unwrap(), good);
+    }
+
+    /// A snapshot file's bytes, written out by hand: header, metadata, payload, checksum.
+    fn file_bytes(meta: &Meta, payload: &SnapshotPayload) -> Vec<u8> {
+        let mut b = b"pmsnap\x00\x01".to_vec();
+        b.extend(encode(meta).unwrap());
+        b.extend(encode(payload).unwrap());
+        b.extend(crc32fast::hash(&b).to_le_bytes());
+        b
+    }
+
+    /// A whole snapshot file of a data version newer than this build's (a file copied from a
+    /// newer node) is refused as an unknown version, with that version and the way out, not
+    /// as damage; nothing in the directory changes.
+    #[tokio::test]
+    async fn a_snapshot_of_a_newer_data_version_is_refused_as_such_not_as_damage() {
+        let dir = TempDir::new().unwrap();
+        {
+            let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+            let mut sm = store.state_machine().unwrap();
+            sm.apply((1..=3).map(alloc_entry)).await.unwrap();
+            let meta = sm.build_snapshot().await.unwrap().meta;
+            let payload = SnapshotPayload { data_version: crate::DATA_VERSION + 1, records: Vec::new() };
+            std::fs::write(dir.path().join("snapshot"), file_bytes(&meta, &payload)).unwrap();
+        }
+        let before = std::fs::read(dir.path().join("snapshot")).unwrap();
+        let err = match Store::open(dir.path(), &StoreOptions::default()).and_then(|s| s.state_machine()) {
+            Err(e) => e,
+            Ok(_) => panic!("a snapshot of an unknown version was loaded"),
+        };
+        assert!(matches!(err, StoreError::UnsupportedVersion { .. }), "{err:?}");
+        let text = err.to_string();
+        assert!(text.contains(&format!("version {}", crate::DATA_VERSION + 1)), "{text}");
+        assert!(text.contains(&dir.path().display().to_string()) && !text.contains("damaged"), "{text}");
+        assert_eq!(std::fs::read(dir.path().join("snapshot")).unwrap(), before, "left as it was");
     }
 
     /// Writes what data version 6 kept: the snapshot of `state` at `meta` in sled's `snap` tree,
