@@ -181,8 +181,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let Some((first, _)) = self.inner.log.first().map_err(|e| StorageIOError::read_logs(&e))? else {
             return Ok(());
         };
-        let (mut next, started) = (index_of(&first)?, std::time::Instant::now());
-        let from = next;
+        let started = std::time::Instant::now();
+        let from = index_of(&first)?;
+        let mut next = from;
         while next <= log_id.index {
             let end = next.saturating_add(PURGE_BATCH - 1).min(log_id.index);
             let mut batch = sled::Batch::default();
