@@ -70,9 +70,7 @@ impl pb::cluster_server::Cluster for Api {
             .collect::<std::result::Result<_, _>>()
             .map_err(ApiError::from)?;
         self.inner.probes_served.fetch_add(1, Ordering::Relaxed);
-        let busy = tokio::task::spawn_blocking(move || probe_here(&ports))
-            .await
-            .map_err(|e| ApiError::Internal(format!("probe task: {e}")))?;
+        let busy = probe_here(ports).await.map_err(|e| ApiError::Internal(format!("probe task: {e}")))?;
         Ok(tonic::Response::new(pb::ProbeResponse {
             host: self.inner.host.clone(),
             busy: busy.ports.into_iter().map(u32::from).collect(),

@@ -27,8 +27,27 @@ pub(crate) struct Busy {
 
 /// Probes `ports` on this host and looks up who listens on the busy ones (a conflict): one read
 /// of the socket table for all of them, and of the process table only if some has a listener.
-pub(crate) fn probe_here(ports: &[u16]) -> Busy {
-    let busy = portmesh_probe::busy_ports(ports);
+///
+/// A probe of up to [`INLINE_PROBE_PORTS`] ports binds on the calling async worker: two
+/// `socket`+`bind`+`close` per port take microseconds, less than handing the work to a blocking
+/// thread and waking the worker again (docs/benchmarks.md, thirteenth slice). Larger probes, and
+/// the owner lookup (which reads `/proc`), run on a blocking thread.
+pub(crate) async fn probe_here(ports: Vec<u16>) -> Result<Busy, tokio::task::JoinError> {
+    if ports.len() > INLINE_PROBE_PORTS {
+        return tokio::task::spawn_blocking(move || with_holders(portmesh_probe::busy_ports(&ports))).await;
+    }
+    let busy = portmesh_probe::busy_ports(&ports);
+    if busy.is_empty() {
+        return Ok(Busy::default());
+    }
+    tokio::task::spawn_blocking(move || with_holders(busy)).await
+}
+
+/// Ports bound on the async worker itself by [`probe_here`].
+const INLINE_PROBE_PORTS: usize = 16;
+
+/// `busy` ports with their holders, where the OS tells.
+fn with_holders(busy: Vec<u16>) -> Busy {
     if busy.is_empty() {
         return Busy::default();
     }
@@ -67,9 +86,7 @@ impl Api {
     async fn probe_host(&self, host: &str, candidates: &[u16]) -> (Busy, bool) {
         let inner = &self.inner;
         if host == inner.host {
-            // Binds and reads /proc: blocking work, off the async workers.
-            let ports = candidates.to_vec();
-            return match tokio::task::spawn_blocking(move || probe_here(&ports)).await {
+            return match probe_here(candidates.to_vec()).await {
                 Ok(busy) => (busy, true),
                 Err(e) => {
                     tracing::warn!(error = %e, "the probe task failed; granting unprobed");
@@ -143,5 +160,37 @@ impl Api {
             "could not settle an allocation after {MAX_ROUNDS} probe rounds (the pool changes faster than this node \
              can probe it): retry"
         ))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A listener's port is found busy, with this process as its holder, whether the probe is
+    /// small enough to bind on the async worker or large enough to go to a blocking thread.
+    #[tokio::test]
+    async fn a_listener_is_found_busy_with_its_holder_by_small_and_large_probes() {
+        let listener = std::net::TcpListener::bind(("0.0.0.0", 0)).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        // Free ports beside it, found by binding and closing (the OS picks them).
+        let free: Vec<u16> = (0..INLINE_PROBE_PORTS + 4)
+            .map(|_| std::net::TcpListener::bind(("0.0.0.0", 0)).unwrap().local_addr().unwrap().port())
+            .filter(|p| *p != port)
+            .collect();
+        for size in [1, INLINE_PROBE_PORTS + 1] {
+            let mut ports: Vec<u16> = free.iter().copied().take(size - 1).collect();
+            ports.push(port);
+            let busy = probe_here(ports).await.unwrap();
+            // Another program could take one of the free ports meanwhile: only the listener's
+            // port, and that not all were found busy, are certain.
+            assert!(
+                busy.ports.contains(&port) && busy.ports.len() < size.max(2),
+                "probe of {size} ports: {busy:?}"
+            );
+            let pids: Vec<u32> =
+                busy.holders.iter().map(|(p, h)| if *p == port { h.pid } else { 0 }).collect();
+            assert!(pids.contains(&std::process::id()), "probe of {size} ports: holders {pids:?}");
+        }
     }
 }
