@@ -24,20 +24,30 @@ impl Phase {
     }
 }
 
+/// Allocations of the `distinct` workload per round on portmesh, shared by its phases: its pool
+/// has 10,000 ports and a revoked port cools down for a minute, so a phase that ran for its
+/// whole time at thousands per second would exhaust it. 9,000 leaves room for the other
+/// workloads' sticky ports.
+pub(crate) const DISTINCT_PER_ROUND: usize = 9_000;
+
+/// Runs `clients` loops of `work` for `dur`, or (portmesh) until `limit` operations were made
+/// among them; the rate is operations over the time until the last loop ended.
 pub(crate) async fn run_phase(
     system: System,
     work: Workload,
     addr: &str,
     options: &ClientOptions,
-    clients: usize,
+    (clients, limit): (usize, Option<usize>),
     dur: Duration,
 ) -> Result<Phase> {
     let deadline = Instant::now() + dur;
     let start = Instant::now();
+    let left = limit.map(|n| std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(n)));
     let mut tasks = Vec::new();
     for c in 0..clients {
         let addr = addr.to_string();
         let options = options.clone();
+        let left = left.clone();
         tasks.push(tokio::spawn(async move {
             match system {
                 System::Portmesh if work == Workload::KeepAlive => portmesh_keepalive(&addr, deadline).await,
@@ -46,7 +56,7 @@ pub(crate) async fn run_phase(
                     bail!("--tls-cost measures the fresh and reused workloads")
                 }
                 System::Portmesh | System::PortmeshTls => {
-                    portmesh_client_loop(&addr, &options, work, c, deadline).await
+                    portmesh_client_loop(&addr, &options, (work, left), c, deadline).await
                 }
                 System::Etcd => etcd_client_loop(&addr, work, c, deadline).await,
             }
@@ -168,10 +178,17 @@ pub(crate) async fn etcd_keepalive(addr: &str, deadline: Instant) -> Result<Vec<
 pub(crate) async fn portmesh_client_loop(
     addr: &str,
     options: &ClientOptions,
-    work: Workload,
+    (work, left): (Workload, Option<std::sync::Arc<std::sync::atomic::AtomicUsize>>),
     c: usize,
     deadline: Instant,
 ) -> Result<Vec<Duration>> {
+    use std::sync::atomic::Ordering;
+    // One more operation of the phase's limit, if it has one and it is not spent.
+    let take = || {
+        left.as_ref().is_none_or(|n| {
+            n.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| v.checked_sub(1)).is_ok()
+        })
+    };
     let client = Client::connect_with(&[addr], options.clone()).await?;
     let held = match work {
         Workload::Reused => {
@@ -180,7 +197,7 @@ pub(crate) async fn portmesh_client_loop(
         _ => 0,
     };
     let mut lat = Vec::new();
-    while Instant::now() < deadline {
+    while Instant::now() < deadline && take() {
         let t0 = Instant::now();
         let r = client
             .allocate(pb::AllocateRequest {

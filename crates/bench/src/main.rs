@@ -66,7 +66,8 @@ struct Args {
     /// Workloads: `fresh` (a new lease per allocation of the client's sticky key), `distinct`
     /// (a new lease per allocation without a key: each takes the lowest port that is neither
     /// allocated nor cooling down, and leaves it cooling for a minute when its lease is revoked;
-    /// the 10,000-port pool bounds a round to about 10,000 of them; etcd runs its `fresh` loop),
+    /// the 10,000-port pool bounds a round to 9,000 of them, shared by its phases, which end
+    /// early when they have made their share; etcd runs its `fresh` loop),
     /// `reused` (one lease per client),
     /// `keepalive` (lease renewals: each client renews 100 leases on one stream, 32 in flight;
     /// an op is one renewal); `none` to run only the scale benchmarks below.
@@ -248,7 +249,9 @@ async fn main() -> Result<()> {
                     System::PortmeshTls | System::Etcd => None,
                 };
                 let cpu_before = d.members_cpu_ms();
-                let p = run_phase(system, work, d.leader_addr(), &d.options, c, dur).await?;
+                let limit =
+                    (work == Workload::Distinct).then(|| DISTINCT_PER_ROUND / args.clients.len().max(1));
+                let p = run_phase(system, work, d.leader_addr(), &d.options, (c, limit), dur).await?;
                 let cpu = (d.members_cpu_ms() - cpu_before) * 1000.0 / p.ops.max(1) as f64;
                 println!(
                     "round {} {:<8} {:<6} clients {:>3}: {:>8.0} op/s  p50 {} ms  p90 {} ms  p99 {} ms  ({} ops, CPU {cpu:.0} ms per 1,000)",

@@ -191,7 +191,7 @@ pub async fn state_sizes(
             crate::Workload::Fresh,
             d.leader_addr(),
             &d.options,
-            clients,
+            (clients, None),
             dur,
         )
         .await?;
