@@ -278,7 +278,10 @@ impl Store {
         let tree = |name: &str| db.open_tree(name).map_err(io);
         let stats = Arc::new(StoreStats::default());
         let (meta, sm) = (tree("meta")?, tree("sm")?);
-        let watermark = watermark::Watermark::open(dir, db.clone(), meta.clone())
+        // sled's one data file (the `db` file it also locks), synced after each of its flushes.
+        let sled_file =
+            std::fs::File::open(dir.join("sled").join("db")).map_err(|source| io(source.into()))?;
+        let watermark = watermark::Watermark::open(dir, (db.clone(), Some(sled_file)), meta.clone())
             .map_err(|source| StoreError::Watermark { dir: dir.to_path_buf(), source })?;
         if let Some(why) = watermark.kept().and_then(|k| k.behind(&watermark::Mark::of(&meta, 0))) {
             return Err(damaged_by_watermark(dir, why));
