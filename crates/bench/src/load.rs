@@ -37,7 +37,8 @@ pub(crate) async fn run_phase(
     work: Workload,
     addr: &str,
     options: &ClientOptions,
-    (clients, limit): (usize, Option<usize>),
+    clients: usize,
+    limit: Option<usize>,
     dur: Duration,
 ) -> Result<Phase> {
     let deadline = Instant::now() + dur;
@@ -56,7 +57,7 @@ pub(crate) async fn run_phase(
                     bail!("--tls-cost measures the fresh and reused workloads")
                 }
                 System::Portmesh | System::PortmeshTls => {
-                    portmesh_client_loop(&addr, &options, (work, left), c, deadline).await
+                    portmesh_client_loop(&addr, &options, work, left, c, deadline).await
                 }
                 System::Etcd => etcd_client_loop(&addr, work, c, deadline).await,
             }
@@ -178,7 +179,8 @@ pub(crate) async fn etcd_keepalive(addr: &str, deadline: Instant) -> Result<Vec<
 pub(crate) async fn portmesh_client_loop(
     addr: &str,
     options: &ClientOptions,
-    (work, left): (Workload, Option<std::sync::Arc<std::sync::atomic::AtomicUsize>>),
+    work: Workload,
+    left: Option<std::sync::Arc<std::sync::atomic::AtomicUsize>>,
     c: usize,
     deadline: Instant,
 ) -> Result<Vec<Duration>> {

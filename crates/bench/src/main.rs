@@ -251,7 +251,7 @@ async fn main() -> Result<()> {
                 let cpu_before = d.members_cpu_ms();
                 let limit =
                     (work == Workload::Distinct).then(|| DISTINCT_PER_ROUND / args.clients.len().max(1));
-                let p = run_phase(system, work, d.leader_addr(), &d.options, (c, limit), dur).await?;
+                let p = run_phase(system, work, d.leader_addr(), &d.options, c, limit, dur).await?;
                 let cpu = (d.members_cpu_ms() - cpu_before) * 1000.0 / p.ops.max(1) as f64;
                 println!(
                     "round {} {:<8} {:<6} clients {:>3}: {:>8.0} op/s  p50 {} ms  p90 {} ms  p99 {} ms  ({} ops, CPU {cpu:.0} ms per 1,000)",

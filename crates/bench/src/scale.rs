@@ -191,7 +191,8 @@ pub async fn state_sizes(
             crate::Workload::Fresh,
             d.leader_addr(),
             &d.options,
-            (clients, None),
+            clients,
+            None,
             dur,
         )
         .await?;

@@ -281,7 +281,7 @@ impl Store {
         // sled's one data file (the `db` file it also locks), synced after each of its flushes.
         let sled_file =
             std::fs::File::open(dir.join("sled").join("db")).map_err(|source| io(source.into()))?;
-        let watermark = watermark::Watermark::open(dir, (db.clone(), Some(sled_file)), meta.clone())
+        let watermark = watermark::Watermark::open(dir, db.clone(), Some(sled_file), meta.clone())
             .map_err(|source| StoreError::Watermark { dir: dir.to_path_buf(), source })?;
         if let Some(why) = watermark.kept().and_then(|k| k.behind(&watermark::Mark::of(&meta, 0))) {
             return Err(damaged_by_watermark(dir, why));

@@ -26,7 +26,7 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -118,7 +118,7 @@ pub(crate) struct Watermark {
     /// with `sync_file_range` alone, which writes the pages out but neither flushes the device's
     /// write cache nor records a grown file's size (architecture.md §2). `None` for a temporary
     /// sled (tests).
-    sled_file: Option<File>,
+    sled_file: Option<Arc<File>>,
     /// The mark the file held when it was opened.
     kept: Option<Mark>,
     /// The revision of the state applied so far (see [`Watermark::applied`]).
@@ -134,7 +134,8 @@ impl Watermark {
     /// ([`Watermark::kept`]).
     pub(crate) fn open(
         dir: &Path,
-        (db, sled_file): (sled::Db, Option<File>),
+        db: sled::Db,
+        sled_file: Option<File>,
         meta: sled::Tree,
     ) -> io::Result<Watermark> {
         let path = dir.join(WATERMARK_FILE);
@@ -160,7 +161,7 @@ impl Watermark {
         let kept = last.map(|(_, m)| m);
         Ok(Watermark {
             file: Mutex::new((file, seq)),
-            sled_file,
+            sled_file: sled_file.map(Arc::new),
             kept,
             revision: AtomicU64::new(0),
             db,
@@ -202,8 +203,12 @@ impl Watermark {
     pub(crate) async fn flush_async(&self) -> Result<(), sled::Error> {
         let mark = self.current()?;
         self.db.flush_async().await?;
-        // Votes, truncations and purges only: one fdatasync on the calling worker.
-        self.sync_sled_file()?;
+        if let Some(f) = self.sled_file.clone() {
+            tokio::task::spawn_blocking(move || f.sync_data())
+                .await
+                .map_err(|e| sled::Error::Io(io::Error::other(e)))?
+                .map_err(sled::Error::Io)?;
+        }
         self.record(mark);
         Ok(())
     }
@@ -279,16 +284,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let db = sled::Config::new().temporary(true).open().unwrap();
         let meta = db.open_tree("meta").unwrap();
-        let w = Watermark::open(dir.path(), (db.clone(), None), meta.clone()).unwrap();
+        let w = Watermark::open(dir.path(), db.clone(), None, meta.clone()).unwrap();
         assert_eq!(w.kept(), None);
         let (a, b) = (Mark { revision: 1, ..Mark::default() }, Mark { revision: 2, ..Mark::default() });
         w.record(a);
         w.record(b);
         drop(w);
-        assert_eq!(Watermark::open(dir.path(), (db.clone(), None), meta.clone()).unwrap().kept(), Some(b));
+        assert_eq!(Watermark::open(dir.path(), db.clone(), None, meta.clone()).unwrap().kept(), Some(b));
         // The newer slot torn: the older one stands.
         let f = std::fs::OpenOptions::new().write(true).open(dir.path().join(WATERMARK_FILE)).unwrap();
         f.write_all_at(&[0xff; 8], 0).unwrap();
-        assert_eq!(Watermark::open(dir.path(), (db.clone(), None), meta).unwrap().kept(), Some(a));
+        assert_eq!(Watermark::open(dir.path(), db.clone(), None, meta).unwrap().kept(), Some(a));
     }
 }

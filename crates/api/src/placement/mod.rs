@@ -188,9 +188,8 @@ mod tests {
                 busy.ports.contains(&port) && busy.ports.len() < size.max(2),
                 "probe of {size} ports: {busy:?}"
             );
-            let pids: Vec<u32> =
-                busy.holders.iter().map(|(p, h)| if *p == port { h.pid } else { 0 }).collect();
-            assert!(pids.contains(&std::process::id()), "probe of {size} ports: holders {pids:?}");
+            let ours = busy.holders.iter().any(|(p, h)| *p == port && h.pid == std::process::id());
+            assert!(ours, "probe of {size} ports: holders {:?}", busy.holders);
         }
     }
 }
