@@ -116,6 +116,9 @@ impl StateMachineStore {
                     break;
                 }
                 sm.apply_entry(e);
+                // The log the snapshot does not cover yet counts toward the next one by bytes
+                // (`compaction`), as it did before the restart.
+                inner.stats.log_bytes.fetch_add(v.len() as u64, Ordering::Relaxed);
                 next += 1;
             }
             if next <= committed {
@@ -203,6 +206,35 @@ fn make_current(
         .injected_failure()
         .and_then(|()| inner.snapshots.make_current(written, meta.last_log_id))
         .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e).into())
+}
+
+/// Checks the snapshot received into `file` (its checksum, its data version, that it is the one
+/// `meta` names) and makes that very file durable and current, before the state it holds, which
+/// is returned, replaces anything: the log before it may be gone once it is current. The bytes
+/// are not written a second time, and are dropped before the state is built from the records.
+fn install_received(inner: &Inner, meta: &Meta, mut file: std::fs::File) -> SResult<State> {
+    let sig = Some(meta.signature());
+    let read_err = |e: std::io::Error| StorageError::from(StorageIOError::read_snapshot(sig.clone(), &e));
+    let write_err = |e: std::io::Error| StorageError::from(StorageIOError::write_snapshot(sig.clone(), &e));
+    let bytes = snapshot_file::read_all(&mut file).map_err(read_err)?;
+    let loaded = snapshot_file::decode(&bytes).map_err(read_err)?;
+    check_version(&loaded.payload).map_err(read_err)?;
+    if loaded.meta.last_log_id != meta.last_log_id || loaded.meta.snapshot_id != meta.snapshot_id {
+        let e = std::io::Error::other(format!(
+            "the file received holds snapshot {}, not {}",
+            loaded.meta.snapshot_id, meta.snapshot_id
+        ));
+        return Err(read_err(e));
+    }
+    let written = match inner.snapshots.as_received(file, bytes.len() as u64).map_err(write_err)? {
+        Some(received) => received,
+        // Handed some other file (openraft's storage tests hand a built snapshot): a copy.
+        None => inner.snapshots.write_bytes(snapshot_file::RECEIVING, &bytes).map_err(write_err)?,
+    };
+    drop(bytes);
+    let state = State::from_records(loaded.payload.records.into_iter().map(Into::into));
+    make_current(inner, meta, written)?;
+    Ok(state)
 }
 
 /// A data version this build reads.
@@ -361,37 +393,21 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     }
 
     /// Installs a snapshot the leader sent: the file it was received into is checked (its
-    /// checksum, and that it is the snapshot `meta` names), its bytes made durable and current,
-    /// then it replaces the state.
+    /// checksum, and that it is the snapshot `meta` names), made durable and renamed into place
+    /// as the current snapshot, then it replaces the state. The file's reading, decoding and
+    /// fsync run on a blocking thread: a snapshot of tens of thousands of allocations is
+    /// megabytes, and the runtime's workers serve clients meanwhile.
     async fn install_snapshot(&mut self, meta: &Meta, snapshot: Box<tokio::fs::File>) -> SResult<()> {
         use tokio::io::AsyncWriteExt;
-        let sig = Some(meta.signature());
-        let read_err = |e: std::io::Error| StorageError::from(StorageIOError::read_snapshot(sig.clone(), &e));
         let mut file = *snapshot;
-        file.flush().await.map_err(read_err)?;
-        let bytes = snapshot_file::read_all(&mut file.into_std().await).map_err(read_err)?;
-        let loaded = snapshot_file::decode(&bytes).map_err(read_err)?;
-        check_version(&loaded.payload).map_err(read_err)?;
-        if loaded.meta.last_log_id != meta.last_log_id || loaded.meta.snapshot_id != meta.snapshot_id {
-            let e = std::io::Error::other(format!(
-                "the file received holds snapshot {}, not {}",
-                loaded.meta.snapshot_id, meta.snapshot_id
-            ));
-            return Err(read_err(e));
-        }
-        let state = State::from_records(loaded.payload.records.into_iter().map(Into::into));
-        // Durable before the state is replaced: the log before it may be gone once it is.
-        let written = self
-            .inner
-            .snapshots
-            .write_bytes(snapshot_file::INSTALLING, &bytes)
-            .map_err(|e| StorageIOError::write_snapshot(sig.clone(), &e))?;
-        drop(bytes);
-        make_current(&self.inner, meta, written)?;
+        file.flush().await.map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
+        let file = file.into_std().await;
+        let (inner, want) = (self.inner.clone(), meta.clone());
+        let state =
+            tokio::task::spawn_blocking(move || install_received(&inner, &want, file)).await.map_err(
+                |e| StorageIOError::read_snapshot(Some(meta.signature()), &std::io::Error::other(e)),
+            )??;
         self.inner.stats.snapshot_taken();
-        if let Err(e) = self.inner.snapshots.received() {
-            tracing::warn!(error = %e, "could not remove the file a snapshot was received into");
-        }
         let (index, revision) = {
             let mut guard = self.write_lock();
             let sm = &mut *guard;

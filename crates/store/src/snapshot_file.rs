@@ -13,8 +13,7 @@
 //! follower checks the same checksum before it installs it.
 //!
 //! Writing: into `snapshot.building` (or, for one the leader sent, received into
-//! `snapshot.receiving`, checked, then written to `snapshot.installing`), fsync, rename over
-//! `snapshot`, fsync the directory: a crash leaves the old snapshot or the new one,
+//! `snapshot.receiving` and checked), fsync, rename over `snapshot`, fsync the directory: a crash leaves the old snapshot or the new one,
 //! never a mix. A snapshot older than the current one never replaces it (a build that started
 //! before a newer snapshot was installed).
 //!
@@ -36,7 +35,6 @@ use crate::ondisk::StoredRecord;
 pub(crate) const FILE: &str = "snapshot";
 pub(crate) const BUILDING: &str = "snapshot.building";
 pub(crate) const RECEIVING: &str = "snapshot.receiving";
-pub(crate) const INSTALLING: &str = "snapshot.installing";
 /// The first bytes of a snapshot file: its kind, then its format's number.
 const MAGIC: [u8; 8] = *b"pmsnap\x00\x01";
 
@@ -158,22 +156,31 @@ impl Snapshots {
         Ok(Written { path, file, len: len + 4 })
     }
 
+    /// A new, empty file to receive a snapshot from the leader into.
+    pub(crate) fn receiving(&self) -> io::Result<File> {
+        Ok(self.create(RECEIVING)?.1)
+    }
+
+    /// `file`, `len` bytes long, as a written file to make current as it is, if it is the file
+    /// [`Snapshots::receiving`] made (the same inode at that path); `None` for any other file.
+    pub(crate) fn as_received(&self, file: File, len: u64) -> io::Result<Option<Written>> {
+        use std::os::unix::fs::MetadataExt;
+        let path = self.path(RECEIVING);
+        let (got, there) = match (file.metadata(), std::fs::metadata(&path)) {
+            (Ok(got), Ok(there)) => (got, there),
+            (_, Err(e)) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            (Err(e), _) | (_, Err(e)) => return Err(e),
+        };
+        let same = (got.dev(), got.ino()) == (there.dev(), there.ino());
+        Ok(same.then_some(Written { path, file, len }))
+    }
+
     /// Writes the bytes of a snapshot file (checked by [`decode`]) into a new file `name`. Not
     /// synced: see [`Snapshots::make_current`].
     pub(crate) fn write_bytes(&self, name: &str, bytes: &[u8]) -> io::Result<Written> {
         let (path, mut file) = self.create(name)?;
         file.write_all(bytes)?;
         Ok(Written { path, file, len: bytes.len() as u64 })
-    }
-
-    /// A new, empty file to receive a snapshot from the leader into.
-    pub(crate) fn receiving(&self) -> io::Result<File> {
-        Ok(self.create(RECEIVING)?.1)
-    }
-
-    /// Removes the file a snapshot was received into, once it is installed.
-    pub(crate) fn received(&self) -> io::Result<()> {
-        remove_if_there(&self.path(RECEIVING))
     }
 
     /// Makes a written file durable and, unless the current snapshot is newer, current. Returns

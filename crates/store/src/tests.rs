@@ -87,6 +87,9 @@ async fn the_state_is_the_snapshot_and_the_committed_log_after_it() {
     let ports: Vec<u16> = guard.state.allocations().map(|a| a.port).collect();
     assert_eq!(ports, [8000, 8001, 8002, 8003, 8004]);
     assert_eq!(guard.state.revision(), 5);
+    // The log after the snapshot (entry 4, replayed) counts toward the next snapshot by bytes.
+    let entry_4 = crate::log_store::encode(&alloc_entry(4)).unwrap().len() as u64;
+    assert_eq!(store.stats().log_bytes_since_snapshot(), entry_4);
 }
 
 /// A log that lost a committed entry (its snapshot then its log would give an older state) is

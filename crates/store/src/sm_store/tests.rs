@@ -158,9 +158,19 @@ async fn a_received_snapshot_is_checked_before_it_replaces_anything() {
     }
     let mut f = sm2.begin_receiving_snapshot().await.unwrap();
     f.write_all(&good).await.unwrap();
+    let ino =
+        |name: &str| std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(b.path().join(name)).unwrap());
+    let received = ino("snapshot.receiving");
     sm2.install_snapshot(&meta, f).await.unwrap();
+    assert_eq!(ino("snapshot"), received, "the file received into is the snapshot now, not a copy");
     assert_eq!(sm2.reader().read().last_applied.map(|l| l.index), Some(5));
     assert_eq!(std::fs::read(b.path().join("snapshot")).unwrap(), good);
+    let left: Vec<_> = std::fs::read_dir(b.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert!(
+        !left.iter().any(|n| n.to_string_lossy().starts_with("snapshot.")),
+        "the received file itself became the snapshot: {left:?}"
+    );
+    assert_eq!(sm2.get_current_snapshot().await.unwrap().map(|s| s.meta), Some(meta));
 }
 
 /// A snapshot file's bytes, written out by hand: header, metadata, payload, checksum.
