@@ -31,7 +31,8 @@ impl Phase {
 pub(crate) const DISTINCT_PER_ROUND: usize = 9_000;
 
 /// Runs `clients` loops of `work` for `dur`, or (portmesh) until `limit` operations were made
-/// among them; the rate is operations over the time until the last loop ended.
+/// among them; the rate is operations over the time from the start (once every client has
+/// connected and set up) until the last loop ended.
 pub(crate) async fn run_phase(
     system: System,
     work: Workload,
@@ -41,28 +42,36 @@ pub(crate) async fn run_phase(
     limit: Option<usize>,
     dur: Duration,
 ) -> Result<Phase> {
-    let deadline = Instant::now() + dur;
-    let start = Instant::now();
+    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(clients + 1));
     let left = limit.map(|n| std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(n)));
     let mut tasks = Vec::new();
     for c in 0..clients {
         let addr = addr.to_string();
         let options = options.clone();
         let left = left.clone();
+        let mut gate = Gate { barrier: barrier.clone(), dur, passed: false };
         tasks.push(tokio::spawn(async move {
-            match system {
-                System::Portmesh if work == Workload::KeepAlive => portmesh_keepalive(&addr, deadline).await,
-                System::Etcd if work == Workload::KeepAlive => etcd_keepalive(&addr, deadline).await,
+            let g = &mut gate;
+            let lat = match system {
+                System::Portmesh if work == Workload::KeepAlive => portmesh_keepalive(&addr, g).await,
+                System::Etcd if work == Workload::KeepAlive => etcd_keepalive(&addr, g).await,
                 System::PortmeshTls if work == Workload::KeepAlive => {
-                    bail!("--tls-cost measures the fresh and reused workloads")
+                    Err(anyhow::anyhow!("--tls-cost measures the fresh and reused workloads"))
                 }
                 System::Portmesh | System::PortmeshTls => {
-                    portmesh_client_loop(&addr, &options, work, left, c, deadline).await
+                    portmesh_client_loop(&addr, &options, work, left, c, g).await
                 }
-                System::Etcd => etcd_client_loop(&addr, work, c, deadline).await,
+                System::Etcd => etcd_client_loop(&addr, work, c, g).await,
+            };
+            // A client that failed before the start still lets the others (and the timer) go.
+            if !gate.passed {
+                gate.barrier.wait().await;
             }
+            lat
         }));
     }
+    barrier.wait().await;
+    let start = Instant::now();
     let mut lat = Vec::new();
     for t in tasks {
         lat.extend(t.await??);
@@ -70,6 +79,24 @@ pub(crate) async fn run_phase(
     let elapsed = start.elapsed();
     lat.sort_unstable();
     Ok(Phase { ops: lat.len(), elapsed, lat })
+}
+
+/// Holds a phase's clients until every one has connected and set up (granted the leases it
+/// keeps), so the timed part starts together and counts operations only: a connect inside it
+/// lowered the rate of short phases (a `distinct` phase that ends at its share).
+pub(crate) struct Gate {
+    barrier: std::sync::Arc<tokio::sync::Barrier>,
+    dur: Duration,
+    passed: bool,
+}
+
+impl Gate {
+    /// Waits for the phase's other clients; returns when this client's loop must end.
+    pub(crate) async fn pass(&mut self) -> Instant {
+        self.passed = true;
+        self.barrier.wait().await;
+        Instant::now() + self.dur
+    }
 }
 
 /// Leases each keep-alive client renews, and renewals it keeps in flight on its stream.
@@ -145,7 +172,7 @@ pub(crate) async fn keepalive_loop<Req, Resp>(
     Ok(lat)
 }
 
-pub(crate) async fn portmesh_keepalive(addr: &str, deadline: Instant) -> Result<Vec<Duration>> {
+pub(crate) async fn portmesh_keepalive(addr: &str, gate: &mut Gate) -> Result<Vec<Duration>> {
     let client = Client::connect(addr).await?;
     let mut ids = Vec::new();
     for _ in 0..KEEPALIVE_LEASES {
@@ -157,12 +184,13 @@ pub(crate) async fn portmesh_keepalive(addr: &str, deadline: Instant) -> Result<
     let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?.connect().await?;
     let (tx, rx) = tokio::sync::mpsc::channel(KEEPALIVE_WINDOW);
     let req = |id: i64| pb::LeaseKeepAliveRequest { team: "default".into(), lease_id: id as u64 };
+    let deadline = gate.pass().await;
     let sent = prefill(&tx, &ids, req)?;
     let replies = pb::leases_client::LeasesClient::new(ch).keep_alive(ChannelStream(rx)).await?.into_inner();
     keepalive_loop(ids, req, tx, replies, sent, |r| r.ttl_ms > 0, deadline).await
 }
 
-pub(crate) async fn etcd_keepalive(addr: &str, deadline: Instant) -> Result<Vec<Duration>> {
+pub(crate) async fn etcd_keepalive(addr: &str, gate: &mut Gate) -> Result<Vec<Duration>> {
     let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?.connect().await?;
     let mut leases = etcdpb::lease_client::LeaseClient::new(ch);
     let mut ids = Vec::new();
@@ -171,6 +199,7 @@ pub(crate) async fn etcd_keepalive(addr: &str, deadline: Instant) -> Result<Vec<
     }
     let (tx, rx) = tokio::sync::mpsc::channel(KEEPALIVE_WINDOW);
     let req = |id: i64| etcdpb::LeaseKeepAliveRequest { id };
+    let deadline = gate.pass().await;
     let sent = prefill(&tx, &ids, req)?;
     let replies = leases.lease_keep_alive(ChannelStream(rx)).await?.into_inner();
     keepalive_loop(ids, req, tx, replies, sent, |r| r.ttl > 0, deadline).await
@@ -182,7 +211,7 @@ pub(crate) async fn portmesh_client_loop(
     work: Workload,
     left: Option<std::sync::Arc<std::sync::atomic::AtomicUsize>>,
     c: usize,
-    deadline: Instant,
+    gate: &mut Gate,
 ) -> Result<Vec<Duration>> {
     use std::sync::atomic::Ordering;
     // One more operation of the phase's limit, if it has one and it is not spent.
@@ -198,6 +227,7 @@ pub(crate) async fn portmesh_client_loop(
         }
         _ => 0,
     };
+    let deadline = gate.pass().await;
     let mut lat = Vec::new();
     while Instant::now() < deadline && take() {
         let t0 = Instant::now();
@@ -231,7 +261,7 @@ pub(crate) async fn etcd_client_loop(
     addr: &str,
     work: Workload,
     c: usize,
-    deadline: Instant,
+    gate: &mut Gate,
 ) -> Result<Vec<Duration>> {
     let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?.connect().await?;
     let mut kv = etcdpb::kv_client::KvClient::new(ch.clone());
@@ -242,6 +272,7 @@ pub(crate) async fn etcd_client_loop(
         }
         _ => 0,
     };
+    let deadline = gate.pass().await;
     let mut lat = Vec::new();
     while Instant::now() < deadline {
         let t0 = Instant::now();
