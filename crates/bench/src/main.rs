@@ -30,6 +30,7 @@ use portmesh_client::{Client, ClientOptions, pb};
 
 mod deploy;
 mod load;
+mod logwrite;
 mod scale;
 mod startup;
 
@@ -122,6 +123,10 @@ struct Args {
     /// Watch fan-out at these numbers of watchers (e.g. 100,1000), --rounds rounds of --secs.
     #[arg(long, value_delimiter = ',')]
     watchers: Vec<usize>,
+    /// The log's write path alone, no node: this many durable writes of one entry through sled
+    /// as the store makes them, and through a plain file, in --rounds alternating rounds.
+    #[arg(long, default_value_t = 0)]
+    log_writes: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -419,6 +424,9 @@ async fn scale_runs(args: &Args, dur: Duration) -> Result<()> {
     }
     if !args.watchers.is_empty() {
         scale::watch_fanout(&args.portmesh, etcd, args.nodes, &args.watchers, args.rounds, dur).await?;
+    }
+    if args.log_writes > 0 {
+        logwrite::log_writes(args.log_writes, args.rounds)?;
     }
     if args.soak > 0 {
         scale::soak(&args.portmesh, args.nodes, args.soak, args.soak_ttl, args.soak_secs).await?;
