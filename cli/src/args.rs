@@ -537,6 +537,22 @@ pub enum PoolsCommand {
     Add { name: String, range: String },
     /// Remove an empty pool.
     Rm { name: String },
+    /// Show the cool-down after release, or set it for the whole cluster (admin): how long a
+    /// released port stays out of reach of every key but the one that held it. 0 turns it off.
+    Cooldown {
+        /// New cool-down, e.g. 30s, 2m, 0 (at most 24h)
+        #[arg(value_parser = parse_cooldown)]
+        duration: Option<Duration>,
+    },
+}
+
+/// A cool-down: a duration in whole milliseconds (the node refuses more than a day).
+fn parse_cooldown(s: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(s) {
+        Ok(d) if d.subsec_nanos() % 1_000_000 != 0 => Err(format!("{s:?}: give whole milliseconds")),
+        Ok(d) => Ok(d),
+        Err(e) => Err(format!("{s:?}: {e} (write e.g. 30s, 2m, or 0 to turn it off)")),
+    }
 }
 
 /// `--port`: a real port. 0 would silently mean "any port", which leaving the flag out says.

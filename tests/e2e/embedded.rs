@@ -139,6 +139,37 @@ fn release_reserve_and_pools_round_trip() {
     h.pm(&["pools", "rm", "ci"]).ok();
 }
 
+/// The cool-down after release is the cluster's to show and set: a refused value names the
+/// field and changes nothing; turned off, a released port goes to anyone at once.
+#[test]
+fn the_cooldown_is_shown_set_and_turned_off() {
+    let h = Home::new();
+    let shown = |h: &Home| h.pm(&["pools", "cooldown", "--json"]).ok().json()["cooldown_ms"].as_u64();
+    assert_eq!(shown(&h), Some(60_000));
+    h.pm(&["pools", "add", "cd", "20420-20429"]).ok();
+    let a = h.pm(&["alloc", "a", "--pool", "cd"]).ok().ports()[0];
+    h.pm(&["release", &a.to_string()]).ok();
+    let b = h.pm(&["alloc", "b", "--pool", "cd"]).ok().ports()[0];
+    assert_ne!(b, a, "a released port cools down for everyone but its key");
+    h.pm(&["release", &b.to_string()]).ok();
+
+    h.pm(&["pools", "cooldown", "2d"]).fails_with("cooldown_ms: at most 86400000 (one day), got 172800000");
+    h.pm(&["pools", "cooldown", "1.5ms"]).fails_with("give whole milliseconds");
+    assert_eq!(shown(&h), Some(60_000), "a refused value changes nothing");
+
+    let set = h.pm(&["pools", "cooldown", "0", "--json"]).ok().json();
+    assert_eq!(set["cooldown_ms"], 0);
+    assert!(set["revision"].as_u64() > Some(5), "a replicated change: {set}");
+    assert_eq!(shown(&h), Some(0));
+    assert!(h.pm(&["pools", "ls"]).ok().stdout.contains("cool-down after release: off"));
+    let c = h.pm(&["alloc", "c", "--pool", "cd"]).ok().ports()[0];
+    h.pm(&["release", &c.to_string()]).ok();
+    assert_eq!(h.pm(&["alloc", "d", "--pool", "cd"]).ok().ports(), [c], "no cool-down: free at once");
+
+    h.pm(&["pools", "cooldown", "30s"]).ok();
+    assert_eq!(shown(&h), Some(30_000));
+}
+
 #[test]
 fn json_alloc_names_every_field() {
     let h = Home::new();

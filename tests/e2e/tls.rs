@@ -240,6 +240,12 @@ async fn an_auth_cluster_from_the_cli_scopes_team_tokens_and_never_shows_a_token
     let (code, _, err) = run(as_member, &["token", "ls"]);
     assert_ne!(code, 0);
     assert!(err.contains("needs an admin token"), "{err}");
+    // The cool-down is the whole cluster's: a team's token may read it, not set it.
+    let (code, _, err) = run(as_member, &["--team", "teama", "pools", "cooldown", "0"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("needs an admin token"), "{err}");
+    let (code, shown, err) = run(as_member, &["--team", "teama", "pools", "cooldown"]);
+    assert_eq!((code, shown.trim()), (0, "1m"), "{err}");
     let (code, _, err) = run(("PORTMESH_NOTHING", ""), &["ls"]);
     assert_ne!(code, 0);
     assert!(err.contains("this cluster requires a token") && err.contains("PORTMESH_TOKEN"), "{err}");

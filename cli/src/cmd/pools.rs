@@ -1,4 +1,4 @@
-//! `pools ls|add|rm`.
+//! `pools ls|add|rm|cooldown`.
 
 use anyhow::{Context, Result};
 use portmesh_client::{Client, pb};
@@ -18,7 +18,7 @@ pub async fn pools(c: &Client, team: &str, p: &PoolsCommand, json: bool) -> Resu
                     .map(|p| json!({"team": p.team, "name": p.name, "ranges": ranges_text(&p.ranges), "size": p.size,
                                     "allocated": p.allocated, "reserved": p.reserved, "cooling": p.cooling}))
                     .collect();
-                println!("{}", json!({"pools": list}));
+                println!("{}", json!({"pools": list, "cooldown_ms": r.cooldown_ms}));
             } else {
                 let rows: Vec<Vec<String>> = r
                     .pools
@@ -37,7 +37,28 @@ pub async fn pools(c: &Client, team: &str, p: &PoolsCommand, json: bool) -> Resu
                     .collect();
                 let header = ["TEAM", "POOL", "RANGES", "SIZE", "USED", "RESERVED", "COOLING"];
                 println!("{}", crate::render::table(&header, &rows, &[3, 4, 5, 6]));
+                println!("cool-down after release: {}", cooldown_text(r.cooldown_ms));
             }
+            Ok(())
+        }
+        PoolsCommand::Cooldown { duration: None } => {
+            let ms = c.list_pools(pb::ListPoolsRequest::default()).await?.cooldown_ms;
+            print_or_json(json, &cooldown_text(ms), || json!({"cooldown_ms": ms}));
+            Ok(())
+        }
+        PoolsCommand::Cooldown { duration: Some(d) } => {
+            let req =
+                pb::SetCooldownRequest { cooldown_ms: u64::try_from(d.as_millis()).unwrap_or(u64::MAX) };
+            let r = c.set_cooldown(req).await?;
+            print_or_json(
+                json,
+                &format!(
+                    "cool-down after release set to {} (revision {})",
+                    cooldown_text(r.cooldown_ms),
+                    r.revision
+                ),
+                || json!({"cooldown_ms": r.cooldown_ms, "revision": r.revision}),
+            );
             Ok(())
         }
         PoolsCommand::Add { name, range } => {
@@ -68,6 +89,11 @@ pub async fn pools(c: &Client, team: &str, p: &PoolsCommand, json: bool) -> Resu
             Ok(())
         }
     }
+}
+
+/// "60s", or "off" for 0.
+fn cooldown_text(ms: u64) -> String {
+    if ms == 0 { "off".into() } else { crate::render::fmt_dur(std::time::Duration::from_millis(ms)) }
 }
 
 fn warn_ephemeral(p: &pb::Pool) {

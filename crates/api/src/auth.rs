@@ -185,7 +185,7 @@ pub fn need(path: &str) -> Need {
         ("portmesh.v1.Cluster", "Status") => Need::Someone,
         ("portmesh.v1.Cluster", "Join") => Need::Join,
         ("portmesh.v1.Cluster", _) | ("portmesh.v1.Tokens", _) => Need::Admin,
-        ("portmesh.v1.Pools", "Add" | "Remove") => Need::Admin,
+        ("portmesh.v1.Pools", "Add" | "Remove" | "SetCooldown") => Need::Admin,
         ("portmesh.v1.Allocator", "Reserve" | "Unreserve") => Need::Admin,
         ("portmesh.v1.Registry", "ReportHealth") => Need::Admin,
         ("portmesh.v1.Allocator" | "portmesh.v1.Leases" | "portmesh.v1.Pools", _) => Need::Team,
@@ -396,6 +396,7 @@ mod tests {
         assert_eq!(need("/portmesh.v1.Cluster/Status"), Need::Someone);
         assert_eq!(need("/portmesh.v1.Tokens/Create"), Need::Admin);
         assert_eq!(need("/portmesh.v1.Pools/Add"), Need::Admin);
+        assert_eq!(need("/portmesh.v1.Pools/SetCooldown"), Need::Admin);
         assert_eq!(need("/portmesh.v1.Pools/Stats"), Need::Team);
         assert_eq!(need("/portmesh.v1.Allocator/Reserve"), Need::Admin);
         assert_eq!(need("/portmesh.v1.Allocator/Allocate"), Need::Team);

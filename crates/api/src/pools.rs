@@ -1,4 +1,4 @@
-//! `portmesh.v1.Pools`: list, add, remove, stats.
+//! `portmesh.v1.Pools`: list, add, remove, stats, the cool-down.
 
 use portmesh_core::Response;
 use portmesh_proto::v1 as pb;
@@ -22,7 +22,11 @@ impl pb::pools_server::Pools for Api {
             .filter(|p| req.team.is_empty() || p.team == req.team)
             .map(|p| (p, &sm.state.pool_usage(p, now)).into())
             .collect();
-        Ok(tonic::Response::new(pb::ListPoolsResponse { pools, revision: sm.state.revision() }))
+        Ok(tonic::Response::new(pb::ListPoolsResponse {
+            pools,
+            revision: sm.state.revision(),
+            cooldown_ms: sm.state.cooldown_ms(),
+        }))
     }
 
     async fn add(&self, req: Request<pb::AddPoolRequest>) -> Result<pb::AddPoolResponse> {
@@ -39,6 +43,15 @@ impl pb::pools_server::Pools for Api {
         let req = self.scoped(req)?;
         portmesh_proto::check_filters(&[("team", &req.team)]).map_err(ApiError::from)?;
         Ok(tonic::Response::new(self.stats(&req.team)))
+    }
+
+    async fn set_cooldown(&self, req: Request<pb::SetCooldownRequest>) -> Result<pb::SetCooldownResponse> {
+        match self.propose_request(&req.into_inner()).await? {
+            Response::CooldownSet { ms, revision } => {
+                Ok(tonic::Response::new(pb::SetCooldownResponse { cooldown_ms: ms, revision }))
+            }
+            other => Err(unexpected(other).into()),
+        }
     }
 
     async fn remove(&self, req: Request<pb::RemovePoolRequest>) -> Result<pb::RemovePoolResponse> {

@@ -310,6 +310,11 @@ impl Client {
         rpc!(self, Retry::OnlyOnRedirect, pools_client::PoolsClient, remove, req)
     }
 
+    /// Sets the cluster's cool-down after release (admin).
+    pub async fn set_cooldown(&self, req: pb::SetCooldownRequest) -> Result<pb::SetCooldownResponse> {
+        rpc!(self, Retry::OnlyOnRedirect, pools_client::PoolsClient, set_cooldown, req)
+    }
+
     pub async fn grant_lease(&self, req: pb::LeaseGrantRequest) -> Result<pb::Lease> {
         let r = rpc!(self, Retry::OnlyOnRedirect, leases_client::LeasesClient, grant, req)?;
         r.lease.ok_or_else(|| missing("lease"))

@@ -69,6 +69,9 @@ pub const DEFAULT_POOL: &str = "default";
 /// Default cool-down before a released port goes to a different owner: long enough for an old
 /// process's sockets to leave `TIME_WAIT` (60 s on Linux).
 pub const DEFAULT_COOLDOWN_MS: u64 = 60_000;
+/// Longest cool-down accepted (one day): a released port out of reach for longer than its
+/// holder could plausibly still hold it only shrinks the pool.
+pub const MAX_COOLDOWN_MS: u64 = 24 * 3600 * 1000;
 /// How many events the state machine keeps for watchers and the audit log.
 pub const EVENT_RETENTION: usize = 10_000;
 /// A port found busy on a host is recorded as a `Conflict` event at most once in this long

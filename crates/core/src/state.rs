@@ -154,6 +154,11 @@ impl State {
         self.meta.revision
     }
 
+    /// How long a released port stays out of reach of every key but its own, in ms (0: off).
+    pub fn cooldown_ms(&self) -> u64 {
+        self.meta.cooldown_ms
+    }
+
     pub fn meta(&self) -> &Meta {
         &self.meta
     }

@@ -45,9 +45,39 @@ impl TryFrom<&pb::RemovePoolRequest> for core::Command {
     }
 }
 
+impl TryFrom<&pb::SetCooldownRequest> for core::Command {
+    type Error = BadRequest;
+
+    fn try_from(req: &pb::SetCooldownRequest) -> Result<Self, Self::Error> {
+        if req.cooldown_ms > core::MAX_COOLDOWN_MS {
+            return Err(BadRequest(format!(
+                "cooldown_ms: at most {} (one day), got {}",
+                core::MAX_COOLDOWN_MS,
+                req.cooldown_ms
+            )));
+        }
+        Ok(core::Command::SetCooldown { ms: req.cooldown_ms })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cooldown_is_at_most_a_day() {
+        let day = pb::SetCooldownRequest { cooldown_ms: core::MAX_COOLDOWN_MS };
+        assert!(
+            matches!(core::Command::try_from(&day), Ok(core::Command::SetCooldown { ms }) if ms == core::MAX_COOLDOWN_MS)
+        );
+        let off = pb::SetCooldownRequest { cooldown_ms: 0 };
+        assert!(matches!(core::Command::try_from(&off), Ok(core::Command::SetCooldown { ms: 0 })));
+        let more = pb::SetCooldownRequest { cooldown_ms: core::MAX_COOLDOWN_MS + 1 };
+        assert_eq!(
+            core::Command::try_from(&more).unwrap_err().0,
+            "cooldown_ms: at most 86400000 (one day), got 86400001"
+        );
+    }
 
     #[test]
     fn a_pool_needs_a_valid_range() {
