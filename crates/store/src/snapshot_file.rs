@@ -13,9 +13,9 @@
 //! follower checks the same checksum before it installs it.
 //!
 //! Writing: into `snapshot.building` (or, for one the leader sent, received into
-//! `snapshot.receiving` and checked), fsync, rename over `snapshot`, fsync the directory: a crash leaves the old snapshot or the new one,
-//! never a mix. A snapshot older than the current one never replaces it (a build that started
-//! before a newer snapshot was installed).
+//! `snapshot.receiving` and checked), fsync, rename over `snapshot`, fsync the directory: a
+//! crash leaves the old snapshot or the new one, never a mix. A snapshot older than the current
+//! one never replaces it (a build that started before a newer snapshot was installed).
 //!
 //! Reading checks the magic, the checksum and that nothing follows the payload; a file that fails
 //! is refused as damaged (sled's own checks never saw it).
