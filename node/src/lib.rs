@@ -339,12 +339,19 @@ pub async fn start(mut cfg: NodeConfig) -> Result<RunningNode, NodeError> {
         (Some(cluster), true) => membership::same_cluster(cluster, &node).await?,
         _ => {}
     }
-    if initialized || join_at.is_some() || bootstrapped {
+    let sets_up_auth = cfg.auth && bootstrapped && !api.node().state().read().state.auth_on();
+    if !initialized && (join_at.is_some() || bootstrapped) || initialized && (node.alone() || sets_up_auth) {
+        // This start made the node a member, or writes follow, or it is its own quorum: a leader
+        // must be known before the node says it listens.
         node.raft
             .wait(Some(cfg.leader_timeout))
             .metrics(|m| m.current_leader.is_some(), "a leader is known")
             .await
             .map_err(|_| NodeError::NoLeader(cfg.leader_timeout))?;
+    } else if initialized {
+        // A member of a cluster coming back: the others may be restarting one at a time, each
+        // waiting for this one to be up, so it listens now (not ready) and awaits a leader aside.
+        tokio::spawn(await_leader(node.clone(), cfg.leader_timeout, shutdown.subscribe()));
     }
     if cfg.auth && bootstrapped {
         // The join token first: once the admin token is in, the cluster is set up and a join
@@ -387,6 +394,28 @@ pub async fn start(mut cfg: NodeConfig) -> Result<RunningNode, NodeError> {
         leave_on_stop: !cfg.seeds.is_empty() && !cfg.seeds.contains(&advertise),
         data_dir: cfg.data_dir,
     })
+}
+
+/// Logs when a restarted member first knows a leader, and once, if none is known within
+/// `patience`, what it waits for. Ends at shutdown.
+async fn await_leader(node: RaftNode, patience: Duration, mut stop: watch::Receiver<bool>) {
+    let known = |patience| {
+        let wait = node.raft.wait(patience);
+        async move { wait.metrics(|m| m.current_leader.is_some(), "a leader is known").await }
+    };
+    tokio::select! {
+        _ = stop.wait_for(|s| *s) => return,
+        found = known(Some(patience)) => if found.is_err() {
+            tracing::warn!(node_id = node.id, waited = ?patience,
+                "no leader known yet: this member is not ready until a majority of the members run and reach each other");
+        },
+    }
+    tokio::select! {
+        _ = stop.wait_for(|s| *s) => {}
+        found = known(None) => if let Ok(m) = found {
+            tracing::info!(node_id = node.id, leader = ?m.current_leader, term = m.current_term, "a leader is known");
+        },
+    }
 }
 
 impl RunningNode {

@@ -212,12 +212,20 @@ async fn killing_and_restarting_the_whole_cluster_keeps_every_acknowledged_alloc
     c.big_pool().await;
     let oracle = testkit::load(&c.addrs, 32, 7, "w").await;
     assert_eq!(oracle.unknown(), 0, "no fault yet: every write is acknowledged");
+    let leader = c.leader_index().await;
     for i in 0..3 {
         c.signal(i, Signal::SIGKILL);
         drop(c.nodes[i].take());
     }
-    for i in 0..3 {
-        c.restart(i);
+    // One at a time, as an operator or a service manager would, the old leader first. Alone it
+    // has no quorum: it knows no leader (it does not resume its old term: early replication) and
+    // still listens, not ready, rather than wait for one.
+    let order = [leader, (leader + 1) % 3, (leader + 2) % 3];
+    c.restart(order[0]);
+    let alone = c.client(&c.addrs[order[0]]).await.status().await.unwrap();
+    assert_eq!(alone.leader_id, 0, "no quorum, no leader: {alone:?}");
+    for i in &order[1..] {
+        c.restart(*i);
     }
     let views = c.converged().await;
     testkit::check_all(&views, &oracle);

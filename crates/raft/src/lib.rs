@@ -12,6 +12,7 @@
 
 mod batcher;
 mod compaction;
+mod early;
 pub mod faults;
 pub mod keeper;
 pub mod network;
@@ -277,15 +278,10 @@ impl RaftNode {
         .map_err(|e| StartError::Config(e.to_string()))?;
         let sm = store.state_machine()?;
         let state = sm.reader();
-        let raft = Raft::new(
-            id,
-            Arc::new(config),
-            network::GrpcNetwork::new(id, opts.faults.clone(), opts.peer_tls.clone()),
-            store.log_store(),
-            sm,
-        )
-        .await
-        .map_err(|e| StartError::Raft(e.to_string()))?;
+        let network = network::GrpcNetwork::new(id, opts.faults.clone(), opts.peer_tls.clone());
+        let raft = Raft::new(id, Arc::new(config), network.clone(), store.log_store(), sm)
+            .await
+            .map_err(|e| StartError::Raft(e.to_string()))?;
         let keeper = Arc::new(LeaseKeeper::new(opts.clone()));
         let (stop, _) = watch::channel(false);
         let batcher = batcher::Batcher::start(raft.clone());
@@ -307,6 +303,7 @@ impl RaftNode {
             peer_tls,
             stop,
         };
+        early::start(id, &node.store, node.raft.clone(), network, node.stop.subscribe());
         tokio::spawn(keeper::run(node.clone(), node.stop.subscribe()));
         tokio::spawn(compaction::run(node.clone(), opts.snapshot_log_bytes, node.stop.subscribe()));
         Ok(node)
@@ -338,6 +335,11 @@ impl RaftNode {
     /// The id of the cluster this node's data belongs to (empty before it joined one).
     pub fn cluster_id(&self) -> String {
         self.store.cluster_id().ok().flatten().unwrap_or_default()
+    }
+
+    /// Whether this node is the cluster's only voter (its own quorum).
+    pub fn alone(&self) -> bool {
+        self.metrics().membership_config.membership().voter_ids().eq([self.id])
     }
 
     /// Whether this node's log or state holds anything (i.e. it belongs to a cluster).

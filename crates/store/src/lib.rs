@@ -179,8 +179,22 @@ pub(crate) struct Inner {
     pub(crate) flusher: flusher::Flusher,
     /// What this directory had made durable (see `watermark`).
     pub(crate) watermark: Arc<watermark::Watermark>,
+    /// Told of every batch of entries appended to the log (see [`Store::on_append`]).
+    pub(crate) on_append: std::sync::OnceLock<AppendHook>,
     /// Declared last so that it drops after every sled handle above (see [`Released`]).
     released: Released,
+}
+
+/// What [`Store::on_append`] calls with every batch of entries written to the log, before their
+/// flush.
+pub type AppendFn = dyn Fn(&[openraft::Entry<TypeConfig>]) + Send + Sync;
+
+pub(crate) struct AppendHook(Box<AppendFn>);
+
+impl std::fmt::Debug for AppendHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AppendHook")
+    }
 }
 
 /// Waits, when the store is dropped, until sled's lock on the directory is free, so that a
@@ -257,6 +271,19 @@ impl Inner {
     pub(crate) fn flush(&self) -> Result<(), sled::Error> {
         self.watermark.flush()
     }
+
+    /// The node id recorded in this directory, if any.
+    pub(crate) fn node_id(&self) -> Result<Option<u64>, StoreError> {
+        let v =
+            self.meta.get(META_NODE_ID).map_err(|source| StoreError::Io { dir: self.dir.clone(), source })?;
+        match v {
+            None => Ok(None),
+            Some(b) => match <[u8; 8]>::try_from(b.as_ref()) {
+                Ok(b) => Ok(Some(u64::from_be_bytes(b))),
+                Err(_) => Err(StoreError::Corrupt { dir: self.dir.clone(), what: "node id".into() }),
+            },
+        }
+    }
 }
 
 impl Store {
@@ -299,6 +326,7 @@ impl Store {
             db,
             stats,
             watermark,
+            on_append: std::sync::OnceLock::new(),
             released: Released {
                 lock_file: dir.join("sled").join("db"),
                 closed: tokio::sync::watch::Sender::new(false),
@@ -362,14 +390,7 @@ impl Store {
 
     /// The node id recorded in this directory, if any.
     pub fn node_id(&self) -> Result<Option<u64>, StoreError> {
-        let v = self.inner.meta.get(META_NODE_ID).map_err(|source| self.io(source))?;
-        match v {
-            None => Ok(None),
-            Some(b) => match <[u8; 8]>::try_from(b.as_ref()) {
-                Ok(b) => Ok(Some(u64::from_be_bytes(b))),
-                Err(_) => Err(StoreError::Corrupt { dir: self.inner.dir.clone(), what: "node id".into() }),
-            },
-        }
+        self.inner.node_id()
     }
 
     /// Records this directory's node id, durably.
@@ -425,6 +446,20 @@ impl Store {
     /// Flushes everything to disk (used at shutdown).
     pub fn flush(&self) -> Result<(), StoreError> {
         self.inner.flush().map_err(|source| self.io(source))
+    }
+
+    /// Calls `f` with every batch of entries the Raft log appends, once they are written and
+    /// before their flush starts (the leader sends them to its followers meanwhile: see
+    /// `portmesh_raft`'s early replication). Only the first hook set takes effect.
+    pub fn on_append(&self, f: Box<AppendFn>) {
+        let _ = self.inner.on_append.set(AppendHook(f));
+    }
+
+    /// Test hook: every blocking flush (the Raft log's flusher thread, a snapshot's) takes
+    /// `delay` longer, as on a slow disk (`Duration::ZERO` ends it).
+    #[doc(hidden)]
+    pub fn inject_flush_delay(&self, delay: std::time::Duration) {
+        self.inner.watermark.delay_flushes(delay);
     }
 
     /// Test hook: while `on`, every flush (the Raft log's, the vote's, a snapshot's) fails with an

@@ -117,7 +117,21 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote<u64>) -> SResult<()> {
-        self.put_meta(VOTE, vote).map_err(|_| StorageIOError::write_vote(&sled_err("encode vote")))?;
+        // This node's own vote is kept as not yet committed, even once it leads: a leader sends
+        // entries to its followers before its own flush of them ends (early replication), so it
+        // may lose, in a crash, entries a follower holds. Were it to come back as leader of the
+        // same term (what openraft 0.9 does with a committed vote for itself), it would write
+        // other entries under the same log ids and the logs would diverge. With the vote
+        // uncommitted it comes back as a follower that already voted in that term, and leads
+        // again only through an election, in a higher term.
+        let me = self.inner.node_id().map_err(|e| StorageIOError::write_vote(&e))?;
+        let vote = match me {
+            Some(me) if vote.committed && vote.leader_id.node_id == me => {
+                Vote::new(vote.leader_id.term, vote.leader_id.node_id)
+            }
+            _ => *vote,
+        };
+        self.put_meta(VOTE, &vote).map_err(|_| StorageIOError::write_vote(&sled_err("encode vote")))?;
         self.flush(0).await.map_err(|e| StorageIOError::write_vote(&e))?;
         Ok(())
     }
@@ -143,10 +157,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let mut encoded = Vec::new();
+        let entries: Vec<Entry<TypeConfig>> = entries.into_iter().collect();
+        let mut encoded = Vec::with_capacity(entries.len());
         let mut bytes = 0u64;
-        for e in entries {
-            let b = encode(&e).map_err(|err| StorageIOError::write_log_entry(e.log_id, &err))?;
+        for e in &entries {
+            let b = encode(e).map_err(|err| StorageIOError::write_log_entry(e.log_id, &err))?;
             bytes += b.len() as u64;
             encoded.push((e.log_id.index.to_be_bytes(), b));
         }
@@ -164,6 +179,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             self.inner.log.apply_batch(batch).map_err(|e| StorageIOError::write_logs(&e))?;
         }
         self.inner.stats.log_bytes.fetch_add(bytes, Ordering::Relaxed);
+        if let Some(hook) = self.inner.on_append.get() {
+            (hook.0)(&entries);
+        }
         // Durable before acknowledging: the flusher completes the callback only after an fsync
         // that started after these entries were written (group commit, see `flusher`).
         self.inner.flusher.submit(callback, n);
@@ -291,5 +309,46 @@ mod tests {
         let state = log.get_log_state().await.unwrap();
         assert_eq!((state.last_purged_log_id, state.last_log_id), (Some(at(1_000)), Some(at(1_000))));
         log.purge(at(1_000)).await.unwrap();
+    }
+
+    /// The node's own vote is kept uncommitted even once it leads (early replication: a leader
+    /// restarted after a crash must not lead its old term again); anyone else's vote, and any
+    /// vote of a directory without a node id, is kept as given.
+    #[tokio::test]
+    async fn the_nodes_own_vote_is_kept_uncommitted() {
+        let dir = TempDir::new().unwrap();
+        let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+        let mut log = store.log_store();
+        log.save_vote(&Vote::new_committed(3, 7)).await.unwrap();
+        assert_eq!(log.read_vote().await.unwrap(), Some(Vote::new_committed(3, 7)), "no node id yet");
+
+        store.set_node_id(7).unwrap();
+        log.save_vote(&Vote::new(4, 7)).await.unwrap();
+        assert_eq!(log.read_vote().await.unwrap(), Some(Vote::new(4, 7)));
+        log.save_vote(&Vote::new_committed(4, 7)).await.unwrap();
+        drop((log, store));
+
+        let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+        let mut log = store.log_store();
+        assert_eq!(log.read_vote().await.unwrap(), Some(Vote::new(4, 7)), "own vote, read back uncommitted");
+        log.save_vote(&Vote::new_committed(5, 9)).await.unwrap();
+        assert_eq!(log.read_vote().await.unwrap(), Some(Vote::new_committed(5, 9)), "another leader's vote");
+    }
+
+    /// The append hook sees every batch, in order, as appended (one entry or several).
+    #[tokio::test]
+    async fn the_append_hook_sees_every_batch_in_order() {
+        use openraft::storage::RaftLogStorageExt;
+        let dir = TempDir::new().unwrap();
+        let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let hook_seen = seen.clone();
+        store.on_append(Box::new(move |entries: &[Entry<TypeConfig>]| {
+            hook_seen.lock().unwrap().push(entries.iter().map(|e| e.log_id.index).collect::<Vec<_>>());
+        }));
+        let mut log = store.log_store();
+        log.blocking_append([alloc_entry(1)]).await.unwrap();
+        log.blocking_append((2..=4).map(alloc_entry)).await.unwrap();
+        assert_eq!(*seen.lock().unwrap(), vec![vec![1], vec![2, 3, 4]]);
     }
 }

@@ -127,6 +127,8 @@ pub(crate) struct Watermark {
     meta: sled::Tree,
     /// Test hook (`Store::inject_flush_failures`): every flush fails as a dead disk's would.
     failing: std::sync::atomic::AtomicBool,
+    /// Test hook (`Store::inject_flush_delay`): milliseconds added to every blocking flush.
+    delay_ms: AtomicU64,
 }
 
 impl Watermark {
@@ -167,6 +169,7 @@ impl Watermark {
             db,
             meta,
             failing,
+            delay_ms: AtomicU64::new(0),
         })
     }
 
@@ -187,6 +190,10 @@ impl Watermark {
 
     /// Makes everything written to sled so far durable (one fsync) and records the mark of it.
     pub(crate) fn flush(&self) -> Result<(), sled::Error> {
+        let delay = self.delay_ms.load(Ordering::Relaxed);
+        if delay > 0 {
+            std::thread::sleep(std::time::Duration::from_millis(delay));
+        }
         let mark = self.current()?;
         self.db.flush()?;
         self.sync_sled_file()?;
@@ -216,6 +223,11 @@ impl Watermark {
     /// Turns the injected flush failure on or off (see `Store::inject_flush_failures`).
     pub(crate) fn fail_flushes(&self, on: bool) {
         self.failing.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Sets the injected delay of every blocking flush (see `Store::inject_flush_delay`).
+    pub(crate) fn delay_flushes(&self, delay: std::time::Duration) {
+        self.delay_ms.store(delay.as_millis() as u64, Ordering::Relaxed);
     }
 
     /// An error while the test hook injects flush failures (see `Store::inject_flush_failures`).

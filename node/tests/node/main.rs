@@ -14,6 +14,7 @@ use std::sync::Arc;
 use tokio_stream::StreamExt;
 
 mod boundary;
+mod early;
 mod faults;
 mod leases;
 mod membership;
