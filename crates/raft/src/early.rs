@@ -23,21 +23,20 @@
 //! docs/architecture.md §2 ("early replication") has the decision and its measurements.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use openraft::network::RPCOption;
 use openraft::raft::AppendEntriesRequest;
-use openraft::{BasicNode, Entry, LogId, Raft, RaftNetwork, RaftNetworkFactory, ServerState};
+use openraft::{BasicNode, Entry, LogId, Raft, RaftNetwork, RaftNetworkFactory, ServerState, Vote};
 use portmesh_store::{Store, TypeConfig};
 use tokio::sync::{mpsc, watch};
 
 use crate::network::GrpcNetwork;
 
-/// Most early requests in flight to one follower; later batches meanwhile are left to openraft's
-/// own stream (a slow or unreachable follower must not pile requests up).
-const MAX_IN_FLIGHT: usize = 2;
+/// Batches queued for one follower while its previous early request is out; past that, batches
+/// are left to openraft's own stream (a slow or unreachable follower must not pile them up).
+const QUEUE: usize = 8;
 /// A follower whose last acknowledged entry is further behind than this gets nothing early: it
 /// would refuse a batch whose previous entry it lacks.
 const MAX_LAG: u64 = 64;
@@ -92,23 +91,15 @@ async fn run(
     mut rx: mpsc::UnboundedReceiver<Batch>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let mut in_flight: HashMap<u64, Arc<AtomicUsize>> = HashMap::new();
+    let mut followers: HashMap<u64, mpsc::Sender<Early>> = HashMap::new();
     loop {
-        let mut batch = tokio::select! {
+        let batch = tokio::select! {
             b = rx.recv() => match b {
                 Some(b) => b,
                 None => return,
             },
             _ = stop.changed() => return,
         };
-        // Batches queued meanwhile go out together when they follow on.
-        while let Ok(next) = rx.try_recv() {
-            if batch.entries.last().map(|e| e.log_id) == Some(next.prev) {
-                batch.entries.extend(next.entries);
-            } else {
-                batch = next;
-            }
-        }
         let Some(last) = batch.entries.last().map(|e| e.log_id) else { continue };
         let (vote, targets) = {
             let m = raft.metrics();
@@ -128,25 +119,50 @@ async fn run(
             (m.vote, targets)
         };
         for (target, node) in targets {
-            let count = in_flight.entry(target).or_default().clone();
-            if count.fetch_add(1, Ordering::AcqRel) >= MAX_IN_FLIGHT {
-                count.fetch_sub(1, Ordering::AcqRel);
-                continue;
-            }
-            let req = AppendEntriesRequest {
-                vote,
-                prev_log_id: Some(batch.prev),
-                entries: batch.entries.clone(),
-                leader_commit: None,
-            };
-            let mut network = network.clone();
-            tokio::spawn(async move {
-                let mut peer = network.new_client(target, &node).await;
-                if let Err(e) = peer.append_entries(req, RPCOption::new(TTL)).await {
-                    tracing::trace!(member = target, error = %e, "early append not delivered");
-                }
-                count.fetch_sub(1, Ordering::AcqRel);
+            let tx = followers.entry(target).or_insert_with(|| {
+                let (tx, rx) = mpsc::channel(QUEUE);
+                tokio::spawn(send_to(target, network.clone(), rx));
+                tx
             });
+            let early = Early { vote, node, prev: batch.prev, entries: batch.entries.clone() };
+            // A full queue: the follower is slow; openraft's own stream brings it these entries.
+            let _ = tx.try_send(early);
+        }
+    }
+}
+
+/// One batch for one follower.
+struct Early {
+    vote: Vote<u64>,
+    node: BasicNode,
+    prev: LogId<u64>,
+    entries: Vec<Entry<TypeConfig>>,
+}
+
+/// Sends follower `target` its batches one request at a time, in order (a batch that arrived
+/// before the one it follows would be refused), merging those queued meanwhile that follow on.
+/// Ends when the queue's sender is dropped (early replication stopped).
+async fn send_to(target: u64, mut network: GrpcNetwork, mut rx: mpsc::Receiver<Early>) {
+    while let Some(mut early) = rx.recv().await {
+        while let Ok(next) = rx.try_recv() {
+            let follows =
+                next.vote == early.vote && early.entries.last().map(|e| e.log_id) == Some(next.prev);
+            if follows {
+                early.entries.extend(next.entries);
+                early.node = next.node;
+            } else {
+                early = next;
+            }
+        }
+        let req = AppendEntriesRequest {
+            vote: early.vote,
+            prev_log_id: Some(early.prev),
+            entries: early.entries,
+            leader_commit: None,
+        };
+        let mut peer = network.new_client(target, &early.node).await;
+        if let Err(e) = peer.append_entries(req, RPCOption::new(TTL)).await {
+            tracing::trace!(member = target, error = %e, "early append not delivered");
         }
     }
 }
