@@ -282,6 +282,13 @@ impl RaftNode {
         let raft = Raft::new(id, Arc::new(config), network.clone(), store.log_store(), sm)
             .await
             .map_err(|e| StartError::Raft(e.to_string()))?;
+        // The node's own vote is kept uncommitted on disk (early replication), so a restarted
+        // single voter would wait for a tick (up to 150 ms) to elect itself: it elects at once.
+        let alone =
+            raft.with_raft_state(move |st| st.membership_state.effective().voter_ids().eq([id])).await;
+        if alone.unwrap_or(false) {
+            let _ = raft.trigger().elect().await;
+        }
         let keeper = Arc::new(LeaseKeeper::new(opts.clone()));
         let (stop, _) = watch::channel(false);
         let batcher = batcher::Batcher::start(raft.clone());
