@@ -339,10 +339,11 @@ pub async fn start(mut cfg: NodeConfig) -> Result<RunningNode, NodeError> {
         (Some(cluster), true) => membership::same_cluster(cluster, &node).await?,
         _ => {}
     }
+    // This start made the node a member, or writes follow, or it is its own quorum: a leader must
+    // be known before the node says it listens.
+    let made_member = !initialized && (join_at.is_some() || bootstrapped);
     let sets_up_auth = cfg.auth && bootstrapped && !api.node().state().read().state.auth_on();
-    if !initialized && (join_at.is_some() || bootstrapped) || initialized && (node.alone() || sets_up_auth) {
-        // This start made the node a member, or writes follow, or it is its own quorum: a leader
-        // must be known before the node says it listens.
+    if made_member || initialized && (sets_up_auth || node.alone().await) {
         node.raft
             .wait(Some(cfg.leader_timeout))
             .metrics(|m| m.current_leader.is_some(), "a leader is known")

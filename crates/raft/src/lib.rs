@@ -282,13 +282,6 @@ impl RaftNode {
         let raft = Raft::new(id, Arc::new(config), network.clone(), store.log_store(), sm)
             .await
             .map_err(|e| StartError::Raft(e.to_string()))?;
-        // The node's own vote is kept uncommitted on disk (early replication), so a restarted
-        // single voter would wait for a tick (up to 150 ms) to elect itself: it elects at once.
-        let alone =
-            raft.with_raft_state(move |st| st.membership_state.effective().voter_ids().eq([id])).await;
-        if alone.unwrap_or(false) {
-            let _ = raft.trigger().elect().await;
-        }
         let keeper = Arc::new(LeaseKeeper::new(opts.clone()));
         let (stop, _) = watch::channel(false);
         let batcher = batcher::Batcher::start(raft.clone());
@@ -311,6 +304,11 @@ impl RaftNode {
             stop,
         };
         early::start(id, &node.store, node.raft.clone(), network, node.stop.subscribe());
+        // The node's own vote is kept uncommitted on disk (early replication), so a restarted
+        // single voter would wait for a tick (up to 150 ms) to elect itself: it elects at once.
+        if node.alone().await {
+            let _ = node.raft.trigger().elect().await;
+        }
         tokio::spawn(keeper::run(node.clone(), node.stop.subscribe()));
         tokio::spawn(compaction::run(node.clone(), opts.snapshot_log_bytes, node.stop.subscribe()));
         Ok(node)
@@ -344,9 +342,12 @@ impl RaftNode {
         self.store.cluster_id().ok().flatten().unwrap_or_default()
     }
 
-    /// Whether this node is the cluster's only voter (its own quorum).
-    pub fn alone(&self) -> bool {
-        self.metrics().membership_config.membership().voter_ids().eq([self.id])
+    /// Whether this node is the cluster's only voter (its own quorum), as Raft's own state says
+    /// (metrics may lag just after start).
+    pub async fn alone(&self) -> bool {
+        let id = self.id;
+        let alone = self.raft.with_raft_state(move |st| st.membership_state.effective().voter_ids().eq([id]));
+        alone.await.unwrap_or(false)
     }
 
     /// Whether this node's log or state holds anything (i.e. it belongs to a cluster).

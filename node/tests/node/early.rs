@@ -21,6 +21,8 @@ async fn a_leader_sends_a_write_to_its_followers_while_it_flushes_it() {
     c.converged().await;
     let before = leader.metrics().last_log_index;
 
+    let flushes = || leader.store.stats().flushes.load(std::sync::atomic::Ordering::Relaxed);
+    let flushed_before = flushes();
     leader.store.inject_flush_delay(Duration::from_millis(300));
     let write = tokio::spawn(async move { client.allocate(allocate("early")).await });
     for f in c.live().filter(|n| n.api.node().id != leader.id) {
@@ -30,6 +32,8 @@ async fn a_leader_sends_a_write_to_its_followers_while_it_flushes_it() {
             .expect("the follower never received the write")
             .unwrap();
     }
+    // The flusher counts a flush once it ended: none has, so the followers got the write first.
+    assert_eq!(flushes(), flushed_before, "the followers got the write only after the leader's flush");
     assert!(!write.is_finished(), "acknowledged before the leader's own flush ended");
     leader.store.inject_flush_delay(Duration::ZERO);
     let r = write.await.unwrap().unwrap();
