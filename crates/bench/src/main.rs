@@ -90,10 +90,15 @@ struct Args {
     /// Also compare a one-shot `portmesh alloc` with an empty Rust binary using `hyperfine -N`.
     #[arg(long)]
     startup: bool,
-    /// With --startup or --workflow: also time this (older) portmesh binary's one-shot commands,
-    /// in the same rounds in alternating order, and print new/old ratios.
+    /// With --startup, --workflow or --restarts: also time this (older) portmesh binary, in the
+    /// same rounds in alternating order, and print new/old ratios.
     #[arg(long)]
     startup_against: Option<PathBuf>,
+    /// Restart of a single node: time from `portmesh serve` on an existing one-node data
+    /// directory to its "listening" line, this many times (with --startup-against, that binary's
+    /// too, alternating start by start).
+    #[arg(long, default_value_t = 0)]
+    restarts: usize,
     /// The Python package at start-up: `python/bench/startup.py` (--rounds x 10 rounds) in the
     /// venv `python/setup-tests.sh` makes (the package installed with `pip install ./python`,
     /// its `portmesh` built in the dev profile, as its tests use it).
@@ -410,6 +415,9 @@ async fn scale_runs(args: &Args, dur: Duration) -> Result<()> {
     }
     if args.workflow {
         workflow(&args.portmesh, args.startup_against.as_deref(), args.rounds, args.rounds * 3).await?;
+    }
+    if args.restarts > 0 {
+        restarts(&args.portmesh, args.startup_against.as_deref(), args.restarts)?;
     }
     if args.python {
         python_startup(args.rounds * 10)?;

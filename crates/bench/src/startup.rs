@@ -215,3 +215,62 @@ pub(crate) fn python_startup(rounds: usize) -> Result<()> {
     }
     Ok(())
 }
+
+/// Time from `portmesh serve` on an existing one-node data directory to its "listening" line, in
+/// ms: the node is started `n` times after the bootstrap that made the directory (stopped with
+/// SIGTERM each time). With `against`, that binary too, on a directory of its own, the two
+/// binaries alternating start by start.
+pub(crate) fn restarts(bin: &Path, against: Option<&Path>, n: usize) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let bins: Vec<&Path> = std::iter::once(bin).chain(against).collect();
+    let mut times: Vec<Vec<f64>> = vec![Vec::new(); bins.len()];
+    for (i, b) in bins.iter().enumerate() {
+        serve_until_listening(b, &dir.path().join(format!("data{i}")), true)?;
+    }
+    for _ in 0..n.max(1) {
+        for (i, b) in bins.iter().enumerate() {
+            let t = serve_until_listening(b, &dir.path().join(format!("data{i}")), false)?;
+            times[i].push(t.as_secs_f64() * 1e3);
+        }
+    }
+    println!("\nrestart of a single node, `serve` to its listening line ({n} restarts each):");
+    for (b, t) in bins.iter().zip(times) {
+        let min = t.iter().copied().fold(f64::INFINITY, f64::min);
+        let max = t.iter().copied().fold(0.0, f64::max);
+        println!("restart: {}: median {:.1} ms (min {min:.1}, max {max:.1})", b.display(), median(t));
+    }
+    Ok(())
+}
+
+/// Starts `bin serve` on `data` (bootstrapping it when `bootstrap`), waits for its listening line
+/// on stderr, stops it with SIGTERM and waits for it to exit; the time to the line.
+fn serve_until_listening(bin: &Path, data: &Path, bootstrap: bool) -> Result<Duration> {
+    use std::io::BufRead;
+    let home = data.with_extension("home");
+    let t0 = Instant::now();
+    let mut child = Command::new(bin)
+        .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+        .arg(data)
+        .arg("--home")
+        .arg(&home)
+        .args(bootstrap.then_some("--bootstrap"))
+        .env("PORTMESH_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {}", bin.display()))?;
+    let stderr = child.stderr.take().context("no stderr pipe")?;
+    let mut lines = std::io::BufReader::new(stderr).lines();
+    let listening = lines.by_ref().map_while(|l| l.ok()).any(|l| l.contains("portmesh node listening"));
+    let elapsed = t0.elapsed();
+    let pid = i32::try_from(child.id())?;
+    // SAFETY: kill(2) on the pid of a child this function spawned and has not waited for.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    // Drain the rest of its log so it never blocks on a full pipe while it stops.
+    lines.for_each(drop);
+    child.wait()?;
+    if !listening {
+        bail!("{} serve on {} exited before it said it listens", bin.display(), data.display());
+    }
+    Ok(elapsed)
+}
