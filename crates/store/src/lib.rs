@@ -371,6 +371,10 @@ impl Store {
                 inner.flush().map_err(io)?;
             }
         }
+        let removed = inner.snapshots.remove_leftovers().map_err(|source| io(source.into()))?;
+        if !removed.is_empty() {
+            tracing::info!(dir = %dir.display(), files = ?removed, "removed snapshot files a crash left half written");
+        }
         Ok(Store { inner: Arc::new(inner) })
     }
 

@@ -35,6 +35,9 @@ use crate::ondisk::StoredRecord;
 pub(crate) const FILE: &str = "snapshot";
 pub(crate) const BUILDING: &str = "snapshot.building";
 pub(crate) const RECEIVING: &str = "snapshot.receiving";
+/// Where a follower wrote a received snapshot a second time before issue 19's fourteenth slice;
+/// no longer written, only removed when left by a crash.
+const INSTALLING: &str = "snapshot.installing";
 /// The first bytes of a snapshot file: its kind, then its format's number.
 const MAGIC: [u8; 8] = *b"pmsnap\x00\x01";
 
@@ -127,6 +130,22 @@ impl Snapshots {
 
     pub(crate) fn path(&self, name: &str) -> PathBuf {
         self.dir.join(name)
+    }
+
+    /// Removes the snapshot files a crash can leave half written (a build, a receive, the
+    /// install of older versions) and returns the names removed. Called as the directory
+    /// opens, once sled's lock is held and its version is known to be readable; never while a
+    /// snapshot is being built or received.
+    pub(crate) fn remove_leftovers(&self) -> io::Result<Vec<&'static str>> {
+        let mut removed = Vec::new();
+        for name in [BUILDING, RECEIVING, INSTALLING] {
+            match std::fs::remove_file(self.path(name)) {
+                Ok(()) => removed.push(name),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(removed)
     }
 
     /// A new, empty file `name`, replacing one left there: a handle still open on that one keeps
