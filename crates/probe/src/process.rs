@@ -5,34 +5,48 @@
 /// Whether process `pid` runs: it exists and is not a zombie waiting for its parent.
 #[cfg(target_os = "linux")]
 pub fn alive(pid: u32) -> bool {
-    let Ok(raw) = i32::try_from(pid) else { return false };
-    // SAFETY: kill with signal 0 sends nothing; it only checks that the process exists and may
-    // be signalled.
-    if raw <= 0 || unsafe { libc::kill(raw, 0) } != 0 {
-        return false;
-    }
-    // `/proc/PID/stat`: "pid (comm) S …"; the state follows the last ')'.
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => stat.rsplit_once(')').is_none_or(|(_, rest)| !rest.trim_start().starts_with('Z')),
-        Err(_) => true,
-    }
+    may_signal(pid) && stat(pid).is_none_or(|s| !s.zombie)
 }
 
 /// Whether process `pid` runs (other systems: it exists and may be signalled).
 #[cfg(all(unix, not(target_os = "linux")))]
 pub fn alive(pid: u32) -> bool {
+    may_signal(pid)
+}
+
+/// Whether process `pid` exists and may be signalled.
+#[cfg(unix)]
+fn may_signal(pid: u32) -> bool {
     let Ok(raw) = i32::try_from(pid) else { return false };
-    // SAFETY: as above, signal 0 only checks.
+    // SAFETY: kill with signal 0 sends nothing; it only checks that the process exists and may
+    // be signalled.
     raw > 0 && unsafe { libc::kill(raw, 0) } == 0
+}
+
+/// What `/proc/PID/stat` says about a process, read once.
+#[cfg(target_os = "linux")]
+struct Stat {
+    zombie: bool,
+    /// Field 22: when it started, in clock ticks after boot.
+    start_ticks: Option<u64>,
+}
+
+#[cfg(target_os = "linux")]
+fn stat(pid: u32) -> Option<Stat> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // "pid (comm) S …": the fields after the command (which may hold spaces and parentheses)
+    // start with the state; the start time is the 20th after it.
+    let (_, rest) = text.rsplit_once(')')?;
+    let mut fields = rest.split_whitespace();
+    let zombie = fields.next() == Some("Z");
+    Some(Stat { zombie, start_ticks: fields.nth(18).and_then(|t| t.parse().ok()) })
 }
 
 /// When process `pid` started, in clock ticks after boot (`/proc/PID/stat`, field 22). With the
 /// pid it names one process for good: pids are reused, start times are not.
 #[cfg(target_os = "linux")]
 pub fn start_ticks(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command (which may hold spaces and parentheses) start with the state.
-    stat.rsplit_once(')')?.1.split_whitespace().nth(19)?.parse().ok()
+    stat(pid)?.start_ticks
 }
 
 /// When process `pid` started, where the OS tells (not here).
@@ -42,9 +56,18 @@ pub fn start_ticks(_pid: u32) -> Option<u64> {
 }
 
 /// Whether `pid` is still the process that was recorded with start time `since`. Unknown start
-/// times never match: a stale record must never make anyone signal a stranger.
+/// times never match: a stale record must never make anyone signal a stranger. One read of
+/// `/proc/PID/stat` (a one-shot command asks this before it talks to its local node).
+#[cfg(target_os = "linux")]
 pub fn still_runs(pid: u32, since: Option<u64>) -> bool {
-    alive(pid) && since.is_some() && start_ticks(pid) == since
+    since.is_some() && may_signal(pid) && stat(pid).is_some_and(|s| !s.zombie && s.start_ticks == since)
+}
+
+/// Whether `pid` is still the process recorded with start time `since`: never where start times
+/// are unknown.
+#[cfg(not(target_os = "linux"))]
+pub fn still_runs(_pid: u32, _since: Option<u64>) -> bool {
+    false
 }
 
 /// The address of this machine that `target` (`host:port`, optionally with a scheme) is reached
@@ -82,12 +105,16 @@ mod tests {
     fn a_zombie_counts_as_gone() {
         let child = std::process::Command::new("true").spawn().unwrap();
         let pid = child.id();
+        // A zombie keeps its /proc entry, start time included, until it is reaped.
+        let since = start_ticks(pid);
+        assert!(since.is_some());
         // Not reaped yet: once it has exited it is a zombie, which is not running.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while alive(pid) {
             assert!(std::time::Instant::now() < deadline, "pid {pid} still runs");
             std::thread::yield_now();
         }
+        assert!(!still_runs(pid, since), "the recorded process, now a zombie, no longer runs");
         drop(child);
     }
 
