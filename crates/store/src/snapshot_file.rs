@@ -139,10 +139,8 @@ impl Snapshots {
     pub(crate) fn remove_leftovers(&self) -> io::Result<Vec<&'static str>> {
         let mut removed = Vec::new();
         for name in [BUILDING, RECEIVING, INSTALLING] {
-            match std::fs::remove_file(self.path(name)) {
-                Ok(()) => removed.push(name),
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(e),
+            if remove_if_there(&self.path(name))? {
+                removed.push(name);
             }
         }
         Ok(removed)
@@ -248,11 +246,12 @@ impl Snapshots {
     }
 }
 
-/// Removes the file at `path`, if there is one.
-fn remove_if_there(path: &Path) -> io::Result<()> {
+/// Removes the file at `path`, if there is one; whether there was.
+fn remove_if_there(path: &Path) -> io::Result<bool> {
     match std::fs::remove_file(path) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-        _ => Ok(()),
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
     }
 }
 
