@@ -34,7 +34,29 @@ fn check_reports_free_and_busy_with_the_owning_process() {
     assert!(r.stdout.contains(&format!("{free} free")), "{r:?}");
     let v = h.pm(&["check", &free.to_string(), "--json"]).ok().json();
     assert_eq!(v["ports"][0]["free"], true);
+    assert_eq!(v["ports"][0]["time_wait"], 0);
     assert!(h.info().is_none(), "check is local: it starts no node");
+
+    // A port held by nothing but a closed client connection (the client closed first, so its
+    // local port lingers in TIME_WAIT) is busy, and check says why instead of "owner not visible".
+    let server = TcpListener::bind("127.0.0.1:0").unwrap();
+    let client = std::net::TcpStream::connect(server.local_addr().unwrap()).unwrap();
+    let lingering = client.local_addr().unwrap().port();
+    let (accepted, _) = server.accept().unwrap();
+    drop(client);
+    assert_eq!(std::io::Read::read(&mut &accepted, &mut [0u8; 1]).unwrap(), 0, "the close arrived");
+    drop(accepted);
+    let r = h.pm(&["check", &lingering.to_string()]);
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(
+        r.stdout.contains(&format!("{lingering} busy: "))
+            && r.stdout.contains("in TIME_WAIT")
+            && r.stdout.contains("the kernel frees it within a minute"),
+        "{r:?}"
+    );
+    let v = h.pm(&["check", &lingering.to_string(), "--json"]).json();
+    assert!(v["ports"][0]["time_wait"].as_u64() >= Some(1), "{v}");
+    assert_eq!(v["ports"][0]["owners"], serde_json::json!([]), "{v}");
 
     // With a node running, a port portmesh handed out is named with its service, key and team
     // beside the process that listens there.

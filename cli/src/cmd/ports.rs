@@ -222,6 +222,15 @@ pub async fn check(node: Option<&Client>, ports: &[u16], json: bool) -> Result<E
         });
         if c.free {
             println!("{p} free{}", allocated.unwrap_or_default());
+        } else if c.time_wait > 0 {
+            let held = match c.time_wait {
+                1 => "a closed connection in TIME_WAIT holds it as its".to_string(),
+                n => format!("{n} closed connections in TIME_WAIT hold it as their"),
+            };
+            println!(
+                "{p} busy: {held} local port (the kernel frees it within a minute){}",
+                allocated.unwrap_or_default()
+            );
         } else if c.owners.is_empty() {
             println!("{p} busy (owner not visible){}", allocated.unwrap_or_default());
         } else {

@@ -91,6 +91,15 @@ async fn add_scale_pools(c: &Client) -> Result<Vec<(String, usize)>> {
     ])
 }
 
+/// How many of this host's ports are held by connections in TIME_WAIT: busy to a probe with no
+/// process listening (the fill's pools cross the ephemeral range, where the loopback connections
+/// of a run just before leave them for a minute; docs/benchmarks.md, tenth slice).
+fn ports_in_time_wait() -> usize {
+    let mut ports = portmesh_probe::time_wait_ports();
+    ports.dedup();
+    ports.len()
+}
+
 /// Which pool the `i`-th allocation draws from.
 fn pool_for(pools: &[(String, usize)], mut i: usize) -> Option<&str> {
     for (name, size) in pools {
@@ -175,6 +184,10 @@ pub async fn state_sizes(
     let mut first = None;
     for &size in sizes {
         let fill_rate = if size > live {
+            println!(
+                "  (filling {live} -> {size}: {} ports of this host in TIME_WAIT)",
+                ports_in_time_wait()
+            );
             let t = Instant::now();
             let cpu = d.members_cpu_ms();
             fill(d.leader_addr(), pools.clone(), live, size).await?;
@@ -219,6 +232,7 @@ pub async fn rss_allocations(
     let c = Client::connect(d.leader_addr()).await?;
     let pools = add_scale_pools(&c).await?;
     let before = member_rss(&d);
+    println!("(before the fill: {} ports of this host in TIME_WAIT)", ports_in_time_wait());
     let t = Instant::now();
     fill(d.leader_addr(), Arc::new(pools), 0, n).await?;
     // Let follower apply and allocator caches settle.

@@ -24,7 +24,7 @@ mod owner;
 pub mod private;
 pub mod process;
 
-pub use owner::{Owner, command_of, owners, owners_of};
+pub use owner::{Owner, command_of, owners, owners_of, time_wait_ports};
 
 /// One probe address and whether it is IPv6-only.
 fn probe_addrs(port: u16) -> Vec<(SocketAddr, bool)> {
@@ -94,13 +94,19 @@ pub struct PortCheck {
     pub free: bool,
     /// Who holds it, where the OS tells.
     pub owners: Vec<Owner>,
+    /// When busy with no listener: how many closed connections in `TIME_WAIT` hold it as their
+    /// local port (the kernel lets it go within a minute); 0 otherwise.
+    pub time_wait: usize,
 }
 
-/// Probes a port and, when busy, looks up who holds it.
+/// Probes a port and, when busy, looks up who holds it: a listener's process, else connections
+/// lingering in `TIME_WAIT`.
 pub fn check(port: u16) -> io::Result<PortCheck> {
     let free = is_free(port)?;
     let owners = if free { Vec::new() } else { owners(port) };
-    Ok(PortCheck { port, free, owners })
+    let time_wait =
+        if free || !owners.is_empty() { 0 } else { time_wait_ports().iter().filter(|p| **p == port).count() };
+    Ok(PortCheck { port, free, owners, time_wait })
 }
 
 /// The host's ephemeral (outgoing connection) port range, inclusive.
@@ -182,6 +188,32 @@ mod tests {
         drop(s); // server side closes first: its socket enters TIME_WAIT
         drop(c);
         assert!(is_free(port).unwrap());
+    }
+
+    /// The other side of the case above: the side that closes first keeps its local port in
+    /// `TIME_WAIT`, and a client's connection (no `SO_REUSEADDR`) keeps servers off that port.
+    /// `check` says so instead of "owner not visible".
+    #[test]
+    fn a_port_held_by_a_client_connection_in_time_wait_is_busy_and_says_so() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let port = c.local_addr().unwrap().port();
+        let (s, _) = l.accept().unwrap();
+        drop(c); // the client closes first: its local port enters TIME_WAIT
+        // Wait for the server side to read the close, then close it too.
+        let mut buf = [0u8; 1];
+        assert_eq!(std::io::Read::read(&mut &s, &mut buf).unwrap(), 0);
+        drop(s);
+        let c = check(port).unwrap();
+        if cfg!(target_os = "linux") {
+            assert!(!c.free, "a server cannot bind {port}: {c:?}");
+            assert!(c.owners.is_empty(), "no listener holds it: {c:?}");
+            assert!(c.time_wait >= 1, "a connection in TIME_WAIT holds {port}: {c:?}");
+            assert!(time_wait_ports().contains(&port));
+        }
+        let l2 = TcpListener::bind("127.0.0.1:0").unwrap();
+        let c2 = check(l2.local_addr().unwrap().port()).unwrap();
+        assert_eq!(c2.time_wait, 0, "a listener's port is not counted: {c2:?}");
     }
 
     #[test]

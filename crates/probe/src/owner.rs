@@ -97,27 +97,63 @@ pub fn owners_of(ports: &[u16]) -> Vec<(u16, Owner)> {
 #[cfg(target_os = "linux")]
 fn proc_listeners() -> Vec<Listener> {
     let mut sockets = Vec::new();
-    for file in ["/proc/net/tcp", "/proc/net/tcp6"] {
-        let Ok(text) = std::fs::read_to_string(file) else { continue };
-        for line in text.lines().skip(1) {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            if f.len() < 10 || f[3] != "0A" {
-                continue; // not LISTEN
-            }
-            let Some((ip_hex, port_hex)) = f[1].split_once(':') else { continue };
-            let (Ok(port), Ok(inode), Some(ip)) =
-                (u16::from_str_radix(port_hex, 16), f[9].parse::<u64>(), decode_ip(ip_hex))
-            else {
-                continue;
-            };
-            let addr = std::net::SocketAddr::new(ip, port).to_string();
-            sockets.push(Listener { inode, port, addr, uid: f[7].parse::<u32>().ok() });
-        }
-    }
+    proc_sockets(LISTEN, |f| {
+        let Some((ip_hex, port_hex)) = f[1].split_once(':') else { return };
+        let (Ok(port), Ok(inode), Some(ip)) =
+            (u16::from_str_radix(port_hex, 16), f[9].parse::<u64>(), decode_ip(ip_hex))
+        else {
+            return;
+        };
+        let addr = std::net::SocketAddr::new(ip, port).to_string();
+        sockets.push(Listener { inode, port, addr, uid: f[7].parse::<u32>().ok() });
+    });
     // The kernel may list a socket twice when the table changes between two reads of the file.
     sockets.sort_by_key(|l| l.inode);
     sockets.dedup();
     sockets
+}
+
+/// TCP states as `/proc/net/tcp` writes them (hex).
+#[cfg(target_os = "linux")]
+const LISTEN: &str = "0A";
+#[cfg(target_os = "linux")]
+const TIME_WAIT: &str = "06";
+
+/// The fields of each line of `/proc/net/tcp` and `/proc/net/tcp6` whose socket is in `state`.
+#[cfg(target_os = "linux")]
+fn proc_sockets(state: &str, mut each: impl FnMut(&[&str])) {
+    for file in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(file) else { continue };
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() >= 10 && f[3] == state {
+                each(&f);
+            }
+        }
+    }
+}
+
+/// The local port of every connection in `TIME_WAIT` on this host, sorted (a port once per
+/// connection). The side that closes a connection first keeps its local port for up to a
+/// minute, and a server cannot bind that port meanwhile unless the connection had set
+/// `SO_REUSEADDR` (clients' connections seldom do): the port is busy with no listener to name.
+/// Reads the whole connection table (`/proc/net/tcp`): ask only about a busy port.
+#[cfg(target_os = "linux")]
+pub fn time_wait_ports() -> Vec<u16> {
+    let mut ports = Vec::new();
+    proc_sockets(TIME_WAIT, |f| {
+        if let Some(port) = f[1].split_once(':').and_then(|(_, p)| u16::from_str_radix(p, 16).ok()) {
+            ports.push(port);
+        }
+    });
+    ports.sort_unstable();
+    ports
+}
+
+/// Connections in `TIME_WAIT`, where the OS tells (not here).
+#[cfg(not(target_os = "linux"))]
+pub fn time_wait_ports() -> Vec<u16> {
+    Vec::new()
 }
 
 /// The kernel's socket diagnostics (netlink `NETLINK_SOCK_DIAG`, `inet_diag`), asked for
