@@ -38,7 +38,6 @@ impl PortSet {
         self.0.iter().map(|w| w.count_ones() as usize).sum()
     }
 
-    #[cfg(test)]
     pub(crate) fn contains(&self, port: u16) -> bool {
         self.0[usize::from(port) / 64] & (1 << (port % 64)) != 0
     }

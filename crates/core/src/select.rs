@@ -110,7 +110,9 @@ impl Selector<'_> {
         self.state.sticky_port(self.team, key).filter(|p| pool.contains(*p))
     }
 
-    /// Ports in the order a deterministic strategy tries them (may repeat; callers skip repeats).
+    /// Ports in the order a deterministic strategy tries them. Only the wanted and the sticky
+    /// port may come twice (first, then where the pool's order meets them): callers skip their
+    /// repeats with [`Repeats`].
     /// The wanted (and sticky) port come first whatever holds them, so a taken wanted port is
     /// seen and explained; the rest of the pool comes without its allocated and cooling ports
     /// (see [`State::selectable_ports`]), which could not be picked (skipping them in one walk
@@ -151,11 +153,12 @@ impl Selector<'_> {
     pub fn pick(&self, item: &AllocItem, rng: &mut SplitMix64) -> Result<Pick, Rejection> {
         let pool = self.resolve_pool(item)?;
         let key = item.key.as_deref();
-        let wanted = item.port.or_else(|| self.sticky_port(item, pool));
+        let sticky = self.sticky_port(item, pool);
+        let wanted = item.port.or(sticky);
         let mut conflicts = Vec::new();
-        let mut seen = BTreeSet::new();
+        let mut repeats = Repeats::new(wanted, sticky);
         for port in self.ordered_candidates(item, pool) {
-            if !seen.insert(port) {
+            if repeats.seen_before(port) {
                 continue;
             }
             let why = match self.state_unavailable(port, key) {
@@ -297,7 +300,8 @@ impl Selector<'_> {
     ) -> Vec<u16> {
         let Ok(pool) = self.resolve_pool(item) else { return Vec::new() };
         let key = item.key.as_deref();
-        let wanted = item.port.or_else(|| self.sticky_port(item, pool));
+        let sticky = self.sticky_port(item, pool);
+        let wanted = item.port.or(sticky);
         let mut out: Vec<u16> = Vec::new();
         // The wanted port is always probed, so a busy wanted port is seen and recorded.
         let n = match wanted {
@@ -327,9 +331,11 @@ impl Selector<'_> {
                 }
             }
         } else {
-            let mut seen = BTreeSet::new();
+            let mut repeats = Repeats::new(wanted, sticky);
             let mut usable = 0;
-            for port in self.ordered_candidates(item, pool).filter(others).filter(|p| seen.insert(*p)) {
+            for port in
+                self.ordered_candidates(item, pool).filter(others).filter(|p| !repeats.seen_before(*p))
+            {
                 if usable == n {
                     break;
                 }
@@ -340,6 +346,33 @@ impl Selector<'_> {
             }
         }
         out
+    }
+}
+
+/// The repeats of a walk of [`Selector::ordered_candidates`]: only its first ports (the wanted
+/// and the sticky one) come again, so only they are remembered. A set of every port walked cost
+/// an insertion per port, and a walk passes every port found busy below the first free one
+/// (hundreds, in a pool across the host's ephemeral range: docs/benchmarks.md, sixteenth slice).
+struct Repeats {
+    heads: [Option<u16>; 2],
+    seen: [bool; 2],
+}
+
+impl Repeats {
+    fn new(wanted: Option<u16>, sticky: Option<u16>) -> Self {
+        Self { heads: [wanted, sticky], seen: [false; 2] }
+    }
+
+    /// Whether `port` was walked already.
+    fn seen_before(&mut self, port: u16) -> bool {
+        let mut before = false;
+        for (head, seen) in self.heads.iter().zip(self.seen.iter_mut()) {
+            if *head == Some(port) {
+                before |= *seen;
+                *seen = true;
+            }
+        }
+        before
     }
 }
 

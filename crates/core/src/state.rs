@@ -15,7 +15,7 @@ use crate::rng::SplitMix64;
 use crate::select::{Pick, PlanWidth, Selector};
 use crate::types::{
     Allocation, CheckKind, Conflict, Cooldown, Event, EventKind, HealthChange, HealthStatus, HealthUpdate,
-    Lease, Pool, PortRange, ReleaseCause, Reservation, Role, Service, Token, default_pools,
+    Holder, Lease, Pool, PortRange, ReleaseCause, Reservation, Role, Service, Token, default_pools,
 };
 use crate::{
     DEFAULT_COOLDOWN_MS, DEFAULT_TEAM, EVENT_RETENTION, MAX_BATCH, MAX_CHECK_OUTPUT, MAX_SERVICE_PORTS,
@@ -85,7 +85,9 @@ pub struct State {
     /// The latest kept `Conflict` event of each host and port: whether a busy port is recorded
     /// again (see [`crate::CONFLICT_REPEAT_MS`]). Derived from `events` alone, so every replica
     /// and every restart decides alike.
-    last_conflicts: BTreeMap<(String, u16), ConflictSeen>,
+    /// By host, then port: looked up by a borrowed host name, once for every busy port an
+    /// allocation's walk passes (docs/benchmarks.md, sixteenth slice).
+    last_conflicts: BTreeMap<String, BTreeMap<u16, ConflictSeen>>,
 }
 
 /// Where and when a host's port was last recorded busy, and by which process.
@@ -164,6 +166,11 @@ impl State {
     }
 
     pub fn allocation(&self, port: u16) -> Option<&Allocation> {
+        // The bitmap says "none" without a walk of the map: an allocation's walk asks about every
+        // free port it passes, most of them never allocated.
+        if !self.allocated.contains(port) {
+            return None;
+        }
         self.allocations.get(&port).map(|a| &**a)
     }
 
@@ -191,6 +198,10 @@ impl State {
     }
 
     pub fn cooldown(&self, port: u16) -> Option<&Cooldown> {
+        // As for allocations: the bitmap answers for the ports that are not cooling.
+        if !self.cooling.contains(port) {
+            return None;
+        }
         self.cooldowns.get(&port)
     }
 
@@ -424,7 +435,7 @@ impl State {
         };
         let event = Event { revision, seq, at_ms, kind };
         if let EventKind::Conflict(c) = &event.kind {
-            self.last_conflicts.insert((c.host.clone(), c.port), ConflictSeen::of(&event, c));
+            self.note_conflict(&event, c);
         }
         // Room for the event before it goes in, and the history's capacity grown by doubling but
         // never past the retention: doubling from 8,192 kept room for 16,384 events, 1.5 MB
@@ -432,10 +443,12 @@ impl State {
         while self.events.len() >= EVENT_RETENTION {
             if let Some(old) = self.events.pop_front()
                 && let EventKind::Conflict(c) = &old.kind
+                && let Some(ports) = self.last_conflicts.get_mut(c.host.as_str())
+                && ports.get(&c.port).is_some_and(|l| l.is(&old))
             {
-                let key = (c.host.clone(), c.port);
-                if self.last_conflicts.get(&key).is_some_and(|l| l.is(&old)) {
-                    self.last_conflicts.remove(&key);
+                ports.remove(&c.port);
+                if ports.is_empty() {
+                    self.last_conflicts.remove(c.host.as_str());
                 }
             }
         }
@@ -445,14 +458,21 @@ impl State {
         self.events.push_back(event);
     }
 
-    /// Whether `c`, found at `now_ms`, is news: its host and port have no kept `Conflict` from
-    /// the last [`crate::CONFLICT_REPEAT_MS`], or another process held the port then.
-    fn conflict_is_news(&self, c: &Conflict, now_ms: u64) -> bool {
-        match self.last_conflicts.get(&(c.host.clone(), c.port)) {
+    /// Records `c` (of event `e`) as its host and port's latest kept conflict.
+    fn note_conflict(&mut self, e: &Event, c: &Conflict) {
+        self.last_conflicts.entry(c.host.clone()).or_default().insert(c.port, ConflictSeen::of(e, c));
+    }
+
+    /// Whether `port` found busy on `host` at `now_ms`, held by `holder` if known, is news: the
+    /// host and port have no kept `Conflict` from the last [`crate::CONFLICT_REPEAT_MS`], or
+    /// another process held the port then. Asked before a `Conflict` is built: an allocation
+    /// whose walk passes hundreds of busy ports builds only the few that are news.
+    fn conflict_is_news(&self, host: &str, port: u16, holder: Option<&Holder>, now_ms: u64) -> bool {
+        match self.last_conflicts.get(host).and_then(|ports| ports.get(&port)) {
             None => true,
             Some(last) => {
                 now_ms.saturating_sub(last.at_ms) >= crate::CONFLICT_REPEAT_MS
-                    || last.pid != c.holder.as_ref().map(|h| h.pid)
+                    || last.pid != holder.map(|h| h.pid)
             }
         }
     }

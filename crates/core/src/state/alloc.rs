@@ -86,17 +86,19 @@ impl State {
                 }
                 Plan::New(item, pick) => {
                     for port in pick.conflicts {
+                        let holder = batch.probe.as_ref().and_then(|p| p.owner(port));
+                        if !self.conflict_is_news(&batch.host, port, holder, now) {
+                            continue;
+                        }
                         let c = Conflict {
                             port,
                             team: batch.team.clone(),
                             pool: pick.pool.clone(),
                             service: item.service.clone(),
                             host: batch.host.clone(),
-                            holder: batch.probe.as_ref().and_then(|p| p.owner(port)).cloned(),
+                            holder: holder.cloned(),
                         };
-                        if self.conflict_is_news(&c, now) {
-                            self.emit(revision, now, EventKind::Conflict(Box::new(c)));
-                        }
+                        self.emit(revision, now, EventKind::Conflict(Box::new(c)));
                     }
                     let a = Allocation {
                         port: pick.port,
