@@ -396,3 +396,30 @@ impl PlanWidth {
 fn describe_pools(pools: &[&Pool]) -> String {
     pools.iter().map(|p| format!("{} {}", p.name, p.ranges_text())).collect::<Vec<_>>().join(", ")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Repeats;
+
+    /// A walk meets the wanted and sticky ports first and may meet them again where the pool's
+    /// order does; only those second meetings are repeats. Any other port is never one, however
+    /// often it is asked about (the walk's tail holds each port once).
+    #[test]
+    fn only_the_head_ports_repeat() {
+        let mut r = Repeats::new(Some(8000), Some(8005));
+        assert!(!r.seen_before(8000));
+        assert!(!r.seen_before(8005));
+        assert!(!r.seen_before(8001));
+        assert!(!r.seen_before(8001), "a tail port is not remembered");
+        assert!(r.seen_before(8000));
+        assert!(r.seen_before(8005));
+
+        let mut same = Repeats::new(Some(8000), Some(8000));
+        assert!(!same.seen_before(8000));
+        assert!(same.seen_before(8000), "wanted and sticky the same port: met twice, a repeat");
+
+        let mut none = Repeats::new(None, None);
+        assert!(!none.seen_before(8000));
+        assert!(!none.seen_before(8000));
+    }
+}
