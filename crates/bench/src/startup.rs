@@ -227,7 +227,7 @@ pub(crate) fn restarts(bin: &Path, against: Option<&Path>, n: usize) -> Result<(
     for (i, b) in bins.iter().enumerate() {
         serve_until_listening(b, &dir.path().join(format!("data{i}")), true)?;
     }
-    for _ in 0..n.max(1) {
+    for _ in 0..n {
         for (i, b) in bins.iter().enumerate() {
             let t = serve_until_listening(b, &dir.path().join(format!("data{i}")), false)?;
             times[i].push(t.as_secs_f64() * 1e3);

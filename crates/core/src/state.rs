@@ -85,9 +85,35 @@ pub struct State {
     /// The latest kept `Conflict` event of each host and port: whether a busy port is recorded
     /// again (see [`crate::CONFLICT_REPEAT_MS`]). Derived from `events` alone, so every replica
     /// and every restart decides alike.
-    /// By host, then port: looked up by a borrowed host name, once for every busy port an
-    /// allocation's walk passes (docs/benchmarks.md, sixteenth slice).
-    last_conflicts: BTreeMap<String, BTreeMap<u16, ConflictSeen>>,
+    last_conflicts: LastConflicts,
+}
+
+/// The latest kept `Conflict` of each host and port, by host, then port: looked up by a
+/// borrowed host name, once for every busy port an allocation's walk passes (docs/benchmarks.md,
+/// sixteenth slice).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct LastConflicts(BTreeMap<String, BTreeMap<u16, ConflictSeen>>);
+
+impl LastConflicts {
+    /// Records `c` (of event `e`) as its host and port's latest.
+    fn note(&mut self, e: &Event, c: &Conflict) {
+        self.0.entry(c.host.clone()).or_default().insert(c.port, ConflictSeen::of(e, c));
+    }
+
+    fn latest(&self, host: &str, port: u16) -> Option<&ConflictSeen> {
+        self.0.get(host)?.get(&port)
+    }
+
+    /// Forgets `c` (of event `e`, leaving the history) if it is still its host and port's latest.
+    fn forget(&mut self, e: &Event, c: &Conflict) {
+        let Some(ports) = self.0.get_mut(c.host.as_str()) else { return };
+        if ports.get(&c.port).is_some_and(|l| l.is(e)) {
+            ports.remove(&c.port);
+            if ports.is_empty() {
+                self.0.remove(c.host.as_str());
+            }
+        }
+    }
 }
 
 /// Where and when a host's port was last recorded busy, and by which process.
@@ -146,7 +172,7 @@ impl State {
             allocated: crate::portset::PortSet::default(),
             cooling: crate::portset::PortSet::default(),
             lease_services: BTreeMap::new(),
-            last_conflicts: BTreeMap::new(),
+            last_conflicts: LastConflicts::default(),
         }
     }
 
@@ -435,7 +461,7 @@ impl State {
         };
         let event = Event { revision, seq, at_ms, kind };
         if let EventKind::Conflict(c) = &event.kind {
-            self.note_conflict(&event, c);
+            self.last_conflicts.note(&event, c);
         }
         // Room for the event before it goes in, and the history's capacity grown by doubling but
         // never past the retention: doubling from 8,192 kept room for 16,384 events, 1.5 MB
@@ -443,13 +469,8 @@ impl State {
         while self.events.len() >= EVENT_RETENTION {
             if let Some(old) = self.events.pop_front()
                 && let EventKind::Conflict(c) = &old.kind
-                && let Some(ports) = self.last_conflicts.get_mut(c.host.as_str())
-                && ports.get(&c.port).is_some_and(|l| l.is(&old))
             {
-                ports.remove(&c.port);
-                if ports.is_empty() {
-                    self.last_conflicts.remove(c.host.as_str());
-                }
+                self.last_conflicts.forget(&old, c);
             }
         }
         if self.events.len() == self.events.capacity() {
@@ -458,17 +479,12 @@ impl State {
         self.events.push_back(event);
     }
 
-    /// Records `c` (of event `e`) as its host and port's latest kept conflict.
-    fn note_conflict(&mut self, e: &Event, c: &Conflict) {
-        self.last_conflicts.entry(c.host.clone()).or_default().insert(c.port, ConflictSeen::of(e, c));
-    }
-
     /// Whether `port` found busy on `host` at `now_ms`, held by `holder` if known, is news: the
     /// host and port have no kept `Conflict` from the last [`crate::CONFLICT_REPEAT_MS`], or
     /// another process held the port then. Asked before a `Conflict` is built: an allocation
     /// whose walk passes hundreds of busy ports builds only the few that are news.
     fn conflict_is_news(&self, host: &str, port: u16, holder: Option<&Holder>, now_ms: u64) -> bool {
-        match self.last_conflicts.get(host).and_then(|ports| ports.get(&port)) {
+        match self.last_conflicts.latest(host, port) {
             None => true,
             Some(last) => {
                 now_ms.saturating_sub(last.at_ms) >= crate::CONFLICT_REPEAT_MS

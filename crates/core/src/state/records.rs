@@ -104,7 +104,7 @@ impl State {
         s.events.make_contiguous().sort_by_key(|e| (e.revision, e.seq));
         for e in &s.events {
             if let EventKind::Conflict(c) = &e.kind {
-                s.last_conflicts.entry(c.host.clone()).or_default().insert(c.port, ConflictSeen::of(e, c));
+                s.last_conflicts.note(e, c);
             }
         }
         s
