@@ -93,9 +93,18 @@ fn a_data_directory_of_data_version_5_boots() {
 
 /// Written by main on 2026-12-05 (data version 6, commit 206f9d6) with `PORTMESH_SNAPSHOT_EVERY=100
 /// FILL=60`: its snapshot is a value in sled's `snap` tree and its log is purged behind it, so it
-/// boots only if that snapshot is moved into the snapshot file. Today's format, kept for the
-/// release that changes it.
+/// boots only if that snapshot is moved into the snapshot file.
 #[test]
 fn a_data_directory_of_data_version_6_with_a_snapshot_in_sled_boots() {
     boots_with_everything_it_held("data-v6-2026-12-05");
+}
+
+/// Written by main on 2026-12-06 (data version 7, commit 53a094f, openraft 0.9.25) with
+/// `PORTMESH_SNAPSHOT_EVERY=100 FILL=60`: its snapshot is the file `snapshot`, its log is purged
+/// behind it, and its node's own vote is stored uncommitted (early replication). Today's format,
+/// kept for the release that changes it or the Raft library that writes it (openraft 0.10's
+/// trial read it: docs/architecture.md).
+#[test]
+fn a_data_directory_of_data_version_7_with_a_snapshot_file_boots() {
+    boots_with_everything_it_held("data-v7-2026-12-06");
 }
