@@ -53,12 +53,14 @@ pub(crate) async fn run_phase(
         tasks.push(tokio::spawn(async move {
             let g = &mut gate;
             let lat = match system {
-                System::Portmesh if work == Workload::KeepAlive => portmesh_keepalive(&addr, g).await,
+                System::Portmesh | System::PortmeshOld if work == Workload::KeepAlive => {
+                    portmesh_keepalive(&addr, g).await
+                }
                 System::Etcd if work == Workload::KeepAlive => etcd_keepalive(&addr, g).await,
                 System::PortmeshTls if work == Workload::KeepAlive => {
                     Err(anyhow::anyhow!("--tls-cost measures the fresh and reused workloads"))
                 }
-                System::Portmesh | System::PortmeshTls => {
+                System::Portmesh | System::PortmeshTls | System::PortmeshOld => {
                     portmesh_client_loop(&addr, &options, work, left, c, g).await
                 }
                 System::Etcd => etcd_client_loop(&addr, work, c, g).await,

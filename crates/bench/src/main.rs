@@ -87,6 +87,10 @@ struct Args {
     /// comparison is TLS + tokens against plaintext without.
     #[arg(long, requires = "tls_cost")]
     auth: bool,
+    /// Compare --portmesh with this (older) portmesh binary in the alternating rounds, instead of
+    /// against etcd: a change measured A/B, both builds in the same rounds ("new" / "old").
+    #[arg(long, conflicts_with = "tls_cost")]
+    against: Option<PathBuf>,
     /// Also compare a one-shot `portmesh alloc` with an empty Rust binary using `hyperfine -N`.
     #[arg(long)]
     startup: bool,
@@ -138,6 +142,8 @@ struct Args {
 enum System {
     Portmesh,
     PortmeshTls,
+    /// The binary of `--against`.
+    PortmeshOld,
     Etcd,
 }
 
@@ -146,6 +152,7 @@ impl System {
         match self {
             System::Portmesh => "portmesh",
             System::PortmeshTls => "tls",
+            System::PortmeshOld => "old",
             System::Etcd => "etcd",
         }
     }
@@ -205,6 +212,9 @@ struct Results {
     idle_rss_kb: Vec<u64>,
     loaded_rss_kb: Vec<u64>,
     etcd_rss_kb: Vec<u64>,
+    /// The leader of `--against`'s binary.
+    old_idle_rss_kb: Vec<u64>,
+    old_loaded_rss_kb: Vec<u64>,
     entries_per_fsync: Vec<f64>,
     commands_per_fsync: Vec<f64>,
     data_bytes: Vec<u64>,
@@ -214,7 +224,7 @@ struct Results {
 async fn main() -> Result<()> {
     let args = Args::parse();
     let dur = Duration::from_secs_f64(args.secs);
-    let with_etcd = args.etcd != "off" && !args.tls_cost;
+    let with_etcd = args.etcd != "off" && !args.tls_cost && args.against.is_none();
     let workloads: Vec<Workload> =
         args.workloads.iter().filter(|w| *w != "none").map(|w| Workload::parse(w)).collect::<Result<_>>()?;
     if workloads.is_empty() {
@@ -234,6 +244,9 @@ async fn main() -> Result<()> {
         if args.tls_cost {
             order.push(System::PortmeshTls);
         }
+        if args.against.is_some() {
+            order.push(System::PortmeshOld);
+        }
         if round % 2 == 1 {
             order.reverse();
         }
@@ -241,12 +254,18 @@ async fn main() -> Result<()> {
             let d = match system {
                 System::Portmesh => start_portmesh(&args.portmesh, args.nodes).await?,
                 System::PortmeshTls => start_portmesh_tls(&args.portmesh, args.nodes, args.auth).await?,
+                System::PortmeshOld => {
+                    let old = args.against.as_deref().context("the old binary of --against")?;
+                    start_portmesh(old, args.nodes).await?
+                }
                 System::Etcd => start_etcd(&args.etcd, round, args.nodes).await?,
             };
             let pid = d.pid(d.leader);
-            if system == System::Portmesh {
+            if matches!(system, System::Portmesh | System::PortmeshOld) {
                 tokio::time::sleep(Duration::from_secs(1)).await; // let start-up settle
-                res.idle_rss_kb.push(rss_kb(pid));
+                let idle =
+                    if system == System::Portmesh { &mut res.idle_rss_kb } else { &mut res.old_idle_rss_kb };
+                idle.push(rss_kb(pid));
             }
             let mut phases: Vec<(Workload, usize)> =
                 workloads.iter().flat_map(|w| args.clients.iter().map(move |c| (*w, *c))).collect();
@@ -256,7 +275,7 @@ async fn main() -> Result<()> {
             for (work, c) in phases {
                 let before = match system {
                     System::Portmesh => Some(d.leader_client().await?.status().await?),
-                    System::PortmeshTls | System::Etcd => None,
+                    System::PortmeshTls | System::PortmeshOld | System::Etcd => None,
                 };
                 let cpu_before = d.members_cpu_ms();
                 let limit =
@@ -301,14 +320,20 @@ async fn main() -> Result<()> {
             match system {
                 System::Portmesh => res.loaded_rss_kb.push(rss_kb(pid)),
                 System::Etcd => res.etcd_rss_kb.push(rss_kb(pid)),
+                System::PortmeshOld => res.old_loaded_rss_kb.push(rss_kb(pid)),
                 System::PortmeshTls => {}
             }
         }
     }
 
     println!("\n# medians over {} round(s), {} node(s) each", args.rounds, args.nodes);
-    // The measured system and its baseline: portmesh vs etcd, or TLS vs plaintext portmesh.
-    let (a, b) = if args.tls_cost { ("tls", "portmesh") } else { ("portmesh", "etcd") };
+    // The measured system and its baseline: portmesh vs etcd, TLS vs plaintext portmesh, or this
+    // build vs the older one of --against.
+    let (a, b) = match (args.tls_cost, &args.against) {
+        (true, _) => ("tls", "portmesh"),
+        (false, Some(_)) => ("portmesh", "old"),
+        (false, None) => ("portmesh", "etcd"),
+    };
     println!(
         "| workload | clients | {a} alloc/s | {b} alloc/s | ratio | {a} p50/p90/p99 ms | {b} p50/p90/p99 ms | CPU ms per 1,000 {a} / {b} | CPU ratio |"
     );
@@ -383,6 +408,13 @@ async fn main() -> Result<()> {
     );
     if with_etcd {
         println!("etcd leader RSS after load: {:.1} MB", mb(&res.etcd_rss_kb));
+    }
+    if args.against.is_some() {
+        println!(
+            "old portmesh leader idle RSS: {:.1} MB; after load: {:.1} MB",
+            mb(&res.old_idle_rss_kb),
+            mb(&res.old_loaded_rss_kb)
+        );
     }
     println!(
         "portmesh at {max_clients} clients: {:.1} log entries per fsync, {:.1} commands per fsync",
