@@ -228,6 +228,12 @@ async fn main() -> Result<()> {
     let workloads: Vec<Workload> =
         args.workloads.iter().filter(|w| *w != "none").map(|w| Workload::parse(w)).collect::<Result<_>>()?;
     if workloads.is_empty() {
+        if args.against.is_some() {
+            bail!(
+                "--against compares the load phases of --workloads; for --startup, --workflow and \
+                 --restarts, name the older binary with --startup-against"
+            );
+        }
         return scale_runs(&args, dur).await;
     }
     let max_clients = args.clients.iter().copied().max().unwrap_or(1);
