@@ -88,7 +88,7 @@ struct Args {
     #[arg(long, requires = "tls_cost")]
     auth: bool,
     /// Compare --portmesh with this (older) portmesh binary in the alternating rounds, instead of
-    /// against etcd: a change measured A/B, both builds in the same rounds ("new" / "old").
+    /// against etcd: a change measured A/B, both builds in the same rounds ("portmesh" / "old").
     #[arg(long, conflicts_with = "tls_cost")]
     against: Option<PathBuf>,
     /// Also compare a one-shot `portmesh alloc` with an empty Rust binary using `hyperfine -N`.
