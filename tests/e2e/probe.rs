@@ -39,13 +39,7 @@ fn check_reports_free_and_busy_with_the_owning_process() {
 
     // A port held by nothing but a closed client connection (the client closed first, so its
     // local port lingers in TIME_WAIT) is busy, and check says why instead of "owner not visible".
-    let server = TcpListener::bind("127.0.0.1:0").unwrap();
-    let client = std::net::TcpStream::connect(server.local_addr().unwrap()).unwrap();
-    let lingering = client.local_addr().unwrap().port();
-    let (accepted, _) = server.accept().unwrap();
-    drop(client);
-    assert_eq!(std::io::Read::read(&mut &accepted, &mut [0u8; 1]).unwrap(), 0, "the close arrived");
-    drop(accepted);
+    let lingering = portmesh_probe::port_in_time_wait().unwrap();
     let r = h.pm(&["check", &lingering.to_string()]);
     assert_eq!(r.code, 1, "{r:?}");
     assert!(

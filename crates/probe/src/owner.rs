@@ -150,6 +150,35 @@ pub fn time_wait_ports() -> Vec<u16> {
     ports
 }
 
+/// Test support: a port of this host held only by a closed loopback connection in `TIME_WAIT`
+/// (its client closed first), returned once the kernel lists it in that state. The client's
+/// socket reaches `TIME_WAIT` only when the server's close arrives (`FIN_WAIT_2` before that,
+/// busy too but not `TIME_WAIT`), so this waits for it, for at most 5 s.
+#[doc(hidden)]
+#[cfg(target_os = "linux")]
+pub fn port_in_time_wait() -> std::io::Result<u16> {
+    use std::io::Read;
+    let server = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let client = std::net::TcpStream::connect(server.local_addr()?)?;
+    let port = client.local_addr()?.port();
+    let (accepted, _) = server.accept()?;
+    drop(client);
+    // The server reads the client's close, then closes its side.
+    if (&accepted).read(&mut [0u8; 1])? != 0 {
+        return Err(std::io::Error::other("the closed connection sent data"));
+    }
+    drop(accepted);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !time_wait_ports().contains(&port) {
+        if std::time::Instant::now() > deadline {
+            return Err(std::io::Error::other(format!("port {port} was not in TIME_WAIT within 5 s")));
+        }
+        // The kernel has no notification of a socket's state: look again shortly.
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    Ok(port)
+}
+
 /// Connections in `TIME_WAIT`, where the OS tells (not here).
 #[cfg(not(target_os = "linux"))]
 pub fn time_wait_ports() -> Vec<u16> {
