@@ -209,12 +209,10 @@ type Row = (f64, f64, f64, f64, f64);
 struct Results {
     /// (system, workload, clients) -> one row per round
     rows: std::collections::BTreeMap<(&'static str, Workload, usize), Vec<Row>>,
-    idle_rss_kb: Vec<u64>,
-    loaded_rss_kb: Vec<u64>,
-    etcd_rss_kb: Vec<u64>,
-    /// The leader of `--against`'s binary.
-    old_idle_rss_kb: Vec<u64>,
-    old_loaded_rss_kb: Vec<u64>,
+    /// Each system's leader RSS, by [`System::name`], once per round: settled after start-up
+    /// (portmesh builds only), and after the round's load.
+    idle_rss_kb: std::collections::BTreeMap<&'static str, Vec<u64>>,
+    loaded_rss_kb: std::collections::BTreeMap<&'static str, Vec<u64>>,
     entries_per_fsync: Vec<f64>,
     commands_per_fsync: Vec<f64>,
     data_bytes: Vec<u64>,
@@ -269,9 +267,7 @@ async fn main() -> Result<()> {
             let pid = d.pid(d.leader);
             if matches!(system, System::Portmesh | System::PortmeshOld) {
                 tokio::time::sleep(Duration::from_secs(1)).await; // let start-up settle
-                let idle =
-                    if system == System::Portmesh { &mut res.idle_rss_kb } else { &mut res.old_idle_rss_kb };
-                idle.push(rss_kb(pid));
+                res.idle_rss_kb.entry(system.name()).or_default().push(rss_kb(pid));
             }
             let mut phases: Vec<(Workload, usize)> =
                 workloads.iter().flat_map(|w| args.clients.iter().map(move |c| (*w, *c))).collect();
@@ -323,12 +319,7 @@ async fn main() -> Result<()> {
                     res.data_bytes.push(a.data_size_bytes);
                 }
             }
-            match system {
-                System::Portmesh => res.loaded_rss_kb.push(rss_kb(pid)),
-                System::Etcd => res.etcd_rss_kb.push(rss_kb(pid)),
-                System::PortmeshOld => res.old_loaded_rss_kb.push(rss_kb(pid)),
-                System::PortmeshTls => {}
-            }
+            res.loaded_rss_kb.entry(system.name()).or_default().push(rss_kb(pid));
         }
     }
 
@@ -407,20 +398,14 @@ async fn main() -> Result<()> {
         );
     }
     let mb = |v: &[u64]| median(v.iter().map(|k| *k as f64 / 1024.0).collect());
-    println!(
-        "\nportmesh leader idle RSS: {:.1} MB; after load: {:.1} MB",
-        mb(&res.idle_rss_kb),
-        mb(&res.loaded_rss_kb)
-    );
-    if with_etcd {
-        println!("etcd leader RSS after load: {:.1} MB", mb(&res.etcd_rss_kb));
-    }
-    if args.against.is_some() {
-        println!(
-            "old portmesh leader idle RSS: {:.1} MB; after load: {:.1} MB",
-            mb(&res.old_idle_rss_kb),
-            mb(&res.old_loaded_rss_kb)
-        );
+    println!();
+    for (name, loaded) in &res.loaded_rss_kb {
+        match res.idle_rss_kb.get(name) {
+            Some(idle) => {
+                println!("{name} leader idle RSS: {:.1} MB; after load: {:.1} MB", mb(idle), mb(loaded))
+            }
+            None => println!("{name} leader RSS after load: {:.1} MB", mb(loaded)),
+        }
     }
     println!(
         "portmesh at {max_clients} clients: {:.1} log entries per fsync, {:.1} commands per fsync",
