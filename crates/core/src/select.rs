@@ -161,23 +161,24 @@ impl Selector<'_> {
             if repeats.seen_before(port) {
                 continue;
             }
-            let why = match self.state_unavailable(port, key) {
-                Some(why) => Some(why),
-                None => match self.probe {
+            // Why a port is unavailable is spelled out only for the rejection that names it: the
+            // walk passes every busy port below the first free one.
+            let held = self.state_unavailable(port, key);
+            let free = held.is_none()
+                && match self.probe {
                     Some(pr) if pr.is_busy(port) => {
                         conflicts.push(port);
-                        Some(Unavailable::BusyOnHost { host: self.host.to_string() })
+                        false
                     }
                     Some(pr) if !pr.is_checked(port) => return Err(Rejection::NeedProbe { port }),
-                    _ => None,
-                },
-            };
-            match why {
-                None => return Ok(Pick { port, pool: pool.name.clone(), conflicts }),
-                Some(why) if item.strategy == Strategy::Fail && Some(port) == wanted => {
-                    return Err(Rejection::PortUnavailable { port, why });
-                }
-                Some(_) => {}
+                    _ => true,
+                };
+            if free {
+                return Ok(Pick { port, pool: pool.name.clone(), conflicts });
+            }
+            if item.strategy == Strategy::Fail && Some(port) == wanted {
+                let why = held.unwrap_or_else(|| Unavailable::BusyOnHost { host: self.host.to_string() });
+                return Err(Rejection::PortUnavailable { port, why });
             }
         }
         if item.strategy == Strategy::Random {

@@ -8,14 +8,14 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use serde::{Deserialize, Serialize};
 
 use crate::command::{
-    AllocItem, AllocateBatch, ApplyCtx, Command, Grant, LeaseSpec, ReleaseSelector, Response,
+    AllocItem, AllocateBatch, ApplyCtx, Command, Grant, HostProbe, LeaseSpec, ReleaseSelector, Response,
 };
 use crate::rejection::{Overlap, Rejection};
 use crate::rng::SplitMix64;
 use crate::select::{Pick, PlanWidth, Selector};
 use crate::types::{
     Allocation, CheckKind, Conflict, Cooldown, Event, EventKind, HealthChange, HealthStatus, HealthUpdate,
-    Holder, Lease, Pool, PortRange, ReleaseCause, Reservation, Role, Service, Token, default_pools,
+    Lease, Pool, PortRange, ReleaseCause, Reservation, Role, Service, Token, default_pools,
 };
 use crate::{
     DEFAULT_COOLDOWN_MS, DEFAULT_TEAM, EVENT_RETENTION, MAX_BATCH, MAX_CHECK_OUTPUT, MAX_SERVICE_PORTS,
@@ -88,9 +88,9 @@ pub struct State {
     last_conflicts: LastConflicts,
 }
 
-/// The latest kept `Conflict` of each host and port, by host, then port: looked up by a
-/// borrowed host name, once for every busy port an allocation's walk passes (docs/benchmarks.md,
-/// sixteenth slice).
+/// The latest kept `Conflict` of each host and port, by host, then port: a host's are read in
+/// port order against the busy ports an allocation's walk passes (docs/benchmarks.md, sixteenth
+/// and eighteenth slices).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 struct LastConflicts(BTreeMap<String, BTreeMap<u16, ConflictSeen>>);
 
@@ -100,8 +100,9 @@ impl LastConflicts {
         self.0.entry(c.host.clone()).or_default().insert(c.port, ConflictSeen::of(e, c));
     }
 
-    fn latest(&self, host: &str, port: u16) -> Option<&ConflictSeen> {
-        self.0.get(host)?.get(&port)
+    /// The latest kept conflict of each of `host`'s ports.
+    fn of_host(&self, host: &str) -> Option<&BTreeMap<u16, ConflictSeen>> {
+        self.0.get(host)
     }
 
     /// Forgets `c` (of event `e`, leaving the history) if it is still its host and port's latest.
@@ -115,6 +116,9 @@ impl LastConflicts {
         }
     }
 }
+
+/// A host's kept conflicts from some port on, in port order.
+type ConflictCursor<'a> = std::iter::Peekable<std::collections::btree_map::Range<'a, u16, ConflictSeen>>;
 
 /// Where and when a host's port was last recorded busy, and by which process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -393,7 +397,10 @@ impl State {
     ) -> Vec<u16> {
         let sel = self.selector(batch, now_ms);
         let mut rng = SplitMix64::new(seed);
-        let mut out = BTreeSet::new();
+        // A vector sorted once, not a set: a plan passes every port known busy below the first
+        // free one (hundreds, in a pool across the host's ephemeral range), and inserting each
+        // into a B-tree was 15 % of a filling node's CPU (docs/benchmarks.md, eighteenth slice).
+        let mut out = Vec::new();
         let k = batch.items.len();
         let width = PlanWidth { wanted_free: width.wanted_free, otherwise: width.otherwise + k };
         for item in &batch.items {
@@ -402,7 +409,9 @@ impl State {
             }
             out.extend(sel.candidates(item, width, &mut rng, busy));
         }
-        out.into_iter().collect()
+        out.sort_unstable();
+        out.dedup();
+        out
     }
 
     fn selector<'a>(&'a self, batch: &'a AllocateBatch, now_ms: u64) -> Selector<'a> {
@@ -479,18 +488,44 @@ impl State {
         self.events.push_back(event);
     }
 
-    /// Whether `port` found busy on `host` at `now_ms`, held by `holder` if known, is news: the
-    /// host and port have no kept `Conflict` from the last [`crate::CONFLICT_REPEAT_MS`], or
-    /// another process held the port then. Asked before a `Conflict` is built: an allocation
-    /// whose walk passes hundreds of busy ports builds only the few that are news.
-    fn conflict_is_news(&self, host: &str, port: u16, holder: Option<&Holder>, now_ms: u64) -> bool {
-        match self.last_conflicts.latest(host, port) {
-            None => true,
-            Some(last) => {
-                now_ms.saturating_sub(last.at_ms) >= crate::CONFLICT_REPEAT_MS
-                    || last.pid != holder.map(|h| h.pid)
+    /// The index of the first of `ports` (busy ports on `host`, in the order an allocation's
+    /// walk passed them, each once) whose finding at `now_ms` is news: the host and port have no
+    /// kept `Conflict` from the last [`crate::CONFLICT_REPEAT_MS`], or another process held the
+    /// port then (`probe` names the holders). Asked before a `Conflict` is built: a walk passes
+    /// hundreds of busy ports and builds only the few that are news.
+    ///
+    /// The host's conflicts are read in one ordered pass while `ports` ascend (the walk's order,
+    /// but for its head and a wrap-around): looking each port up was 12 % of a filling node's CPU
+    /// (docs/benchmarks.md, eighteenth slice). The answer is the one a lookup per port gives.
+    fn first_news_conflict(
+        &self,
+        host: &str,
+        ports: &[u16],
+        probe: Option<&HostProbe>,
+        now_ms: u64,
+    ) -> Option<usize> {
+        let seen = self.last_conflicts.of_host(host);
+        // The last port looked up, and the host's conflicts from there on.
+        let mut cursor: Option<(u16, ConflictCursor<'_>)> = None;
+        ports.iter().position(|&port| {
+            let last = seen.and_then(|seen| {
+                if cursor.as_ref().is_none_or(|(prev, _)| *prev >= port) {
+                    cursor = Some((port, seen.range(port..).peekable()));
+                }
+                let (prev, range) = cursor.as_mut()?;
+                *prev = port;
+                while range.next_if(|(p, _)| **p < port).is_some() {}
+                range.peek().filter(|(p, _)| **p == port).map(|(_, c)| **c)
+            });
+            let holder = probe.and_then(|pr| pr.owner(port));
+            match last {
+                None => true,
+                Some(last) => {
+                    now_ms.saturating_sub(last.at_ms) >= crate::CONFLICT_REPEAT_MS
+                        || last.pid != holder.map(|h| h.pid)
+                }
             }
-        }
+        })
     }
 
     /// Forgets cool-downs that ended (a bounded number per entry, so no entry does unbounded work).

@@ -20,11 +20,13 @@
 //! Ports an allocation asks for by number, or a sticky key's last port, are always probed afresh
 //! (the user may just have stopped, or started, the program that holds it).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use portmesh_core::Holder;
+
+use super::Busy;
 
 /// How long a port found busy is taken to stay busy without a new probe.
 pub(crate) const BUSY_FOR: Duration = Duration::from_secs(10);
@@ -32,26 +34,29 @@ pub(crate) const BUSY_FOR: Duration = Duration::from_secs(10);
 /// How long a port found free is taken to stay free without a new probe.
 pub(crate) const FREE_FOR: Duration = Duration::from_millis(20);
 
-/// What a probe found for one port: when, and the holder if busy.
-#[derive(Debug, Clone)]
-enum Found {
-    Busy(Instant, Option<Holder>),
-    Free(Instant),
-}
+/// How often a host's busy ports are swept of the expired ones (between sweeps, reads skip
+/// them).
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
-impl Found {
-    fn current(&self, now: Instant) -> bool {
-        match self {
-            Found::Busy(at, _) => now.duration_since(*at) < BUSY_FOR,
-            Found::Free(at) => now.duration_since(*at) < FREE_FOR,
-        }
-    }
-}
-
-/// Recent probe results, by host and port.
+/// Recent probe results, by host.
 #[derive(Debug, Default)]
 pub(crate) struct ProbeMemory {
-    hosts: Mutex<HashMap<String, HashMap<u16, Found>>>,
+    hosts: Mutex<HashMap<String, HostMemory>>,
+}
+
+/// What probes found on one host: each port is in at most one of the two maps, as its latest
+/// probe found it. Busy ports are kept in port order: every allocation reads them all, sorted,
+/// and in a pool across the host's ephemeral range they are hundreds; sorting them, and sweeping
+/// the expired ones out, on every read was 9 % of a filling node's CPU (docs/benchmarks.md,
+/// eighteenth slice).
+#[derive(Debug, Default)]
+struct HostMemory {
+    /// Found busy: when, and the holder where the OS told.
+    busy: BTreeMap<u16, (Instant, Option<Holder>)>,
+    /// Found free: when (few: they expire within [`FREE_FOR`]).
+    free: HashMap<u16, Instant>,
+    /// When `busy` was last swept of expired ports.
+    swept: Option<Instant>,
 }
 
 /// What the memory held for one host at one moment, sorted by port: the plan walks past the busy
@@ -59,7 +64,9 @@ pub(crate) struct ProbeMemory {
 /// probing them. One read of the memory serves both.
 #[derive(Debug, Default)]
 pub(crate) struct Remembered {
-    busy: Vec<(u16, Option<Holder>)>,
+    /// Busy ports, and the holders of those whose holder is known, both sorted by port (most
+    /// busy ports have none: a port in `TIME_WAIT` has no process).
+    busy: Busy,
     free: Vec<u16>,
 }
 
@@ -67,27 +74,36 @@ pub(crate) struct Remembered {
 #[derive(Debug, Default, PartialEq)]
 pub(crate) struct Split {
     /// Remembered busy, with their holders.
-    pub(crate) busy: Vec<(u16, Option<Holder>)>,
+    pub(crate) busy: Busy,
     /// Neither remembered nor exempt from memory: to probe now.
     pub(crate) probe: Vec<u16>,
 }
 
 impl Remembered {
     /// The remembered busy ports, sorted.
-    pub(crate) fn busy_ports(&self) -> Vec<u16> {
-        self.busy.iter().map(|(p, _)| *p).collect()
+    pub(crate) fn busy_ports(&self) -> &[u16] {
+        &self.busy.ports
     }
 
     /// Splits `candidates` into the ports remembered busy, those remembered free (left out: the
     /// proposal reports every candidate checked and only the busy ones busy) and the ones to
     /// probe. Ports in `always_probe` are never taken from memory.
     pub(crate) fn split(&self, candidates: &[u16], always_probe: &[u16]) -> Split {
-        let mut split = Split::default();
+        let mut split = Split {
+            busy: Busy {
+                ports: Vec::with_capacity(candidates.len().min(self.busy.ports.len())),
+                holders: Vec::new(),
+            },
+            probe: Vec::with_capacity(candidates.len()),
+        };
         for &port in candidates {
             if always_probe.contains(&port) {
                 split.probe.push(port);
-            } else if let Ok(i) = self.busy.binary_search_by_key(&port, |(p, _)| *p) {
-                split.busy.push((port, self.busy[i].1.clone()));
+            } else if self.busy.ports.binary_search(&port).is_ok() {
+                split.busy.ports.push(port);
+                if let Ok(i) = self.busy.holders.binary_search_by_key(&port, |(p, _)| *p) {
+                    split.busy.holders.push(self.busy.holders[i].clone());
+                }
             } else if self.free.binary_search(&port).is_err() {
                 split.probe.push(port);
             }
@@ -101,18 +117,23 @@ impl ProbeMemory {
     /// within [`FREE_FOR`]).
     pub(crate) fn remembered(&self, host: &str, now: Instant) -> Remembered {
         let mut hosts = self.hosts.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let Some(ports) = hosts.get_mut(host) else { return Remembered::default() };
-        ports.retain(|_, found| found.current(now));
-        let mut r = Remembered::default();
-        for (port, found) in ports.iter() {
-            match found {
-                Found::Busy(_, holder) => r.busy.push((*port, holder.clone())),
-                Found::Free(_) => r.free.push(*port),
+        let Some(mem) = hosts.get_mut(host) else { return Remembered::default() };
+        let busy_now = |at: &Instant| now.saturating_duration_since(*at) < BUSY_FOR;
+        if mem.swept.is_none_or(|at| now.saturating_duration_since(at) >= SWEEP_EVERY) {
+            mem.busy.retain(|_, (at, _)| busy_now(at));
+            mem.swept = Some(now);
+        }
+        mem.free.retain(|_, at| now.saturating_duration_since(*at) < FREE_FOR);
+        let mut busy = Busy { ports: Vec::with_capacity(mem.busy.len()), holders: Vec::new() };
+        for (port, (at, holder)) in &mem.busy {
+            if busy_now(at) {
+                busy.ports.push(*port);
+                busy.holders.extend(holder.iter().map(|h| (*port, h.clone())));
             }
         }
-        r.busy.sort_unstable_by_key(|(p, _)| *p);
-        r.free.sort_unstable();
-        r
+        let mut free: Vec<u16> = mem.free.keys().copied().collect();
+        free.sort_unstable();
+        Remembered { busy, free }
     }
 
     /// Remembers what a probe of `probed` on `host` found at `now`: the ports in `busy` (with
@@ -129,13 +150,16 @@ impl ProbeMemory {
             return;
         }
         let mut hosts = self.hosts.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let ports = hosts.entry(host.to_string()).or_default();
+        let mem = hosts.entry(host.to_string()).or_default();
         for &port in probed {
-            let found = match busy.contains(&port) {
-                true => Found::Busy(now, holders.iter().find(|(p, _)| *p == port).map(|(_, h)| h.clone())),
-                false => Found::Free(now),
-            };
-            ports.insert(port, found);
+            if busy.contains(&port) {
+                let holder = holders.iter().find(|(p, _)| *p == port).map(|(_, h)| h.clone());
+                mem.busy.insert(port, (now, holder));
+                mem.free.remove(&port);
+            } else {
+                mem.free.insert(port, now);
+                mem.busy.remove(&port);
+            }
         }
     }
 }
@@ -153,25 +177,30 @@ mod tests {
         let a = m.remembered("a", t0 + Duration::from_millis(1));
         assert_eq!(a.busy_ports(), [2024, 2025], "sorted, for the plan");
         let split = a.split(&[2022, 2023, 2024, 2025, 2026], &[]);
-        assert_eq!(split.busy, vec![(2024, Some(holder.clone())), (2025, None)]);
+        assert_eq!(split.busy, Busy { ports: vec![2024, 2025], holders: vec![(2024, holder.clone())] });
         assert_eq!(split.probe, [2022], "2023 and 2026 were just found free");
         // Another host's ports are its own.
         let split = m.remembered("b", t0).split(&[2023, 2024], &[]);
-        assert!(split.busy.is_empty() && split.probe == [2023, 2024]);
+        assert!(split.busy.ports.is_empty() && split.probe == [2023, 2024]);
         // A port asked for by number is probed afresh, busy or free.
         let split = a.split(&[2023, 2024, 2025], &[2023, 2025]);
-        assert_eq!((split.busy.len(), split.probe), (1, vec![2023, 2025]));
+        assert_eq!((split.busy.ports, split.probe), (vec![2024], vec![2023, 2025]));
         // Free ports are forgotten after FREE_FOR, busy ones after BUSY_FOR.
         let soon = m.remembered("a", t0 + FREE_FOR);
         assert_eq!(
             soon.split(&[2023, 2024], &[]),
-            Split { busy: vec![(2024, Some(holder))], probe: vec![2023] }
+            Split { busy: Busy { ports: vec![2024], holders: vec![(2024, holder)] }, probe: vec![2023] }
         );
         let later = m.remembered("a", t0 + BUSY_FOR);
         assert!(later.busy_ports().is_empty() && later.split(&[2024], &[]).probe == [2024]);
+        let kept = |m: &ProbeMemory| m.hosts.lock().unwrap().get("a").map(|h| (h.busy.len(), h.free.len()));
+        assert_eq!(kept(&m), Some((0, 0)), "expired ports are swept out, not only skipped");
         // A new probe overrides: a port found busy again is busy, one found free is free.
         m.found("a", &[2024, 2023], &[2023], &[], t0 + BUSY_FOR);
         let now = m.remembered("a", t0 + BUSY_FOR);
-        assert_eq!(now.split(&[2023, 2024], &[]), Split { busy: vec![(2023, None)], probe: vec![] });
+        assert_eq!(
+            now.split(&[2023, 2024], &[]),
+            Split { busy: Busy { ports: vec![2023], holders: vec![] }, probe: vec![] }
+        );
     }
 }

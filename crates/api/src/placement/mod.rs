@@ -19,7 +19,7 @@ use crate::api::accepted;
 use crate::{Api, ApiError};
 
 /// What a probe found busy on a host, and who holds those ports where the OS told.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, PartialEq)]
 pub(crate) struct Busy {
     pub(crate) ports: Vec<u16>,
     pub(crate) holders: Vec<(u16, Holder)>,
@@ -125,7 +125,7 @@ impl Api {
             let (candidates, asked) = {
                 let sm = inner.node.state().read();
                 let asked = asked_for(&sm.state, &batch);
-                (sm.state.plan(&batch, now_ms(), width, seed, &remembered.busy_ports()), asked)
+                (sm.state.plan(&batch, now_ms(), width, seed, remembered.busy_ports()), asked)
             };
             let split = remembered.split(&candidates, &asked);
             let (Busy { mut ports, mut holders }, probed) = if split.probe.is_empty() {
@@ -139,10 +139,8 @@ impl Api {
             if !ports.is_empty() {
                 tracing::info!(host = %batch.host, busy = ?ports, "ports busy on the host will be skipped");
             }
-            for (port, holder) in split.busy {
-                ports.push(port);
-                holders.extend(holder.map(|h| (port, h)));
-            }
+            ports.extend(split.busy.ports);
+            holders.extend(split.busy.holders);
             ports.extend_from_slice(reported);
             let mut checked = candidates;
             checked.extend_from_slice(reported);

@@ -85,11 +85,12 @@ impl State {
                     }
                 }
                 Plan::New(item, pick) => {
-                    for port in pick.conflicts {
-                        let holder = batch.probe.as_ref().and_then(|p| p.owner(port));
-                        if !self.conflict_is_news(&batch.host, port, holder, now) {
-                            continue;
-                        }
+                    let probe = batch.probe.as_ref();
+                    let mut rest = &pick.conflicts[..];
+                    while let Some(i) = self.first_news_conflict(&batch.host, rest, probe, now) {
+                        let port = rest[i];
+                        rest = &rest[i + 1..];
+                        let holder = probe.and_then(|p| p.owner(port));
                         let c = Conflict {
                             port,
                             team: batch.team.clone(),

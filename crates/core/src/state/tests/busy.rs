@@ -214,3 +214,67 @@ fn a_busy_wanted_port_falls_back_after_one_wider_probe() {
         );
     }
 }
+
+/// The one ordered pass over a host's kept conflicts answers as a lookup of each port would,
+/// whatever order the walk passed the ports in (ascending; the wanted port first; wrapped
+/// around the pool; descending), at times inside and outside the repeat window, and for
+/// holders that match the recorded one or not.
+#[test]
+fn the_first_news_conflict_is_the_one_a_lookup_per_port_finds() {
+    let mut h = Harness::new();
+    let holder = |pid: u32| Holder { pid, command: "squatter".into() };
+    // Conflicts on h1: 8000-8009 held by pid 7, then half a minute later 8011-8015 by pid 9 (the
+    // walk passes 8000-8009 again, no news then, and skips 8010, cooling down).
+    for busy_to in [8010, 8016] {
+        let owners = (8000..busy_to).map(|p| (p, holder(if p > 8010 { 9 } else { 7 }))).collect();
+        let probe = HostProbe::new((8000..8030).collect(), (8000..busy_to).collect()).with_owners(owners);
+        let Response::Allocated { grants, .. } =
+            h.alloc_with(vec![in_pool("w", "web")], LeaseSpec::None, Some(probe))
+        else {
+            panic!()
+        };
+        assert_eq!(grants[0].allocation.port, busy_to);
+        h.release(&[grants[0].allocation.port]);
+        h.advance(30_000);
+    }
+    let kept = h.st.last_conflicts.of_host("h1").map(|m| m.values().map(|c| c.pid).collect::<Vec<_>>());
+    assert_eq!(kept, Some([[Some(7); 10].as_slice(), &[Some(9); 5]].concat()));
+    let reference = |st: &State, ports: &[u16], probe: &HostProbe, now: u64| {
+        ports.iter().position(|p| match st.last_conflicts.of_host("h1").and_then(|m| m.get(p)) {
+            None => true,
+            Some(last) => {
+                now.saturating_sub(last.at_ms) >= crate::CONFLICT_REPEAT_MS
+                    || last.pid != probe.owner(*p).map(|h| h.pid)
+            }
+        })
+    };
+    let ascending: Vec<u16> = (8000..8020).collect();
+    let orders: Vec<Vec<u16>> = vec![
+        ascending.clone(),
+        [8012].into_iter().chain(ascending.iter().copied().filter(|p| *p != 8012)).collect(),
+        (8010..8020).chain(8000..8010).collect(),
+        ascending.iter().rev().copied().collect(),
+        vec![8002, 8004, 8011, 8015],
+        vec![],
+    ];
+    let now = h.now;
+    for pid in [7, 9] {
+        let owners = (8000..8020).map(|p| (p, holder(pid))).collect();
+        let probe = HostProbe::new((8000..8020).collect(), (8000..8020).collect()).with_owners(owners);
+        for at in [now, now + crate::CONFLICT_REPEAT_MS - 45_000, now + crate::CONFLICT_REPEAT_MS] {
+            for order in &orders {
+                // Every suffix too: the caller asks again after each news it records.
+                for from in 0..=order.len() {
+                    let ports = &order[from..];
+                    assert_eq!(
+                        h.st.first_news_conflict("h1", ports, Some(&probe), at),
+                        reference(&h.st, ports, &probe, at),
+                        "pid {pid}, at {at}, ports {ports:?}"
+                    );
+                }
+            }
+        }
+        assert_eq!(h.st.first_news_conflict("h2", &[8000], Some(&probe), now), Some(0), "another host");
+    }
+    assert_eq!(h.st.first_news_conflict("h1", &[8002, 8013], None, now), Some(0), "no holder known");
+}
