@@ -428,19 +428,30 @@ impl Drop for Compose {
     }
 }
 
-/// Allocates one port through member `i`, retrying while the cluster (re)elects.
+/// Allocates one port through member `i`, retrying while the cluster (re)elects. Gives up after
+/// 60 s with the last error and the members' latest log lines (the cluster is taken down with
+/// its logs when the test ends).
 async fn alloc_through(c: &Compose, i: usize, service: &str) -> u32 {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
-        if let Ok(client) = Client::connect(&c.addr(i)).await {
-            let item = pb::AllocItem { service: service.into(), key: service.into(), ..Default::default() };
-            if let Ok(r) =
-                client.allocate(pb::AllocateRequest { items: vec![item], ..Default::default() }).await
-            {
-                return r.allocations[0].port;
+        let last = match Client::connect(&c.addr(i)).await {
+            Ok(client) => {
+                let item =
+                    pb::AllocItem { service: service.into(), key: service.into(), ..Default::default() };
+                match client.allocate(pb::AllocateRequest { items: vec![item], ..Default::default() }).await {
+                    Ok(r) => return r.allocations[0].port,
+                    Err(e) => format!("allocate: {e}"),
+                }
             }
+            Err(e) => format!("connect: {e}"),
+        };
+        if tokio::time::Instant::now() >= deadline {
+            let logs = c.run(&["logs", "--no-color", "--tail", "40"]).unwrap_or_else(|e| e);
+            panic!(
+                "no allocation through pm{} within 60 s; last error: {last}\nthe members' logs:\n{logs}",
+                i + 1
+            );
         }
-        assert!(tokio::time::Instant::now() < deadline, "no allocation through pm{} within 60 s", i + 1);
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
