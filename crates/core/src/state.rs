@@ -137,6 +137,13 @@ impl ConflictSeen {
     fn is(&self, e: &Event) -> bool {
         (self.revision, self.seq) == (e.revision, e.seq)
     }
+
+    /// Whether finding the port busy at `now_ms`, held by `pid` if known, is news after `last`
+    /// (the port's latest kept conflict, if any): none kept, one older than
+    /// [`crate::CONFLICT_REPEAT_MS`], or another process held it then.
+    fn news_after(last: Option<&ConflictSeen>, pid: Option<u32>, now_ms: u64) -> bool {
+        last.is_none_or(|l| now_ms.saturating_sub(l.at_ms) >= crate::CONFLICT_REPEAT_MS || l.pid != pid)
+    }
 }
 
 impl Default for State {
@@ -489,9 +496,9 @@ impl State {
     }
 
     /// The index of the first of `ports` (busy ports on `host`, in the order an allocation's
-    /// walk passed them, each once) whose finding at `now_ms` is news: the host and port have no
-    /// kept `Conflict` from the last [`crate::CONFLICT_REPEAT_MS`], or another process held the
-    /// port then (`probe` names the holders). Asked before a `Conflict` is built: a walk passes
+    /// walk passed them, each once) whose finding at `now_ms` is news
+    /// ([`ConflictSeen::news_after`]; `probe` names the holders). Asked before a `Conflict` is
+    /// built: a walk passes
     /// hundreds of busy ports and builds only the few that are news.
     ///
     /// The host's conflicts are read in one ordered pass while `ports` ascend (the walk's order,
@@ -517,14 +524,8 @@ impl State {
                 while range.next_if(|(p, _)| **p < port).is_some() {}
                 range.peek().filter(|(p, _)| **p == port).map(|(_, c)| **c)
             });
-            let holder = probe.and_then(|pr| pr.owner(port));
-            match last {
-                None => true,
-                Some(last) => {
-                    now_ms.saturating_sub(last.at_ms) >= crate::CONFLICT_REPEAT_MS
-                        || last.pid != holder.map(|h| h.pid)
-                }
-            }
+            let pid = probe.and_then(|pr| pr.owner(port)).map(|h| h.pid);
+            ConflictSeen::news_after(last.as_ref(), pid, now_ms)
         })
     }
 

@@ -239,13 +239,12 @@ fn the_first_news_conflict_is_the_one_a_lookup_per_port_finds() {
     }
     let kept = h.st.last_conflicts.of_host("h1").map(|m| m.values().map(|c| c.pid).collect::<Vec<_>>());
     assert_eq!(kept, Some([[Some(7); 10].as_slice(), &[Some(9); 5]].concat()));
+    // The rule itself is `a_busy_port_is_recorded_once_a_minute_per_host_and_holder`'s; here, a
+    // lookup of each port.
     let reference = |st: &State, ports: &[u16], probe: &HostProbe, now: u64| {
-        ports.iter().position(|p| match st.last_conflicts.of_host("h1").and_then(|m| m.get(p)) {
-            None => true,
-            Some(last) => {
-                now.saturating_sub(last.at_ms) >= crate::CONFLICT_REPEAT_MS
-                    || last.pid != probe.owner(*p).map(|h| h.pid)
-            }
+        ports.iter().position(|p| {
+            let last = st.last_conflicts.of_host("h1").and_then(|m| m.get(p));
+            ConflictSeen::news_after(last, probe.owner(*p).map(|h| h.pid), now)
         })
     };
     let ascending: Vec<u16> = (8000..8020).collect();
