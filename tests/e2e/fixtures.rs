@@ -101,9 +101,9 @@ fn a_data_directory_of_data_version_6_with_a_snapshot_in_sled_boots() {
 
 /// Written by main on 2026-12-06 (data version 7, commit 53a094f, openraft 0.9.25) with
 /// `PORTMESH_SNAPSHOT_EVERY=100 FILL=60`: its snapshot is the file `snapshot`, its log is purged
-/// behind it, and its node's own vote is stored uncommitted (early replication). Today's format,
-/// kept for the release that changes it or the Raft library that writes it (openraft 0.10's
-/// trial read it: docs/architecture.md).
+/// behind it, and its node's own vote is stored uncommitted (early replication). The format just
+/// before data version 8: its log's allocations are in the shape of versions 5 to 7, without
+/// ranges known busy (openraft 0.10's trial read it too: docs/architecture.md).
 #[test]
 fn a_data_directory_of_data_version_7_with_a_snapshot_file_boots() {
     boots_with_everything_it_held("data-v7-2026-12-06");

@@ -160,7 +160,8 @@ pub struct AllocItem {
     pub strategy: Strategy,
 }
 
-/// The result of probing candidate ports on a host: which were checked and which were busy.
+/// The result of probing candidate ports on a host: which were checked and which were busy,
+/// and which the host's node already knew busy without probing them again.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HostProbe {
     /// Sorted, deduplicated.
@@ -169,6 +170,28 @@ pub struct HostProbe {
     pub busy: Vec<u16>,
     /// Who holds busy ports, where the OS told; sorted by port.
     pub owners: Vec<(u16, Holder)>,
+    /// Ranges whose every port the state could hand out was found busy on the host by an
+    /// earlier probe, still remembered by its node (see [`State::busy_runs`]); sorted,
+    /// non-overlapping. Selection skips them whole, without walking them port by port, and
+    /// records no conflict for them: a conflict is recorded when a probe finds a port busy, not
+    /// while a node remembers it. A port in `checked` is what the probe found, range or not.
+    /// Data version 8 on; empty before.
+    ///
+    /// [`State::busy_runs`]: crate::State::busy_runs
+    pub known_busy: Vec<PortRange>,
+}
+
+/// What a [`HostProbe`] says of one port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finding {
+    /// Probed and found free.
+    Free,
+    /// Probed and found busy (a conflict, if it is news).
+    Busy,
+    /// Not probed this time: remembered busy from an earlier probe.
+    KnownBusy,
+    /// Not probed, not known: `apply` asks for a probe rather than guess.
+    Unchecked,
 }
 
 impl HostProbe {
@@ -177,7 +200,13 @@ impl HostProbe {
         checked.dedup();
         busy.sort_unstable();
         busy.dedup();
-        Self { checked, busy, owners: Vec::new() }
+        Self { checked, busy, owners: Vec::new(), known_busy: Vec::new() }
+    }
+
+    /// Adds the ranges known busy on the host (sorted, non-overlapping; see [`Self::known_busy`]).
+    pub fn with_known_busy(mut self, known_busy: Vec<PortRange>) -> Self {
+        self.known_busy = known_busy;
+        self
     }
 
     /// Records who holds busy ports.
@@ -193,13 +222,25 @@ impl HostProbe {
         self.owners.binary_search_by_key(&port, |(p, _)| *p).ok().map(|i| &self.owners[i].1)
     }
 
-    pub fn is_checked(&self, port: u16) -> bool {
-        self.checked.binary_search(&port).is_ok()
+    /// What the probe says of `port`: what it found, if it probed the port, else whether the
+    /// port lies in a range known busy.
+    pub fn finding(&self, port: u16) -> Finding {
+        if self.busy.binary_search(&port).is_ok() {
+            Finding::Busy
+        } else if self.checked.binary_search(&port).is_ok() {
+            Finding::Free
+        } else if in_ranges(&self.known_busy, port) {
+            Finding::KnownBusy
+        } else {
+            Finding::Unchecked
+        }
     }
+}
 
-    pub fn is_busy(&self, port: u16) -> bool {
-        self.busy.binary_search(&port).is_ok()
-    }
+/// Whether `port` lies in one of `ranges` (sorted, non-overlapping).
+pub(crate) fn in_ranges(ranges: &[PortRange], port: u16) -> bool {
+    let i = ranges.partition_point(|r| r.end() < port);
+    ranges.get(i).is_some_and(|r| r.start() <= port)
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

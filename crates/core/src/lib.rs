@@ -35,8 +35,8 @@ pub mod text;
 mod types;
 
 pub use command::{
-    AllocItem, AllocateBatch, ApplyCtx, Command, Grant, HostProbe, LeaseSpec, ReleaseSelector, Request,
-    Response,
+    AllocItem, AllocateBatch, ApplyCtx, Command, Finding, Grant, HostProbe, LeaseSpec, ReleaseSelector,
+    Request, Response,
 };
 pub use rejection::{Overlap, Rejection, Unavailable};
 pub use rng::SplitMix64;

@@ -6,11 +6,11 @@
 
 use std::collections::{BTreeSet, HashMap};
 
-use crate::command::{AllocItem, HostProbe};
+use crate::command::{AllocItem, Finding, HostProbe};
 use crate::rejection::{Rejection, Unavailable};
 use crate::rng::SplitMix64;
 use crate::state::State;
-use crate::types::{Cooldown, Pool, Strategy};
+use crate::types::{Cooldown, Pool, PortRange, Strategy};
 use crate::{DEFAULT_POOL, MIN_PORT};
 
 /// A port chosen for one item, and the busy ports skipped on the way.
@@ -28,6 +28,8 @@ pub(crate) struct Selector<'a> {
     pub host: &'a str,
     pub now_ms: u64,
     pub probe: Option<&'a HostProbe>,
+    /// Ranges known busy on the host ([`HostProbe::known_busy`]): walks skip them whole.
+    pub known_busy: &'a [PortRange],
     /// Ports taken by earlier items of the same batch.
     pub taken: BTreeSet<u16>,
 }
@@ -123,30 +125,41 @@ impl Selector<'_> {
     {
         let sticky = self.sticky_port(item, pool);
         let wanted = item.port.or(sticky);
-        let (st, now) = (self.state, self.now_ms);
         match (item.strategy, wanted) {
             (Strategy::Fail, Some(w)) => Box::new(std::iter::once(w)),
             (Strategy::Next, Some(w)) => Box::new(
                 std::iter::once(w)
-                    .chain(st.selectable_ports(pool, now).filter(move |p| *p > w))
-                    .chain(st.selectable_ports(pool, now).filter(move |p| *p < w)),
+                    .chain(self.walk(pool).filter(move |p| *p > w))
+                    .chain(self.walk(pool).filter(move |p| *p < w)),
             ),
-            (Strategy::Sticky, Some(w)) => Box::new(
-                std::iter::once(w).chain(sticky.filter(|s| *s != w)).chain(Self::fresh_first(st, pool, now)),
-            ),
+            (Strategy::Sticky, Some(w)) => {
+                Box::new(std::iter::once(w).chain(sticky.filter(|s| *s != w)).chain(self.fresh_first(pool)))
+            }
             (Strategy::Random, Some(w)) => Box::new(std::iter::once(w)),
             (Strategy::Random, None) => Box::new(std::iter::empty()),
-            (_, None) => Box::new(Self::fresh_first(st, pool, now)),
+            (_, None) => Box::new(self.fresh_first(pool)),
         }
     }
 
-    /// The pool's selectable ports ([`State::selectable_ports`]), those no sticky key remembers
-    /// first (lowest first), then the remembered ones: another key's last port is handed out only when nothing else is
+    /// The pool's selectable ports ([`State::selectable_ports`]) outside the ranges known busy.
+    fn walk<'p>(&self, pool: &'p Pool) -> impl Iterator<Item = u16> + 'p
+    where
+        Self: 'p,
+    {
+        self.state.selectable_ports(pool, self.now_ms, self.known_busy)
+    }
+
+    /// The pool's walk ([`Self::walk`]), those no sticky key remembers first (lowest first),
+    /// then the remembered ones: another key's last port is handed out only when nothing else is
     /// free, so `up` tomorrow gets yesterday's port back even after its cool-down ended.
-    fn fresh_first<'p>(st: &'p State, pool: &'p Pool, now: u64) -> impl Iterator<Item = u16> + 'p {
-        st.selectable_ports(pool, now)
+    fn fresh_first<'p>(&self, pool: &'p Pool) -> impl Iterator<Item = u16> + 'p
+    where
+        Self: 'p,
+    {
+        let st = self.state;
+        self.walk(pool)
             .filter(|p| !st.is_remembered(*p))
-            .chain(st.selectable_ports(pool, now).filter(|p| st.is_remembered(*p)))
+            .chain(self.walk(pool).filter(|p| st.is_remembered(*p)))
     }
 
     /// Chooses a port for one item (whose key has no live allocation).
@@ -165,13 +178,14 @@ impl Selector<'_> {
             // walk passes every busy port below the first free one.
             let held = self.state_unavailable(port, key);
             let free = held.is_none()
-                && match self.probe {
-                    Some(pr) if pr.is_busy(port) => {
+                && match self.probe.map(|pr| pr.finding(port)) {
+                    Some(Finding::Busy) => {
                         conflicts.push(port);
                         false
                     }
-                    Some(pr) if !pr.is_checked(port) => return Err(Rejection::NeedProbe { port }),
-                    _ => true,
+                    Some(Finding::KnownBusy) => false,
+                    Some(Finding::Unchecked) => return Err(Rejection::NeedProbe { port }),
+                    Some(Finding::Free) | None => true,
                 };
             if free {
                 return Ok(Pick { port, pool: pool.name.clone(), conflicts });
@@ -197,16 +211,15 @@ impl Selector<'_> {
         let key = item.key.as_deref();
         let mut unprobed = None;
         let eligible: Vec<u16> = self
-            .state
-            .selectable_ports(pool, self.now_ms)
+            .walk(pool)
             .filter(|p| self.state_unavailable(*p, key).is_none())
-            .filter(|p| match self.probe {
-                Some(pr) if !pr.is_checked(*p) => {
+            .filter(|p| match self.probe.map(|pr| pr.finding(*p)) {
+                Some(Finding::Unchecked) => {
                     unprobed.get_or_insert(*p);
                     false
                 }
-                Some(pr) => !pr.is_busy(*p),
-                None => true,
+                Some(Finding::Busy | Finding::KnownBusy) => false,
+                Some(Finding::Free) | None => true,
             })
             .collect();
         if eligible.is_empty() {
@@ -247,7 +260,10 @@ impl Selector<'_> {
                     reserved += 1;
                 } else if self.cooling_down(port, key).is_some() {
                     cooling += 1;
-                } else if self.probe.is_some_and(|p| p.is_busy(port)) {
+                } else if self
+                    .probe
+                    .is_some_and(|p| matches!(p.finding(port), Finding::Busy | Finding::KnownBusy))
+                {
                     busy += 1;
                 }
             }
@@ -290,15 +306,8 @@ impl Selector<'_> {
     /// Candidate ports for `item` that the state considers free, in the order `pick` would try
     /// them (random: a sample drawn from `rng`): the wanted port, if any, plus up to
     /// `width.wanted_free` others when the state holds the wanted port free, else up to
-    /// `width.otherwise`. Ports in `busy` (sorted; known busy on the host) are included where
-    /// the order meets them but not counted (see [`State::plan`]).
-    pub fn candidates(
-        &self,
-        item: &AllocItem,
-        width: PlanWidth,
-        rng: &mut SplitMix64,
-        busy: &[u16],
-    ) -> Vec<u16> {
+    /// `width.otherwise`. The ranges known busy are skipped, as `pick` skips them.
+    pub fn candidates(&self, item: &AllocItem, width: PlanWidth, rng: &mut SplitMix64) -> Vec<u16> {
         let Ok(pool) = self.resolve_pool(item) else { return Vec::new() };
         let key = item.key.as_deref();
         let sticky = self.sticky_port(item, pool);
@@ -313,17 +322,8 @@ impl Selector<'_> {
             None => width.otherwise,
         };
         let others = |p: &u16| Some(*p) != wanted && self.state_unavailable(*p, key).is_none();
-        let known_busy = |p: &u16| busy.binary_search(p).is_ok();
         if item.strategy == Strategy::Random {
-            // The sample is drawn from ports not known busy; the known busy ones of the pool are
-            // planned too, so `apply` sees them probed (busy) rather than unprobed.
-            out.extend(busy.iter().copied().filter(|p| pool.contains(*p) && others(p)));
-            let free: Vec<u16> = self
-                .state
-                .selectable_ports(pool, self.now_ms)
-                .filter(others)
-                .filter(|p| !known_busy(p))
-                .collect();
+            let free: Vec<u16> = self.walk(pool).filter(others).collect();
             if free.len() <= n {
                 out.extend(free);
             } else {
@@ -333,18 +333,12 @@ impl Selector<'_> {
             }
         } else {
             let mut repeats = Repeats::new(wanted, sticky);
-            let mut usable = 0;
-            for port in
-                self.ordered_candidates(item, pool).filter(others).filter(|p| !repeats.seen_before(*p))
-            {
-                if usable == n {
-                    break;
-                }
-                if !known_busy(&port) {
-                    usable += 1;
-                }
-                out.push(port);
-            }
+            out.extend(
+                self.ordered_candidates(item, pool)
+                    .filter(others)
+                    .filter(|p| !repeats.seen_before(*p))
+                    .take(n),
+            );
         }
         out
     }

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::command::{
     AllocItem, AllocateBatch, ApplyCtx, Command, Grant, HostProbe, LeaseSpec, ReleaseSelector, Response,
+    in_ranges,
 };
 use crate::rejection::{Overlap, Rejection};
 use crate::rng::SplitMix64;
@@ -283,26 +284,75 @@ impl State {
     /// step, so the lowest free port of a pool with 50,000 allocations, or behind 10,000 ports
     /// released in the last minute, is found in ~1,000 steps, not 50,000. A port cooling down for
     /// a sticky key is that key's last port, which selection tries before walking the pool.
-    pub fn selectable_ports<'a>(&'a self, pool: &'a Pool, now_ms: u64) -> impl Iterator<Item = u16> + 'a {
+    ///
+    /// Ports in `skip` (sorted, non-overlapping ranges: those known busy on the host,
+    /// [`HostProbe::known_busy`]) are left out whole, not walked.
+    pub fn selectable_ports<'a>(
+        &'a self,
+        pool: &'a Pool,
+        now_ms: u64,
+        skip: &'a [PortRange],
+    ) -> impl Iterator<Item = u16> + 'a {
         let mut ended: Vec<u16> = self
-            .cooldown_order
-            .iter()
-            .take_while(|(until, _)| *until <= now_ms)
-            .map(|&(_, port)| port)
-            .filter(|port| pool.contains(*port))
+            .ended_cooldowns(now_ms)
+            .filter(|port| pool.contains(*port) && !in_ranges(skip, *port))
             .collect();
         ended.sort_unstable();
         let mut ended = ended.into_iter().peekable();
         let mut open = pool
             .ranges
             .iter()
-            .flat_map(move |r| self.allocated.absent_from_both(&self.cooling, r.start(), r.end()))
+            .flat_map(move |r| outside(r.start(), r.end(), skip))
+            .flat_map(move |(start, end)| self.allocated.absent_from_both(&self.cooling, start, end))
             .peekable();
         std::iter::from_fn(move || match (open.peek(), ended.peek()) {
             (Some(o), Some(e)) if e < o => ended.next(),
             (Some(_), _) => open.next(),
             (None, _) => ended.next(),
         })
+    }
+
+    /// Ports whose cool-down ended by `now_ms` and is not pruned yet, in the order they ended.
+    fn ended_cooldowns(&self, now_ms: u64) -> impl Iterator<Item = u16> + '_ {
+        self.cooldown_order.iter().take_while(move |(until, _)| *until <= now_ms).map(|&(_, port)| port)
+    }
+
+    /// `busy` (sorted: ports found busy on a host by an earlier probe) as ranges for
+    /// [`HostProbe::known_busy`]: two busy ports fall in one range when no port between them
+    /// could be handed out (each is allocated, reserved, or cooling down), so a range holds
+    /// nothing selection could pick but ports known busy. A pool filled past the host's ephemeral
+    /// range has hundreds of busy ports below its lowest free one, between allocated ones: one
+    /// range, skipped whole, instead of hundreds of ports carried in every allocation's entry and
+    /// walked by every member (docs/architecture.md §1.2).
+    pub fn busy_runs(&self, busy: &[u16], now_ms: u64) -> Vec<PortRange> {
+        let mut ended: Vec<u16> = self.ended_cooldowns(now_ms).collect();
+        ended.sort_unstable();
+        // Whether nothing strictly between `a` and `b` (a < b) could be handed out.
+        let closed_between = |a: u16, b: u16| {
+            let (from, to) = (a + 1, b - 1);
+            from > to
+                || (self
+                    .allocated
+                    .absent_from_both(&self.cooling, from, to)
+                    .all(|p| self.reservations.contains_key(&p))
+                    && ended.get(ended.partition_point(|p| *p < from)).is_none_or(|p| *p > to))
+        };
+        let mut runs = Vec::new();
+        let mut ports = busy.iter().copied().filter(|p| *p >= crate::MIN_PORT);
+        let Some(first) = ports.next() else { return runs };
+        let (mut start, mut end) = (first, first);
+        for port in ports {
+            if port <= end {
+                continue;
+            }
+            if !closed_between(end, port) {
+                runs.extend(PortRange::new(start.into(), end.into()).ok());
+                start = port;
+            }
+            end = port;
+        }
+        runs.extend(PortRange::new(start.into(), end.into()).ok());
+        runs
     }
 
     /// Records that sticky key `tk` now remembers `port` (and no longer its previous port).
@@ -388,21 +438,22 @@ impl State {
     /// and the ports `apply` would try next, in its order (see [`PlanWidth`]). Candidates for later
     /// items grow by the number of items, since earlier items of the batch take ports first.
     ///
-    /// `busy` (sorted) are ports the planner already knows busy on the batch's host: they are
-    /// planned where the walk meets them, so the proposal reports them busy, but they do not
-    /// count toward `width`. Busy ports are never allocated and so stay free in the state; below
-    /// the lowest free port they would otherwise fill every plan, which then misses the ports
-    /// `apply` reaches and asks for another probe (measured: a fill past 30 busy ports of the
-    /// ephemeral range retried most allocations twice; docs/benchmarks.md).
+    /// `known_busy` are the ranges the proposal will carry as [`HostProbe::known_busy`] (from
+    /// [`State::busy_runs`]): the plan skips them as `apply` will. Busy ports are never allocated
+    /// and so stay free in the state; below the lowest free port they would otherwise fill every
+    /// plan, which then misses the ports `apply` reaches and asks for another probe (measured: a
+    /// fill past 30 busy ports of the ephemeral range retried most allocations twice;
+    /// docs/benchmarks.md).
     pub fn plan(
         &self,
         batch: &AllocateBatch,
         now_ms: u64,
         width: PlanWidth,
         seed: u64,
-        busy: &[u16],
+        known_busy: &[PortRange],
     ) -> Vec<u16> {
-        let sel = self.selector(batch, now_ms);
+        let mut sel = self.selector(batch, now_ms);
+        sel.known_busy = known_busy;
         let mut rng = SplitMix64::new(seed);
         // A vector sorted once, not a set: a plan passes every port known busy below the first
         // free one (hundreds, in a pool across the host's ephemeral range), and inserting each
@@ -414,7 +465,7 @@ impl State {
             if item.key.as_deref().is_some_and(|key| self.live_key(&batch.team, key).is_some()) {
                 continue;
             }
-            out.extend(sel.candidates(item, width, &mut rng, busy));
+            out.extend(sel.candidates(item, width, &mut rng));
         }
         out.sort_unstable();
         out.dedup();
@@ -428,6 +479,7 @@ impl State {
             host: &batch.host,
             now_ms,
             probe: batch.probe.as_ref(),
+            known_busy: batch.probe.as_ref().map_or(&[], |p| &p.known_busy),
             taken: BTreeSet::new(),
         }
     }
@@ -546,6 +598,30 @@ impl State {
 
 pub use records::{Key, Record};
 pub use registry::clip_output;
+
+/// The parts of `start..=end` outside `skip` (sorted, non-overlapping ranges), ascending.
+fn outside(start: u16, end: u16, skip: &[PortRange]) -> impl Iterator<Item = (u16, u16)> + '_ {
+    let mut rest = skip[skip.partition_point(|r| r.end() < start)..].iter();
+    // Where the next part may start; none once `end` is covered.
+    let mut from = Some(start);
+    std::iter::from_fn(move || {
+        loop {
+            let at = from?;
+            match rest.next() {
+                Some(r) if r.start() <= end => {
+                    from = r.end().checked_add(1).filter(|next| *next <= end);
+                    if r.start() > at {
+                        return Some((at, r.start() - 1));
+                    }
+                }
+                _ => {
+                    from = None;
+                    return Some((at, end));
+                }
+            }
+        }
+    })
+}
 
 pub(crate) fn check_ttl(ttl_ms: u64) -> Result<(), Rejection> {
     if (MIN_TTL_MS..=MAX_TTL_MS).contains(&ttl_ms) { Ok(()) } else { Err(Rejection::BadTtl { ttl_ms }) }

@@ -64,8 +64,9 @@ openraft::declare_raft_types!(
 /// and a build that knows only version 5 refuses it instead of loading an empty state); version
 /// 7 keeps the current snapshot in a file of its own, `DATA/snapshot` (an older directory's is
 /// moved there from sled when it is opened, and a build that knows only version 6 refuses it
-/// instead of missing the snapshot). See `ondisk` for the table.
-pub const DATA_VERSION: u32 = 7;
+/// instead of missing the snapshot); version 8 added the ranges known busy to allocations' probes
+/// (a new allocation command; the old one still loads). See `ondisk` for the table.
+pub const DATA_VERSION: u32 = 8;
 /// The oldest data version this build reads: directories of versions 1 (0.1.0) and 2 are
 /// upgraded in place when opened (version 1 records and log entries load through `ondisk::v1`).
 pub const OLDEST_READABLE_VERSION: u32 = 1;

@@ -6,10 +6,10 @@
 //! pool while it stays busy. Probing it is cheap; naming its holder is not: it asks the kernel
 //! for its listening sockets and walks `/proc/*/fd` (before sock_diag, it read `/proc/net/tcp*`,
 //! for which the kernel walks its whole connection table: 73 % of a node's CPU while filling a
-//! pool, measured with `perf`, docs/benchmarks.md). Planning also walks past the ports
-//! remembered busy without counting them ([`Remembered`]). A port found busy is therefore
-//! reported busy from this memory, holder included, for [`BUSY_FOR`]. Reporting a free port busy
-//! only skips it for a while.
+//! pool, measured with `perf`, docs/benchmarks.md). A port found busy is therefore reported busy
+//! from this memory for [`BUSY_FOR`], as part of the ranges known busy that the allocation
+//! carries (`State::busy_runs`, `HostProbe::known_busy`): planning and `apply` skip those ranges
+//! whole. Reporting a free port busy only skips it for a while.
 //!
 //! Concurrent allocations plan overlapping candidates (every plan covers the ports the others in
 //! flight may take), so each port was probed once per allocation in flight: a third of a node's
@@ -23,10 +23,6 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
-
-use portmesh_core::Holder;
-
-use super::Busy;
 
 /// How long a port found busy is taken to stay busy without a new probe.
 pub(crate) const BUSY_FOR: Duration = Duration::from_secs(10);
@@ -51,64 +47,37 @@ pub(crate) struct ProbeMemory {
 /// eighteenth slice).
 #[derive(Debug, Default)]
 struct HostMemory {
-    /// Found busy: when, and the holder where the OS told.
-    busy: BTreeMap<u16, (Instant, Option<Holder>)>,
+    /// Found busy: when.
+    busy: BTreeMap<u16, Instant>,
     /// Found free: when (few: they expire within [`FREE_FOR`]).
     free: HashMap<u16, Instant>,
     /// When `busy` was last swept of expired ports.
     swept: Option<Instant>,
 }
 
-/// What the memory held for one host at one moment, sorted by port: the plan walks past the busy
-/// ports without counting them (`State::plan`), and the split takes ports from here instead of
-/// probing them. One read of the memory serves both.
+/// What the memory held for one host at one moment, sorted by port: the busy ports become the
+/// ranges the plan and the proposal skip, and the free ones are left out of the probe. One read of
+/// the memory serves both.
 #[derive(Debug, Default)]
 pub(crate) struct Remembered {
-    /// Busy ports, and the holders of those whose holder is known, both sorted by port (most
-    /// busy ports have none: a port in `TIME_WAIT` has no process).
-    busy: Busy,
+    busy: Vec<u16>,
     free: Vec<u16>,
 }
 
-/// Candidates split by what the memory knows of them.
-#[derive(Debug, Default, PartialEq)]
-pub(crate) struct Split {
-    /// Remembered busy, with their holders.
-    pub(crate) busy: Busy,
-    /// Neither remembered nor exempt from memory: to probe now.
-    pub(crate) probe: Vec<u16>,
-}
-
 impl Remembered {
-    /// The remembered busy ports, sorted.
-    pub(crate) fn busy_ports(&self) -> &[u16] {
-        &self.busy.ports
+    /// The remembered busy ports but `always_probe`, sorted: the ports the allocation may report
+    /// busy without probing them.
+    pub(crate) fn busy_but(&self, always_probe: &[u16]) -> Vec<u16> {
+        self.busy.iter().copied().filter(|p| !always_probe.contains(p)).collect()
     }
 
-    /// Splits `candidates` into the ports remembered busy, those remembered free (left out: the
-    /// proposal reports every candidate checked and only the busy ones busy) and the ones to
-    /// probe. Ports in `always_probe` are never taken from memory.
-    pub(crate) fn split(&self, candidates: &[u16], always_probe: &[u16]) -> Split {
-        let mut split = Split {
-            busy: Busy {
-                ports: Vec::with_capacity(candidates.len().min(self.busy.ports.len())),
-                holders: Vec::new(),
-            },
-            probe: Vec::with_capacity(candidates.len()),
-        };
-        for &port in candidates {
-            if always_probe.contains(&port) {
-                split.probe.push(port);
-            } else if self.busy.ports.binary_search(&port).is_ok() {
-                split.busy.ports.push(port);
-                if let Ok(i) = self.busy.holders.binary_search_by_key(&port, |(p, _)| *p) {
-                    split.busy.holders.push(self.busy.holders[i].clone());
-                }
-            } else if self.free.binary_search(&port).is_err() {
-                split.probe.push(port);
-            }
-        }
-        split
+    /// The `candidates` to probe now: those neither remembered free nor remembered busy (left
+    /// out: the proposal reports every candidate checked and only the busy ones busy, and the
+    /// ranges known busy hold the others), but every port in `always_probe`.
+    pub(crate) fn to_probe(&self, candidates: &[u16], always_probe: &[u16]) -> Vec<u16> {
+        let remembered =
+            |port: &u16| self.free.binary_search(port).is_ok() || self.busy.binary_search(port).is_ok();
+        candidates.iter().copied().filter(|p| always_probe.contains(p) || !remembered(p)).collect()
     }
 }
 
@@ -120,32 +89,19 @@ impl ProbeMemory {
         let Some(mem) = hosts.get_mut(host) else { return Remembered::default() };
         let busy_now = |at: &Instant| now.saturating_duration_since(*at) < BUSY_FOR;
         if mem.swept.is_none_or(|at| now.saturating_duration_since(at) >= SWEEP_EVERY) {
-            mem.busy.retain(|_, (at, _)| busy_now(at));
+            mem.busy.retain(|_, at| busy_now(at));
             mem.swept = Some(now);
         }
         mem.free.retain(|_, at| now.saturating_duration_since(*at) < FREE_FOR);
-        let mut busy = Busy { ports: Vec::with_capacity(mem.busy.len()), holders: Vec::new() };
-        for (port, (at, holder)) in &mem.busy {
-            if busy_now(at) {
-                busy.ports.push(*port);
-                busy.holders.extend(holder.iter().map(|h| (*port, h.clone())));
-            }
-        }
+        let busy = mem.busy.iter().filter(|(_, at)| busy_now(at)).map(|(port, _)| *port).collect();
         let mut free: Vec<u16> = mem.free.keys().copied().collect();
         free.sort_unstable();
         Remembered { busy, free }
     }
 
-    /// Remembers what a probe of `probed` on `host` found at `now`: the ports in `busy` (with
-    /// their `holders`) busy, the others free.
-    pub(crate) fn found(
-        &self,
-        host: &str,
-        probed: &[u16],
-        busy: &[u16],
-        holders: &[(u16, Holder)],
-        now: Instant,
-    ) {
+    /// Remembers what a probe of `probed` on `host` found at `now`: the ports in `busy` busy,
+    /// the others free.
+    pub(crate) fn found(&self, host: &str, probed: &[u16], busy: &[u16], now: Instant) {
         if probed.is_empty() {
             return;
         }
@@ -153,8 +109,7 @@ impl ProbeMemory {
         let mem = hosts.entry(host.to_string()).or_default();
         for &port in probed {
             if busy.contains(&port) {
-                let holder = holders.iter().find(|(p, _)| *p == port).map(|(_, h)| h.clone());
-                mem.busy.insert(port, (now, holder));
+                mem.busy.insert(port, now);
                 mem.free.remove(&port);
             } else {
                 mem.free.insert(port, now);
@@ -172,35 +127,25 @@ mod tests {
     fn probe_results_are_remembered_per_host_for_a_while_and_asked_for_ports_are_probed_again() {
         let m = ProbeMemory::default();
         let t0 = Instant::now();
-        let holder = Holder::new(42, "squatter");
-        m.found("a", &[2023, 2024, 2025, 2026], &[2025, 2024], &[(2024, holder.clone())], t0);
+        m.found("a", &[2023, 2024, 2025, 2026], &[2025, 2024], t0);
         let a = m.remembered("a", t0 + Duration::from_millis(1));
-        assert_eq!(a.busy_ports(), [2024, 2025], "sorted, for the plan");
-        let split = a.split(&[2022, 2023, 2024, 2025, 2026], &[]);
-        assert_eq!(split.busy, Busy { ports: vec![2024, 2025], holders: vec![(2024, holder.clone())] });
-        assert_eq!(split.probe, [2022], "2023 and 2026 were just found free");
+        assert_eq!(a.busy_but(&[]), [2024, 2025], "sorted, for the ranges known busy");
+        assert_eq!(a.to_probe(&[2022, 2023, 2024, 2025, 2026], &[]), [2022], "the others are remembered");
         // Another host's ports are its own.
-        let split = m.remembered("b", t0).split(&[2023, 2024], &[]);
-        assert!(split.busy.ports.is_empty() && split.probe == [2023, 2024]);
-        // A port asked for by number is probed afresh, busy or free.
-        let split = a.split(&[2023, 2024, 2025], &[2023, 2025]);
-        assert_eq!((split.busy.ports, split.probe), (vec![2024], vec![2023, 2025]));
+        assert_eq!(m.remembered("b", t0).to_probe(&[2023, 2024], &[]), [2023, 2024]);
+        // A port asked for by number is probed afresh, busy or free, and is not reported busy.
+        assert_eq!(a.to_probe(&[2023, 2024, 2025], &[2023, 2025]), [2023, 2025]);
+        assert_eq!(a.busy_but(&[2023, 2025]), [2024]);
         // Free ports are forgotten after FREE_FOR, busy ones after BUSY_FOR.
         let soon = m.remembered("a", t0 + FREE_FOR);
-        assert_eq!(
-            soon.split(&[2023, 2024], &[]),
-            Split { busy: Busy { ports: vec![2024], holders: vec![(2024, holder)] }, probe: vec![2023] }
-        );
+        assert_eq!((soon.busy_but(&[]), soon.to_probe(&[2023, 2024], &[])), (vec![2024, 2025], vec![2023]));
         let later = m.remembered("a", t0 + BUSY_FOR);
-        assert!(later.busy_ports().is_empty() && later.split(&[2024], &[]).probe == [2024]);
+        assert!(later.busy_but(&[]).is_empty() && later.to_probe(&[2024], &[]) == [2024]);
         let kept = |m: &ProbeMemory| m.hosts.lock().unwrap().get("a").map(|h| (h.busy.len(), h.free.len()));
         assert_eq!(kept(&m), Some((0, 0)), "expired ports are swept out, not only skipped");
         // A new probe overrides: a port found busy again is busy, one found free is free.
-        m.found("a", &[2024, 2023], &[2023], &[], t0 + BUSY_FOR);
+        m.found("a", &[2024, 2023], &[2023], t0 + BUSY_FOR);
         let now = m.remembered("a", t0 + BUSY_FOR);
-        assert_eq!(
-            now.split(&[2023, 2024], &[]),
-            Split { busy: Busy { ports: vec![2023], holders: vec![] }, probe: vec![] }
-        );
+        assert_eq!((now.busy_but(&[]), now.to_probe(&[2023, 2024], &[])), (vec![2023], vec![]));
     }
 }

@@ -122,29 +122,30 @@ impl Api {
         for round in 0..MAX_ROUNDS {
             let seed = now_ms() ^ ((round as u64) << 48);
             let remembered = inner.probes.remembered(&batch.host, Instant::now());
-            let (candidates, asked) = {
+            let (candidates, asked, known_busy) = {
                 let sm = inner.node.state().read();
+                let now = now_ms();
                 let asked = asked_for(&sm.state, &batch);
-                (sm.state.plan(&batch, now_ms(), width, seed, remembered.busy_ports()), asked)
+                let known_busy = sm.state.busy_runs(&remembered.busy_but(&asked), now);
+                (sm.state.plan(&batch, now, width, seed, &known_busy), asked, known_busy)
             };
-            let split = remembered.split(&candidates, &asked);
-            let (Busy { mut ports, mut holders }, probed) = if split.probe.is_empty() {
+            let probe = remembered.to_probe(&candidates, &asked);
+            let (Busy { mut ports, holders }, probed) = if probe.is_empty() {
                 (Busy::default(), true)
             } else {
-                self.probe_host(&batch.host, &split.probe).await
+                self.probe_host(&batch.host, &probe).await
             };
             if probed {
-                inner.probes.found(&batch.host, &split.probe, &ports, &holders, Instant::now());
+                inner.probes.found(&batch.host, &probe, &ports, Instant::now());
             }
             if !ports.is_empty() {
                 tracing::info!(host = %batch.host, busy = ?ports, "ports busy on the host will be skipped");
             }
-            ports.extend(split.busy.ports);
-            holders.extend(split.busy.holders);
             ports.extend_from_slice(reported);
             let mut checked = candidates;
             checked.extend_from_slice(reported);
-            batch.probe = Some(HostProbe::new(checked, ports).with_owners(holders));
+            batch.probe =
+                Some(HostProbe::new(checked, ports).with_owners(holders).with_known_busy(known_busy));
             match inner.node.propose(Command::Allocate(batch.clone())).await? {
                 Response::Rejected(Rejection::NeedProbe { port }) => {
                     tracing::debug!(port, round, "state moved under the plan; probing again");

@@ -15,6 +15,7 @@
 //! | 5 | 0.2.0 on | allocations that register a service in the same entry: `AllocateBatch` with `register` (new variant `Allocate`; the old shape is [`v2`]'s) |
 //! | 6 | 0.2.0 on | the state lives in snapshots and the log only: no record is written to the `sm` tree any more; an older directory's tree is folded into a snapshot when it is opened (no encoding changed) |
 //! | 7 | 0.2.0 on | the current snapshot is a file of its own (`DATA/snapshot`: a header, the metadata, the records, a checksum), no longer a value in sled's `snap` tree; an older directory's is moved there when it is opened (the records' encoding is unchanged) |
+//! | 8 | 0.2.0 on | allocations whose probe carries the ranges known busy on the host (`HostProbe::known_busy`; new variant `Allocate`, the old shape is [`v5`]'s) |
 //!
 //! Where a change goes: when a persisted core type changes shape, copy its old shape into a new
 //! `vN` module (with a `From` into the current type), give the enum here a new variant for the
@@ -23,6 +24,7 @@
 
 pub mod v1;
 pub mod v2;
+pub mod v5;
 
 use portmesh_core::{
     self as core, AllocateBatch, Allocation, Cooldown, Event, HealthUpdate, Lease, Meta, Pool, PortRange,
@@ -114,6 +116,8 @@ pub enum LogCommand {
         clock_ms: u64,
         remaining: Vec<(u64, u64)>,
     },
+    /// An allocation as data versions 5 to 7 logged it (no ranges known busy).
+    AllocateV5(v5::AllocateBatchV5),
     Allocate(AllocateBatch),
 }
 
@@ -150,6 +154,7 @@ impl From<LogCommand> for core::Command {
         match c {
             LogCommand::AllocateV1(b) => C::Allocate(b.into()),
             LogCommand::AllocateV2(b) => C::Allocate(b.into()),
+            LogCommand::AllocateV5(b) => C::Allocate(b.into()),
             LogCommand::Allocate(b) => C::Allocate(b),
             LogCommand::Release { team, selector } => C::Release { team, selector },
             LogCommand::Reserve { port, reason } => C::Reserve { port, reason },
@@ -431,10 +436,11 @@ mod tests {
             host: "h".into(),
             lease: LeaseSpec::New { ttl_ms: 5_000 },
             items: Vec::new(),
-            probe: Some(HostProbe { checked: vec![8000], busy: vec![], owners: Vec::new() }),
+            probe: Some(HostProbe::new(vec![8000], vec![])),
             holder,
             register: None,
         };
+        let old_probe = Some(v2::HostProbeV2 { checked: vec![8000], busy: vec![], owners: Vec::new() });
         // Data versions 2 to 4 logged allocations without a registration at position 14: they
         // still load, with none.
         let old = v2::AllocateBatchV2 {
@@ -442,7 +448,7 @@ mod tests {
             host: batch.host.clone(),
             lease: batch.lease,
             items: batch.items.clone(),
-            probe: batch.probe.clone(),
+            probe: old_probe.clone(),
             holder: batch.holder.clone(),
         };
         let old = LogRequest { time_ms: 9, commands: vec![LogCommand::AllocateV2(old)] };
@@ -452,12 +458,36 @@ mod tests {
         assert_eq!(loaded.commands, vec![core::Command::Allocate(batch.clone())]);
         let registering =
             AllocateBatch { register: Some(Box::new(crate::tests::service())), ..batch.clone() };
+        // Data versions 5 to 7 logged allocations without ranges known busy at position 19: they
+        // still load, with none.
+        let old = v5::AllocateBatchV5 {
+            team: batch.team.clone(),
+            host: batch.host.clone(),
+            lease: batch.lease,
+            items: batch.items.clone(),
+            probe: old_probe,
+            holder: batch.holder.clone(),
+            register: registering.register.clone(),
+        };
+        let old = LogRequest { time_ms: 9, commands: vec![LogCommand::AllocateV5(old)] };
+        let bytes = postcard::to_allocvec(&old).unwrap();
+        assert_eq!(bytes[2], 19);
+        let loaded = core::Request::from(postcard::from_bytes::<LogRequest>(&bytes).unwrap());
+        assert_eq!(loaded.commands, vec![core::Command::Allocate(registering.clone())]);
+        let known = AllocateBatch {
+            probe: batch
+                .probe
+                .clone()
+                .map(|p| p.with_known_busy(vec![PortRange::new(40000, 40999).unwrap()])),
+            ..batch.clone()
+        };
         for (cmd, position) in [
             (core::Command::Release { team: "t".into(), selector: ReleaseSelector::Key("k".into()) }, 1u8),
             (core::Command::SetCooldown { ms: 5 }, 10),
             (core::Command::Deregister { team: "t".into(), id: "x".into() }, 12),
-            (core::Command::Allocate(batch), 19),
-            (core::Command::Allocate(registering), 19),
+            (core::Command::Allocate(batch), 20),
+            (core::Command::Allocate(registering), 20),
+            (core::Command::Allocate(known), 20),
             (core::Command::AddToken(Box::new(token())), 15),
             (core::Command::RevokeToken { id: "t".into() }, 16),
             (core::Command::UseToken { id: "t".into() }, 17),

@@ -132,7 +132,7 @@ impl From<AllocateBatchV1> for AllocateBatch {
             host: b.host,
             lease: b.lease,
             items: b.items,
-            probe: b.probe.map(|p| HostProbe { checked: p.checked, busy: p.busy, owners: Vec::new() }),
+            probe: b.probe.map(|p| HostProbe::new(p.checked, p.busy)),
             holder: None,
             register: None,
         }

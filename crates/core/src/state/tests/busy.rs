@@ -139,52 +139,160 @@ fn plan_covers_what_apply_picks() {
 }
 
 /// Ports busy on the host stay free in the state, so below the lowest free port they pile up at
-/// the head of every plan. Known busy ones are planned but not counted: a narrow plan still
-/// reaches ports `apply` can take, where before it asked for another probe (issue 19).
+/// the head of every plan. The ranges known busy are skipped whole, by the plan and by `apply`:
+/// a narrow plan still reaches ports `apply` can take, where before it asked for another probe,
+/// and the entry carries one range instead of every busy port (issue 19).
 #[test]
-fn known_busy_ports_do_not_use_up_a_plan() {
+fn ranges_known_busy_are_skipped_by_the_plan_and_by_apply() {
     let mut h = Harness::new();
     h.add_pool("default", "wide", "40000-40999");
     let busy: Vec<u16> = (40000..40030).collect();
+    let known = h.st.busy_runs(&busy, h.now);
+    assert_eq!(known, [PortRange::new(40000, 40029).unwrap()]);
     let batch = batch(vec![in_pool("a", "wide")]);
     let width = crate::PlanWidth::uniform(4);
-    let propose = |checked: Vec<u16>| {
+    let propose = |probe: HostProbe| {
         let mut b = batch.clone();
-        b.probe = Some(HostProbe::new(checked, busy.clone()));
-        h.st.clone().apply(ApplyCtx { now_ms: h.now, index: 1, seq: 0 }, &Command::Allocate(b))
+        b.probe = Some(probe);
+        let mut st = h.st.clone();
+        let r = st.apply(ApplyCtx { now_ms: h.now, index: 1, seq: 0 }, &Command::Allocate(b));
+        (r, conflicts_at(&st, h.st.meta().revision + 1))
     };
     // Unaware of them, the plan is all busy ports and `apply` reaches one it was not probed for.
     let blind = h.st.plan(&batch, h.now, width, 1, &[]);
     assert_eq!(blind, [40000, 40001, 40002, 40003, 40004]);
-    assert!(matches!(propose(blind), Response::Rejected(Rejection::NeedProbe { port: 40030 })));
-    // Aware of them: they are planned (so the proposal reports them) and four more besides.
-    let planned = h.st.plan(&batch, h.now, width, 1, &busy);
-    assert_eq!(planned.len(), 30 + 5, "{planned:?}");
-    assert!(busy.iter().all(|p| planned.contains(p)));
-    let r = propose(planned);
+    let (r, _) = propose(HostProbe::new(blind, busy.clone()));
+    assert!(matches!(r, Response::Rejected(Rejection::NeedProbe { port: 40030 })), "{r:?}");
+    // Aware of them: the plan starts past them, and `apply` skips them without a conflict (a
+    // probe that found them busy was the occasion for one).
+    let planned = h.st.plan(&batch, h.now, width, 1, &known);
+    assert_eq!(planned, [40030, 40031, 40032, 40033, 40034]);
+    let (r, conflicts) = propose(HostProbe::new(planned.clone(), vec![]).with_known_busy(known.clone()));
     assert!(matches!(&r, Response::Allocated { grants, .. } if grants[0].allocation.port == 40030), "{r:?}");
-    // A random pick is drawn from ports probed free only.
+    assert_eq!(conflicts, []);
+    // The walk does not stop inside a range for a port probed there: past it, 40030 was not
+    // probed.
+    let (r, _) = propose(HostProbe::new(vec![40010], vec![]).with_known_busy(known.clone()));
+    assert!(matches!(r, Response::Rejected(Rejection::NeedProbe { port: 40030 })), "{r:?}");
+    // A port asked for by number inside a range is what the probe found: found free, it is
+    // taken; not probed, it is busy on the host.
+    let wanted = |checked: Vec<u16>| {
+        let mut b = AllocateBatch { items: vec![at("w", 40010, Strategy::Fail)], ..batch.clone() };
+        b.probe = Some(HostProbe::new(checked, vec![]).with_known_busy(known.clone()));
+        h.st.clone().apply(ApplyCtx { now_ms: h.now, index: 1, seq: 0 }, &Command::Allocate(b))
+    };
+    let r = wanted(vec![40010]);
+    assert!(matches!(&r, Response::Allocated { grants, .. } if grants[0].allocation.port == 40010), "{r:?}");
+    let r = wanted(vec![]);
+    assert!(
+        matches!(
+            &r,
+            Response::Rejected(Rejection::PortUnavailable {
+                port: 40010,
+                why: Unavailable::BusyOnHost { .. }
+            })
+        ),
+        "{r:?}"
+    );
+    // A random pick is drawn from the ports outside the ranges.
     let random = AllocateBatch {
         items: vec![AllocItem { strategy: Strategy::Random, ..in_pool("r", "wide") }],
         ..batch.clone()
     };
-    let drawn = h.st.plan(&random, h.now, width, 3, &busy);
-    let sampled: Vec<&u16> = drawn.iter().filter(|p| !busy.contains(p)).collect();
-    assert!(busy.iter().all(|p| drawn.contains(p)), "known busy ports are planned: {drawn:?}");
-    assert!(!sampled.is_empty() && sampled.len() <= 5, "the sample is of the others: {drawn:?}");
+    let drawn = h.st.plan(&random, h.now, width, 3, &known);
+    assert!(!drawn.is_empty() && drawn.iter().all(|p| !busy.contains(p)), "{drawn:?}");
+    let mut b = random.clone();
+    b.probe = Some(HostProbe::new(drawn.clone(), vec![]).with_known_busy(known.clone()));
+    let r = h.st.clone().apply(ApplyCtx { now_ms: h.now, index: 1, seq: 0 }, &Command::Allocate(b));
+    assert!(
+        matches!(&r, Response::Allocated { grants, .. } if drawn.contains(&grants[0].allocation.port)),
+        "{r:?}"
+    );
     // A pool whose every free port is known busy is exhausted, not a probe asked for forever.
     let mut full = Harness::new();
     full.add_pool("default", "tiny", "41000-41002");
-    let tiny = AllocateBatch {
-        items: vec![AllocItem { strategy: Strategy::Random, ..in_pool("r", "tiny") }],
-        ..batch.clone()
-    };
-    let all_busy = [41000, 41001, 41002];
-    let planned = full.st.plan(&tiny, full.now, width, 3, &all_busy);
-    let mut b = tiny.clone();
-    b.probe = Some(HostProbe::new(planned, all_busy.to_vec()));
-    let r = full.st.clone().apply(ApplyCtx { now_ms: full.now, index: 1, seq: 0 }, &Command::Allocate(b));
-    assert!(matches!(r, Response::Rejected(Rejection::PoolExhausted { .. })), "{r:?}");
+    let known = full.st.busy_runs(&[41000, 41001, 41002], full.now);
+    for strategy in [Strategy::Random, Strategy::Sticky] {
+        let tiny =
+            AllocateBatch { items: vec![AllocItem { strategy, ..in_pool("r", "tiny") }], ..batch.clone() };
+        let planned = full.st.plan(&tiny, full.now, width, 3, &known);
+        assert!(planned.is_empty(), "{strategy}: {planned:?}");
+        let mut b = tiny.clone();
+        b.probe = Some(HostProbe::new(planned, vec![]).with_known_busy(known.clone()));
+        let r = full.st.clone().apply(ApplyCtx { now_ms: full.now, index: 1, seq: 0 }, &Command::Allocate(b));
+        assert!(
+            matches!(&r, Response::Rejected(Rejection::PoolExhausted { detail, .. }) if detail == "busy on host 3"),
+            "{strategy}: {r:?}"
+        );
+    }
+}
+
+/// Busy ports fall in one range when nothing between them could be handed out: allocated,
+/// reserved and cooling ports join them; a free port, or one whose cool-down ended, parts them.
+#[test]
+fn busy_runs_join_over_ports_nobody_could_take() {
+    let mut h = Harness::new();
+    h.add_pool("default", "wide", "40000-40999");
+    for p in [40001, 40002, 40011, 40021] {
+        h.one(AllocItem { port: Some(p), ..in_pool("x", "wide") });
+    }
+    h.apply(Command::Reserve { port: 40003, reason: String::new() });
+    h.release(&[40011]);
+    let run = |a: u32, b: u32| PortRange::new(a, b).unwrap();
+    let busy = [40000, 40004, 40005, 40010, 40012, 40020, 40022, 40040];
+    // 40001-40003 held or reserved: one range to 40005; 40006-40009 free: a new one; 40011
+    // cooling: 40010-40012; 40013-40019 free; 40021 held: 40020-40022; then 40040 alone.
+    assert_eq!(
+        h.st.busy_runs(&busy, h.now),
+        [run(40000, 40005), run(40010, 40012), run(40020, 40022), run(40040, 40040)]
+    );
+    // Once 40011's cool-down ends, it could be handed out again: it parts its neighbours.
+    h.advance(DEFAULT_COOLDOWN_MS);
+    assert_eq!(h.st.busy_runs(&busy, h.now)[1..3], [run(40010, 40010), run(40012, 40012)]);
+    assert_eq!(h.st.busy_runs(&[], h.now), []);
+    assert_eq!(h.st.busy_runs(&[1000, 40000, 40000], h.now), [run(40000, 40000)], "below 1024, twice");
+}
+
+proptest! {
+    /// The walk with ranges left out is the walk without them, filtered: the ranges are skipped
+    /// whole, and nothing else moves.
+    #[test]
+    fn a_walk_skipping_ranges_is_the_walk_filtered(
+        held in proptest::collection::btree_set(20000u16..20200, 0..80),
+        cuts in proptest::collection::btree_set(19990u16..20210, 0..12),
+        cooled in 0usize..10,
+    ) {
+        let mut h = Harness::new();
+        h.add_pool("default", "two", "20000-20099,20120-20199");
+        let held: Vec<u16> = held.into_iter().filter(|p| !(20100..20120).contains(p)).collect();
+        for p in &held {
+            h.one(AllocItem { port: Some(*p), pool: Some("two".into()), ..item("x") });
+        }
+        // Some cool-downs ended (walked again, not pruned yet), some not.
+        let ended: Vec<u16> = held.iter().copied().take(cooled).collect();
+        let cooling: Vec<u16> = held.iter().copied().skip(cooled).take(cooled).collect();
+        for ports in [&ended, &cooling] {
+            if !ports.is_empty() {
+                h.release(ports);
+            }
+            h.advance(DEFAULT_COOLDOWN_MS / 2);
+        }
+        // Pairs of cuts as ranges, sorted and apart.
+        let cuts: Vec<u16> = cuts.into_iter().collect();
+        let skip: Vec<PortRange> = cuts
+            .chunks(2)
+            .filter(|c| c.len() == 2 && c[0] < c[1])
+            .map(|c| PortRange::new(c[0].into(), (c[1] - 1).into()).unwrap())
+            .collect();
+        let pool = h.st.pool("default", "two").cloned().unwrap();
+        let skipped: Vec<u16> = h.st.selectable_ports(&pool, h.now, &skip).collect();
+        let filtered: Vec<u16> = h
+            .st
+            .selectable_ports(&pool, h.now, &[])
+            .filter(|p| !skip.iter().any(|r| r.contains(*p)))
+            .collect();
+        prop_assert_eq!(skipped, filtered);
+    }
 }
 
 /// Regression: with a narrow plan, the one spare of a free wanted port was the wanted port itself,

@@ -2,7 +2,7 @@
 //! step the harness checks the state's invariants and that it survives a records round trip.
 
 use super::*;
-use crate::command::HostProbe;
+use crate::command::{Finding, HostProbe};
 use crate::types::{HealthCheck, Holder, ServicePort, Strategy};
 use crate::{Rejection, Unavailable};
 use proptest::prelude::{ProptestConfig, any, prop_assert, prop_assert_eq, prop_oneof, proptest};

@@ -140,7 +140,7 @@ fn selectable_ports_skip_allocated_and_cooling_ports_until_the_cool_down_ends() 
         h.one(AllocItem { port: Some(p), pool: Some("two".into()), ..item("x") });
     }
     let pool = h.st.pool("default", "two").cloned().unwrap();
-    let walk = |h: &Harness| h.st.selectable_ports(&pool, h.now).collect::<Vec<_>>();
+    let walk = |h: &Harness| h.st.selectable_ports(&pool, h.now, &[]).collect::<Vec<_>>();
     assert_eq!(walk(&h), [20002, 20010, 20012]);
     h.release(&[20001, 20011]);
     assert_eq!(walk(&h), [20002, 20010, 20012], "cooling ports are skipped like allocated ones");

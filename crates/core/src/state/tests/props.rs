@@ -12,6 +12,8 @@ enum Op {
         key: Option<u8>,
         lease: bool,
         busy: Vec<u16>,
+        /// The busy ports come as ranges known busy (a node's memory), not as probed.
+        remembered: bool,
     },
     Release(u16),
     ReleaseKey(u8),
@@ -31,8 +33,10 @@ fn op() -> impl proptest::strategy::Strategy<Value = Op> {
     let port = prop_oneof![8000u16..8012, 10000u16..10012, 20000u16..20006, 1000u16..1100];
     prop_oneof![
         4 => (1usize..4, 0u8..4, proptest::option::of(port.clone()), 0u8..4, proptest::option::of(0u8..4), any::<bool>(),
-              proptest::collection::vec(8000u16..8012, 0..4))
-            .prop_map(|(n, pool, port, strategy, key, lease, busy)| Op::Alloc { n, pool, port, strategy, key, lease, busy }),
+              (proptest::collection::vec(8000u16..8012, 0..4), any::<bool>()))
+            .prop_map(|(n, pool, port, strategy, key, lease, (busy, remembered))| {
+                Op::Alloc { n, pool, port, strategy, key, lease, busy, remembered }
+            }),
         2 => port.clone().prop_map(Op::Release),
         1 => (0u8..4).prop_map(Op::ReleaseKey),
         1 => port.clone().prop_map(Op::Reserve),
@@ -52,7 +56,7 @@ fn run_ops(ops: &[Op]) -> Harness {
     let strategies = [Strategy::Sticky, Strategy::Next, Strategy::Random, Strategy::Fail];
     for op in ops {
         let cmd = match op {
-            Op::Alloc { n, pool, port, strategy, key, lease, busy } => {
+            Op::Alloc { n, pool, port, strategy, key, lease, busy, remembered } => {
                 let items = (0..*n)
                     .map(|i| AllocItem {
                         pool: Some(pools[*pool as usize].into()),
@@ -75,14 +79,22 @@ fn run_ops(ops: &[Op]) -> Harness {
                     items,
                     ..batch(Vec::new())
                 };
-                if !busy.is_empty() {
-                    let checked = h.st.plan(
-                        &batch,
-                        h.now + 10,
-                        crate::PlanWidth { wanted_free: 1, otherwise: 8 },
-                        h.index,
-                        &[],
+                let width = crate::PlanWidth { wanted_free: 1, otherwise: 8 };
+                if *remembered {
+                    // As a node does: the busy ports it remembers go as ranges, but for the ports
+                    // asked for by number or as a key's last port, which are probed afresh.
+                    let mut asked: Vec<u16> = batch.items.iter().filter_map(|i| i.port).collect();
+                    asked.extend(
+                        batch.items.iter().filter_map(|i| h.st.sticky_port("default", i.key.as_deref()?)),
                     );
+                    let mut known: Vec<u16> = busy.iter().copied().filter(|p| !asked.contains(p)).collect();
+                    known.sort_unstable();
+                    let known = h.st.busy_runs(&known, h.now + 10);
+                    let checked = h.st.plan(&batch, h.now + 10, width, h.index, &known);
+                    let found = checked.iter().copied().filter(|p| busy.contains(p)).collect();
+                    batch.probe = Some(HostProbe::new(checked, found).with_known_busy(known));
+                } else if !busy.is_empty() {
+                    let checked = h.st.plan(&batch, h.now + 10, width, h.index, &[]);
                     batch.probe = Some(HostProbe::new(checked, busy.clone()));
                 }
                 Command::Allocate(batch)
@@ -118,10 +130,13 @@ fn run_ops(ops: &[Op]) -> Harness {
         };
         let r = h.apply(cmd.clone());
         if let (Command::Allocate(b), Response::Allocated { grants, .. }) = (&cmd, &r) {
-            // Invariant 8 in the state machine: a busy port is never handed out.
-            if let Some(p) = &b.probe {
+            // Invariant 8 in the state machine: a busy port is never handed out, and a port handed
+            // out was probed free.
+            if let (Some(p), Op::Alloc { busy, .. }) = (&b.probe, op) {
                 for g in grants.iter().filter(|g| !g.existing) {
-                    assert!(!p.is_busy(g.allocation.port), "busy port {} handed out", g.allocation.port);
+                    let port = g.allocation.port;
+                    assert!(!busy.contains(&port), "busy port {port} handed out");
+                    assert_eq!(p.finding(port), Finding::Free, "port {port} handed out");
                 }
             }
         }
