@@ -71,13 +71,14 @@ impl Remembered {
         self.busy.iter().copied().filter(|p| !always_probe.contains(p)).collect()
     }
 
-    /// The `candidates` to probe now: those neither remembered free nor remembered busy (left
-    /// out: the proposal reports every candidate checked and only the busy ones busy, and the
-    /// ranges known busy hold the others), but every port in `always_probe`.
+    /// The `candidates` to probe now: all but those remembered free (left out: the proposal
+    /// reports every candidate checked and only the ones found busy busy), and every port in
+    /// `always_probe`. A plan walks none of the ports remembered busy but those in
+    /// `always_probe` (the others are in the ranges it skips); one that did would be probed
+    /// again, never reported free from memory.
     pub(crate) fn to_probe(&self, candidates: &[u16], always_probe: &[u16]) -> Vec<u16> {
-        let remembered =
-            |port: &u16| self.free.binary_search(port).is_ok() || self.busy.binary_search(port).is_ok();
-        candidates.iter().copied().filter(|p| always_probe.contains(p) || !remembered(p)).collect()
+        let free = |port: &u16| self.free.binary_search(port).is_ok();
+        candidates.iter().copied().filter(|p| always_probe.contains(p) || !free(p)).collect()
     }
 }
 
@@ -130,22 +131,29 @@ mod tests {
         m.found("a", &[2023, 2024, 2025, 2026], &[2025, 2024], t0);
         let a = m.remembered("a", t0 + Duration::from_millis(1));
         assert_eq!(a.busy_but(&[]), [2024, 2025], "sorted, for the ranges known busy");
-        assert_eq!(a.to_probe(&[2022, 2023, 2024, 2025, 2026], &[]), [2022], "the others are remembered");
+        assert_eq!(
+            a.to_probe(&[2022, 2023, 2024, 2025, 2026], &[]),
+            [2022, 2024, 2025],
+            "2023 and 2026 were just found free; a busy port is never taken from memory as checked"
+        );
         // Another host's ports are its own.
         assert_eq!(m.remembered("b", t0).to_probe(&[2023, 2024], &[]), [2023, 2024]);
         // A port asked for by number is probed afresh, busy or free, and is not reported busy.
-        assert_eq!(a.to_probe(&[2023, 2024, 2025], &[2023, 2025]), [2023, 2025]);
+        assert_eq!(a.to_probe(&[2023, 2024, 2025, 2026], &[2023, 2025]), [2023, 2024, 2025]);
         assert_eq!(a.busy_but(&[2023, 2025]), [2024]);
         // Free ports are forgotten after FREE_FOR, busy ones after BUSY_FOR.
         let soon = m.remembered("a", t0 + FREE_FOR);
-        assert_eq!((soon.busy_but(&[]), soon.to_probe(&[2023, 2024], &[])), (vec![2024, 2025], vec![2023]));
+        assert_eq!(
+            (soon.busy_but(&[]), soon.to_probe(&[2023, 2024], &[])),
+            (vec![2024, 2025], vec![2023, 2024])
+        );
         let later = m.remembered("a", t0 + BUSY_FOR);
-        assert!(later.busy_but(&[]).is_empty() && later.to_probe(&[2024], &[]) == [2024]);
+        assert!(later.busy_but(&[]).is_empty());
         let kept = |m: &ProbeMemory| m.hosts.lock().unwrap().get("a").map(|h| (h.busy.len(), h.free.len()));
         assert_eq!(kept(&m), Some((0, 0)), "expired ports are swept out, not only skipped");
         // A new probe overrides: a port found busy again is busy, one found free is free.
         m.found("a", &[2024, 2023], &[2023], t0 + BUSY_FOR);
         let now = m.remembered("a", t0 + BUSY_FOR);
-        assert_eq!((now.busy_but(&[]), now.to_probe(&[2023, 2024], &[])), (vec![2023], vec![]));
+        assert_eq!((now.busy_but(&[]), now.to_probe(&[2023, 2024], &[])), (vec![2023], vec![2023]));
     }
 }
