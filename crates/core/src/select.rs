@@ -175,7 +175,8 @@ impl Selector<'_> {
                 continue;
             }
             // Why a port is unavailable is spelled out only for the rejection that names it: the
-            // walk passes every busy port below the first free one.
+            // walk may pass hundreds of busy ports a probe just found (those the node remembers
+            // busy are skipped as ranges).
             let held = self.state_unavailable(port, key);
             let free = held.is_none()
                 && match self.probe.map(|pr| pr.finding(port)) {

@@ -455,9 +455,9 @@ impl State {
         let mut sel = self.selector(batch, now_ms);
         sel.known_busy = known_busy;
         let mut rng = SplitMix64::new(seed);
-        // A vector sorted once, not a set: a plan passes every port known busy below the first
-        // free one (hundreds, in a pool across the host's ephemeral range), and inserting each
-        // into a B-tree was 15 % of a filling node's CPU (docs/benchmarks.md, eighteenth slice).
+        // A vector sorted once, not a set: when plans still held every port known busy below
+        // the first free one, inserting each into a B-tree was 15 % of a filling node's CPU
+        // (docs/benchmarks.md, eighteenth slice); a vector costs no more for the few left.
         let mut out = Vec::new();
         let k = batch.items.len();
         let width = PlanWidth { wanted_free: width.wanted_free, otherwise: width.otherwise + k };
