@@ -8,8 +8,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use serde::{Deserialize, Serialize};
 
 use crate::command::{
-    AllocItem, AllocateBatch, ApplyCtx, Command, Grant, HostProbe, LeaseSpec, ReleaseSelector, Response,
-    in_ranges,
+    AllocItem, AllocateBatch, ApplyCtx, Command, Grant, LeaseSpec, ReleaseSelector, Response, in_ranges,
 };
 use crate::rejection::{Overlap, Rejection};
 use crate::rng::SplitMix64;
@@ -101,9 +100,13 @@ impl LastConflicts {
         self.0.entry(c.host.clone()).or_default().insert(c.port, ConflictSeen::of(e, c));
     }
 
-    /// The latest kept conflict of each of `host`'s ports.
-    fn of_host(&self, host: &str) -> Option<&BTreeMap<u16, ConflictSeen>> {
-        self.0.get(host)
+    /// Whether finding `port` busy on `host` at `now_ms`, held by `pid` if known, is news: the
+    /// host and port have no kept `Conflict` from the last [`crate::CONFLICT_REPEAT_MS`], or
+    /// another process held the port then. Asked before a `Conflict` is built.
+    fn is_news(&self, host: &str, port: u16, pid: Option<u32>, now_ms: u64) -> bool {
+        self.0.get(host).and_then(|ports| ports.get(&port)).is_none_or(|last| {
+            now_ms.saturating_sub(last.at_ms) >= crate::CONFLICT_REPEAT_MS || last.pid != pid
+        })
     }
 
     /// Forgets `c` (of event `e`, leaving the history) if it is still its host and port's latest.
@@ -117,9 +120,6 @@ impl LastConflicts {
         }
     }
 }
-
-/// A host's kept conflicts from some port on, in port order.
-type ConflictCursor<'a> = std::iter::Peekable<std::collections::btree_map::Range<'a, u16, ConflictSeen>>;
 
 /// Where and when a host's port was last recorded busy, and by which process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -137,13 +137,6 @@ impl ConflictSeen {
 
     fn is(&self, e: &Event) -> bool {
         (self.revision, self.seq) == (e.revision, e.seq)
-    }
-
-    /// Whether finding the port busy at `now_ms`, held by `pid` if known, is news after `last`
-    /// (the port's latest kept conflict, if any): none kept, one older than
-    /// [`crate::CONFLICT_REPEAT_MS`], or another process held it then.
-    fn news_after(last: Option<&ConflictSeen>, pid: Option<u32>, now_ms: u64) -> bool {
-        last.is_none_or(|l| now_ms.saturating_sub(l.at_ms) >= crate::CONFLICT_REPEAT_MS || l.pid != pid)
     }
 }
 
@@ -286,7 +279,7 @@ impl State {
     /// a sticky key is that key's last port, which selection tries before walking the pool.
     ///
     /// Ports in `skip` (sorted, non-overlapping ranges: those known busy on the host,
-    /// [`HostProbe::known_busy`]) are left out whole, not walked.
+    /// [`HostProbe::known_busy`](crate::HostProbe::known_busy)) are left out whole, not walked.
     pub fn selectable_ports<'a>(
         &'a self,
         pool: &'a Pool,
@@ -312,13 +305,21 @@ impl State {
         })
     }
 
+    /// The ports `batch` asks for by number, and its keys' last ports: a node probes them afresh
+    /// on every allocation, never takes them from what it remembers, and leaves them out of the
+    /// ranges known busy (the user may just have stopped, or started, the program holding one).
+    pub fn asked_for(&self, batch: &AllocateBatch) -> Vec<u16> {
+        let sticky = |key: &String| self.sticky_port(&batch.team, key);
+        batch.items.iter().flat_map(|i| i.port.into_iter().chain(i.key.as_ref().and_then(sticky))).collect()
+    }
+
     /// Ports whose cool-down ended by `now_ms` and is not pruned yet, in the order they ended.
     fn ended_cooldowns(&self, now_ms: u64) -> impl Iterator<Item = u16> + '_ {
         self.cooldown_order.iter().take_while(move |(until, _)| *until <= now_ms).map(|&(_, port)| port)
     }
 
     /// `busy` (sorted: ports found busy on a host by an earlier probe) as ranges for
-    /// [`HostProbe::known_busy`]: two busy ports fall in one range when no port between them
+    /// [`HostProbe::known_busy`](crate::HostProbe::known_busy): two busy ports fall in one range when no port between them
     /// could be handed out (each is allocated, reserved, or cooling down), so a range holds
     /// nothing selection could pick but ports known busy. A pool filled past the host's ephemeral
     /// range has hundreds of busy ports below its lowest free one, between allocated ones: one
@@ -438,7 +439,7 @@ impl State {
     /// and the ports `apply` would try next, in its order (see [`PlanWidth`]). Candidates for later
     /// items grow by the number of items, since earlier items of the batch take ports first.
     ///
-    /// `known_busy` are the ranges the proposal will carry as [`HostProbe::known_busy`] (from
+    /// `known_busy` are the ranges the proposal will carry as [`HostProbe::known_busy`](crate::HostProbe::known_busy) (from
     /// [`State::busy_runs`]): the plan skips them as `apply` will. Busy ports are never allocated
     /// and so stay free in the state; below the lowest free port they would otherwise fill every
     /// plan, which then misses the ports `apply` reaches and asks for another probe (measured: a
@@ -452,8 +453,8 @@ impl State {
         seed: u64,
         known_busy: &[PortRange],
     ) -> Vec<u16> {
-        let mut sel = self.selector(batch, now_ms);
-        sel.known_busy = known_busy;
+        // Not the batch's own probe: that is the previous round's, if any.
+        let sel = self.selector(batch, now_ms, known_busy);
         let mut rng = SplitMix64::new(seed);
         // A vector sorted once, not a set: when plans still held every port known busy below
         // the first free one, inserting each into a B-tree was 15 % of a filling node's CPU
@@ -472,14 +473,20 @@ impl State {
         out
     }
 
-    fn selector<'a>(&'a self, batch: &'a AllocateBatch, now_ms: u64) -> Selector<'a> {
+    /// The selector for `batch`, whose walks skip `known_busy`.
+    fn selector<'a>(
+        &'a self,
+        batch: &'a AllocateBatch,
+        now_ms: u64,
+        known_busy: &'a [PortRange],
+    ) -> Selector<'a> {
         Selector {
             state: self,
             team: &batch.team,
             host: &batch.host,
             now_ms,
             probe: batch.probe.as_ref(),
-            known_busy: batch.probe.as_ref().map_or(&[], |p| &p.known_busy),
+            known_busy,
             taken: BTreeSet::new(),
         }
     }
@@ -545,40 +552,6 @@ impl State {
             self.events.reserve_exact(self.events.len().max(16).min(EVENT_RETENTION - self.events.len()));
         }
         self.events.push_back(event);
-    }
-
-    /// The index of the first of `ports` (busy ports on `host`, in the order an allocation's
-    /// walk passed them, each once) whose finding at `now_ms` is news
-    /// ([`ConflictSeen::news_after`]; `probe` names the holders). Asked before a `Conflict` is
-    /// built: a walk passes
-    /// hundreds of busy ports and builds only the few that are news.
-    ///
-    /// The host's conflicts are read in one ordered pass while `ports` ascend (the walk's order,
-    /// but for its head and a wrap-around): looking each port up was 12 % of a filling node's CPU
-    /// (docs/benchmarks.md, eighteenth slice). The answer is the one a lookup per port gives.
-    fn first_news_conflict(
-        &self,
-        host: &str,
-        ports: &[u16],
-        probe: Option<&HostProbe>,
-        now_ms: u64,
-    ) -> Option<usize> {
-        let seen = self.last_conflicts.of_host(host);
-        // The last port looked up, and the host's conflicts from there on.
-        let mut cursor: Option<(u16, ConflictCursor<'_>)> = None;
-        ports.iter().position(|&port| {
-            let last = seen.and_then(|seen| {
-                if cursor.as_ref().is_none_or(|(prev, _)| *prev >= port) {
-                    cursor = Some((port, seen.range(port..).peekable()));
-                }
-                let (prev, range) = cursor.as_mut()?;
-                *prev = port;
-                while range.next_if(|(p, _)| **p < port).is_some() {}
-                range.peek().filter(|(p, _)| **p == port).map(|(_, c)| **c)
-            });
-            let pid = probe.and_then(|pr| pr.owner(port)).map(|h| h.pid);
-            ConflictSeen::news_after(last.as_ref(), pid, now_ms)
-        })
     }
 
     /// Forgets cool-downs that ended (a bounded number per entry, so no entry does unbounded work).

@@ -19,7 +19,7 @@ use crate::api::accepted;
 use crate::{Api, ApiError};
 
 /// What a probe found busy on a host, and who holds those ports where the OS told.
-#[derive(Debug, Default, PartialEq)]
+#[derive(Debug, Default)]
 pub(crate) struct Busy {
     pub(crate) ports: Vec<u16>,
     pub(crate) holders: Vec<(u16, Holder)>,
@@ -73,12 +73,6 @@ impl Drop for InFlight<'_> {
     }
 }
 
-/// The ports `batch` asks for by number, and its keys' last ports: always probed afresh.
-fn asked_for(state: &portmesh_core::State, batch: &AllocateBatch) -> Vec<u16> {
-    let sticky = |key: &String| state.sticky_port(&batch.team, key);
-    batch.items.iter().flat_map(|i| i.port.into_iter().chain(i.key.as_ref().and_then(sticky))).collect()
-}
-
 impl Api {
     /// Probes `candidates` on `host`: here if it is this node's host, else through the member
     /// node running there. Returns what was found busy (and who holds it) and whether anyone
@@ -125,7 +119,7 @@ impl Api {
             let (candidates, asked, known_busy) = {
                 let sm = inner.node.state().read();
                 let now = now_ms();
-                let asked = asked_for(&sm.state, &batch);
+                let asked = sm.state.asked_for(&batch);
                 let known_busy = sm.state.busy_runs(&remembered.busy_but(&asked), now);
                 (sm.state.plan(&batch, now, width, seed, &known_busy), asked, known_busy)
             };

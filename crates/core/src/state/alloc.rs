@@ -42,7 +42,8 @@ impl State {
             New(&'i AllocItem, Pick),
         }
         let mut rng = SplitMix64::new(ctx.seed());
-        let mut sel = self.selector(batch, ctx.now_ms);
+        let known_busy = batch.probe.as_ref().map_or(&[][..], |p| &p.known_busy);
+        let mut sel = self.selector(batch, ctx.now_ms, known_busy);
         let mut plans = Vec::with_capacity(batch.items.len());
         for item in &batch.items {
             if let Some(a) = item.key.as_deref().and_then(|k| self.live_key(&batch.team, k)) {
@@ -85,12 +86,11 @@ impl State {
                     }
                 }
                 Plan::New(item, pick) => {
-                    let probe = batch.probe.as_ref();
-                    let mut rest = &pick.conflicts[..];
-                    while let Some(i) = self.first_news_conflict(&batch.host, rest, probe, now) {
-                        let port = rest[i];
-                        rest = &rest[i + 1..];
-                        let holder = probe.and_then(|p| p.owner(port));
+                    for port in pick.conflicts {
+                        let holder = batch.probe.as_ref().and_then(|p| p.owner(port));
+                        if !self.last_conflicts.is_news(&batch.host, port, holder.map(|h| h.pid), now) {
+                            continue;
+                        }
                         let c = Conflict {
                             port,
                             team: batch.team.clone(),

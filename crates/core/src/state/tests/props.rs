@@ -83,10 +83,7 @@ fn run_ops(ops: &[Op]) -> Harness {
                 if *remembered {
                     // As a node does: the busy ports it remembers go as ranges, but for the ports
                     // asked for by number or as a key's last port, which are probed afresh.
-                    let mut asked: Vec<u16> = batch.items.iter().filter_map(|i| i.port).collect();
-                    asked.extend(
-                        batch.items.iter().filter_map(|i| h.st.sticky_port("default", i.key.as_deref()?)),
-                    );
+                    let asked = h.st.asked_for(&batch);
                     let mut known: Vec<u16> = busy.iter().copied().filter(|p| !asked.contains(p)).collect();
                     known.sort_unstable();
                     let known = h.st.busy_runs(&known, h.now + 10);
