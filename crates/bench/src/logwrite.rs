@@ -53,9 +53,8 @@ pub(crate) fn log_writes(writes: usize, rounds: usize) -> Result<()> {
             std::fs::remove_dir_all(&sub)?;
         }
     }
-    for ((name, _), m) in ways.iter().zip(&mut medians) {
-        m.sort_by(f64::total_cmp);
-        println!("{name:<32} p50 median of rounds {:.3} ms", m[m.len() / 2]);
+    for ((name, _), m) in ways.iter().zip(medians) {
+        println!("{name:<32} p50 median of rounds {:.3} ms", crate::median(m));
     }
     Ok(())
 }
