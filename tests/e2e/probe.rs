@@ -122,4 +122,15 @@ fn a_sticky_key_that_gets_another_port_says_which_and_who_holds_its_old_one() {
     // Kept, it says nothing.
     let again = h.pm(&["alloc", "web", "--pool", "mv", "--key", "shop/web"]).ok();
     assert!(!again.stderr.contains("this time"), "{again:?}");
+    // Its old port allocated to another key: that key is named (the node is asked for the
+    // holder of that port alone).
+    h.pm(&["pools", "cooldown", "0"]).ok();
+    h.pm(&["release", "--key", "shop/web"]).ok();
+    h.pm(&["alloc", "api", "--pool", "mv", "--port", &second.to_string(), "--key", "blog/api"]).ok();
+    let r = h.pm(&["alloc", "web", "--pool", "mv", "--key", "shop/web"]).ok();
+    assert!(
+        r.stderr.contains(&format!("web's port {second} is held by key blog/api (team default"))
+            && r.stderr.contains("this time"),
+        "{r:?}"
+    );
 }

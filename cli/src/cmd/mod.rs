@@ -89,6 +89,7 @@ pub async fn dispatch(cli: Cli) -> Result<ExitCode> {
                 team: scope(*all_teams).to_string(),
                 pool: pool.clone().unwrap_or_default(),
                 stale: *stale,
+                ..Default::default()
             };
             ok(ports::ls(&node::connect(&cli).await?, req, json).await)
         }

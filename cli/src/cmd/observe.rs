@@ -289,8 +289,7 @@ fn check_pools(pools: &[pb::Pool], out: &mut Vec<Finding>) {
 
 /// Allocations on this host whose holder is gone, and listeners in pools with no allocation.
 async fn check_holders(c: &Client, host: &str, pools: &[pb::Pool], out: &mut Vec<Finding>) {
-    let Ok(live) = c.list(pb::ListRequest { team: String::new(), pool: String::new(), stale: true }).await
-    else {
+    let Ok(live) = c.list(pb::ListRequest { stale: true, ..Default::default() }).await else {
         return;
     };
     let mut fine = true;

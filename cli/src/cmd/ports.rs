@@ -203,13 +203,13 @@ pub async fn check(node: Option<&Client>, ports: &[u16], json: bool) -> Result<E
     // The allocations of this host, every team's, when a node answers: a busy port's portmesh
     // holder (its service, key and team) is named beside the process.
     let here = portmesh_probe::hostname();
-    let held: Vec<pb::Allocation> = match node {
-        Some(c) => c
-            .list(pb::ListRequest { stale: true, ..Default::default() })
+    let held: Vec<pb::Allocation> = match (node, crate::requests::holders_of(ports.iter().copied())) {
+        (Some(c), Some(req)) => c
+            .list(req)
             .await
             .map(|l| l.allocations.into_iter().filter(|a| a.host == here).collect())
             .unwrap_or_default(),
-        None => Vec::new(),
+        _ => Vec::new(),
     };
     let mut busy = false;
     let mut out = Vec::new();

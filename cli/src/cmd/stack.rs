@@ -216,8 +216,9 @@ struct PsRow<'a> {
 pub async fn env(cli: &Cli, p: &ProjectArgs) -> Result<i32> {
     let stack = stacks::load(cli, p)?.stack;
     let c = node::connect(cli).await?;
-    let live =
-        c.list(pb::ListRequest { team: stack.team.clone(), pool: String::new(), stale: false }).await?;
+    let live = c
+        .list(pb::ListRequest { team: stack.team.clone(), keys: stack.keys(), ..Default::default() })
+        .await?;
     let mut ports = Ports::new();
     for svc in &stack.services {
         for port in &svc.ports {

@@ -124,11 +124,10 @@ fn wanted_ports(stack: &Stack) -> Vec<(&ServiceDef, u16)> {
 
 /// Adds to a refused allocation who holds the ports the stack insists on.
 pub async fn explain_refusal(c: &Client, stack: &Stack, e: anyhow::Error) -> anyhow::Error {
-    let live = c
-        .list(pb::ListRequest { team: String::new(), pool: String::new(), stale: true })
-        .await
-        .map(|r| r.allocations)
-        .unwrap_or_default();
+    let live = match crate::requests::holders_of(wanted_ports(stack).into_iter().map(|(_, p)| p)) {
+        Some(req) => c.list(req).await.map(|r| r.allocations).unwrap_or_default(),
+        None => Vec::new(),
+    };
     // A pool the node does not know: said at the line of the file that names it.
     let said = format!("{e:#}");
     let unknown_pool = stack
@@ -175,11 +174,10 @@ pub async fn moves(c: &Client, r: &pb::AllocateResponse) -> Vec<String> {
     if moved.is_empty() {
         return Vec::new();
     }
-    let live = c
-        .list(pb::ListRequest { stale: true, ..Default::default() })
-        .await
-        .map(|l| l.allocations)
-        .unwrap_or_default();
+    let live = match crate::requests::holders_of(moved.iter().map(|(_, old)| *old)) {
+        Some(req) => c.list(req).await.map(|l| l.allocations).unwrap_or_default(),
+        None => Vec::new(),
+    };
     let mut lines = Vec::new();
     for (al, old) in moved {
         let who = match live.iter().find(|a| a.port == u32::from(old)) {
@@ -215,11 +213,11 @@ async fn local_holder(port: u16) -> Option<String> {
 /// stopped (an earlier up of this stack included), when a port the stack wants is allocated to
 /// someone else, naming the holder and what to do.
 pub async fn refuse_others_allocations(c: &Client, stack: &Stack) -> Result<()> {
-    let ours: Vec<String> =
-        stack.services.iter().flat_map(|s| s.ports.iter().map(|p| stack.key(&s.name, &p.name))).collect();
-    let live =
-        c.list(pb::ListRequest { team: String::new(), pool: String::new(), stale: true }).await?.allocations;
-    for (svc, port) in wanted_ports(stack) {
+    let ours = stack.keys();
+    let wanted = wanted_ports(stack);
+    let Some(req) = crate::requests::holders_of(wanted.iter().map(|(_, p)| *p)) else { return Ok(()) };
+    let live = c.list(req).await?.allocations;
+    for (svc, port) in wanted {
         if let Some(al) = live.iter().find(|al| al.port == u32::from(port) && !ours.contains(&al.key)) {
             let what = if let Some((scope, service)) = stack_of(&al.key) {
                 format!(

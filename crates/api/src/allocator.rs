@@ -121,13 +121,21 @@ impl pb::allocator_server::Allocator for Api {
     async fn list(&self, req: Request<pb::ListRequest>) -> Result<pb::ListResponse> {
         let req = self.scoped(req)?;
         portmesh_proto::check_filters(&[("team", &req.team), ("pool", &req.pool)]).map_err(ApiError::from)?;
+        let ports = portmesh_proto::list_filters(&req.ports, &req.keys).map_err(ApiError::from)?;
         self.inner.node.read_barrier(req.stale).await.map_err(ApiError::from)?;
         let sm = self.inner.node.state().read();
-        let allocations = sm
-            .state
-            .allocations()
+        let picked: Box<dyn Iterator<Item = &portmesh_core::Allocation>> = if ports.is_empty() {
+            Box::new(sm.state.allocations())
+        } else {
+            Box::new(ports.iter().filter_map(|p| sm.state.allocation(*p)))
+        };
+        let allocations = picked
             .filter(|a| req.team.is_empty() || a.team == req.team)
             .filter(|a| req.pool.is_empty() || a.pool == req.pool)
+            .filter(|a| {
+                req.keys.is_empty()
+                    || a.key.as_ref().is_some_and(|k| req.keys.iter().any(|w| w == k.as_str()))
+            })
             .map(Into::into)
             .collect();
         let reservations = sm.state.reservations().map(Into::into).collect();

@@ -268,6 +268,11 @@ impl Stack {
         format!("{}/{service}/{port}", self.scope())
     }
 
+    /// The sticky keys of every port of every service, in the file's order.
+    pub fn keys(&self) -> Vec<String> {
+        self.services.iter().flat_map(|s| s.ports.iter().map(|p| self.key(&s.name, &p.name))).collect()
+    }
+
     /// The registration id of a service.
     pub fn service_id(&self, service: &str) -> String {
         format!("{}/{service}", self.scope())

@@ -37,6 +37,6 @@ pub const OLDEST_REVISION_METADATA: &str = "portmesh-oldest-revision";
 
 pub use convert::{
     Allocate, AtHost, BadRequest, JOIN_TOKEN_TTL_MS, MAX_CHECK_COMMAND, MAX_JOIN_USES, MAX_REPORTED_BUSY,
-    MAX_REPORTS, MAX_TOKEN_TTL_MS, TokenSpec, check_filters, health_from_pb, required_port, strategy_from_pb,
-    team,
+    MAX_REPORTS, MAX_TOKEN_TTL_MS, TokenSpec, check_filters, health_from_pb, list_filters, required_port,
+    strategy_from_pb, team,
 };

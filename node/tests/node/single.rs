@@ -189,6 +189,74 @@ async fn an_allocation_registers_its_service_in_the_same_write() {
 
 /// For a host no member runs on, `allocate_here` probes the new ports itself and asks again
 /// past a busy one: the registration made on the busy port goes with it.
+/// `List` narrowed to ports or sticky keys answers those allocations only, whatever else the
+/// state holds; a filter that is not a port or a key is refused naming its field.
+#[tokio::test]
+async fn a_list_by_ports_or_keys_answers_those_allocations_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_node, client) = node_in(dir.path(), |_| {}).await;
+    for (team, start) in [("default", 23_320), ("other", 23_325)] {
+        let pool = pb::AddPoolRequest {
+            team: team.into(),
+            name: "lst".into(),
+            ranges: vec![pb::PortRange { start, end: start + 4 }],
+        };
+        client.add_pool(pool).await.unwrap();
+    }
+    let mut by_key = std::collections::BTreeMap::new();
+    for (team, key) in [("default", "a"), ("default", "b"), ("default", "c"), ("other", "a")] {
+        let items = vec![pb::AllocItem { key: key.into(), ..item("svc", "lst") }];
+        let r = client.allocate(pb::AllocateRequest { team: team.into(), items, ..Default::default() }).await;
+        by_key.insert((team, key), r.unwrap().allocations[0].port);
+    }
+    let listed = |req: pb::ListRequest| {
+        let client = client.clone();
+        async move {
+            let mut held: Vec<(String, String, u32)> = client
+                .list(req)
+                .await
+                .unwrap()
+                .allocations
+                .into_iter()
+                .map(|a| (a.team, a.key, a.port))
+                .collect();
+            held.sort();
+            held
+        }
+    };
+    let held = |team: &str, key: &str| (team.to_string(), key.to_string(), by_key[&(team, key)]);
+    let (a, c) = (by_key[&("default", "a")], by_key[&("default", "c")]);
+    // Ports: every team's holder of each, once, whatever the order or repeats asked for.
+    let req = pb::ListRequest { ports: vec![c, a, c, 23_330], ..Default::default() };
+    let mut want = vec![held("default", "a"), held("default", "c")];
+    want.sort();
+    assert_eq!(listed(req).await, want);
+    // Keys: in every team, or in one.
+    let req = pb::ListRequest { keys: vec!["a".into()], ..Default::default() };
+    let mut want = vec![held("default", "a"), held("other", "a")];
+    want.sort();
+    assert_eq!(listed(req).await, want);
+    let req =
+        pb::ListRequest { team: "other".into(), keys: vec!["a".into(), "b".into()], ..Default::default() };
+    assert_eq!(listed(req).await, vec![held("other", "a")]);
+    // Both: the allocations that pass both.
+    let req = pb::ListRequest { ports: vec![a, c], keys: vec!["c".into()], ..Default::default() };
+    assert_eq!(listed(req).await, vec![held("default", "c")]);
+    assert_eq!(listed(pb::ListRequest::default()).await.len(), 4, "no filter: every allocation");
+
+    let before = client.status().await.unwrap().revision;
+    for (req, field) in [
+        (pb::ListRequest { ports: vec![a, 80], ..Default::default() }, "ports: port 80 is out of range"),
+        (pb::ListRequest { ports: vec![70_000], ..Default::default() }, "ports: port 70000 is out of range"),
+        (pb::ListRequest { keys: vec!["a".into(), "two words".into()], ..Default::default() }, "keys"),
+    ] {
+        let err = client.list(req).await.unwrap_err();
+        assert_eq!(err.kind(), Some("invalid_argument"), "{err}");
+        assert!(err.to_string().contains(field), "want {field:?}: {err}");
+    }
+    assert_eq!(client.status().await.unwrap().revision, before, "a refused list changes nothing");
+}
+
 #[tokio::test]
 async fn a_port_found_busy_by_the_client_takes_its_registration_along() {
     let dir = tempfile::tempdir().unwrap();

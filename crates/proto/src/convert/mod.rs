@@ -72,6 +72,16 @@ pub fn check_filters(filters: &[(&str, &str)]) -> Result<(), BadRequest> {
     filters.iter().try_for_each(|(field, v)| opt_name(field, v))
 }
 
+/// The port and key filters of a list: each port in 1024-65535, each key a valid key. Returns
+/// the ports, ascending, each once.
+pub fn list_filters(ports: &[u32], keys: &[String]) -> Result<Vec<u16>, BadRequest> {
+    keys.iter().try_for_each(|k| Ok::<_, BadRequest>(core::text::check_key("keys", k)?))?;
+    let mut ports = ports.iter().map(|p| required_port(*p, "ports")).collect::<Result<Vec<_>, _>>()?;
+    ports.sort_unstable();
+    ports.dedup();
+    Ok(ports)
+}
+
 /// A request's team: a valid name, or empty for the default team.
 pub fn team(v: &str) -> Result<String, BadRequest> {
     opt_name("team", v)?;
