@@ -17,6 +17,18 @@ pub async fn connect(cli: &Cli) -> Result<Client> {
     }
 }
 
+/// Every team's allocations on `ports`, from the node's own state: who holds them, asked for
+/// those ports alone (the node looks each up). Ports below the pools' range hold nothing; with
+/// none left, nothing is asked.
+pub async fn holders(c: &Client, ports: impl IntoIterator<Item = u16>) -> Result<Vec<pb::Allocation>> {
+    let ports: Vec<u32> =
+        ports.into_iter().filter(|p| *p >= portmesh_core::MIN_PORT).map(u32::from).collect();
+    if ports.is_empty() {
+        return Ok(Vec::new());
+    }
+    Ok(c.list(pb::ListRequest { ports, stale: true, ..Default::default() }).await?.allocations)
+}
+
 /// A client of the member at `addr` of the cluster `--node` names, with the command line's TLS.
 pub async fn connect_to(cli: &Cli, addr: &str) -> Result<Client> {
     Ok(Client::connect_with(&[addr], options(cli)?).await?)

@@ -19,15 +19,6 @@ pub fn default_key(service: &str) -> String {
     format!("{}/{service}", project.unwrap_or_else(|| "default".into()))
 }
 
-/// Every team's allocations on `ports`, from the node's own state: who holds them. The node looks
-/// each port up (ports below the pools' range are left out: nothing is allocated there), and
-/// with none left nothing needs asking: `None`.
-pub fn holders_of(ports: impl IntoIterator<Item = u16>) -> Option<pb::ListRequest> {
-    let ports: Vec<u32> =
-        ports.into_iter().filter(|p| *p >= portmesh_core::MIN_PORT).map(u32::from).collect();
-    (!ports.is_empty()).then(|| pb::ListRequest { ports, stale: true, ..Default::default() })
-}
-
 /// `--port` below the pools' range, said in the flag's words before the node is asked (it would
 /// name the request's field, `items.port`).
 pub fn check_wanted(w: &PortArgs) -> anyhow::Result<()> {

@@ -203,13 +203,12 @@ pub async fn check(node: Option<&Client>, ports: &[u16], json: bool) -> Result<E
     // The allocations of this host, every team's, when a node answers: a busy port's portmesh
     // holder (its service, key and team) is named beside the process.
     let here = portmesh_probe::hostname();
-    let held: Vec<pb::Allocation> = match (node, crate::requests::holders_of(ports.iter().copied())) {
-        (Some(c), Some(req)) => c
-            .list(req)
+    let held: Vec<pb::Allocation> = match node {
+        Some(c) => crate::node::holders(c, ports.iter().copied())
             .await
-            .map(|l| l.allocations.into_iter().filter(|a| a.host == here).collect())
+            .map(|held| held.into_iter().filter(|a| a.host == here).collect())
             .unwrap_or_default(),
-        _ => Vec::new(),
+        None => Vec::new(),
     };
     let mut busy = false;
     let mut out = Vec::new();

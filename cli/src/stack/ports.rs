@@ -124,10 +124,10 @@ fn wanted_ports(stack: &Stack) -> Vec<(&ServiceDef, u16)> {
 
 /// Adds to a refused allocation who holds the ports the stack insists on.
 pub async fn explain_refusal(c: &Client, stack: &Stack, e: anyhow::Error) -> anyhow::Error {
-    let live = match crate::requests::holders_of(wanted_ports(stack).into_iter().map(|(_, p)| p)) {
-        Some(req) => c.list(req).await.map(|r| r.allocations).unwrap_or_default(),
-        None => Vec::new(),
-    };
+    // The ports it insists on (`strategy = "fail"`): who holds them.
+    let insisted: Vec<_> =
+        wanted_ports(stack).into_iter().filter(|(s, _)| s.strategy == Strategy::Fail).collect();
+    let live = crate::node::holders(c, insisted.iter().map(|(_, p)| *p)).await.unwrap_or_default();
     // A pool the node does not know: said at the line of the file that names it.
     let said = format!("{e:#}");
     let unknown_pool = stack
@@ -141,10 +141,7 @@ pub async fn explain_refusal(c: &Client, stack: &Stack, e: anyhow::Error) -> any
         ),
         None => said,
     }];
-    for (svc, port) in wanted_ports(stack) {
-        if svc.strategy != Strategy::Fail {
-            continue;
-        }
+    for (svc, port) in insisted {
         if let Some(al) = live.iter().find(|al| al.port == u32::from(port)) {
             let who = if al.key.is_empty() { &al.service } else { &al.key };
             let proc = holder(al.pid, &al.command);
@@ -174,10 +171,7 @@ pub async fn moves(c: &Client, r: &pb::AllocateResponse) -> Vec<String> {
     if moved.is_empty() {
         return Vec::new();
     }
-    let live = match crate::requests::holders_of(moved.iter().map(|(_, old)| *old)) {
-        Some(req) => c.list(req).await.map(|l| l.allocations).unwrap_or_default(),
-        None => Vec::new(),
-    };
+    let live = crate::node::holders(c, moved.iter().map(|(_, old)| *old)).await.unwrap_or_default();
     let mut lines = Vec::new();
     for (al, old) in moved {
         let who = match live.iter().find(|a| a.port == u32::from(old)) {
@@ -215,8 +209,7 @@ async fn local_holder(port: u16) -> Option<String> {
 pub async fn refuse_others_allocations(c: &Client, stack: &Stack) -> Result<()> {
     let ours = stack.keys();
     let wanted = wanted_ports(stack);
-    let Some(req) = crate::requests::holders_of(wanted.iter().map(|(_, p)| *p)) else { return Ok(()) };
-    let live = c.list(req).await?.allocations;
+    let live = crate::node::holders(c, wanted.iter().map(|(_, p)| *p)).await?;
     for (svc, port) in wanted {
         if let Some(al) = live.iter().find(|al| al.port == u32::from(port) && !ours.contains(&al.key)) {
             let what = if let Some((scope, service)) = stack_of(&al.key) {
