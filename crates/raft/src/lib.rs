@@ -224,6 +224,10 @@ pub struct RaftNode {
     catch_up_timeout: Duration,
     peer_tls: PeerTls,
     stop: watch::Sender<bool>,
+    /// Held while a membership change is decided and made ([`RaftNode::add_member`],
+    /// [`RaftNode::remove_member`]): each reads the membership, then changes it, so two at once
+    /// would each change the membership the other is replacing.
+    membership: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl std::fmt::Debug for RaftNode {
@@ -302,6 +306,7 @@ impl RaftNode {
             catch_up_timeout,
             peer_tls,
             stop,
+            membership: Arc::default(),
         };
         early::start(id, &node.store, node.raft.clone(), network, node.stop.subscribe());
         // The node's own vote is kept uncommitted on disk (early replication), so a restarted
@@ -424,6 +429,11 @@ impl RaftNode {
     /// node is a voter.
     pub async fn add_member(&self, id: u64, addr: String) -> Result<bool, ProposeError> {
         self.ensure_leader()?;
+        // One change at a time: nodes joining at once each read the voters below, and a second
+        // join proposing its whole set of voters removed the first joiner (the compose test saw a
+        // cluster left with two voters, one of them stopped), or was refused while the first
+        // change was in flight.
+        let _one_at_a_time = self.membership.lock().await;
         self.bounded(
             self.catch_up_timeout,
             self.raft.add_learner(id, BasicNode { addr: addr.clone() }, true),
@@ -485,9 +495,8 @@ impl RaftNode {
                  (every write would wait for it): start it, or remove it with `portmesh leave --id {id}`"
             )));
         }
-        let mut next = voters;
-        next.insert(id);
-        self.bounded(self.write_timeout, self.raft.change_membership(next, false)).await?;
+        let add = ChangeMembers::AddVoterIds(BTreeSet::from([id]));
+        self.bounded(self.write_timeout, self.raft.change_membership(add, false)).await?;
         Ok(true)
     }
 
@@ -496,6 +505,7 @@ impl RaftNode {
     /// node is dropped from the membership entirely (it is not kept as a learner).
     pub async fn remove_member(&self, id: u64) -> Result<(), MemberError> {
         self.ensure_leader()?;
+        let _one_at_a_time = self.membership.lock().await;
         let m = self.metrics();
         let membership = m.membership_config.membership().clone();
         let voters: BTreeSet<u64> = membership.voter_ids().collect();

@@ -215,6 +215,54 @@ async fn members_leave_voters_are_replaced_and_the_last_voter_stays() {
     assert_eq!(members.iter().map(|m| m.id).collect::<Vec<_>>(), vec![last], "nothing changed: {members:?}");
 }
 
+/// Nodes joining at the same moment all become voters. Each join read the voters, asked the
+/// joiner's status, and proposed the whole new set: a join whose status ask outlasted another's
+/// change proposed a set without that joiner, removing it from the cluster (the compose test saw
+/// a cluster left with two voters, one of them stopped, and no leader); a join proposed while
+/// another's change was in flight was refused. Membership changes now go one at a time, and a
+/// join adds its voter to whatever the membership is. In one process this test passed before the
+/// fix too (the status ask is quick, and a refused joiner tries again): it guards the outcome,
+/// while the container tier's compose test is the one that met the race.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_joining_at_once_all_become_voters() {
+    let c = Cluster::start_with(1, |cfg| cfg.raft.voters = 5).await;
+    // Raft messages take a while, so that each join's change is in flight while the others
+    // read the voters.
+    c.net.set_delay(Duration::from_millis(15));
+    let mut dirs = Vec::new();
+    let mut joins = Vec::new();
+    for _ in 0..4 {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = NodeConfig::new(dir.path().to_path_buf(), "127.0.0.1:0".parse().unwrap());
+        fast_raft(&mut cfg);
+        cfg.raft.voters = 5;
+        cfg.raft.faults = Some(c.net.clone());
+        cfg.join = Some(c.addrs[0].clone());
+        joins.push(tokio::spawn(start(cfg)));
+        dirs.push(dir);
+    }
+    let mut joined = Vec::new();
+    for j in joins {
+        joined.push(j.await.unwrap().expect("a node joining at the same moment as another"));
+    }
+    let mut voters: BTreeSet<u64> = joined.iter().map(|n| n.api.node().id).collect();
+    voters.insert(c.id(0));
+    // Every member, the joiners included, sees all three as voters.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let seen: Vec<BTreeSet<u64>> = c
+            .live()
+            .chain(&joined)
+            .map(|n| n.api.node().metrics().membership_config.membership().voter_ids().collect())
+            .collect();
+        if seen.iter().all(|v| *v == voters) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "voters {seen:?}, want {voters:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// A node whose data belongs to another cluster is refused, by the cluster (Join) and by the
 /// node itself at start (`--join` with foreign data), both naming the two cluster ids.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
